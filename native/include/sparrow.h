@@ -1,0 +1,160 @@
+/*
+ * sparrow.h: the public C API of libsparrow, an on-device runtime for sparse mixture-of-experts language models.
+ *
+ * Shape legend used in comments: T = tokens in a batch/chunk, V = vocabulary size, H = hidden size.
+ *
+ * Conventions
+ *  - Every function that can fail returns sp_status; on failure sp_last_error() (thread-local) says why.
+ *  - The library never aborts or exits on bad input.
+ *  - sp_model is immutable after loading (weights are mmap'd) and may be shared by many sessions and threads.
+ *  - sp_session holds the per-user state: KV cache, scratch buffers and thread pool. One thread at a time per session.
+ *  - Params structs are passed by value; get defaults from sp_*_default_params() and change what you need.
+ */
+#ifndef SPARROW_H
+#define SPARROW_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SPARROW_VERSION_MAJOR 0
+#define SPARROW_VERSION_MINOR 1
+#define SPARROW_VERSION_PATCH 0
+#define SPARROW_VERSION_STRING "0.1.0"
+
+#if defined(_WIN32)
+#  define SP_API __declspec(dllexport)
+#else
+#  define SP_API __attribute__((visibility("default")))
+#endif
+
+typedef enum sp_status {
+    SP_OK = 0,
+    SP_ERR_INVALID_ARG = 1,   /* a bad argument from the caller (NULL, out of range, wrong size) */
+    SP_ERR_IO = 2,            /* the file could not be opened, mapped or read */
+    SP_ERR_BAD_FORMAT = 3,    /* the file is not a valid GGUF, or its contents are inconsistent */
+    SP_ERR_UNSUPPORTED = 4,   /* valid, but uses an architecture, tensor type or feature not implemented */
+    SP_ERR_NO_MEMORY = 5,     /* an allocation failed */
+    SP_ERR_CONTEXT_FULL = 6,  /* the KV cache has no room for the requested positions */
+    SP_ERR_INTERNAL = 7,
+} sp_status;
+
+typedef struct sp_model sp_model;     /* immutable weights + vocabulary, shareable */
+typedef struct sp_session sp_session; /* KV cache + scratch + threads for one conversation */
+
+/* ---- library ---- */
+SP_API const char *sp_version(void);                 /* "MAJOR.MINOR.PATCH" */
+SP_API const char *sp_last_error(void);              /* message of the last failure on this thread, "" if none */
+SP_API const char *sp_status_string(sp_status s);    /* "SP_ERR_BAD_FORMAT" etc. */
+SP_API const char *sp_cpu_features(void);            /* e.g. "avx2 fma f16c avx512f avx512bw avx512vnni" */
+SP_API const char *sp_kernel_tier(void);             /* the tier chosen at run time: "ref", "avx2", "avx512", "neon" */
+
+/* ---- model ---- */
+typedef struct sp_model_params {
+    bool use_mmap;     /* map the file (default true); false reads it into memory */
+    bool vocab_only;   /* load only metadata + tokenizer, no weights (default false) */
+} sp_model_params;
+
+SP_API sp_model_params sp_model_default_params(void);
+SP_API sp_status sp_model_load(const char *path, sp_model_params params, sp_model **out);
+SP_API void sp_model_free(sp_model *model);          /* NULL is allowed; frees nothing a session still uses: free sessions first */
+
+typedef struct sp_model_info {
+    const char *architecture; /* "llama", "blockffn", ... */
+    const char *name;         /* general.name or "" */
+    int32_t n_vocab;
+    int32_t n_ctx_train;
+    int32_t n_embd;           /* H */
+    int32_t n_layer;
+    int32_t n_head;
+    int32_t n_head_kv;
+    int32_t n_ff;
+    int32_t bos_token;        /* -1 if none */
+    int32_t eos_token;        /* -1 if none */
+    int32_t eot_token;        /* end of turn (e.g. <|im_end|>), -1 if none */
+    bool add_bos;             /* whether tokenization should prepend BOS by default */
+    uint64_t n_params;
+    uint64_t weight_bytes;    /* bytes of all tensor data */
+} sp_model_info;
+
+SP_API sp_status sp_model_get_info(const sp_model *model, sp_model_info *out);
+/* A metadata string value (e.g. "tokenizer.chat_template"); *out points into the model, valid while it lives. */
+SP_API sp_status sp_model_meta_str(const sp_model *model, const char *key, const char **out, size_t *len);
+
+/* ---- tokenizer ---- */
+/* Tokenize len bytes of UTF-8 text into tokens[0..capacity). *n_out receives the number of tokens; when it exceeds
+ * capacity, SP_ERR_INVALID_ARG is returned, nothing beyond capacity is written, and *n_out tells the size needed.
+ * add_special prepends BOS when the vocabulary asks for it; parse_special turns special-token text ("<|im_start|>")
+ * into its single id instead of tokenizing the characters. */
+SP_API sp_status sp_tokenize(const sp_model *model, const char *text, size_t len, bool add_special, bool parse_special,
+                             int32_t *tokens, size_t capacity, size_t *n_out);
+/* Bytes of one token's text (raw bytes, may be a partial UTF-8 sequence). Special/control tokens give their text only
+ * when render_special is true, otherwise "". *len receives the length needed; nothing is written past capacity. */
+SP_API sp_status sp_token_to_piece(const sp_model *model, int32_t token, bool render_special, char *buf,
+                                   size_t capacity, size_t *len);
+SP_API bool sp_token_is_eog(const sp_model *model, int32_t token); /* end of generation: eos, eot, ... */
+
+/* ---- session ---- */
+typedef struct sp_session_params {
+    int32_t n_ctx;      /* KV cache capacity in tokens (default 2048; 0 = model's training context) */
+    int32_t n_batch;    /* max tokens per sp_eval call (default 64) */
+    int32_t n_threads;  /* worker threads incl. the caller (default: physical cores) */
+} sp_session_params;
+
+SP_API sp_session_params sp_session_default_params(void);
+SP_API sp_status sp_session_new(const sp_model *model, sp_session_params params, sp_session **out);
+SP_API void sp_session_free(sp_session *session);
+
+/* A batch of T tokens evaluated in one forward pass.
+ *  tokens[T], pos[T]: token ids and their positions. Their KV entries go to cache slots n_past .. n_past+T-1 in order.
+ *  mask: NULL for the usual causal mask (token i sees every cached slot and batch tokens 0..i).
+ *        Otherwise a [T, T] row-major byte matrix: mask[i*T + j] != 0 means token i may attend to batch token j
+ *        (a tree mask for speculative verification); token i always sees all slots cached before the batch.
+ *  logits: NULL, or [T, V] floats to fill (all T rows), or when logits_last_only only the last token's row [V]. */
+typedef struct sp_batch {
+    const int32_t *tokens;  /* [T] */
+    const int32_t *pos;     /* [T]; NULL = n_past, n_past+1, ... */
+    const uint8_t *mask;    /* [T, T] or NULL */
+    int32_t n_tokens;       /* T, 1 .. n_batch */
+    float *logits;          /* [T, V] or [V] or NULL */
+    bool logits_last_only;
+} sp_batch;
+
+SP_API sp_status sp_eval(sp_session *session, const sp_batch *batch);
+SP_API int32_t sp_session_n_past(const sp_session *session);   /* tokens in the KV cache */
+SP_API int32_t sp_session_n_ctx(const sp_session *session);
+/* Keep only the first n tokens of the KV cache (rollback). n > n_past is an error. */
+SP_API sp_status sp_session_truncate(sp_session *session, int32_t n);
+/* Keep cache slots idx[0..n) (strictly increasing, each < n_past) in that order as slots 0..n, dropping the rest:
+ * the accepted path of a verified draft tree. */
+SP_API sp_status sp_session_keep(sp_session *session, const int32_t *idx, int32_t n);
+
+/* ---- sampler ---- */
+typedef struct sp_sampler_params {
+    float temperature;        /* <= 0: greedy (default 0.8) */
+    int32_t top_k;            /* <= 0: off (default 40) */
+    float top_p;              /* >= 1: off (default 0.95) */
+    float min_p;              /* <= 0: off (default 0.05) */
+    float repeat_penalty;     /* 1: off (default 1.0) */
+    int32_t repeat_last_n;    /* how many recent tokens the penalty looks at (default 64) */
+    uint64_t seed;            /* default 0xC0FFEE */
+} sp_sampler_params;
+
+typedef struct sp_sampler sp_sampler;
+SP_API sp_sampler_params sp_sampler_default_params(void);
+SP_API sp_status sp_sampler_new(sp_sampler_params params, int32_t n_vocab, sp_sampler **out);
+SP_API void sp_sampler_free(sp_sampler *sampler);
+/* Choose a token from logits[V]; the logits are not modified. */
+SP_API sp_status sp_sampler_sample(sp_sampler *sampler, const float *logits, int32_t *token_out);
+/* Tell the sampler a token was added to the context (feeds the repetition penalty). */
+SP_API void sp_sampler_accept(sp_sampler *sampler, int32_t token);
+SP_API void sp_sampler_reset(sp_sampler *sampler);  /* forget history, reseed */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SPARROW_H */

@@ -1,0 +1,345 @@
+// binding.cpp: the Python module runtime._sparrow, a thin nanobind layer that mirrors sparrow.h one to one.
+// The Pythonic API (classes with context managers, generators) lives in runtime/; this file only converts types,
+// turns sp_status failures into SparrowError, and releases the GIL around work in C.
+// The `testing` submodule exposes internal kernels and the GGUF validator so tests can compare tiers against _ref.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+
+#include <cstring>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+extern "C" {
+#include "sparrow.h"
+#include "gguf.h"
+#include "kernels/kernels.h"
+}
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+struct SparrowError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+void check(sp_status s) {
+    if (s != SP_OK) throw SparrowError(std::string(sp_status_string(s)) + ": " + sp_last_error());
+}
+
+using F32Array = nb::ndarray<nb::numpy, float>;
+
+struct Model {
+    sp_model *m = nullptr;
+    sp_model_info info{};
+    explicit Model(const std::string &path, bool use_mmap, bool vocab_only) {
+        sp_model_params p = sp_model_default_params();
+        p.use_mmap = use_mmap;
+        p.vocab_only = vocab_only;
+        sp_status s;
+        {
+            nb::gil_scoped_release r;
+            s = sp_model_load(path.c_str(), p, &m);
+        }
+        check(s);
+        check(sp_model_get_info(m, &info));
+    }
+    ~Model() { close(); }
+    void close() {
+        if (m) sp_model_free(m);
+        m = nullptr;
+    }
+    sp_model *get() const {
+        if (!m) throw SparrowError("SP_ERR_INVALID_ARG: the model is closed");
+        return m;
+    }
+};
+
+struct Session {
+    sp_session *s = nullptr;
+    nb::object model_ref;  // keeps the Python Model alive while the session lives
+    int32_t n_vocab = 0;
+    Session(nb::object model_obj, int32_t n_ctx, int32_t n_batch, int32_t n_threads) {
+        Model &model = nb::cast<Model &>(model_obj);
+        sp_session_params p = sp_session_default_params();
+        if (n_ctx >= 0) p.n_ctx = n_ctx;
+        if (n_batch > 0) p.n_batch = n_batch;
+        if (n_threads > 0) p.n_threads = n_threads;
+        check(sp_session_new(model.get(), p, &s));
+        model_ref = model_obj;
+        n_vocab = model.info.n_vocab;
+    }
+    ~Session() { close(); }
+    void close() {
+        if (s) sp_session_free(s);
+        s = nullptr;
+        model_ref = nb::none();
+    }
+    sp_session *get() const {
+        if (!s) throw SparrowError("SP_ERR_INVALID_ARG: the session is closed");
+        return s;
+    }
+};
+
+struct Sampler {
+    sp_sampler *s = nullptr;
+    int32_t n_vocab;
+    Sampler(int32_t n_vocab_, float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
+            int32_t repeat_last_n, uint64_t seed)
+        : n_vocab(n_vocab_) {
+        sp_sampler_params p = sp_sampler_default_params();
+        p.temperature = temperature;
+        p.top_k = top_k;
+        p.top_p = top_p;
+        p.min_p = min_p;
+        p.repeat_penalty = repeat_penalty;
+        p.repeat_last_n = repeat_last_n;
+        p.seed = seed;
+        check(sp_sampler_new(p, n_vocab, &s));
+    }
+    ~Sampler() { close(); }
+    void close() {
+        if (s) sp_sampler_free(s);
+        s = nullptr;
+    }
+    sp_sampler *get() const {
+        if (!s) throw SparrowError("SP_ERR_INVALID_ARG: the sampler is closed");
+        return s;
+    }
+};
+
+const sp_kernels *tier_or_throw(const std::string &tier) {
+    const sp_kernels *k = sp_kernels_for_tier(tier.c_str());
+    if (!k) throw SparrowError("SP_ERR_UNSUPPORTED: kernel tier '" + tier + "' is not available on this CPU");
+    return k;
+}
+
+sp_type type_or_throw(uint32_t type) {
+    sp_type_traits tr = sp_type_traits_of(type);
+    if (!tr.supported) throw SparrowError("SP_ERR_UNSUPPORTED: tensor type " + std::to_string(type));
+    return (sp_type)type;
+}
+
+}  // namespace
+
+NB_MODULE(_sparrow, m) {
+    m.doc() = "Low-level binding of libsparrow (mirrors native/include/sparrow.h).";
+    nb::exception<SparrowError>(m, "SparrowError", PyExc_RuntimeError);
+
+    m.def("version", &sp_version);
+    m.def("cpu_features", &sp_cpu_features);
+    m.def("kernel_tier", &sp_kernel_tier);
+
+    nb::class_<Model>(m, "Model")
+        .def(nb::init<const std::string &, bool, bool>(), "path"_a, "use_mmap"_a = true, "vocab_only"_a = false)
+        .def("close", &Model::close)
+        .def_prop_ro("closed", [](const Model &self) { return self.m == nullptr; })
+        .def("info", [](const Model &self) {
+            self.get();
+            const sp_model_info &i = self.info;
+            nb::dict d;
+            d["architecture"] = i.architecture;
+            d["name"] = i.name;
+            d["n_vocab"] = i.n_vocab;
+            d["n_ctx_train"] = i.n_ctx_train;
+            d["n_embd"] = i.n_embd;
+            d["n_layer"] = i.n_layer;
+            d["n_head"] = i.n_head;
+            d["n_head_kv"] = i.n_head_kv;
+            d["n_ff"] = i.n_ff;
+            d["bos_token"] = i.bos_token;
+            d["eos_token"] = i.eos_token;
+            d["eot_token"] = i.eot_token;
+            d["add_bos"] = i.add_bos;
+            d["n_params"] = i.n_params;
+            d["weight_bytes"] = i.weight_bytes;
+            return d;
+        })
+        .def("meta_str", [](const Model &self, const std::string &key) -> std::optional<nb::bytes> {
+            const char *p = nullptr;
+            size_t n = 0;
+            if (sp_model_meta_str(self.get(), key.c_str(), &p, &n) != SP_OK) return std::nullopt;
+            return nb::bytes(p, n);
+        })
+        .def("tokenize", [](const Model &self, nb::bytes text, bool add_special, bool parse_special) {
+            std::vector<int32_t> out(text.size() + 16);
+            size_t n = 0;
+            sp_status s;
+            {
+                nb::gil_scoped_release r;
+                s = sp_tokenize(self.get(), text.c_str(), text.size(), add_special, parse_special, out.data(),
+                                out.size(), &n);
+                if (s == SP_ERR_INVALID_ARG && n > out.size()) {
+                    out.resize(n);
+                    s = sp_tokenize(self.get(), text.c_str(), text.size(), add_special, parse_special, out.data(),
+                                    out.size(), &n);
+                }
+            }
+            check(s);
+            out.resize(n);
+            return out;
+        }, "text"_a, "add_special"_a = true, "parse_special"_a = false)
+        .def("token_to_piece", [](const Model &self, int32_t token, bool render_special) {
+            char buf[256];
+            size_t n = 0;
+            sp_status s = sp_token_to_piece(self.get(), token, render_special, buf, sizeof buf, &n);
+            if (s == SP_ERR_INVALID_ARG && n > sizeof buf) {
+                std::string big(n, '\0');
+                check(sp_token_to_piece(self.get(), token, render_special, big.data(), n, &n));
+                return nb::bytes(big.data(), n);
+            }
+            check(s);
+            return nb::bytes(buf, n);
+        }, "token"_a, "render_special"_a = false)
+        .def("is_eog", [](const Model &self, int32_t token) { return sp_token_is_eog(self.get(), token); });
+
+    nb::class_<Session>(m, "Session")
+        .def(nb::init<nb::object, int32_t, int32_t, int32_t>(), "model"_a, "n_ctx"_a = -1, "n_batch"_a = 0,
+             "n_threads"_a = 0)
+        .def("close", &Session::close)
+        .def_prop_ro("closed", [](const Session &self) { return self.s == nullptr; })
+        .def_prop_ro("n_past", [](const Session &self) { return sp_session_n_past(self.get()); })
+        .def_prop_ro("n_ctx", [](const Session &self) { return sp_session_n_ctx(self.get()); })
+        .def("truncate", [](Session &self, int32_t n) { check(sp_session_truncate(self.get(), n)); })
+        .def("keep", [](Session &self, std::vector<int32_t> idx) {
+            check(sp_session_keep(self.get(), idx.data(), (int32_t)idx.size()));
+        })
+        // eval(tokens, pos=None, mask=None, logits="last"|"all"|"none") -> float32 array [V] / [T, V] / None
+        .def("eval", [](Session &self, std::vector<int32_t> tokens, std::optional<std::vector<int32_t>> pos,
+                        std::optional<nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>> mask,
+                        const std::string &logits) -> nb::object {
+            sp_session *s = self.get();
+            const size_t T = tokens.size();
+            if (pos && pos->size() != T) throw SparrowError("SP_ERR_INVALID_ARG: pos must have one entry per token");
+            if (mask && (mask->shape(0) != T || mask->shape(1) != T))
+                throw SparrowError("SP_ERR_INVALID_ARG: mask must have shape [T, T]");
+            if (logits != "last" && logits != "all" && logits != "none")
+                throw SparrowError("SP_ERR_INVALID_ARG: logits must be 'last', 'all' or 'none'");
+            const size_t rows = logits == "all" ? T : (logits == "last" ? 1 : 0);
+            float *out = rows ? new float[rows * (size_t)self.n_vocab] : nullptr;
+            sp_batch b{};
+            b.tokens = tokens.data();
+            b.pos = pos ? pos->data() : nullptr;
+            b.mask = mask ? mask->data() : nullptr;
+            b.n_tokens = (int32_t)T;
+            b.logits = out;
+            b.logits_last_only = logits == "last";
+            sp_status st;
+            {
+                nb::gil_scoped_release r;
+                st = sp_eval(s, &b);
+            }
+            if (st != SP_OK) {
+                delete[] out;
+                check(st);
+            }
+            if (!out) return nb::none();
+            nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
+            if (logits == "last") return nb::cast(F32Array(out, {(size_t)self.n_vocab}, owner));
+            return nb::cast(F32Array(out, {T, (size_t)self.n_vocab}, owner));
+        }, "tokens"_a, "pos"_a = nb::none(), "mask"_a = nb::none(), "logits"_a = "last");
+
+    nb::class_<Sampler>(m, "Sampler")
+        .def(nb::init<int32_t, float, int32_t, float, float, float, int32_t, uint64_t>(), "n_vocab"_a,
+             "temperature"_a = 0.8f, "top_k"_a = 40, "top_p"_a = 0.95f, "min_p"_a = 0.05f, "repeat_penalty"_a = 1.0f,
+             "repeat_last_n"_a = 64, "seed"_a = 0xC0FFEE)
+        .def("close", &Sampler::close)
+        .def("sample", [](Sampler &self, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> logits) {
+            if ((int64_t)logits.shape(0) != self.n_vocab)
+                throw SparrowError("SP_ERR_INVALID_ARG: logits must have n_vocab entries");
+            int32_t tok = -1;
+            check(sp_sampler_sample(self.get(), logits.data(), &tok));
+            return tok;
+        })
+        .def("accept", [](Sampler &self, int32_t tok) { sp_sampler_accept(self.get(), tok); })
+        .def("reset", [](Sampler &self) { sp_sampler_reset(self.get()); });
+
+    // ---- internals for tests: kernel tiers, (de)quantization, GGUF validation ----
+    nb::module_ t = m.def_submodule("testing", "Internal kernels and validators, for tests only.");
+    t.def("tiers", []() {
+        std::vector<std::string> out;
+        for (const char *name : {"ref", "avx2", "avx512", "neon"})
+            if (sp_kernels_for_tier(name)) out.emplace_back(name);
+        return out;
+    });
+    t.def("row_size", [](uint32_t type, int64_t k) { return sp_row_size(type_or_throw(type), k); });
+    t.def("quantize", [](uint32_t type, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
+        sp_type ty = type_or_throw(type);
+        const int64_t k = (int64_t)x.shape(0);
+        if (k % sp_type_traits_of(ty).block_size) throw SparrowError("SP_ERR_INVALID_ARG: length not a block multiple");
+        std::string out(sp_row_size(ty, k), '\0');
+        if (!sp_quantize_row(ty, x.data(), out.data(), k)) throw SparrowError("SP_ERR_UNSUPPORTED: quantize");
+        return nb::bytes(out.data(), out.size());
+    });
+    t.def("dequantize", [](uint32_t type, nb::bytes data, int64_t k) {
+        sp_type ty = type_or_throw(type);
+        if (k % sp_type_traits_of(ty).block_size || sp_row_size(ty, k) != data.size())
+            throw SparrowError("SP_ERR_INVALID_ARG: data size does not match k");
+        float *out = new float[k];
+        sp_dequantize_row(ty, data.c_str(), out, k);
+        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
+        return F32Array(out, {(size_t)k}, owner);
+    });
+    // y[T, N] = x[T, K] @ W[N, K]^T with the given tier; W given as raw rows of the weight type.
+    t.def("matmul", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N,
+                       nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x) {
+        const sp_kernels *kt = tier_or_throw(tier);
+        sp_type ty = type_or_throw(type);
+        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
+        sp_type_traits tr = sp_type_traits_of(ty);
+        if (K % tr.block_size || (int64_t)w.size() != N * (int64_t)sp_row_size(ty, K))
+            throw SparrowError("SP_ERR_INVALID_ARG: weight bytes do not match N x K");
+        if (!kt->matmul[ty]) throw SparrowError("SP_ERR_UNSUPPORTED: no matmul for this type");
+        std::vector<sp_block_q8a> xq;
+        const void *xin = x.data();
+        if (tr.act_q8) {
+            if (K % SP_QK) throw SparrowError("SP_ERR_INVALID_ARG: K must be a multiple of 32");
+            xq.resize((size_t)(T * K / SP_QK));
+            for (int64_t i = 0; i < T; i++) kt->quantize_q8a(xq.data() + i * (K / SP_QK), x.data() + i * K, K);
+            xin = xq.data();
+        }
+        float *y = new float[(size_t)(T * N)];
+        kt->matmul[ty](y, N, w.c_str(), xin, K, 0, N, T);
+        nb::capsule owner(y, [](void *p) noexcept { delete[] (float *)p; });
+        return F32Array(y, {(size_t)T, (size_t)N}, owner);
+    });
+    t.def("quantize_q8a", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
+        const sp_kernels *kt = tier_or_throw(tier);
+        const int64_t k = (int64_t)x.shape(0);
+        if (k % SP_QK) throw SparrowError("SP_ERR_INVALID_ARG: length must be a multiple of 32");
+        std::vector<sp_block_q8a> q((size_t)(k / SP_QK));
+        kt->quantize_q8a(q.data(), x.data(), k);
+        return nb::bytes((const char *)q.data(), q.size() * sizeof(sp_block_q8a));
+    });
+    t.def("dot_f32", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> a,
+                        nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> b) {
+        if (a.shape(0) != b.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: length mismatch");
+        return tier_or_throw(tier)->dot_f32(a.data(), b.data(), (int64_t)a.shape(0));
+    });
+    // Validate a GGUF file: returns (status_name, message); ("SP_OK", "") when valid.
+    t.def("gguf_validate", [](const std::string &path, bool use_mmap) {
+        sp_gguf *g = nullptr;
+        sp_status s;
+        {
+            nb::gil_scoped_release r;
+            s = sp_gguf_open(path.c_str(), use_mmap, &g);
+        }
+        std::pair<std::string, std::string> res(sp_status_string(s), s == SP_OK ? "" : sp_last_error());
+        if (g) sp_gguf_close(g);
+        return res;
+    }, "path"_a, "use_mmap"_a = true);
+    t.def("gguf_validate_bytes", [](nb::bytes data) {
+        sp_gguf *g = nullptr;
+        sp_status s = sp_gguf_open_memory(data.c_str(), data.size(), &g);
+        std::pair<std::string, std::string> res(sp_status_string(s), s == SP_OK ? "" : sp_last_error());
+        if (g) sp_gguf_close(g);
+        return res;
+    });
+}

@@ -1,0 +1,108 @@
+/* kernels.h: tensor types, packed quantization blocks and the kernel table.
+ *
+ * Shape legend: T = tokens (rows of activations), K = reduction length (row length of a weight), N = weight rows.
+ *
+ * Weights W[N, K] are stored row-major in one of the GGUF tensor types below, byte-compatible with GGUF/ggml.
+ * Activations x[T, K] are float32. For quantized weight types the fast path first quantizes each activation row to
+ * sp_block_q8a blocks (int8 with a float scale and the block's scaled sum) once per batch; every weight block is then
+ * read once and applied to all T activation rows (weights stationary), which is what makes small batches cheap.
+ *
+ * Tiers: *_ref (portable C, the algorithmic reference, in <type>.c / ref.c), then x86/avx2.c, x86/avx512.c,
+ * arm/neon.c. sp_kernels_get() picks the best tier for this CPU once; SPARROW_FORCE_SCALAR=1 forces "ref".
+ */
+#ifndef SP_KERNELS_H
+#define SP_KERNELS_H
+
+#include <assert.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Tensor types, numbered as ggml/GGUF number them. */
+typedef enum sp_type {
+    SP_TYPE_F32 = 0,
+    SP_TYPE_F16 = 1,
+    SP_TYPE_Q4_0 = 2,
+    SP_TYPE_Q4_1 = 3,
+    SP_TYPE_Q8_0 = 8,
+    SP_TYPE_BF16 = 30,
+    SP_TYPE_COUNT = 40, /* table size: ggml ids < 40; unsupported ids have block_size 0 */
+} sp_type;
+
+#define SP_QK 32 /* elements per block for Q4_0, Q4_1, Q8_0 and the activation blocks */
+
+typedef uint16_t sp_f16;  /* IEEE half bits */
+typedef uint16_t sp_bf16; /* bfloat16 bits */
+
+typedef struct {
+    sp_f16 d;              /* scale */
+    uint8_t qs[SP_QK / 2]; /* nibbles: element j in low nibble of qs[j], element j+16 in high nibble; x = (q-8)*d */
+} sp_block_q4_0;
+static_assert(sizeof(sp_block_q4_0) == 18, "q4_0 block must match GGUF");
+
+typedef struct {
+    sp_f16 d;              /* scale */
+    sp_f16 m;              /* min */
+    uint8_t qs[SP_QK / 2]; /* nibbles as in q4_0; x = q*d + m */
+} sp_block_q4_1;
+static_assert(sizeof(sp_block_q4_1) == 20, "q4_1 block must match GGUF");
+
+typedef struct {
+    sp_f16 d;          /* scale */
+    int8_t qs[SP_QK];  /* x = q*d */
+} sp_block_q8_0;
+static_assert(sizeof(sp_block_q8_0) == 34, "q8_0 block must match GGUF");
+
+/* Activation block (internal, not a file format): x ~= q*d, s = d * sum(q). */
+typedef struct {
+    float d;
+    float s;
+    int8_t qs[SP_QK];
+} sp_block_q8a;
+static_assert(sizeof(sp_block_q8a) == 40, "activation block layout");
+
+typedef struct sp_type_traits {
+    const char *name;     /* "Q4_1"; NULL for ids ggml never defined */
+    int64_t block_size;   /* elements per block; 0 = unknown/removed id */
+    size_t type_size;     /* bytes per block */
+    bool supported;       /* this runtime can compute with it */
+    bool act_q8;          /* matmul takes sp_block_q8a activations (else float) */
+} sp_type_traits;
+
+/* Traits of a ggml type id (any uint32); ids outside the table give a zeroed struct. */
+sp_type_traits sp_type_traits_of(uint32_t type);
+/* Bytes of one row of k elements (k must be a multiple of the block size). */
+size_t sp_row_size(sp_type type, int64_t k);
+
+/* y[t*ldy + r] = dot(W[r, :], x[t, :]) for t in [0, T), r in [r0, r1).
+ *  w: W[N, K] in the weight type (row r starts at w + r*row_size(K)).
+ *  x: T activation rows, each K floats (float types) or K/32 sp_block_q8a (act_q8 types), contiguous. */
+typedef void (*sp_matmul_fn)(float *y, int64_t ldy, const void *w, const void *x, int64_t K,
+                             int64_t r0, int64_t r1, int64_t T);
+
+typedef struct sp_kernels {
+    const char *tier;                                   /* "ref", "avx2", "avx512", "neon" */
+    void (*quantize_q8a)(sp_block_q8a *y, const float *x, int64_t k); /* one row, k % 32 == 0 */
+    sp_matmul_fn matmul[SP_TYPE_COUNT];                 /* by weight type; NULL for unsupported */
+    float (*dot_f32)(const float *a, const float *b, int64_t n);
+    void (*axpy_f32)(float *y, float a, const float *x, int64_t n); /* y += a*x */
+} sp_kernels;
+
+/* The kernel table for this CPU (chosen once, thread-safe). */
+const sp_kernels *sp_kernels_get(void);
+/* A named tier's table if this CPU can run it, else NULL ("ref" always exists). Entries a tier does not implement
+ * are filled from "ref". */
+const sp_kernels *sp_kernels_for_tier(const char *tier);
+/* Space-separated CPU features detected ("avx2 fma f16c avx512f ..."). */
+const char *sp_cpu_feature_string(void);
+
+/* Conversions and reference (de)quantization, matching ggml/gguf-py bit for bit. */
+float sp_f16_to_f32(sp_f16 h);
+sp_f16 sp_f32_to_f16(float f);
+float sp_bf16_to_f32(sp_bf16 h);
+sp_bf16 sp_f32_to_bf16(float f);
+/* Row conversions: k elements (multiple of the type's block size). Return false for unsupported types. */
+bool sp_dequantize_row(sp_type type, const void *src, float *dst, int64_t k);
+bool sp_quantize_row(sp_type type, const float *src, void *dst, int64_t k);
+
+#endif

@@ -1,0 +1,215 @@
+/* forward_llama.c: the forward pass of the llama architecture over a batch of T tokens.
+ *
+ * Shape legend: T = tokens in the batch, H = n_embd, D = head_dim, NH = heads, NKV = kv heads, QD = NH*D,
+ * KVD = NKV*D, F = n_ff, V = vocabulary, C = KV cache slots, P = n_past (slots cached before this batch).
+ *
+ * All pool threads run sp_forward_worker() at once; each step splits its work by thread (rows of a weight matrix,
+ * tokens, or (token, head) pairs) and threads meet at a barrier before a step reads what another wrote.
+ * Nothing here allocates: every buffer lives in the session (model.h). */
+#include "model.h"
+
+#include <math.h>
+#include <string.h>
+
+typedef struct fwd_ctx {
+    sp_session *ses;
+    const sp_batch *b;
+    const sp_kernels *k;
+    bool q8; /* some weights take quantized activations: keep scratch xq filled */
+} fwd_ctx;
+
+/* ---- steps, each run by every thread on its share ---- */
+
+/* out[t] = x[t] / rms(x[t]) * w for this thread's tokens; then quantize out[t] to xq[t] when `quant`. */
+static void rmsnorm_quant_rows(const fwd_ctx *c, float *out, const float *x, const float *w, int64_t T, int64_t H,
+                               bool quant, int ith, int nth) {
+    const float eps = c->ses->model->hp.norm_eps;
+    int64_t t0, t1;
+    sp_split(T, ith, nth, &t0, &t1);
+    for (int64_t t = t0; t < t1; t++) {
+        const float *xr = x + t * H;
+        float *o = out + t * H;
+        double ss = 0;
+        for (int64_t i = 0; i < H; i++) ss += (double)xr[i] * xr[i];
+        const float scale = 1.0f / sqrtf((float)(ss / (double)H) + eps);
+        for (int64_t i = 0; i < H; i++) o[i] = xr[i] * scale * w[i];
+        if (quant) c->k->quantize_q8a((sp_block_q8a *)c->ses->s.xq + t * (H / SP_QK), o, H);
+    }
+}
+
+/* Quantize rows t of x[T, K] to xq for this thread's tokens. */
+static void quant_rows(const fwd_ctx *c, const float *x, int64_t T, int64_t K, int ith, int nth) {
+    if (!c->q8) return;
+    int64_t t0, t1;
+    sp_split(T, ith, nth, &t0, &t1);
+    for (int64_t t = t0; t < t1; t++) c->k->quantize_q8a((sp_block_q8a *)c->ses->s.xq + t * (K / SP_QK), x + t * K, K);
+}
+
+/* y[t, r] (row stride ldy) = W[r] . x[t] for this thread's rows of W. x_f: float input [T, K]; the quantized copy of
+ * it sits in scratch xq when the weight type takes quantized activations. */
+static void matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor *W, const float *x_f, int64_t T,
+                        int ith, int nth) {
+    const int64_t per = ((W->n + nth - 1) / nth + 15) & ~(int64_t)15; /* multiples of 16 rows per thread */
+    const int64_t r0 = SP_MIN(W->n, per * ith), r1 = SP_MIN(W->n, r0 + per);
+    if (r0 >= r1) return;
+    const void *x = sp_type_traits_of(W->type).act_q8 ? c->ses->s.xq : (const void *)x_f;
+    c->k->matmul[W->type](y, ldy, W->data, x, W->k, r0, r1, T);
+}
+
+/* RoPE as GGUF's llama architecture defines it: adjacent pairs (x[2i], x[2i+1]) of each head rotate by
+ * pos * base^(-2i/n_rot), for 2i < n_rot. cs[t] holds (cos, sin) per pair. Applied in place to rows [T, n_heads*D]. */
+static void rope_rows(const fwd_ctx *c, float *x, int64_t ldx, int64_t T, int n_heads, int ith, int nth) {
+    const sp_hparams *hp = &c->ses->model->hp;
+    int64_t t0, t1;
+    sp_split(T, ith, nth, &t0, &t1);
+    for (int64_t t = t0; t < t1; t++) {
+        const float *cs = c->ses->s.rope_cs + t * hp->n_rot;
+        for (int h = 0; h < n_heads; h++) {
+            float *v = x + t * ldx + (int64_t)h * hp->head_dim;
+            for (int i = 0; i < hp->n_rot; i += 2) {
+                const float x0 = v[i], x1 = v[i + 1], co = cs[i], si = cs[i + 1];
+                v[i] = x0 * co - x1 * si;
+                v[i + 1] = x0 * si + x1 * co;
+            }
+        }
+    }
+}
+
+/* Attention for this thread's (token, head) pairs: token t sees cache slots [0, P) and batch slots P+j allowed by
+ * the mask (causal when none). Keys and values of the batch are already in the cache. */
+static void attention(const fwd_ctx *c, int il, int ith, int nth) {
+    const sp_session *ses = c->ses;
+    const sp_hparams *hp = &ses->model->hp;
+    const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, D = hp->head_dim;
+    const int64_t QD = (int64_t)hp->n_head * D, KVD = (int64_t)hp->n_head_kv * D;
+    const int group = hp->n_head / hp->n_head_kv;
+    const float scale = 1.0f / sqrtf((float)D);
+    const float *kc = ses->k_cache + (int64_t)il * C * KVD; /* [C, KVD] */
+    const float *vc = ses->v_cache + (int64_t)il * C * KVD;
+    float *scores = ses->s.scores + (int64_t)ith * (C + ses->params.n_batch); /* [P + T] */
+    int64_t w0, w1;
+    sp_split(T * hp->n_head, ith, nth, &w0, &w1);
+    for (int64_t w = w0; w < w1; w++) {
+        const int64_t t = w / hp->n_head, h = w % hp->n_head, kvh = h / group;
+        const float *q = ses->s.q + t * QD + h * D;
+        float *out = ses->s.attn + t * QD + h * D;
+        /* scores over visible slots, -inf elsewhere */
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < P + T; j++) {
+            bool visible = j < P || (c->b->mask ? c->b->mask[t * T + (j - P)] != 0 : j - P <= t);
+            scores[j] = visible ? c->k->dot_f32(q, kc + j * KVD + kvh * D, D) * scale : -INFINITY;
+            if (scores[j] > mx) mx = scores[j];
+        }
+        /* softmax, then out = sum_j p_j v_j */
+        float sum = 0;
+        for (int64_t j = 0; j < P + T; j++) {
+            scores[j] = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - mx);
+            sum += scores[j];
+        }
+        memset(out, 0, (size_t)D * sizeof *out);
+        const float inv = sum > 0 ? 1.0f / sum : 0.0f;
+        for (int64_t j = 0; j < P + T; j++)
+            if (scores[j] != 0.0f) c->k->axpy_f32(out, scores[j] * inv, vc + j * KVD + kvh * D, D);
+    }
+}
+
+/* x[t] += y[t] for this thread's tokens. */
+static void add_rows(float *x, const float *y, int64_t T, int64_t H, int ith, int nth) {
+    int64_t t0, t1;
+    sp_split(T, ith, nth, &t0, &t1);
+    for (int64_t i = t0 * H; i < t1 * H; i++) x[i] += y[i];
+}
+
+/* gate[t] = silu(gate[t]) * up[t] for this thread's tokens, then quantize the row for the down projection. */
+static void swiglu_quant_rows(const fwd_ctx *c, int64_t T, int64_t F, bool quant, int ith, int nth) {
+    int64_t t0, t1;
+    sp_split(T, ith, nth, &t0, &t1);
+    for (int64_t t = t0; t < t1; t++) {
+        float *g = c->ses->s.gate + t * F;
+        const float *u = c->ses->s.up + t * F;
+        for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        if (quant) c->k->quantize_q8a((sp_block_q8a *)c->ses->s.xq + t * (F / SP_QK), g, F);
+    }
+}
+
+static void forward_worker(void *ctx, int ith, int nth) {
+    const fwd_ctx *c = ctx;
+    sp_session *ses = c->ses;
+    const sp_model *m = ses->model;
+    const sp_hparams *hp = &m->hp;
+    const sp_batch *b = c->b;
+    sp_scratch *s = &ses->s;
+    sp_pool *pool = ses->pool;
+    const int64_t T = b->n_tokens, H = hp->n_embd, F = hp->n_ff, P = ses->n_past, C = ses->params.n_ctx;
+    const int64_t KVD = (int64_t)hp->n_head_kv * hp->head_dim;
+    int64_t t0, t1;
+    sp_split(T, ith, nth, &t0, &t1);
+
+    /* 1. embeddings x[t] = tok_embd[token t]; RoPE cos/sin for each token's position */
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *row = (const uint8_t *)m->tok_embd.data + (size_t)b->tokens[t] * m->tok_embd.row_size;
+        sp_dequantize_row(m->tok_embd.type, row, s->x + t * H, H);
+        const float theta_scale = powf(hp->rope_base, -2.0f / (float)hp->n_rot);
+        float theta = (float)(b->pos ? b->pos[t] : P + t);
+        for (int i = 0; i < hp->n_rot; i += 2) {
+            s->rope_cs[t * hp->n_rot + i] = cosf(theta);
+            s->rope_cs[t * hp->n_rot + i + 1] = sinf(theta);
+            theta *= theta_scale;
+        }
+    }
+
+    for (int il = 0; il < hp->n_layer; il++) {
+        const sp_layer *l = &m->layers[il];
+        float *k_slots = ses->k_cache + ((int64_t)il * C + P) * KVD; /* [T, KVD] this batch's keys */
+        float *v_slots = ses->v_cache + ((int64_t)il * C + P) * KVD;
+
+        /* 2. attention block: xn = rmsnorm(x); q, k, v projections; k and v go straight into the cache */
+        rmsnorm_quant_rows(c, s->xn, s->x, l->attn_norm, T, H, c->q8, ith, nth);
+        sp_pool_barrier(pool);
+        matmul_rows(c, s->q, l->wq.n, &l->wq, s->xn, T, ith, nth);
+        matmul_rows(c, k_slots, KVD, &l->wk, s->xn, T, ith, nth);
+        matmul_rows(c, v_slots, KVD, &l->wv, s->xn, T, ith, nth);
+        sp_pool_barrier(pool);
+
+        /* 3. rotate q and k by position */
+        rope_rows(c, s->q, l->wq.n, T, hp->n_head, ith, nth);
+        rope_rows(c, k_slots, KVD, T, hp->n_head_kv, ith, nth);
+        sp_pool_barrier(pool);
+
+        /* 4. softmax(q k^T / sqrt(D) + mask) v over cached and batch slots */
+        attention(c, il, ith, nth);
+        sp_pool_barrier(pool);
+
+        /* 5. output projection; residual add; then the FFN block's rmsnorm */
+        quant_rows(c, s->attn, T, l->wo.k, ith, nth);
+        sp_pool_barrier(pool);
+        matmul_rows(c, s->tmp, H, &l->wo, s->attn, T, ith, nth);
+        sp_pool_barrier(pool);
+        add_rows(s->x, s->tmp, T, H, ith, nth);
+        rmsnorm_quant_rows(c, s->xn, s->x, l->ffn_norm, T, H, c->q8, ith, nth);
+        sp_pool_barrier(pool);
+
+        /* 6. SwiGLU FFN: down(silu(gate xn) * up xn); residual add */
+        matmul_rows(c, s->gate, F, &l->w_gate, s->xn, T, ith, nth);
+        matmul_rows(c, s->up, F, &l->w_up, s->xn, T, ith, nth);
+        sp_pool_barrier(pool);
+        swiglu_quant_rows(c, T, F, c->q8, ith, nth);
+        sp_pool_barrier(pool);
+        matmul_rows(c, s->tmp, H, &l->w_down, s->gate, T, ith, nth);
+        sp_pool_barrier(pool);
+        add_rows(s->x, s->tmp, T, H, ith, nth);
+        sp_pool_barrier(pool);
+    }
+
+    /* 7. final norm and LM head for the rows asked for */
+    if (!b->logits) return;
+    const int64_t first = b->logits_last_only ? T - 1 : 0, n_out = T - first;
+    rmsnorm_quant_rows(c, s->xn, s->x + first * H, m->out_norm, n_out, H, c->q8, ith, nth);
+    sp_pool_barrier(pool);
+    matmul_rows(c, b->logits, hp->n_vocab, &m->output, s->xn, n_out, ith, nth);
+}
+
+void sp_forward_llama(sp_session *ses, const sp_batch *batch) {
+    fwd_ctx c = {.ses = ses, .b = batch, .k = sp_kernels_get(), .q8 = ses->model->act_q8};
+    sp_pool_run(ses->pool, forward_worker, &c);
+}

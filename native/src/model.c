@@ -1,0 +1,261 @@
+/* model.c: loading a model from a validated GGUF: hyperparameters, vocabulary and weight views.
+ *
+ * Everything the forward pass relies on is checked here, so that a file whose metadata lies (a layer count that
+ * disagrees with its tensors, shapes that disagree with the config) is rejected with a message, never run. */
+#include "model.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static sp_status get_u32_as_i32(const sp_gguf *g, const char *key, int32_t *out, int32_t lo, int32_t hi) {
+    uint32_t v;
+    sp_status s = sp_gguf_get_u32(g, key, &v);
+    if (s != SP_OK) return s;
+    if ((int64_t)v < lo || (int64_t)v > hi)
+        return sp_fail(SP_ERR_BAD_FORMAT, "metadata '%s' = %u is out of range [%d, %d]", key, v, lo, hi);
+    *out = (int32_t)v;
+    return SP_OK;
+}
+
+/* Find a 2-D (or 1-D when n == 1) weight named `name` with shape [n, k] and a type the kernels support. */
+static sp_status bind_matrix(const sp_gguf *g, const char *name, int64_t k, int64_t n, sp_tensor *out) {
+    const sp_gguf_tensor *t = sp_gguf_find_tensor(g, name);
+    if (!t) return sp_fail(SP_ERR_BAD_FORMAT, "tensor '%s' is missing", name);
+    int64_t tn = t->n_dims >= 2 ? t->ne[1] : 1;
+    if (t->ne[0] != k || tn != n || t->ne[2] != 1 || t->ne[3] != 1)
+        return sp_fail(SP_ERR_BAD_FORMAT,
+                       "tensor '%s' has shape [%lld, %lld, %lld, %lld] but the config implies [%lld, %lld]", name,
+                       (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2], (long long)t->ne[3],
+                       (long long)k, (long long)n);
+    sp_type_traits tr = sp_type_traits_of(t->type);
+    if (!tr.supported)
+        return sp_fail(SP_ERR_UNSUPPORTED, "tensor '%s' has type %s (%u), which this runtime does not implement", name,
+                       tr.name ? tr.name : "unknown", (unsigned)t->type);
+    out->type = t->type;
+    out->k = k;
+    out->n = n;
+    out->row_size = sp_row_size(t->type, k);
+    out->data = t->data;
+    return SP_OK;
+}
+
+/* A norm weight: F32 vector of length n. */
+static sp_status bind_norm(const sp_gguf *g, const char *name, int64_t n, const float **out) {
+    sp_tensor t;
+    sp_status s = bind_matrix(g, name, n, 1, &t);
+    if (s != SP_OK) return s;
+    if (t.type != SP_TYPE_F32) return sp_fail(SP_ERR_UNSUPPORTED, "norm tensor '%s' must be F32", name);
+    *out = (const float *)t.data;
+    return SP_OK;
+}
+
+static sp_status load_llama_hparams(const sp_gguf *g, sp_hparams *hp) {
+    sp_status s;
+#define REQ(key, field, lo, hi) if ((s = get_u32_as_i32(g, key, &hp->field, lo, hi)) != SP_OK) return s
+    REQ("llama.embedding_length", n_embd, 1, 1 << 16);
+    REQ("llama.block_count", n_layer, 1, 4096);
+    REQ("llama.attention.head_count", n_head, 1, 4096);
+    REQ("llama.feed_forward_length", n_ff, 1, 1 << 20);
+#undef REQ
+    hp->n_head_kv = hp->n_head;
+    if (sp_gguf_find(g, "llama.attention.head_count_kv") &&
+        (s = get_u32_as_i32(g, "llama.attention.head_count_kv", &hp->n_head_kv, 1, hp->n_head)) != SP_OK)
+        return s;
+    if (hp->n_head % hp->n_head_kv)
+        return sp_fail(SP_ERR_BAD_FORMAT, "head_count %d is not a multiple of head_count_kv %d", hp->n_head,
+                       hp->n_head_kv);
+    if (hp->n_embd % hp->n_head)
+        return sp_fail(SP_ERR_BAD_FORMAT, "embedding_length %d is not a multiple of head_count %d", hp->n_embd,
+                       hp->n_head);
+    hp->head_dim = hp->n_embd / hp->n_head;
+    hp->n_rot = hp->head_dim;
+    if (sp_gguf_find(g, "llama.rope.dimension_count") &&
+        (s = get_u32_as_i32(g, "llama.rope.dimension_count", &hp->n_rot, 2, hp->head_dim)) != SP_OK)
+        return s;
+    if (hp->n_rot % 2) return sp_fail(SP_ERR_BAD_FORMAT, "rope.dimension_count %d must be even", hp->n_rot);
+    hp->n_ctx_train = 2048;
+    if (sp_gguf_find(g, "llama.context_length") &&
+        (s = get_u32_as_i32(g, "llama.context_length", &hp->n_ctx_train, 1, 1 << 24)) != SP_OK)
+        return s;
+    hp->norm_eps = 1e-5f;
+    if (sp_gguf_find(g, "llama.attention.layer_norm_rms_epsilon") &&
+        (s = sp_gguf_get_f32(g, "llama.attention.layer_norm_rms_epsilon", &hp->norm_eps)) != SP_OK)
+        return s;
+    hp->rope_base = 10000.0f;
+    if (sp_gguf_find(g, "llama.rope.freq_base") &&
+        (s = sp_gguf_get_f32(g, "llama.rope.freq_base", &hp->rope_base)) != SP_OK)
+        return s;
+    if (!(hp->norm_eps > 0 && hp->norm_eps < 1))
+        return sp_fail(SP_ERR_BAD_FORMAT, "layer_norm_rms_epsilon %g is not in (0, 1)", hp->norm_eps);
+    if (!(hp->rope_base > 0 && hp->rope_base < 1e12f))
+        return sp_fail(SP_ERR_BAD_FORMAT, "rope.freq_base %g is not a positive finite number", hp->rope_base);
+    /* Nothing is unsupported silently: scaled RoPE variants change the math. */
+    sp_gguf_str st;
+    if (sp_gguf_get_str(g, "llama.rope.scaling.type", &st) == SP_OK && !sp_gguf_str_eq(st, "none"))
+        return sp_fail(SP_ERR_UNSUPPORTED, "RoPE scaling '%.*s' is not implemented", (int)st.len, st.data);
+    sp_clear_error();
+    return SP_OK;
+}
+
+static sp_status load_llama_weights(sp_model *m) {
+    const sp_gguf *g = m->gguf;
+    const sp_hparams *hp = &m->hp;
+    const int64_t H = hp->n_embd, V = hp->n_vocab, F = hp->n_ff;
+    const int64_t QD = (int64_t)hp->n_head * hp->head_dim, KVD = (int64_t)hp->n_head_kv * hp->head_dim;
+    sp_status s;
+    if ((s = bind_matrix(g, "token_embd.weight", H, V, &m->tok_embd)) != SP_OK) return s;
+    if ((s = bind_norm(g, "output_norm.weight", H, &m->out_norm)) != SP_OK) return s;
+    if (sp_gguf_find_tensor(g, "output.weight")) {
+        if ((s = bind_matrix(g, "output.weight", H, V, &m->output)) != SP_OK) return s;
+    } else {
+        m->output = m->tok_embd; /* tied embeddings */
+    }
+    /* The layer count must agree with the tensors: no blk.L.* beyond the last layer. */
+    char name[96];
+    snprintf(name, sizeof name, "blk.%d.attn_norm.weight", hp->n_layer);
+    if (sp_gguf_find_tensor(g, name))
+        return sp_fail(SP_ERR_BAD_FORMAT, "block_count is %d but the file has tensors for layer %d", hp->n_layer,
+                       hp->n_layer);
+    m->layers = calloc((size_t)hp->n_layer, sizeof *m->layers);
+    if (!m->layers) return sp_fail(SP_ERR_NO_MEMORY, "out of memory for %d layers", hp->n_layer);
+    for (int il = 0; il < hp->n_layer; il++) {
+        sp_layer *l = &m->layers[il];
+#define MAT(field, suffix, k, n)                                               \
+    snprintf(name, sizeof name, "blk.%d.%s.weight", il, suffix);             \
+    if ((s = bind_matrix(g, name, k, n, &l->field)) != SP_OK) return s;
+#define NORM(field, suffix)                                                    \
+    snprintf(name, sizeof name, "blk.%d.%s.weight", il, suffix);             \
+    if ((s = bind_norm(g, name, H, &l->field)) != SP_OK) return s;
+        NORM(attn_norm, "attn_norm");
+        MAT(wq, "attn_q", H, QD);
+        MAT(wk, "attn_k", H, KVD);
+        MAT(wv, "attn_v", H, KVD);
+        MAT(wo, "attn_output", QD, H);
+        NORM(ffn_norm, "ffn_norm");
+        MAT(w_gate, "ffn_gate", H, F);
+        MAT(w_up, "ffn_up", H, F);
+        MAT(w_down, "ffn_down", F, H);
+#undef MAT
+#undef NORM
+        const sp_tensor *mats[] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+        for (size_t i = 0; i < sizeof mats / sizeof *mats; i++) m->act_q8 |= sp_type_traits_of(mats[i]->type).act_q8;
+        /* quantized activations are in 32-element blocks */
+        m->act_q8 |= sp_type_traits_of(m->output.type).act_q8;
+        if ((H % SP_QK || F % SP_QK || QD % SP_QK) && m->act_q8)
+            return sp_fail(SP_ERR_BAD_FORMAT, "quantized weights need dimensions that are multiples of 32");
+    }
+    return SP_OK;
+}
+
+sp_model_params sp_model_default_params(void) {
+    sp_model_params p = {.use_mmap = true, .vocab_only = false};
+    return p;
+}
+
+void sp_model_free(sp_model *m) {
+    if (!m) return;
+    free(m->layers);
+    sp_vocab_free(m->vocab);
+    sp_gguf_close(m->gguf);
+    free(m);
+}
+
+sp_status sp_model_load(const char *path, sp_model_params params, sp_model **out) {
+    sp_clear_error();
+    if (!out) return sp_fail(SP_ERR_INVALID_ARG, "sp_model_load: out is NULL");
+    *out = NULL;
+    if (!path) return sp_fail(SP_ERR_INVALID_ARG, "sp_model_load: path is NULL");
+    sp_model *m = calloc(1, sizeof *m);
+    if (!m) return sp_fail(SP_ERR_NO_MEMORY, "out of memory");
+    sp_status s = sp_gguf_open(path, params.use_mmap, &m->gguf);
+    if (s != SP_OK) goto fail;
+
+    sp_gguf_str arch = {0};
+    if ((s = sp_gguf_get_str(m->gguf, "general.architecture", &arch)) != SP_OK) goto fail;
+    snprintf(m->arch, sizeof m->arch, "%.*s", (int)SP_MIN(arch.len, 31), arch.data);
+    sp_gguf_str gname;
+    if (sp_gguf_get_str(m->gguf, "general.name", &gname) == SP_OK)
+        snprintf(m->name, sizeof m->name, "%.*s", (int)SP_MIN(gname.len, 127), gname.data);
+    sp_clear_error();
+
+    if ((s = sp_vocab_load(m->gguf, &m->vocab)) != SP_OK) goto fail;
+    m->hp.n_vocab = sp_vocab_n_tokens(m->vocab);
+
+    if (!params.vocab_only) {
+        if (!sp_gguf_str_eq(arch, "llama")) {
+            s = sp_fail(SP_ERR_UNSUPPORTED, "architecture '%s' is not implemented by the native runtime (llama is)",
+                        m->arch);
+            goto fail;
+        }
+        if ((s = load_llama_hparams(m->gguf, &m->hp)) != SP_OK) goto fail;
+        uint32_t vocab_size;
+        if (sp_gguf_get_u32(m->gguf, "llama.vocab_size", &vocab_size) == SP_OK &&
+            (int64_t)vocab_size != m->hp.n_vocab) {
+            s = sp_fail(SP_ERR_BAD_FORMAT, "llama.vocab_size %u disagrees with the %d tokens of the vocabulary",
+                        vocab_size, m->hp.n_vocab);
+            goto fail;
+        }
+        sp_clear_error();
+        if ((s = load_llama_weights(m)) != SP_OK) goto fail;
+        m->has_weights = true;
+    }
+
+    sp_model_info *i = &m->info;
+    i->architecture = m->arch;
+    i->name = m->name;
+    i->n_vocab = m->hp.n_vocab;
+    i->n_ctx_train = m->hp.n_ctx_train;
+    i->n_embd = m->hp.n_embd;
+    i->n_layer = m->hp.n_layer;
+    i->n_head = m->hp.n_head;
+    i->n_head_kv = m->hp.n_head_kv;
+    i->n_ff = m->hp.n_ff;
+    i->bos_token = sp_vocab_bos(m->vocab);
+    i->eos_token = sp_vocab_eos(m->vocab);
+    i->eot_token = sp_vocab_eot(m->vocab);
+    i->add_bos = sp_vocab_add_bos(m->vocab);
+    for (uint64_t t = 0; t < m->gguf->n_tensors; t++) {
+        const sp_gguf_tensor *gt = &m->gguf->tensors[t];
+        i->n_params += (uint64_t)(gt->ne[0] * gt->ne[1] * gt->ne[2] * gt->ne[3]);
+        i->weight_bytes += gt->nbytes;
+    }
+    *out = m;
+    return SP_OK;
+fail:
+    sp_model_free(m);
+    return s;
+}
+
+sp_status sp_model_get_info(const sp_model *m, sp_model_info *out) {
+    if (!m || !out) return sp_fail(SP_ERR_INVALID_ARG, "sp_model_get_info: NULL argument");
+    *out = m->info;
+    return SP_OK;
+}
+
+sp_status sp_model_meta_str(const sp_model *m, const char *key, const char **out, size_t *len) {
+    if (!m || !key || !out || !len) return sp_fail(SP_ERR_INVALID_ARG, "sp_model_meta_str: NULL argument");
+    sp_gguf_str s;
+    sp_status st = sp_gguf_get_str(m->gguf, key, &s);
+    if (st != SP_OK) return st;
+    *out = s.data;
+    *len = (size_t)s.len;
+    return SP_OK;
+}
+
+sp_status sp_tokenize(const sp_model *m, const char *text, size_t len, bool add_special, bool parse_special,
+                      int32_t *tokens, size_t capacity, size_t *n_out) {
+    sp_clear_error();
+    if (!m || (!text && len) || !n_out || (!tokens && capacity))
+        return sp_fail(SP_ERR_INVALID_ARG, "sp_tokenize: NULL argument");
+    return sp_vocab_tokenize(m->vocab, text ? text : "", len, add_special, parse_special, tokens, capacity, n_out);
+}
+
+sp_status sp_token_to_piece(const sp_model *m, int32_t token, bool render_special, char *buf, size_t capacity,
+                            size_t *len) {
+    sp_clear_error();
+    if (!m || !len || (!buf && capacity)) return sp_fail(SP_ERR_INVALID_ARG, "sp_token_to_piece: NULL argument");
+    return sp_vocab_token_to_piece(m->vocab, token, render_special, buf, capacity, len);
+}
+
+bool sp_token_is_eog(const sp_model *m, int32_t token) { return m && sp_vocab_is_eog(m->vocab, token); }

@@ -1,0 +1,80 @@
+/* model.h: the immutable model (weights as views into the mapped GGUF) and the per-user session.
+ *
+ * Shape legend: T = tokens in the batch, H = n_embd, L = layers, D = head_dim, NH = heads, NKV = kv heads,
+ * F = n_ff, V = vocabulary, C = n_ctx (KV cache slots), S = slots visible to a token (cached + in batch).
+ * A weight W[N, K] has K = ne[0] contiguous elements per row (the reduction axis) and N = ne[1] rows. */
+#ifndef SP_MODEL_H
+#define SP_MODEL_H
+
+#include "gguf.h"
+#include "threadpool.h"
+#include "vocab.h"
+
+typedef struct sp_tensor {
+    sp_type type;
+    int64_t k;           /* ne[0]: row length (reduction axis) */
+    int64_t n;           /* ne[1]: number of rows */
+    size_t row_size;     /* bytes per row */
+    const void *data;    /* [n, k] in `type`, into the mapping */
+} sp_tensor;
+
+typedef struct sp_layer {
+    const float *attn_norm;  /* [H] */
+    sp_tensor wq;            /* [NH*D, H] */
+    sp_tensor wk;            /* [NKV*D, H] */
+    sp_tensor wv;            /* [NKV*D, H] */
+    sp_tensor wo;            /* [H, NH*D] */
+    const float *ffn_norm;   /* [H] */
+    sp_tensor w_gate;        /* [F, H] */
+    sp_tensor w_up;          /* [F, H] */
+    sp_tensor w_down;        /* [H, F] */
+} sp_layer;
+
+typedef struct sp_hparams {
+    int32_t n_vocab, n_ctx_train, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, n_rot;
+    float norm_eps, rope_base;
+} sp_hparams;
+
+struct sp_model {
+    sp_gguf *gguf;
+    sp_vocab *vocab;
+    sp_hparams hp;
+    sp_model_info info;
+    char arch[32];
+    char name[128];
+    bool has_weights;
+    bool act_q8;              /* some weight takes quantized activations (sp_block_q8a) */
+    sp_tensor tok_embd;       /* [V, H] */
+    const float *out_norm;    /* [H] */
+    sp_tensor output;         /* [V, H]; the embedding matrix when tied */
+    sp_layer *layers;         /* [L] */
+};
+
+/* Scratch for one forward pass of up to B = n_batch tokens; allocated once per session. */
+typedef struct sp_scratch {
+    float *x;        /* [B, H] residual stream */
+    float *xn;       /* [B, H] normalised input of a block */
+    float *q;        /* [B, NH*D] */
+    float *attn;     /* [B, NH*D] attention output */
+    float *tmp;      /* [B, H] block output before the residual add */
+    float *gate;     /* [B, F] */
+    float *up;       /* [B, F] */
+    void *xq;        /* [B, max(H, F, NH*D)] activations quantized to sp_block_q8a rows */
+    float *scores;   /* [n_threads, C + B] attention scores, one row per thread */
+    float *rope_cs;  /* [B, n_rot] cos/sin pairs for the batch positions */
+} sp_scratch;
+
+struct sp_session {
+    const sp_model *model;
+    sp_session_params params;
+    int32_t n_past;
+    float *k_cache;  /* [L, C, NKV*D] keys after RoPE */
+    float *v_cache;  /* [L, C, NKV*D] */
+    sp_scratch s;
+    sp_pool *pool;
+};
+
+/* Forward pass of the llama architecture over one batch (validated by the caller). Never allocates. */
+void sp_forward_llama(sp_session *ses, const sp_batch *batch);
+
+#endif

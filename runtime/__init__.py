@@ -7,3 +7,18 @@ import os as _os
 _dev_build = _os.environ.get("SPARROW_BUILD_DIR")
 if _dev_build:
     __path__.insert(0, _os.path.abspath(_dev_build))  # type: ignore[name-defined]
+
+from runtime.native import (  # noqa: E402
+    Model,
+    ModelInfo,
+    Sampler,
+    SamplerParams,
+    Session,
+    SparrowError,
+    complete,
+    generate,
+    generate_tokens,
+)
+
+__all__ = ["Model", "ModelInfo", "Sampler", "SamplerParams", "Session", "SparrowError", "complete", "generate",
+           "generate_tokens"]

@@ -1,0 +1,1 @@
+"""Device benchmarks: Sparrow side by side with llama.cpp, close to the machine's bandwidth limit."""

@@ -1,0 +1,1 @@
+"""Converters: trained checkpoints to GGUF (and ONNX)."""

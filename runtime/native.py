@@ -1,0 +1,208 @@
+"""Pythonic classes over the native runtime (the `_sparrow` binding, which mirrors native/include/sparrow.h).
+
+    with Model("model.gguf") as model, model.session(n_ctx=2048) as session:
+        for piece in generate(model, session, "Once upon a time", max_tokens=32):
+            print(piece, end="")
+"""
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from os import PathLike
+
+import numpy as np
+
+from runtime import _sparrow
+
+SparrowError = _sparrow.SparrowError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str
+    name: str
+    n_vocab: int
+    n_ctx_train: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    bos_token: int
+    eos_token: int
+    eot_token: int
+    add_bos: bool
+    n_params: int
+    weight_bytes: int
+
+
+@dataclass
+class SamplerParams:
+    """Sampling settings; temperature <= 0 means greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = 0xC0FFEE
+
+    @classmethod
+    def greedy(cls) -> SamplerParams:
+        return cls(temperature=0.0)
+
+
+class Model:
+    """An immutable model loaded from a GGUF file (weights memory-mapped). Shareable by many sessions."""
+
+    def __init__(self, path: str | PathLike[str], *, use_mmap: bool = True, vocab_only: bool = False):
+        self.path = str(path)
+        self._m = _sparrow.Model(self.path, use_mmap, vocab_only)
+        self.info = ModelInfo(**self._m.info())
+
+    def close(self) -> None:
+        self._m.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        return self._m.tokenize(data, add_special, parse_special)
+
+    def token_bytes(self, token: int, *, render_special: bool = False) -> bytes:
+        return self._m.token_to_piece(token, render_special)
+
+    def detokenize(self, tokens: Sequence[int], *, render_special: bool = False) -> str:
+        return b"".join(self._m.token_to_piece(t, render_special) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return self._m.is_eog(token)
+
+    def meta(self, key: str) -> str | None:
+        """A string metadata value of the GGUF file (e.g. "tokenizer.chat_template"), or None."""
+        raw = self._m.meta_str(key)
+        return None if raw is None else raw.decode("utf-8", errors="replace")
+
+    def session(self, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0) -> Session:
+        return Session(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+
+
+class Session:
+    """KV cache + scratch + threads for one conversation over a Model. Not for concurrent use."""
+
+    def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0):
+        self.model = model
+        self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads)
+        self.n_batch = n_batch
+        self.tokens: list[int] = []  # what the KV cache holds, in order
+
+    def close(self) -> None:
+        self._s.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def n_past(self) -> int:
+        return self._s.n_past
+
+    @property
+    def n_ctx(self) -> int:
+        return self._s.n_ctx
+
+    def eval(self, tokens: Sequence[int], *, pos: Sequence[int] | None = None, mask: np.ndarray | None = None,
+             logits: str = "last") -> np.ndarray | None:
+        """Evaluate up to n_batch tokens in one forward pass; logits "last" -> [V], "all" -> [T, V], "none"."""
+        out = self._s.eval(list(tokens), None if pos is None else list(pos), mask, logits)
+        self.tokens.extend(tokens)
+        return out
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Evaluate any number of tokens in n_batch chunks; returns the last token's logits."""
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        out = None
+        for i in range(0, len(tokens), self.n_batch):
+            out = self.eval(tokens[i:i + self.n_batch], logits="last")
+        return out
+
+    def truncate(self, n: int) -> None:
+        """Roll the KV cache back to its first n tokens."""
+        self._s.truncate(n)
+        del self.tokens[n:]
+
+
+class Sampler:
+    """Chooses the next token from logits (greedy, temperature, top-k, top-p, min-p, repetition penalty)."""
+
+    def __init__(self, n_vocab: int, params: SamplerParams | None = None):
+        self.params = params or SamplerParams()
+        self._s = _sparrow.Sampler(n_vocab, **asdict(self.params))
+
+    def sample(self, logits: np.ndarray) -> int:
+        return self._s.sample(np.ascontiguousarray(logits, dtype=np.float32))
+
+    def accept(self, token: int) -> None:
+        self._s.accept(token)
+
+    def reset(self) -> None:
+        self._s.reset()
+
+
+def generate_tokens(session: Session, prompt_tokens: Sequence[int], *, max_tokens: int = 128,
+                    sampler: Sampler | None = None, stop_at_eog: bool = True) -> Iterator[int]:
+    """Evaluate the prompt tokens not yet in the cache, then sample up to max_tokens tokens, yielding each.
+
+    The KV cache is reused: if the session already holds a prefix of prompt_tokens, only the rest is evaluated."""
+    model = session.model
+    sampler = sampler or Sampler(model.info.n_vocab, SamplerParams.greedy())
+    common = 0
+    for a, b in zip(session.tokens, prompt_tokens):
+        if a != b:
+            break
+        common += 1
+    if common == len(prompt_tokens) and common > 0:
+        common -= 1  # re-evaluate the last prompt token to get its logits
+    session.truncate(common)
+    for t in prompt_tokens:
+        sampler.accept(t)
+    logits = session.prefill(prompt_tokens[common:])
+    for _ in range(max_tokens):
+        token = sampler.sample(logits)
+        sampler.accept(token)
+        if stop_at_eog and model.is_eog(token):
+            return
+        yield token
+        if session.n_past >= session.n_ctx:
+            return
+        logits = session.eval([token])
+
+
+def generate(model: Model, session: Session, prompt: str | Sequence[int], *, max_tokens: int = 128,
+             sampler: Sampler | None = None, parse_special: bool = True) -> Iterator[str]:
+    """Stream the text of a continuation piece by piece (whole UTF-8 characters only)."""
+    tokens = model.tokenize(prompt, parse_special=parse_special) if isinstance(prompt, str) else list(prompt)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in generate_tokens(session, tokens, max_tokens=max_tokens, sampler=sampler):
+        piece = decoder.decode(model.token_bytes(token))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def complete(model: Model, prompt: str | Sequence[int], *, max_tokens: int = 128, sampler: Sampler | None = None,
+             n_ctx: int = 2048, n_threads: int = 0) -> str:
+    """Non-streaming one-shot generation in a fresh session."""
+    with model.session(n_ctx=n_ctx, n_threads=n_threads) as session:
+        return "".join(generate(model, session, prompt, max_tokens=max_tokens, sampler=sampler))

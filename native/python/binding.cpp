@@ -19,6 +19,7 @@ extern "C" {
 #include "sparrow.h"
 #include "gguf.h"
 #include "kernels/kernels.h"
+#include "sampler.h"
 }
 
 namespace nb = nanobind;
@@ -341,5 +342,18 @@ NB_MODULE(_sparrow, m) {
         std::pair<std::string, std::string> res(sp_status_string(s), s == SP_OK ? "" : sp_last_error());
         if (g) sp_gguf_close(g);
         return res;
+    });
+    // The distribution Sampler.sample would draw from for these logits (after the whole pipeline), float32 [V].
+    t.def("sampler_probs", [](Sampler &self, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> logits) {
+        if ((int64_t)logits.shape(0) != self.n_vocab)
+            throw SparrowError("SP_ERR_INVALID_ARG: logits must have n_vocab entries");
+        float *out = new float[(size_t)self.n_vocab];
+        sp_status st = sp_sampler_probs(self.get(), logits.data(), out);
+        if (st != SP_OK) {
+            delete[] out;
+            check(st);
+        }
+        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
+        return F32Array(out, {(size_t)self.n_vocab}, owner);
     });
 }

@@ -1,14 +1,152 @@
-/* PLACEHOLDER: being written (kernels). */
-#include "kernels.h"
+/* dispatch.c: run-time choice of the kernel tier.
+ *
+ * CPU features are detected once (cpuid + xgetbv: the OS must save the AVX / AVX-512 register state), each tier's
+ * table is filled once (starting from "ref"; a SIMD file overwrites the entries it implements), and sp_kernels_get()
+ * returns the best tier this CPU can run: avx512 (avx512f+bw+vl+vnni) > avx2 (avx2+fma+f16c) > ref.
+ * SPARROW_FORCE_SCALAR=1 in the environment makes sp_kernels_get() return "ref" (sp_kernels_for_tier is unaffected,
+ * so tests can still compare every tier).
+ */
+#include "tiers.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
-sp_type_traits sp_type_traits_of(uint32_t type) { sp_type_traits t; memset(&t, 0, sizeof t); return t; }
-size_t sp_row_size(sp_type type, int64_t k) { return 0; }
-const sp_kernels *sp_kernels_get(void) { return NULL; }
-const sp_kernels *sp_kernels_for_tier(const char *tier) { return NULL; }
-const char *sp_cpu_feature_string(void) { return ""; }
-float sp_f16_to_f32(sp_f16 h) { return 0; }
-sp_f16 sp_f32_to_f16(float f) { return 0; }
-float sp_bf16_to_f32(sp_bf16 h) { return 0; }
-sp_bf16 sp_f32_to_bf16(float f) { return 0; }
-bool sp_dequantize_row(sp_type type, const void *src, float *dst, int64_t k) { return false; }
-bool sp_quantize_row(sp_type type, const float *src, void *dst, int64_t k) { return false; }
+
+#if defined(SP_HAVE_X86)
+#  include <cpuid.h>
+void sp_kernels_fill_avx2(sp_kernels *k);   /* x86/avx2.c */
+void sp_kernels_fill_avx512(sp_kernels *k); /* x86/avx512.c */
+#endif
+#if defined(SP_HAVE_ARM)
+/* arm/neon.c: void sp_kernels_fill_neon(sp_kernels *k); wire it up in detect() and tier_available() below. */
+#endif
+
+typedef struct cpu_features {
+    bool avx, avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512dq, avx512vnni, avx512bf16;
+    bool neon;
+} cpu_features;
+
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+static cpu_features g_cpu;
+static char g_feature_string[160];
+static sp_kernels g_ref, g_avx2, g_avx512;
+static const sp_kernels *g_best;
+
+#if defined(SP_HAVE_X86)
+static uint64_t xgetbv0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static void detect_x86(cpu_features *f) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return;
+    const bool osxsave = (c >> 27) & 1;
+    const uint64_t xcr0 = osxsave ? xgetbv0() : 0;
+    const bool os_avx = (xcr0 & 0x6) == 0x6;       /* SSE + AVX state */
+    const bool os_avx512 = (xcr0 & 0xe6) == 0xe6;  /* + opmask, ZMM_Hi256, Hi16_ZMM */
+    f->avx = os_avx && ((c >> 28) & 1);
+    f->fma = f->avx && ((c >> 12) & 1);
+    f->f16c = f->avx && ((c >> 29) & 1);
+    if (__get_cpuid_max(0, NULL) < 7) return;
+    __cpuid_count(7, 0, a, b, c, d);
+    f->avx2 = f->avx && ((b >> 5) & 1);
+    f->avx512f = os_avx512 && ((b >> 16) & 1);
+    f->avx512dq = f->avx512f && ((b >> 17) & 1);
+    f->avx512bw = f->avx512f && ((b >> 30) & 1);
+    f->avx512vl = f->avx512f && ((b >> 31) & 1);
+    f->avx512vnni = f->avx512f && ((c >> 11) & 1);
+    __cpuid_count(7, 1, a, b, c, d);
+    f->avx512bf16 = f->avx512f && ((a >> 5) & 1);
+}
+#endif
+
+static bool tier_available(const char *tier) {
+    if (!strcmp(tier, "ref")) return true;
+#if defined(SP_HAVE_X86)
+    const cpu_features *f = &g_cpu;
+    if (!strcmp(tier, "avx2")) return f->avx2 && f->fma && f->f16c;
+    if (!strcmp(tier, "avx512"))
+        return f->avx512f && f->avx512bw && f->avx512vl && f->avx512dq && f->avx512vnni && f->avx2 && f->fma &&
+               f->f16c;
+#endif
+    return false;
+}
+
+static void fill_ref(sp_kernels *k) {
+    memset(k, 0, sizeof *k);
+    k->tier = "ref";
+    k->quantize_q8a = sp_quantize_q8a_ref;
+    k->matmul[SP_TYPE_F32] = sp_matmul_f32_ref;
+    k->matmul[SP_TYPE_F16] = sp_matmul_f16_ref;
+    k->matmul[SP_TYPE_BF16] = sp_matmul_bf16_ref;
+    k->matmul[SP_TYPE_Q4_0] = sp_matmul_q4_0_ref;
+    k->matmul[SP_TYPE_Q4_1] = sp_matmul_q4_1_ref;
+    k->matmul[SP_TYPE_Q8_0] = sp_matmul_q8_0_ref;
+    k->dot_f32 = sp_dot_f32_ref;
+    k->axpy_f32 = sp_axpy_f32_ref;
+}
+
+static void append_feature(const char *name, bool on) {
+    if (!on) return;
+    size_t n = strlen(g_feature_string);
+    snprintf(g_feature_string + n, sizeof g_feature_string - n, "%s%s", n ? " " : "", name);
+}
+
+static void init_once(void) {
+#if defined(SP_HAVE_X86)
+    detect_x86(&g_cpu);
+#endif
+    const cpu_features *f = &g_cpu;
+    append_feature("avx", f->avx);
+    append_feature("avx2", f->avx2);
+    append_feature("fma", f->fma);
+    append_feature("f16c", f->f16c);
+    append_feature("avx512f", f->avx512f);
+    append_feature("avx512bw", f->avx512bw);
+    append_feature("avx512vl", f->avx512vl);
+    append_feature("avx512dq", f->avx512dq);
+    append_feature("avx512vnni", f->avx512vnni);
+    append_feature("avx512bf16", f->avx512bf16);
+    append_feature("neon", f->neon);
+
+    fill_ref(&g_ref);
+    g_best = &g_ref;
+#if defined(SP_HAVE_X86)
+    if (tier_available("avx2")) {
+        fill_ref(&g_avx2);
+        g_avx2.tier = "avx2";
+        sp_kernels_fill_avx2(&g_avx2);
+        g_best = &g_avx2;
+    }
+    if (tier_available("avx512")) {
+        fill_ref(&g_avx512);
+        g_avx512.tier = "avx512";
+        sp_kernels_fill_avx512(&g_avx512);
+        g_best = &g_avx512;
+    }
+#endif
+    const char *force = getenv("SPARROW_FORCE_SCALAR");
+    if (force && force[0] && strcmp(force, "0") != 0) g_best = &g_ref;
+}
+
+const sp_kernels *sp_kernels_get(void) {
+    pthread_once(&g_once, init_once);
+    return g_best;
+}
+
+const sp_kernels *sp_kernels_for_tier(const char *tier) {
+    pthread_once(&g_once, init_once);
+    if (!tier || !tier_available(tier)) return NULL;
+    if (!strcmp(tier, "ref")) return &g_ref;
+    if (!strcmp(tier, "avx2")) return &g_avx2;
+    if (!strcmp(tier, "avx512")) return &g_avx512;
+    return NULL;
+}
+
+const char *sp_cpu_feature_string(void) {
+    pthread_once(&g_once, init_once);
+    return g_feature_string;
+}

@@ -1,0 +1,36 @@
+/* q8a.c: reference activation quantization (float rows -> sp_block_q8a) and float vector helpers.
+ *
+ * Activation block (kernels.h): 32 int8 q with d = amax/127, q = round-to-nearest-even(x * (1/d)), and
+ * s = d * sum(q), used by the Q4_1 min term and the Q4_0 / Q8_0 offset corrections. SIMD tiers reproduce these
+ * bytes exactly (they use the same reciprocal multiply and the CPU's default nearest-even rounding).
+ */
+#include "tiers.h"
+
+#include <math.h>
+
+void sp_quantize_q8a_ref(sp_block_q8a *y, const float *x, int64_t k) {
+    for (int64_t i = 0; i < k / SP_QK; i++, x += SP_QK) {
+        float amax = 0.0f;
+        for (int j = 0; j < SP_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < SP_QK; j++) {
+            const int q = (int)nearbyintf(x[j] * id);
+            y[i].qs[j] = (int8_t)q;
+            sum += q;
+        }
+        y[i].d = d;
+        y[i].s = d * (float)sum;
+    }
+}
+
+float sp_dot_f32_ref(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void sp_axpy_f32_ref(float *y, float a, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}

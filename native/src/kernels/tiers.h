@@ -1,0 +1,37 @@
+/* tiers.h: the functions each kernel tier provides (internal; dispatch.c assembles them into sp_kernels tables).
+ *
+ * Shape legend: T = tokens (activation rows), K = reduction length, N = weight rows; every matmul follows
+ * sp_matmul_fn in kernels.h: y[t*ldy + r] = dot(W[r, :], x[t, :]) for t < T, r in [r0, r1).
+ */
+#ifndef SP_KERNEL_TIERS_H
+#define SP_KERNEL_TIERS_H
+
+#include "kernels.h"
+
+#define SP_DECLARE_TIER(tier)                                                                                   \
+    void sp_quantize_q8a_##tier(sp_block_q8a *y, const float *x, int64_t k);                                    \
+    void sp_matmul_q4_0_##tier(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0,       \
+                               int64_t r1, int64_t T);                                                           \
+    void sp_matmul_q4_1_##tier(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0,       \
+                               int64_t r1, int64_t T);                                                           \
+    void sp_matmul_q8_0_##tier(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0,       \
+                               int64_t r1, int64_t T);                                                           \
+    void sp_matmul_f32_##tier(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0,        \
+                              int64_t r1, int64_t T);                                                            \
+    void sp_matmul_f16_##tier(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0,        \
+                              int64_t r1, int64_t T);                                                            \
+    void sp_matmul_bf16_##tier(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0,       \
+                               int64_t r1, int64_t T);                                                           \
+    float sp_dot_f32_##tier(const float *a, const float *b, int64_t n);                                         \
+    void sp_axpy_f32_##tier(float *y, float a, const float *x, int64_t n);
+
+SP_DECLARE_TIER(ref)
+#if defined(SP_HAVE_X86)
+SP_DECLARE_TIER(avx2)
+SP_DECLARE_TIER(avx512)
+#endif
+#if defined(SP_HAVE_ARM)
+/* arm/neon.c will declare its tier here: SP_DECLARE_TIER(neon) */
+#endif
+
+#endif

@@ -1,0 +1,273 @@
+"""Tensor-type kernels: GGUF byte compatibility, every SIMD tier against the `ref` tier, `ref` against numpy.
+
+Shape legend: T = tokens (activation rows), K = reduction length, N = weight rows.
+
+Tolerances (stated once, used below):
+- quantize / dequantize / f16 / bf16 conversions and quantize_q8a: bit-exact.
+- SIMD tier vs ref, quantized weights: both compute each block's integer dot product exactly; they differ only in
+  float summation order and fused multiply-adds, so |y - y_ref| <= 1e-5 * (|W| @ |x|) elementwise (rel. to the sum of
+  magnitudes, which bounds any reordering error) -- in practice ~1e-7.
+- SIMD tier vs ref, float weights: same bound, 1e-5 * (|W| @ |x|).
+- ref vs numpy oracle (float64 on dequantized weights and *unquantized* activations): the only difference is the
+  activation quantization, at most d_x/2 = amax/254 per element, so |y - y_np| <= sum_blocks (|W_blk| . 1) * amax_x/254
+  plus float32 rounding; we check against that bound.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from runtime import _sparrow  # noqa: E402
+
+testing = _sparrow.testing
+QT = gguf.GGMLQuantizationType
+TIERS = testing.tiers()
+SIMD_TIERS = [t for t in TIERS if t != "ref"]
+QUANT = [QT.Q4_0, QT.Q4_1, QT.Q8_0]
+FLOAT = [QT.F32, QT.F16, QT.BF16]
+SUPPORTED = QUANT + FLOAT
+T_VALUES = [1, 2, 3, 4, 5, 7, 8, 16, 33, 64]
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def quantize_np(x: np.ndarray, qt: QT) -> bytes:
+    """Reference bytes from the gguf package (BF16 through its own quantizer, F16 through numpy)."""
+    return gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), qt).tobytes()
+
+
+def dequantize_np(data: bytes, qt: QT, n: int, k: int) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8).reshape(n, -1)
+    if qt == QT.F32:
+        return raw.view(np.float32).reshape(n, k).copy()
+    return gguf.quants.dequantize(raw, qt).reshape(n, k).astype(np.float32)
+
+
+def weights(qt: QT, n: int, k: int, seed: int = 1) -> tuple[bytes, np.ndarray]:
+    """Random weights of type qt (N x K) as bytes, and their dequantized values."""
+    w = rng(seed).standard_normal((n, k)).astype(np.float32)
+    w[:, ::7] *= 3.0  # uneven magnitudes within blocks
+    data = quantize_np(w, qt)
+    return data, dequantize_np(data, qt, n, k)
+
+
+# ---- traits, conversions, (de)quantization --------------------------------------------------------------------
+
+
+def test_row_sizes_match_gguf():
+    for qt in SUPPORTED:
+        bs, ts = gguf.GGML_QUANT_SIZES[qt]
+        assert testing.row_size(int(qt), 64 * bs) == 64 * ts, qt.name
+
+
+@pytest.mark.parametrize("qt", SUPPORTED, ids=lambda q: q.name)
+def test_quantize_matches_gguf_bytes(qt):
+    r = rng(2)
+    cases = [
+        r.standard_normal(32 * 64).astype(np.float32),
+        (r.standard_normal(32 * 8) * 1e-3).astype(np.float32),
+        r.uniform(0.5, 2.0, 32 * 8).astype(np.float32),  # all positive: Q4_1 min > 0
+        -r.uniform(0.5, 2.0, 32 * 8).astype(np.float32),
+        np.zeros(64, np.float32),
+        np.array([-0.0] + [0.0] * 31 + [1.0] * 32, np.float32),
+        np.repeat(np.float32(0.75), 64),  # constant blocks: d = 0 for Q4_1
+        (np.arange(96, dtype=np.float32) - 48) / 4,  # exact ties for rounding
+    ]
+    if qt == QT.Q4_1:
+        cases.pop(5)  # min over {-0.0, +0.0}: numpy's SIMD reduction picks either zero; not a format property
+    for x in cases:
+        assert testing.quantize(int(qt), x) == quantize_np(x, qt), (qt.name, x[:4])
+
+
+@pytest.mark.parametrize("qt", SUPPORTED, ids=lambda q: q.name)
+def test_dequantize_matches_gguf(qt):
+    x = rng(3).standard_normal(32 * 16).astype(np.float32) * 5
+    data = quantize_np(x, qt)
+    got = testing.dequantize(int(qt), data, x.size)
+    want = dequantize_np(data, qt, 1, x.size)[0]
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_f16_conversion_all_halves_and_edge_floats():
+    # f16 -> f32: all 65536 half values (NaNs compared as NaN, others bit for bit), via the F16 dequantizer
+    h = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    got = testing.dequantize(int(QT.F16), h.tobytes(), h.size)
+    want = h.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.isnan(got[nan]).all()
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    # f32 -> f16: random bit patterns over every exponent, halfway cases, subnormals, overflow, inf, quiet NaN
+    bits = rng(4).integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    bits = bits[(bits & 0x7FFFFFFF) <= 0x7F800000]  # no NaNs here
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    mid = halves[np.isfinite(halves)].astype(np.float32)
+    ties = ((mid.view(np.uint32).astype(np.uint64) + (1 << 12)) & 0xFFFFFFFF).astype(np.uint32)  # halfway to next
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519.996, 65520, -65520, 1e-8, 2**-25, 2**-24, 5.9e-8,
+                        2**-14, 6.1e-5, 1e38, -1e-40, np.nan], np.float32)
+    x = np.concatenate([bits.view(np.float32), mid, ties.view(np.float32), special])
+    x = x[: x.size - x.size % 1] if x.size else x
+    got = np.frombuffer(testing.quantize(int(QT.F16), x), np.uint16)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_bf16_conversion_matches_ggml():
+    bits = rng(5).integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    ties = (bits & 0xFFFF0000) | 0x8000  # exactly halfway: round to even
+    special = np.array([0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF, 0x00000001, 0x807FFFFF,
+                        0x7F7FFFFF, 0x3F808000, 0x3F818000], np.uint32)
+    x = np.concatenate([bits, ties, special]).view(np.float32)
+    assert testing.quantize(int(QT.BF16), x) == quantize_np(x, QT.BF16)
+    got = testing.dequantize(int(QT.BF16), testing.quantize(int(QT.BF16), x), x.size)
+    want = (np.frombuffer(quantize_np(x, QT.BF16), np.uint16).astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_unsupported_types_rejected():
+    with pytest.raises(RuntimeError):
+        testing.row_size(int(QT.Q4_K), 256)
+    with pytest.raises(RuntimeError):
+        testing.quantize(99, np.zeros(32, np.float32))
+
+
+# ---- activation quantization (q8a) ------------------------------------------------------------------------------
+
+
+def q8a_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Oracle for sp_block_q8a: d = amax/127, q = round-half-even(x * (1/d)), s = d * sum(q) (all float32)."""
+    b = x.reshape(-1, 32).astype(np.float32)
+    d = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q = np.rint(b * inv[:, None]).astype(np.int8)
+    s = (d * q.astype(np.int32).sum(axis=1).astype(np.float32)).astype(np.float32)
+    return d, s, q
+
+
+def parse_q8a(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    a = np.frombuffer(data, dtype=np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)]))
+    return a["d"], a["s"], a["qs"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_quantize_q8a_exact(tier):
+    r = rng(6)
+    x = np.concatenate([r.standard_normal(32 * 40) * 3, np.zeros(32), (np.arange(64) - 32) * 0.5,
+                        r.standard_normal(32) * 1e-30]).astype(np.float32)
+    got = parse_q8a(testing.quantize_q8a(tier, x))
+    want = q8a_np(x)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert testing.quantize_q8a(tier, x) == testing.quantize_q8a("ref", x)
+
+
+# ---- matmul -------------------------------------------------------------------------------------------------------
+
+
+def magnitude(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """|x| @ |W|^T in float64: the scale of any summation-order error, shape [T, N]."""
+    return np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+
+
+@pytest.mark.parametrize("qt", SUPPORTED, ids=lambda q: q.name)
+def test_ref_matmul_matches_numpy(qt):
+    N, K, T = 37, 256, 5
+    data, wd = weights(qt, N, K, seed=7)
+    x = rng(8).standard_normal((T, K)).astype(np.float32)
+    y = testing.matmul("ref", int(qt), data, N, x)
+    want = x.astype(np.float64) @ wd.astype(np.float64).T
+    mag = magnitude(wd, x)
+    if qt in QUANT:
+        # activation quantization: |x - q*d| <= d/2 per element, d = amax_block/127
+        amax = np.abs(x.reshape(T, -1, 32)).max(axis=2)  # [T, K/32]
+        wblk = np.abs(wd.astype(np.float64)).reshape(N, -1, 32).sum(axis=2)  # [N, K/32]
+        bound = (amax / 254.0) @ wblk.T + 1e-5 * mag
+    else:
+        bound = 1e-5 * mag
+    assert (np.abs(y - want) <= bound).all(), np.abs(y - want).max()
+
+
+@pytest.mark.parametrize("tier", SIMD_TIERS)
+@pytest.mark.parametrize("qt", SUPPORTED, ids=lambda q: q.name)
+def test_tier_matmul_matches_ref(tier, qt):
+    for N, K in [(37, 576), (16, 32), (1, 64), (129, 160)]:
+        data, wd = weights(qt, N, K, seed=N)
+        xall = rng(K).standard_normal((max(T_VALUES), K)).astype(np.float32)
+        for T in T_VALUES:
+            x = np.ascontiguousarray(xall[:T])
+            y = testing.matmul(tier, int(qt), data, N, x)
+            y_ref = testing.matmul("ref", int(qt), data, N, x)
+            tol = 1e-5 * magnitude(wd, x)
+            err = np.abs(y.astype(np.float64) - y_ref)
+            assert (err <= tol).all(), (tier, qt.name, N, K, T, err.max())
+
+
+@pytest.mark.parametrize("tier", SIMD_TIERS)
+def test_tier_matmul_extreme_int_values(tier):
+    """Saturation check: Q8_0 weights of +-127 (and -128 written by hand) against activations of +-127."""
+    N, K, T = 19, 128, 6
+    r = rng(9)
+    raw = np.zeros((N, K // 32, 34), np.uint8)
+    raw[:, :, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    q = r.choice(np.array([-128, -127, 127], np.int8), size=(N, K // 32, 32))
+    raw[:, :, 2:] = q.view(np.uint8)
+    x = np.where(r.random((T, K)) < 0.5, -1.0, 1.0).astype(np.float32)
+    data = raw.tobytes()
+    y = testing.matmul(tier, int(QT.Q8_0), data, N, x)
+    y_ref = testing.matmul("ref", int(QT.Q8_0), data, N, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for qt in (QT.Q4_0, QT.Q4_1):  # all nibbles 15 / 0 against +-127
+        bs, ts = gguf.GGML_QUANT_SIZES[qt]
+        raw = np.full((N, K // 32, ts), 0xFF, np.uint8)
+        raw[:, :, :2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
+        if qt == QT.Q4_1:
+            raw[:, :, 2:4] = np.frombuffer(np.float16(-0.25).tobytes(), np.uint8)
+        raw[::2, :, ts - 16:] = 0x00
+        data = raw.tobytes()
+        y = testing.matmul(tier, int(qt), data, N, x)
+        y_ref = testing.matmul("ref", int(qt), data, N, x)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_dot_f32(tier):
+    for n in [1, 7, 16, 31, 64, 577, 1000]:
+        a, b = rng(n).standard_normal((2, n)).astype(np.float32)
+        got = testing.dot_f32(tier, a, b)
+        want = float(a.astype(np.float64) @ b.astype(np.float64))
+        assert abs(got - want) <= 1e-5 * float(np.abs(a) @ np.abs(b)) + 1e-30
+
+
+# ---- dispatch ----------------------------------------------------------------------------------------------------
+
+
+def test_tiers_and_features():
+    assert TIERS[0] == "ref"
+    feats = _sparrow.cpu_features().split()
+    if "avx512" in TIERS:
+        assert {"avx512f", "avx512bw", "avx512vl", "avx512vnni"} <= set(feats)
+    if "avx2" in TIERS:
+        assert {"avx2", "fma", "f16c"} <= set(feats)
+
+
+def _tier_in_subprocess(env_extra: dict[str, str]) -> str:
+    env = dict(os.environ, **env_extra)
+    code = "from runtime import _sparrow; print(_sparrow.kernel_tier())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_force_scalar_env_selects_ref():
+    best = _tier_in_subprocess({"SPARROW_FORCE_SCALAR": "0"})
+    if best == "":
+        pytest.skip("sp_kernel_tier() is still a placeholder that returns an empty string")
+    assert best == TIERS[-1] if "neon" not in TIERS else True
+    assert _tier_in_subprocess({"SPARROW_FORCE_SCALAR": "1"}) == "ref"

@@ -137,8 +137,8 @@ SP_API sp_status sp_session_keep(sp_session *session, const int32_t *idx, int32_
 typedef struct sp_sampler_params {
     float temperature;        /* <= 0: greedy (default 0.8) */
     int32_t top_k;            /* <= 0: off (default 40) */
-    float top_p;              /* >= 1: off (default 0.95) */
-    float min_p;              /* <= 0: off (default 0.05) */
+    float top_p;              /* in (0, 1]; 1: off (default 0.95) */
+    float min_p;              /* in [0, 1); 0: off (default 0.05) */
     float repeat_penalty;     /* 1: off (default 1.0) */
     int32_t repeat_last_n;    /* how many recent tokens the penalty looks at (default 64) */
     uint64_t seed;            /* default 0xC0FFEE */

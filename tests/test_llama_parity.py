@@ -1,9 +1,12 @@
-"""The native runtime against llama.cpp (llama-cpp-python) on the same real GGUF: SmolLM2-135M-Instruct Q4_1.
+"""The native runtime against its oracles on the same real GGUF (SmolLM2-135M-Instruct Q4_1): the numpy float64
+reference of tests/reference/llama.py, and llama.cpp (llama-cpp-python).
 
-Both engines quantize activations to 8 bits for the quantized matmuls and sum in different orders, and llama.cpp keeps
-its KV cache in F16 where Sparrow keeps F32, so logits agree closely but not bit for bit. Bounds, stated:
-- logits at every position: normalized MSE (mean squared difference / variance of llama.cpp's logits) < 2e-3, and the
-  top-1 token agrees at >= 95% of positions;
+Both engines quantize activations to 8 bits for the quantized matmuls (llama.cpp also rounds the activation scales to
+F16 and keeps its KV cache in F16), and they sum in different orders, so logits agree closely but not bit for bit.
+Measured on this model: normalized MSE (mean squared difference / variance of the oracle's logits) of Sparrow vs the
+float64 reference ~1e-3, of llama.cpp vs the same reference ~4e-3; Sparrow vs llama.cpp ~2-5e-3. Bounds, stated:
+- vs the float64 reference at every position: NMSE < 3e-3, top-1 agreement >= 95%;
+- vs llama.cpp at every position: NMSE < 1e-2, top-1 agreement >= 95%;
 - greedy continuations of 64 tokens: identical for most prompts; where one differs, at the first differing step the
   two candidate tokens must be a near tie in llama.cpp's own logits (gap < 0.5), i.e. a summation-order effect.
 """
@@ -14,6 +17,7 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
+from reference.llama import LlamaRef  # noqa: E402
 from runtime import Model  # noqa: E402
 
 PROMPTS = [
@@ -67,12 +71,29 @@ def test_logits_match_llama_cpp_at_every_position(engines):
     ref = llama_logits_all(llm, tokens)
     with model.session(n_ctx=512, n_threads=2) as s:
         ours = s.eval(tokens, logits="all")
+    nmse, top1 = compare(ours, ref)
+    print(f"vs llama.cpp: nmse={nmse:.2e} top1 agreement={top1:.3f} over {len(tokens)} positions")
+    assert nmse < 1e-2
+    assert top1 >= 0.95
+
+
+def test_logits_match_float64_reference_at_every_position(engines, smollm_path):
+    _, model = engines
+    tokens = model.tokenize("<|im_start|>user\nName three rivers in Europe.<|im_end|>\n<|im_start|>assistant\n",
+                            parse_special=True)
+    ref = LlamaRef.from_gguf(str(smollm_path)).forward(tokens)
+    with model.session(n_ctx=128, n_threads=2) as s:
+        ours = s.eval(tokens, logits="all")
+    nmse, top1 = compare(ours, ref)
+    print(f"vs float64 reference: nmse={nmse:.2e} top1 agreement={top1:.3f} over {len(tokens)} positions")
+    assert nmse < 3e-3
+    assert top1 >= 0.95
+
+
+def compare(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     assert ours.shape == ref.shape
     nmse = float(np.mean((ours - ref) ** 2) / np.var(ref))
-    top1 = float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
-    print(f"nmse={nmse:.2e} top1 agreement={top1:.3f} over {len(tokens)} positions")
-    assert nmse < 2e-3
-    assert top1 >= 0.95
+    return nmse, float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
 
 
 def test_chunked_prefill_equals_one_batch(engines):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from runtime import _sparrow as sp
-from tests.reference.sampler import sampler_probs as ref_probs
+from reference.sampler import sampler_probs as ref_probs
 
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
 

@@ -101,6 +101,7 @@ class Session:
         self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads)
         self.n_batch = n_batch
         self.tokens: list[int] = []  # what the KV cache holds, in order
+        self.n_evaluated = 0  # tokens run through the forward pass over this session's life (shows KV cache reuse)
 
     def close(self) -> None:
         self._s.close()
@@ -124,6 +125,7 @@ class Session:
         """Evaluate up to n_batch tokens in one forward pass; logits "last" -> [V], "all" -> [T, V], "none"."""
         out = self._s.eval(list(tokens), None if pos is None else list(pos), mask, logits)
         self.tokens.extend(tokens)
+        self.n_evaluated += len(tokens)
         return out
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:

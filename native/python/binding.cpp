@@ -9,6 +9,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 
+#include <chrono>
 #include <cstring>
 #include <optional>
 #include <stdexcept>
@@ -52,15 +53,22 @@ struct Model {
         check(s);
         check(sp_model_get_info(m, &info));
     }
-    ~Model() { close(); }
+    ~Model() { release(); }
+    // close() makes the model unusable at once; its memory is freed when the last session using it closes.
     void close() {
+        closed = true;
+        if (live_sessions == 0) release();
+    }
+    void release() {
         if (m) sp_model_free(m);
         m = nullptr;
     }
     sp_model *get() const {
-        if (!m) throw SparrowError("SP_ERR_INVALID_ARG: the model is closed");
+        if (closed || !m) throw SparrowError("SP_ERR_INVALID_ARG: the model is closed");
         return m;
     }
+    int live_sessions = 0;
+    bool closed = false;
 };
 
 struct Session {
@@ -75,12 +83,16 @@ struct Session {
         if (n_threads > 0) p.n_threads = n_threads;
         check(sp_session_new(model.get(), p, &s));
         model_ref = model_obj;
+        model.live_sessions++;
         n_vocab = model.info.n_vocab;
     }
     ~Session() { close(); }
     void close() {
-        if (s) sp_session_free(s);
+        if (!s) return;
+        sp_session_free(s);
         s = nullptr;
+        Model &model = nb::cast<Model &>(model_ref);
+        if (--model.live_sessions == 0 && model.closed) model.release();
         model_ref = nb::none();
     }
     sp_session *get() const {
@@ -141,7 +153,7 @@ NB_MODULE(_sparrow, m) {
     nb::class_<Model>(m, "Model")
         .def(nb::init<const std::string &, bool, bool>(), "path"_a, "use_mmap"_a = true, "vocab_only"_a = false)
         .def("close", &Model::close)
-        .def_prop_ro("closed", [](const Model &self) { return self.m == nullptr; })
+        .def_prop_ro("closed", [](const Model &self) { return self.closed; })
         .def("info", [](const Model &self) {
             self.get();
             const sp_model_info &i = self.info;
@@ -324,6 +336,42 @@ NB_MODULE(_sparrow, m) {
         if (a.shape(0) != b.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: length mismatch");
         return tier_or_throw(tier)->dot_f32(a.data(), b.data(), (int64_t)a.shape(0));
     });
+    // Benchmark hook: time `reps` single-threaded matmul calls inside C (activations quantized once, untimed). The
+    // calls cycle through `copies` copies of W (spread over >= copies * size bytes) so that, with enough copies, the
+    // weights come from DRAM as in a real forward pass. Returns seconds per call, one entry per rep.
+    t.def("matmul_time", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N,
+                            nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x, int reps,
+                            int copies) {
+        const sp_kernels *kt = tier_or_throw(tier);
+        sp_type ty = type_or_throw(type);
+        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
+        sp_type_traits tr = sp_type_traits_of(ty);
+        if (K % tr.block_size || (int64_t)w.size() != N * (int64_t)sp_row_size(ty, K) || reps < 1 || copies < 1)
+            throw SparrowError("SP_ERR_INVALID_ARG: weight bytes do not match N x K, or reps/copies < 1");
+        const size_t wsize = w.size(), stride = (wsize + 4095) / 4096 * 4096;
+        std::vector<uint8_t> wbuf(stride * (size_t)copies + 64);
+        uint8_t *base = (uint8_t *)(((uintptr_t)wbuf.data() + 63) / 64 * 64);
+        for (int c = 0; c < copies; c++) std::memcpy(base + stride * c, w.c_str(), wsize);
+        std::vector<sp_block_q8a> xq;
+        const void *xin = x.data();
+        if (tr.act_q8) {
+            xq.resize((size_t)(T * K / SP_QK));
+            for (int64_t i = 0; i < T; i++) kt->quantize_q8a(xq.data() + i * (K / SP_QK), x.data() + i * K, K);
+            xin = xq.data();
+        }
+        std::vector<float> y((size_t)(T * N));
+        std::vector<double> out((size_t)reps);
+        {
+            nb::gil_scoped_release r;
+            for (int c = 0; c < copies; c++) kt->matmul[ty](y.data(), N, base + stride * c, xin, K, 0, N, T);
+            for (int i = 0; i < reps; i++) {
+                auto t0 = std::chrono::steady_clock::now();
+                kt->matmul[ty](y.data(), N, base + stride * (size_t)(i % copies), xin, K, 0, N, T);
+                out[(size_t)i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            }
+        }
+        return out;
+    }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "reps"_a, "copies"_a = 1);
     // Validate a GGUF file: returns (status_name, message); ("SP_OK", "") when valid.
     t.def("gguf_validate", [](const std::string &path, bool use_mmap) {
         sp_gguf *g = nullptr;

@@ -1,6 +1,343 @@
-/* x86/avx512.c: AVX-512 (F, BW, VL, DQ, VNNI) kernels (in progress: entries not set here come from ref). */
+/* x86/avx512.c: AVX-512 (F, BW, VL, DQ, VNNI) kernels. Compiled with -mavx512{f,bw,vl,dq,vnni} -mavx2 -mfma -mf16c,
+ * chosen at run time by dispatch.c only on CPUs (and OSes) that support all of them.
+ *
+ * Shape legend: T = tokens (activation rows), K = reduction length, N = weight rows, nb = K/32 blocks per row.
+ *
+ * Quantized matmuls (Q4_0, Q4_1, Q8_0 weights x sp_block_q8a activations): weights stationary, one weight row per
+ * int32 lane.
+ *   - A row group is 16 consecutive weight rows (lane l = row rg+l; rows past r1 repeat the last row and are masked
+ *     off at the store). For each block b of the group the 16 rows' quants are transposed in registers (4 x 128-bit
+ *     loads per 4 rows, vpermt2d + vshufi64x2) so that vector j holds, in lane l, the 4 bytes of row l that multiply
+ *     activation bytes 4j..4j+3 of block b. Q4 nibbles are unpacked to bytes 0..15 (vectors 0-3: low nibbles =
+ *     elements 0..15, vectors 4-7: high nibbles = elements 16..31); Q8_0 bytes are stored as w+128 (xor 0x80) so
+ *     that they are unsigned. The 8 vectors + the 16 scales d_w (and mins m_w) are written to a stack buffer
+ *     (`wblk`, 640 bytes per block), once per row group.
+ *   - Then for each tile of up to 8 activation rows t: isum[t] (16 lanes) = corr[t,b] + sum_j vpdpbusd(w_j,
+ *     broadcast dword j of x[t,b].qs) -- u8 x s8 products, exact int32 -- and acc[t] += float(isum) * (d_w * d_x)
+ *     (+ m_w * s_x for Q4_1). corr = -8 * sum(q_x) for Q4_0 (q_w - 8), -128 * sum(q_x) for Q8_0 (w+128), 0 for Q4_1,
+ *     so isum equals ref's exact integer dot product. Each weight byte is read from memory once per call and every
+ *     vpdpbusd does 64 useful multiply-adds whatever T is; T only adds 12 instructions per (16 rows, block, token).
+ *   - K is processed in chunks of KC blocks (one chunk for K <= 2048); y itself accumulates across chunks.
+ * Float matmuls (F32/F16/BF16 weights x f32 activations): 4 weight rows x up to 4 tokens of zmm accumulators; each
+ * 16-element weight vector is converted once (vcvtph2ps / bf16 << 16) and applied to the tile's tokens with FMA.
+ */
 #include "../tiers.h"
 
 #include <immintrin.h>
+#include <string.h>
 
-void sp_kernels_fill_avx512(sp_kernels *k) { (void)k; }
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+enum { RG = 16, TT = 8, KC = 64, TC = 64, PF = 1 }; /* ..., prefetch distance in row groups */ /* rows per group, tokens per tile, blocks per K chunk, tokens per pass */
+#define SP_MIN_I(a, b) ((a) < (b) ? (a) : (b))
+
+/* ---- activations --------------------------------------------------------------------------------------------- */
+
+void sp_quantize_q8a_avx512(sp_block_q8a *y, const float *x, int64_t k) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int64_t i = 0; i < k / SP_QK; i++, x += SP_QK) {
+        const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
+        const float d = amax / 127.0f;
+        const __m512 id = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id)); /* nearest even, as nearbyintf in ref */
+        const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
+        _mm_storeu_si128((__m128i *)y[i].qs, _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128((__m128i *)(y[i].qs + 16), _mm512_cvtsepi32_epi8(qb));
+        y[i].d = d;
+        y[i].s = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    }
+}
+
+float sp_dot_f32_avx512(const float *a, const float *b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+void sp_axpy_f32_avx512(float *y, float a, const float *x, int64_t n) {
+    const __m512 va = _mm512_set1_ps(a);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+/* ---- quantized matmuls ----------------------------------------------------------------------------------------- */
+
+typedef enum { W_Q4_0, W_Q4_1, W_Q8_0 } wkind;
+
+typedef struct {
+    __m512i w[8]; /* lane l: u8 weights of row l for activation bytes 4j..4j+3 */
+    __m512 d;     /* lane l: d_w of row l */
+    __m512 m;     /* lane l: m_w of row l (Q4_1 only) */
+} wblk;
+
+static inline int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* out[j] lane l = dword j of the 16 bytes at p[l] + off (a 16 x 4 dword transpose). */
+ALWAYS_INLINE void transpose16x4(__m512i out[4], const uint8_t *const p[RG], size_t off) {
+    __m512i v[4];
+    _Pragma("GCC unroll 16")
+    for (int g = 0; g < 4; g++) {
+        __m512i a = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p[4 * g] + off)));
+        a = _mm512_inserti32x4(a, _mm_loadu_si128((const __m128i *)(p[4 * g + 1] + off)), 1);
+        a = _mm512_inserti32x4(a, _mm_loadu_si128((const __m128i *)(p[4 * g + 2] + off)), 2);
+        v[g] = _mm512_inserti32x4(a, _mm_loadu_si128((const __m128i *)(p[4 * g + 3] + off)), 3);
+    }
+    /* position q of lo: dword k = q>>3 of row q&7 (rows 0-3 from the first source, 4-7 from the second) */
+    const __m512i idx_lo = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i idx_hi = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+    const __m512i a_lo = _mm512_permutex2var_epi32(v[0], idx_lo, v[1]); /* [k0 rows 0-7 | k1 rows 0-7] */
+    const __m512i a_hi = _mm512_permutex2var_epi32(v[0], idx_hi, v[1]); /* [k2 rows 0-7 | k3 rows 0-7] */
+    const __m512i b_lo = _mm512_permutex2var_epi32(v[2], idx_lo, v[3]); /* rows 8-15 */
+    const __m512i b_hi = _mm512_permutex2var_epi32(v[2], idx_hi, v[3]);
+    out[0] = _mm512_shuffle_i64x2(a_lo, b_lo, 0x44);
+    out[1] = _mm512_shuffle_i64x2(a_lo, b_lo, 0xee);
+    out[2] = _mm512_shuffle_i64x2(a_hi, b_hi, 0x44);
+    out[3] = _mm512_shuffle_i64x2(a_hi, b_hi, 0xee);
+}
+
+/* Unpack blocks [b0, b0+n) of the row group (row pointers p, lane offsets hoff for the header gather). */
+ALWAYS_INLINE void unpack_group(wblk *out, wkind kind, const uint8_t *const p[RG], __m512i hoff, int64_t b0, int n,
+                                const uint8_t *pf, size_t pf_bytes) {
+    const size_t pf_lines = (pf_bytes + 63) / 64, pf_step = (pf_lines + (size_t)n - 1) / (size_t)n;
+    const size_t bs = kind == W_Q4_0 ? sizeof(sp_block_q4_0) : kind == W_Q4_1 ? sizeof(sp_block_q4_1)
+                                                                               : sizeof(sp_block_q8_0);
+    const size_t qoff = kind == W_Q4_1 ? 4 : 2;
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), x80 = _mm512_set1_epi8((char)0x80);
+    for (int i = 0; i < n; i++) {
+        const size_t off = (size_t)(b0 + i) * bs;
+        wblk *o = &out[i];
+        for (size_t c = (size_t)i * pf_step; c < SP_MIN_I(pf_lines, (size_t)(i + 1) * pf_step); c++)
+            _mm_prefetch((const char *)pf + 64 * c, _MM_HINT_T0); /* the next row group, spread over this one */
+        __m512i q[4];
+        transpose16x4(q, p, off + qoff);
+        if (kind == W_Q8_0) {
+            __m512i q2[4];
+            transpose16x4(q2, p, off + qoff + 16);
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < 4; j++) {
+                o->w[j] = _mm512_xor_si512(q[j], x80);
+                o->w[4 + j] = _mm512_xor_si512(q2[j], x80);
+            }
+        } else {
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < 4; j++) {
+                o->w[j] = _mm512_and_si512(q[j], lo4);
+                o->w[4 + j] = _mm512_and_si512(_mm512_srli_epi16(q[j], 4), lo4);
+            }
+        }
+        const __m512i h = _mm512_i32gather_epi32(hoff, (const void *)(p[0] + off), 1); /* [d | m<<16] per lane */
+        o->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+        if (kind == W_Q4_1) o->m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
+    }
+}
+
+/* corr[t*KC + i] = -off * sum(q_x[t, b0+i]) (off = 8 for Q4_0, 128 for Q8_0). */
+static void act_corrections(int32_t *corr, const sp_block_q8a *x, int64_t nb, int64_t nt, int64_t b0, int n, int off) {
+    const __m256i x80 = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
+    for (int64_t t = 0; t < nt; t++)
+        for (int i = 0; i < n; i++) {
+            const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x[t * nb + b0 + i].qs), x80);
+            const __m256i s = _mm256_sad_epu8(v, zero); /* 4 x sum(q + 128) over 8 bytes */
+            const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            const int sum = (int)(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1)) - 32 * 128;
+            corr[t * KC + i] = -off * sum;
+        }
+}
+
+/* One tile of NT activation rows against n unpacked blocks of a row group: y[t, 16 lanes] (+)= ... */
+ALWAYS_INLINE void tile_q(float *y, int64_t ldy, __mmask16 mask, bool first, const wblk *wb, int n,
+                          const sp_block_q8a *x /* row t0, block b0 */, int64_t nb, const int32_t *corr, wkind kind,
+                          int NT) {
+    __m512 acc[TT];
+    _Pragma("GCC unroll 16")
+    for (int t = 0; t < NT; t++) acc[t] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, y + t * ldy);
+    for (int i = 0; i < n; i++) {
+        const wblk *o = &wb[i];
+        __m512i is[TT];
+        _Pragma("GCC unroll 16")
+        for (int t = 0; t < NT; t++)
+            is[t] = kind == W_Q4_1 ? _mm512_setzero_si512() : _mm512_set1_epi32(corr[t * KC + i]);
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < 8; j++) {
+            const __m512i wj = _mm512_load_si512(&o->w[j]);
+            _Pragma("GCC unroll 16")
+            for (int t = 0; t < NT; t++)
+                is[t] = _mm512_dpbusd_epi32(is[t], wj, _mm512_set1_epi32(load_i32(x[t * nb + i].qs + 4 * j)));
+        }
+        const __m512 d = o->d;
+        _Pragma("GCC unroll 16")
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]), _mm512_mul_ps(d, _mm512_set1_ps(x[t * nb + i].d)),
+                                     acc[t]);
+        if (kind == W_Q4_1) {
+            const __m512 m = o->m;
+            _Pragma("GCC unroll 16")
+            for (int t = 0; t < NT; t++) acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(x[t * nb + i].s), acc[t]);
+        }
+    }
+    _Pragma("GCC unroll 16")
+    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + t * ldy, mask, acc[t]);
+}
+
+ALWAYS_INLINE void matmul_q(float *y, int64_t ldy, const void *w, const void *xv, int64_t K, int64_t r0, int64_t r1,
+                            int64_t T, wkind kind) {
+    const size_t bs = kind == W_Q4_0 ? sizeof(sp_block_q4_0) : kind == W_Q4_1 ? sizeof(sp_block_q4_1)
+                                                                               : sizeof(sp_block_q8_0);
+    const int64_t nb = K / SP_QK;
+    const size_t row_bytes = (size_t)nb * bs;
+    const sp_block_q8a *x = (const sp_block_q8a *)xv; /* [T, nb] */
+    _Alignas(64) wblk wb[KC]; /* one row group's unpacked chunk of blocks */
+    int32_t corr[TC * KC];    /* [TC][KC] activation corrections for one pass and chunk */
+    for (int64_t ts = 0; ts < T; ts += TC) {
+        const int64_t nts = SP_MIN_I(TC, T - ts);
+        for (int64_t b0 = 0; b0 < nb; b0 += KC) {
+            const int n = (int)SP_MIN_I(KC, nb - b0);
+            if (kind != W_Q4_1) act_corrections(corr, x + ts * nb, nb, nts, b0, n, kind == W_Q4_0 ? 8 : 128);
+            for (int64_t rg = r0; rg < r1; rg += RG) {
+                const int nr = (int)SP_MIN_I(RG, r1 - rg);
+                const __mmask16 mask = (__mmask16)((1u << nr) - 1);
+                const uint8_t *p[RG];
+                int32_t hoff[RG];
+                for (int l = 0; l < RG; l++) {
+                    const int rl = l < nr ? l : nr - 1;
+                    p[l] = (const uint8_t *)w + (size_t)(rg + rl) * row_bytes;
+                    hoff[l] = (int32_t)((size_t)rl * row_bytes);
+                }
+                const uint8_t *pf = (const uint8_t *)w + (size_t)(rg + PF * RG) * row_bytes;
+                const size_t pf_bytes = rg + PF * RG < r1 ? (size_t)SP_MIN_I(RG, r1 - rg - PF * RG) * row_bytes : 0;
+                unpack_group(wb, kind, p, _mm512_loadu_si512(hoff), b0, n, pf, pf_bytes);
+                for (int64_t t0 = ts; t0 < ts + nts; t0 += TT) {
+                    const int nt = (int)SP_MIN_I(TT, ts + nts - t0);
+                    float *yt = y + t0 * ldy + rg;
+                    const sp_block_q8a *xt = x + t0 * nb + b0;
+                    const int32_t *ct = corr + (t0 - ts) * KC;
+                    const bool first = b0 == 0;
+                    switch (nt) { /* constant NT: token loops unroll, accumulators stay in registers */
+                    case 1: tile_q(yt, ldy, mask, first, wb, n, xt, nb, ct, kind, 1); break;
+                    case 2: tile_q(yt, ldy, mask, first, wb, n, xt, nb, ct, kind, 2); break;
+                    case 3: tile_q(yt, ldy, mask, first, wb, n, xt, nb, ct, kind, 3); break;
+                    case 4: tile_q(yt, ldy, mask, first, wb, n, xt, nb, ct, kind, 4); break;
+                    case 5: tile_q(yt, ldy, mask, first, wb, n, xt, nb, ct, kind, 5); break;
+                    case 6: tile_q(yt, ldy, mask, first, wb, n, xt, nb, ct, kind, 6); break;
+                    case 7: tile_q(yt, ldy, mask, first, wb, n, xt, nb, ct, kind, 7); break;
+                    default: tile_q(yt, ldy, mask, first, wb, n, xt, nb, ct, kind, 8); break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+void sp_matmul_q4_0_avx512(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                           int64_t T) {
+    matmul_q(y, ldy, w, x, K, r0, r1, T, W_Q4_0);
+}
+void sp_matmul_q4_1_avx512(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                           int64_t T) {
+    matmul_q(y, ldy, w, x, K, r0, r1, T, W_Q4_1);
+}
+void sp_matmul_q8_0_avx512(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                           int64_t T) {
+    matmul_q(y, ldy, w, x, K, r0, r1, T, W_Q8_0);
+}
+
+/* ---- float matmuls --------------------------------------------------------------------------------------------- */
+
+typedef enum { W_F32, W_F16, W_BF16 } fkind;
+
+ALWAYS_INLINE __m512 load_w16(const void *w, int64_t k, __mmask16 m, fkind kind) {
+    if (kind == W_F32) return _mm512_maskz_loadu_ps(m, (const float *)w + k);
+    const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)w + k);
+    if (kind == W_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* NR weight rows x NT tokens: y[t*ldy + r] = W[r] . x[t]. */
+ALWAYS_INLINE void tile_f(float *y, int64_t ldy, const uint8_t *w, size_t row_bytes, const float *x, int64_t K,
+                          fkind kind, int NR, int NT) {
+    __m512 acc[4][4];
+    _Pragma("GCC unroll 16")
+    for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 16")
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 wv[4];
+        _Pragma("GCC unroll 16")
+        for (int r = 0; r < NR; r++) wv[r] = load_w16(w + r * row_bytes, k, m, kind);
+        _Pragma("GCC unroll 16")
+        for (int t = 0; t < NT; t++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(m, x + t * K + k);
+            _Pragma("GCC unroll 16")
+            for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    _Pragma("GCC unroll 16")
+    for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 16")
+        for (int t = 0; t < NT; t++) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+ALWAYS_INLINE void matmul_f(float *y, int64_t ldy, const void *w, const void *xv, int64_t K, int64_t r0, int64_t r1,
+                            int64_t T, fkind kind) {
+    const size_t row_bytes = (size_t)K * (kind == W_F32 ? 4 : 2);
+    const float *x = (const float *)xv; /* [T, K] */
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const uint8_t *wr = (const uint8_t *)w + (size_t)r * row_bytes;
+        int64_t t = 0;
+        for (; t + 4 <= T; t += 4) tile_f(y + t * ldy + r, ldy, wr, row_bytes, x + t * K, K, kind, 4, 4);
+        switch (T - t) {
+        case 3: tile_f(y + t * ldy + r, ldy, wr, row_bytes, x + t * K, K, kind, 4, 3); break;
+        case 2: tile_f(y + t * ldy + r, ldy, wr, row_bytes, x + t * K, K, kind, 4, 2); break;
+        case 1: tile_f(y + t * ldy + r, ldy, wr, row_bytes, x + t * K, K, kind, 4, 1); break;
+        default: break;
+        }
+    }
+    for (; r < r1; r++) {
+        const uint8_t *wr = (const uint8_t *)w + (size_t)r * row_bytes;
+        int64_t t = 0;
+        for (; t + 4 <= T; t += 4) tile_f(y + t * ldy + r, ldy, wr, row_bytes, x + t * K, K, kind, 1, 4);
+        for (; t < T; t++) tile_f(y + t * ldy + r, ldy, wr, row_bytes, x + t * K, K, kind, 1, 1);
+    }
+}
+
+void sp_matmul_f32_avx512(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                          int64_t T) {
+    matmul_f(y, ldy, w, x, K, r0, r1, T, W_F32);
+}
+void sp_matmul_f16_avx512(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                          int64_t T) {
+    matmul_f(y, ldy, w, x, K, r0, r1, T, W_F16);
+}
+void sp_matmul_bf16_avx512(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                           int64_t T) {
+    matmul_f(y, ldy, w, x, K, r0, r1, T, W_BF16);
+}
+
+void sp_kernels_fill_avx512(sp_kernels *k) {
+    k->quantize_q8a = sp_quantize_q8a_avx512;
+    k->matmul[SP_TYPE_Q4_0] = sp_matmul_q4_0_avx512;
+    k->matmul[SP_TYPE_Q4_1] = sp_matmul_q4_1_avx512;
+    k->matmul[SP_TYPE_Q8_0] = sp_matmul_q8_0_avx512;
+    k->matmul[SP_TYPE_F32] = sp_matmul_f32_avx512;
+    k->matmul[SP_TYPE_F16] = sp_matmul_f16_avx512;
+    k->matmul[SP_TYPE_BF16] = sp_matmul_bf16_avx512;
+    k->dot_f32 = sp_dot_f32_avx512;
+    k->axpy_f32 = sp_axpy_f32_avx512;
+}

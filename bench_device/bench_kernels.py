@@ -1,0 +1,126 @@
+"""Kernel benchmark: matmul time per call for every tier and weight type on the SmolLM2-135M shapes.
+
+Shape legend: T = tokens per call, K = reduction length, N = weight rows.
+
+For each (shape N x K, type, T) the tiers are timed side by side in interleaved rounds (A B A B ...), single-threaded
+(this process is pinned to one CPU; the C hook is single-threaded), cycling through enough copies of the weights that
+they come from DRAM as in a real forward pass (--cold-mb; 0 = hot in cache). Each result is checked against the
+`ref` tier before timing. Reported: median seconds per call with min/max over all repeats, the ratio to T=1 of the
+same tier, and GB/s of weight bytes read. Writes JSON (--out) and prints a table.
+
+    python -m bench_device.bench_kernels --out kernels.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from runtime import _sparrow
+
+testing = _sparrow.testing
+
+# (name, N, K, types): the SmolLM2-135M matrices (hidden 576, kv 192, ffn 1536, tied Q8_0 vocab head 49152)
+SHAPES = [
+    ("attn_q/o 576x576", 576, 576, ["Q4_0", "Q4_1", "Q8_0", "F16"]),
+    ("attn_k/v 192x576", 192, 576, ["Q4_0", "Q4_1", "Q8_0", "F16"]),
+    ("ffn_up 1536x576", 1536, 576, ["Q4_0", "Q4_1", "Q8_0", "F16"]),
+    ("ffn_down 576x1536", 576, 1536, ["Q4_0", "Q4_1", "Q8_0", "F16"]),
+    ("head 49152x576", 49152, 576, ["Q8_0"]),
+]
+TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30}
+
+
+def make_weights(type_name: str, n: int, k: int, seed: int = 0) -> bytes:
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    return b"".join(testing.quantize(TYPE_IDS[type_name], row) for row in w)
+
+
+def check(tier: str, tid: int, w: bytes, n: int, x: np.ndarray, y_ref: np.ndarray) -> float:
+    y = testing.matmul(tier, tid, w, n, x)
+    err = float(np.abs(y - y_ref).max() / max(1e-30, float(np.abs(y_ref).max())))
+    if err > 1e-4 and not os.environ.get("BENCH_NOCHECK"):
+        raise SystemExit(f"{tier} differs from ref: max rel err {err:.3g}")
+    return err
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiers", nargs="*", default=testing.tiers())
+    ap.add_argument("--T", nargs="*", type=int, default=[1, 2, 4, 8, 16, 64])
+    ap.add_argument("--shapes", nargs="*", help="substrings of shape names to keep")
+    ap.add_argument("--types", nargs="*", help="weight types to keep")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per tier")
+    ap.add_argument("--min-time", type=float, default=0.02, help="seconds of calls per round")
+    ap.add_argument("--cold-mb", type=float, default=256, help="spread weight copies over this many MB (0: hot)")
+    ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)")
+    ap.add_argument("--out", default=None, help="write JSON here")
+    args = ap.parse_args()
+
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = args.cpu if args.cpu is not None else cpus[0]
+    os.sched_setaffinity(0, {cpu})
+    machine = {"platform": platform.platform(), "processor": platform.processor(),
+               "cpu_features": _sparrow.cpu_features(), "pinned_cpu": cpu, "threads": 1,
+               "cold_mb": args.cold_mb, "best_tier": _sparrow.kernel_tier()}
+    results = []
+    tmax = max(args.T)
+    for name, n, k, types in SHAPES:
+        if args.shapes and not any(s in name for s in args.shapes):
+            continue
+        for tname in types:
+            if args.types and tname not in args.types:
+                continue
+            tid = TYPE_IDS[tname]
+            w = make_weights(tname, n, k)
+            x_all = np.random.default_rng(1).standard_normal((tmax, k)).astype(np.float32)
+            y_ref_all = testing.matmul("ref", tid, w, n, x_all)  # rows of y are independent of T
+            copies = max(1, int(args.cold_mb * 2**20 / len(w))) if args.cold_mb > 0 else 1
+            for T in args.T:
+                x = np.ascontiguousarray(x_all[:T])
+                times: dict[str, list[float]] = {t: [] for t in args.tiers}
+                reps = {}
+                for tier in args.tiers:
+                    check(tier, tid, w, n, x, y_ref_all[:T])
+                    one = statistics.median(testing.matmul_time(tier, tid, w, n, x, 3, copies))
+                    reps[tier] = max(3, min(2000, int(args.min_time / max(one, 1e-7))))
+                for _ in range(args.rounds):  # A B A B ...
+                    for tier in args.tiers:
+                        times[tier] += testing.matmul_time(tier, tid, w, n, x, reps[tier], copies)
+                for tier in args.tiers:
+                    ts = times[tier]
+                    med = statistics.median(ts)
+                    results.append({"shape": name, "N": n, "K": k, "type": tname, "T": T, "tier": tier,
+                                    "median_s": med, "min_s": min(ts), "max_s": max(ts), "n": len(ts),
+                                    "weight_bytes": len(w), "gbps": len(w) / med / 1e9})
+    base = {(r["shape"], r["type"], r["tier"]): r["median_s"] for r in results if r["T"] == 1}
+    for r in results:
+        b = base.get((r["shape"], r["type"], r["tier"]))
+        r["ratio_T1"] = r["median_s"] / b if b else None
+
+    print(f"# single thread, CPU {cpu}, features: {machine['cpu_features']}, cold_mb={args.cold_mb}")
+    print(f"{'shape':20s} {'type':5s} {'tier':7s} " + " ".join(f"{'T=' + str(T):>20s}" for T in args.T))
+    for name, n, k, types in SHAPES:
+        for tname in types:
+            for tier in args.tiers:
+                row = [r for r in results if r["shape"] == name and r["type"] == tname and r["tier"] == tier]
+                if not row:
+                    continue
+                cells = []
+                for T in args.T:
+                    r = next((r for r in row if r["T"] == T), None)
+                    cells.append(f"{r['median_s'] * 1e6:8.1f}us {r['ratio_T1']:4.2f}x {r['gbps']:4.1f}" if r else "")
+                print(f"{name:20s} {tname:5s} {tier:7s} " + " ".join(f"{c:>20s}" for c in cells))
+    print("# cell: median time per call, ratio to T=1 (same tier), GB/s of weights read")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine, "time": time.time(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

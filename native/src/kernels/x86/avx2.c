@@ -1,6 +1,361 @@
-/* x86/avx2.c: AVX2 + FMA + F16C kernels (in progress: entries not set here come from ref). */
+/* x86/avx2.c: AVX2 + FMA + F16C kernels (compiled with -mavx2 -mfma -mf16c; chosen at run time by dispatch.c).
+ *
+ * Shape legend: T = tokens (activation rows), K = reduction length, N = weight rows, nb = K/32 blocks per row.
+ *
+ * Quantized matmuls: the same weights-stationary scheme as x86/avx512.c with 8 rows per group (one per int32 lane of
+ * a ymm) and no VNNI:
+ *   - per block, the 8 rows' quants are transposed (xmm loads, vpunpck{l,h}{dq,qdq}) so that vector j holds in lane
+ *     l the 4 bytes of row l that multiply activation bytes 4j..4j+3; Q4 nibbles unpacked to bytes 0..15. These
+ *     go to a stack buffer once per row group, with d_w (and m_w) per lane.
+ *   - Q4: vpmaddubsw(u8 w, s8 x) gives int16 pair sums <= 2*15*127; the 8 of them per lane sum to <= 30480 in int16
+ *     without overflow, then vpmaddwd(., 1) makes the int32 lane sum. Q4_0 adds corr = -8 sum(q_x) (q_w - 8).
+ *   - Q8_0 (signed x signed): the sign trick, vpmaddubsw(|w|, sign(x, w)) (|w| <= 128, |x| <= 127: no saturation),
+ *     widened with vpmaddwd per vector. Both keep ref's exact integer block sums.
+ *   - acc[t] += float(isum) * (d_w * d_x) (+ m_w * s_x for Q4_1), up to 4 tokens per register tile.
+ * Float matmuls: 4 weight rows x 2 tokens of ymm FMA accumulators; F16 via vcvtph2ps, BF16 via << 16.
+ */
 #include "../tiers.h"
 
 #include <immintrin.h>
+#include <string.h>
 
-void sp_kernels_fill_avx2(sp_kernels *k) { (void)k; }
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define UNROLL _Pragma("GCC unroll 16")
+#define SP_MIN_I(a, b) ((a) < (b) ? (a) : (b))
+
+enum { RG = 8, TT = 4, KC = 64, TC = 64 }; /* rows per group, tokens per tile, blocks per K chunk, tokens per pass */
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int hsum8_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* ---- activations --------------------------------------------------------------------------------------------- */
+
+void sp_quantize_q8a_avx2(sp_block_q8a *y, const float *x, int64_t k) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < k / SP_QK; i++, x += SP_QK) {
+        __m256 v[4];
+        __m256 mx = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(x + 8 * j);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[j]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float d = _mm_cvtss_f32(m4) / 127.0f;
+        const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        __m256i q[4];
+        for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id)); /* nearest even */
+        const int sum = hsum8_epi32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+        /* pack 4 x 8 int32 to 32 int8; packs interleave 128-bit lanes, the permute restores element order */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)y[i].qs, p);
+        y[i].d = d;
+        y[i].s = d * (float)sum;
+    }
+}
+
+float sp_dot_f32_avx2(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void sp_axpy_f32_avx2(float *y, float a, const float *x, int64_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* ---- quantized matmuls ----------------------------------------------------------------------------------------- */
+
+typedef enum { W_Q4_0, W_Q4_1, W_Q8_0 } wkind;
+
+typedef struct {
+    __m256i w[8]; /* lane l: u8 weights (Q4) or |w| (Q8_0) of row l for activation bytes 4j..4j+3 */
+    __m256i s[8]; /* Q8_0 only: the signed weights, for sign(x, w) */
+    __m256 d;     /* lane l: d_w of row l */
+    __m256 m;     /* lane l: m_w of row l (Q4_1) */
+} wblk;
+
+static inline int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* out[j] lane l = dword j of the 16 bytes at p[l] + off (an 8 x 4 dword transpose). */
+ALWAYS_INLINE void transpose8x4(__m256i out[4], const uint8_t *const p[RG], size_t off) {
+    __m256i v[4]; /* v[g] = [row g | row g+4] */
+    UNROLL for (int g = 0; g < 4; g++)
+        v[g] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p[g] + off))),
+                                       _mm_loadu_si128((const __m128i *)(p[g + 4] + off)), 1);
+    const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    out[0] = _mm256_unpacklo_epi64(t0, t2);
+    out[1] = _mm256_unpackhi_epi64(t0, t2);
+    out[2] = _mm256_unpacklo_epi64(t1, t3);
+    out[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+ALWAYS_INLINE void unpack_group(wblk *out, wkind kind, const uint8_t *const p[RG], __m256i hoff, int64_t b0, int n) {
+    const size_t bs = kind == W_Q4_0 ? sizeof(sp_block_q4_0) : kind == W_Q4_1 ? sizeof(sp_block_q4_1)
+                                                                               : sizeof(sp_block_q8_0);
+    const size_t qoff = kind == W_Q4_1 ? 4 : 2;
+    const __m256i lo4 = _mm256_set1_epi8(0x0f), lo16 = _mm256_set1_epi32(0xffff);
+    for (int i = 0; i < n; i++) {
+        const size_t off = (size_t)(b0 + i) * bs;
+        wblk *o = &out[i];
+        __m256i q[4];
+        transpose8x4(q, p, off + qoff);
+        if (kind == W_Q8_0) {
+            __m256i q2[4];
+            transpose8x4(q2, p, off + qoff + 16);
+            UNROLL for (int j = 0; j < 4; j++) {
+                o->s[j] = q[j], o->s[4 + j] = q2[j];
+                o->w[j] = _mm256_abs_epi8(q[j]), o->w[4 + j] = _mm256_abs_epi8(q2[j]);
+            }
+        } else {
+            UNROLL for (int j = 0; j < 4; j++) {
+                o->w[j] = _mm256_and_si256(q[j], lo4);
+                o->w[4 + j] = _mm256_and_si256(_mm256_srli_epi16(q[j], 4), lo4);
+            }
+        }
+        const __m256i h = _mm256_i32gather_epi32((const int *)(p[0] + off), hoff, 1); /* [d | m<<16] per lane */
+        const __m256i dh = _mm256_and_si256(h, lo16);
+        o->d = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(dh), _mm256_extracti128_si256(dh, 1)));
+        if (kind == W_Q4_1) {
+            const __m256i mh = _mm256_srli_epi32(h, 16);
+            o->m = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(mh), _mm256_extracti128_si256(mh, 1)));
+        }
+    }
+}
+
+/* corr[t*KC + i] = -8 * sum(q_x[t, b0+i]) (Q4_0 only). */
+static void act_corrections(int32_t *corr, const sp_block_q8a *x, int64_t nb, int64_t nt, int64_t b0, int n) {
+    const __m256i x80 = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
+    for (int64_t t = 0; t < nt; t++)
+        for (int i = 0; i < n; i++) {
+            const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x[t * nb + b0 + i].qs), x80);
+            const __m256i s = _mm256_sad_epu8(v, zero); /* 4 x sum(q + 128) over 8 bytes */
+            const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            corr[t * KC + i] = -8 * ((int)(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1)) - 32 * 128);
+        }
+}
+
+ALWAYS_INLINE void tile_q(float *y, int64_t ldy, int nr, bool first, const wblk *wb, int n,
+                          const sp_block_q8a *x /* row t0, block b0 */, int64_t nb, const int32_t *corr, wkind kind,
+                          int NT) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[TT];
+    UNROLL for (int t = 0; t < NT; t++) {
+        if (first || nr < RG) {
+            float buf[RG] = {0};
+            if (!first) memcpy(buf, y + t * ldy, (size_t)nr * 4);
+            acc[t] = _mm256_loadu_ps(buf);
+        } else {
+            acc[t] = _mm256_loadu_ps(y + t * ldy);
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        const wblk *o = &wb[i];
+        __m256i is[TT];
+        if (kind == W_Q8_0) {
+            UNROLL for (int t = 0; t < NT; t++) is[t] = _mm256_setzero_si256();
+            UNROLL for (int j = 0; j < 8; j++) {
+                const __m256i wj = _mm256_load_si256(&o->w[j]), sj = _mm256_load_si256(&o->s[j]);
+                UNROLL for (int t = 0; t < NT; t++) {
+                    const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(x[t * nb + i].qs + 4 * j)), sj);
+                    is[t] = _mm256_add_epi32(is[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wj, xs), ones));
+                }
+            }
+        } else {
+            __m256i p16[TT];
+            UNROLL for (int t = 0; t < NT; t++) p16[t] = _mm256_setzero_si256();
+            UNROLL for (int j = 0; j < 8; j++) {
+                const __m256i wj = _mm256_load_si256(&o->w[j]);
+                UNROLL for (int t = 0; t < NT; t++)
+                    p16[t] = _mm256_add_epi16(p16[t], _mm256_maddubs_epi16(wj, _mm256_set1_epi32(load_i32(x[t * nb + i].qs + 4 * j))));
+            }
+            UNROLL for (int t = 0; t < NT; t++) {
+                is[t] = _mm256_madd_epi16(p16[t], ones);
+                if (kind == W_Q4_0) is[t] = _mm256_add_epi32(is[t], _mm256_set1_epi32(corr[t * KC + i]));
+            }
+        }
+        const __m256 d = o->d;
+        UNROLL for (int t = 0; t < NT; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_mul_ps(d, _mm256_set1_ps(x[t * nb + i].d)),
+                                     acc[t]);
+        if (kind == W_Q4_1) {
+            const __m256 m = o->m;
+            UNROLL for (int t = 0; t < NT; t++) acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[t * nb + i].s), acc[t]);
+        }
+    }
+    UNROLL for (int t = 0; t < NT; t++) {
+        if (nr < RG) {
+            float buf[RG];
+            _mm256_storeu_ps(buf, acc[t]);
+            memcpy(y + t * ldy, buf, (size_t)nr * 4);
+        } else {
+            _mm256_storeu_ps(y + t * ldy, acc[t]);
+        }
+    }
+}
+
+ALWAYS_INLINE void matmul_q(float *y, int64_t ldy, const void *w, const void *xv, int64_t K, int64_t r0, int64_t r1,
+                            int64_t T, wkind kind) {
+    const size_t bs = kind == W_Q4_0 ? sizeof(sp_block_q4_0) : kind == W_Q4_1 ? sizeof(sp_block_q4_1)
+                                                                               : sizeof(sp_block_q8_0);
+    const int64_t nb = K / SP_QK;
+    const size_t row_bytes = (size_t)nb * bs;
+    const sp_block_q8a *x = (const sp_block_q8a *)xv; /* [T, nb] */
+    _Alignas(32) wblk wb[KC];                         /* one row group's unpacked chunk of blocks */
+    int32_t corr[TC * KC];                            /* [TC][KC] Q4_0 activation corrections */
+    for (int64_t ts = 0; ts < T; ts += TC) {
+        const int64_t nts = SP_MIN_I(TC, T - ts);
+        for (int64_t b0 = 0; b0 < nb; b0 += KC) {
+            const int n = (int)SP_MIN_I(KC, nb - b0);
+            if (kind == W_Q4_0) act_corrections(corr, x + ts * nb, nb, nts, b0, n);
+            for (int64_t rg = r0; rg < r1; rg += RG) {
+                const int nr = (int)SP_MIN_I(RG, r1 - rg);
+                const uint8_t *p[RG];
+                int32_t hoff[RG];
+                for (int l = 0; l < RG; l++) {
+                    const int rl = l < nr ? l : nr - 1;
+                    p[l] = (const uint8_t *)w + (size_t)(rg + rl) * row_bytes;
+                    hoff[l] = (int32_t)((size_t)rl * row_bytes);
+                }
+                const uint8_t *pf = (const uint8_t *)w + (size_t)(rg + RG) * row_bytes; /* next group */
+                if (rg + RG < r1)
+                    for (size_t c = 0; c < (size_t)SP_MIN_I(RG, r1 - rg - RG) * row_bytes; c += 64)
+                        _mm_prefetch((const char *)pf + c, _MM_HINT_T0);
+                unpack_group(wb, kind, p, _mm256_loadu_si256((const __m256i *)hoff), b0, n);
+                for (int64_t t0 = ts; t0 < ts + nts; t0 += TT) {
+                    const int nt = (int)SP_MIN_I(TT, ts + nts - t0);
+                    float *yt = y + t0 * ldy + rg;
+                    const sp_block_q8a *xt = x + t0 * nb + b0;
+                    const int32_t *ct = corr + (t0 - ts) * KC;
+                    const bool first = b0 == 0;
+                    switch (nt) {
+                    case 1: tile_q(yt, ldy, nr, first, wb, n, xt, nb, ct, kind, 1); break;
+                    case 2: tile_q(yt, ldy, nr, first, wb, n, xt, nb, ct, kind, 2); break;
+                    case 3: tile_q(yt, ldy, nr, first, wb, n, xt, nb, ct, kind, 3); break;
+                    default: tile_q(yt, ldy, nr, first, wb, n, xt, nb, ct, kind, 4); break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+void sp_matmul_q4_0_avx2(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                         int64_t T) {
+    matmul_q(y, ldy, w, x, K, r0, r1, T, W_Q4_0);
+}
+void sp_matmul_q4_1_avx2(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                         int64_t T) {
+    matmul_q(y, ldy, w, x, K, r0, r1, T, W_Q4_1);
+}
+void sp_matmul_q8_0_avx2(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                         int64_t T) {
+    matmul_q(y, ldy, w, x, K, r0, r1, T, W_Q8_0);
+}
+
+/* ---- float matmuls --------------------------------------------------------------------------------------------- */
+
+typedef enum { W_F32, W_F16, W_BF16 } fkind;
+
+ALWAYS_INLINE __m256 load_w8(const void *w, int64_t k, fkind kind) {
+    if (kind == W_F32) return _mm256_loadu_ps((const float *)w + k);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
+    if (kind == W_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+ALWAYS_INLINE float load_w1(const void *w, int64_t k, fkind kind) {
+    if (kind == W_F32) return ((const float *)w)[k];
+    if (kind == W_F16) return sp_f16_to_f32(((const sp_f16 *)w)[k]);
+    return sp_bf16_to_f32(((const sp_bf16 *)w)[k]);
+}
+
+/* NR weight rows x NT tokens: y[t*ldy + r] = W[r] . x[t]. */
+ALWAYS_INLINE void tile_f(float *y, int64_t ldy, const uint8_t *w, size_t row_bytes, const float *x, int64_t K,
+                          fkind kind, int NR, int NT) {
+    __m256 acc[4][2];
+    UNROLL for (int r = 0; r < NR; r++) UNROLL for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[4];
+        UNROLL for (int r = 0; r < NR; r++) wv[r] = load_w8(w + r * row_bytes, k, kind);
+        UNROLL for (int t = 0; t < NT; t++) {
+            const __m256 xv = _mm256_loadu_ps(x + t * K + k);
+            UNROLL for (int r = 0; r < NR; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    UNROLL for (int r = 0; r < NR; r++) UNROLL for (int t = 0; t < NT; t++) {
+        float s = hsum8(acc[r][t]);
+        for (int64_t kk = k; kk < K; kk++) s += load_w1(w + r * row_bytes, kk, kind) * x[t * K + kk];
+        y[t * ldy + r] = s;
+    }
+}
+
+ALWAYS_INLINE void matmul_f(float *y, int64_t ldy, const void *w, const void *xv, int64_t K, int64_t r0, int64_t r1,
+                            int64_t T, fkind kind) {
+    const size_t row_bytes = (size_t)K * (kind == W_F32 ? 4 : 2);
+    const float *x = (const float *)xv; /* [T, K] */
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const uint8_t *wr = (const uint8_t *)w + (size_t)r * row_bytes;
+        int64_t t = 0;
+        for (; t + 2 <= T; t += 2) tile_f(y + t * ldy + r, ldy, wr, row_bytes, x + t * K, K, kind, 4, 2);
+        if (t < T) tile_f(y + t * ldy + r, ldy, wr, row_bytes, x + t * K, K, kind, 4, 1);
+    }
+    for (; r < r1; r++) {
+        const uint8_t *wr = (const uint8_t *)w + (size_t)r * row_bytes;
+        for (int64_t t = 0; t < T; t++) tile_f(y + t * ldy + r, ldy, wr, row_bytes, x + t * K, K, kind, 1, 1);
+    }
+}
+
+void sp_matmul_f32_avx2(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                        int64_t T) {
+    matmul_f(y, ldy, w, x, K, r0, r1, T, W_F32);
+}
+void sp_matmul_f16_avx2(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                        int64_t T) {
+    matmul_f(y, ldy, w, x, K, r0, r1, T, W_F16);
+}
+void sp_matmul_bf16_avx2(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, int64_t r1,
+                         int64_t T) {
+    matmul_f(y, ldy, w, x, K, r0, r1, T, W_BF16);
+}
+
+void sp_kernels_fill_avx2(sp_kernels *k) {
+    k->quantize_q8a = sp_quantize_q8a_avx2;
+    k->matmul[SP_TYPE_Q4_0] = sp_matmul_q4_0_avx2;
+    k->matmul[SP_TYPE_Q4_1] = sp_matmul_q4_1_avx2;
+    k->matmul[SP_TYPE_Q8_0] = sp_matmul_q8_0_avx2;
+    k->matmul[SP_TYPE_F32] = sp_matmul_f32_avx2;
+    k->matmul[SP_TYPE_F16] = sp_matmul_f16_avx2;
+    k->matmul[SP_TYPE_BF16] = sp_matmul_bf16_avx2;
+    k->dot_f32 = sp_dot_f32_avx2;
+    k->axpy_f32 = sp_axpy_f32_avx2;
+}

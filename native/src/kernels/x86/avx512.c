@@ -17,7 +17,8 @@
  *     (+ m_w * s_x for Q4_1). corr = -8 * sum(q_x) for Q4_0 (q_w - 8), -128 * sum(q_x) for Q8_0 (w+128), 0 for Q4_1,
  *     so isum equals ref's exact integer dot product. Each weight byte is read from memory once per call and every
  *     vpdpbusd does 64 useful multiply-adds whatever T is; T only adds 12 instructions per (16 rows, block, token).
- *   - K is processed in chunks of KC blocks (one chunk for K <= 2048); y itself accumulates across chunks.
+ *   - Loop order: passes of <= 64 tokens > chunks of KC = 64 blocks (one chunk for K <= 2048) > row groups > token
+ *     tiles; y itself accumulates across chunks. The next row group is prefetched while this one is unpacked.
  * Float matmuls (F32/F16/BF16 weights x f32 activations): 4 weight rows x up to 4 tokens of zmm accumulators; each
  * 16-element weight vector is converted once (vcvtph2ps / bf16 << 16) and applied to the tile's tokens with FMA.
  */

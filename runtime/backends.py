@@ -133,7 +133,7 @@ class LlamaCppBackend:
             self.llm = llama_cpp.Llama(model_path=self.path, n_ctx=n_ctx, n_threads=n_threads or None, verbose=False)
         except ValueError as e:
             raise BackendError(f"llama.cpp could not load {self.path}: {e}") from None
-        self.n_ctx = self.llm.n_ctx()
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))  # llama.cpp may pad its own n_ctx upwards
         self.n_evaluated = 0
         evaluate = self.llm.eval
 

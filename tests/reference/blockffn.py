@@ -1,0 +1,222 @@
+"""A numpy float64 reference of BlockFFN: the oracle for the converter and the native runtime.
+
+Shape legend: T = tokens, H = hidden, V = vocabulary, L = layers, E = experts, F = expert width,
+NH/NKV = heads/kv heads, D = head dim.
+
+Two readings of the same model:
+- `BlockFFNRef.from_hf(folder)`: the Hugging Face checkpoint as the official MiniCPM-based modeling code
+  (thunlp/BlockFFN, pretrain/bmt_to_hf/modeling_minicpm.py: BlockMLP, VanillaAttention, MiniCPMDecoderLayer) defines
+  it, on the unconverted weights: RoPE in HF's rotate_half convention, experts as `ffn_type` stores them. It knows
+  nothing about GGUF, so it checks the converter rather than repeating it.
+- `BlockFFNGGUFRef.from_gguf(path)`: the function a converted GGUF file describes (docs/gguf-blockffn.md): weights
+  dequantized with the `gguf` package, RoPE on adjacent pairs, experts read from their [E, 2F, H] slabs. This is the
+  oracle for the native runtime on quantized files; on an F32 file it equals the HF reading to float64 rounding.
+
+The block, per layer (x [T, H]):
+    x = x + s_res * attn(rmsnorm(x))                       s_res = scale_depth / sqrt(L)
+    x = x + s_res * ffn(rmsnorm(x))
+  ffn(x):  r = relu(x @ W_router.T)                        [T, E]
+           r = router_norm(r)                              rms: r / sqrt(mean_E(r^2) + rms_norm_eps) * w_norm
+                                                           sum: r / (sum_E(r) * norm_scale + 1e-5);  none: r
+           y = sum_e r[:, e] * silu(x @ up[e].T) @ down[e].T      up[e] [F, H], down[e] [H, F]
+  embeddings are multiplied by scale_emb; logits = rmsnorm(x) / (H / dim_model_base) @ W_head.T
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# MiniCPMConfig defaults for keys a config.json may leave out.
+DEFAULTS = {"num_key_value_heads": None, "norm_after_router": "sum", "norm_scale": 1.0, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "tie_word_embeddings": True, "scale_emb": 1.0, "dim_model_base": 1.0,
+            "scale_depth": 1.0}
+SUM_NORM_EPS = 1e-5
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:  # x [..., N] over the last axis
+    y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y if w is None else y * w
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def router_norm(r: np.ndarray, kind: str, w: np.ndarray | None, eps: float, scale: float) -> np.ndarray:
+    """r [T, E] after ReLU -> the normalised scores; zeros stay exactly zero in every variant."""
+    if kind == "rms":
+        return rmsnorm(r, w, eps)
+    if kind == "sum":
+        return r / (r.sum(axis=-1, keepdims=True) * scale + eps)
+    if kind == "none":
+        return r
+    raise ValueError(f"unknown router norm {kind!r}")
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """q [T, NH, D], k/v [T, NKV, D] (RoPE applied) -> [T, NH*D]; GQA by repeating each kv head NH/NKV times."""
+    T, NH, D = q.shape
+    group = NH // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)    # [T, NH, D]
+    s = np.einsum("thd,shd->hts", q, k) / math.sqrt(D)                 # [NH, T, T]
+    s = s + np.triu(np.full((T, T), -np.inf), k=1)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    return np.einsum("hts,shd->thd", a, v).reshape(T, NH * D)
+
+
+def rope_freqs(T: int, D: int, base: float) -> np.ndarray:
+    """theta [T, D/2]: position t times base^(-2i/D)."""
+    return np.arange(T, dtype=np.float64)[:, None] * base ** (-np.arange(0, D, 2, dtype=np.float64) / D)
+
+
+@dataclass
+class BlockFFNRef:
+    config: dict                   # config.json with MiniCPMConfig defaults filled in
+    weights: dict[str, np.ndarray]  # HF name -> float64 array in the checkpoint's own shape
+
+    @classmethod
+    def from_hf(cls, folder: str | Path) -> BlockFFNRef:
+        from safetensors.numpy import load_file
+
+        folder = Path(folder)
+        config = {**DEFAULTS, **json.loads((folder / "config.json").read_text())}
+        if config["num_key_value_heads"] is None:
+            config["num_key_value_heads"] = config["num_attention_heads"]
+        weights = {k: v.astype(np.float64) for k, v in load_file(folder / "model.safetensors").items()}
+        return cls(config, weights)
+
+    def rope(self, x: np.ndarray) -> np.ndarray:
+        """x [T, heads, D]: HF rotate_half RoPE, dimension i pairs with i + D/2."""
+        T, _, D = x.shape
+        theta = rope_freqs(T, D, self.config["rope_theta"])
+        cos = np.concatenate([np.cos(theta)] * 2, axis=-1)[:, None, :]  # [T, 1, D]
+        sin = np.concatenate([np.sin(theta)] * 2, axis=-1)[:, None, :]
+        rotated = np.concatenate([-x[..., D // 2:], x[..., :D // 2]], axis=-1)
+        return x * cos + rotated * sin
+
+    def ffn(self, x: np.ndarray, p: str) -> tuple[np.ndarray, np.ndarray]:
+        """x [T, H] (normed) -> (y [T, H], router scores r [T, E]); computed over all experts, as BlockMLP does."""
+        c, W = self.config, self.weights
+        E, F = c["num_experts"], c["expert_size"]
+        T = x.shape[0]
+        r = np.maximum(x @ W[p + "mlp.router_proj.weight"].T, 0.0)                       # [T, E]
+        eps = c["rms_norm_eps"] if c["norm_after_router"] == "rms" else SUM_NORM_EPS
+        r = router_norm(r, c["norm_after_router"], W.get(p + "mlp.router_norm.weight"), eps, c["norm_scale"])
+        up, down = W[p + "mlp.up_proj"], W[p + "mlp.down_proj"]
+        if c["ffn_type"] == "block":
+            h = silu(np.einsum("th,efh->tef", x, up)) * r[:, :, None]                    # up [E, F, H] -> [T, E, F]
+            y = np.einsum("tef,ehf->th", h, down)                                        # down [E, H, F]
+        elif c["ffn_type"] == "block_linear":
+            h = silu(x @ up.T).reshape(T, E, F) * r[:, :, None]                          # up [E*F, H]
+            y = h.reshape(T, E * F) @ down.T                                             # down [H, E*F]
+        else:
+            raise ValueError(f"unknown ffn_type {c['ffn_type']!r}")
+        return y, r
+
+    def forward(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Logits [T, V] and router scores [L, T, E] for a prompt evaluated from position 0 (causal)."""
+        c, W, T = self.config, self.weights, len(tokens)
+        L, NH, NKV, eps = c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
+        D = c["hidden_size"] // NH
+        s_res = c["scale_depth"] / math.sqrt(L)
+        x = W["model.embed_tokens.weight"][tokens] * c["scale_emb"]                      # [T, H]
+        routers = []
+        for l in range(L):
+            p = f"model.layers.{l}."
+            xn = rmsnorm(x, W[p + "input_layernorm.weight"], eps)
+            q = self.rope((xn @ W[p + "self_attn.q_proj.weight"].T).reshape(T, NH, D))   # [T, NH, D]
+            k = self.rope((xn @ W[p + "self_attn.k_proj.weight"].T).reshape(T, NKV, D))  # [T, NKV, D]
+            v = (xn @ W[p + "self_attn.v_proj.weight"].T).reshape(T, NKV, D)
+            x = x + s_res * (causal_attention(q, k, v) @ W[p + "self_attn.o_proj.weight"].T)
+            y, r = self.ffn(rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps), p)
+            x = x + s_res * y
+            routers.append(r)
+        head = W["model.embed_tokens.weight"] if c["tie_word_embeddings"] else W["lm_head.weight"]
+        h = rmsnorm(x, W["model.norm.weight"], eps) / (c["hidden_size"] / c["dim_model_base"])
+        return h @ head.T, np.stack(routers)
+
+
+@dataclass
+class BlockFFNGGUFRef:
+    meta: dict                      # blockffn.* keys without the prefix
+    weights: dict[str, np.ndarray]  # GGUF name -> float64, numpy order (GGUF ne reversed)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> BlockFFNGGUFRef:
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+
+        r = GGUFReader(str(path))
+        meta = {k[len("blockffn."):]: v.contents() for k, v in r.fields.items() if k.startswith("blockffn.")}
+        w = {}
+        for t in r.tensors:
+            shape = [int(d) for d in reversed(t.shape)]
+            w[t.name] = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float64)
+        return cls(meta, w)
+
+    def rope(self, x: np.ndarray) -> np.ndarray:
+        """x [T, heads, D]: adjacent pairs (2i, 2i+1) rotate by theta_i (GGUF/llama.cpp 'normal' RoPE)."""
+        T = x.shape[0]
+        theta = rope_freqs(T, self.meta["rope.dimension_count"], self.meta["rope.freq_base"])
+        cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+        out = x.copy()
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        out[..., 0::2] = x0 * cos - x1 * sin
+        out[..., 1::2] = x0 * sin + x1 * cos
+        return out
+
+    def ffn(self, x: np.ndarray, p: str) -> tuple[np.ndarray, np.ndarray]:
+        """x [T, H] -> (y [T, H], r [T, E]), visiting only the experts each token uses."""
+        m, W = self.meta, self.weights
+        F = m["expert_width"]
+        r = np.maximum(x @ W[p + "ffn_router.weight"].T, 0.0)                            # [T, E]
+        r = router_norm(r, m["router_norm"], W.get(p + "ffn_router_norm.weight"), m["router_norm_eps"],
+                        m["router_norm_scale"])
+        slabs = W[p + "ffn_experts.weight"]                                             # [E, 2F, H]
+        y = np.zeros_like(x)
+        for t, e in zip(*np.nonzero(r)):
+            up, down_t = slabs[e, :F], slabs[e, F:]                                      # [F, H] each
+            y[t] += r[t, e] * (silu(up @ x[t]) @ down_t)
+        return y, r
+
+    def forward(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Logits [T, V] and router scores [L, T, E] for a prompt evaluated from position 0 (causal)."""
+        m, W, T = self.meta, self.weights, len(tokens)
+        NH, NKV, eps = m["attention.head_count"], m["attention.head_count_kv"], m["attention.layer_norm_rms_epsilon"]
+        D = m["embedding_length"] // NH
+        x = W["token_embd.weight"][tokens] * m["embedding_scale"]
+        routers = []
+        for l in range(m["block_count"]):
+            p = f"blk.{l}."
+            xn = rmsnorm(x, W[p + "attn_norm.weight"], eps)
+            q = self.rope((xn @ W[p + "attn_q.weight"].T).reshape(T, NH, D))
+            k = self.rope((xn @ W[p + "attn_k.weight"].T).reshape(T, NKV, D))
+            v = (xn @ W[p + "attn_v.weight"].T).reshape(T, NKV, D)
+            x = x + m["residual_scale"] * (causal_attention(q, k, v) @ W[p + "attn_output.weight"].T)
+            y, r = self.ffn(rmsnorm(x, W[p + "ffn_norm.weight"], eps), p)
+            x = x + m["residual_scale"] * y
+            routers.append(r)
+        head = W.get("output.weight", W["token_embd.weight"])
+        return (rmsnorm(x, W["output_norm.weight"], eps) * m["logit_scale"]) @ head.T, np.stack(routers)
+
+
+def tls(router: np.ndarray) -> float:
+    """Token-level sparsity: the fraction of (token, expert) pairs with score exactly 0. router [..., T, E]."""
+    return float(np.mean(router == 0))
+
+
+def cls(router: np.ndarray, k: int) -> float:
+    """Chunk-level sparsity CLS-k: split the T tokens into consecutive non-overlapping chunks of k (a trailing
+    partial chunk is left out) and take the fraction of (chunk, expert) pairs where the expert is inactive for every
+    token of the chunk. router [..., T, E] (leading axes, e.g. layers, are averaged over). NaN if T < k."""
+    T, E = router.shape[-2:]
+    n = T // k
+    if n == 0:
+        return float("nan")
+    active = router[..., : n * k, :].reshape(*router.shape[:-2], n, k, E) != 0      # [..., chunks, k, E]
+    return float(np.mean(~active.any(axis=-2)))

@@ -78,6 +78,7 @@ static sp_status load_llama_hparams(const sp_gguf *g, sp_hparams *hp) {
     if (sp_gguf_find(g, "llama.context_length") &&
         (s = get_u32_as_i32(g, "llama.context_length", &hp->n_ctx_train, 1, 1 << 24)) != SP_OK)
         return s;
+    hp->embed_scale = hp->residual_scale = hp->logit_scale = 1.0f;
     hp->norm_eps = 1e-5f;
     if (sp_gguf_find(g, "llama.attention.layer_norm_rms_epsilon") &&
         (s = sp_gguf_get_f32(g, "llama.attention.layer_norm_rms_epsilon", &hp->norm_eps)) != SP_OK)
@@ -173,7 +174,7 @@ sp_status sp_model_load(const char *path, sp_model_params params, sp_model **out
 
     sp_gguf_str arch = {0};
     if ((s = sp_gguf_get_str(m->gguf, "general.architecture", &arch)) != SP_OK) goto fail;
-    snprintf(m->arch, sizeof m->arch, "%.*s", (int)SP_MIN(arch.len, 31), arch.data);
+    snprintf(m->arch_name, sizeof m->arch_name, "%.*s", (int)SP_MIN(arch.len, 31), arch.data);
     sp_gguf_str gname;
     if (sp_gguf_get_str(m->gguf, "general.name", &gname) == SP_OK)
         snprintf(m->name, sizeof m->name, "%.*s", (int)SP_MIN(gname.len, 127), gname.data);
@@ -185,7 +186,7 @@ sp_status sp_model_load(const char *path, sp_model_params params, sp_model **out
     if (!params.vocab_only) {
         if (!sp_gguf_str_eq(arch, "llama")) {
             s = sp_fail(SP_ERR_UNSUPPORTED, "architecture '%s' is not implemented by the native runtime (llama is)",
-                        m->arch);
+                        m->arch_name);
             goto fail;
         }
         if ((s = load_llama_hparams(m->gguf, &m->hp)) != SP_OK) goto fail;
@@ -202,7 +203,7 @@ sp_status sp_model_load(const char *path, sp_model_params params, sp_model **out
     }
 
     sp_model_info *i = &m->info;
-    i->architecture = m->arch;
+    i->architecture = m->arch_name;
     i->name = m->name;
     i->n_vocab = m->hp.n_vocab;
     i->n_ctx_train = m->hp.n_ctx_train;

@@ -18,6 +18,9 @@ typedef struct sp_tensor {
     const void *data;    /* [n, k] in `type`, into the mapping */
 } sp_tensor;
 
+typedef enum sp_arch { SP_ARCH_LLAMA = 0, SP_ARCH_BLOCKFFN = 1 } sp_arch;
+typedef enum sp_router_norm { SP_ROUTER_NORM_NONE = 0, SP_ROUTER_NORM_RMS = 1, SP_ROUTER_NORM_SUM = 2 } sp_router_norm;
+
 typedef struct sp_layer {
     const float *attn_norm;  /* [H] */
     sp_tensor wq;            /* [NH*D, H] */
@@ -28,19 +31,29 @@ typedef struct sp_layer {
     sp_tensor w_gate;        /* [F, H] */
     sp_tensor w_up;          /* [F, H] */
     sp_tensor w_down;        /* [H, F] */
+    /* blockffn only (docs/gguf-blockffn.md): E = experts, FE = expert width */
+    sp_tensor router;              /* [E, H] F32 */
+    const float *router_norm;      /* [E] (rms norm only, else NULL) */
+    sp_tensor experts;             /* [E * 2FE, H]: expert e = rows [2FE e, 2FE e + FE) up, then FE rows down^T */
 } sp_layer;
 
 typedef struct sp_hparams {
     int32_t n_vocab, n_ctx_train, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, n_rot;
     float norm_eps, rope_base;
+    float embed_scale, residual_scale, logit_scale; /* MiniCPM scaling; 1 for llama */
+    /* blockffn only */
+    int32_t n_expert, expert_width;
+    sp_router_norm router_norm;
+    float router_norm_eps, router_norm_scale;
 } sp_hparams;
 
 struct sp_model {
+    sp_arch arch;
     sp_gguf *gguf;
     sp_vocab *vocab;
     sp_hparams hp;
     sp_model_info info;
-    char arch[32];
+    char arch_name[32];
     char name[128];
     bool has_weights;
     bool act_q8;              /* some weight takes quantized activations (sp_block_q8a) */
@@ -74,7 +87,7 @@ struct sp_session {
     sp_pool *pool;
 };
 
-/* Forward pass of the llama architecture over one batch (validated by the caller). Never allocates. */
-void sp_forward_llama(sp_session *ses, const sp_batch *batch);
+/* Forward pass over one batch (validated by the caller). Never allocates. */
+void sp_forward(sp_session *ses, const sp_batch *batch);
 
 #endif

@@ -111,7 +111,7 @@ sp_status sp_eval(sp_session *ses, const sp_batch *b) {
         if (b->pos && (b->pos[t] < 0 || b->pos[t] > (1 << 24)))
             return sp_fail(SP_ERR_INVALID_ARG, "position %d at index %d is out of range", b->pos[t], t);
     }
-    sp_forward_llama(ses, b);
+    sp_forward(ses, b);
     ses->n_past += T;
     return SP_OK;
 }

@@ -1,28 +1,25 @@
-/* forward_llama.c: the forward pass of the llama architecture over a batch of T tokens.
+/* forward.c: the transformer forward pass over a batch of T tokens, for the llama and blockffn architectures.
  *
  * Shape legend: T = tokens in the batch, H = n_embd, D = head_dim, NH = heads, NKV = kv heads, QD = NH*D,
  * KVD = NKV*D, F = n_ff, V = vocabulary, C = KV cache slots, P = n_past (slots cached before this batch).
  *
  * All pool threads run sp_forward_worker() at once; each step splits its work by thread (rows of a weight matrix,
  * tokens, or (token, head) pairs) and threads meet at a barrier before a step reads what another wrote.
- * Nothing here allocates: every buffer lives in the session (model.h). */
-#include "model.h"
+ * Nothing here allocates: every buffer lives in the session (model.h).
+ *
+ * The two architectures share everything but the FFN block (dense SwiGLU here, sparse experts in ffn_blockffn.c)
+ * and three MiniCPM scales that are 1 for llama: embeddings x embed_scale, each residual branch x residual_scale,
+ * the final normalised hidden state x logit_scale. */
+#include "forward.h"
 
 #include <math.h>
 #include <string.h>
 
-typedef struct fwd_ctx {
-    sp_session *ses;
-    const sp_batch *b;
-    const sp_kernels *k;
-    bool q8; /* some weights take quantized activations: keep scratch xq filled */
-} fwd_ctx;
-
 /* ---- steps, each run by every thread on its share ---- */
 
-/* out[t] = x[t] / rms(x[t]) * w for this thread's tokens; then quantize out[t] to xq[t] when `quant`. */
-static void rmsnorm_quant_rows(const fwd_ctx *c, float *out, const float *x, const float *w, int64_t T, int64_t H,
-                               bool quant, int ith, int nth) {
+/* out[t] = x[t] / rms(x[t]) * w * post for this thread's tokens; then quantize out[t] to xq[t] when `quant`. */
+void sp_fwd_rmsnorm_quant_rows(const fwd_ctx *c, float *out, const float *x, const float *w, float post, int64_t T,
+                               int64_t H, bool quant, int ith, int nth) {
     const float eps = c->ses->model->hp.norm_eps;
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
@@ -31,14 +28,14 @@ static void rmsnorm_quant_rows(const fwd_ctx *c, float *out, const float *x, con
         float *o = out + t * H;
         double ss = 0;
         for (int64_t i = 0; i < H; i++) ss += (double)xr[i] * xr[i];
-        const float scale = 1.0f / sqrtf((float)(ss / (double)H) + eps);
+        const float scale = post / sqrtf((float)(ss / (double)H) + eps);
         for (int64_t i = 0; i < H; i++) o[i] = xr[i] * scale * w[i];
         if (quant) c->k->quantize_q8a((sp_block_q8a *)c->ses->s.xq + t * (H / SP_QK), o, H);
     }
 }
 
 /* Quantize rows t of x[T, K] to xq for this thread's tokens. */
-static void quant_rows(const fwd_ctx *c, const float *x, int64_t T, int64_t K, int ith, int nth) {
+void sp_fwd_quant_rows(const fwd_ctx *c, const float *x, int64_t T, int64_t K, int ith, int nth) {
     if (!c->q8) return;
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
@@ -47,7 +44,7 @@ static void quant_rows(const fwd_ctx *c, const float *x, int64_t T, int64_t K, i
 
 /* y[t, r] (row stride ldy) = W[r] . x[t] for this thread's rows of W. x_f: float input [T, K]; the quantized copy of
  * it sits in scratch xq when the weight type takes quantized activations. */
-static void matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor *W, const float *x_f, int64_t T,
+void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor *W, const float *x_f, int64_t T,
                         int ith, int nth) {
     const int64_t per = ((W->n + nth - 1) / nth + 15) & ~(int64_t)15; /* multiples of 16 rows per thread */
     const int64_t r0 = SP_MIN(W->n, per * ith), r1 = SP_MIN(W->n, r0 + per);
@@ -113,11 +110,11 @@ static void attention(const fwd_ctx *c, int il, int ith, int nth) {
     }
 }
 
-/* x[t] += y[t] for this thread's tokens. */
-static void add_rows(float *x, const float *y, int64_t T, int64_t H, int ith, int nth) {
+/* x[t] += a * y[t] for this thread's tokens. */
+static void add_rows(float *x, float a, const float *y, int64_t T, int64_t H, int ith, int nth) {
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
-    for (int64_t i = t0 * H; i < t1 * H; i++) x[i] += y[i];
+    for (int64_t i = t0 * H; i < t1 * H; i++) x[i] += a * y[i];
 }
 
 /* gate[t] = silu(gate[t]) * up[t] for this thread's tokens, then quantize the row for the down projection. */
@@ -132,6 +129,19 @@ static void swiglu_quant_rows(const fwd_ctx *c, int64_t T, int64_t F, bool quant
     }
 }
 
+/* SwiGLU: tmp = down(silu(gate xn) * up xn). */
+static void ffn_dense(const fwd_ctx *c, const sp_layer *l, int ith, int nth) {
+    sp_scratch *s = &c->ses->s;
+    const int64_t T = c->b->n_tokens, H = c->ses->model->hp.n_embd, F = c->ses->model->hp.n_ff;
+    sp_fwd_matmul_rows(c, s->gate, F, &l->w_gate, s->xn, T, ith, nth);
+    sp_fwd_matmul_rows(c, s->up, F, &l->w_up, s->xn, T, ith, nth);
+    sp_pool_barrier(c->ses->pool);
+    swiglu_quant_rows(c, T, F, c->q8, ith, nth);
+    sp_pool_barrier(c->ses->pool);
+    sp_fwd_matmul_rows(c, s->tmp, H, &l->w_down, s->gate, T, ith, nth);
+    sp_pool_barrier(c->ses->pool);
+}
+
 static void forward_worker(void *ctx, int ith, int nth) {
     const fwd_ctx *c = ctx;
     sp_session *ses = c->ses;
@@ -140,7 +150,7 @@ static void forward_worker(void *ctx, int ith, int nth) {
     const sp_batch *b = c->b;
     sp_scratch *s = &ses->s;
     sp_pool *pool = ses->pool;
-    const int64_t T = b->n_tokens, H = hp->n_embd, F = hp->n_ff, P = ses->n_past, C = ses->params.n_ctx;
+    const int64_t T = b->n_tokens, H = hp->n_embd, P = ses->n_past, C = ses->params.n_ctx;
     const int64_t KVD = (int64_t)hp->n_head_kv * hp->head_dim;
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
@@ -149,6 +159,8 @@ static void forward_worker(void *ctx, int ith, int nth) {
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *row = (const uint8_t *)m->tok_embd.data + (size_t)b->tokens[t] * m->tok_embd.row_size;
         sp_dequantize_row(m->tok_embd.type, row, s->x + t * H, H);
+        if (hp->embed_scale != 1.0f)
+            for (int64_t i = 0; i < H; i++) s->x[t * H + i] *= hp->embed_scale;
         const float theta_scale = powf(hp->rope_base, -2.0f / (float)hp->n_rot);
         float theta = (float)(b->pos ? b->pos[t] : P + t);
         for (int i = 0; i < hp->n_rot; i += 2) {
@@ -164,11 +176,11 @@ static void forward_worker(void *ctx, int ith, int nth) {
         float *v_slots = ses->v_cache + ((int64_t)il * C + P) * KVD;
 
         /* 2. attention block: xn = rmsnorm(x); q, k, v projections; k and v go straight into the cache */
-        rmsnorm_quant_rows(c, s->xn, s->x, l->attn_norm, T, H, c->q8, ith, nth);
+        sp_fwd_rmsnorm_quant_rows(c, s->xn, s->x, l->attn_norm, 1.0f, T, H, c->q8, ith, nth);
         sp_pool_barrier(pool);
-        matmul_rows(c, s->q, l->wq.n, &l->wq, s->xn, T, ith, nth);
-        matmul_rows(c, k_slots, KVD, &l->wk, s->xn, T, ith, nth);
-        matmul_rows(c, v_slots, KVD, &l->wv, s->xn, T, ith, nth);
+        sp_fwd_matmul_rows(c, s->q, l->wq.n, &l->wq, s->xn, T, ith, nth);
+        sp_fwd_matmul_rows(c, k_slots, KVD, &l->wk, s->xn, T, ith, nth);
+        sp_fwd_matmul_rows(c, v_slots, KVD, &l->wv, s->xn, T, ith, nth);
         sp_pool_barrier(pool);
 
         /* 3. rotate q and k by position */
@@ -181,35 +193,30 @@ static void forward_worker(void *ctx, int ith, int nth) {
         sp_pool_barrier(pool);
 
         /* 5. output projection; residual add; then the FFN block's rmsnorm */
-        quant_rows(c, s->attn, T, l->wo.k, ith, nth);
+        sp_fwd_quant_rows(c, s->attn, T, l->wo.k, ith, nth);
         sp_pool_barrier(pool);
-        matmul_rows(c, s->tmp, H, &l->wo, s->attn, T, ith, nth);
+        sp_fwd_matmul_rows(c, s->tmp, H, &l->wo, s->attn, T, ith, nth);
         sp_pool_barrier(pool);
-        add_rows(s->x, s->tmp, T, H, ith, nth);
-        rmsnorm_quant_rows(c, s->xn, s->x, l->ffn_norm, T, H, c->q8, ith, nth);
+        add_rows(s->x, hp->residual_scale, s->tmp, T, H, ith, nth);
+        sp_fwd_rmsnorm_quant_rows(c, s->xn, s->x, l->ffn_norm, 1.0f, T, H, c->q8, ith, nth);
         sp_pool_barrier(pool);
 
-        /* 6. SwiGLU FFN: down(silu(gate xn) * up xn); residual add */
-        matmul_rows(c, s->gate, F, &l->w_gate, s->xn, T, ith, nth);
-        matmul_rows(c, s->up, F, &l->w_up, s->xn, T, ith, nth);
-        sp_pool_barrier(pool);
-        swiglu_quant_rows(c, T, F, c->q8, ith, nth);
-        sp_pool_barrier(pool);
-        matmul_rows(c, s->tmp, H, &l->w_down, s->gate, T, ith, nth);
-        sp_pool_barrier(pool);
-        add_rows(s->x, s->tmp, T, H, ith, nth);
+        /* 6. FFN block (input: xn, and its quantized copy in xq) -> tmp; residual add */
+        if (m->arch == SP_ARCH_BLOCKFFN) sp_ffn_blockffn(c, il, ith, nth);
+        else ffn_dense(c, l, ith, nth);
+        add_rows(s->x, hp->residual_scale, s->tmp, T, H, ith, nth);
         sp_pool_barrier(pool);
     }
 
     /* 7. final norm and LM head for the rows asked for */
     if (!b->logits) return;
     const int64_t first = b->logits_last_only ? T - 1 : 0, n_out = T - first;
-    rmsnorm_quant_rows(c, s->xn, s->x + first * H, m->out_norm, n_out, H, c->q8, ith, nth);
+    sp_fwd_rmsnorm_quant_rows(c, s->xn, s->x + first * H, m->out_norm, hp->logit_scale, n_out, H, c->q8, ith, nth);
     sp_pool_barrier(pool);
-    matmul_rows(c, b->logits, hp->n_vocab, &m->output, s->xn, n_out, ith, nth);
+    sp_fwd_matmul_rows(c, b->logits, hp->n_vocab, &m->output, s->xn, n_out, ith, nth);
 }
 
-void sp_forward_llama(sp_session *ses, const sp_batch *batch) {
+void sp_forward(sp_session *ses, const sp_batch *batch) {
     fwd_ctx c = {.ses = ses, .b = batch, .k = sp_kernels_get(), .q8 = ses->model->act_q8};
     sp_pool_run(ses->pool, forward_worker, &c);
 }

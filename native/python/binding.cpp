@@ -21,6 +21,7 @@ extern "C" {
 #include "gguf.h"
 #include "kernels/kernels.h"
 #include "sampler.h"
+#include "vocab.h"
 }
 
 namespace nb = nanobind;
@@ -403,5 +404,98 @@ NB_MODULE(_sparrow, m) {
         }
         nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
         return F32Array(out, {(size_t)self.n_vocab}, owner);
+    });
+
+    // The tokenizer straight from a GGUF file (no model load): tests compare it with llama.cpp.
+    struct TestVocab {
+        sp_gguf *g = nullptr;
+        sp_vocab *v = nullptr;
+        TestVocab(const std::string &path) {
+            check(sp_gguf_open(path.c_str(), true, &g));
+            sp_status s = sp_vocab_load(g, &v);
+            if (s != SP_OK) {
+                std::string msg = std::string(sp_status_string(s)) + ": " + sp_last_error();
+                sp_gguf_close(g);
+                throw SparrowError(msg);
+            }
+        }
+        ~TestVocab() {
+            sp_vocab_free(v);
+            sp_gguf_close(g);
+        }
+    };
+    nb::class_<TestVocab>(t, "Vocab")
+        .def(nb::init<const std::string &>(), "path"_a)
+        .def("tokenize", [](const TestVocab &self, nb::bytes text, bool add_special, bool parse_special) {
+            std::vector<int32_t> out(text.size() + 8);
+            size_t n = 0;
+            sp_status s;
+            {
+                nb::gil_scoped_release r;
+                s = sp_vocab_tokenize(self.v, text.c_str(), text.size(), add_special, parse_special, out.data(),
+                                      out.size(), &n);
+                if (s == SP_ERR_INVALID_ARG && n > out.size()) {
+                    out.resize(n);
+                    s = sp_vocab_tokenize(self.v, text.c_str(), text.size(), add_special, parse_special, out.data(),
+                                          out.size(), &n);
+                }
+            }
+            check(s);
+            out.resize(n);
+            return out;
+        }, "text"_a, "add_special"_a = true, "parse_special"_a = false)
+        // (status name, n_out, tokens written) with an explicit capacity, for the capacity contract.
+        .def("tokenize_capacity", [](const TestVocab &self, nb::bytes text, bool add_special, bool parse_special,
+                                     size_t capacity) {
+            std::vector<int32_t> out(capacity + 4, -7);
+            size_t n = 0;
+            sp_status s = sp_vocab_tokenize(self.v, text.c_str(), text.size(), add_special, parse_special,
+                                            capacity ? out.data() : nullptr, capacity, &n);
+            return std::make_pair(std::string(sp_status_string(s)), std::make_pair(n, out));
+        })
+        .def("token_to_piece", [](const TestVocab &self, int32_t token, bool render_special) {
+            char buf[256];
+            size_t n = 0;
+            sp_status s = sp_vocab_token_to_piece(self.v, token, render_special, buf, sizeof buf, &n);
+            if (s == SP_ERR_INVALID_ARG && n > sizeof buf) {
+                std::string big(n, '\0');
+                check(sp_vocab_token_to_piece(self.v, token, render_special, big.data(), n, &n));
+                return nb::bytes(big.data(), n);
+            }
+            check(s);
+            return nb::bytes(buf, n);
+        }, "token"_a, "render_special"_a = false)
+        .def("piece_capacity", [](const TestVocab &self, int32_t token, bool render_special, size_t capacity) {
+            std::string buf(capacity + 4, '#');
+            size_t n = 0;
+            sp_status s = sp_vocab_token_to_piece(self.v, token, render_special, capacity ? buf.data() : nullptr,
+                                                  capacity, &n);
+            return std::make_pair(std::string(sp_status_string(s)), std::make_pair(n, nb::bytes(buf.data(), buf.size())));
+        })
+        .def_prop_ro("n_tokens", [](const TestVocab &self) { return sp_vocab_n_tokens(self.v); })
+        .def_prop_ro("bos", [](const TestVocab &self) { return sp_vocab_bos(self.v); })
+        .def_prop_ro("eos", [](const TestVocab &self) { return sp_vocab_eos(self.v); })
+        .def_prop_ro("eot", [](const TestVocab &self) { return sp_vocab_eot(self.v); })
+        .def_prop_ro("add_bos", [](const TestVocab &self) { return sp_vocab_add_bos(self.v); })
+        .def("is_eog", [](const TestVocab &self, int32_t token) { return sp_vocab_is_eog(self.v, token); });
+    // One-shot: tokenize with the vocabulary of a GGUF file.
+    t.def("tokenize", [](const std::string &path, nb::bytes text, bool add_special, bool parse_special) {
+        TestVocab voc(path);
+        std::vector<int32_t> out(text.size() * 3 + 8);
+        size_t n = 0;
+        check(sp_vocab_tokenize(voc.v, text.c_str(), text.size(), add_special, parse_special, out.data(), out.size(), &n));
+        out.resize(n);
+        return out;
+    }, "path"_a, "text"_a, "add_special"_a = true, "parse_special"_a = false);
+    // Load a vocabulary from a GGUF image in memory: (status name, message), for bad-metadata tests.
+    t.def("vocab_validate_bytes", [](nb::bytes data) {
+        sp_gguf *g = nullptr;
+        sp_vocab *v = nullptr;
+        sp_status s = sp_gguf_open_memory(data.c_str(), data.size(), &g);
+        if (s == SP_OK) s = sp_vocab_load(g, &v);
+        std::pair<std::string, std::string> res(sp_status_string(s), s == SP_OK ? "" : sp_last_error());
+        sp_vocab_free(v);
+        if (g) sp_gguf_close(g);
+        return res;
     });
 }

@@ -153,9 +153,9 @@ def _model_options(f: Callable) -> Callable:
         click.option("--top-k", type=int, default=40, show_default=True),
         click.option("--top-p", type=float, default=0.95, show_default=True),
         click.option("--min-p", type=float, default=0.05, show_default=True),
-        click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
+        click.option("--repeat-penalty", type=float, default=1.1, show_default=True, help="1 = off."),
         click.option("--seed", type=int, default=None, help="Sampling seed (default: random)."),
-        click.option("--max-tokens", type=int, default=None, help="Most tokens per answer."),
+        click.option("--max-tokens", type=int, default=None, help="Most tokens per answer (chat 1024, generate 256)."),
         click.option("--threads", type=int, default=0, help="CPU threads (default: physical cores)."),
         click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context window in tokens."),
     ]
@@ -235,7 +235,7 @@ def chat(model: str | None, system: str | None, stats: bool, n_ctx: int, threads
             if text.startswith("/") and " " not in text:
                 click.echo(f"unknown command {text}. {CHAT_HELP}", err=True)
                 continue
-            answer = conversation.send(text, max_tokens=max_tokens or n_ctx, params=params)
+            answer = conversation.send(text, max_tokens=max_tokens or 1024, params=params)
             try:
                 for piece in answer:
                     sys.stdout.write(piece)

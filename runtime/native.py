@@ -37,6 +37,23 @@ class ModelInfo:
     weight_bytes: int
 
 
+FFN_MODES = {"auto": 0, "dense": 1, "token": 2, "chunk": 3}  # sp_ffn_mode
+
+
+@dataclass(frozen=True)
+class SparsityStats:
+    """Sparse-expert statistics (sp_sparsity_stats): TLS = fraction of (token, expert) pairs off; cls[k] = fraction
+    of (chunk of k consecutive evaluated tokens, expert) pairs off for the whole chunk, k = 2..16 (NaN before the
+    first full chunk); bytes of expert weights read per token, and what reading every expert would cost."""
+
+    n_expert: int
+    n_tokens: int
+    tls: float
+    cls: dict[int, float]
+    expert_bytes_per_token: float
+    dense_bytes_per_token: float
+
+
 @dataclass
 class SamplerParams:
     """Sampling settings; temperature <= 0 means greedy."""
@@ -89,16 +106,20 @@ class Model:
         raw = self._m.meta_str(key)
         return None if raw is None else raw.decode("utf-8", errors="replace")
 
-    def session(self, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0) -> Session:
-        return Session(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+    def session(self, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0, ffn_mode: str = "auto") -> Session:
+        return Session(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, ffn_mode=ffn_mode)
 
 
 class Session:
     """KV cache + scratch + threads for one conversation over a Model. Not for concurrent use."""
 
-    def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0):
+    def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0,
+                 ffn_mode: str = "auto"):
+        """ffn_mode (sparse-expert models only): "auto", "dense", "token" or "chunk" (see sp_ffn_mode)."""
+        if ffn_mode not in FFN_MODES:
+            raise ValueError(f"ffn_mode must be one of {', '.join(FFN_MODES)}, not {ffn_mode!r}")
         self.model = model
-        self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads)
+        self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads, FFN_MODES[ffn_mode])
         self.n_batch = n_batch
         self.tokens: list[int] = []  # what the KV cache holds, in order
         self.n_evaluated = 0  # tokens run through the forward pass over this session's life (shows KV cache reuse)
@@ -136,6 +157,20 @@ class Session:
         for i in range(0, len(tokens), self.n_batch):
             out = self.eval(tokens[i:i + self.n_batch], logits="last")
         return out
+
+    def keep(self, slots: Sequence[int]) -> None:
+        """Keep only these KV cache slots (strictly increasing), in order: the accepted path of a verified draft tree."""
+        self._s.keep(list(slots))
+        self.tokens = [self.tokens[i] for i in slots]
+
+    def sparsity(self, layer: int | None = None) -> SparsityStats | None:
+        """Expert sparsity over the tokens evaluated since the session began (or reset_sparsity()): all layers, or
+        one layer. None for models without sparse experts."""
+        d = self._s.sparsity(-1 if layer is None else layer)
+        return None if d is None else SparsityStats(**d)
+
+    def reset_sparsity(self) -> None:
+        self._s.reset_sparsity()
 
     def truncate(self, n: int) -> None:
         """Roll the KV cache back to its first n tokens."""

@@ -22,6 +22,7 @@ extern "C" {
 #include "kernels/kernels.h"
 #include "sampler.h"
 #include "vocab.h"
+#include "forward.h"
 }
 
 namespace nb = nanobind;
@@ -76,12 +77,15 @@ struct Session {
     sp_session *s = nullptr;
     nb::object model_ref;  // keeps the Python Model alive while the session lives
     int32_t n_vocab = 0;
-    Session(nb::object model_obj, int32_t n_ctx, int32_t n_batch, int32_t n_threads) {
+    // n_ctx None: the library default; n_batch / n_threads 0 or None: default. Other values go to C to be checked.
+    Session(nb::object model_obj, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
+            std::optional<int32_t> n_threads, int32_t ffn_mode) {
         Model &model = nb::cast<Model &>(model_obj);
         sp_session_params p = sp_session_default_params();
-        if (n_ctx >= 0) p.n_ctx = n_ctx;
-        if (n_batch > 0) p.n_batch = n_batch;
-        if (n_threads > 0) p.n_threads = n_threads;
+        p.ffn_mode = (sp_ffn_mode)ffn_mode;
+        if (n_ctx) p.n_ctx = *n_ctx;
+        if (n_batch && *n_batch != 0) p.n_batch = *n_batch;
+        if (n_threads && *n_threads != 0) p.n_threads = *n_threads;
         check(sp_session_new(model.get(), p, &s));
         model_ref = model_obj;
         model.live_sessions++;
@@ -215,8 +219,25 @@ NB_MODULE(_sparrow, m) {
         .def("is_eog", [](const Model &self, int32_t token) { return sp_token_is_eog(self.get(), token); });
 
     nb::class_<Session>(m, "Session")
-        .def(nb::init<nb::object, int32_t, int32_t, int32_t>(), "model"_a, "n_ctx"_a = -1, "n_batch"_a = 0,
-             "n_threads"_a = 0)
+        .def(nb::init<nb::object, std::optional<int32_t>, std::optional<int32_t>, std::optional<int32_t>, int32_t>(),
+             "model"_a, "n_ctx"_a = nb::none(), "n_batch"_a = nb::none(), "n_threads"_a = nb::none(),
+             "ffn_mode"_a = (int32_t)SP_FFN_AUTO)
+        // sparsity(layer=-1) -> dict of sp_sparsity_stats (cls as {k: value} for k = 2..16); None without experts
+        .def("sparsity", [](const Session &self, int32_t layer) -> nb::object {
+            sp_sparsity_stats st;
+            check(sp_session_get_sparsity(self.get(), layer, &st));
+            if (st.n_expert == 0) return nb::none();
+            nb::dict d, cls;
+            d["n_expert"] = st.n_expert;
+            d["n_tokens"] = st.n_tokens;
+            d["tls"] = st.tls;
+            for (int k = 2; k <= SP_CLS_MAX; k++) cls[nb::int_(k)] = st.cls[k];
+            d["cls"] = cls;
+            d["expert_bytes_per_token"] = st.expert_bytes_per_token;
+            d["dense_bytes_per_token"] = st.dense_bytes_per_token;
+            return d;
+        }, "layer"_a = -1)
+        .def("reset_sparsity", [](Session &self) { sp_session_reset_sparsity(self.get()); })
         .def("close", &Session::close)
         .def_prop_ro("closed", [](const Session &self) { return self.s == nullptr; })
         .def_prop_ro("n_past", [](const Session &self) { return sp_session_n_past(self.get()); })
@@ -324,6 +345,75 @@ NB_MODULE(_sparrow, m) {
         nb::capsule owner(y, [](void *p) noexcept { delete[] (float *)p; });
         return F32Array(y, {(size_t)T, (size_t)N}, owner);
     });
+    // y[T', H] += c[T, F] @ D[F, H] with the tier's accum kernel; D as raw rows of the weight type; idx [T] rows of
+    // y (or empty for rows 0..T-1). Returns the updated copy of y.
+    t.def("accum", [](const std::string &tier, uint32_t type, nb::bytes d, int64_t F, int64_t H,
+                      nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> c,
+                      nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> y, std::vector<int32_t> idx) {
+        const sp_kernels *kt = tier_or_throw(tier);
+        sp_type ty = type_or_throw(type);
+        const int64_t T = (int64_t)c.shape(0), ldc = (int64_t)c.shape(1), R = (int64_t)y.shape(0);
+        if (H % sp_type_traits_of(ty).block_size || (int64_t)d.size() != F * (int64_t)sp_row_size(ty, H) ||
+            ldc < F || (int64_t)y.shape(1) != H || (!idx.empty() && (int64_t)idx.size() != T) || (idx.empty() && R < T))
+            throw SparrowError("SP_ERR_INVALID_ARG: shapes do not match");
+        for (int32_t i : idx)
+            if (i < 0 || i >= R) throw SparrowError("SP_ERR_INVALID_ARG: idx out of range");
+        float *out = new float[(size_t)(R * H)];
+        std::memcpy(out, y.data(), (size_t)(R * H) * sizeof(float));
+        kt->accum[ty](out, H, idx.empty() ? nullptr : idx.data(), c.data(), ldc, d.c_str(), F, H, T);
+        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
+        return F32Array(out, {(size_t)R, (size_t)H}, owner);
+    }, "tier"_a, "type"_a, "d"_a, "F"_a, "H"_a, "c"_a, "y"_a, "idx"_a = std::vector<int32_t>());
+    // Run one BlockFFN layer's FFN block alone: xn [T, H], router scores r [T, E] (None: computed by the router),
+    // mode (sp_ffn_mode). Returns y [T, H] (before the residual scale).
+    t.def("ffn_run", [](Session &self, int il, nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> xn,
+                        std::optional<nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>> r,
+                        int mode) {
+        sp_session *s = self.get();
+        const sp_model_info &info = nb::cast<Model &>(self.model_ref).info;
+        const int32_t T = (int32_t)xn.shape(0);
+        if ((int64_t)xn.shape(1) != info.n_embd) throw SparrowError("SP_ERR_INVALID_ARG: xn must be [T, H]");
+        if (r && (int64_t)r->shape(0) != T) throw SparrowError("SP_ERR_INVALID_ARG: r must be [T, E]");
+        float *out = new float[(size_t)T * info.n_embd];
+        sp_status st;
+        {
+            nb::gil_scoped_release g;
+            st = sp_ffn_blockffn_run(s, il, xn.data(), r ? r->data() : nullptr, r ? (int64_t)r->shape(1) : -1,
+                                           T, (sp_ffn_mode)mode, out);
+        }
+        if (st != SP_OK) {
+            delete[] out;
+            check(st);
+        }
+        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
+        return F32Array(out, {(size_t)T, (size_t)info.n_embd}, owner);
+    }, "session"_a, "layer"_a, "xn"_a, "r"_a = nb::none(), "mode"_a = (int)SP_FFN_AUTO);
+    // Benchmark hook: seconds per FFN call for `reps` calls on layers cycling through `layers` (so that, with enough
+    // layers, expert weights come from DRAM as in a forward pass), with fixed xn and scores r. One warm-up pass.
+    t.def("ffn_time", [](Session &self, std::vector<int> layers,
+                         nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> xn,
+                         nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> r, int mode, int reps) {
+        sp_session *s = self.get();
+        const int32_t T = (int32_t)xn.shape(0);
+        if (layers.empty() || reps < 1 || (int64_t)r.shape(0) != T)
+            throw SparrowError("SP_ERR_INVALID_ARG: layers empty, reps < 1 or r not [T, E]");
+        std::vector<double> out((size_t)reps);
+        sp_status st = SP_OK;
+        {
+            nb::gil_scoped_release g;
+            for (size_t i = 0; i < layers.size() && st == SP_OK; i++)
+                st = sp_ffn_blockffn_run(s, layers[i], xn.data(), r.data(), (int64_t)r.shape(1), T,
+                                               (sp_ffn_mode)mode, nullptr);
+            for (int i = 0; i < reps && st == SP_OK; i++) {
+                auto t0 = std::chrono::steady_clock::now();
+                st = sp_ffn_blockffn_run(s, layers[(size_t)i % layers.size()], nullptr, r.data(),
+                                               (int64_t)r.shape(1), T, (sp_ffn_mode)mode, nullptr);
+                out[(size_t)i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            }
+        }
+        check(st);
+        return out;
+    }, "session"_a, "layers"_a, "xn"_a, "r"_a, "mode"_a, "reps"_a);
     t.def("quantize_q8a", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
         const sp_kernels *kt = tier_or_throw(tier);
         const int64_t k = (int64_t)x.shape(0);

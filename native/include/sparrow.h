@@ -99,10 +99,21 @@ SP_API sp_status sp_token_to_piece(const sp_model *model, int32_t token, bool re
 SP_API bool sp_token_is_eog(const sp_model *model, int32_t token); /* end of generation: eos, eot, ... */
 
 /* ---- session ---- */
+/* How a sparse-expert (BlockFFN) FFN runs a batch of T tokens. All give the same outputs up to float summation
+ * order; they differ in the expert weights they read. Ignored by dense models. */
+typedef enum sp_ffn_mode {
+    SP_FFN_AUTO = 0,          /* the fastest for the batch (currently SP_FFN_SPARSE_CHUNK) */
+    SP_FFN_DENSE = 1,         /* every expert for every token, inactive ones multiplied by their zero score (baseline) */
+    SP_FFN_SPARSE_TOKEN = 2,  /* per token, only that token's active experts (an expert used by k tokens is read k times) */
+    SP_FFN_SPARSE_CHUNK = 3,  /* the union of the batch's active experts, each read once and applied to exactly the
+                                 tokens that use it */
+} sp_ffn_mode;
+
 typedef struct sp_session_params {
     int32_t n_ctx;      /* KV cache capacity in tokens (default 2048; 0 = model's training context) */
     int32_t n_batch;    /* max tokens per sp_eval call (default 64) */
     int32_t n_threads;  /* worker threads incl. the caller (default: physical cores) */
+    sp_ffn_mode ffn_mode; /* sparse-expert FFN execution (default SP_FFN_AUTO) */
 } sp_session_params;
 
 SP_API sp_session_params sp_session_default_params(void);
@@ -132,6 +143,26 @@ SP_API sp_status sp_session_truncate(sp_session *session, int32_t n);
 /* Keep cache slots idx[0..n) (strictly increasing, each < n_past) in that order as slots 0..n, dropping the rest:
  * the accepted path of a verified draft tree. */
 SP_API sp_status sp_session_keep(sp_session *session, const int32_t *idx, int32_t n);
+
+/* ---- sparsity statistics (models with sparse experts) ---- */
+#define SP_CLS_MAX 16
+/* Counted over the tokens evaluated since the session was created or sp_session_reset_sparsity(), in evaluation
+ * order across sp_eval calls (rolled-back tokens included: they were computed). */
+typedef struct sp_sparsity_stats {
+    int32_t n_expert;              /* E; 0 for a model without sparse experts (then nothing else is set) */
+    int64_t n_tokens;              /* tokens evaluated */
+    double tls;                    /* token-level sparsity: fraction of (token, expert) pairs with score 0 */
+    double cls[SP_CLS_MAX + 1];    /* cls[k], k = 2..16: chunk-level sparsity, the fraction of (chunk, expert) pairs
+                                      where the expert is off for all k tokens of the chunk; chunks are consecutive,
+                                      non-overlapping runs of k evaluated tokens; NaN before the first full chunk.
+                                      cls[1] = tls, cls[0] unused (0) */
+    double expert_bytes_per_token; /* expert weight bytes read per evaluated token (depends on sp_ffn_mode and T) */
+    double dense_bytes_per_token;  /* bytes per token if every expert were read for every token */
+} sp_sparsity_stats;
+
+/* layer in [0, n_layer) for one layer's statistics, -1 for all layers together (pairs and bytes summed). */
+SP_API sp_status sp_session_get_sparsity(const sp_session *session, int32_t layer, sp_sparsity_stats *out);
+SP_API void sp_session_reset_sparsity(sp_session *session);
 
 /* ---- sampler ---- */
 typedef struct sp_sampler_params {

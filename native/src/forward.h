@@ -24,5 +24,10 @@ void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor
 /* The BlockFFN FFN block of layer il: reads scratch xn [T, H] (and xq), writes scratch tmp [T, H]; ends with all
  * threads past a barrier. See ffn_blockffn.c. */
 void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth);
+/* Testing/benchmark hook: run layer il's FFN block alone on xn [T, H] (NULL: reuse what scratch holds) with router
+ * scores r [T, r_cols] used as given (NULL: computed from xn; r_cols must be E) in `mode`; out [T, H] (may be
+ * NULL). Updates the sparsity counters like a forward pass. */
+sp_status sp_ffn_blockffn_run(sp_session *ses, int il, const float *xn, const float *r, int64_t r_cols, int32_t T,
+                              sp_ffn_mode mode, float *out);
 
 #endif

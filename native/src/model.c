@@ -4,6 +4,7 @@
  * disagrees with its tensors, shapes that disagree with the config) is rejected with a message, never run. */
 #include "model.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,26 +19,31 @@ static sp_status get_u32_as_i32(const sp_gguf *g, const char *key, int32_t *out,
     return SP_OK;
 }
 
-/* Find a 2-D (or 1-D when n == 1) weight named `name` with shape [n, k] and a type the kernels support. */
-static sp_status bind_matrix(const sp_gguf *g, const char *name, int64_t k, int64_t n, sp_tensor *out) {
+/* Find a weight named `name` with shape ne = [k, n, n2] and a type the kernels support; bound as a matrix of n*n2
+ * rows of k elements. */
+static sp_status bind_tensor(const sp_gguf *g, const char *name, int64_t k, int64_t n, int64_t n2, sp_tensor *out) {
     const sp_gguf_tensor *t = sp_gguf_find_tensor(g, name);
     if (!t) return sp_fail(SP_ERR_BAD_FORMAT, "tensor '%s' is missing", name);
-    int64_t tn = t->n_dims >= 2 ? t->ne[1] : 1;
-    if (t->ne[0] != k || tn != n || t->ne[2] != 1 || t->ne[3] != 1)
+    if (t->ne[0] != k || t->ne[1] != n || t->ne[2] != n2 || t->ne[3] != 1)
         return sp_fail(SP_ERR_BAD_FORMAT,
-                       "tensor '%s' has shape [%lld, %lld, %lld, %lld] but the config implies [%lld, %lld]", name,
-                       (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2], (long long)t->ne[3],
-                       (long long)k, (long long)n);
+                       "tensor '%s' has shape [%lld, %lld, %lld, %lld] but the config implies [%lld, %lld, %lld]",
+                       name, (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2], (long long)t->ne[3],
+                       (long long)k, (long long)n, (long long)n2);
     sp_type_traits tr = sp_type_traits_of(t->type);
     if (!tr.supported)
         return sp_fail(SP_ERR_UNSUPPORTED, "tensor '%s' has type %s (%u), which this runtime does not implement", name,
                        tr.name ? tr.name : "unknown", (unsigned)t->type);
     out->type = t->type;
     out->k = k;
-    out->n = n;
+    out->n = n * n2;
     out->row_size = sp_row_size(t->type, k);
     out->data = t->data;
     return SP_OK;
+}
+
+/* A 2-D (or 1-D when n == 1) weight [n, k]. */
+static sp_status bind_matrix(const sp_gguf *g, const char *name, int64_t k, int64_t n, sp_tensor *out) {
+    return bind_tensor(g, name, k, n, 1, out);
 }
 
 /* A norm weight: F32 vector of length n. */
@@ -50,18 +56,23 @@ static sp_status bind_norm(const sp_gguf *g, const char *name, int64_t n, const 
     return SP_OK;
 }
 
-static sp_status load_llama_hparams(const sp_gguf *g, sp_hparams *hp) {
+/* The llama-style hyperparameters under `arch.` (llama, and blockffn, which shares them). */
+static sp_status load_llama_hparams(const sp_gguf *g, const char *arch, sp_hparams *hp) {
     sp_status s;
-#define REQ(key, field, lo, hi) if ((s = get_u32_as_i32(g, key, &hp->field, lo, hi)) != SP_OK) return s
-    REQ("llama.embedding_length", n_embd, 1, 1 << 16);
-    REQ("llama.block_count", n_layer, 1, 4096);
-    REQ("llama.attention.head_count", n_head, 1, 4096);
-    REQ("llama.feed_forward_length", n_ff, 1, 1 << 20);
-#undef REQ
+    char key[96];
+#define KEY(suffix) (snprintf(key, sizeof key, "%s.%s", arch, suffix), key)
+#define REQ(suffix, field, lo, hi) if ((s = get_u32_as_i32(g, KEY(suffix), &hp->field, lo, hi)) != SP_OK) return s
+    REQ("embedding_length", n_embd, 1, 1 << 16);
+    REQ("block_count", n_layer, 1, 4096);
+    REQ("attention.head_count", n_head, 1, 4096);
+    hp->n_ff = 0;
+    if (strcmp(arch, "blockffn") == 0) { /* informational there (E x F), checked by the blockffn loader */
+        if (sp_gguf_find(g, KEY("feed_forward_length"))) REQ("feed_forward_length", n_ff, 1, 1 << 24);
+    } else {
+        REQ("feed_forward_length", n_ff, 1, 1 << 20);
+    }
     hp->n_head_kv = hp->n_head;
-    if (sp_gguf_find(g, "llama.attention.head_count_kv") &&
-        (s = get_u32_as_i32(g, "llama.attention.head_count_kv", &hp->n_head_kv, 1, hp->n_head)) != SP_OK)
-        return s;
+    if (sp_gguf_find(g, KEY("attention.head_count_kv"))) REQ("attention.head_count_kv", n_head_kv, 1, hp->n_head);
     if (hp->n_head % hp->n_head_kv)
         return sp_fail(SP_ERR_BAD_FORMAT, "head_count %d is not a multiple of head_count_kv %d", hp->n_head,
                        hp->n_head_kv);
@@ -70,39 +81,106 @@ static sp_status load_llama_hparams(const sp_gguf *g, sp_hparams *hp) {
                        hp->n_head);
     hp->head_dim = hp->n_embd / hp->n_head;
     hp->n_rot = hp->head_dim;
-    if (sp_gguf_find(g, "llama.rope.dimension_count") &&
-        (s = get_u32_as_i32(g, "llama.rope.dimension_count", &hp->n_rot, 2, hp->head_dim)) != SP_OK)
-        return s;
+    if (sp_gguf_find(g, KEY("rope.dimension_count"))) REQ("rope.dimension_count", n_rot, 2, hp->head_dim);
     if (hp->n_rot % 2) return sp_fail(SP_ERR_BAD_FORMAT, "rope.dimension_count %d must be even", hp->n_rot);
     hp->n_ctx_train = 2048;
-    if (sp_gguf_find(g, "llama.context_length") &&
-        (s = get_u32_as_i32(g, "llama.context_length", &hp->n_ctx_train, 1, 1 << 24)) != SP_OK)
-        return s;
+    if (sp_gguf_find(g, KEY("context_length"))) REQ("context_length", n_ctx_train, 1, 1 << 24);
+#undef REQ
     hp->embed_scale = hp->residual_scale = hp->logit_scale = 1.0f;
     hp->norm_eps = 1e-5f;
-    if (sp_gguf_find(g, "llama.attention.layer_norm_rms_epsilon") &&
-        (s = sp_gguf_get_f32(g, "llama.attention.layer_norm_rms_epsilon", &hp->norm_eps)) != SP_OK)
+    if (sp_gguf_find(g, KEY("attention.layer_norm_rms_epsilon")) &&
+        (s = sp_gguf_get_f32(g, key, &hp->norm_eps)) != SP_OK)
         return s;
     hp->rope_base = 10000.0f;
-    if (sp_gguf_find(g, "llama.rope.freq_base") &&
-        (s = sp_gguf_get_f32(g, "llama.rope.freq_base", &hp->rope_base)) != SP_OK)
-        return s;
+    if (sp_gguf_find(g, KEY("rope.freq_base")) && (s = sp_gguf_get_f32(g, key, &hp->rope_base)) != SP_OK) return s;
     if (!(hp->norm_eps > 0 && hp->norm_eps < 1))
         return sp_fail(SP_ERR_BAD_FORMAT, "layer_norm_rms_epsilon %g is not in (0, 1)", hp->norm_eps);
     if (!(hp->rope_base > 0 && hp->rope_base < 1e12f))
         return sp_fail(SP_ERR_BAD_FORMAT, "rope.freq_base %g is not a positive finite number", hp->rope_base);
     /* Nothing is unsupported silently: scaled RoPE variants change the math. */
     sp_gguf_str st;
-    if (sp_gguf_get_str(g, "llama.rope.scaling.type", &st) == SP_OK && !sp_gguf_str_eq(st, "none"))
+    if (sp_gguf_get_str(g, KEY("rope.scaling.type"), &st) == SP_OK && !sp_gguf_str_eq(st, "none"))
         return sp_fail(SP_ERR_UNSUPPORTED, "RoPE scaling '%.*s' is not implemented", (int)st.len, st.data);
+    uint32_t vocab_size;
+    if (sp_gguf_get_u32(g, KEY("vocab_size"), &vocab_size) == SP_OK && (int64_t)vocab_size != hp->n_vocab)
+        return sp_fail(SP_ERR_BAD_FORMAT, "%s disagrees with the %d tokens of the vocabulary (it says %u)", key,
+                       hp->n_vocab, vocab_size);
+#undef KEY
     sp_clear_error();
     return SP_OK;
 }
 
-static sp_status load_llama_weights(sp_model *m) {
+/* A required finite f32 `blockffn.<suffix>` (or `def` when absent and def is not NaN). */
+static sp_status get_f32_finite(const sp_gguf *g, const char *suffix, float def, float *out) {
+    char key[96];
+    snprintf(key, sizeof key, "blockffn.%s", suffix);
+    if (!sp_gguf_find(g, key) && def == def) {
+        *out = def;
+        return SP_OK;
+    }
+    sp_status s = sp_gguf_get_f32(g, key, out);
+    if (s != SP_OK) return s;
+    if (!isfinite(*out)) return sp_fail(SP_ERR_BAD_FORMAT, "metadata '%s' = %g is not a finite number", key, *out);
+    return SP_OK;
+}
+
+/* An optional string `blockffn.<suffix>` that must equal `want` (the only value implemented). */
+static sp_status check_str(const sp_gguf *g, const char *suffix, const char *want) {
+    char key[96];
+    snprintf(key, sizeof key, "blockffn.%s", suffix);
+    sp_gguf_str v;
+    if (!sp_gguf_find(g, key)) return SP_OK;
+    sp_status s = sp_gguf_get_str(g, key, &v);
+    if (s != SP_OK) return s;
+    if (!sp_gguf_str_eq(v, want))
+        return sp_fail(SP_ERR_UNSUPPORTED, "metadata '%s' is '%.*s'; only '%s' is implemented", key, (int)v.len, v.data,
+                       want);
+    return SP_OK;
+}
+
+/* BlockFFN (docs/gguf-blockffn.md): the llama keys under blockffn.*, plus experts, router norm and MiniCPM scales. */
+static sp_status load_blockffn_hparams(const sp_gguf *g, sp_hparams *hp) {
+    sp_status s;
+    const int32_t n_ff_meta = hp->n_ff;
+    if ((s = get_u32_as_i32(g, "blockffn.expert_count", &hp->n_expert, 1, 1 << 16)) != SP_OK) return s;
+    if ((s = get_u32_as_i32(g, "blockffn.expert_width", &hp->expert_width, 1, 1 << 20)) != SP_OK) return s;
+    hp->n_ff = hp->n_expert * hp->expert_width;
+    if (n_ff_meta && n_ff_meta != hp->n_ff)
+        return sp_fail(SP_ERR_BAD_FORMAT, "blockffn.feed_forward_length %d disagrees with expert_count x expert_width "
+                       "= %d x %d", n_ff_meta, hp->n_expert, hp->expert_width);
+    if (hp->n_rot != hp->head_dim)
+        return sp_fail(SP_ERR_BAD_FORMAT, "blockffn.rope.dimension_count %d must equal the head dimension %d",
+                       hp->n_rot, hp->head_dim);
+    if ((s = check_str(g, "router_activation", "relu")) != SP_OK) return s;
+    if ((s = check_str(g, "expert_activation", "silu")) != SP_OK) return s;
+    hp->router_norm = SP_ROUTER_NORM_SUM; /* absent key: the MiniCPMConfig default */
+    sp_gguf_str kind;
+    if (sp_gguf_find(g, "blockffn.router_norm")) {
+        if ((s = sp_gguf_get_str(g, "blockffn.router_norm", &kind)) != SP_OK) return s;
+        if (sp_gguf_str_eq(kind, "rms")) hp->router_norm = SP_ROUTER_NORM_RMS;
+        else if (sp_gguf_str_eq(kind, "sum")) hp->router_norm = SP_ROUTER_NORM_SUM;
+        else if (sp_gguf_str_eq(kind, "none")) hp->router_norm = SP_ROUTER_NORM_NONE;
+        else return sp_fail(SP_ERR_BAD_FORMAT, "blockffn.router_norm '%.*s' is not one of rms, sum, none",
+                            (int)kind.len, kind.data);
+    }
+    const float eps_def = hp->router_norm == SP_ROUTER_NORM_RMS ? hp->norm_eps
+                          : hp->router_norm == SP_ROUTER_NORM_SUM ? 1e-5f : 0.0f;
+    if ((s = get_f32_finite(g, "router_norm_eps", eps_def, &hp->router_norm_eps)) != SP_OK) return s;
+    if ((s = get_f32_finite(g, "router_norm_scale", 1.0f, &hp->router_norm_scale)) != SP_OK) return s;
+    if (hp->router_norm_eps < 0 || (hp->router_norm == SP_ROUTER_NORM_RMS && hp->router_norm_eps <= 0))
+        return sp_fail(SP_ERR_BAD_FORMAT, "blockffn.router_norm_eps %g is not positive", hp->router_norm_eps);
+    if ((s = get_f32_finite(g, "embedding_scale", NAN, &hp->embed_scale)) != SP_OK) return s;
+    if ((s = get_f32_finite(g, "residual_scale", NAN, &hp->residual_scale)) != SP_OK) return s;
+    if ((s = get_f32_finite(g, "logit_scale", NAN, &hp->logit_scale)) != SP_OK) return s;
+    sp_clear_error();
+    return SP_OK;
+}
+
+/* Embeddings, output head and each layer's attention + norms: shared by llama and blockffn. */
+static sp_status load_common_weights(sp_model *m) {
     const sp_gguf *g = m->gguf;
     const sp_hparams *hp = &m->hp;
-    const int64_t H = hp->n_embd, V = hp->n_vocab, F = hp->n_ff;
+    const int64_t H = hp->n_embd, V = hp->n_vocab;
     const int64_t QD = (int64_t)hp->n_head * hp->head_dim, KVD = (int64_t)hp->n_head_kv * hp->head_dim;
     sp_status s;
     if ((s = bind_matrix(g, "token_embd.weight", H, V, &m->tok_embd)) != SP_OK) return s;
@@ -112,6 +190,7 @@ static sp_status load_llama_weights(sp_model *m) {
     } else {
         m->output = m->tok_embd; /* tied embeddings */
     }
+    m->act_q8 |= sp_type_traits_of(m->output.type).act_q8;
     /* The layer count must agree with the tensors: no blk.L.* beyond the last layer. */
     char name[96];
     snprintf(name, sizeof name, "blk.%d.attn_norm.weight", hp->n_layer);
@@ -134,18 +213,72 @@ static sp_status load_llama_weights(sp_model *m) {
         MAT(wv, "attn_v", H, KVD);
         MAT(wo, "attn_output", QD, H);
         NORM(ffn_norm, "ffn_norm");
+#undef MAT
+#undef NORM
+        const sp_tensor *mats[] = {&l->wq, &l->wk, &l->wv, &l->wo};
+        for (size_t i = 0; i < sizeof mats / sizeof *mats; i++) m->act_q8 |= sp_type_traits_of(mats[i]->type).act_q8;
+    }
+    return SP_OK;
+}
+
+static sp_status load_llama_weights(sp_model *m) {
+    const sp_gguf *g = m->gguf;
+    const sp_hparams *hp = &m->hp;
+    const int64_t H = hp->n_embd, F = hp->n_ff, QD = (int64_t)hp->n_head * hp->head_dim;
+    sp_status s;
+    char name[96];
+    if ((s = load_common_weights(m)) != SP_OK) return s;
+    for (int il = 0; il < hp->n_layer; il++) {
+        sp_layer *l = &m->layers[il];
+#define MAT(field, suffix, k, n)                                               \
+    snprintf(name, sizeof name, "blk.%d.%s.weight", il, suffix);             \
+    if ((s = bind_matrix(g, name, k, n, &l->field)) != SP_OK) return s;
         MAT(w_gate, "ffn_gate", H, F);
         MAT(w_up, "ffn_up", H, F);
         MAT(w_down, "ffn_down", F, H);
 #undef MAT
-#undef NORM
-        const sp_tensor *mats[] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+        const sp_tensor *mats[] = {&l->w_gate, &l->w_up, &l->w_down};
         for (size_t i = 0; i < sizeof mats / sizeof *mats; i++) m->act_q8 |= sp_type_traits_of(mats[i]->type).act_q8;
-        /* quantized activations are in 32-element blocks */
-        m->act_q8 |= sp_type_traits_of(m->output.type).act_q8;
-        if ((H % SP_QK || F % SP_QK || QD % SP_QK) && m->act_q8)
-            return sp_fail(SP_ERR_BAD_FORMAT, "quantized weights need dimensions that are multiples of 32");
     }
+    /* quantized activations are in 32-element blocks */
+    if ((H % SP_QK || F % SP_QK || QD % SP_QK) && m->act_q8)
+        return sp_fail(SP_ERR_BAD_FORMAT, "quantized weights need dimensions that are multiples of 32");
+    return SP_OK;
+}
+
+/* BlockFFN per-layer FFN tensors (docs/gguf-blockffn.md): router [E, H] F32, router norm [E] iff rms, experts
+ * [E, 2FE, H] (expert e = FE up rows then FE rows of down^T). The file must hold exactly the expected tensors. */
+static sp_status load_blockffn_weights(sp_model *m) {
+    const sp_gguf *g = m->gguf;
+    const sp_hparams *hp = &m->hp;
+    const int64_t H = hp->n_embd, E = hp->n_expert, FE = hp->expert_width;
+    const bool rms = hp->router_norm == SP_ROUTER_NORM_RMS;
+    sp_status s;
+    char name[96];
+    if ((s = load_common_weights(m)) != SP_OK) return s;
+    for (int il = 0; il < hp->n_layer; il++) {
+        sp_layer *l = &m->layers[il];
+        snprintf(name, sizeof name, "blk.%d.ffn_router.weight", il);
+        if ((s = bind_matrix(g, name, H, E, &l->router)) != SP_OK) return s;
+        if (l->router.type != SP_TYPE_F32)
+            return sp_fail(SP_ERR_UNSUPPORTED, "router tensor '%s' must be F32", name);
+        snprintf(name, sizeof name, "blk.%d.ffn_router_norm.weight", il);
+        if (rms) {
+            if ((s = bind_norm(g, name, E, &l->router_norm)) != SP_OK) return s;
+        } else if (sp_gguf_find_tensor(g, name)) {
+            return sp_fail(SP_ERR_BAD_FORMAT, "tensor '%s' is present but blockffn.router_norm is not 'rms'", name);
+        }
+        snprintf(name, sizeof name, "blk.%d.ffn_experts.weight", il);
+        if ((s = bind_tensor(g, name, H, 2 * FE, E, &l->experts)) != SP_OK) return s;
+        if (sp_type_traits_of(l->experts.type).act_q8) m->act_q8 = true;
+    }
+    if (H % SP_QK && m->act_q8)
+        return sp_fail(SP_ERR_BAD_FORMAT, "quantized weights need an embedding_length that is a multiple of 32");
+    const uint64_t want = 2 + (m->output.data != m->tok_embd.data) + (uint64_t)hp->n_layer * (8 + rms);
+    if (m->gguf->n_tensors != want)
+        return sp_fail(SP_ERR_BAD_FORMAT, "the file has %llu tensors but a blockffn model with these hyperparameters "
+                       "has %llu: unexpected tensors", (unsigned long long)m->gguf->n_tensors,
+                       (unsigned long long)want);
     return SP_OK;
 }
 
@@ -184,21 +317,20 @@ sp_status sp_model_load(const char *path, sp_model_params params, sp_model **out
     m->hp.n_vocab = sp_vocab_n_tokens(m->vocab);
 
     if (!params.vocab_only) {
-        if (!sp_gguf_str_eq(arch, "llama")) {
-            s = sp_fail(SP_ERR_UNSUPPORTED, "architecture '%s' is not implemented by the native runtime (llama is)",
-                        m->arch_name);
+        if (sp_gguf_str_eq(arch, "llama")) {
+            m->arch = SP_ARCH_LLAMA;
+            if ((s = load_llama_hparams(m->gguf, "llama", &m->hp)) != SP_OK) goto fail;
+            if ((s = load_llama_weights(m)) != SP_OK) goto fail;
+        } else if (sp_gguf_str_eq(arch, "blockffn")) {
+            m->arch = SP_ARCH_BLOCKFFN;
+            if ((s = load_llama_hparams(m->gguf, "blockffn", &m->hp)) != SP_OK) goto fail;
+            if ((s = load_blockffn_hparams(m->gguf, &m->hp)) != SP_OK) goto fail;
+            if ((s = load_blockffn_weights(m)) != SP_OK) goto fail;
+        } else {
+            s = sp_fail(SP_ERR_UNSUPPORTED, "architecture '%s' is not implemented by the native runtime (llama and "
+                        "blockffn are)", m->arch_name);
             goto fail;
         }
-        if ((s = load_llama_hparams(m->gguf, &m->hp)) != SP_OK) goto fail;
-        uint32_t vocab_size;
-        if (sp_gguf_get_u32(m->gguf, "llama.vocab_size", &vocab_size) == SP_OK &&
-            (int64_t)vocab_size != m->hp.n_vocab) {
-            s = sp_fail(SP_ERR_BAD_FORMAT, "llama.vocab_size %u disagrees with the %d tokens of the vocabulary",
-                        vocab_size, m->hp.n_vocab);
-            goto fail;
-        }
-        sp_clear_error();
-        if ((s = load_llama_weights(m)) != SP_OK) goto fail;
         m->has_weights = true;
     }
 

@@ -75,7 +75,28 @@ typedef struct sp_scratch {
     void *xq;        /* [B, max(H, F, NH*D)] activations quantized to sp_block_q8a rows */
     float *scores;   /* [n_threads, C + B] attention scores, one row per thread */
     float *rope_cs;  /* [B, n_rot] cos/sin pairs for the batch positions */
+    /* blockffn only (ffn_blockffn.c); E = experts, FE = expert width, NT = n_threads */
+    float *router;           /* [B, E] router scores after ReLU and norm */
+    const float *router_set; /* testing: [T, E] scores used instead of the router's (NULL: compute them) */
+    struct sp_ffn_task *tasks; /* [B * E] work list of one layer: an expert and the tokens it is applied to */
+    int32_t *task_tok;       /* [B * E] token indices of the tasks' token lists */
+    int32_t n_tasks;
+    void *xg;                /* [NT, B, max(H q8a row, H floats)] per-thread gathered activation rows */
+    float *hbuf;             /* [NT, B, FE] per-thread expert hidden units h = r * silu(U x) */
+    float *ypart;            /* [NT - 1, B, H] per-thread partial FFN outputs (thread 0 uses tmp) */
 } sp_scratch;
+
+/* Sparsity counters of a session since the last reset (ffn_blockffn.c updates them on each forward pass). */
+enum { SP_CLS_RING = 16 }; /* recent activation masks kept per layer: CLS-k for k <= 16 */
+typedef struct sp_sparsity_acc {
+    int32_t words;           /* W = ceil(E / 64) mask words per token */
+    uint64_t *ring;          /* [L, SP_CLS_RING, W] activation bitmasks of each layer's most recent tokens */
+    int64_t *n_seen;         /* [L] tokens seen per layer (ring position = n_seen % SP_CLS_RING) */
+    int64_t *n_active;       /* [L] active (token, expert) pairs */
+    int64_t *cls_inactive;   /* [L, SP_CLS_RING + 1] inactive (chunk, expert) pairs for chunks of k tokens */
+    int64_t *cls_chunks;     /* [L, SP_CLS_RING + 1] complete chunks of k tokens */
+    uint64_t *bytes;         /* [L] expert weight bytes read */
+} sp_sparsity_acc;
 
 struct sp_session {
     const sp_model *model;
@@ -84,6 +105,7 @@ struct sp_session {
     float *k_cache;  /* [L, C, NKV*D] keys after RoPE */
     float *v_cache;  /* [L, C, NKV*D] */
     sp_scratch s;
+    sp_sparsity_acc sparsity;
     sp_pool *pool;
 };
 

@@ -3,11 +3,14 @@
  * Shape legend: L = layers, C = n_ctx (cache slots), KVD = kv heads x head_dim, B = n_batch. */
 #include "model.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+struct sp_ffn_task { int32_t e, n, tok; }; /* see ffn_blockffn.c; only its size matters here */
+
 sp_session_params sp_session_default_params(void) {
-    sp_session_params p = {.n_ctx = 2048, .n_batch = 64, .n_threads = sp_physical_cores()};
+    sp_session_params p = {.n_ctx = 2048, .n_batch = 64, .n_threads = sp_physical_cores(), .ffn_mode = SP_FFN_AUTO};
     return p;
 }
 
@@ -38,6 +41,19 @@ void sp_session_free(sp_session *ses) {
     free(s->xq);
     free(s->scores);
     free(s->rope_cs);
+    free(s->router);
+    free(s->tasks);
+    free(s->task_tok);
+    free(s->xg);
+    free(s->hbuf);
+    free(s->ypart);
+    sp_sparsity_acc *a = &ses->sparsity;
+    free(a->ring);
+    free(a->n_seen);
+    free(a->n_active);
+    free(a->cls_inactive);
+    free(a->cls_chunks);
+    free(a->bytes);
     free(ses);
 }
 
@@ -55,6 +71,9 @@ sp_status sp_session_new(const sp_model *m, sp_session_params params, sp_session
         return sp_fail(SP_ERR_INVALID_ARG, "n_batch must be 1..4096, got %d", params.n_batch);
     if (params.n_threads < 1 || params.n_threads > 512)
         return sp_fail(SP_ERR_INVALID_ARG, "n_threads must be 1..512, got %d", params.n_threads);
+    if (params.ffn_mode < SP_FFN_AUTO || params.ffn_mode > SP_FFN_SPARSE_CHUNK)
+        return sp_fail(SP_ERR_INVALID_ARG, "ffn_mode must be one of SP_FFN_AUTO/DENSE/SPARSE_TOKEN/SPARSE_CHUNK, got %d",
+                       (int)params.ffn_mode);
 
     sp_session *ses = calloc(1, sizeof *ses);
     if (!ses) return sp_fail(SP_ERR_NO_MEMORY, "out of memory");
@@ -79,6 +98,24 @@ sp_status sp_session_new(const sp_model *m, sp_session_params params, sp_session
     s->xq = alloc_floats(B * (K_MAX / SP_QK + 1) * (sizeof(sp_block_q8a) / sizeof(float)), &ok);
     s->scores = alloc_floats((uint64_t)params.n_threads * (C + B), &ok);
     s->rope_cs = alloc_floats(B * (uint64_t)hp->n_rot, &ok);
+    if (m->arch == SP_ARCH_BLOCKFFN) {
+        const uint64_t E = (uint64_t)hp->n_expert, FE = (uint64_t)hp->expert_width, NT = (uint64_t)params.n_threads;
+        const uint64_t xrow = SP_MAX(H, H / SP_QK * (sizeof(sp_block_q8a) / sizeof(float))); /* in floats */
+        s->router = alloc_floats(B * E, &ok);
+        s->tasks = alloc_floats(B * E * (sizeof(struct sp_ffn_task) / sizeof(float)), &ok);
+        s->task_tok = alloc_floats(B * E, &ok); /* int32 */
+        s->xg = alloc_floats(NT * B * xrow, &ok);
+        s->hbuf = alloc_floats(NT * B * FE, &ok);
+        s->ypart = alloc_floats((NT - 1) * B * H, &ok);
+        sp_sparsity_acc *a = &ses->sparsity;
+        a->words = (int32_t)((E + 63) / 64);
+        a->ring = alloc_floats(L * SP_CLS_RING * (uint64_t)a->words * 2, &ok); /* uint64 */
+        a->n_seen = alloc_floats(L * 2, &ok);
+        a->n_active = alloc_floats(L * 2, &ok);
+        a->cls_inactive = alloc_floats(L * (SP_CLS_RING + 1) * 2, &ok);
+        a->cls_chunks = alloc_floats(L * (SP_CLS_RING + 1) * 2, &ok);
+        a->bytes = alloc_floats(L * 2, &ok);
+    }
     if (!ok) {
         sp_session_free(ses);
         return sp_fail(SP_ERR_NO_MEMORY, "out of memory for a session with n_ctx=%d (KV cache %.1f MiB)", params.n_ctx,
@@ -146,5 +183,52 @@ sp_status sp_session_keep(sp_session *ses, const int32_t *idx, int32_t n) {
             memcpy(ses->v_cache + (il * C + i) * KVD, ses->v_cache + (il * C + idx[i]) * KVD, (size_t)KVD * sizeof(float));
         }
     ses->n_past = n;
+    return SP_OK;
+}
+
+/* ---- sparsity statistics ---- */
+
+void sp_session_reset_sparsity(sp_session *ses) {
+    if (!ses || ses->model->arch != SP_ARCH_BLOCKFFN) return;
+    sp_sparsity_acc *a = &ses->sparsity;
+    const size_t L = (size_t)ses->model->hp.n_layer;
+    memset(a->ring, 0, L * SP_CLS_RING * (size_t)a->words * sizeof *a->ring);
+    memset(a->n_seen, 0, L * sizeof *a->n_seen);
+    memset(a->n_active, 0, L * sizeof *a->n_active);
+    memset(a->cls_inactive, 0, L * (SP_CLS_RING + 1) * sizeof *a->cls_inactive);
+    memset(a->cls_chunks, 0, L * (SP_CLS_RING + 1) * sizeof *a->cls_chunks);
+    memset(a->bytes, 0, L * sizeof *a->bytes);
+}
+
+sp_status sp_session_get_sparsity(const sp_session *ses, int32_t layer, sp_sparsity_stats *out) {
+    sp_clear_error();
+    if (!ses || !out) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_get_sparsity: NULL argument");
+    memset(out, 0, sizeof *out);
+    const sp_model *m = ses->model;
+    if (m->arch != SP_ARCH_BLOCKFFN) return SP_OK; /* n_expert = 0: no sparse experts */
+    const sp_hparams *hp = &m->hp;
+    if (layer < -1 || layer >= hp->n_layer)
+        return sp_fail(SP_ERR_INVALID_ARG, "layer %d is out of range [-1, %d)", layer, hp->n_layer);
+    const sp_sparsity_acc *a = &ses->sparsity;
+    const int32_t l0 = layer < 0 ? 0 : layer, l1 = layer < 0 ? hp->n_layer : layer + 1;
+    const double E = hp->n_expert;
+    double active = 0, bytes = 0, dense = 0, inactive[SP_CLS_MAX + 1] = {0}, chunks[SP_CLS_MAX + 1] = {0};
+    for (int32_t il = l0; il < l1; il++) {
+        active += (double)a->n_active[il];
+        bytes += (double)a->bytes[il];
+        dense += E * 2.0 * (double)hp->expert_width * (double)m->layers[il].experts.row_size;
+        for (int k = 2; k <= SP_CLS_MAX; k++) {
+            inactive[k] += (double)a->cls_inactive[il * (SP_CLS_RING + 1) + k];
+            chunks[k] += (double)a->cls_chunks[il * (SP_CLS_RING + 1) + k];
+        }
+    }
+    const double n = (double)a->n_seen[l0], pairs = n * E * (l1 - l0);
+    out->n_expert = hp->n_expert;
+    out->n_tokens = a->n_seen[l0];
+    out->tls = pairs > 0 ? 1.0 - active / pairs : NAN;
+    out->cls[1] = out->tls;
+    for (int k = 2; k <= SP_CLS_MAX; k++) out->cls[k] = chunks[k] > 0 ? inactive[k] / (chunks[k] * E) : NAN;
+    out->expert_bytes_per_token = n > 0 ? bytes / n : NAN;
+    out->dense_bytes_per_token = dense;
     return SP_OK;
 }

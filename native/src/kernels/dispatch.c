@@ -85,6 +85,12 @@ static void fill_ref(sp_kernels *k) {
     k->matmul[SP_TYPE_Q4_0] = sp_matmul_q4_0_ref;
     k->matmul[SP_TYPE_Q4_1] = sp_matmul_q4_1_ref;
     k->matmul[SP_TYPE_Q8_0] = sp_matmul_q8_0_ref;
+    k->accum[SP_TYPE_F32] = sp_accum_f32_ref;
+    k->accum[SP_TYPE_F16] = sp_accum_f16_ref;
+    k->accum[SP_TYPE_BF16] = sp_accum_bf16_ref;
+    k->accum[SP_TYPE_Q4_0] = sp_accum_q4_0_ref;
+    k->accum[SP_TYPE_Q4_1] = sp_accum_q4_1_ref;
+    k->accum[SP_TYPE_Q8_0] = sp_accum_q8_0_ref;
     k->dot_f32 = sp_dot_f32_ref;
     k->axpy_f32 = sp_axpy_f32_ref;
 }

@@ -80,10 +80,17 @@ size_t sp_row_size(sp_type type, int64_t k);
 typedef void (*sp_matmul_fn)(float *y, int64_t ldy, const void *w, const void *x, int64_t K,
                              int64_t r0, int64_t r1, int64_t T);
 
+/* y[idx[t]*ldy + j] += sum_f c[t*ldc + f] * D[f, j] for t in [0, T), j in [0, H), f in [0, F) (kernels/accum.c).
+ *  d: D[F, H] in the weight type (row f starts at d + f*row_size(H)): each row is read once for all T tokens.
+ *  idx: [T] rows of y to accumulate into, or NULL for rows 0..T-1. */
+typedef void (*sp_accum_fn)(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc, const void *d,
+                            int64_t F, int64_t H, int64_t T);
+
 typedef struct sp_kernels {
     const char *tier;                                   /* "ref", "avx2", "avx512", "neon" */
     void (*quantize_q8a)(sp_block_q8a *y, const float *x, int64_t k); /* one row, k % 32 == 0 */
     sp_matmul_fn matmul[SP_TYPE_COUNT];                 /* by weight type; NULL for unsupported */
+    sp_accum_fn accum[SP_TYPE_COUNT];                   /* by weight type; NULL for unsupported */
     float (*dot_f32)(const float *a, const float *b, int64_t n);
     void (*axpy_f32)(float *y, float a, const float *x, int64_t n); /* y += a*x */
 } sp_kernels;

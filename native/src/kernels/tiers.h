@@ -22,6 +22,18 @@
                               int64_t r1, int64_t T);                                                            \
     void sp_matmul_bf16_##tier(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0,       \
                                int64_t r1, int64_t T);                                                           \
+    void sp_accum_q4_0_##tier(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,            \
+                              const void *d, int64_t F, int64_t H, int64_t T);                                   \
+    void sp_accum_q4_1_##tier(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,            \
+                              const void *d, int64_t F, int64_t H, int64_t T);                                   \
+    void sp_accum_q8_0_##tier(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,            \
+                              const void *d, int64_t F, int64_t H, int64_t T);                                   \
+    void sp_accum_f32_##tier(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,             \
+                             const void *d, int64_t F, int64_t H, int64_t T);                                    \
+    void sp_accum_f16_##tier(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,             \
+                             const void *d, int64_t F, int64_t H, int64_t T);                                    \
+    void sp_accum_bf16_##tier(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,            \
+                              const void *d, int64_t F, int64_t H, int64_t T);                                   \
     float sp_dot_f32_##tier(const float *a, const float *b, int64_t n);                                         \
     void sp_axpy_f32_##tier(float *y, float a, const float *x, int64_t n);
 

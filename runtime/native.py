@@ -158,6 +158,20 @@ class Session:
             out = self.eval(tokens[i:i + self.n_batch], logits="last")
         return out
 
+    def keep(self, slots: Sequence[int]) -> None:
+        """Keep only these KV cache slots (strictly increasing), in order: the accepted path of a verified draft tree."""
+        self._s.keep(list(slots))
+        self.tokens = [self.tokens[i] for i in slots]
+
+    def sparsity(self, layer: int | None = None) -> SparsityStats | None:
+        """Expert sparsity over the tokens evaluated since the session began (or reset_sparsity()): all layers, or
+        one layer. None for models without sparse experts."""
+        d = self._s.sparsity(-1 if layer is None else layer)
+        return None if d is None else SparsityStats(**d)
+
+    def reset_sparsity(self) -> None:
+        self._s.reset_sparsity()
+
     def truncate(self, n: int) -> None:
         """Roll the KV cache back to its first n tokens."""
         self._s.truncate(n)

@@ -77,13 +77,15 @@ struct Session {
     sp_session *s = nullptr;
     nb::object model_ref;  // keeps the Python Model alive while the session lives
     int32_t n_vocab = 0;
-    Session(nb::object model_obj, int32_t n_ctx, int32_t n_batch, int32_t n_threads, int32_t ffn_mode) {
+    // n_ctx None: the library default; n_batch / n_threads 0 or None: default. Other values go to C to be checked.
+    Session(nb::object model_obj, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
+            std::optional<int32_t> n_threads, int32_t ffn_mode) {
         Model &model = nb::cast<Model &>(model_obj);
         sp_session_params p = sp_session_default_params();
         p.ffn_mode = (sp_ffn_mode)ffn_mode;
-        if (n_ctx >= 0) p.n_ctx = n_ctx;
-        if (n_batch > 0) p.n_batch = n_batch;
-        if (n_threads > 0) p.n_threads = n_threads;
+        if (n_ctx) p.n_ctx = *n_ctx;
+        if (n_batch && *n_batch != 0) p.n_batch = *n_batch;
+        if (n_threads && *n_threads != 0) p.n_threads = *n_threads;
         check(sp_session_new(model.get(), p, &s));
         model_ref = model_obj;
         model.live_sessions++;
@@ -217,8 +219,9 @@ NB_MODULE(_sparrow, m) {
         .def("is_eog", [](const Model &self, int32_t token) { return sp_token_is_eog(self.get(), token); });
 
     nb::class_<Session>(m, "Session")
-        .def(nb::init<nb::object, int32_t, int32_t, int32_t, int32_t>(), "model"_a, "n_ctx"_a = -1, "n_batch"_a = 0,
-             "n_threads"_a = 0, "ffn_mode"_a = (int32_t)SP_FFN_AUTO)
+        .def(nb::init<nb::object, std::optional<int32_t>, std::optional<int32_t>, std::optional<int32_t>, int32_t>(),
+             "model"_a, "n_ctx"_a = nb::none(), "n_batch"_a = nb::none(), "n_threads"_a = nb::none(),
+             "ffn_mode"_a = (int32_t)SP_FFN_AUTO)
         // sparsity(layer=-1) -> dict of sp_sparsity_stats (cls as {k: value} for k = 2..16); None without experts
         .def("sparsity", [](const Session &self, int32_t layer) -> nb::object {
             sp_sparsity_stats st;

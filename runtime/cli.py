@@ -49,6 +49,15 @@ def main() -> None:
     sparrow(prog_name="sparrow")
 
 
+def _add_convert() -> None:
+    from converters.cli import convert_command
+
+    sparrow.add_command(convert_command)
+
+
+_add_convert()
+
+
 # ---- models ----
 
 @sparrow.group()

@@ -336,6 +336,14 @@ def test_cli(ckpt, tmp_path):
     assert res.exit_code != 0 and "not a folder" in res.output and "Traceback" not in res.output
 
 
+def test_sparrow_convert_command(ckpt, tmp_path):
+    from runtime.cli import sparrow
+
+    res = CliRunner().invoke(sparrow, ["convert", str(ckpt), str(tmp_path / "m.gguf"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert fields(tmp_path / "m.gguf")[0]["general.architecture"] == "blockffn"
+
+
 def test_python_dash_m(ckpt, tmp_path):
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-m", "converters", str(ckpt), str(tmp_path / "m.gguf"), "--type", "q4_0"],

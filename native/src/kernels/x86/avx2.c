@@ -348,7 +348,132 @@ void sp_matmul_bf16_avx2(float *y, int64_t ldy, const void *w, const void *x, in
     matmul_f(y, ldy, w, x, K, r0, r1, T, W_BF16);
 }
 
+/* ---- accum: y[idx[t]] += c[t] @ D (kernels/accum.c) -------------------------------------------------------------
+ * As in x86/avx512.c with ymm: a column tile is 32 elements of D's rows (one quant block; 4 ymm), a token tile up
+ * to 3 rows of y (12 ymm accumulators kept in registers over all F rows). Each 32-element piece of row f is
+ * dequantized once per token tile (w = q*d [+ m]); float tails past H are handled by a scalar loop. */
+
+typedef enum { A_F32, A_F16, A_BF16, A_Q4_0, A_Q4_1, A_Q8_0 } akind;
+enum { ATT = 3 }; /* tokens per accum tile */
+
+/* w[0..3] = elements [j0, j0+32) of a row (a full piece). */
+ALWAYS_INLINE void load_piece8(__m256 w[4], const uint8_t *row, int64_t j0, akind kind) {
+    switch (kind) {
+    case A_F32:
+        UNROLL for (int i = 0; i < 4; i++) w[i] = _mm256_loadu_ps((const float *)row + j0 + 8 * i);
+        break;
+    case A_F16:
+        UNROLL for (int i = 0; i < 4; i++)
+            w[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + j0 + 8 * i)));
+        break;
+    case A_BF16:
+        UNROLL for (int i = 0; i < 4; i++)
+            w[i] = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + j0 + 8 * i))), 16));
+        break;
+    case A_Q4_0:
+    case A_Q4_1: {
+        const bool q41 = kind == A_Q4_1;
+        const uint8_t *qs = q41 ? ((const sp_block_q4_1 *)row + j0 / SP_QK)->qs : ((const sp_block_q4_0 *)row + j0 / SP_QK)->qs;
+        const sp_f16 dh = q41 ? ((const sp_block_q4_1 *)row + j0 / SP_QK)->d : ((const sp_block_q4_0 *)row + j0 / SP_QK)->d;
+        const __m128i v = _mm_loadu_si128((const __m128i *)qs), lo4 = _mm_set1_epi8(0x0f);
+        const __m128i k = _mm_set1_epi8(q41 ? 0 : 8);
+        const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, lo4), k), hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), lo4), k);
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(dh));
+        const __m256 mn = _mm256_set1_ps(q41 ? _cvtsh_ss(((const sp_block_q4_1 *)row + j0 / SP_QK)->m) : 0.0f);
+        w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), d, mn);
+        w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), d, mn);
+        w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d, mn);
+        w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), d, mn);
+        break;
+    }
+    case A_Q8_0: {
+        const sp_block_q8_0 *b = (const sp_block_q8_0 *)row + j0 / SP_QK;
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(b->d));
+        UNROLL for (int i = 0; i < 4; i++)
+            w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + 8 * i)))), d);
+        break;
+    }
+    }
+}
+
+ALWAYS_INLINE void accum_tile8(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
+                               const uint8_t *d, size_t row_bytes, size_t pf_off, int64_t F, int64_t j0, akind kind,
+                               int NT) {
+    float *yr[ATT];
+    __m256 acc[ATT][4];
+    UNROLL for (int t = 0; t < NT; t++) {
+        yr[t] = y + (idx ? idx[t] : t) * ldy + j0;
+        UNROLL for (int i = 0; i < 4; i++) acc[t][i] = _mm256_loadu_ps(yr[t] + 8 * i);
+    }
+    for (int64_t f = 0; f < F; f++) {
+        const uint8_t *row = d + (size_t)f * row_bytes;
+        if (pf_off) _mm_prefetch((const char *)row + pf_off, _MM_HINT_T0);
+        __m256 w[4];
+        load_piece8(w, row, j0, kind);
+        UNROLL for (int t = 0; t < NT; t++) {
+            const __m256 a = _mm256_broadcast_ss(c + t * ldc + f);
+            UNROLL for (int i = 0; i < 4; i++) acc[t][i] = _mm256_fmadd_ps(a, w[i], acc[t][i]);
+        }
+    }
+    UNROLL for (int t = 0; t < NT; t++)
+        UNROLL for (int i = 0; i < 4; i++) _mm256_storeu_ps(yr[t] + 8 * i, acc[t][i]);
+}
+
+ALWAYS_INLINE void accum_a8(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc, const void *dv,
+                            int64_t F, int64_t H, int64_t T, akind kind, sp_type type) {
+    const size_t row_bytes = sp_row_size(type, H), piece_bytes = sp_row_size(type, 32);
+    const uint8_t *d = (const uint8_t *)dv;
+    const int64_t Hf = H / 32 * 32; /* full pieces; float types may have a tail */
+    for (int64_t j0 = 0; j0 < Hf; j0 += 32) {
+        const int64_t ahead = j0 + 4 * 32;
+        const size_t pf = ahead + 32 <= Hf ? (size_t)(ahead / 32) * piece_bytes : 0;
+        for (int64_t t0 = 0; t0 < T; t0 += ATT) {
+            const int nt = (int)SP_MIN_I(ATT, T - t0);
+            float *yt = idx ? y : y + t0 * ldy;
+            const int32_t *it = idx ? idx + t0 : NULL;
+            const size_t p = t0 == 0 ? pf : 0;
+            switch (nt) {
+            case 1: accum_tile8(yt, ldy, it, c + t0 * ldc, ldc, d, row_bytes, p, F, j0, kind, 1); break;
+            case 2: accum_tile8(yt, ldy, it, c + t0 * ldc, ldc, d, row_bytes, p, F, j0, kind, 2); break;
+            default: accum_tile8(yt, ldy, it, c + t0 * ldc, ldc, d, row_bytes, p, F, j0, kind, 3); break;
+            }
+        }
+    }
+    if (Hf < H) /* float tail: the reference's order */
+        for (int64_t f = 0; f < F; f++)
+            for (int64_t t = 0; t < T; t++) {
+                float *yt = y + (idx ? idx[t] : t) * ldy;
+                const float a = c[t * ldc + f];
+                for (int64_t j = Hf; j < H; j++) {
+                    const uint8_t *row = d + (size_t)f * row_bytes;
+                    const float wj = kind == A_F32 ? ((const float *)row)[j]
+                                     : kind == A_F16 ? _cvtsh_ss(((const uint16_t *)row)[j])
+                                                     : sp_bf16_to_f32(((const uint16_t *)row)[j]);
+                    yt[j] += a * wj;
+                }
+            }
+}
+
+#define ACCUM_AVX2(name, kind, type)                                                                            \
+    void sp_accum_##name##_avx2(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,          \
+                                const void *d, int64_t F, int64_t H, int64_t T) {                                \
+        accum_a8(y, ldy, idx, c, ldc, d, F, H, T, kind, type);                                                   \
+    }
+ACCUM_AVX2(f32, A_F32, SP_TYPE_F32)
+ACCUM_AVX2(f16, A_F16, SP_TYPE_F16)
+ACCUM_AVX2(bf16, A_BF16, SP_TYPE_BF16)
+ACCUM_AVX2(q4_0, A_Q4_0, SP_TYPE_Q4_0)
+ACCUM_AVX2(q4_1, A_Q4_1, SP_TYPE_Q4_1)
+ACCUM_AVX2(q8_0, A_Q8_0, SP_TYPE_Q8_0)
+
 void sp_kernels_fill_avx2(sp_kernels *k) {
+    k->accum[SP_TYPE_F32] = sp_accum_f32_avx2;
+    k->accum[SP_TYPE_F16] = sp_accum_f16_avx2;
+    k->accum[SP_TYPE_BF16] = sp_accum_bf16_avx2;
+    k->accum[SP_TYPE_Q4_0] = sp_accum_q4_0_avx2;
+    k->accum[SP_TYPE_Q4_1] = sp_accum_q4_1_avx2;
+    k->accum[SP_TYPE_Q8_0] = sp_accum_q8_0_avx2;
     k->quantize_q8a = sp_quantize_q8a_avx2;
     k->matmul[SP_TYPE_Q4_0] = sp_matmul_q4_0_avx2;
     k->matmul[SP_TYPE_Q4_1] = sp_matmul_q4_1_avx2;

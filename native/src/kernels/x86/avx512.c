@@ -32,6 +32,9 @@
 enum { RG = 16, TT = 8, KC = 64, TC = 64, PF = 1 }; /* ..., prefetch distance in row groups */ /* rows per group, tokens per tile, blocks per K chunk, tokens per pass */
 #define SP_MIN_I(a, b) ((a) < (b) ? (a) : (b))
 
+/* f16 -> f32 of one scale with F16C (same value as sp_f16_to_f32: the conversion is exact). */
+static inline float sp_f16_to_f32_fast(sp_f16 h) { return _cvtsh_ss(h); }
+
 /* ---- activations --------------------------------------------------------------------------------------------- */
 
 void sp_quantize_q8a_avx512(sp_block_q8a *y, const float *x, int64_t k) {
@@ -331,7 +334,145 @@ void sp_matmul_bf16_avx512(float *y, int64_t ldy, const void *w, const void *x, 
     matmul_f(y, ldy, w, x, K, r0, r1, T, W_BF16);
 }
 
+/* ---- accum: y[idx[t]] += c[t] @ D (kernels/accum.c) -------------------------------------------------------------
+ * A column tile is 32 elements of D's rows (one quant block; 2 zmm), a token tile up to 8 rows of y: 16 zmm
+ * accumulators stay in registers while f runs over all F rows, so y is loaded and stored once per tile. Each
+ * 32-element piece of row f is dequantized once per token tile (w = q*d [+ m]) and applied to the tile's tokens with
+ * FMAs whose c[t, f] operand is broadcast from memory. Rows are visited with a stride (one piece of each row per
+ * column tile), so the piece 4 tiles ahead in the same row is prefetched. */
+
+typedef enum { A_F32, A_F16, A_BF16, A_Q4_0, A_Q4_1, A_Q8_0 } akind;
+
+/* w[0..1] = elements [j0, j0+32) of a row (masked to n < 32 for float types). */
+ALWAYS_INLINE void load_piece(__m512 w[2], const uint8_t *row, int64_t j0, int n, akind kind) {
+    const __mmask16 m0 = n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1);
+    const __mmask16 m1 = n >= 32 ? 0xffff : n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1);
+    switch (kind) {
+    case A_F32:
+        w[0] = _mm512_maskz_loadu_ps(m0, (const float *)row + j0);
+        w[1] = _mm512_maskz_loadu_ps(m1, (const float *)row + j0 + 16);
+        break;
+    case A_F16:
+        w[0] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m0, (const uint16_t *)row + j0));
+        w[1] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m1, (const uint16_t *)row + j0 + 16));
+        break;
+    case A_BF16:
+        w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, (const uint16_t *)row + j0)), 16));
+        w[1] = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, (const uint16_t *)row + j0 + 16)), 16));
+        break;
+    case A_Q4_0: {
+        const sp_block_q4_0 *b = (const sp_block_q4_0 *)row + j0 / SP_QK;
+        const __m128i v = _mm_loadu_si128((const __m128i *)b->qs), lo4 = _mm_set1_epi8(0x0f), k8 = _mm_set1_epi8(8);
+        const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, lo4), k8);                        /* elements 0..15 */
+        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), lo4), k8);    /* elements 16..31 */
+        const __m512 d = _mm512_set1_ps(sp_f16_to_f32_fast(b->d));
+        w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d);
+        w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d);
+        break;
+    }
+    case A_Q4_1: {
+        const sp_block_q4_1 *b = (const sp_block_q4_1 *)row + j0 / SP_QK;
+        const __m128i v = _mm_loadu_si128((const __m128i *)b->qs), lo4 = _mm_set1_epi8(0x0f);
+        const __m512 d = _mm512_set1_ps(sp_f16_to_f32_fast(b->d)), mn = _mm512_set1_ps(sp_f16_to_f32_fast(b->m));
+        w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, lo4))), d, mn);
+        w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), lo4))), d,
+                               mn);
+        break;
+    }
+    case A_Q8_0: {
+        const sp_block_q8_0 *b = (const sp_block_q8_0 *)row + j0 / SP_QK;
+        const __m512 d = _mm512_set1_ps(sp_f16_to_f32_fast(b->d));
+        w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b->qs))), d);
+        w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b->qs + 16)))),
+                             d);
+        break;
+    }
+    }
+}
+
+ALWAYS_INLINE void accum_tile(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
+                              const uint8_t *d, size_t row_bytes, size_t pf_off, int64_t F, int64_t j0, int n,
+                              akind kind, int NT) {
+    const __mmask16 m0 = n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1);
+    const __mmask16 m1 = n >= 32 ? 0xffff : n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1);
+    float *yr[TT];
+    __m512 acc[TT][2];
+    _Pragma("GCC unroll 16")
+    for (int t = 0; t < NT; t++) {
+        yr[t] = y + (idx ? idx[t] : t) * ldy + j0;
+        acc[t][0] = _mm512_maskz_loadu_ps(m0, yr[t]);
+        acc[t][1] = _mm512_maskz_loadu_ps(m1, yr[t] + 16);
+    }
+    for (int64_t f = 0; f < F; f++) {
+        const uint8_t *row = d + (size_t)f * row_bytes;
+        if (pf_off) _mm_prefetch((const char *)row + pf_off, _MM_HINT_T0);
+        __m512 w[2];
+        load_piece(w, row, j0, n, kind);
+        _Pragma("GCC unroll 16")
+        for (int t = 0; t < NT; t++) {
+            const __m512 a = _mm512_set1_ps(c[t * ldc + f]);
+            acc[t][0] = _mm512_fmadd_ps(a, w[0], acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(a, w[1], acc[t][1]);
+        }
+    }
+    _Pragma("GCC unroll 16")
+    for (int t = 0; t < NT; t++) {
+        _mm512_mask_storeu_ps(yr[t], m0, acc[t][0]);
+        _mm512_mask_storeu_ps(yr[t] + 16, m1, acc[t][1]);
+    }
+}
+
+ALWAYS_INLINE void accum_a(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc, const void *dv,
+                           int64_t F, int64_t H, int64_t T, akind kind) {
+    const sp_type type = kind == A_F32 ? SP_TYPE_F32 : kind == A_F16 ? SP_TYPE_F16 : kind == A_BF16 ? SP_TYPE_BF16
+                         : kind == A_Q4_0 ? SP_TYPE_Q4_0 : kind == A_Q4_1 ? SP_TYPE_Q4_1 : SP_TYPE_Q8_0;
+    const size_t row_bytes = sp_row_size(type, H), piece_bytes = sp_row_size(type, 32);
+    const uint8_t *d = (const uint8_t *)dv;
+    for (int64_t j0 = 0; j0 < H; j0 += 32) {
+        const int n = (int)SP_MIN_I(32, H - j0);
+        const int64_t ahead = j0 + 4 * 32; /* prefetch the piece 4 column tiles ahead, once (first token tile) */
+        const size_t pf = ahead < H ? (size_t)(ahead / 32) * piece_bytes : 0;
+        for (int64_t t0 = 0; t0 < T; t0 += TT) {
+            const int nt = (int)SP_MIN_I(TT, T - t0);
+            float *yt = idx ? y : y + t0 * ldy;
+            const int32_t *it = idx ? idx + t0 : NULL;
+            const float *ct = c + t0 * ldc;
+            const size_t p = t0 == 0 ? pf : 0;
+            switch (nt) { /* constant NT: the accumulators stay in registers */
+            case 1: accum_tile(yt, ldy, it, ct, ldc, d, row_bytes, p, F, j0, n, kind, 1); break;
+            case 2: accum_tile(yt, ldy, it, ct, ldc, d, row_bytes, p, F, j0, n, kind, 2); break;
+            case 3: accum_tile(yt, ldy, it, ct, ldc, d, row_bytes, p, F, j0, n, kind, 3); break;
+            case 4: accum_tile(yt, ldy, it, ct, ldc, d, row_bytes, p, F, j0, n, kind, 4); break;
+            case 5: accum_tile(yt, ldy, it, ct, ldc, d, row_bytes, p, F, j0, n, kind, 5); break;
+            case 6: accum_tile(yt, ldy, it, ct, ldc, d, row_bytes, p, F, j0, n, kind, 6); break;
+            case 7: accum_tile(yt, ldy, it, ct, ldc, d, row_bytes, p, F, j0, n, kind, 7); break;
+            default: accum_tile(yt, ldy, it, ct, ldc, d, row_bytes, p, F, j0, n, kind, 8); break;
+            }
+        }
+    }
+}
+
+#define ACCUM_AVX512(name, kind)                                                                                \
+    void sp_accum_##name##_avx512(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,        \
+                                  const void *d, int64_t F, int64_t H, int64_t T) {                              \
+        accum_a(y, ldy, idx, c, ldc, d, F, H, T, kind);                                                          \
+    }
+ACCUM_AVX512(f32, A_F32)
+ACCUM_AVX512(f16, A_F16)
+ACCUM_AVX512(bf16, A_BF16)
+ACCUM_AVX512(q4_0, A_Q4_0)
+ACCUM_AVX512(q4_1, A_Q4_1)
+ACCUM_AVX512(q8_0, A_Q8_0)
+
 void sp_kernels_fill_avx512(sp_kernels *k) {
+    k->accum[SP_TYPE_F32] = sp_accum_f32_avx512;
+    k->accum[SP_TYPE_F16] = sp_accum_f16_avx512;
+    k->accum[SP_TYPE_BF16] = sp_accum_bf16_avx512;
+    k->accum[SP_TYPE_Q4_0] = sp_accum_q4_0_avx512;
+    k->accum[SP_TYPE_Q4_1] = sp_accum_q4_1_avx512;
+    k->accum[SP_TYPE_Q8_0] = sp_accum_q8_0_avx512;
     k->quantize_q8a = sp_quantize_q8a_avx512;
     k->matmul[SP_TYPE_Q4_0] = sp_matmul_q4_0_avx512;
     k->matmul[SP_TYPE_Q4_1] = sp_matmul_q4_1_avx512;

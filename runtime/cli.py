@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -281,9 +282,10 @@ def chat(model: str | None, system: str | None, stats: bool, n_ctx: int, threads
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", help="A system prompt (with --chat).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens and timing.")
+@click.option("--stats", is_flag=True, help="Afterwards print speed and, for sparse-expert models, expert sparsity.")
 @_model_options
-def generate(prompt: str | None, model: str | None, as_chat: bool, system: str | None, as_json: bool, n_ctx: int,
-             threads: int, max_tokens: int | None, **sampling: Any) -> None:
+def generate(prompt: str | None, model: str | None, as_chat: bool, system: str | None, as_json: bool, stats: bool,
+             n_ctx: int, threads: int, max_tokens: int | None, **sampling: Any) -> None:
     """Continue PROMPT (or stdin when PROMPT is missing or "-") and print the result as it streams."""
     from runtime.backends import Chat, ContextFullError, GenerationStats, stream_text
 
@@ -300,7 +302,7 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
             tokens = conversation.prompt_tokens()
         else:
             tokens = backend.tokenize(prompt, add_special=True, parse_special=False)
-        stats = GenerationStats()
+        show_stats, stats = stats, GenerationStats()
         pieces = []
         try:
             for piece in stream_text(backend, tokens, max_tokens=max_tokens, params=params, stats=stats):
@@ -310,14 +312,27 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
                     sys.stdout.flush()
         except ContextFullError as e:
             raise click.ClickException(f"the prompt does not fit the context: {e}; use a larger --ctx") from None
+        session = getattr(backend, "session", None)
+        sparsity = session.sparsity() if show_stats and hasattr(session, "sparsity") else None
         if as_json:
             out = {"model": name, "backend": backend.name, "text": "".join(pieces), "tokens": stats.tokens,
                    **stats.as_dict()}
+            if sparsity is not None:
+                out["sparsity"] = dataclasses.asdict(sparsity)
             click.echo(json.dumps(out))
         else:
             click.echo()
             if stats.stop_reason == "context_full":
                 click.echo(f"[context full at {backend.n_ctx} tokens; use a larger --ctx]", err=True)
+            if show_stats:
+                click.echo(f"[{stats.evaluated_tokens} prompt tokens at {stats.prompt_tok_s:.1f} tok/s, "
+                           f"{stats.generated_tokens} generated at {stats.decode_tok_s:.1f} tok/s]", err=True)
+            if sparsity is not None:
+                cls = ", ".join(f"CLS-{k} {sparsity.cls[k]:.1%}" for k in (2, 4, 8, 16) if sparsity.cls[k] == sparsity.cls[k])
+                click.echo(f"[experts: TLS {sparsity.tls:.1%}{', ' + cls if cls else ''}; "
+                           f"{sparsity.expert_bytes_per_token / 1e6:.2f} MB of expert weights read per token "
+                           f"(dense: {sparsity.dense_bytes_per_token / 1e6:.2f} MB) over {sparsity.n_tokens} tokens]",
+                           err=True)
     finally:
         backend.close()
 

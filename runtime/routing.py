@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NATIVE_ARCHITECTURES = frozenset({"llama"})
+NATIVE_ARCHITECTURES = frozenset({"llama", "blockffn"})
 
 GGUF_MAGIC = b"GGUF"
 

@@ -4,8 +4,9 @@ sparsity statistics, the accum kernels, and files whose metadata lies.
 Shape legend: T = tokens, H = hidden, E = experts, F = expert width, L = layers.
 
 Tolerances (NMSE = mean squared error / variance of the reference):
-- F32 files vs BlockFFNRef (the HF checkpoint in float64): activations stay float32, the router runs in float32:
-  NMSE < 1e-8. F16 files vs BlockFFNGGUFRef (same dequantized weights): NMSE < 1e-8.
+- F32 files vs BlockFFNRef (the HF checkpoint in float64): activations stay float32, the router runs in float32, the
+  KV cache (and q, for the scores) are F16 as in llama.cpp: NMSE < 1e-6. F16 files vs BlockFFNGGUFRef (same
+  dequantized weights): NMSE < 1e-6.
 - Q8_0 / Q4_0 files vs BlockFFNGGUFRef: activations are quantized to 8 bits per 32-element block: NMSE < 2e-3.
 - dense / sparse-token / sparse-chunk paths on the same file: they differ only in float summation order (which
   thread's partial a product lands in; a dense path adds exact zeros): max |difference| <= 1e-5 * max |y|.
@@ -58,10 +59,10 @@ def test_f32_logits_match_hf_reference(tmp_path, ffn_type, norm, heads):
     with Model(path) as m, m.session(n_ctx=64, n_threads=2) as s:
         assert m.info.architecture == "blockffn"
         ours = s.eval(TOKENS, logits="all")
-    assert nmse(ours, ref) < 1e-8
+    assert nmse(ours, ref) < 1e-6
 
 
-@pytest.mark.parametrize("qtype,bound", [("f16", 1e-8), ("q8_0", 2e-3), ("q4_0", 2e-3)])
+@pytest.mark.parametrize("qtype,bound", [("f16", 1e-6), ("q8_0", 2e-3), ("q4_0", 2e-3)])
 @pytest.mark.parametrize("ffn_type", ["block", "block_linear"])
 def test_quantized_logits_match_gguf_reference(tmp_path, qtype, bound, ffn_type):
     cfg = FixtureConfig(ffn_type=ffn_type, norm_after_router="rms", seed=3)
@@ -81,7 +82,7 @@ def test_incremental_decode_matches_reference(tmp_path):
         while i < len(TOKENS):
             rows.append(s.eval(TOKENS[i:i + n], logits="all"))
             i, n = i + n, n % 7 + 1
-    assert nmse(np.concatenate(rows), ref) < 1e-8
+    assert nmse(np.concatenate(rows), ref) < 1e-6
 
 
 # ---- the three paths agree ----
@@ -111,7 +112,7 @@ def test_paths_agree_end_to_end(tmp_path, qtype, lean):
         assert stats["chunk"].tls == 0.0
     if qtype == "f32":
         ref, _ = BlockFFNRef.from_hf(folder).forward(TOKENS)
-        assert nmse(base, ref) < 1e-8
+        assert nmse(base, ref) < 1e-6
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 files whose metadata lies.
 
 Tolerances (normalized MSE = mean squared error / variance of the reference logits):
-- F32, F16, BF16 weights: activations stay float32, so only float32 rounding separates the engines: NMSE < 1e-8.
-- Q8_0, Q4_0, Q4_1 weights: activations are quantized to 8 bits per 32-element block: NMSE < 2e-3.
+- F32, F16, BF16 weights: activations stay float32; the KV cache (and q, for the scores) are F16, as in llama.cpp:
+  NMSE < 1e-6 (measured ~5e-8).
+- Q8_0, Q4_0, Q4_1 weights: activations are quantized to 8 bits per 32-element block: NMSE < 2e-3 (measured ~1.3e-4).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def nmse(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean((a - ref) ** 2) / np.var(ref))
 
 
-@pytest.mark.parametrize("wtype,bound", [(Q.F32, 1e-8), (Q.F16, 1e-8), (Q.BF16, 1e-8), (Q.Q8_0, 2e-3),
+@pytest.mark.parametrize("wtype,bound", [(Q.F32, 1e-6), (Q.F16, 1e-6), (Q.BF16, 1e-6), (Q.Q8_0, 2e-3),
                                          (Q.Q4_0, 2e-3), (Q.Q4_1, 2e-3)])
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (4, 1)], ids=["gqa", "mha", "mqa"])
 def test_logits_match_reference(tmp_path, wtype, bound, heads):
@@ -32,7 +33,9 @@ def test_logits_match_reference(tmp_path, wtype, bound, heads):
     ref = LlamaRef.from_gguf(str(path)).forward(TOKENS)
     with Model(path) as m, m.session(n_ctx=64, n_threads=2) as s:
         ours = s.eval(TOKENS, logits="all")
-    assert nmse(ours, ref) < bound
+    err = nmse(ours, ref)
+    print(f"{wtype.name} {heads}: nmse {err:.2e}")
+    assert err < bound
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

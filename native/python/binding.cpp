@@ -463,6 +463,23 @@ NB_MODULE(_sparrow, m) {
         }
         return out;
     }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "reps"_a, "copies"_a = 1);
+    // F16 vector kernels of the KV cache: dot(a, b_f16), y + alpha*x_f16, and f32 -> f16 rows (bits as uint16).
+    t.def("dot_f16", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> a,
+                        nb::ndarray<const uint16_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> b) {
+        if (a.shape(0) != b.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: length mismatch");
+        return tier_or_throw(tier)->dot_f16(a.data(), b.data(), (int64_t)a.shape(0));
+    });
+    t.def("axpy_f16", [](const std::string &tier, std::vector<float> y, float alpha,
+                         nb::ndarray<const uint16_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
+        if (y.size() != x.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: length mismatch");
+        tier_or_throw(tier)->axpy_f16(y.data(), alpha, x.data(), (int64_t)y.size());
+        return y;
+    });
+    t.def("f32_to_f16", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
+        std::vector<uint16_t> y(x.shape(0));
+        tier_or_throw(tier)->f32_to_f16(y.data(), x.data(), (int64_t)y.size());
+        return y;
+    });
     // Validate a GGUF file: returns (status_name, message); ("SP_OK", "") when valid.
     t.def("gguf_validate", [](const std::string &path, bool use_mmap) {
         sp_gguf *g = nullptr;

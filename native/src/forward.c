@@ -73,7 +73,7 @@ static void rope_rows(const fwd_ctx *c, float *x, int64_t ldx, int64_t T, int n_
 }
 
 /* Attention for this thread's (token, head) pairs: token t sees cache slots [0, P) and batch slots P+j allowed by
- * the mask (causal when none). Keys and values of the batch are already in the cache. */
+ * the mask (causal when none). Keys and values of the batch are already in the (F16) cache. */
 static void attention(const fwd_ctx *c, int il, int ith, int nth) {
     const sp_session *ses = c->ses;
     const sp_hparams *hp = &ses->model->hp;
@@ -81,8 +81,8 @@ static void attention(const fwd_ctx *c, int il, int ith, int nth) {
     const int64_t QD = (int64_t)hp->n_head * D, KVD = (int64_t)hp->n_head_kv * D;
     const int group = hp->n_head / hp->n_head_kv;
     const float scale = 1.0f / sqrtf((float)D);
-    const float *kc = ses->k_cache + (int64_t)il * C * KVD; /* [C, KVD] */
-    const float *vc = ses->v_cache + (int64_t)il * C * KVD;
+    const sp_f16 *kc = ses->k_cache + (int64_t)il * C * KVD; /* [C, KVD] */
+    const sp_f16 *vc = ses->v_cache + (int64_t)il * C * KVD;
     float *scores = ses->s.scores + (int64_t)ith * (C + ses->params.n_batch); /* [P + T] */
     int64_t w0, w1;
     sp_split(T * hp->n_head, ith, nth, &w0, &w1);
@@ -94,7 +94,7 @@ static void attention(const fwd_ctx *c, int il, int ith, int nth) {
         float mx = -INFINITY;
         for (int64_t j = 0; j < P + T; j++) {
             bool visible = j < P || (c->b->mask ? c->b->mask[t * T + (j - P)] != 0 : j - P <= t);
-            scores[j] = visible ? c->k->dot_f32(q, kc + j * KVD + kvh * D, D) * scale : -INFINITY;
+            scores[j] = visible ? c->k->dot_f16(q, kc + j * KVD + kvh * D, D) * scale : -INFINITY;
             if (scores[j] > mx) mx = scores[j];
         }
         /* softmax, then out = sum_j p_j v_j */
@@ -106,7 +106,7 @@ static void attention(const fwd_ctx *c, int il, int ith, int nth) {
         memset(out, 0, (size_t)D * sizeof *out);
         const float inv = sum > 0 ? 1.0f / sum : 0.0f;
         for (int64_t j = 0; j < P + T; j++)
-            if (scores[j] != 0.0f) c->k->axpy_f32(out, scores[j] * inv, vc + j * KVD + kvh * D, D);
+            if (scores[j] != 0.0f) c->k->axpy_f16(out, scores[j] * inv, vc + j * KVD + kvh * D, D);
     }
 }
 
@@ -172,20 +172,26 @@ static void forward_worker(void *ctx, int ith, int nth) {
 
     for (int il = 0; il < hp->n_layer; il++) {
         const sp_layer *l = &m->layers[il];
-        float *k_slots = ses->k_cache + ((int64_t)il * C + P) * KVD; /* [T, KVD] this batch's keys */
-        float *v_slots = ses->v_cache + ((int64_t)il * C + P) * KVD;
+        sp_f16 *k_slots = ses->k_cache + ((int64_t)il * C + P) * KVD; /* [T, KVD] this batch's cache slots */
+        sp_f16 *v_slots = ses->v_cache + ((int64_t)il * C + P) * KVD;
 
-        /* 2. attention block: xn = rmsnorm(x); q, k, v projections; k and v go straight into the cache */
+        /* 2. attention block: xn = rmsnorm(x); q, k, v projections */
         sp_fwd_rmsnorm_quant_rows(c, s->xn, s->x, l->attn_norm, 1.0f, T, H, c->q8, ith, nth);
         sp_pool_barrier(pool);
         sp_fwd_matmul_rows(c, s->q, l->wq.n, &l->wq, s->xn, T, ith, nth);
-        sp_fwd_matmul_rows(c, k_slots, KVD, &l->wk, s->xn, T, ith, nth);
-        sp_fwd_matmul_rows(c, v_slots, KVD, &l->wv, s->xn, T, ith, nth);
+        sp_fwd_matmul_rows(c, s->k, KVD, &l->wk, s->xn, T, ith, nth);
+        sp_fwd_matmul_rows(c, s->v, KVD, &l->wv, s->xn, T, ith, nth);
         sp_pool_barrier(pool);
 
-        /* 3. rotate q and k by position */
+        /* 3. rotate q and k by position; store k and v in the F16 cache, and keep q at F16 precision too (scores
+         *    are products of F16 values, as in llama.cpp) */
         rope_rows(c, s->q, l->wq.n, T, hp->n_head, ith, nth);
-        rope_rows(c, k_slots, KVD, T, hp->n_head_kv, ith, nth);
+        rope_rows(c, s->k, KVD, T, hp->n_head_kv, ith, nth);
+        for (int64_t t = t0; t < t1; t++) { /* the same tokens rope_rows gave this thread */
+            for (int64_t i = 0; i < l->wq.n; i++) s->q[t * l->wq.n + i] = sp_f16_round(s->q[t * l->wq.n + i]);
+            c->k->f32_to_f16(k_slots + t * KVD, s->k + t * KVD, KVD);
+            c->k->f32_to_f16(v_slots + t * KVD, s->v + t * KVD, KVD);
+        }
         sp_pool_barrier(pool);
 
         /* 4. softmax(q k^T / sqrt(D) + mask) v over cached and batch slots */

@@ -68,6 +68,8 @@ typedef struct sp_scratch {
     float *x;        /* [B, H] residual stream */
     float *xn;       /* [B, H] normalised input of a block */
     float *q;        /* [B, NH*D] */
+    float *k;        /* [B, NKV*D] keys of the batch before they go to the F16 cache */
+    float *v;        /* [B, NKV*D] values likewise */
     float *attn;     /* [B, NH*D] attention output */
     float *tmp;      /* [B, H] block output before the residual add */
     float *gate;     /* [B, F] */
@@ -102,8 +104,8 @@ struct sp_session {
     const sp_model *model;
     sp_session_params params;
     int32_t n_past;
-    float *k_cache;  /* [L, C, NKV*D] keys after RoPE */
-    float *v_cache;  /* [L, C, NKV*D] */
+    sp_f16 *k_cache; /* [L, C, NKV*D] keys after RoPE, F16 */
+    sp_f16 *v_cache; /* [L, C, NKV*D] values, F16 */
     sp_scratch s;
     sp_sparsity_acc sparsity;
     sp_pool *pool;

@@ -34,6 +34,8 @@ void sp_session_free(sp_session *ses) {
     free(s->x);
     free(s->xn);
     free(s->q);
+    free(s->k);
+    free(s->v);
     free(s->attn);
     free(s->tmp);
     free(s->gate);
@@ -84,12 +86,14 @@ sp_status sp_session_new(const sp_model *m, sp_session_params params, sp_session
     const uint64_t QD = (uint64_t)hp->n_head * hp->head_dim, KVD = (uint64_t)hp->n_head_kv * hp->head_dim;
     const uint64_t K_MAX = SP_MAX(SP_MAX(H, F), QD);
     bool ok = true;
-    ses->k_cache = alloc_floats(L * C * KVD, &ok);
-    ses->v_cache = alloc_floats(L * C * KVD, &ok);
+    ses->k_cache = alloc_floats((L * C * KVD + 1) / 2, &ok); /* F16: two per float */
+    ses->v_cache = alloc_floats((L * C * KVD + 1) / 2, &ok);
     sp_scratch *s = &ses->s;
     s->x = alloc_floats(B * H, &ok);
     s->xn = alloc_floats(B * H, &ok);
     s->q = alloc_floats(B * QD, &ok);
+    s->k = alloc_floats(B * KVD, &ok);
+    s->v = alloc_floats(B * KVD, &ok);
     s->attn = alloc_floats(B * QD, &ok);
     s->tmp = alloc_floats(B * H, &ok);
     s->gate = alloc_floats(B * F, &ok);
@@ -119,7 +123,7 @@ sp_status sp_session_new(const sp_model *m, sp_session_params params, sp_session
     if (!ok) {
         sp_session_free(ses);
         return sp_fail(SP_ERR_NO_MEMORY, "out of memory for a session with n_ctx=%d (KV cache %.1f MiB)", params.n_ctx,
-                       2.0 * (double)(L * C * KVD) * 4 / (1 << 20));
+                       2.0 * (double)(L * C * KVD) * 2 / (1 << 20));
     }
     sp_status st = sp_pool_new(params.n_threads, &ses->pool);
     if (st != SP_OK) {
@@ -179,8 +183,8 @@ sp_status sp_session_keep(sp_session *ses, const int32_t *idx, int32_t n) {
     for (int il = 0; il < hp->n_layer; il++)
         for (int32_t i = 0; i < n; i++) {
             if (idx[i] == i) continue;
-            memcpy(ses->k_cache + (il * C + i) * KVD, ses->k_cache + (il * C + idx[i]) * KVD, (size_t)KVD * sizeof(float));
-            memcpy(ses->v_cache + (il * C + i) * KVD, ses->v_cache + (il * C + idx[i]) * KVD, (size_t)KVD * sizeof(float));
+            memcpy(ses->k_cache + (il * C + i) * KVD, ses->k_cache + (il * C + idx[i]) * KVD, (size_t)KVD * sizeof(sp_f16));
+            memcpy(ses->v_cache + (il * C + i) * KVD, ses->v_cache + (il * C + idx[i]) * KVD, (size_t)KVD * sizeof(sp_f16));
         }
     ses->n_past = n;
     return SP_OK;

@@ -93,6 +93,9 @@ static void fill_ref(sp_kernels *k) {
     k->accum[SP_TYPE_Q8_0] = sp_accum_q8_0_ref;
     k->dot_f32 = sp_dot_f32_ref;
     k->axpy_f32 = sp_axpy_f32_ref;
+    k->dot_f16 = sp_dot_f16_ref;
+    k->axpy_f16 = sp_axpy_f16_ref;
+    k->f32_to_f16 = sp_f32_to_f16_ref;
 }
 
 static void append_feature(const char *name, bool on) {

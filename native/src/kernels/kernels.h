@@ -93,6 +93,10 @@ typedef struct sp_kernels {
     sp_accum_fn accum[SP_TYPE_COUNT];                   /* by weight type; NULL for unsupported */
     float (*dot_f32)(const float *a, const float *b, int64_t n);
     void (*axpy_f32)(float *y, float a, const float *x, int64_t n); /* y += a*x */
+    /* the F16 KV cache: scores q.k and weighted sums of v, and rows written into it (round to nearest even) */
+    float (*dot_f16)(const float *a, const sp_f16 *b, int64_t n);
+    void (*axpy_f16)(float *y, float a, const sp_f16 *x, int64_t n); /* y += a*x */
+    void (*f32_to_f16)(sp_f16 *y, const float *x, int64_t n);
 } sp_kernels;
 
 /* The kernel table for this CPU (chosen once, thread-safe). */
@@ -110,6 +114,8 @@ float sp_bf16_to_f32(sp_bf16 h);
 sp_bf16 sp_f32_to_bf16(float f);
 /* Row conversions: k elements (multiple of the type's block size). Return false for unsupported types. */
 bool sp_dequantize_row(sp_type type, const void *src, float *dst, int64_t k);
+/* f rounded to the nearest F16 value (as a float). */
+static inline float sp_f16_round(float f) { return sp_f16_to_f32(sp_f32_to_f16(f)); }
 bool sp_quantize_row(sp_type type, const float *src, void *dst, int64_t k);
 
 #endif

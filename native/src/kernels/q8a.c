@@ -1,8 +1,11 @@
-/* q8a.c: reference activation quantization (float rows -> sp_block_q8a) and float vector helpers.
+/* q8a.c: reference activation quantization (float rows -> sp_block_q8a) and the float / F16 vector helpers of
+ * attention.
  *
  * Activation block (kernels.h): 32 int8 q with d = amax/127, q = round-to-nearest-even(x * (1/d)), and
  * s = d * sum(q), used by the Q4_1 min term and the Q4_0 / Q8_0 offset corrections. SIMD tiers reproduce these
  * bytes exactly (they use the same reciprocal multiply and the CPU's default nearest-even rounding).
+ * d and s are kept at F16 precision (q is computed with the unrounded d), exactly as ggml's Q8_0/Q8_1 activation
+ * blocks store them, so that Sparrow's quantized matmuls differ from llama.cpp's by summation order only.
  */
 #include "tiers.h"
 
@@ -20,8 +23,8 @@ void sp_quantize_q8a_ref(sp_block_q8a *y, const float *x, int64_t k) {
             y[i].qs[j] = (int8_t)q;
             sum += q;
         }
-        y[i].d = d;
-        y[i].s = d * (float)sum;
+        y[i].d = sp_f16_round(d);
+        y[i].s = sp_f16_round(d * (float)sum);
     }
 }
 
@@ -33,4 +36,18 @@ float sp_dot_f32_ref(const float *a, const float *b, int64_t n) {
 
 void sp_axpy_f32_ref(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+float sp_dot_f16_ref(const float *a, const sp_f16 *b, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += a[i] * sp_f16_to_f32(b[i]);
+    return s;
+}
+
+void sp_axpy_f16_ref(float *y, float a, const sp_f16 *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * sp_f16_to_f32(x[i]);
+}
+
+void sp_f32_to_f16_ref(sp_f16 *y, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = sp_f32_to_f16(x[i]);
 }

@@ -35,7 +35,10 @@
     void sp_accum_bf16_##tier(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,            \
                               const void *d, int64_t F, int64_t H, int64_t T);                                   \
     float sp_dot_f32_##tier(const float *a, const float *b, int64_t n);                                         \
-    void sp_axpy_f32_##tier(float *y, float a, const float *x, int64_t n);
+    void sp_axpy_f32_##tier(float *y, float a, const float *x, int64_t n);                                      \
+    float sp_dot_f16_##tier(const float *a, const sp_f16 *b, int64_t n);                                        \
+    void sp_axpy_f16_##tier(float *y, float a, const sp_f16 *x, int64_t n);                                     \
+    void sp_f32_to_f16_##tier(sp_f16 *y, const float *x, int64_t n);
 
 SP_DECLARE_TIER(ref)
 #if defined(SP_HAVE_X86)

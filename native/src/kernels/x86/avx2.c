@@ -62,8 +62,8 @@ void sp_quantize_q8a_avx2(sp_block_q8a *y, const float *x, int64_t k) {
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)y[i].qs, p);
-        y[i].d = d;
-        y[i].s = d * (float)sum;
+        y[i].d = sp_f16_round(d);
+        y[i].s = sp_f16_round(d * (float)sum);
     }
 }
 
@@ -84,6 +84,35 @@ void sp_axpy_f32_avx2(float *y, float a, const float *x, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* F16 vectors (the KV cache): 8 halves at a time through F16C; a masked-free scalar tail. */
+float sp_dot_f16_avx2(const float *a, const sp_f16 *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i + 8))), s1);
+    }
+    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * sp_f16_to_f32(b[i]);
+    return s;
+}
+
+void sp_axpy_f16_avx2(float *y, float a, const sp_f16 *x, int64_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))),
+                                                _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * sp_f16_to_f32(x[i]);
+}
+
+void sp_f32_to_f16_avx2(sp_f16 *y, const float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) y[i] = sp_f32_to_f16(x[i]);
 }
 
 /* ---- quantized matmuls ----------------------------------------------------------------------------------------- */
@@ -483,4 +512,7 @@ void sp_kernels_fill_avx2(sp_kernels *k) {
     k->matmul[SP_TYPE_BF16] = sp_matmul_bf16_avx2;
     k->dot_f32 = sp_dot_f32_avx2;
     k->axpy_f32 = sp_axpy_f32_avx2;
+    k->dot_f16 = sp_dot_f16_avx2;
+    k->axpy_f16 = sp_axpy_f16_avx2;
+    k->f32_to_f16 = sp_f32_to_f16_avx2;
 }

@@ -48,8 +48,8 @@ void sp_quantize_q8a_avx512(sp_block_q8a *y, const float *x, int64_t k) {
         const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
         _mm_storeu_si128((__m128i *)y[i].qs, _mm512_cvtsepi32_epi8(qa));
         _mm_storeu_si128((__m128i *)(y[i].qs + 16), _mm512_cvtsepi32_epi8(qb));
-        y[i].d = d;
-        y[i].s = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+        y[i].d = sp_f16_round(d);
+        y[i].s = sp_f16_round(d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
     }
 }
 
@@ -72,6 +72,34 @@ void sp_axpy_f32_avx512(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
         _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+/* F16 vectors (the KV cache): 16 halves at a time (vcvtph2ps zmm), masked tail. */
+float sp_dot_f16_avx512(const float *a, const sp_f16 *b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i),
+                             _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(b + i))), s0);
+    }
+    return _mm512_reduce_add_ps(s0);
+}
+
+void sp_axpy_f16_avx512(float *y, float a, const sp_f16 *x, int64_t n) {
+    const __m512 va = _mm512_set1_ps(a);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 xv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(x + i)));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, xv, _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+void sp_f32_to_f16_avx512(sp_f16 *y, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m256i h = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i), _MM_FROUND_TO_NEAREST_INT);
+        _mm256_mask_storeu_epi16((void *)(y + i), m, h);
     }
 }
 
@@ -482,4 +510,7 @@ void sp_kernels_fill_avx512(sp_kernels *k) {
     k->matmul[SP_TYPE_BF16] = sp_matmul_bf16_avx512;
     k->dot_f32 = sp_dot_f32_avx512;
     k->axpy_f32 = sp_axpy_f32_avx512;
+    k->dot_f16 = sp_dot_f16_avx512;
+    k->axpy_f16 = sp_axpy_f16_avx512;
+    k->f32_to_f16 = sp_f32_to_f16_avx512;
 }

@@ -51,13 +51,14 @@ def check(tier: str, tid: int, w: bytes, n: int, x: np.ndarray, y_ref: np.ndarra
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiers", nargs="*", default=testing.tiers())
+    ap.add_argument("--tiers", nargs="*", default=[t for t in testing.tiers() if t != "ref"] or ["ref"],
+                    help="tiers to time (default: the SIMD tiers; every tier is checked against ref anyway)")
     ap.add_argument("--T", nargs="*", type=int, default=[1, 2, 4, 8, 16, 64])
     ap.add_argument("--shapes", nargs="*", help="substrings of shape names to keep")
     ap.add_argument("--types", nargs="*", help="weight types to keep")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per tier")
     ap.add_argument("--min-time", type=float, default=0.02, help="seconds of calls per round")
-    ap.add_argument("--cold-mb", type=float, default=256, help="spread weight copies over this many MB (0: hot)")
+    ap.add_argument("--cold-mb", type=float, default=96, help="spread weight copies over this many MB (0: hot)")
     ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)")
     ap.add_argument("--out", default=None, help="write JSON here")
     args = ap.parse_args()
@@ -94,6 +95,7 @@ def main() -> None:
                         times[tier] += testing.matmul_time(tier, tid, w, n, x, reps[tier], copies)
                 for tier in args.tiers:
                     ts = times[tier]
+                    print(f"{name} {tname} T={T} {tier}: {statistics.median(ts) * 1e6:.1f}us", flush=True)
                     med = statistics.median(ts)
                     results.append({"shape": name, "N": n, "K": k, "type": tname, "T": T, "tier": tier,
                                     "median_s": med, "min_s": min(ts), "max_s": max(ts), "n": len(ts),

@@ -5,8 +5,8 @@ Both engines quantize activations to 8 bits for the quantized matmuls (llama.cpp
 F16 and keeps its KV cache in F16), and they sum in different orders, so logits agree closely but not bit for bit.
 Measured on this model: normalized MSE (mean squared difference / variance of the oracle's logits) of Sparrow vs the
 float64 reference ~1e-3, of llama.cpp vs the same reference ~4e-3; Sparrow vs llama.cpp ~2-5e-3. Bounds, stated:
-- vs the float64 reference at every position: NMSE < 3e-3, top-1 agreement >= 95%;
-- vs llama.cpp at every position: NMSE < 1e-2, top-1 agreement >= 95%;
+- vs the float64 reference at every position: NMSE < 3e-3; vs llama.cpp: NMSE < 1e-2; wherever the top-1 token
+  differs, the two tokens are a near tie in the oracle's logits (gap < 0.5);
 - greedy continuations of 64 tokens: identical for most prompts; where one differs, at the first differing step the
   two candidate tokens must be a near tie in llama.cpp's own logits (gap < 0.5), i.e. a summation-order effect.
 """
@@ -74,7 +74,6 @@ def test_logits_match_llama_cpp_at_every_position(engines):
     nmse, top1 = compare(ours, ref)
     print(f"vs llama.cpp: nmse={nmse:.2e} top1 agreement={top1:.3f} over {len(tokens)} positions")
     assert nmse < 1e-2
-    assert top1 >= 0.95
 
 
 def test_logits_match_float64_reference_at_every_position(engines, smollm_path):
@@ -87,13 +86,18 @@ def test_logits_match_float64_reference_at_every_position(engines, smollm_path):
     nmse, top1 = compare(ours, ref)
     print(f"vs float64 reference: nmse={nmse:.2e} top1 agreement={top1:.3f} over {len(tokens)} positions")
     assert nmse < 3e-3
-    assert top1 >= 0.95
 
 
 def compare(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """NMSE and top-1 agreement; asserts that wherever the top-1 tokens differ, they are a near tie in the oracle's
+    logits (gap < 0.5), the only place rounding may flip them."""
     assert ours.shape == ref.shape
     nmse = float(np.mean((ours - ref) ** 2) / np.var(ref))
-    return nmse, float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
+    a, b = ours.argmax(-1), ref.argmax(-1)
+    for pos in np.flatnonzero(a != b):
+        gap = float(ref[pos, b[pos]] - ref[pos, a[pos]])
+        assert gap < 0.5, f"position {pos}: top-1 differs with an oracle margin of {gap:.3f}"
+    return nmse, float(np.mean(a == b))
 
 
 def test_chunked_prefill_equals_one_batch(engines):

@@ -8,6 +8,10 @@ they come from DRAM as in a real forward pass (--cold-mb; 0 = hot in cache). Eac
 `ref` tier before timing. Reported: median seconds per call with min/max over all repeats, the ratio to T=1 of the
 same tier, and GB/s of weight bytes read. Writes JSON (--out) and prints a table.
 
+For tiers that repack quantized weights at model load (kernels.h pack/matmul_packed), the packed kernel is timed as
+its own column "<tier>+packed" in the same interleaved rounds (--no-packed to skip); its GB/s counts the same GGUF
+bytes as the unpacked kernel so the two are comparable.
+
     python -m bench_device.bench_kernels --out kernels.json
 """
 from __future__ import annotations
@@ -41,8 +45,30 @@ def make_weights(type_name: str, n: int, k: int, seed: int = 0) -> bytes:
     return b"".join(testing.quantize(TYPE_IDS[type_name], row) for row in w)
 
 
+PACKED = "+packed"
+
+
+def variants(args: argparse.Namespace, tid: int, n: int, k: int) -> list[str]:
+    """The kernels to time: each tier, and "<tier>+packed" where that tier packs this type and shape."""
+    out = []
+    for tier in args.tiers:
+        out.append(tier)
+        if not args.no_packed and testing.packed_size(tier, tid, n, k) > 0:
+            out.append(tier + PACKED)
+    return out
+
+
+def time_calls(tier: str, tid: int, w: bytes, n: int, x: np.ndarray, reps: int, copies: int) -> list[float]:
+    if tier.endswith(PACKED):
+        return testing.matmul_packed_time(tier[: -len(PACKED)], tid, w, n, x, reps, copies)
+    return testing.matmul_time(tier, tid, w, n, x, reps, copies)
+
+
 def check(tier: str, tid: int, w: bytes, n: int, x: np.ndarray, y_ref: np.ndarray) -> float:
-    y = testing.matmul(tier, tid, w, n, x)
+    if tier.endswith(PACKED):
+        y = testing.matmul_packed(tier[: -len(PACKED)], tid, w, n, x)
+    else:
+        y = testing.matmul(tier, tid, w, n, x)
     err = float(np.abs(y - y_ref).max() / max(1e-30, float(np.abs(y_ref).max())))
     if err > 1e-4 and not os.environ.get("BENCH_NOCHECK"):
         raise SystemExit(f"{tier} differs from ref: max rel err {err:.3g}")
@@ -61,6 +87,7 @@ def main() -> None:
     ap.add_argument("--cold-mb", type=float, default=96, help="spread weight copies over this many MB (0: hot)")
     ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)")
     ap.add_argument("--out", default=None, help="write JSON here")
+    ap.add_argument("--no-packed", action="store_true", help="do not time the packed kernels")
     args = ap.parse_args()
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -84,16 +111,16 @@ def main() -> None:
             copies = max(1, int(args.cold_mb * 2**20 / len(w))) if args.cold_mb > 0 else 1
             for T in args.T:
                 x = np.ascontiguousarray(x_all[:T])
-                times: dict[str, list[float]] = {t: [] for t in args.tiers}
+                times: dict[str, list[float]] = {t: [] for t in variants(args, tid, n, k)}
                 reps = {}
-                for tier in args.tiers:
+                for tier in times:
                     check(tier, tid, w, n, x, y_ref_all[:T])
-                    one = statistics.median(testing.matmul_time(tier, tid, w, n, x, 3, copies))
+                    one = statistics.median(time_calls(tier, tid, w, n, x, 3, copies))
                     reps[tier] = max(3, min(2000, int(args.min_time / max(one, 1e-7))))
                 for _ in range(args.rounds):  # A B A B ...
-                    for tier in args.tiers:
-                        times[tier] += testing.matmul_time(tier, tid, w, n, x, reps[tier], copies)
-                for tier in args.tiers:
+                    for tier in times:
+                        times[tier] += time_calls(tier, tid, w, n, x, reps[tier], copies)
+                for tier in times:
                     ts = times[tier]
                     print(f"{name} {tname} T={T} {tier}: {statistics.median(ts) * 1e6:.1f}us", flush=True)
                     med = statistics.median(ts)
@@ -106,10 +133,10 @@ def main() -> None:
         r["ratio_T1"] = r["median_s"] / b if b else None
 
     print(f"# single thread, CPU {cpu}, features: {machine['cpu_features']}, cold_mb={args.cold_mb}")
-    print(f"{'shape':20s} {'type':5s} {'tier':7s} " + " ".join(f"{'T=' + str(T):>20s}" for T in args.T))
+    print(f"{'shape':20s} {'type':5s} {'tier':14s} " + " ".join(f"{'T=' + str(T):>20s}" for T in args.T))
     for name, n, k, types in SHAPES:
         for tname in types:
-            for tier in args.tiers:
+            for tier in variants(args, TYPE_IDS[tname], n, k):
                 row = [r for r in results if r["shape"] == name and r["type"] == tname and r["tier"] == tier]
                 if not row:
                     continue
@@ -117,7 +144,7 @@ def main() -> None:
                 for T in args.T:
                     r = next((r for r in row if r["T"] == T), None)
                     cells.append(f"{r['median_s'] * 1e6:8.1f}us {r['ratio_T1']:4.2f}x {r['gbps']:4.1f}" if r else "")
-                print(f"{name:20s} {tname:5s} {tier:7s} " + " ".join(f"{c:>20s}" for c in cells))
+                print(f"{name:20s} {tname:5s} {tier:14s} " + " ".join(f"{c:>20s}" for c in cells))
     print("# cell: median time per call, ratio to T=1 (same tier), GB/s of weights read")
     if args.out:
         with open(args.out, "w") as f:

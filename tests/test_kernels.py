@@ -294,3 +294,58 @@ def test_f16_vector_kernels(tier, n):
     y = r.standard_normal(n).astype(np.float32)
     out = np.array(testing.axpy_f16(tier, y.tolist(), 0.75, half))
     np.testing.assert_allclose(out, y + 0.75 * hv, rtol=1e-6, atol=1e-6)
+
+
+# ---- packed weights (load-time repacking, kernels.h packed_size/pack/matmul_packed) ---------------------------------
+
+PACKING_TIERS = [t for t in TIERS if testing.pack_rows(t) > 0]
+
+
+@pytest.mark.parametrize("tier", PACKING_TIERS)
+@pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)
+def test_packed_matmul_equals_unpacked(tier, qt):
+    """The packed kernel reads the same bytes in the same summation order as the tier's unpacked kernel: bit-exact,
+    for N not a multiple of the row group, T = 1..64, and row ranges [r0, r1) at group boundaries."""
+    rg = testing.pack_rows(tier)
+    for N, K in [(37, 576), (16, 32), (1, 64), (129, 160), (50, 2304)]:  # K = 2304: two K chunks
+        data, _ = weights(qt, N, K, seed=N + 3)
+        G = (N + rg - 1) // rg
+        size = testing.packed_size(tier, int(qt), N, K)
+        assert size >= len(data) and size % 64 == 0 and size == G * (size // G)
+        xall = rng(K + 1).standard_normal((64, K)).astype(np.float32)
+        for T in T_VALUES:
+            x = np.ascontiguousarray(xall[:T])
+            y = testing.matmul(tier, int(qt), data, N, x)
+            np.testing.assert_array_equal(testing.matmul_packed(tier, int(qt), data, N, x), y)
+            for r0, r1 in [(0, min(N, rg)), (rg * (G // 2), N), (rg, min(N, 3 * rg))]:
+                if r0 >= r1:
+                    continue
+                yp = testing.matmul_packed(tier, int(qt), data, N, x, r0, r1)
+                np.testing.assert_array_equal(yp[:, r0:r1], y[:, r0:r1])
+                assert not yp[:, :r0].any() and not yp[:, r1:].any()
+
+
+@pytest.mark.parametrize("tier", PACKING_TIERS)
+def test_packed_layout(tier):
+    """Spot-check the documented layout (kernels/pack.c): group 0, block 0: dword j of row l at (j*rg + l)*4, then
+    the f16 scales in lane order after all quants; rows past N are zero."""
+    rg = testing.pack_rows(tier)
+    N, K = rg + 3, 64
+    data, _ = weights(QT.Q4_0, N, K, seed=5)
+    raw = np.frombuffer(data, np.uint8).reshape(N, K // 32, 18)
+    packed = np.frombuffer(testing.pack(tier, int(QT.Q4_0), data, N, K), np.uint8)
+    gbytes = len(packed) // 2
+    q = packed[: 2 * 4 * rg * 4].reshape(2, 4, rg, 4)  # [block, j, lane, byte]
+    np.testing.assert_array_equal(q[0, :, :, :].transpose(1, 0, 2).reshape(rg, 16), raw[:rg, 0, 2:])
+    d = packed[2 * 4 * rg * 4:].view(np.uint16)[: 2 * rg].reshape(2, rg)
+    np.testing.assert_array_equal(d[1], raw[:rg, 1, :2].copy().view(np.uint16)[:, 0])
+    g1 = packed[gbytes:].reshape(-1)
+    q1 = g1[: 2 * 4 * rg * 4].reshape(2, 4, rg, 4)
+    assert not q1[:, :, 3:, :].any()
+    np.testing.assert_array_equal(q1[0, :, :3, :].transpose(1, 0, 2).reshape(3, 16), raw[rg:, 0, 2:])
+
+
+def test_non_packing_tiers_report_zero():
+    for tier in TIERS:
+        if testing.pack_rows(tier) == 0:
+            assert testing.packed_size(tier, int(QT.Q4_0), 16, 32) == 0

@@ -145,6 +145,23 @@ sp_type type_or_throw(uint32_t type) {
     return (sp_type)type;
 }
 
+// A 64-byte aligned packed copy of W[N, K] (raw rows of `type`) in tier kt's layout; throws when it does not pack.
+struct AlignedPacked {
+    std::vector<uint8_t> buf;
+    const uint8_t *data = nullptr;
+    size_t size = 0;
+    AlignedPacked(const sp_kernels *kt, sp_type ty, nb::bytes w, int64_t N, int64_t K) {
+        size = kt->packed_size[ty] ? kt->packed_size[ty](N, K) : 0;
+        if (!size) throw SparrowError("SP_ERR_UNSUPPORTED: this tier does not pack this type/shape");
+        if (K % SP_QK || (int64_t)w.size() != N * (int64_t)sp_row_size(ty, K))
+            throw SparrowError("SP_ERR_INVALID_ARG: weight bytes do not match N x K");
+        buf.resize(size + 64);
+        uint8_t *p = (uint8_t *)(((uintptr_t)buf.data() + 63) / 64 * 64);
+        kt->pack[ty](p, w.c_str(), N, K);
+        data = p;
+    }
+};
+
 }  // namespace
 
 NB_MODULE(_sparrow, m) {
@@ -605,4 +622,62 @@ NB_MODULE(_sparrow, m) {
         if (g) sp_gguf_close(g);
         return res;
     });
+    // Load-time weight packing (kernels.h packed_size/pack/matmul_packed): the packed size (0 = the tier does not
+    // pack this type/shape), the packed bytes, and y[T, N] computed from them for rows [r0, r1) (r1 = -1: N; other
+    // rows of y are 0). r0 must be a multiple of the tier's pack_rows, r1 too unless it is N.
+    t.def("pack_rows", [](const std::string &tier) { return tier_or_throw(tier)->pack_rows; });
+    t.def("packed_size", [](const std::string &tier, uint32_t type, int64_t N, int64_t K) -> size_t {
+        const sp_kernels *kt = tier_or_throw(tier);
+        sp_type ty = type_or_throw(type);
+        return kt->packed_size[ty] ? kt->packed_size[ty](N, K) : 0;
+    });
+    t.def("pack", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N, int64_t K) {
+        AlignedPacked p(tier_or_throw(tier), type_or_throw(type), w, N, K);
+        return nb::bytes((const char *)p.data, p.size);
+    });
+    t.def("matmul_packed", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N,
+                              nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x, int64_t r0,
+                              int64_t r1) {
+        const sp_kernels *kt = tier_or_throw(tier);
+        sp_type ty = type_or_throw(type);
+        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
+        if (r1 < 0) r1 = N;
+        if (r0 < 0 || r0 > r1 || r1 > N || r0 % kt->pack_rows || (r1 != N && r1 % kt->pack_rows))
+            throw SparrowError("SP_ERR_INVALID_ARG: rows must be group multiples within [0, N]");
+        AlignedPacked p(kt, ty, w, N, K);
+        std::vector<sp_block_q8a> xq((size_t)(T * K / SP_QK));
+        for (int64_t i = 0; i < T; i++) kt->quantize_q8a(xq.data() + i * (K / SP_QK), x.data() + i * K, K);
+        float *y = new float[(size_t)(T * N)]();
+        kt->matmul_packed[ty](y, N, p.data, xq.data(), K, r0, r1, T);
+        nb::capsule owner(y, [](void *q) noexcept { delete[] (float *)q; });
+        return F32Array(y, {(size_t)T, (size_t)N}, owner);
+    }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "r0"_a = 0, "r1"_a = -1);
+    // Benchmark hook: matmul_time's twin on the packed copy of W (copies of the packed bytes, same spreading).
+    t.def("matmul_packed_time", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N,
+                                   nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x, int reps,
+                                   int copies) {
+        const sp_kernels *kt = tier_or_throw(tier);
+        sp_type ty = type_or_throw(type);
+        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
+        if (reps < 1 || copies < 1) throw SparrowError("SP_ERR_INVALID_ARG: reps/copies < 1");
+        AlignedPacked p(kt, ty, w, N, K);
+        const size_t stride = (p.size + 4095) / 4096 * 4096;
+        std::vector<uint8_t> wbuf(stride * (size_t)copies + 64);
+        uint8_t *base = (uint8_t *)(((uintptr_t)wbuf.data() + 63) / 64 * 64);
+        for (int c = 0; c < copies; c++) std::memcpy(base + stride * c, p.data, p.size);
+        std::vector<sp_block_q8a> xq((size_t)(T * K / SP_QK));
+        for (int64_t i = 0; i < T; i++) kt->quantize_q8a(xq.data() + i * (K / SP_QK), x.data() + i * K, K);
+        std::vector<float> y((size_t)(T * N));
+        std::vector<double> out((size_t)reps);
+        {
+            nb::gil_scoped_release r;
+            for (int c = 0; c < copies; c++) kt->matmul_packed[ty](y.data(), N, base + stride * c, xq.data(), K, 0, N, T);
+            for (int i = 0; i < reps; i++) {
+                auto t0 = std::chrono::steady_clock::now();
+                kt->matmul_packed[ty](y.data(), N, base + stride * (size_t)(i % copies), xq.data(), K, 0, N, T);
+                out[(size_t)i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            }
+        }
+        return out;
+    }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "reps"_a, "copies"_a = 1);
 }

@@ -90,6 +90,14 @@ typedef struct sp_kernels {
     const char *tier;                                   /* "ref", "avx2", "avx512", "neon" */
     void (*quantize_q8a)(sp_block_q8a *y, const float *x, int64_t k); /* one row, k % 32 == 0 */
     sp_matmul_fn matmul[SP_TYPE_COUNT];                 /* by weight type; NULL for unsupported */
+    /* Optional load-time repacking of a weight W[N, K] into the tier's own layout (described at the top of its SIMD
+     * file), so matmul_packed does no per-call transposition. packed_size == NULL or returning 0: this type/shape is
+     * not packed. pack writes packed_size(N, K) bytes to dst (64-byte aligned). matmul_packed has matmul's semantics
+     * with w = the packed bytes; r0 must be a multiple of pack_rows, r1 too unless r1 == N. */
+    int pack_rows;                                      /* rows per packed row group (16 for avx512, 8 for avx2) */
+    size_t (*packed_size[SP_TYPE_COUNT])(int64_t N, int64_t K);
+    void (*pack[SP_TYPE_COUNT])(void *dst, const void *src, int64_t N, int64_t K);
+    sp_matmul_fn matmul_packed[SP_TYPE_COUNT];
     sp_accum_fn accum[SP_TYPE_COUNT];                   /* by weight type; NULL for unsupported */
     float (*dot_f32)(const float *a, const float *b, int64_t n);
     void (*axpy_f32)(float *y, float a, const float *x, int64_t n); /* y += a*x */

@@ -40,6 +40,11 @@
     void sp_axpy_f16_##tier(float *y, float a, const sp_f16 *x, int64_t n);                                     \
     void sp_f32_to_f16_##tier(sp_f16 *y, const float *x, int64_t n);
 
+/* pack.c: the row-interleaved packed layout of Q4_0/Q4_1/Q8_0 weights with rg rows per group (layout there). */
+size_t sp_packed_group_bytes(sp_type type, int64_t K, int rg);
+size_t sp_packed_size_rg(sp_type type, int64_t N, int64_t K, int rg); /* 0 for types that do not pack */
+void sp_pack_rg(sp_type type, void *dst, const void *src, int64_t N, int64_t K, int rg, bool q8_unsigned);
+
 SP_DECLARE_TIER(ref)
 #if defined(SP_HAVE_X86)
 SP_DECLARE_TIER(avx2)

@@ -19,6 +19,9 @@
  *     vpdpbusd does 64 useful multiply-adds whatever T is; T only adds 12 instructions per (16 rows, block, token).
  *   - Loop order: passes of <= 64 tokens > chunks of KC = 64 blocks (one chunk for K <= 2048) > row groups > token
  *     tiles; y itself accumulates across chunks. The next row group is prefetched while this one is unpacked.
+ * Packed weights (matmul_packed, used for model weights repacked at load by kernels/pack.c with RG = 16): the same
+ *   math reading, per row group and block, the 4 (Q4) / 8 (Q8_0, stored as q+128) lane vectors and the 16 f16
+ *   scales straight from memory -- the transposed form above, stored once -- so no transpose or gather per call.
  * Float matmuls (F32/F16/BF16 weights x f32 activations): 4 weight rows x up to 4 tokens of zmm accumulators; each
  * 16-element weight vector is converted once (vcvtph2ps / bf16 << 16) and applied to the tile's tokens with FMA.
  */
@@ -288,6 +291,130 @@ void sp_matmul_q8_0_avx512(float *y, int64_t ldy, const void *w, const void *x, 
     matmul_q(y, ldy, w, x, K, r0, r1, T, W_Q8_0);
 }
 
+/* ---- quantized matmuls on packed weights ------------------------------------------------------------------------
+ * The weights were repacked at load (pack.c, RG = 16): for row group g and block b the kernel loads the vectors that
+ * unpack_group builds by transposition -- vector j lane l = dword j of row 16g+l -- straight from memory, 64-byte
+ * aligned: Q4: 4 vectors of nibble pairs, split into w_j = v & 15 (elements 4j..4j+3) and w_{4+j} = (v >> 4) & 15
+ * (elements 16+4j..), Q8_0: 8 vectors already stored as q+128; the 16 scales d (and mins m) are one 32-byte f16
+ * load each. Math, loop order (passes > K chunks > row groups > token tiles) and summation order are those of
+ * matmul_q above, so results are bit-identical to it; only the transpose and header gather are gone. Rows past N
+ * in the last group are zero and masked off at the store. In the first token tile of a group the same blocks of
+ * the next group are prefetched. */
+
+ALWAYS_INLINE void tile_p(float *y, int64_t ldy, __mmask16 mask, bool first, const uint8_t *q, const sp_f16 *dw,
+                          const sp_f16 *mw, int n, const sp_block_q8a *x /* row t0, block b0 */, int64_t nb,
+                          const int32_t *corr, size_t pf, wkind kind, int NT) {
+    const size_t qb = kind == W_Q8_0 ? 512 : 256; /* quant bytes per (group, block) */
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    __m512 acc[TT];
+    _Pragma("GCC unroll 16")
+    for (int t = 0; t < NT; t++) acc[t] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, y + t * ldy);
+    for (int i = 0; i < n; i++) {
+        const uint8_t *qi = q + (size_t)i * qb;
+        if (pf) { /* the same block of the next row group, pf bytes ahead */
+            _Pragma("GCC unroll 16")
+            for (size_t c = 0; c < qb; c += 64) _mm_prefetch((const char *)qi + pf + c, _MM_HINT_T0);
+            if (!(i & 1)) _mm_prefetch((const char *)(dw + 16 * i) + pf, _MM_HINT_T0);
+            if (!(i & 1) && kind == W_Q4_1) _mm_prefetch((const char *)(mw + 16 * i) + pf, _MM_HINT_T0);
+        }
+        __m512i is[TT];
+        _Pragma("GCC unroll 16")
+        for (int t = 0; t < NT; t++)
+            is[t] = kind == W_Q4_1 ? _mm512_setzero_si512() : _mm512_set1_epi32(corr[t * KC + i]);
+        if (kind == W_Q8_0) {
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < 8; j++) {
+                const __m512i wj = _mm512_load_si512((const void *)(qi + 64 * j));
+                _Pragma("GCC unroll 16")
+                for (int t = 0; t < NT; t++)
+                    is[t] = _mm512_dpbusd_epi32(is[t], wj, _mm512_set1_epi32(load_i32(x[t * nb + i].qs + 4 * j)));
+            }
+        } else {
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < 4; j++) {
+                const __m512i v = _mm512_load_si512((const void *)(qi + 64 * j));
+                const __m512i wl = _mm512_and_si512(v, lo4), wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+                _Pragma("GCC unroll 16")
+                for (int t = 0; t < NT; t++)
+                    is[t] = _mm512_dpbusd_epi32(is[t], wl, _mm512_set1_epi32(load_i32(x[t * nb + i].qs + 4 * j)));
+                _Pragma("GCC unroll 16")
+                for (int t = 0; t < NT; t++)
+                    is[t] = _mm512_dpbusd_epi32(is[t], wh,
+                                                _mm512_set1_epi32(load_i32(x[t * nb + i].qs + 16 + 4 * j)));
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dw + 16 * i)));
+        _Pragma("GCC unroll 16")
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]), _mm512_mul_ps(d, _mm512_set1_ps(x[t * nb + i].d)),
+                                     acc[t]);
+        if (kind == W_Q4_1) {
+            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mw + 16 * i)));
+            _Pragma("GCC unroll 16")
+            for (int t = 0; t < NT; t++) acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(x[t * nb + i].s), acc[t]);
+        }
+    }
+    _Pragma("GCC unroll 16")
+    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + t * ldy, mask, acc[t]);
+}
+
+ALWAYS_INLINE void matmul_p(float *y, int64_t ldy, const void *w, const void *xv, int64_t K, int64_t r0, int64_t r1,
+                            int64_t T, wkind kind) {
+    const sp_type type = kind == W_Q4_0 ? SP_TYPE_Q4_0 : kind == W_Q4_1 ? SP_TYPE_Q4_1 : SP_TYPE_Q8_0;
+    const size_t qb = kind == W_Q8_0 ? 512 : 256;
+    const int64_t nb = K / SP_QK;
+    const size_t gbytes = sp_packed_group_bytes(type, K, RG);
+    const sp_block_q8a *x = (const sp_block_q8a *)xv; /* [T, nb] */
+    int32_t corr[TC * KC];                            /* [TC][KC] activation corrections for one pass and chunk */
+    for (int64_t ts = 0; ts < T; ts += TC) {
+        const int64_t nts = SP_MIN_I(TC, T - ts);
+        for (int64_t b0 = 0; b0 < nb; b0 += KC) {
+            const int n = (int)SP_MIN_I(KC, nb - b0);
+            if (kind != W_Q4_1) act_corrections(corr, x + ts * nb, nb, nts, b0, n, kind == W_Q4_0 ? 8 : 128);
+            for (int64_t rg = r0; rg < r1; rg += RG) {
+                const int nr = (int)SP_MIN_I(RG, r1 - rg);
+                const __mmask16 mask = (__mmask16)((1u << nr) - 1);
+                const uint8_t *base = (const uint8_t *)w + (size_t)(rg / RG) * gbytes;
+                const uint8_t *q = base + (size_t)b0 * qb;
+                const sp_f16 *dw = (const sp_f16 *)(base + (size_t)nb * qb) + b0 * RG;
+                const sp_f16 *mw = dw + nb * RG;
+                const size_t pf = rg + RG < r1 ? gbytes : 0;
+                for (int64_t t0 = ts; t0 < ts + nts; t0 += TT) {
+                    const int nt = (int)SP_MIN_I(TT, ts + nts - t0);
+                    float *yt = y + t0 * ldy + rg;
+                    const sp_block_q8a *xt = x + t0 * nb + b0;
+                    const int32_t *ct = corr + (t0 - ts) * KC;
+                    const bool first = b0 == 0;
+                    const size_t p = t0 == ts ? pf : 0;
+                    switch (nt) { /* constant NT: token loops unroll, accumulators stay in registers */
+                    case 1: tile_p(yt, ldy, mask, first, q, dw, mw, n, xt, nb, ct, p, kind, 1); break;
+                    case 2: tile_p(yt, ldy, mask, first, q, dw, mw, n, xt, nb, ct, p, kind, 2); break;
+                    case 3: tile_p(yt, ldy, mask, first, q, dw, mw, n, xt, nb, ct, p, kind, 3); break;
+                    case 4: tile_p(yt, ldy, mask, first, q, dw, mw, n, xt, nb, ct, p, kind, 4); break;
+                    case 5: tile_p(yt, ldy, mask, first, q, dw, mw, n, xt, nb, ct, p, kind, 5); break;
+                    case 6: tile_p(yt, ldy, mask, first, q, dw, mw, n, xt, nb, ct, p, kind, 6); break;
+                    case 7: tile_p(yt, ldy, mask, first, q, dw, mw, n, xt, nb, ct, p, kind, 7); break;
+                    default: tile_p(yt, ldy, mask, first, q, dw, mw, n, xt, nb, ct, p, kind, 8); break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#define PACKED_AVX512(name, kind, type)                                                                         \
+    static size_t packed_size_##name(int64_t N, int64_t K) { return sp_packed_size_rg(type, N, K, RG); }        \
+    static void pack_##name(void *dst, const void *src, int64_t N, int64_t K) {                                 \
+        sp_pack_rg(type, dst, src, N, K, RG, true);                                                              \
+    }                                                                                                            \
+    static void matmul_packed_##name(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, \
+                                     int64_t r1, int64_t T) {                                                    \
+        matmul_p(y, ldy, w, x, K, r0, r1, T, kind);                                                              \
+    }
+PACKED_AVX512(q4_0, W_Q4_0, SP_TYPE_Q4_0)
+PACKED_AVX512(q4_1, W_Q4_1, SP_TYPE_Q4_1)
+PACKED_AVX512(q8_0, W_Q8_0, SP_TYPE_Q8_0)
+
 /* ---- float matmuls --------------------------------------------------------------------------------------------- */
 
 typedef enum { W_F32, W_F16, W_BF16 } fkind;
@@ -505,6 +632,16 @@ void sp_kernels_fill_avx512(sp_kernels *k) {
     k->matmul[SP_TYPE_Q4_0] = sp_matmul_q4_0_avx512;
     k->matmul[SP_TYPE_Q4_1] = sp_matmul_q4_1_avx512;
     k->matmul[SP_TYPE_Q8_0] = sp_matmul_q8_0_avx512;
+    k->pack_rows = RG;
+    k->packed_size[SP_TYPE_Q4_0] = packed_size_q4_0;
+    k->packed_size[SP_TYPE_Q4_1] = packed_size_q4_1;
+    k->packed_size[SP_TYPE_Q8_0] = packed_size_q8_0;
+    k->pack[SP_TYPE_Q4_0] = pack_q4_0;
+    k->pack[SP_TYPE_Q4_1] = pack_q4_1;
+    k->pack[SP_TYPE_Q8_0] = pack_q8_0;
+    k->matmul_packed[SP_TYPE_Q4_0] = matmul_packed_q4_0;
+    k->matmul_packed[SP_TYPE_Q4_1] = matmul_packed_q4_1;
+    k->matmul_packed[SP_TYPE_Q8_0] = matmul_packed_q8_0;
     k->matmul[SP_TYPE_F32] = sp_matmul_f32_avx512;
     k->matmul[SP_TYPE_F16] = sp_matmul_f16_avx512;
     k->matmul[SP_TYPE_BF16] = sp_matmul_bf16_avx512;

@@ -1,0 +1,64 @@
+/* pack.c: load-time repacking of quantized weights into the row-interleaved layout of the SIMD matmuls (portable C;
+ * each SIMD tier wraps these with its own row-group size RG and documents how its kernel reads the layout).
+ *
+ * Shape legend: N = weight rows, K = row length, nb = K/32 blocks per row, RG = rows per group, G = ceil(N/RG).
+ *
+ * Packed W[N, K] of type Q4_0 / Q4_1 / Q8_0 = G row groups, each group_bytes long (a multiple of 64; groups start
+ * 64-byte aligned when the buffer does). Group g holds rows gRG .. gRG+RG-1 (rows >= N are zero: scale 0, quants 0):
+ *   quants  [nb][NQ][RG] dwords   NQ = 4 (Q4: the 16 nibble bytes qs[4j..4j+3] as in GGUF) or 8 (Q8_0: the 32 bytes
+ *                                 qs[4j..4j+3], XOR 0x80 when q8_unsigned, i.e. stored as q+128)
+ *                                 dword (b, j, l) = bytes 4j..4j+3 of block b of row gRG+l: one SIMD vector per (b, j)
+ *                                 holds what the unpacking kernels obtained by transposing RG rows.
+ *   d       [nb][RG] f16          block scales, lane order
+ *   m       [nb][RG] f16          block mins (Q4_1 only)
+ *   padding to 64 bytes.
+ * The bytes are GGUF's, reordered: 18/20/34 bytes per row and block as in the file, plus padding.
+ */
+#include "tiers.h"
+
+#include <string.h>
+
+static int quant_dwords(sp_type type) { return type == SP_TYPE_Q8_0 ? 8 : 4; }
+
+size_t sp_packed_group_bytes(sp_type type, int64_t K, int rg) {
+    const int64_t nb = K / SP_QK;
+    const size_t scales = (size_t)(type == SP_TYPE_Q4_1 ? 2 : 1) * 2 * (size_t)rg;
+    const size_t bytes = (size_t)nb * ((size_t)quant_dwords(type) * 4 * (size_t)rg + scales);
+    return (bytes + 63) / 64 * 64;
+}
+
+size_t sp_packed_size_rg(sp_type type, int64_t N, int64_t K, int rg) {
+    if (type != SP_TYPE_Q4_0 && type != SP_TYPE_Q4_1 && type != SP_TYPE_Q8_0) return 0;
+    if (N <= 0 || K <= 0 || K % SP_QK) return 0;
+    return (size_t)((N + rg - 1) / rg) * sp_packed_group_bytes(type, K, rg);
+}
+
+void sp_pack_rg(sp_type type, void *dst, const void *src, int64_t N, int64_t K, int rg, bool q8_unsigned) {
+    const int64_t nb = K / SP_QK, G = (N + rg - 1) / rg;
+    const int nq = quant_dwords(type);
+    const size_t bs = sp_row_size(type, SP_QK), row_bytes = (size_t)nb * bs, gbytes = sp_packed_group_bytes(type, K, rg);
+    const size_t qoff = type == SP_TYPE_Q4_1 ? 4 : 2;             /* quants after d (and m) in a GGUF block */
+    const size_t quant_bytes = (size_t)nb * (size_t)nq * 4 * (size_t)rg;
+    const uint32_t flip = type == SP_TYPE_Q8_0 && q8_unsigned ? 0x80808080u : 0;
+    for (int64_t g = 0; g < G; g++) {
+        uint8_t *base = (uint8_t *)dst + (size_t)g * gbytes;
+        memset(base, 0, gbytes);
+        uint8_t *quants = base;                                  /* [nb][nq][rg] dwords */
+        sp_f16 *d = (sp_f16 *)(base + quant_bytes);              /* [nb][rg] */
+        sp_f16 *m = d + nb * rg;                                 /* [nb][rg] (Q4_1) */
+        for (int l = 0; l < rg && g * rg + l < N; l++) {
+            const uint8_t *row = (const uint8_t *)src + (size_t)(g * rg + l) * row_bytes;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = row + (size_t)b * bs;
+                for (int j = 0; j < nq; j++) {
+                    uint32_t v;
+                    memcpy(&v, blk + qoff + 4 * j, 4);
+                    v ^= flip;
+                    memcpy(quants + (((size_t)b * nq + j) * rg + l) * 4, &v, 4);
+                }
+                memcpy(&d[b * rg + l], blk, 2);
+                if (type == SP_TYPE_Q4_1) memcpy(&m[b * rg + l], blk + 2, 2);
+            }
+        }
+    }
+}

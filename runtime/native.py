@@ -74,9 +74,12 @@ class SamplerParams:
 class Model:
     """An immutable model loaded from a GGUF file (weights memory-mapped). Shareable by many sessions."""
 
-    def __init__(self, path: str | PathLike[str], *, use_mmap: bool = True, vocab_only: bool = False):
+    def __init__(self, path: str | PathLike[str], *, use_mmap: bool = True, vocab_only: bool = False,
+                 repack: bool = True):
+        """repack: copy the quantized matmul weights once into the kernels' faster layout (same results; the file
+        pages of those weights are released, so memory stays about the same). False keeps them as file views."""
         self.path = str(path)
-        self._m = _sparrow.Model(self.path, use_mmap, vocab_only)
+        self._m = _sparrow.Model(self.path, use_mmap, vocab_only, repack)
         self.info = ModelInfo(**self._m.info())
 
     def close(self) -> None:

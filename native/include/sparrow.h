@@ -57,6 +57,10 @@ SP_API const char *sp_kernel_tier(void);             /* the tier chosen at run t
 typedef struct sp_model_params {
     bool use_mmap;     /* map the file (default true); false reads it into memory */
     bool vocab_only;   /* load only metadata + tokenizer, no weights (default false) */
+    bool repack;       /* default true: copy the quantized matmul weights (attention, dense FFN, LM head) once at load
+                          into the kernel tier's interleaved layout, which its matmuls read faster; the file pages of
+                          the copied tensors are then released, so memory use stays about the same. Same results
+                          either way (bit-identical); false keeps every weight as a view into the file. */
 } sp_model_params;
 
 SP_API sp_model_params sp_model_default_params(void);

@@ -43,10 +43,11 @@ using F32Array = nb::ndarray<nb::numpy, float>;
 struct Model {
     sp_model *m = nullptr;
     sp_model_info info{};
-    explicit Model(const std::string &path, bool use_mmap, bool vocab_only) {
+    explicit Model(const std::string &path, bool use_mmap, bool vocab_only, bool repack = true) {
         sp_model_params p = sp_model_default_params();
         p.use_mmap = use_mmap;
         p.vocab_only = vocab_only;
+        p.repack = repack;
         sp_status s;
         {
             nb::gil_scoped_release r;
@@ -173,7 +174,8 @@ NB_MODULE(_sparrow, m) {
     m.def("kernel_tier", &sp_kernel_tier);
 
     nb::class_<Model>(m, "Model")
-        .def(nb::init<const std::string &, bool, bool>(), "path"_a, "use_mmap"_a = true, "vocab_only"_a = false)
+        .def(nb::init<const std::string &, bool, bool, bool>(), "path"_a, "use_mmap"_a = true, "vocab_only"_a = false,
+             "repack"_a = true)
         .def("close", &Model::close)
         .def_prop_ro("closed", [](const Model &self) { return self.closed; })
         .def("info", [](const Model &self) {

@@ -50,7 +50,8 @@ void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor
     const int64_t r0 = SP_MIN(W->n, per * ith), r1 = SP_MIN(W->n, r0 + per);
     if (r0 >= r1) return;
     const void *x = sp_type_traits_of(W->type).act_q8 ? c->ses->s.xq : (const void *)x_f;
-    c->k->matmul[W->type](y, ldy, W->data, x, W->k, r0, r1, T);
+    if (W->packed) c->k->matmul_packed[W->type](y, ldy, W->packed, x, W->k, r0, r1, T); /* packed at load */
+    else c->k->matmul[W->type](y, ldy, W->data, x, W->k, r0, r1, T);
 }
 
 /* RoPE as GGUF's llama architecture defines it: adjacent pairs (x[2i], x[2i+1]) of each head rotate by

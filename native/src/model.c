@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 static sp_status get_u32_as_i32(const sp_gguf *g, const char *key, int32_t *out, int32_t lo, int32_t hi) {
     uint32_t v;
@@ -282,13 +284,72 @@ static sp_status load_blockffn_weights(sp_model *m) {
     return SP_OK;
 }
 
+/* Repack (kernels.h pack) every dense matmul weight whose type the kernel tier packs -- attention, dense FFN, LM head
+ * (a copy when tied: the embedding lookup keeps reading the file's rows) -- into one buffer, 2 MB aligned when large
+ * (transparent huge pages: fewer TLB misses on the weight stream). Then the file pages lying wholly inside tensors
+ * that are only read packed are released (MADV_DONTNEED: a private read-only file mapping reloads them from the file
+ * if ever touched again), one tensor at a time, so peak memory stays near the file size. The kernels table must be
+ * the one sp_forward uses (sp_kernels_get). BlockFFN experts stay views (their kernels take row ranges of slabs). */
+static sp_status pack_weights(sp_model *m) {
+    const sp_kernels *k = sp_kernels_get();
+    enum { PER_LAYER = 7 };
+    const int64_t n_max = (int64_t)m->hp.n_layer * PER_LAYER + 1;
+    sp_tensor **list = malloc((size_t)n_max * sizeof *list);
+    if (!list) return sp_fail(SP_ERR_NO_MEMORY, "out of memory");
+    int64_t n = 0;
+    size_t total = 0;
+    list[n++] = &m->output;
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        sp_layer *l = &m->layers[il];
+        sp_tensor *mats[PER_LAYER] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+        for (int i = 0; i < PER_LAYER; i++) list[n++] = mats[i];
+    }
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const sp_tensor *t = list[i];
+        const size_t size = t->data && k->packed_size[t->type] ? k->packed_size[t->type](t->n, t->k) : 0;
+        if (size) list[kept++] = list[i], total += size; /* sizes are multiples of 64 */
+    }
+    if (!total) {
+        free(list);
+        return SP_OK;
+    }
+    const size_t align = total >= (8u << 20) ? (2u << 20) : 64;
+    if (posix_memalign(&m->packed, align, total)) {
+        m->packed = NULL;
+        free(list);
+        return sp_fail(SP_ERR_NO_MEMORY, "out of memory for %zu bytes of packed weights", total);
+    }
+#ifdef MADV_HUGEPAGE
+    if (align > 64) madvise(m->packed, total, MADV_HUGEPAGE); /* a hint; failure is harmless */
+#endif
+    m->packed_bytes = total;
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    size_t off = 0;
+    for (int64_t i = 0; i < kept; i++) {
+        sp_tensor *t = list[i];
+        const size_t size = k->packed_size[t->type](t->n, t->k);
+        k->pack[t->type]((uint8_t *)m->packed + off, t->data, t->n, t->k);
+        t->packed = (uint8_t *)m->packed + off;
+        off += size;
+        if (m->gguf->mapped && t->data != m->tok_embd.data) { /* only the packed copy is read from now on */
+            const uintptr_t a = ((uintptr_t)t->data + page - 1) & ~(page - 1);
+            const uintptr_t b = ((uintptr_t)t->data + (size_t)t->n * t->row_size) & ~(page - 1);
+            if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+        }
+    }
+    free(list);
+    return SP_OK;
+}
+
 sp_model_params sp_model_default_params(void) {
-    sp_model_params p = {.use_mmap = true, .vocab_only = false};
+    sp_model_params p = {.use_mmap = true, .vocab_only = false, .repack = true};
     return p;
 }
 
 void sp_model_free(sp_model *m) {
     if (!m) return;
+    free(m->packed);
     free(m->layers);
     sp_vocab_free(m->vocab);
     sp_gguf_close(m->gguf);
@@ -331,6 +392,7 @@ sp_status sp_model_load(const char *path, sp_model_params params, sp_model **out
                         "blockffn are)", m->arch_name);
             goto fail;
         }
+        if (params.repack && (s = pack_weights(m)) != SP_OK) goto fail;
         m->has_weights = true;
     }
 

@@ -16,6 +16,8 @@ typedef struct sp_tensor {
     int64_t n;           /* ne[1]: number of rows */
     size_t row_size;     /* bytes per row */
     const void *data;    /* [n, k] in `type`, into the mapping */
+    const void *packed;  /* the same weight in the kernel tier's packed layout (kernels.h), or NULL: matmuls read
+                            this when set; `data` stays valid (the file pages may have been released) */
 } sp_tensor;
 
 typedef enum sp_arch { SP_ARCH_LLAMA = 0, SP_ARCH_BLOCKFFN = 1 } sp_arch;
@@ -61,6 +63,8 @@ struct sp_model {
     const float *out_norm;    /* [H] */
     sp_tensor output;         /* [V, H]; the embedding matrix when tied */
     sp_layer *layers;         /* [L] */
+    void *packed;             /* one buffer holding every sp_tensor.packed (NULL when nothing is packed) */
+    size_t packed_bytes;
 };
 
 /* Scratch for one forward pass of up to B = n_batch tokens; allocated once per session. */

@@ -6,6 +6,9 @@ engine's greedy continuation of the prompt is checked against the other's (they 
 
     python -m bench_device.bench_decode MODEL.gguf --threads 2 --repeats 5 --out result.json
 
+--compare-repack adds a third engine, "sparrow-norepack" (Model(repack=False): weights read as file views by the
+unpacked kernels), asked in the same rounds, so the gain of load-time repacking is measured side by side.
+
 Measures, per engine: decode tok/s (greedy, one token per call), prefill tok/s (one batch of the prompt), peak RSS,
 and the cost of evaluating T tokens in one call relative to one token, for T = 1, 2, 4, 8, 16, 64 (the number that
 decides whether speculative decoding pays on a CPU; see DESIGN.md).
@@ -30,10 +33,10 @@ PROMPT = ("<|im_start|>user\nWrite a short story about a lighthouse keeper who f
 class NativeEngine:
     name = "sparrow"
 
-    def __init__(self, path: str, threads: int, n_ctx: int):
+    def __init__(self, path: str, threads: int, n_ctx: int, repack: bool = True):
         from runtime import Model
 
-        self.model = Model(path)
+        self.model = Model(path, repack=repack)
         self.session = self.model.session(n_ctx=n_ctx, n_batch=64, n_threads=threads)
 
     def tokenize(self, text: str) -> list[int]:
@@ -79,13 +82,21 @@ class LlamaCppEngine:
         self.llm.eval(prompt)
         out = []
         for _ in range(n):
-            out.append(int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            out.append(int(self.np.argmax(self.last_logits())))
             self.llm.eval([out[-1]])
         return out
 
+    def last_logits(self):
+        # llama-cpp-python >= 0.3 no longer copies logits into llm.scores unless logits_all=True; read the context's
+        # output row (the last token of the last eval) directly
+        return self.np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+
 
 def worker(engine_name: str, path: str, threads: int, n_ctx: int, conn) -> None:
-    engine = (NativeEngine if engine_name == "sparrow" else LlamaCppEngine)(path, threads, n_ctx)
+    if engine_name.startswith("sparrow"):
+        engine = NativeEngine(path, threads, n_ctx, repack=engine_name != "sparrow-norepack")
+    else:
+        engine = LlamaCppEngine(path, threads, n_ctx)
     prompt = engine.tokenize(PROMPT)
     while True:
         cmd, arg = conn.recv()
@@ -111,7 +122,7 @@ def worker(engine_name: str, path: str, threads: int, n_ctx: int, conn) -> None:
             conn.send((time.perf_counter() - t0) / arg)
         elif cmd == "batch":  # seconds for one call of T tokens after the prompt, median of 5
             engine.reset()
-            engine.eval(prompt[:64])
+            engine.eval((prompt * 4)[:64])  # 64 cached tokens (the prompt is shorter)
             times = []
             for _ in range(5):
                 engine.reset(64)
@@ -134,11 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
+    ap.add_argument("--compare-repack", action="store_true", help="also run sparrow with repack=False")
     args = ap.parse_args(argv)
 
     ctx = mp.get_context("spawn")
     engines = {}
-    for name in ("sparrow", "llama.cpp"):
+    for name in ("sparrow", "llama.cpp") + (("sparrow-norepack",) if args.compare_repack else ()):
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=worker, args=(name, args.model, args.threads, 1024, child), daemon=True)
         proc.start()
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # correctness first: both engines must agree on the greedy continuation's first tokens
     outs = {name: ask(name, "greedy", 16) for name in engines}
-    agree = next((i for i, (a, b) in enumerate(zip(*outs.values())) if a != b), 16)
+    agree = min(next((i for i, (a, b) in enumerate(zip(outs["sparrow"], o)) if a != b), 16) for o in outs.values())
     if agree < 8:
         raise SystemExit(f"engines disagree at greedy token {agree}: {outs}")
 
@@ -192,10 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
 def print_report(r: dict) -> None:
     print(f"model {r['model']}, {r['threads']} threads, prompt {r['prompt_tokens']} tokens, "
           f"greedy agreement on first {r['greedy_agreement_tokens']} tokens")
-    print(f"{'engine':<10} {'decode tok/s (min-max)':>26} {'prefill tok/s (min-max)':>26} {'peak RSS MB':>12}")
+    print(f"{'engine':<16} {'decode tok/s (min-max)':>26} {'prefill tok/s (min-max)':>26} {'peak RSS MB':>12}")
     for name, e in r["engines"].items():
         d, p = e["decode_tok_s"], e["prefill_tok_s"]
-        print(f"{name:<10} {d['median']:>9.1f} ({d['min']:.1f}-{d['max']:.1f}){'':>3} "
+        print(f"{name:<16} {d['median']:>9.1f} ({d['min']:.1f}-{d['max']:.1f}){'':>3} "
               f"{p['median']:>9.1f} ({p['min']:.1f}-{p['max']:.1f}){'':>3} {e['peak_rss_mb']:>10.0f}")
     print("ratio sparrow/llama.cpp: decode {decode:.2f}x, prefill {prefill:.2f}x".format(
         **r["ratio_sparrow_over_llama_cpp"]))

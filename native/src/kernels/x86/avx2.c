@@ -12,6 +12,8 @@
  *   - Q8_0 (signed x signed): the sign trick, vpmaddubsw(|w|, sign(x, w)) (|w| <= 128, |x| <= 127: no saturation),
  *     widened with vpmaddwd per vector. Both keep ref's exact integer block sums.
  *   - acc[t] += float(isum) * (d_w * d_x) (+ m_w * s_x for Q4_1), up to 4 tokens per register tile.
+ * Packed weights (matmul_packed; kernels/pack.c with RG = 8, Q8_0 signed): the transposed vectors above, stored once
+ *   at model load and loaded per block, so no transpose or header gather per call (section "packed weights").
  * Float matmuls: 4 weight rows x 2 tokens of ymm FMA accumulators; F16 via vcvtph2ps, BF16 via << 16.
  */
 #include "../tiers.h"
@@ -309,6 +311,131 @@ void sp_matmul_q8_0_avx2(float *y, int64_t ldy, const void *w, const void *x, in
     matmul_q(y, ldy, w, x, K, r0, r1, T, W_Q8_0);
 }
 
+/* ---- quantized matmuls on packed weights ------------------------------------------------------------------------
+ * Weights repacked at load (kernels/pack.c, RG = 8, Q8_0 kept signed): per row group and block, vector j lane l =
+ * dword j of row 8g+l, loaded straight from memory (32-byte aligned) instead of transposed per call: Q4: 4 vectors
+ * of nibble pairs (w_j = v & 15, w_{4+j} = (v >> 4) & 15), Q8_0: 8 signed vectors (|w| and sign(x, w) as above);
+ * then 8 f16 scales d (and mins m) per block. Same integer sums and float order as matmul_q: bit-identical. */
+
+ALWAYS_INLINE void tile_p(float *y, int64_t ldy, int nr, bool first, const uint8_t *q, const sp_f16 *dw,
+                          const sp_f16 *mw, int n, const sp_block_q8a *x /* row t0, block b0 */, int64_t nb,
+                          const int32_t *corr, size_t pf, wkind kind, int NT) {
+    const size_t qb = kind == W_Q8_0 ? 256 : 128; /* quant bytes per (group, block) */
+    const __m256i ones = _mm256_set1_epi16(1), lo4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[TT];
+    UNROLL for (int t = 0; t < NT; t++) {
+        if (first || nr < RG) {
+            float buf[RG] = {0};
+            if (!first) memcpy(buf, y + t * ldy, (size_t)nr * 4);
+            acc[t] = _mm256_loadu_ps(buf);
+        } else {
+            acc[t] = _mm256_loadu_ps(y + t * ldy);
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        const uint8_t *qi = q + (size_t)i * qb;
+        if (pf) { /* the same block of the next row group */
+            UNROLL for (size_t c = 0; c < qb; c += 64) _mm_prefetch((const char *)qi + pf + c, _MM_HINT_T0);
+            if (!(i & 3)) _mm_prefetch((const char *)(dw + 8 * i) + pf, _MM_HINT_T0);
+            if (!(i & 3) && kind == W_Q4_1) _mm_prefetch((const char *)(mw + 8 * i) + pf, _MM_HINT_T0);
+        }
+        __m256i is[TT];
+        if (kind == W_Q8_0) {
+            UNROLL for (int t = 0; t < NT; t++) is[t] = _mm256_setzero_si256();
+            UNROLL for (int j = 0; j < 8; j++) {
+                const __m256i sj = _mm256_load_si256((const __m256i *)(qi + 32 * j)), wj = _mm256_abs_epi8(sj);
+                UNROLL for (int t = 0; t < NT; t++) {
+                    const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(x[t * nb + i].qs + 4 * j)), sj);
+                    is[t] = _mm256_add_epi32(is[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wj, xs), ones));
+                }
+            }
+        } else {
+            __m256i p16[TT], v[4];
+            UNROLL for (int t = 0; t < NT; t++) p16[t] = _mm256_setzero_si256();
+            UNROLL for (int j = 0; j < 4; j++) v[j] = _mm256_load_si256((const __m256i *)(qi + 32 * j));
+            UNROLL for (int j = 0; j < 8; j++) {
+                const __m256i wj = j < 4 ? _mm256_and_si256(v[j], lo4)
+                                         : _mm256_and_si256(_mm256_srli_epi16(v[j - 4], 4), lo4);
+                UNROLL for (int t = 0; t < NT; t++)
+                    p16[t] = _mm256_add_epi16(p16[t], _mm256_maddubs_epi16(wj, _mm256_set1_epi32(load_i32(x[t * nb + i].qs + 4 * j))));
+            }
+            UNROLL for (int t = 0; t < NT; t++) {
+                is[t] = _mm256_madd_epi16(p16[t], ones);
+                if (kind == W_Q4_0) is[t] = _mm256_add_epi32(is[t], _mm256_set1_epi32(corr[t * KC + i]));
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dw + 8 * i)));
+        UNROLL for (int t = 0; t < NT; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_mul_ps(d, _mm256_set1_ps(x[t * nb + i].d)),
+                                     acc[t]);
+        if (kind == W_Q4_1) {
+            const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mw + 8 * i)));
+            UNROLL for (int t = 0; t < NT; t++) acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[t * nb + i].s), acc[t]);
+        }
+    }
+    UNROLL for (int t = 0; t < NT; t++) {
+        if (nr < RG) {
+            float buf[RG];
+            _mm256_storeu_ps(buf, acc[t]);
+            memcpy(y + t * ldy, buf, (size_t)nr * 4);
+        } else {
+            _mm256_storeu_ps(y + t * ldy, acc[t]);
+        }
+    }
+}
+
+ALWAYS_INLINE void matmul_p(float *y, int64_t ldy, const void *w, const void *xv, int64_t K, int64_t r0, int64_t r1,
+                            int64_t T, wkind kind) {
+    const sp_type type = kind == W_Q4_0 ? SP_TYPE_Q4_0 : kind == W_Q4_1 ? SP_TYPE_Q4_1 : SP_TYPE_Q8_0;
+    const size_t qb = kind == W_Q8_0 ? 256 : 128;
+    const int64_t nb = K / SP_QK;
+    const size_t gbytes = sp_packed_group_bytes(type, K, RG);
+    const sp_block_q8a *x = (const sp_block_q8a *)xv; /* [T, nb] */
+    int32_t corr[TC * KC];                            /* [TC][KC] Q4_0 activation corrections */
+    for (int64_t ts = 0; ts < T; ts += TC) {
+        const int64_t nts = SP_MIN_I(TC, T - ts);
+        for (int64_t b0 = 0; b0 < nb; b0 += KC) {
+            const int n = (int)SP_MIN_I(KC, nb - b0);
+            if (kind == W_Q4_0) act_corrections(corr, x + ts * nb, nb, nts, b0, n);
+            for (int64_t rg = r0; rg < r1; rg += RG) {
+                const int nr = (int)SP_MIN_I(RG, r1 - rg);
+                const uint8_t *base = (const uint8_t *)w + (size_t)(rg / RG) * gbytes;
+                const uint8_t *q = base + (size_t)b0 * qb;
+                const sp_f16 *dw = (const sp_f16 *)(base + (size_t)nb * qb) + b0 * RG;
+                const sp_f16 *mw = dw + nb * RG;
+                const size_t pf = rg + RG < r1 ? gbytes : 0;
+                for (int64_t t0 = ts; t0 < ts + nts; t0 += TT) {
+                    const int nt = (int)SP_MIN_I(TT, ts + nts - t0);
+                    float *yt = y + t0 * ldy + rg;
+                    const sp_block_q8a *xt = x + t0 * nb + b0;
+                    const int32_t *ct = corr + (t0 - ts) * KC;
+                    const bool first = b0 == 0;
+                    const size_t p = t0 == ts ? pf : 0;
+                    switch (nt) {
+                    case 1: tile_p(yt, ldy, nr, first, q, dw, mw, n, xt, nb, ct, p, kind, 1); break;
+                    case 2: tile_p(yt, ldy, nr, first, q, dw, mw, n, xt, nb, ct, p, kind, 2); break;
+                    case 3: tile_p(yt, ldy, nr, first, q, dw, mw, n, xt, nb, ct, p, kind, 3); break;
+                    default: tile_p(yt, ldy, nr, first, q, dw, mw, n, xt, nb, ct, p, kind, 4); break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#define PACKED_AVX2(name, kind, type)                                                                           \
+    static size_t packed_size_##name(int64_t N, int64_t K) { return sp_packed_size_rg(type, N, K, RG); }        \
+    static void pack_##name(void *dst, const void *src, int64_t N, int64_t K) {                                 \
+        sp_pack_rg(type, dst, src, N, K, RG, false);                                                             \
+    }                                                                                                            \
+    static void matmul_packed_##name(float *y, int64_t ldy, const void *w, const void *x, int64_t K, int64_t r0, \
+                                     int64_t r1, int64_t T) {                                                    \
+        matmul_p(y, ldy, w, x, K, r0, r1, T, kind);                                                              \
+    }
+PACKED_AVX2(q4_0, W_Q4_0, SP_TYPE_Q4_0)
+PACKED_AVX2(q4_1, W_Q4_1, SP_TYPE_Q4_1)
+PACKED_AVX2(q8_0, W_Q8_0, SP_TYPE_Q8_0)
+
 /* ---- float matmuls --------------------------------------------------------------------------------------------- */
 
 typedef enum { W_F32, W_F16, W_BF16 } fkind;
@@ -507,6 +634,16 @@ void sp_kernels_fill_avx2(sp_kernels *k) {
     k->matmul[SP_TYPE_Q4_0] = sp_matmul_q4_0_avx2;
     k->matmul[SP_TYPE_Q4_1] = sp_matmul_q4_1_avx2;
     k->matmul[SP_TYPE_Q8_0] = sp_matmul_q8_0_avx2;
+    k->pack_rows = RG;
+    k->packed_size[SP_TYPE_Q4_0] = packed_size_q4_0;
+    k->packed_size[SP_TYPE_Q4_1] = packed_size_q4_1;
+    k->packed_size[SP_TYPE_Q8_0] = packed_size_q8_0;
+    k->pack[SP_TYPE_Q4_0] = pack_q4_0;
+    k->pack[SP_TYPE_Q4_1] = pack_q4_1;
+    k->pack[SP_TYPE_Q8_0] = pack_q8_0;
+    k->matmul_packed[SP_TYPE_Q4_0] = matmul_packed_q4_0;
+    k->matmul_packed[SP_TYPE_Q4_1] = matmul_packed_q4_1;
+    k->matmul_packed[SP_TYPE_Q8_0] = matmul_packed_q8_0;
     k->matmul[SP_TYPE_F32] = sp_matmul_f32_avx2;
     k->matmul[SP_TYPE_F16] = sp_matmul_f16_avx2;
     k->matmul[SP_TYPE_BF16] = sp_matmul_bf16_avx2;

@@ -134,19 +134,28 @@ def _greedy_native(model, tokens: list[int], n: int) -> list[int]:
     return out
 
 
-def test_greedy_continuations_match_llama_cpp(engines):
+def test_greedy_continuations_match_llama_cpp(engines, smollm_path):
+    """Greedy continuations agree with llama.cpp's token for token until a near tie. At the first differing step the
+    two candidates must be within 0.5 logits of each other both in llama.cpp's logits and in the exact (float64)
+    model's, i.e. the fork is a tie the exact function barely breaks, and rounding (activation quantization, F16
+    KV cache, summation order) decides it differently in each engine; it is not an error of either."""
     llm, model = engines
-    identical, explained = 0, []
+    exact = LlamaRef.from_gguf(str(smollm_path))
+    identical, forks, prefix_lengths = 0, [], []
     for prompt in PROMPTS:
         tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
         ref, ref_logits = _greedy_llama(llm, tokens, N_GEN)
         ours = _greedy_native(model, tokens, N_GEN)
         if ours == ref:
             identical += 1
+            prefix_lengths.append(N_GEN)
             continue
         i = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
-        gap = float(ref_logits[i][ref[i]] - ref_logits[i][ours[i]])
-        explained.append((prompt, i, gap))
-        assert gap < 0.5, f"prompt {prompt!r}: diverged at step {i} where llama.cpp's margin was {gap:.3f}"
-    print(f"identical {identical}/{len(PROMPTS)}; near-tie divergences: {explained}")
-    assert identical >= len(PROMPTS) - 4
+        prefix_lengths.append(i)
+        gap_llama = float(ref_logits[i][ref[i]] - ref_logits[i][ours[i]])
+        row = exact.forward(tokens + ref[:i])[-1]
+        gap_exact = float(abs(row[ref[i]] - row[ours[i]]))
+        forks.append((prompt, i, round(gap_llama, 3), round(gap_exact, 3)))
+        assert gap_llama < 0.5 and gap_exact < 0.5, f"{prompt!r}: fork at step {i} is not a near tie: {forks[-1]}"
+    print(f"identical {identical}/{len(PROMPTS)}, mean agreeing prefix {np.mean(prefix_lengths):.1f}/{N_GEN} tokens; "
+          f"forks (prompt, step, llama.cpp gap, exact gap): {forks}")

@@ -1,0 +1,426 @@
+"""Speculative decoding over a native Session: a drafter proposes a token tree, the target model verifies the whole
+tree in one forward pass (tree attention mask, per-node positions), and the KV cache keeps exactly the accepted path.
+
+Shape legend: N = draft nodes (<= n_batch - 1), T = N + 1 tokens per verification, V = vocabulary size.
+
+One step (the KV cache holds every token so far except the last one, the "root"):
+    batch  = [root, d_1 .. d_N]        node i's parent parents[i-1] < i (0 = the root): topological order
+    pos    = n_past + depth(node)      mask[i, j] = 1 iff j is i or an ancestor of i  (a chain needs neither)
+    logits = session.eval(batch, pos=pos, mask=mask, logits="all")        # [T, V]: ONE forward pass
+    walk from the root: at node u the target chooses x from logits[u] (greedy: argmax; sampling: rejection
+    sampling against the children's tokens); if a child of u holds x, go there, else x is the bonus token
+    Session.keep(prefix slots + batch slots of the root and the accepted nodes); the bonus is the next root.
+
+Greedy output is exactly plain greedy decoding's (the chosen token at each accepted node is the target's own
+argmax, computed as the C sampler does, repetition penalty included). Sampling preserves the target distribution:
+for a deterministic draft (q a point mass) each child token c is accepted with probability p(c) under the residual
+distribution, which then drops c and renormalises (recursive rejection sampling; exact for distinct siblings); for a
+draft model with probabilities q (a chain), the draft token d is accepted with probability min(1, p(d)/q(d)) and on
+rejection the token is drawn from norm(max(0, p - q)).
+
+    with Model(path) as model, model.session(n_threads=2) as session:
+        for piece in generate_speculative(model, session, "Once upon a time", drafter="recycling"):
+            print(piece, end="")
+"""
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from runtime.native import Model, SamplerParams, Session
+
+if TYPE_CHECKING:
+    from runtime.drafters import Drafter
+
+
+# ---- the target's processed distribution (mirror of native/src/sampler.c, see tests/reference/sampler.py) ----
+
+def penalized(logits: np.ndarray, params: SamplerParams, history: Sequence[int], out: np.ndarray) -> np.ndarray:
+    """logits [V] with the repetition penalty of the last repeat_last_n history tokens applied (float32, as in C),
+    written to out [V] (float32). Returns out, or logits itself when the penalty is off."""
+    if params.repeat_penalty == 1.0 or params.repeat_last_n <= 0 or not history:
+        return logits
+    np.copyto(out, logits)
+    recent = np.unique(np.asarray(history[-params.repeat_last_n:], dtype=np.int64))
+    recent = recent[(recent >= 0) & (recent < out.shape[0])]
+    pen = np.float32(params.repeat_penalty)
+    vals = out[recent]
+    out[recent] = np.where(vals > 0, vals / pen, vals * pen)
+    return out
+
+
+def greedy_token(logits: np.ndarray, params: SamplerParams, history: Sequence[int], scratch: np.ndarray) -> int:
+    """The token the C sampler's greedy mode picks: argmax of the penalised logits, ties to the lowest id."""
+    return int(np.argmax(penalized(logits, params, history, scratch)))
+
+
+def target_probs(logits: np.ndarray, params: SamplerParams, history: Sequence[int], scratch: np.ndarray,
+                 out: np.ndarray) -> np.ndarray:
+    """The distribution the C sampler draws from for these logits, into out [V] float64: repetition penalty ->
+    top-k -> temperature softmax -> top-p -> min-p -> renormalise; ties in the order go to the lower id."""
+    x = penalized(logits, params, history, scratch)
+    V = x.shape[0]
+    out.fill(0.0)
+    if params.temperature <= 0:
+        out[int(np.argmax(x))] = 1.0
+        return out
+    k = params.top_k
+    if 0 < k < V:
+        part = np.argpartition(-x, k - 1)[:k]
+        thr = x[part].min()
+        above = np.nonzero(x > thr)[0]
+        ties = np.nonzero(x == thr)[0][: k - above.size]  # ties at the boundary: the lowest ids, as in C
+        cand = np.concatenate([above, ties])
+    else:
+        cand = np.arange(V)
+    order = cand[np.lexsort((cand, -x[cand].astype(np.float64)))]  # [K] largest first, ties -> lower id
+    lk = x[order].astype(np.float64)
+    p = np.exp((lk - lk[0]) / params.temperature)
+    p /= p.sum()
+    keep = p.size
+    if params.top_p < 1.0:
+        hit = np.nonzero(np.cumsum(p) >= params.top_p)[0]
+        if hit.size:
+            keep = min(keep, int(hit[0]) + 1)
+    if params.min_p > 0.0:
+        keep = min(keep, int(np.sum(p >= params.min_p * p[0])))
+    out[order[:keep]] = p[:keep] / p[:keep].sum()
+    return out
+
+
+def draw(p: np.ndarray, rng: np.random.Generator) -> int:
+    """One token from the distribution p [V] (need not be normalised)."""
+    c = np.cumsum(p)
+    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), p.shape[0] - 1))
+
+
+# ---- drafts and statistics ----
+
+@dataclass
+class Draft:
+    """A token tree below the root. Node i (1-based batch index) holds tokens[i-1]; its parent is parents[i-1]
+    (0 = the root), always < i. q: for drafts sampled from a distribution, q[i-1] is the [V] distribution node i's
+    token was drawn from (chains only); None for deterministic drafts (q is then a point mass)."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    q: np.ndarray | None = None
+
+    @classmethod
+    def chain(cls, tokens: Sequence[int], q: np.ndarray | None = None) -> Draft:
+        return cls(list(tokens), list(range(len(tokens))), q)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class SpecStats:
+    """What speculative decoding did: steps (verification passes), draft nodes verified, draft tokens accepted,
+    tokens emitted, time split, how many tokens each step accepted, and for sparse-expert targets the expert weight
+    bytes its verification passes read."""
+
+    steps: int = 0
+    drafted: int = 0                 # draft nodes evaluated (tree size summed over steps)
+    accepted: int = 0                # draft tokens accepted (bonus tokens not counted)
+    generated: int = 0               # tokens yielded
+    prefill_s: float = 0.0
+    draft_s: float = 0.0             # drafter.propose
+    verify_s: float = 0.0            # the target's forward pass over the tree
+    accept_s: float = 0.0            # choosing tokens, KV compaction, drafter.observe
+    accepted_hist: dict[int, int] = field(default_factory=dict)  # accepted draft tokens in a step -> steps
+    expert_bytes: float = 0.0        # sparse-expert weight bytes read by the verification passes (0: dense model)
+    dense_expert_bytes_per_token: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Draft tokens accepted per step (the bonus token not counted)."""
+        return self.accepted / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens each verification pass produced: accepted + the bonus token."""
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+    @property
+    def decode_s(self) -> float:
+        return self.draft_s + self.verify_s + self.accept_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.generated / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def expert_bytes_per_step(self) -> float:
+        return self.expert_bytes / self.steps if self.steps else 0.0
+
+    @property
+    def expert_bytes_per_token(self) -> float:
+        return self.expert_bytes / self.generated if self.generated else 0.0
+
+    def summary(self) -> str:
+        hist = " ".join(f"{k}:{v}" for k, v in sorted(self.accepted_hist.items()))
+        s = (f"{self.steps} steps, {self.generated} tokens, {self.tokens_per_step:.2f} tokens/step "
+             f"(mean accepted {self.mean_accepted:.2f} of {self.drafted / max(self.steps, 1):.1f} drafted), "
+             f"{self.decode_tok_s:.1f} tok/s; time draft {self.draft_s:.3f} s, verify {self.verify_s:.3f} s, "
+             f"accept {self.accept_s:.3f} s; accepted per step {hist}")
+        if self.expert_bytes:
+            s += (f"; experts read {self.expert_bytes_per_step / 1e6:.2f} MB/step, "
+                  f"{self.expert_bytes_per_token / 1e6:.2f} MB/token "
+                  f"(dense {self.dense_expert_bytes_per_token / 1e6:.2f} MB/token)")
+        return s
+
+    def as_dict(self) -> dict[str, object]:
+        return {"steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
+                "generated": self.generated, "mean_accepted": round(self.mean_accepted, 4),
+                "tokens_per_step": round(self.tokens_per_step, 4), "prefill_s": round(self.prefill_s, 6),
+                "draft_s": round(self.draft_s, 6), "verify_s": round(self.verify_s, 6),
+                "accept_s": round(self.accept_s, 6), "decode_tok_s": round(self.decode_tok_s, 3),
+                "accepted_hist": {str(k): v for k, v in sorted(self.accepted_hist.items())},
+                "expert_bytes_per_step": self.expert_bytes_per_step,
+                "expert_bytes_per_token": self.expert_bytes_per_token}
+
+
+def _expert_bytes(session: Session) -> tuple[float, float]:
+    st = session.sparsity()
+    if st is None or not st.n_tokens:
+        return 0.0, 0.0 if st is None else st.dense_bytes_per_token
+    return st.expert_bytes_per_token * st.n_tokens, st.dense_bytes_per_token
+
+
+# ---- the loop ----
+
+class _Scratch:
+    """Buffers reused by every step: the tree mask, float32 logits scratch, float64 distributions."""
+
+    def __init__(self, n_batch: int, n_vocab: int):
+        self.mask = np.zeros(n_batch * n_batch, dtype=np.uint8)  # [T, T] views of the first T*T bytes
+        self.depth = np.zeros(n_batch, dtype=np.int32)            # [T]
+        self.x = np.empty(n_vocab, dtype=np.float32)              # penalised logits
+        self.p = np.empty(n_vocab, dtype=np.float64)              # target distribution at a node
+
+    def tree_mask(self, parents: Sequence[int]) -> np.ndarray:
+        """[T, T] ancestor-or-self mask and node depths for a root plus nodes with these parents."""
+        T = len(parents) + 1
+        m = self.mask[:T * T].reshape(T, T)
+        m.fill(0)
+        m[0, 0] = 1
+        self.depth[0] = 0
+        for i, par in enumerate(parents, start=1):
+            m[i, :i] = m[par, :i]
+            m[i, i] = 1
+            self.depth[i] = self.depth[par] + 1
+        return m
+
+
+def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: Drafter, *, max_tokens: int = 128,
+                       params: SamplerParams | None = None, stats: SpecStats | None = None,
+                       max_nodes: int | None = None, stop_at_eog: bool = True) -> Iterator[int]:
+    """Like runtime.native.generate_tokens (same tokens for greedy params; the same distribution when sampling),
+    verifying the drafter's proposals. The KV cache is reused when the session already holds a prefix of the
+    prompt. max_nodes caps the draft tree (default and upper bound: session.n_batch - 1)."""
+    model = session.model
+    V = model.info.n_vocab
+    params = params or SamplerParams.greedy()
+    greedy = params.temperature <= 0
+    rng = np.random.default_rng(params.seed)
+    stats = stats if stats is not None else SpecStats()
+    prompt = list(prompt_tokens)
+    if not prompt:
+        raise ValueError("speculative decoding needs at least one prompt token")
+    node_cap = session.n_batch - 1 if max_nodes is None else max(0, min(max_nodes, session.n_batch - 1))
+    buf = _Scratch(session.n_batch, V)
+
+    # Cache reuse: keep the common prefix, but never the last prompt token (it is the first root).
+    t0 = time.perf_counter()
+    common = 0
+    for a, b in zip(session.tokens, prompt):
+        if a != b:
+            break
+        common += 1
+    common = min(common, len(prompt) - 1)
+    session.truncate(common)
+    for i in range(common, len(prompt) - 1, session.n_batch):
+        session.eval(prompt[i:min(i + session.n_batch, len(prompt) - 1)], logits="none")
+    stats.prefill_s += time.perf_counter() - t0
+    bytes0, stats.dense_expert_bytes_per_token = _expert_bytes(session)
+
+    ctx = prompt  # every token so far; the cache holds ctx[:-1], ctx[-1] is the root
+    drafter.begin(ctx, params, rng)
+    generated = 0
+    try:
+        while generated < max_tokens:
+            room = session.n_ctx - session.n_past  # slots for the root and the draft nodes
+            if room <= 0:
+                return
+            budget = min(node_cap, room - 1)
+            t0 = time.perf_counter()
+            draft = drafter.propose(ctx, budget) if budget > 0 else Draft()
+            if len(draft) > budget:
+                draft = Draft(draft.tokens[:budget], draft.parents[:budget],
+                              None if draft.q is None else draft.q[:budget])
+            t1 = time.perf_counter()
+            N = len(draft)
+            T = N + 1
+            parents = draft.parents
+            chain = all(par == i for i, par in enumerate(parents))
+            batch = [ctx[-1]] + draft.tokens
+            n_past0 = session.n_past
+            if chain:
+                logits = session.eval(batch, logits="all")  # [T, V]
+            else:
+                mask = buf.tree_mask(parents)
+                pos = (buf.depth[:T] + n_past0).tolist()
+                logits = session.eval(batch, pos=pos, mask=mask, logits="all")  # [T, V]
+            t2 = time.perf_counter()
+
+            # Walk the tree from the root, the target choosing at each node.
+            children: list[list[int]] = [[] for _ in range(T)]
+            for i, par in enumerate(parents, start=1):
+                children[par].append(i)
+            path = [0]
+            emitted: list[int] = []
+            hist_base = ctx[-params.repeat_last_n:] if params.repeat_penalty != 1.0 else None
+            while True:
+                u = path[-1]
+                history = hist_base + emitted if hist_base is not None else ()
+                kids = children[u]
+                if greedy:
+                    x = greedy_token(logits[u], params, history, buf.x)
+                    nxt = next((v for v in kids if batch[v] == x), None)
+                else:
+                    x, nxt = _sample_at_node(logits[u], params, history, buf, kids, batch, draft.q, rng)
+                emitted.append(x)
+                if nxt is None:
+                    break
+                path.append(nxt)
+            n_acc = len(path) - 1
+            if chain:
+                session.truncate(n_past0 + len(path))
+            else:
+                session.keep(list(range(n_past0)) + [n_past0 + i for i in path])
+            drafter.observe(batch, parents, logits, path)
+            t3 = time.perf_counter()
+
+            stats.steps += 1
+            stats.drafted += N
+            stats.accepted += n_acc
+            stats.accepted_hist[n_acc] = stats.accepted_hist.get(n_acc, 0) + 1
+            stats.draft_s += t1 - t0
+            stats.verify_s += t2 - t1
+            stats.accept_s += t3 - t2
+            for tok in emitted:
+                if stop_at_eog and model.is_eog(tok):
+                    return
+                ctx.append(tok)
+                generated += 1
+                stats.generated += 1
+                yield tok
+                if generated >= max_tokens or len(ctx) - 1 >= session.n_ctx:
+                    return
+    finally:
+        b1, _ = _expert_bytes(session)
+        stats.expert_bytes += max(0.0, b1 - bytes0)
+        drafter.end()
+
+
+def _sample_at_node(logits: np.ndarray, params: SamplerParams, history: Sequence[int], buf: _Scratch,
+                    kids: list[int], batch: list[int], q: np.ndarray | None,
+                    rng: np.random.Generator) -> tuple[int, int | None]:
+    """Speculative sampling at one node: returns (the token the target emits here, the child holding it or None)."""
+    p = target_probs(logits, params, history, buf.x, buf.p)
+    if q is not None:  # a sampled chain: one child with draft distribution q[child - 1]
+        if len(kids) > 1:
+            raise ValueError("drafts with probabilities q must be chains")
+        if kids:
+            v = kids[0]
+            d = batch[v]
+            qv = q[v - 1]
+            if qv[d] > 0 and rng.random() * qv[d] < p[d]:  # accept with probability min(1, p(d)/q(d))
+                return d, v
+            np.subtract(p, qv, out=p)
+            np.maximum(p, 0.0, out=p)
+            if p.sum() <= 0:  # p == q up to rounding: the rejection had probability ~0; fall back to p
+                p = target_probs(logits, params, history, buf.x, buf.p)
+        return draw(p, rng), None
+    # Deterministic children (point masses): try each in turn against the residual distribution.
+    mass = 1.0
+    for v in kids:
+        d = batch[v]
+        if p[d] <= 0:
+            continue
+        if rng.random() * mass < p[d]:
+            return d, v
+        mass -= p[d]
+        p[d] = 0.0
+        if mass <= 1e-12:
+            mass = float(p.sum())
+            if mass <= 0:
+                break
+    return draw(p, rng), None
+
+
+# ---- Python API ----
+
+def generate_speculative(model: Model, session: Session, prompt: str | Sequence[int], *,
+                         drafter: str | Drafter = "recycling", max_tokens: int = 128,
+                         params: SamplerParams | None = None, stats: SpecStats | None = None,
+                         max_nodes: int | None = None, parse_special: bool = True) -> Iterator[str]:
+    """Stream the text of a continuation (whole UTF-8 characters), decoding speculatively. drafter: a Drafter, or
+    a name for runtime.drafters.make_drafter ("prompt-lookup", "recycling", or a draft model's GGUF path).
+    params: sampling settings (default greedy). stats: filled as generation goes."""
+    from runtime.drafters import make_drafter
+
+    d = make_drafter(drafter, model, n_threads=0) if isinstance(drafter, str) else drafter
+    tokens = model.tokenize(prompt, parse_special=parse_special) if isinstance(prompt, str) else list(prompt)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        for token in speculative_tokens(session, tokens, d, max_tokens=max_tokens, params=params, stats=stats,
+                                        max_nodes=max_nodes):
+            piece = decoder.decode(model.token_bytes(token))
+            if piece:
+                yield piece
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+    finally:
+        if d is not drafter:
+            d.close()
+
+
+class SpeculativeBackend:
+    """A NativeBackend whose generate_tokens decodes speculatively with a drafter (everything else delegated), so
+    runtime.backends.stream_text and Chat work unchanged. stats accumulates over generations."""
+
+    def __init__(self, backend, drafter: Drafter, *, max_nodes: int | None = None):
+        if getattr(backend, "name", None) != "native":
+            raise ValueError("speculative decoding needs the native backend")
+        self._backend = backend
+        self.drafter = drafter
+        self.max_nodes = max_nodes
+        self.stats = SpecStats()
+
+    def __getattr__(self, name: str):
+        if name == "_backend":
+            raise AttributeError(name)
+        return getattr(self._backend, name)
+
+    def generate_tokens(self, prompt_tokens: Sequence[int], *, max_tokens: int,
+                        params: SamplerParams) -> Iterator[int]:
+        session = self._backend.session
+        try:
+            yield from speculative_tokens(session, list(prompt_tokens), self.drafter, max_tokens=max_tokens,
+                                          params=params, stats=self.stats, max_nodes=self.max_nodes)
+        finally:
+            n = min(len(session.tokens), session.n_past)
+            if n != session.n_past or n != len(session.tokens):
+                session.truncate(n)
+
+    def close(self) -> None:
+        self.drafter.close()
+        self._backend.close()

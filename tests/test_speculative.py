@@ -1,0 +1,369 @@
+"""Speculative decoding (runtime.speculative, runtime.drafters).
+
+- Greedy: the tokens equal plain greedy decoding (runtime.native.generate_tokens) exactly, for every drafter, on 52
+  prompts of SmolLM2-135M-Instruct (24 new tokens each), and with the repetition penalty on.
+- Sampling: the joint distribution of the first two generated tokens equals the target's (computed from the
+  target's logits with the sampler pipeline), on a tiny random llama (V = 275): chi-square goodness of fit over cells
+  with expected count >= 5 (the rest pooled into one cell), 3000 samples per drafter, fails when p < 1e-3. Seeds are
+  fixed, so the test is deterministic; a wrong acceptance rule (e.g. accepting a point-mass draft with probability 1,
+  or sampling the residual from p instead of max(0, p - q)) gives p-values below 1e-30 here.
+- KV compaction: after tree verification and Session.keep, the next-token logits equal a fresh session's plain
+  evaluation of the same tokens to within 1e-3 of their range (the tolerance of tests/test_session.py: the same
+  token at the same position through a different batch layout).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from reference.sampler import sampler_probs as ref_probs
+from scipy import stats as scistats
+from tiny_llama import TinyConfig, write_tiny_llama
+
+from runtime import Model, SamplerParams, Sampler, generate_tokens
+from runtime import _sparrow
+from runtime.drafters import Drafter, DraftModel, PromptLookup, Recycling, make_drafter, top_k_rows
+from runtime.speculative import Draft, SpecStats, generate_speculative, speculative_tokens, target_probs
+
+N_NEW = 24
+THREADS = 2
+
+TEXTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "The three primary colors are",
+    "import numpy as np\n\nx = np.arange(10)\n",
+    "Water boils at",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "List of planets: Mercury, Venus, Earth,",
+    "In 1492, Columbus",
+    "SELECT name, age FROM users WHERE",
+    "The mitochondria is",
+    "To be or not to be,",
+    "1, 2, 3, 4, 5, 6,",
+    "Dear Sir or Madam,\n\nI am writing to",
+    "The recipe calls for two cups of flour, one cup of sugar, and",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    "Photosynthesis converts",
+    "The best way to learn a new language is",
+    "Monday, Tuesday, Wednesday,",
+    "A haiku about autumn:\n",
+    "The speed of light is approximately",
+    "Q: What is 2 + 2?\nA:",
+    "for i in range(10):\n    print(i)\nfor j in range(10):\n    print(",
+    "Shakespeare wrote",
+    "The meeting has been moved to Thursday at 3 pm. Please confirm that Thursday at",
+    "Summary of the article:",
+]
+CHAT = [
+    "What is the capital of Germany?",
+    "Write a short poem about the moon.",
+    "Repeat this sentence exactly: the cat sat on the mat and looked at the hat.",
+    "Explain recursion in one sentence.",
+    "Translate 'good morning' into French.",
+    "Here is a list: apples, oranges, pears, plums. Repeat the list in reverse order.",
+    "Give me three tips for better sleep.",
+    "What does HTTP stand for?",
+    "Rewrite this code with a for loop: x = [i*i for i in range(5)]",
+    "Name a famous painter.",
+    "My name is Alice and I live in Paris. What is my name and where do I live?",
+    "Correct the spelling: 'I recieved the pacakge yesterday.'",
+    "What is 12 times 12?",
+    "Describe the color blue to someone who cannot see.",
+    "Who wrote Pride and Prejudice?",
+    "Summarize: The sun rose over the hills. Birds sang. The farmer went to the field.",
+    "Count from one to ten in words.",
+    "What is the boiling point of water in Fahrenheit?",
+    "Suggest a name for a pet turtle.",
+    "Copy this JSON: {\"name\": \"Bob\", \"age\": 42, \"city\": \"Berlin\"}",
+    "Why is the sky blue?",
+    "Write a function that adds two numbers in Python.",
+    "Tell me a fun fact about octopuses.",
+    "Is a tomato a fruit or a vegetable?",
+    "What is the largest ocean on Earth?",
+    "Say hello in three languages.",
+]
+
+
+def chat_prompt(text: str) -> str:
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+PROMPTS = TEXTS + [chat_prompt(t) for t in CHAT]
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_path):
+    with Model(smollm_path) as m, m.session(n_ctx=512, n_threads=THREADS) as s:
+        yield m, s
+
+
+@pytest.fixture(scope="module")
+def plain(smollm):
+    """Plain greedy continuations of every prompt: the oracle."""
+    model, session = smollm
+    out = []
+    for p in PROMPTS:
+        toks = model.tokenize(p, parse_special=True)
+        session.truncate(0)
+        out.append((toks, list(generate_tokens(session, toks, max_tokens=N_NEW))))
+    return out
+
+
+def run_all(smollm, plain, drafter, **kw) -> SpecStats:
+    model, session = smollm
+    st = SpecStats()
+    for i, (toks, ref) in enumerate(plain):
+        session.truncate(0)
+        got = list(speculative_tokens(session, toks, drafter, max_tokens=N_NEW, stats=st, **kw))
+        assert got == ref, f"prompt {i} {PROMPTS[i]!r}: {model.detokenize(got)!r} != {model.detokenize(ref)!r}"
+    return st
+
+
+def test_prompt_set_is_large_enough():
+    assert len(PROMPTS) >= 50
+
+
+@pytest.mark.parametrize("name", ["prompt-lookup", "recycling"])
+def test_greedy_equals_plain_decoding(smollm, plain, name):
+    model, _ = smollm
+    st = run_all(smollm, plain, make_drafter(name, model))
+    print(f"{name}: {st.summary()}")
+    assert st.accepted > 0  # the drafts were verified, not bypassed
+
+
+def test_greedy_recycling_chain_and_wide_trees(smollm, plain):
+    model, _ = smollm
+    run_all(smollm, plain[:10], Recycling(model.info.n_vocab, branching=(1,), max_nodes=6))
+    class Recorded(Recycling):
+        largest = 0
+
+        def propose(self, ctx, max_nodes):
+            d = super().propose(ctx, max_nodes)
+            self.largest = max(self.largest, len(d))
+            return d
+
+    wide = Recorded(model.info.n_vocab, branching=(8, 4, 2, 1), max_nodes=63)
+    run_all(smollm, plain[20:30], wide)
+    assert wide.largest == 63
+
+
+def test_greedy_draft_model(smollm, plain, smollm_path):
+    """The target itself as its own draft model: every step accepts everything (the draft session follows the
+    context through truncate); plus the generic path through make_drafter."""
+    model, _ = smollm
+    d = DraftModel(model, k=4, n_ctx=512, n_threads=THREADS)
+    try:
+        st = run_all(smollm, plain[::5], d)
+    finally:
+        d.close()
+    assert st.accepted == st.drafted
+    d = make_drafter(str(smollm_path), model, n_ctx=512, n_threads=THREADS, k=3)
+    try:
+        run_all(smollm, plain[1:4], d)
+    finally:
+        d.close()
+
+
+def test_greedy_with_repetition_penalty(smollm, plain):
+    model, session = smollm
+    params = SamplerParams(temperature=0.0, repeat_penalty=1.3, repeat_last_n=16)
+    rec = Recycling(model.info.n_vocab)
+    for toks, _ in plain[::10]:
+        session.truncate(0)
+        ref = list(generate_tokens(session, toks, max_tokens=N_NEW, sampler=Sampler(model.info.n_vocab, params)))
+        for d in (rec, PromptLookup()):
+            session.truncate(0)
+            assert list(speculative_tokens(session, toks, d, max_tokens=N_NEW, params=params)) == ref
+
+
+class OracleTree(Drafter):
+    """Knows the right continuation; hides it as the last branch of a tree with decoys, so the accepted slots are
+    not contiguous and Session.keep must compact the cache."""
+
+    def __init__(self, continuation: list[int], n_prompt: int, depth: int = 3):
+        self.cont, self.n_prompt, self.depth = continuation, n_prompt, depth
+
+    def propose(self, ctx, max_nodes):
+        done = len(ctx) - self.n_prompt
+        right = self.cont[done:done + self.depth]
+        tokens, parents = [], []
+        par = 0  # batch index of the previous right node (node i is tokens[i - 1])
+        for t in right:  # a decoy sibling before each right node, with a decoy child of its own
+            base = len(tokens)
+            tokens += [(t + 7) % 1000 + 50, (t + 3) % 1000 + 50, t]
+            parents += [par, base + 1, par]
+            par = base + 3
+        n = min(len(tokens), max_nodes)
+        return Draft(tokens[:n], parents[:n])
+
+
+def test_tree_compaction_leaves_the_cache_of_plain_decoding(smollm, plain):
+    model, session = smollm
+    for toks, ref in plain[:6]:
+        session.truncate(0)
+        st = SpecStats()
+        got = list(speculative_tokens(session, toks, OracleTree(ref, len(toks)), max_tokens=N_NEW, stats=st))
+        assert got == ref
+        assert st.accepted_hist.get(3, 0) >= 3  # the hidden branch was accepted: keep had to skip the decoys
+        ctx = toks + got
+        assert session.tokens == ctx[:session.n_past]
+        spec_next = session.eval(ctx[session.n_past:], logits="last")
+        with model.session(n_ctx=512, n_threads=THREADS) as fresh:
+            plain_next = fresh.prefill(ctx)
+        np.testing.assert_allclose(spec_next, plain_next, rtol=0, atol=1e-3 * float(np.ptp(plain_next)))
+
+
+def test_recycling_memory_and_prompt_lookup_match():
+    r = Recycling(49152, k=8)
+    assert r.adj.nbytes < 2 * 2**20
+    d = PromptLookup(ngram=3, k=4).propose([5, 6, 7, 8, 9, 10, 11, 1, 6, 7, 8], 16)
+    assert d.tokens == [9, 10, 11, 1] and d.parents == [0, 1, 2, 3]
+    assert PromptLookup(ngram=2, min_ngram=2).propose([1, 2, 3, 4, 2], 8).tokens == []
+    assert PromptLookup(ngram=2, min_ngram=1).propose([1, 2, 3, 4, 2], 8).tokens == [3, 4, 2]
+
+
+def test_top_k_rows_orders_like_a_full_sort():
+    rng = np.random.default_rng(3)
+    for V in (275, 49152):
+        x = rng.standard_normal((6, V)).astype(np.float32)
+        x[0, 100:130] = 4.0  # ties: lower ids first
+        full = np.array([np.lexsort((np.arange(V), -row))[:8] for row in x])
+        assert (top_k_rows(x, 8) == full).all()
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, repeat_last_n=8),
+    dict(temperature=1.3, top_k=0, top_p=0.7, min_p=0.0, repeat_penalty=1.0),
+    dict(temperature=0.5, top_k=5, top_p=1.0, min_p=0.2, repeat_penalty=0.8, repeat_last_n=64),
+])
+def test_target_probs_equal_the_c_sampler(params):
+    rng = np.random.default_rng(0)
+    V = 300
+    x = (rng.standard_normal(V) * 3).astype(np.float32)
+    x[10:14] = x.max()  # ties at the top
+    history = rng.integers(0, V, 40).tolist()
+    sp = SamplerParams(**params)
+    s = Sampler(V, sp)
+    for t in history:
+        s.accept(t)
+    c = _sparrow.testing.sampler_probs(s._s, x)
+    ours = target_probs(x, sp, history, np.empty(V, np.float32), np.empty(V))
+    np.testing.assert_allclose(ours, ref_probs(x, history=history, **params), atol=1e-12)
+    np.testing.assert_allclose(ours, c, atol=1e-6)
+
+
+# ---- speculative sampling preserves the target distribution (tiny random llama, V = 275) ----
+
+SAMPLE_PARAMS = SamplerParams(temperature=8.0, top_k=12, top_p=0.9, min_p=0.0, repeat_penalty=1.0)  # peaked tiny model
+N_SAMPLES = 3000
+TINY_PROMPT = [1, 270, 261, 40, 50, 270, 261]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spec")
+    cfg = TinyConfig(n_embd=64, n_layer=2)
+    target = Model(write_tiny_llama(d / "target.gguf", cfg))
+    draft = Model(write_tiny_llama(d / "draft.gguf", TinyConfig(n_embd=64, n_layer=2, seed=1)))
+    yield target, draft
+    target.close()
+    draft.close()
+
+
+def two_token_distribution(model: Model, prompt: list[int], params: SamplerParams) -> dict[tuple[int, int], float]:
+    V = model.info.n_vocab
+    x, buf = np.empty(V, np.float32), np.empty(V)
+    with model.session(n_ctx=64, n_threads=1) as s:
+        p1 = target_probs(s.prefill(prompt), params, prompt, x, buf).copy()
+        out = {}
+        for t1 in np.flatnonzero(p1):
+            s.truncate(len(prompt))
+            p2 = target_probs(s.eval([int(t1)]), params, prompt + [int(t1)], x, buf)
+            for t2 in np.flatnonzero(p2):
+                out[(int(t1), int(t2))] = p1[t1] * p2[t2]
+    return out
+
+
+class Rejected(Drafter):
+    """Always proposes tokens the target gives probability 0 (outside its top-k): every draft is rejected."""
+
+    def __init__(self, worst: int):
+        self.worst = worst
+
+    def propose(self, ctx, max_nodes):
+        return Draft.chain([self.worst] * min(3, max_nodes))
+
+
+class Fixed(Drafter):
+    """A fixed deterministic tree: two likely first tokens, each with two children (point-mass drafts)."""
+
+    def __init__(self, tokens, parents):
+        self.d = Draft(tokens, parents)
+
+    def propose(self, ctx, max_nodes):
+        return Draft(self.d.tokens[:max_nodes], self.d.parents[:max_nodes])
+
+
+def chi_square_p(counts: dict, expected: dict, n: int) -> float:
+    keys = sorted(expected, key=expected.get, reverse=True)
+    big = [k for k in keys if expected[k] * n >= 5]
+    obs = [counts.get(k, 0) for k in big]
+    exp = [expected[k] * n for k in big]
+    rest_o = n - sum(obs)
+    rest_e = n - sum(exp)
+    if rest_e >= 1:
+        obs.append(rest_o)
+        exp.append(rest_e)
+    exp = np.array(exp) * (sum(obs) / sum(exp))
+    return float(scistats.chisquare(obs, exp).pvalue)
+
+
+def test_speculative_sampling_preserves_the_target_distribution(tiny):
+    target, draft_model = tiny
+    expected = two_token_distribution(target, TINY_PROMPT, SAMPLE_PARAMS)
+    with target.session(n_ctx=64, n_threads=1) as s:
+        logits = s.prefill(TINY_PROMPT)
+    first = sorted(expected, key=expected.get, reverse=True)
+    a, b = first[0][0], next(k[0] for k in first if k[0] != first[0][0])
+    kids_a = [k[1] for k in first if k[0] == a][:2]
+    drafters = {
+        "always rejected": Rejected(int(np.argmin(logits))),
+        "draft = target": DraftModel(target, k=3, n_ctx=64, n_threads=1),
+        "other draft model": DraftModel(draft_model, k=3, n_ctx=64, n_threads=1),
+        "deterministic tree": Fixed([a, b] + kids_a, [0, 0, 1, 1]),
+        "recycling": Recycling(target.info.n_vocab, branching=(3, 2)),
+    }
+    with target.session(n_ctx=64, n_threads=1) as s:
+        for name, d in drafters.items():
+            counts: dict[tuple[int, int], int] = {}
+            st = SpecStats()
+            for i in range(N_SAMPLES):
+                params = dataclasses.replace(SAMPLE_PARAMS, seed=1000 + i)
+                got = tuple(speculative_tokens(s, TINY_PROMPT, d, max_tokens=5, params=params, stats=st,
+                                               stop_at_eog=False))[:2]
+                counts[got] = counts.get(got, 0) + 1
+            pval = chi_square_p(counts, expected, N_SAMPLES)
+            print(f"{name}: chi-square p = {pval:.3g}; {st.summary()}")
+            assert pval > 1e-3, name
+            if name == "always rejected":
+                assert st.accepted == 0
+            if name == "draft = target":
+                assert st.accepted == st.drafted  # p == q: never rejected
+            if name in ("other draft model", "deterministic tree"):
+                assert 0 < st.accepted < st.drafted
+            d.close()
+
+
+def test_generate_speculative_streams_text(smollm, plain):
+    model, session = smollm
+    toks, ref = plain[0]
+    session.truncate(0)
+    st = SpecStats()
+    text = "".join(generate_speculative(model, session, toks, drafter="prompt-lookup", max_tokens=N_NEW, stats=st))
+    assert text == model.detokenize(ref)
+    assert st.generated == N_NEW and "tokens/step" in st.summary()
+    with pytest.raises(ValueError, match="unknown drafter"):
+        make_drafter("no-such-drafter", model)

@@ -198,6 +198,31 @@ def _open_model(store: Store, model: str | None, *, n_ctx: int, threads: int, qu
     return name, open_backend(path, n_ctx=n_ctx, n_threads=threads, route=route)
 
 
+DRAFT_HELP = ("Speculative decoding: none, prompt-lookup, recycling (Token Recycling), or a draft model sharing the "
+              "vocabulary (store name or file).")
+
+
+def _with_drafter(backend, draft: str, store: Store, *, n_ctx: int, threads: int):
+    """The backend itself for --draft none, else one that decodes speculatively with that drafter."""
+    if draft == "none":
+        return backend
+    from runtime.drafters import DRAFTERS, make_drafter
+    from runtime.speculative import SpeculativeBackend
+
+    if backend.name != "native":
+        backend.close()
+        raise click.ClickException(f"--draft needs the native runtime; this model runs on {backend.name}")
+    source = draft if draft in DRAFTERS or Path(draft).expanduser().is_file() else str(store.resolve(draft))
+    try:
+        drafter = make_drafter(source, backend.model, n_threads=threads, n_ctx=n_ctx)
+    except BaseException as e:
+        backend.close()
+        if isinstance(e, ValueError):
+            raise click.ClickException(str(e)) from None
+        raise
+    return SpeculativeBackend(backend, drafter)
+
+
 # ---- chat ----
 
 CHAT_HELP = "/reset starts a new conversation, /exit quits (or Ctrl-D); Ctrl-C stops an answer."
@@ -207,9 +232,10 @@ CHAT_HELP = "/reset starts a new conversation, /exit quits (or Ctrl-D); Ctrl-C s
 @click.argument("model", required=False)
 @click.option("--system", help="A system prompt.")
 @click.option("--stats", is_flag=True, help="After each answer, print token counts and speed.")
+@click.option("--draft", default="none", show_default=True, help=DRAFT_HELP)
 @_model_options
-def chat(model: str | None, system: str | None, stats: bool, n_ctx: int, threads: int, max_tokens: int | None,
-         **sampling: Any) -> None:
+def chat(model: str | None, system: str | None, stats: bool, draft: str, n_ctx: int, threads: int,
+         max_tokens: int | None, **sampling: Any) -> None:
     """Chat with MODEL (a store name or a file path; default: the default model, pulled if missing)."""
     from runtime.backends import Chat, ContextFullError
 
@@ -219,6 +245,7 @@ def chat(model: str | None, system: str | None, stats: bool, n_ctx: int, threads
         pass
     store = Store()
     name, backend = _open_model(store, model, n_ctx=n_ctx, threads=threads)
+    backend = _with_drafter(backend, draft, store, n_ctx=n_ctx, threads=threads)
     params = _sampler_params(**sampling)
     conversation = Chat(backend, system=system)
     click.echo(f"Chatting with {name} ({backend.name} backend, {backend.n_ctx}-token context). {CHAT_HELP}",
@@ -267,6 +294,8 @@ def chat(model: str | None, system: str | None, stats: bool, n_ctx: int, threads
                            f"({st.prompt_tokens - st.evaluated_tokens} reused from the KV cache), "
                            f"{st.generated_tokens} generated; first token after {st.ttft_s:.3f} s, "
                            f"{st.decode_tok_s:.1f} tok/s]", err=True)
+                if hasattr(backend, "stats"):
+                    click.echo(f"[speculative: {backend.stats.summary()}]", err=True)
             if conversation.last_stats.stop_reason == "context_full":
                 click.echo(f"[context full: the answer was cut off at {backend.n_ctx} tokens. Type /reset to start "
                            "a new conversation, or restart with a larger --ctx]", err=True)
@@ -283,9 +312,10 @@ def chat(model: str | None, system: str | None, stats: bool, n_ctx: int, threads
 @click.option("--system", help="A system prompt (with --chat).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens and timing.")
 @click.option("--stats", is_flag=True, help="Afterwards print speed and, for sparse-expert models, expert sparsity.")
+@click.option("--draft", default="none", show_default=True, help=DRAFT_HELP)
 @_model_options
 def generate(prompt: str | None, model: str | None, as_chat: bool, system: str | None, as_json: bool, stats: bool,
-             n_ctx: int, threads: int, max_tokens: int | None, **sampling: Any) -> None:
+             draft: str, n_ctx: int, threads: int, max_tokens: int | None, **sampling: Any) -> None:
     """Continue PROMPT (or stdin when PROMPT is missing or "-") and print the result as it streams."""
     from runtime.backends import Chat, ContextFullError, GenerationStats, stream_text
 
@@ -293,6 +323,7 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
         prompt = sys.stdin.read()
     store = Store()
     name, backend = _open_model(store, model, n_ctx=n_ctx, threads=threads, quiet=as_json)
+    backend = _with_drafter(backend, draft, store, n_ctx=n_ctx, threads=threads)
     params = _sampler_params(**sampling)
     max_tokens = max_tokens or 256
     try:
@@ -319,6 +350,8 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
                    **stats.as_dict()}
             if sparsity is not None:
                 out["sparsity"] = dataclasses.asdict(sparsity)
+            if hasattr(backend, "stats"):
+                out["speculative"] = backend.stats.as_dict()
             click.echo(json.dumps(out))
         else:
             click.echo()
@@ -327,6 +360,8 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
             if show_stats:
                 click.echo(f"[{stats.evaluated_tokens} prompt tokens at {stats.prompt_tok_s:.1f} tok/s, "
                            f"{stats.generated_tokens} generated at {stats.decode_tok_s:.1f} tok/s]", err=True)
+                if hasattr(backend, "stats"):
+                    click.echo(f"[speculative: {backend.stats.summary()}]", err=True)
             if sparsity is not None:
                 cls = ", ".join(f"CLS-{k} {sparsity.cls[k]:.1%}" for k in (2, 4, 8, 16) if sparsity.cls[k] == sparsity.cls[k])
                 click.echo(f"[experts: TLS {sparsity.tls:.1%}{', ' + cls if cls else ''}; "

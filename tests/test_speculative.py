@@ -367,3 +367,25 @@ def test_generate_speculative_streams_text(smollm, plain):
     assert st.generated == N_NEW and "tokens/step" in st.summary()
     with pytest.raises(ValueError, match="unknown drafter"):
         make_drafter("no-such-drafter", model)
+
+
+def test_cli_generate_with_a_drafter_prints_the_plain_greedy_text(smollm_path, tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from runtime.cli import sparrow
+
+    monkeypatch.setenv("SPARROW_HOME", str(tmp_path))
+    out = {}
+    for draft in ("none", "prompt-lookup", "recycling", str(smollm_path)):
+        r = CliRunner().invoke(sparrow, ["generate", "-m", str(smollm_path), "--chat", "Repeat: one two three four.",
+                                         "--temperature", "0", "--max-tokens", "16", "--threads", str(THREADS),
+                                         "--json", "--draft", draft], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        out[draft] = json.loads(r.output)
+    for draft in ("prompt-lookup", "recycling", str(smollm_path)):
+        assert out[draft]["tokens"] == out["none"]["tokens"]
+        assert out[draft]["speculative"]["steps"] > 0
+    r = CliRunner().invoke(sparrow, ["generate", "-m", str(smollm_path), "hi", "--draft", str(tmp_path / "no.gguf")])
+    assert r.exit_code != 0

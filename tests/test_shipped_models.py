@@ -1,0 +1,137 @@
+"""Golden tests for the models Sparrow ships in models/ (trained by training/, cards in models/*.md).
+
+- Greedy output of each shipped model for three fixed prompts (24 tokens) must not change. Regenerate (only when a
+  model is deliberately retrained) with: SPARROW_BUILD_DIR=... PYTHONPATH=tests python tests/test_shipped_models.py
+- The native runtime's logits on prompt + golden continuation match tests/reference/blockffn.py's BlockFFNGGUFRef
+  (the same dequantized Q8_0 weights): NMSE < 2e-3, the bound test_blockffn_native.py states for Q8_0 files (the
+  runtime quantizes activations to 8 bits per 32-element block); the reference's argmax equals the golden greedy
+  token wherever the reference's top-2 margin exceeds 0.05.
+- Sparsity measured by the native runtime on the validation split (training.corpus, tokenized by the model's own
+  tokenizer) stays near the card's figures (models/results.json): TLS and CLS-8 within 0.03; the corpus is the local
+  Python's standard library, so another Python version gives a slightly different split.
+- The store lists both without a download, and the files match their registry checksums.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from reference.blockffn import BlockFFNGGUFRef
+
+from runtime.native import Model, Sampler, SamplerParams, complete
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+RESULTS = json.loads((MODELS / "results.json").read_text())
+NAMES = ["blockffn-tiny", "blockffn-tiny-draft"]
+PROMPTS = ['# file: json/tool.py\n"""', "import os\nimport sys\n\n\ndef main():\n", 'class Parser:\n    """']
+N_TOKENS = 24
+
+GOLDEN: dict[str, list[str]] = {  # greedy, N_TOKENS tokens, from the native runtime (see __main__ below)
+    'blockffn-tiny': [
+        '\n#\n#\n#\n#\n#\n#\n#\n#\n#\n#\n#\n#',
+        '    """\n    Abstract base class for Python 2.\n\n    This module is a Python 3.',
+        '\n\n    __slots__ = ()\n\n    __slots__ = ()\n\n    __slots__ = ()',
+    ],
+    'blockffn-tiny-draft': [
+        '\n\nimport sys\nimport sys\nimport sys\nimport sys\nimport sys\nimport sys\nimport sys\nimport',
+        '    """Return the path of the path.\n\n    """\n    if os.path.path.path(',
+        '\n\n    """\n    """\n    """\n    """\n    import sys\n    import sys\n    import',
+    ],
+}
+
+
+def path_of(name: str) -> Path:
+    return MODELS / RESULTS[name]["file"]
+
+
+def greedy(model: Model, prompt: str) -> str:
+    return complete(model, prompt, max_tokens=N_TOKENS, sampler=Sampler(model.info.n_vocab, SamplerParams.greedy()),
+                    n_ctx=256, n_threads=1)
+
+
+def nmse(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean((a - ref) ** 2) / np.var(ref))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_output_is_fixed(name):
+    with Model(path_of(name)) as model:
+        assert [greedy(model, p) for p in PROMPTS] == GOLDEN[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_reference(name):
+    ref = BlockFFNGGUFRef.from_gguf(path_of(name))
+    with Model(path_of(name)) as model:
+        for prompt, golden in zip(PROMPTS, GOLDEN[name]):
+            n_prompt = len(model.tokenize(prompt))
+            gen = []
+            with model.session(n_ctx=256, n_threads=1) as s:  # the greedy tokens themselves, one at a time
+                logits = s.prefill(model.tokenize(prompt))
+                for _ in range(N_TOKENS):
+                    gen.append(int(np.argmax(logits)))
+                    if model.is_eog(gen[-1]):
+                        break
+                    logits = s.eval([gen[-1]])
+            tokens = model.tokenize(prompt) + gen
+            assert model.detokenize(gen[:len(gen) - model.is_eog(gen[-1])]) == golden
+            with model.session(n_ctx=256, n_batch=64, n_threads=1) as s:
+                ours = s.eval(tokens, logits="all")
+            want, _ = ref.forward(tokens)
+            assert nmse(ours, want) < 2e-3, prompt
+            top2 = np.sort(want, axis=-1)[:, -2:]
+            sure = (top2[:, 1] - top2[:, 0] > 0.05)[n_prompt - 1:len(tokens) - 1]
+            ref_next = np.argmax(want, axis=-1)[n_prompt - 1:len(tokens) - 1]
+            assert np.all(ref_next[sure] == np.array(gen[:len(ref_next)])[sure]), prompt
+
+
+def validation_tokens(model: Model, limit: int) -> list[int]:
+    from training.corpus import build_corpus
+
+    out: list[int] = []
+    for d in build_corpus().val:
+        out += model.tokenize(d.text)
+        if len(out) >= limit:
+            break
+    return out[:limit]
+
+
+def test_sparsity_matches_card():
+    r = RESULTS["blockffn-tiny"]
+    windows, ctx = r["native_val_tokens"] // 256, 256
+    with Model(path_of("blockffn-tiny")) as model, model.session(n_ctx=ctx, n_batch=64, n_threads=0) as s:
+        toks = validation_tokens(model, windows * ctx + 1)
+        if len(toks) < windows * ctx:
+            pytest.skip("this Python's standard library gives a shorter validation split than the card's")
+        for i in range(windows):
+            s.truncate(0)
+            for j in range(0, ctx, 64):
+                s.eval(toks[i * ctx + j:i * ctx + j + 64], logits="none")
+        st = s.sparsity()
+    assert abs(st.tls - r["native_tls"]) < 0.03 and abs(st.cls[8] - r["native_cls8"]) < 0.03, (st.tls, st.cls[8])
+    ab = RESULTS["blockffn-tiny-ablation"]
+    assert st.cls[8] > ab["native_cls8"] + 0.05  # the chunk objectives visibly raise CLS-8
+
+
+def test_store_lists_shipped_models(tmp_path, monkeypatch):
+    from runtime.store import REGISTRY, Store
+
+    monkeypatch.setenv("SPARROW_HOME", str(tmp_path))
+    listed = {m.name: m for m in Store().list(shipped=True)}
+    assert Store().list() == []  # list() alone: pulled models only
+    for name in NAMES:
+        assert name in listed and listed[name].architecture == "blockffn" and listed[name].quantization == "Q8_0"
+        p = Store().resolve(name)
+        assert p == path_of(name) and p.stat().st_size == REGISTRY[name].size
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == REGISTRY[name].sha256
+    assert listed["blockffn-tiny"].drafter == "blockffn-tiny-draft"
+    assert not (tmp_path / "models").exists()  # nothing was downloaded or copied
+
+
+if __name__ == "__main__":  # print the golden outputs of the current files
+    for name in NAMES:
+        with Model(path_of(name)) as m:
+            print(f"    {name!r}: {[greedy(m, p) for p in PROMPTS]!r},")

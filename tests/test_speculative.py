@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -415,3 +416,32 @@ def test_blockffn_target_greedy_equals_plain_and_reports_expert_bytes(tmp_path):
                 got = list(speculative_tokens(s, prompt, d, max_tokens=16, stats=st, stop_at_eog=False))
                 assert got == ref
                 assert 0 < st.expert_bytes_per_step and st.dense_expert_bytes_per_token > 0
+
+
+SHIPPED = Path(__file__).parent.parent / "models"
+
+
+@pytest.mark.skipif(not (SHIPPED / "blockffn-tiny.Q8_0.gguf").exists(), reason="shipped BlockFFN model not built")
+def test_shipped_blockffn_greedy_equals_plain_with_every_drafter():
+    """The shipped trained BlockFFN model (real routing) with its draft model, Token Recycling (chain and tree) and
+    prompt lookup: greedy tokens equal plain decoding on 52 prompts; expert bytes per verification step reported."""
+    with Model(SHIPPED / "blockffn-tiny.Q8_0.gguf") as m, m.session(n_ctx=256, n_threads=THREADS) as s:
+        V = m.info.n_vocab
+        drafters = {"draft-model": make_drafter(str(SHIPPED / "blockffn-tiny-draft.Q8_0.gguf"), m, n_ctx=256,
+                                                n_threads=THREADS),
+                    "recycling": Recycling(V), "recycling-tree": Recycling(V, branching=(3, 2, 1), max_nodes=12),
+                    "prompt-lookup": PromptLookup()}
+        stats = {k: SpecStats() for k in drafters}
+        for text in TEXTS + CHAT:
+            toks = m.tokenize(text)
+            s.truncate(0)
+            ref = list(generate_tokens(s, toks, max_tokens=N_NEW))
+            for name, d in drafters.items():
+                s.truncate(0)
+                got = list(speculative_tokens(s, toks, d, max_tokens=N_NEW, stats=stats[name]))
+                assert got == ref, (name, text)
+        drafters["draft-model"].close()
+    for name, st in stats.items():
+        print(f"{name}: {st.summary()}")
+        assert st.expert_bytes_per_step > 0
+    assert stats["draft-model"].mean_accepted > 0.5

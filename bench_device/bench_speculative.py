@@ -48,8 +48,8 @@ CHAT = [
     f"Copy this paragraph and then say 'done':\n{PASSAGE}",
     f"Rewrite this code with type hints:\n{CODE}",
     f"Here is some code:\n{CODE}\nAdd a docstring to each function and print the whole code.",
-    "My shopping list: eggs, milk, bread, butter, cheese, apples, tomatoes. Repeat my shopping list as a "
-    "numbered list.",
+    ("My shopping list: eggs, milk, bread, butter, cheese, apples, tomatoes. Repeat my shopping list as a "
+    "numbered list."),
     f"Summarize this text in one sentence:\n{PASSAGE}{PASSAGE}",
     "Write the numbers from one to twenty in words, separated by commas.",
     "Explain what a lighthouse is.",

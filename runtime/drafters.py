@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.native import Model, SamplerParams, Session
-from runtime.speculative import Draft, greedy_token, target_probs, draw
+from runtime.speculative import Draft, draw, greedy_token, target_probs
 
 
 class Drafter:

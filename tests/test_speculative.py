@@ -22,8 +22,7 @@ from reference.sampler import sampler_probs as ref_probs
 from scipy import stats as scistats
 from tiny_llama import TinyConfig, write_tiny_llama
 
-from runtime import Model, SamplerParams, Sampler, generate_tokens
-from runtime import _sparrow
+from runtime import Model, Sampler, SamplerParams, _sparrow, generate_tokens
 from runtime.drafters import Drafter, DraftModel, PromptLookup, Recycling, make_drafter, top_k_rows
 from runtime.speculative import Draft, SpecStats, generate_speculative, speculative_tokens, target_probs
 
@@ -236,9 +235,9 @@ def test_top_k_rows_orders_like_a_full_sort():
 
 
 @pytest.mark.parametrize("params", [
-    dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, repeat_last_n=8),
-    dict(temperature=1.3, top_k=0, top_p=0.7, min_p=0.0, repeat_penalty=1.0),
-    dict(temperature=0.5, top_k=5, top_p=1.0, min_p=0.2, repeat_penalty=0.8, repeat_last_n=64),
+    {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.1, "repeat_last_n": 8},
+    {"temperature": 1.3, "top_k": 0, "top_p": 0.7, "min_p": 0.0, "repeat_penalty": 1.0},
+    {"temperature": 0.5, "top_k": 5, "top_p": 1.0, "min_p": 0.2, "repeat_penalty": 0.8, "repeat_last_n": 64},
 ])
 def test_target_probs_equal_the_c_sampler(params):
     rng = np.random.default_rng(0)

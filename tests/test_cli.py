@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 from fixtures.store_fixtures import make_wheel
 
+from conftest import runtime_root
 from runtime.cli import sparrow
 from runtime.native import SamplerParams
 from runtime.store import DEFAULT_MODEL, REGISTRY, Store
 
-ROOT = Path(__file__).resolve().parents[1]
 STATS = re.compile(r"\[(\d+) prompt tokens, (\d+) evaluated \((\d+) reused from the KV cache\), (\d+) generated")
 GREEDY = ["--temperature", "0"]
 BACKEND = "llama.cpp" if os.environ.get("SPARROW_BACKEND") == "llama.cpp" else "native"  # routing's choice
@@ -118,7 +118,7 @@ class Pty:
     def __init__(self, args: list[str], env: dict[str, str]):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child: the pty is its controlling terminal, so Ctrl-C (\x03) sends SIGINT
-            os.chdir(ROOT)
+            os.chdir(runtime_root())
             os.execve(sys.executable, [sys.executable, "-m", "runtime.cli", *args], env)
         self.out = ""
 

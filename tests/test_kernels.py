@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import runtime_root
 
 gguf = pytest.importorskip("gguf")
 from runtime import _sparrow  # noqa: E402
@@ -263,7 +264,8 @@ def test_tiers_and_features():
 def _tier_in_subprocess(env_extra: dict[str, str]) -> str:
     env = dict(os.environ, **env_extra)
     code = "from runtime import _sparrow; print(_sparrow.kernel_tier())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=runtime_root())
     return out.stdout.strip()
 
 

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import runtime_root
 from click.testing import CliRunner
 from fixtures.store_fixtures import HubFixture, make_wheel, tiny_gguf
 
 from runtime.cli import sparrow
 from runtime.store import DEFAULT_MODEL, REGISTRY, Store
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -261,7 +261,7 @@ def test_interrupted_pull_leaves_nothing_behind(home, hub, sig):
     hub.stall_after = 1_000_000  # the server sends 1 MB of 4 MB, then hangs
     env = {**os.environ, "SPARROW_HOME": str(home), "SPARROW_HF_ENDPOINT": hub.url}
     proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "models", "pull", "hf:sparrow-test/big"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=runtime_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 30
     partial = []
     while time.time() < deadline and not partial:

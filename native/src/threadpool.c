@@ -21,7 +21,9 @@
 #  define SP_CPU_RELAX() ((void)0)
 #endif
 
-enum { SP_SPIN_BEFORE_SLEEP = 1 << 16, SP_SPIN_BEFORE_YIELD = 1 << 10 };
+/* Idle workers spin ~0.1-0.2 ms (enough to cover the host's work between decode steps) before sleeping, so that a
+ * second session (a draft model) sharing the cores is not starved by this pool's spinning. */
+enum { SP_SPIN_BEFORE_SLEEP = 1 << 13, SP_SPIN_BEFORE_YIELD = 1 << 10 };
 
 struct sp_pool {
     int n;                        /* threads including the caller */

@@ -159,9 +159,10 @@ def models_default(name: str | None) -> None:
 
 def _model_options(f: Callable) -> Callable:
     options = [
-        click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy."),
+        click.option("--temperature", type=float, default=0.2, show_default=True,
+                     help="0 = greedy. Small models answer best cool (SmolLM2's card recommends 0.2)."),
         click.option("--top-k", type=int, default=40, show_default=True),
-        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--top-p", type=float, default=0.9, show_default=True),
         click.option("--min-p", type=float, default=0.05, show_default=True),
         click.option("--repeat-penalty", type=float, default=1.1, show_default=True, help="1 = off."),
         click.option("--seed", type=int, default=None, help="Sampling seed (default: random)."),

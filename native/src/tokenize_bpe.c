@@ -7,6 +7,7 @@
  *     and a doubly linked list of live symbols; a popped pair whose symbols changed since it was pushed is stale;
  *  4. emit each final symbol's token id; a symbol that is no token falls back to its single bytes.
  * Legend: S = symbols (bytes) of one pre-token, P = candidate pairs in the heap. */
+#include "pair_heap.h"
 #include "tokenize_internal.h"
 
 #include <stdlib.h>
@@ -47,33 +48,7 @@ static bool pair_before(const bpe_pair *a, const bpe_pair *b) {
     return a->rank < b->rank || (a->rank == b->rank && a->left < b->left);
 }
 
-static bool heap_push(bpe_work *w, bpe_pair p) {
-    if (!grow((void **)&w->heap, &w->heap_cap, w->n_heap + 1, sizeof *w->heap)) return false;
-    size_t i = w->n_heap++;
-    while (i > 0) {
-        size_t parent = (i - 1) / 2;
-        if (!pair_before(&p, &w->heap[parent])) break;
-        w->heap[i] = w->heap[parent];
-        i = parent;
-    }
-    w->heap[i] = p;
-    return true;
-}
-
-static bpe_pair heap_pop(bpe_work *w) {
-    bpe_pair top = w->heap[0], last = w->heap[--w->n_heap];
-    size_t i = 0, n = w->n_heap;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= n) break;
-        if (c + 1 < n && pair_before(&w->heap[c + 1], &w->heap[c])) c++;
-        if (!pair_before(&w->heap[c], &last)) break;
-        w->heap[i] = w->heap[c];
-        i = c;
-    }
-    if (n) w->heap[i] = last;
-    return top;
-}
+SP_DEFINE_PAIR_HEAP(bpe_work, bpe_pair, pair_before)
 
 static bool try_pair(const sp_vocab *v, bpe_work *w, int32_t l, int32_t r) {
     if (l < 0 || r < 0) return true;

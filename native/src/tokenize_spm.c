@@ -9,6 +9,7 @@
  *  4. emit each final symbol's token; a symbol that is no token (an unknown character) falls back to its bytes as
  *     <0xXX> byte tokens.
  * Legend: S = symbols (characters) of the fragment, P = candidate pairs in the heap. */
+#include "pair_heap.h"
 #include "tokenize_internal.h"
 
 #include <stdlib.h>
@@ -36,39 +37,7 @@ static bool pair_before(const spm_pair *a, const spm_pair *b) {
     return a->score > b->score || (a->score == b->score && a->left < b->left);
 }
 
-static bool heap_push(spm_work *w, spm_pair p) {
-    if (w->n_heap == w->heap_cap) {
-        size_t cap = w->heap_cap ? w->heap_cap * 2 : 64;
-        spm_pair *h = realloc(w->heap, cap * sizeof *h);
-        if (!h) return false;
-        w->heap = h;
-        w->heap_cap = cap;
-    }
-    size_t i = w->n_heap++;
-    while (i > 0) {
-        size_t parent = (i - 1) / 2;
-        if (!pair_before(&p, &w->heap[parent])) break;
-        w->heap[i] = w->heap[parent];
-        i = parent;
-    }
-    w->heap[i] = p;
-    return true;
-}
-
-static spm_pair heap_pop(spm_work *w) {
-    spm_pair top = w->heap[0], last = w->heap[--w->n_heap];
-    size_t i = 0, n = w->n_heap;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= n) break;
-        if (c + 1 < n && pair_before(&w->heap[c + 1], &w->heap[c])) c++;
-        if (!pair_before(&w->heap[c], &last)) break;
-        w->heap[i] = w->heap[c];
-        i = c;
-    }
-    if (n) w->heap[i] = last;
-    return top;
-}
+SP_DEFINE_PAIR_HEAP(spm_work, spm_pair, pair_before)
 
 static bool try_pair(const sp_vocab *v, spm_work *w, int32_t l, int32_t r) {
     if (l < 0 || r < 0) return true;

@@ -92,6 +92,18 @@ class LlamaCppEngine:
         return self.np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM (Linux) starts afresh at exec; ru_maxrss survives exec, so a worker spawned by
+    a parent that once held more memory would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(engine_name: str, path: str, threads: int, n_ctx: int, conn) -> None:
     if engine_name.startswith("sparrow"):
         engine = NativeEngine(path, threads, n_ctx, repack=engine_name != "sparrow-norepack")
@@ -131,11 +143,86 @@ def worker(engine_name: str, path: str, threads: int, n_ctx: int, conn) -> None:
                 times.append(time.perf_counter() - t0)
             conn.send(statistics.median(times))
         elif cmd == "rss":
-            conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            conn.send(peak_rss_bytes())
 
 
 def summary(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 64,
+        engine_names: tuple[str, ...] = ("sparrow", "llama.cpp"), batch_sizes: tuple[int, ...] = BATCH_SIZES,
+        n_ctx: int = 1024, min_agreement: int = 8, progress=None) -> dict:
+    """The benchmark as a library call: engines in worker processes, asked in turn each repeat. Raises RuntimeError
+    when two engines disagree on the greedy continuation before `min_agreement` tokens. `progress(step)` is called
+    after every measurement (repeats * engines * (2 + len(batch_sizes)) steps in all)."""
+    ctx = mp.get_context("spawn")
+    engines = {}
+    try:
+        for name in engine_names:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker, args=(name, model, threads, n_ctx, child), daemon=True)
+            proc.start()
+            engines[name] = (proc, parent)
+
+        def ask(name, cmd, arg=None):
+            conn = engines[name][1]
+            conn.send((cmd, arg))
+            try:
+                return conn.recv()
+            except EOFError:
+                raise RuntimeError(f"the {name} worker died (exit code {engines[name][0].exitcode})") from None
+
+        # correctness first: every engine must agree with the first on the greedy continuation's first tokens
+        n_check = max(16, min_agreement)
+        outs = {name: ask(name, "greedy", n_check) for name in engines}
+        ref = outs[engine_names[0]]
+        agree = min(next((i for i, (a, b) in enumerate(zip(ref, o)) if a != b), n_check) for o in outs.values())
+        if len(engines) > 1 and agree < min_agreement:
+            raise RuntimeError(f"engines disagree at greedy token {agree}: {outs}")
+
+        res = {name: {"decode_s": [], "prefill_s": [], "batch_s": {t: [] for t in batch_sizes}} for name in engines}
+        n_prompt = 0
+        for _ in range(repeats):
+            for name in engines:  # alternate engines within every repeat
+                res[name]["decode_s"].append(ask(name, "decode", decode_tokens))
+                if progress:
+                    progress(1)
+                secs, n_prompt = ask(name, "prefill")
+                res[name]["prefill_s"].append(secs)
+                if progress:
+                    progress(1)
+                for t in batch_sizes:
+                    res[name]["batch_s"][t].append(ask(name, "batch", t))
+                    if progress:
+                        progress(1)
+        report = {"schema": "sparrow.bench_decode/1", "model": os.path.basename(model), "threads": threads,
+                  "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+                  "prompt_tokens": n_prompt, "decode_tokens": decode_tokens, "repeats": repeats,
+                  "greedy_agreement_tokens": agree if len(engines) > 1 else None, "engines": {}}
+        for name in engines:
+            r = res[name]
+            b1 = statistics.median(r["batch_s"][batch_sizes[0]])
+            report["engines"][name] = {
+                "decode_tok_s": summary([1 / s for s in r["decode_s"]]),
+                "prefill_tok_s": summary([n_prompt / s for s in r["prefill_s"]]),
+                "peak_rss_mb": ask(name, "rss") / 2**20,
+                "batch_cost_vs_t1": {t: statistics.median(r["batch_s"][t]) / b1 for t in batch_sizes},
+                "batch_ms": {t: 1e3 * statistics.median(r["batch_s"][t]) for t in batch_sizes},
+            }
+            ask(name, "stop")
+        if "sparrow" in engines and "llama.cpp" in engines:
+            s, l = report["engines"]["sparrow"], report["engines"]["llama.cpp"]
+            report["ratio_sparrow_over_llama_cpp"] = {
+                "decode": s["decode_tok_s"]["median"] / l["decode_tok_s"]["median"],
+                "prefill": s["prefill_tok_s"]["median"] / l["prefill_tok_s"]["median"],
+            }
+        return report
+    finally:
+        for proc, conn in engines.values():
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,53 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compare-repack", action="store_true", help="also run sparrow with repack=False")
     args = ap.parse_args(argv)
 
-    ctx = mp.get_context("spawn")
-    engines = {}
-    for name in ("sparrow", "llama.cpp") + (("sparrow-norepack",) if args.compare_repack else ()):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(name, args.model, args.threads, 1024, child), daemon=True)
-        proc.start()
-        engines[name] = (proc, parent)
-
-    def ask(name, cmd, arg=None):
-        conn = engines[name][1]
-        conn.send((cmd, arg))
-        return conn.recv()
-
-    # correctness first: both engines must agree on the greedy continuation's first tokens
-    outs = {name: ask(name, "greedy", 16) for name in engines}
-    agree = min(next((i for i, (a, b) in enumerate(zip(outs["sparrow"], o)) if a != b), 16) for o in outs.values())
-    if agree < 8:
-        raise SystemExit(f"engines disagree at greedy token {agree}: {outs}")
-
-    res = {name: {"decode_s": [], "prefill_s": [], "batch_s": {t: [] for t in BATCH_SIZES}} for name in engines}
-    n_prompt = 0
-    for _ in range(args.repeats):
-        for name in engines:  # alternate engines within every repeat
-            res[name]["decode_s"].append(ask(name, "decode", args.decode_tokens))
-            secs, n_prompt = ask(name, "prefill")
-            res[name]["prefill_s"].append(secs)
-            for t in BATCH_SIZES:
-                res[name]["batch_s"][t].append(ask(name, "batch", t))
-    report = {"schema": "sparrow.bench_decode/1", "model": os.path.basename(args.model), "threads": args.threads,
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-              "prompt_tokens": n_prompt, "greedy_agreement_tokens": agree, "engines": {}}
-    for name in engines:
-        r = res[name]
-        b1 = statistics.median(r["batch_s"][1])
-        report["engines"][name] = {
-            "decode_tok_s": summary([1 / s for s in r["decode_s"]]),
-            "prefill_tok_s": summary([n_prompt / s for s in r["prefill_s"]]),
-            "peak_rss_mb": ask(name, "rss") / 2**20,
-            "batch_cost_vs_t1": {t: statistics.median(r["batch_s"][t]) / b1 for t in BATCH_SIZES},
-            "batch_ms": {t: 1e3 * statistics.median(r["batch_s"][t]) for t in BATCH_SIZES},
-        }
-        ask(name, "stop")
-    s, l = report["engines"]["sparrow"], report["engines"]["llama.cpp"]
-    report["ratio_sparrow_over_llama_cpp"] = {
-        "decode": s["decode_tok_s"]["median"] / l["decode_tok_s"]["median"],
-        "prefill": s["prefill_tok_s"]["median"] / l["prefill_tok_s"]["median"],
-    }
+    names = ("sparrow", "llama.cpp") + (("sparrow-norepack",) if args.compare_repack else ())
+    try:
+        report = run(args.model, threads=args.threads, repeats=args.repeats, decode_tokens=args.decode_tokens,
+                     engine_names=names)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
     print_report(report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

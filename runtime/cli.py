@@ -373,5 +373,43 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
         backend.close()
 
 
+# ---- bench ----
+
+@sparrow.command()
+@click.argument("model", required=False)
+@click.option("--quick", is_flag=True, help="Fewer repeats and tokens: finishes in under a minute.")
+@click.option("--threads", type=int, default=0, help="CPU threads (default: physical cores).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default="bench-report",
+              show_default=True, help="Write report.json and report.md here.")
+@click.option("--no-llama-cpp", is_flag=True, help="Do not run llama.cpp alongside, even if it is installed.")
+def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_cpp: bool) -> None:
+    """Profile this device and benchmark MODEL on it (default: the default model, pulled if needed).
+
+    Measures memory read bandwidth (the roofline), decode and prefill tok/s, the cost of T tokens per call and the
+    fraction of the bandwidth bound reached, side by side with llama.cpp when llama-cpp-python is installed."""
+    from bench_device.suite import headline_table, run_suite, write_report
+
+    store = Store()
+    name = model or store.default()
+    if store.get(name) is None and not Path(name).expanduser().is_file() and name in REGISTRY:
+        click.echo(f"Pulling {name} ({REGISTRY[name].description}) ...", err=True)
+        store.pull(name, progress=True)
+    path = store.resolve(name)
+    if path.suffix.lower() != ".gguf":
+        raise click.ClickException(f"sparrow bench needs a GGUF model; {path.name} is not one")
+
+    def progressbar(length: int, label: str):
+        return click.progressbar(length=length, label=label, file=sys.stderr, show_eta=False)
+
+    try:
+        report = run_suite(path, name, quick=quick, threads=threads, llama_cpp=not no_llama_cpp,
+                           echo=lambda m: click.echo(m, err=True), progressbar=progressbar)
+    except RuntimeError as e:
+        raise click.ClickException(f"benchmark failed: {e}") from None
+    j, m = write_report(report, out_dir)
+    click.echo(headline_table(report))
+    click.echo(f"\nwrote {j} and {m}")
+
+
 if __name__ == "__main__":
     main()

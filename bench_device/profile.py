@@ -7,7 +7,7 @@ The bandwidth probe: each thread sums its own float32 array (512 MB per thread; 
 which releases the GIL inside the reduction and reads the array once, sequentially, with SIMD loads. All threads
 start together behind a barrier; bandwidth = total bytes / wall time of the slowest thread. Reported as median with
 min/max over repeats. It is a read-only stream through numpy, not a hand-written native kernel, so it is a lower
-bound of what the hardware can read (typically within 10-20% of a native AVX2 stream on one core).
+bound of what the hardware can read (not yet compared against a native stream kernel).
 """
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def write_model(path: Path, H: int, E: int, F: int, L: int, qtype: Q, seed: int 
     w.add_token_types([2, 3, 3] + [6] * 256)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    q = lambda shape: random_tensor(rng, shape, qtype)  # noqa: E731
+    q = lambda shape: random_tensor(rng, shape, qtype)
     w.add_tensor("token_embd.weight", q((259, H)), raw_dtype=qtype)
     w.add_tensor("output_norm.weight", np.ones(H, np.float32))
     for l in range(L):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import runtime_root
 from fixtures.store_fixtures import make_wheel
 
-from conftest import runtime_root
 from runtime.cli import sparrow
 from runtime.native import SamplerParams
 from runtime.store import DEFAULT_MODEL, REGISTRY, Store

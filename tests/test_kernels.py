@@ -23,7 +23,7 @@ import pytest
 from conftest import runtime_root
 
 gguf = pytest.importorskip("gguf")
-from runtime import _sparrow  # noqa: E402
+from runtime import _sparrow
 
 testing = _sparrow.testing
 QT = gguf.GGMLQuantizationType

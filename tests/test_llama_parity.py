@@ -17,8 +17,9 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from reference.llama import LlamaRef  # noqa: E402
-from runtime import Model  # noqa: E402
+from reference.llama import LlamaRef
+
+from runtime import Model
 
 PROMPTS = [
     "The capital of France is",

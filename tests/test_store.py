@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import runtime_root
 from click.testing import CliRunner
+from conftest import runtime_root
 from fixtures.store_fixtures import HubFixture, make_wheel, tiny_gguf
 
 from runtime.cli import sparrow
 from runtime.store import DEFAULT_MODEL, REGISTRY, Store
-
 
 
 @pytest.fixture

@@ -41,9 +41,8 @@ def test_logits_match_reference(tmp_path, wtype, bound, heads):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_thread_count_does_not_change_results(tmp_path, threads):
     path = write_tiny_llama(tmp_path / "m.gguf", TinyConfig(wtype=Q.Q4_1))
-    with Model(path) as m:
-        with m.session(n_ctx=64, n_threads=1) as a, m.session(n_ctx=64, n_threads=threads) as b:
-            np.testing.assert_array_equal(a.eval(TOKENS, logits="all"), b.eval(TOKENS, logits="all"))
+    with Model(path) as m, m.session(n_ctx=64, n_threads=1) as a, m.session(n_ctx=64, n_threads=threads) as b:
+        np.testing.assert_array_equal(a.eval(TOKENS, logits="all"), b.eval(TOKENS, logits="all"))
 
 
 LIES = [

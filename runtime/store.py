@@ -71,7 +71,7 @@ REGISTRY: dict[str, KnownModel] = {
     # Trained by the project (training/, model cards in models/*.md); shipped inside the package.
     "blockffn-tiny": KnownModel(
         source="shipped:blockffn-tiny.Q8_0.gguf",
-        sha256="7d742a7d5fb34bebb89607bffa61b9462e712a819fe93d9e1437977b5318182c",
+        sha256="9c9941d01ff0a29fcb1f57a5169ca3d946c2d478008bc3ac4616b2ca62aac291",
         size=4381408,
         description="BlockFFN-tiny (trained by Sparrow on Python stdlib source), Q8_0 GGUF; models/blockffn-tiny.md",
     ),

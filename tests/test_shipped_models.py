@@ -31,9 +31,9 @@ N_TOKENS = 24
 
 GOLDEN: dict[str, list[str]] = {  # greedy, N_TOKENS tokens, from the native runtime (see __main__ below)
     'blockffn-tiny': [
-        '\n#\n#\n#\n#\n#\n#\n#\n#\n#\n#\n#\n#',
-        '    """\n    Abstract base class for Python 2.\n\n    This module is a Python 3.',
-        '\n\n    __slots__ = ()\n\n    __slots__ = ()\n\n    __slots__ = ()',
+        '\n\n# Samiresres\n#\n#\n#\n#\n#\n#\n#\n#',
+        '    """Return a file object.\n\n    This is a file object.\n\n    This is a file object',
+        'Abstract base class class for Python 2.\n\n\n    This class is a Python 2.\n\n',
     ],
     'blockffn-tiny-draft': [
         '\n\nimport sys\nimport sys\nimport sys\nimport sys\nimport sys\nimport sys\nimport sys\nimport',

@@ -59,10 +59,12 @@ class AdaptiveFactorScheduler:
     Constant at `start` for `stable` steps. Then every `window` steps it compares the mean chunk loss of the last
     window (recent) with the window before (previous): ratio = recent / previous. If the chunk loss rose (ratio > 1,
     chunk sparsity falling), the factor ramps linearly over the next window to factor * max(min_factor, ratio); if
-    it fell, to factor * ratio. The factor never exceeds start * max_factor (released runs: 1.025 and 4.0)."""
+    it fell, to factor * ratio. The factor never exceeds start * max_factor (released runs: 1.025 and 4.0).
+    Sparrow addition: `floor` (default 0, i.e. the released behaviour) keeps the factor from going below it."""
 
-    def __init__(self, start: float, stable: int, window: int, min_factor: float = 1.025, max_factor: float = 4.0):
-        self.init, self.stable, self.window = start, stable, window
+    def __init__(self, start: float, stable: int, window: int, min_factor: float = 1.025, max_factor: float = 4.0,
+                 floor: float = 0.0):
+        self.init, self.stable, self.window, self.floor = start, stable, window, floor
         self.min_factor, self.max_factor = min_factor, max_factor
         self.previous: list[float] = []
         self.recent: list[float] = []
@@ -83,6 +85,7 @@ class AdaptiveFactorScheduler:
             ratio = recent_mean / prev_mean
             ratio = max(self.min_factor, ratio) if ratio > 1 else ratio
             ratio = min(self.init * self.max_factor / value, ratio)
+            ratio = max(self.floor / value, ratio)        # Sparrow option (not in the released code): factor floor
             self.cur = LinearValue(value, self.window, ratio)
         self.cur.step()
         return value

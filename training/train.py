@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decay", type=float, default=0.2, help="WSD: final fraction of steps decaying to 10%% lr")
     p.add_argument("--transfer", type=float, default=2e-3, help="activation-locality weight (official 1e-3..2e-3)")
     p.add_argument("--chunk-factor", type=float, default=5e-2, help="initial chunk-sparsification factor")
+    p.add_argument("--chunk-factor-floor", type=float, default=0.0, help="lowest value the adaptive scheduler may "
+                   "lower the chunk factor to (0 = no floor, the released scheduler)")
     p.add_argument("--chunk-len", type=int, default=64, help="chunk length L of the chunk loss (official 64)")
     p.add_argument("--sched-stable", type=float, default=0.1, help="adaptive scheduler: constant for this fraction")
     p.add_argument("--sched-window", type=int, default=20, help="adaptive scheduler: steps per window")
@@ -140,7 +142,7 @@ def train(args: argparse.Namespace) -> dict:
     objectives = RUNS[args.run]["objectives"]
     opt = torch.optim.AdamW(model.param_groups(args.lr, args.weight_decay), betas=(0.9, 0.95), eps=1e-8)
     sched = AdaptiveFactorScheduler(args.chunk_factor, stable=max(1, int(args.steps * args.sched_stable)),
-                                    window=args.sched_window)
+                                    window=args.sched_window, floor=args.chunk_factor_floor)
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = args.out / "ckpt.pt", args.out / "log.csv"
     start, elapsed = 0, 0.0

@@ -146,6 +146,49 @@ sp_type type_or_throw(uint32_t type) {
     return (sp_type)type;
 }
 
+// W[N, K] as raw rows of `ty`: K must be a whole number of blocks and w exactly N rows.
+void check_weights(sp_type ty, const nb::bytes &w, int64_t N, int64_t K) {
+    if (K % sp_type_traits_of(ty).block_size || (int64_t)w.size() != N * (int64_t)sp_row_size(ty, K))
+        throw SparrowError("SP_ERR_INVALID_ARG: weight bytes do not match N x K");
+}
+
+using F32Rows = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// The activation input a matmul of weight type ty takes: x[T, K] itself, or its rows quantized to q8a blocks.
+struct Activations {
+    std::vector<sp_block_q8a> q;
+    const void *data;
+    Activations(const sp_kernels *kt, sp_type ty, const F32Rows &x) : data(x.data()) {
+        if (!sp_type_traits_of(ty).act_q8) return;
+        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
+        if (K % SP_QK) throw SparrowError("SP_ERR_INVALID_ARG: K must be a multiple of 32");
+        q.resize((size_t)(T * K / SP_QK));
+        for (int64_t i = 0; i < T; i++) kt->quantize_q8a(q.data() + i * (K / SP_QK), x.data() + i * K, K);
+        data = q.data();
+    }
+};
+
+// Seconds per call of `reps` single-threaded calls of fn over all N rows, cycling through `copies` page-aligned copies
+// of the weight bytes w[0, size) so that, with enough copies, the weights come from DRAM as in a forward pass.
+std::vector<double> time_matmul(sp_matmul_fn fn, const void *w, size_t size, int copies, int reps, const void *x,
+                                int64_t K, int64_t N, int64_t T) {
+    if (reps < 1 || copies < 1) throw SparrowError("SP_ERR_INVALID_ARG: reps/copies < 1");
+    const size_t stride = (size + 4095) / 4096 * 4096;
+    std::vector<uint8_t> wbuf(stride * (size_t)copies + 64);
+    uint8_t *base = (uint8_t *)(((uintptr_t)wbuf.data() + 63) / 64 * 64);
+    for (int c = 0; c < copies; c++) std::memcpy(base + stride * c, w, size);
+    std::vector<float> y((size_t)(T * N));
+    std::vector<double> out((size_t)reps);
+    nb::gil_scoped_release r;
+    for (int c = 0; c < copies; c++) fn(y.data(), N, base + stride * c, x, K, 0, N, T); /* warm-up, touches all */
+    for (int i = 0; i < reps; i++) {
+        auto t0 = std::chrono::steady_clock::now();
+        fn(y.data(), N, base + stride * (size_t)(i % copies), x, K, 0, N, T);
+        out[(size_t)i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    return out;
+}
+
 // A 64-byte aligned packed copy of W[N, K] (raw rows of `type`) in tier kt's layout; throws when it does not pack.
 struct AlignedPacked {
     std::vector<uint8_t> buf;
@@ -154,8 +197,7 @@ struct AlignedPacked {
     AlignedPacked(const sp_kernels *kt, sp_type ty, nb::bytes w, int64_t N, int64_t K) {
         size = kt->packed_size[ty] ? kt->packed_size[ty](N, K) : 0;
         if (!size) throw SparrowError("SP_ERR_UNSUPPORTED: this tier does not pack this type/shape");
-        if (K % SP_QK || (int64_t)w.size() != N * (int64_t)sp_row_size(ty, K))
-            throw SparrowError("SP_ERR_INVALID_ARG: weight bytes do not match N x K");
+        check_weights(ty, w, N, K);
         buf.resize(size + 64);
         uint8_t *p = (uint8_t *)(((uintptr_t)buf.data() + 63) / 64 * 64);
         kt->pack[ty](p, w.c_str(), N, K);
@@ -342,25 +384,15 @@ NB_MODULE(_sparrow, m) {
         return F32Array(out, {(size_t)k}, owner);
     });
     // y[T, N] = x[T, K] @ W[N, K]^T with the given tier; W given as raw rows of the weight type.
-    t.def("matmul", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N,
-                       nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x) {
+    t.def("matmul", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N, F32Rows x) {
         const sp_kernels *kt = tier_or_throw(tier);
         sp_type ty = type_or_throw(type);
         const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
-        sp_type_traits tr = sp_type_traits_of(ty);
-        if (K % tr.block_size || (int64_t)w.size() != N * (int64_t)sp_row_size(ty, K))
-            throw SparrowError("SP_ERR_INVALID_ARG: weight bytes do not match N x K");
+        check_weights(ty, w, N, K);
         if (!kt->matmul[ty]) throw SparrowError("SP_ERR_UNSUPPORTED: no matmul for this type");
-        std::vector<sp_block_q8a> xq;
-        const void *xin = x.data();
-        if (tr.act_q8) {
-            if (K % SP_QK) throw SparrowError("SP_ERR_INVALID_ARG: K must be a multiple of 32");
-            xq.resize((size_t)(T * K / SP_QK));
-            for (int64_t i = 0; i < T; i++) kt->quantize_q8a(xq.data() + i * (K / SP_QK), x.data() + i * K, K);
-            xin = xq.data();
-        }
+        Activations xin(kt, ty, x);
         float *y = new float[(size_t)(T * N)];
-        kt->matmul[ty](y, N, w.c_str(), xin, K, 0, N, T);
+        kt->matmul[ty](y, N, w.c_str(), xin.data, K, 0, N, T);
         nb::capsule owner(y, [](void *p) noexcept { delete[] (float *)p; });
         return F32Array(y, {(size_t)T, (size_t)N}, owner);
     });
@@ -446,41 +478,16 @@ NB_MODULE(_sparrow, m) {
         if (a.shape(0) != b.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: length mismatch");
         return tier_or_throw(tier)->dot_f32(a.data(), b.data(), (int64_t)a.shape(0));
     });
-    // Benchmark hook: time `reps` single-threaded matmul calls inside C (activations quantized once, untimed). The
-    // calls cycle through `copies` copies of W (spread over >= copies * size bytes) so that, with enough copies, the
-    // weights come from DRAM as in a real forward pass. Returns seconds per call, one entry per rep.
-    t.def("matmul_time", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N,
-                            nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x, int reps,
+    // Benchmark hook: seconds per call of `reps` single-threaded matmul calls inside C (activations quantized once,
+    // untimed), the weights spread over `copies` copies (see time_matmul).
+    t.def("matmul_time", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N, F32Rows x, int reps,
                             int copies) {
         const sp_kernels *kt = tier_or_throw(tier);
         sp_type ty = type_or_throw(type);
-        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
-        sp_type_traits tr = sp_type_traits_of(ty);
-        if (K % tr.block_size || (int64_t)w.size() != N * (int64_t)sp_row_size(ty, K) || reps < 1 || copies < 1)
-            throw SparrowError("SP_ERR_INVALID_ARG: weight bytes do not match N x K, or reps/copies < 1");
-        const size_t wsize = w.size(), stride = (wsize + 4095) / 4096 * 4096;
-        std::vector<uint8_t> wbuf(stride * (size_t)copies + 64);
-        uint8_t *base = (uint8_t *)(((uintptr_t)wbuf.data() + 63) / 64 * 64);
-        for (int c = 0; c < copies; c++) std::memcpy(base + stride * c, w.c_str(), wsize);
-        std::vector<sp_block_q8a> xq;
-        const void *xin = x.data();
-        if (tr.act_q8) {
-            xq.resize((size_t)(T * K / SP_QK));
-            for (int64_t i = 0; i < T; i++) kt->quantize_q8a(xq.data() + i * (K / SP_QK), x.data() + i * K, K);
-            xin = xq.data();
-        }
-        std::vector<float> y((size_t)(T * N));
-        std::vector<double> out((size_t)reps);
-        {
-            nb::gil_scoped_release r;
-            for (int c = 0; c < copies; c++) kt->matmul[ty](y.data(), N, base + stride * c, xin, K, 0, N, T);
-            for (int i = 0; i < reps; i++) {
-                auto t0 = std::chrono::steady_clock::now();
-                kt->matmul[ty](y.data(), N, base + stride * (size_t)(i % copies), xin, K, 0, N, T);
-                out[(size_t)i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            }
-        }
-        return out;
+        check_weights(ty, w, N, (int64_t)x.shape(1));
+        Activations xin(kt, ty, x);
+        return time_matmul(kt->matmul[ty], w.c_str(), w.size(), copies, reps, xin.data, (int64_t)x.shape(1), N,
+                           (int64_t)x.shape(0));
     }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "reps"_a, "copies"_a = 1);
     // F16 vector kernels of the KV cache: dot(a, b_f16), y + alpha*x_f16, and f32 -> f16 rows (bits as uint16).
     t.def("dot_f16", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> a,
@@ -647,39 +654,20 @@ NB_MODULE(_sparrow, m) {
         if (r0 < 0 || r0 > r1 || r1 > N || r0 % kt->pack_rows || (r1 != N && r1 % kt->pack_rows))
             throw SparrowError("SP_ERR_INVALID_ARG: rows must be group multiples within [0, N]");
         AlignedPacked p(kt, ty, w, N, K);
-        std::vector<sp_block_q8a> xq((size_t)(T * K / SP_QK));
-        for (int64_t i = 0; i < T; i++) kt->quantize_q8a(xq.data() + i * (K / SP_QK), x.data() + i * K, K);
+        Activations xin(kt, ty, x);
         float *y = new float[(size_t)(T * N)]();
-        kt->matmul_packed[ty](y, N, p.data, xq.data(), K, r0, r1, T);
+        kt->matmul_packed[ty](y, N, p.data, xin.data, K, r0, r1, T);
         nb::capsule owner(y, [](void *q) noexcept { delete[] (float *)q; });
         return F32Array(y, {(size_t)T, (size_t)N}, owner);
     }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "r0"_a = 0, "r1"_a = -1);
-    // Benchmark hook: matmul_time's twin on the packed copy of W (copies of the packed bytes, same spreading).
-    t.def("matmul_packed_time", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N,
-                                   nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x, int reps,
-                                   int copies) {
+    // Benchmark hook: matmul_time on the packed copy of W (copies of the packed bytes, same spreading).
+    t.def("matmul_packed_time", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N, F32Rows x,
+                                   int reps, int copies) {
         const sp_kernels *kt = tier_or_throw(tier);
         sp_type ty = type_or_throw(type);
-        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
-        if (reps < 1 || copies < 1) throw SparrowError("SP_ERR_INVALID_ARG: reps/copies < 1");
-        AlignedPacked p(kt, ty, w, N, K);
-        const size_t stride = (p.size + 4095) / 4096 * 4096;
-        std::vector<uint8_t> wbuf(stride * (size_t)copies + 64);
-        uint8_t *base = (uint8_t *)(((uintptr_t)wbuf.data() + 63) / 64 * 64);
-        for (int c = 0; c < copies; c++) std::memcpy(base + stride * c, p.data, p.size);
-        std::vector<sp_block_q8a> xq((size_t)(T * K / SP_QK));
-        for (int64_t i = 0; i < T; i++) kt->quantize_q8a(xq.data() + i * (K / SP_QK), x.data() + i * K, K);
-        std::vector<float> y((size_t)(T * N));
-        std::vector<double> out((size_t)reps);
-        {
-            nb::gil_scoped_release r;
-            for (int c = 0; c < copies; c++) kt->matmul_packed[ty](y.data(), N, base + stride * c, xq.data(), K, 0, N, T);
-            for (int i = 0; i < reps; i++) {
-                auto t0 = std::chrono::steady_clock::now();
-                kt->matmul_packed[ty](y.data(), N, base + stride * (size_t)(i % copies), xq.data(), K, 0, N, T);
-                out[(size_t)i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            }
-        }
-        return out;
+        AlignedPacked p(kt, ty, w, N, (int64_t)x.shape(1));
+        Activations xin(kt, ty, x);
+        return time_matmul(kt->matmul_packed[ty], p.data, p.size, copies, reps, xin.data, (int64_t)x.shape(1), N,
+                           (int64_t)x.shape(0));
     }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "reps"_a, "copies"_a = 1);
 }

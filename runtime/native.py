@@ -175,6 +175,18 @@ class Session:
     def reset_sparsity(self) -> None:
         self._s.reset_sparsity()
 
+    def reuse_prefix(self, tokens: Sequence[int]) -> int:
+        """Keep the longest cached prefix of `tokens`, but never the last one (evaluating it again gives its logits),
+        and drop the rest of the cache; returns how many tokens were kept."""
+        common = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        common = max(0, min(common, len(tokens) - 1))
+        self.truncate(common)
+        return common
+
     def truncate(self, n: int) -> None:
         """Roll the KV cache back to its first n tokens."""
         self._s.truncate(n)
@@ -205,14 +217,7 @@ def generate_tokens(session: Session, prompt_tokens: Sequence[int], *, max_token
     The KV cache is reused: if the session already holds a prefix of prompt_tokens, only the rest is evaluated."""
     model = session.model
     sampler = sampler or Sampler(model.info.n_vocab, SamplerParams.greedy())
-    common = 0
-    for a, b in zip(session.tokens, prompt_tokens):
-        if a != b:
-            break
-        common += 1
-    if common == len(prompt_tokens) and common > 0:
-        common -= 1  # re-evaluate the last prompt token to get its logits
-    session.truncate(common)
+    common = session.reuse_prefix(prompt_tokens)
     for t in prompt_tokens:
         sampler.accept(t)
     logits = session.prefill(prompt_tokens[common:])

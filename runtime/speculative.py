@@ -238,13 +238,7 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
 
     # Cache reuse: keep the common prefix, but never the last prompt token (it is the first root).
     t0 = time.perf_counter()
-    common = 0
-    for a, b in zip(session.tokens, prompt):
-        if a != b:
-            break
-        common += 1
-    common = min(common, len(prompt) - 1)
-    session.truncate(common)
+    common = session.reuse_prefix(prompt)
     for i in range(common, len(prompt) - 1, session.n_batch):
         session.eval(prompt[i:min(i + session.n_batch, len(prompt) - 1)], logits="none")
     stats.prefill_s += time.perf_counter() - t0

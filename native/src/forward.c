@@ -157,12 +157,12 @@ static void forward_worker(void *ctx, int ith, int nth) {
     sp_split(T, ith, nth, &t0, &t1);
 
     /* 1. embeddings x[t] = tok_embd[token t]; RoPE cos/sin for each token's position */
+    const float theta_scale = powf(hp->rope_base, -2.0f / (float)hp->n_rot);
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *row = (const uint8_t *)m->tok_embd.data + (size_t)b->tokens[t] * m->tok_embd.row_size;
         sp_dequantize_row(m->tok_embd.type, row, s->x + t * H, H);
         if (hp->embed_scale != 1.0f)
             for (int64_t i = 0; i < H; i++) s->x[t * H + i] *= hp->embed_scale;
-        const float theta_scale = powf(hp->rope_base, -2.0f / (float)hp->n_rot);
         float theta = (float)(b->pos ? b->pos[t] : P + t);
         for (int i = 0; i < hp->n_rot; i += 2) {
             s->rope_cs[t * hp->n_rot + i] = cosf(theta);

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import _sparrow
 from runtime.native import Model, SamplerParams, Session
 from runtime.speculative import Draft, draw, greedy_token, target_probs
 
@@ -117,21 +118,10 @@ class Recycling(Drafter):
 
 
 def top_k_rows(x: np.ndarray, k: int) -> np.ndarray:
-    """The k largest entries' indices of each row of x [R, V], largest first (ties -> lower index): [R, k].
-    A lower bound on each row's k-th largest value, the k-th largest of C chunk maxima, leaves few candidates to
-    sort; about 4x faster than np.argpartition on vocabulary-sized rows."""
-    R, V = x.shape
-    C = 128
-    if V < C * 8 or k > C:
-        return np.argsort(-x, axis=1, kind="stable")[:, :k]
-    L = V // C
-    cmax = x[:, :C * L].reshape(R, C, L).max(axis=2)   # [R, C]
-    thr = np.partition(cmax, -k, axis=1)[:, -k]         # [R]: k distinct entries reach it
-    r, c = np.nonzero(x >= thr[:, None])
-    order = np.lexsort((c, -x[r, c], r))                # by row, then value descending, then index
-    r, c = r[order], c[order]
-    starts = np.searchsorted(r, np.arange(R))           # [R]; each row has >= k candidates
-    return c[starts[:, None] + np.arange(k)]
+    """The k largest entries' indices of each row of x [R, V], largest first (ties -> lower index): [R, k] int32.
+    Native (sp_top_k, a k-entry heap per row): ~30x faster than np.argpartition on vocabulary-sized rows, which
+    matters because Token Recycling refreshes its candidate lists from every verified node."""
+    return _sparrow.top_k(np.ascontiguousarray(x, dtype=np.float32), k)
 
 
 class DraftModel(Drafter):

@@ -22,7 +22,7 @@ from reference.sampler import sampler_probs as ref_probs
 from scipy import stats as scistats
 from tiny_llama import TinyConfig, write_tiny_llama
 
-from runtime import Model, Sampler, SamplerParams, _sparrow, generate_tokens
+from runtime import Model, Sampler, SamplerParams, SparrowError, _sparrow, generate_tokens
 from runtime.drafters import Drafter, DraftModel, PromptLookup, Recycling, make_drafter, top_k_rows
 from runtime.speculative import Draft, SpecStats, generate_speculative, speculative_tokens, target_probs
 
@@ -232,6 +232,11 @@ def test_top_k_rows_orders_like_a_full_sort():
         x[0, 100:130] = 4.0  # ties: lower ids first
         full = np.array([np.lexsort((np.arange(V), -row))[:8] for row in x])
         assert (top_k_rows(x, 8) == full).all()
+    assert top_k_rows(np.array([[1.0, 3.0, 3.0, 2.0]], np.float32), 4).tolist() == [[1, 2, 3, 0]]
+    assert top_k_rows(np.zeros((0, 10), np.float32), 3).shape == (0, 3)
+    for bad in (0, 11, 300):
+        with pytest.raises(SparrowError, match="top_k"):
+            top_k_rows(np.zeros((2, 10), np.float32), bad)
 
 
 @pytest.mark.parametrize("params", [

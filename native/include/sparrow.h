@@ -189,6 +189,12 @@ SP_API sp_status sp_sampler_sample(sp_sampler *sampler, const float *logits, int
 SP_API void sp_sampler_accept(sp_sampler *sampler, int32_t token);
 SP_API void sp_sampler_reset(sp_sampler *sampler);  /* forget history, reseed */
 
+/* The indices of the k largest of x[0..n), largest first; equal values: the lower index first (NaNs give valid
+ * indices in an unspecified order). 1 <= k <= min(n, SP_TOP_K_MAX). No allocation: cheap enough for every row of a
+ * verification pass's logits (Token Recycling refreshes its candidate lists this way). */
+#define SP_TOP_K_MAX 256
+SP_API sp_status sp_top_k(const float *x, int32_t n, int32_t k, int32_t *idx_out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -214,6 +214,27 @@ NB_MODULE(_sparrow, m) {
     m.def("version", &sp_version);
     m.def("cpu_features", &sp_cpu_features);
     m.def("kernel_tier", &sp_kernel_tier);
+    // top_k(x [R, V] float32, k) -> int32 [R, k]: each row's k largest entries' indices, largest first, ties to the
+    // lower index (sp_top_k per row, without the GIL).
+    m.def("top_k", [](F32Rows x, int32_t k) {
+        const size_t R = x.shape(0), V = x.shape(1);
+        if (V > (size_t)INT32_MAX) throw SparrowError("SP_ERR_INVALID_ARG: top_k: rows too long");
+        if (k < 1 || k > SP_TOP_K_MAX || (size_t)k > V)
+            throw SparrowError("SP_ERR_INVALID_ARG: top_k: k=" + std::to_string(k) + " must be in [1, min(" +
+                               std::to_string(V) + ", " + std::to_string(SP_TOP_K_MAX) + ")]");
+        int32_t *out = new int32_t[std::max<size_t>(R * (size_t)std::max(k, 0), 1)];
+        sp_status st = SP_OK;
+        {
+            nb::gil_scoped_release r;
+            for (size_t i = 0; i < R && st == SP_OK; i++) st = sp_top_k(x.data() + i * V, (int32_t)V, k, out + i * (size_t)k);
+        }
+        if (st != SP_OK) {
+            delete[] out;
+            check(st);
+        }
+        nb::capsule owner(out, [](void *p) noexcept { delete[] (int32_t *)p; });
+        return nb::ndarray<nb::numpy, int32_t, nb::ndim<2>>(out, {R, (size_t)k}, owner);
+    }, "x"_a, "k"_a);
 
     nb::class_<Model>(m, "Model")
         .def(nb::init<const std::string &, bool, bool, bool>(), "path"_a, "use_mmap"_a = true, "vocab_only"_a = false,

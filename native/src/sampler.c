@@ -340,6 +340,18 @@ sp_status sp_sampler_probs(sp_sampler *s, const float *logits, float *probs) {
     return SP_OK;
 }
 
+sp_status sp_top_k(const float *x, int32_t n, int32_t k, int32_t *idx_out) {
+    sp_clear_error();
+    if (!x || !idx_out) return sp_fail(SP_ERR_INVALID_ARG, "sp_top_k: NULL argument");
+    if (k < 1 || k > SP_TOP_K_MAX || k > n)
+        return sp_fail(SP_ERR_INVALID_ARG, "sp_top_k: k=%d must be in [1, min(n=%d, %d)]", k, n, SP_TOP_K_MAX);
+    sp_cand c[SP_TOP_K_MAX];
+    top_k_select(c, x, n, k);
+    qsort(c, (size_t)k, sizeof *c, cand_cmp_desc);
+    for (int32_t i = 0; i < k; i++) idx_out[i] = c[i].id;
+    return SP_OK;
+}
+
 /* Tokens outside [0, V) are ignored: they cannot be penalised. */
 void sp_sampler_accept(sp_sampler *s, int32_t token) {
     if (!s || token < 0 || token >= s->n_vocab || s->params.repeat_last_n == 0) return;

@@ -235,6 +235,31 @@ NB_MODULE(_sparrow, m) {
         nb::capsule owner(out, [](void *p) noexcept { delete[] (int32_t *)p; });
         return nb::ndarray<nb::numpy, int32_t, nb::ndim<2>>(out, {R, (size_t)k}, owner);
     }, "x"_a, "k"_a);
+    m.def("bench_read_bandwidth", [](int32_t n_threads, size_t bytes_per_thread, int32_t repeats, bool pin_threads) {
+        sp_bandwidth_params p = sp_bandwidth_default_params();
+        p.n_threads = n_threads;
+        p.bytes_per_thread = bytes_per_thread;
+        p.repeats = repeats;
+        p.pin_threads = pin_threads;
+        sp_bandwidth_result r;
+        sp_status s;
+        {
+            nb::gil_scoped_release rel;
+            s = sp_bench_read_bandwidth(p, &r);
+        }
+        check(s);
+        nb::dict d;
+        d["n_threads"] = r.n_threads;
+        d["bytes_per_thread"] = r.bytes_per_thread;
+        d["gb_s"] = std::vector<double>(r.gb_s, r.gb_s + r.repeats);
+        d["median"] = r.gb_s_median;
+        d["min"] = r.gb_s_min;
+        d["max"] = r.gb_s_max;
+        d["n_pinned"] = r.n_pinned;
+        d["pin_errno"] = r.pin_errno;
+        return d;
+    }, "n_threads"_a = 1, "bytes_per_thread"_a = size_t(256) << 20, "repeats"_a = 5, "pin_threads"_a = true,
+       "Memory read bandwidth (GB/s) of n_threads threads streaming private buffers: sp_bench_read_bandwidth.");
 
     nb::class_<Model>(m, "Model")
         .def(nb::init<const std::string &, bool, bool, bool>(), "path"_a, "use_mmap"_a = true, "vocab_only"_a = false,
@@ -486,6 +511,52 @@ NB_MODULE(_sparrow, m) {
         check(st);
         return out;
     }, "session"_a, "layers"_a, "xn"_a, "r"_a, "mode"_a, "reps"_a);
+    // Synthetic routing (routing_synth.c): every BlockFFN layer's router scores replaced by a pattern of stated TLS and
+    // CLS-k keyed by (layer, position). Returns the effective setting (A, U of E experts; the exact TLS/CLS-k).
+    auto synth_dict = [](const sp_session *s) -> nb::object {
+        if (!s->synth.on) return nb::none();
+        const double E = s->model->hp.n_expert;
+        nb::dict d;
+        d["n_expert"] = s->model->hp.n_expert;
+        d["n_active"] = s->synth.n_active;
+        d["n_union"] = s->synth.n_union;
+        d["k"] = s->synth.k;
+        d["seed"] = s->synth.seed;
+        d["tls"] = 1.0 - s->synth.n_active / E;
+        d["cls"] = 1.0 - s->synth.n_union / E;
+        return d;
+    };
+    t.def("set_synthetic_routing", [synth_dict](Session &self, double tls, double cls, int32_t k, uint64_t seed) {
+        sp_synth_routing_params p{tls, cls, k, seed};
+        check(sp_session_set_synthetic_routing(self.get(), &p));
+        return synth_dict(self.get());
+    }, "session"_a, "tls"_a, "cls"_a, "k"_a = 8, "seed"_a = 0);
+    t.def("clear_synthetic_routing", [](Session &self) { check(sp_session_set_synthetic_routing(self.get(), nullptr)); });
+    t.def("synthetic_routing", [synth_dict](const Session &self) { return synth_dict(self.get()); });
+    // The synthetic scores [T, E] of `layer` at `positions` (what a pass uses for tokens at those positions).
+    t.def("synthetic_scores", [](const Session &self, int layer, std::vector<int64_t> positions) {
+        const sp_session *s = self.get();
+        if (!s->synth.on) throw SparrowError("SP_ERR_INVALID_ARG: synthetic routing is off");
+        if (layer < 0 || layer >= s->model->hp.n_layer) throw SparrowError("SP_ERR_INVALID_ARG: layer out of range");
+        for (int64_t p : positions)
+            if (p < 0 || p > (1 << 24)) throw SparrowError("SP_ERR_INVALID_ARG: position out of range");
+        const size_t E = (size_t)s->model->hp.n_expert, T = positions.size();
+        float *out = new float[T * E + 1];
+        for (size_t i = 0; i < T; i++) sp_synth_routing_scores(s, layer, positions[i], out + i * E);
+        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
+        return F32Array(out, {T, E}, owner);
+    }, "session"_a, "layer"_a, "positions"_a);
+    // The router scores [n_tokens, E] the last BlockFFN layer used in the most recent pass (session scratch).
+    t.def("last_router_scores", [](const Session &self, int32_t n_tokens) {
+        const sp_session *s = self.get();
+        if (s->model->arch != SP_ARCH_BLOCKFFN) throw SparrowError("SP_ERR_INVALID_ARG: the model has no BlockFFN layers");
+        if (n_tokens < 1 || n_tokens > s->params.n_batch) throw SparrowError("SP_ERR_INVALID_ARG: n_tokens must be 1..n_batch");
+        const size_t E = (size_t)s->model->hp.n_expert, T = (size_t)n_tokens;
+        float *out = new float[T * E];
+        std::memcpy(out, s->s.router, T * E * sizeof(float));
+        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
+        return F32Array(out, {T, E}, owner);
+    }, "session"_a, "n_tokens"_a);
     t.def("quantize_q8a", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
         const sp_kernels *kt = tier_or_throw(tier);
         const int64_t k = (int64_t)x.shape(0);

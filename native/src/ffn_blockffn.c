@@ -16,6 +16,7 @@
  * h = U_e[slice] x (kernel matmul), c = r * silu(h), then y += c @ D_e^T[slice] (kernel accum) into its own partial
  * output (thread 0: s->tmp). Partials are summed into tmp at the end. Threads meet at 4 barriers per layer.
  * Thread 0 also updates the session's sparsity counters (TLS, CLS-k ring, bytes read).
+ * With synthetic routing on (routing_synth.c) the router matmul still runs and its scores are then replaced.
  */
 #include "forward.h"
 
@@ -91,6 +92,7 @@ static void plan_tasks(const fwd_ctx *c, int il) {
     for (int64_t t = 0; t < T; t++) {
         float *r = s->router + t * E;
         if (s->router_set) memcpy(r, s->router_set + t * E, (size_t)E * sizeof *r);
+        else if (ses->synth.on) sp_synth_routing_scores(ses, il, c->b->pos ? c->b->pos[t] : ses->n_past + t, r);
         else router_norm_row(hp, l->router_norm, r);
     }
     sp_ffn_task *task = s->tasks;

@@ -30,4 +30,20 @@ void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth);
 sp_status sp_ffn_blockffn_run(sp_session *ses, int il, const float *xn, const float *r, int64_t r_cols, int32_t T,
                               sp_ffn_mode mode, float *out);
 
+/* Synthetic routing (routing_synth.c; for benchmarks and tests, not the stable API). With it on, every BlockFFN layer
+ * of every pass (sp_eval, and sp_ffn_blockffn_run without r) still runs its router matmul, then replaces the scores
+ * with a deterministic pattern keyed by (layer, position): each position uses A = round((1 - tls) E) experts and any
+ * k consecutive positions use U = round((1 - cls) E) together (so TLS and CLS-k are exactly 1 - A/E and 1 - U/E).
+ * The same position gets the same experts alone, in a chunk, or as a tree node (position n_past + depth). */
+typedef struct sp_synth_routing_params {
+    double tls;    /* token-level sparsity in [0, 1] */
+    double cls;    /* chunk-level sparsity over k positions in [0, tls] */
+    int32_t k;     /* chunk length, 2..65536 */
+    uint64_t seed;
+} sp_synth_routing_params;
+/* p NULL: off (the router's own scores again). Bad arguments: a status and message, the setting unchanged. */
+sp_status sp_session_set_synthetic_routing(sp_session *ses, const sp_synth_routing_params *p);
+/* r[E] = the synthetic scores of layer il at position pos (synthetic routing must be on). */
+void sp_synth_routing_scores(const sp_session *ses, int il, int64_t pos, float *r);
+
 #endif

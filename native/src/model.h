@@ -104,6 +104,18 @@ typedef struct sp_sparsity_acc {
     uint64_t *bytes;         /* [L] expert weight bytes read */
 } sp_sparsity_acc;
 
+/* Synthetic routing (routing_synth.c, testing/benchmarks): replaces every BlockFFN layer's router scores with a
+ * deterministic pattern keyed by (layer, position). A = experts per position, U = experts used by any k consecutive
+ * positions. */
+typedef struct sp_synth_routing {
+    bool on;
+    int32_t n_active;  /* A = round((1 - TLS) E) */
+    int32_t n_union;   /* U = round((1 - CLS-k) E), A <= U <= E */
+    int32_t k;         /* chunk length the CLS is stated for, >= 2 */
+    uint64_t seed;
+    int32_t *ring;     /* [L, E] each layer's expert order; position p uses ring[(start(p) + i) % E], i < A */
+} sp_synth_routing;
+
 struct sp_session {
     const sp_model *model;
     sp_session_params params;
@@ -112,6 +124,7 @@ struct sp_session {
     sp_f16 *v_cache; /* [L, C, NKV*D] values, F16 */
     sp_scratch s;
     sp_sparsity_acc sparsity;
+    sp_synth_routing synth;
     sp_pool *pool;
 };
 

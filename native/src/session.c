@@ -56,6 +56,7 @@ void sp_session_free(sp_session *ses) {
     free(a->cls_inactive);
     free(a->cls_chunks);
     free(a->bytes);
+    free(ses->synth.ring);
     free(ses);
 }
 

@@ -1,0 +1,164 @@
+"""Synthetic BlockFFN configurations: the random-weight GGUF writer (bench_device/synthetic.py) and the native
+synthetic-routing switch (native/src/routing_synth.c): stated TLS/CLS measured back by the session's own counters,
+sparse execution equal to dense under it, routing keyed by position (alone = in a chunk = as a tree node), and the
+numpy oracle tests/reference/synthetic_routing.py. Tiny shapes only: each test runs in well under a second."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import synthetic_routing as oracle
+
+from bench_device import synthetic as sy
+from runtime import Model, _sparrow
+
+testing = _sparrow.testing
+SparrowError = _sparrow.SparrowError
+# E = 56 experts as the released 1.2B, at a tiny H so the file takes milliseconds
+T56 = sy.Shape("t56", 64, 2, 2, 2, 56, 32, vocab=300, context=512, source="test shape")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = sy.ensure(T56, "Q4_0", seed=3, cache=tmp_path_factory.mktemp("synth"), progress=False)
+    with Model(path) as m:
+        yield m
+
+
+def session(m, mode="chunk", **synth):
+    s = m.session(n_ctx=256, n_batch=64, n_threads=2, ffn_mode=mode)
+    testing.set_synthetic_routing(s._s, **({"tls": 0.8, "cls": 0.7, "k": 8, "seed": 5} | synth))
+    return s
+
+
+def test_writer_follows_the_layout_and_caches(tmp_path):
+    p = sy.ensure("tiny", "Q8_0", seed=1, cache=tmp_path, progress=False)
+    mtime = p.stat().st_mtime_ns
+    assert sy.ensure("tiny", "Q8_0", seed=1, cache=tmp_path, progress=False) == p and p.stat().st_mtime_ns == mtime
+    assert sy.ensure("tiny", "Q8_0", seed=2, cache=tmp_path, progress=False) != p  # another seed, another file
+    shape = sy.SHAPES["tiny"]
+    with Model(p) as m:
+        i = m.info
+        assert (i.architecture, i.n_embd, i.n_layer, i.n_head, i.n_head_kv, i.n_vocab) == (
+            "blockffn", shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.vocab)
+        assert i.n_ff == shape.experts * shape.expert_width
+        assert i.n_params == sum(shape.n_params().values()) + shape.layers * (2 * shape.hidden + shape.experts) \
+            + shape.hidden  # + the norms
+        with m.session(n_ctx=64, n_threads=1) as s:
+            assert np.isfinite(s.eval(list(range(3, 40)), logits="all")).all()
+
+
+def test_released_shapes():
+    for name, (H, L, NH, E, F) in {"0.1b": (768, 16, 6, 48, 64), "0.5b": (1280, 27, 10, 40, 128),
+                                   "0.8b": (1536, 32, 12, 48, 128), "1.2b": (1792, 35, 14, 56, 128)}.items():
+        s = sy.SHAPES[name]
+        assert (s.hidden, s.layers, s.heads, s.experts, s.expert_width, s.head_dim) == (H, L, NH, E, F, 128)
+        assert s.experts * s.expert_width == 4 * s.hidden and s.vocab == sy.REAL_VOCAB
+    assert sy.SHAPES["1.2b"].with_vocab("small").vocab == sy.SMALL_VOCAB
+    p12 = sy.SHAPES["1.2b"].n_params()
+    assert 1.3e9 < p12["attention"] + p12["experts"] + p12["router"] < 1.4e9  # MHA instead of MLA: stated
+
+
+@pytest.mark.parametrize("tls,cls,k,seed", [(0.8, 0.7, 8, 5), (0.5, 0.2, 4, 0), (0.9, 0.9, 16, 7), (0.0, 0.0, 2, 1)])
+def test_native_scores_match_the_oracle(model, tls, cls, k, seed):
+    with session(model, tls=tls, cls=cls, k=k, seed=seed) as s:
+        positions = list(range(40)) + [1000, 123457, 1 << 24]
+        for layer in range(T56.layers):
+            got = testing.synthetic_scores(s._s, layer, positions)
+            np.testing.assert_array_equal(got, oracle.scores(56, tls, cls, k, seed, layer, positions))
+
+
+@pytest.mark.parametrize("tls,cls,k", [(0.8, 0.7, 8), (0.85, 0.6, 4), (0.7, 0.5, 16)])
+def test_measured_sparsity_is_the_stated(model, tls, cls, k):
+    with session(model, tls=tls, cls=cls, k=k) as s:
+        eff = testing.synthetic_routing(s._s)
+        n = 0
+        for T in (1, 7, 8, 13, 3, 32):  # counted across eval calls of any size
+            s.eval(list(range(10 + n, 10 + n + T)), logits="none")
+            n += T
+        st = s.sparsity()
+        assert st.n_tokens == n
+        A, U = oracle.counts(56, tls, cls)
+        assert (eff["n_active"], eff["n_union"]) == (A, U)
+        assert st.tls == pytest.approx(1 - A / 56, abs=1e-12) == eff["tls"]
+        assert st.cls[k] == pytest.approx(1 - U / 56, abs=1e-12) == eff["cls"]
+        assert abs(st.tls - tls) <= 0.5 / 56 + 1e-12 and abs(st.cls[k] - cls) <= 0.5 / 56 + 1e-12
+        # the union grows with the chunk: fewer positions than k use fewer experts, more use more
+        assert st.cls[2] > st.cls[k] and (k == 16 or st.cls[16] < st.cls[k])
+
+
+def test_sparse_paths_equal_dense(model):
+    toks = [5, 77, 12, 250, 31, 9, 140, 66, 3, 199, 45, 18]
+    parents = [-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 8]  # a tree of 12 nodes
+    depth = [0] * 12
+    mask = np.zeros((12, 12), np.uint8)
+    for i, p in enumerate(parents):
+        mask[i] = mask[p] if p >= 0 else 0
+        mask[i, i] = 1
+        depth[i] = depth[p] + 1 if p >= 0 else 0
+    out = {}
+    for mode in ("dense", "token", "chunk"):
+        with session(model, mode) as s:
+            s.eval(list(range(20, 36)), logits="none")
+            chain = s.eval(toks, logits="all")
+            s.truncate(16)
+            tree = s.eval(toks, pos=[16 + d for d in depth], mask=mask, logits="all")
+            s.truncate(16)
+            single = s.eval(toks[:1], logits="last")
+            out[mode] = (chain, tree, single, s.sparsity().expert_bytes_per_token)
+    for mode in ("token", "chunk"):
+        for got, want in zip(out[mode][:3], out["dense"][:3]):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # expert bytes read per token: the chunk path reads each expert of a batch's union once; the token path reads A
+    # experts per token; dense all E once per batch
+    assert out["chunk"][3] < min(out["token"][3], out["dense"][3])
+
+
+def test_routing_is_keyed_by_position(model):
+    toks = [40, 41, 42, 43, 44, 45, 46, 47, 48]
+    with session(model) as a, session(model) as b, session(model) as c:
+        for s in (a, b, c):
+            s.eval(list(range(100, 108)), logits="none")  # the same 8-token prefix
+        chunk = a.eval(toks, logits="all")
+        chunk_r = testing.last_router_scores(a._s, len(toks))
+        alone, alone_r = [], []
+        for t in toks:
+            alone.append(b.eval([t], logits="last"))
+            alone_r.append(testing.last_router_scores(b._s, 1)[0])
+        np.testing.assert_array_equal(np.stack(alone_r), chunk_r)
+        np.testing.assert_allclose(np.stack(alone), chunk, rtol=1e-4, atol=1e-4 * np.abs(chunk).max())
+        np.testing.assert_array_equal(chunk_r, testing.synthetic_scores(a._s, T56.layers - 1, list(range(8, 17))))
+        # a tree whose first branch is the chain: node i at depth d has position 8 + d
+        parents = [-1, 0, 1, 2, 1, 4, 0, 6, 7]
+        depth = [0, 1, 2, 3, 2, 3, 1, 2, 3]
+        mask = np.zeros((9, 9), np.uint8)
+        for i, p in enumerate(parents):
+            mask[i] = mask[p] if p >= 0 else 0
+            mask[i, i] = 1
+        tree_toks = [toks[0], toks[1], toks[2], toks[3], 7, 8, 9, 10, 11]
+        tree = c.eval(tree_toks, pos=[8 + d for d in depth], mask=mask, logits="all")
+        tree_r = testing.last_router_scores(c._s, 9)
+        for i, d in enumerate(depth):
+            np.testing.assert_array_equal(tree_r[i], chunk_r[d])
+        np.testing.assert_allclose(tree[:4], chunk[:4], rtol=1e-4, atol=1e-4 * np.abs(chunk).max())
+
+
+def test_off_restores_the_router_and_bad_arguments_fail_cleanly(model):
+    with session(model) as s:
+        before = testing.synthetic_routing(s._s)
+        for bad, msg in (({"tls": 1.5, "cls": 0.1}, "tls must be"), ({"tls": 0.5, "cls": -0.1}, "cls must be"),
+                         ({"tls": 0.5, "cls": 0.7}, "must not exceed tls"), ({"tls": float("nan"), "cls": 0.1}, "tls"),
+                         ({"tls": 0.8, "cls": 0.7, "k": 1}, "k must be")):
+            with pytest.raises(SparrowError, match=msg):
+                testing.set_synthetic_routing(s._s, **bad)
+        assert testing.synthetic_routing(s._s) == before  # unchanged by the failed calls
+        with pytest.raises(SparrowError, match="out of range"):
+            testing.synthetic_scores(s._s, T56.layers, [0])
+        s.eval([1, 2, 3, 4], logits="none")
+        synth = testing.last_router_scores(s._s, 4)
+        testing.clear_synthetic_routing(s._s)
+        assert testing.synthetic_routing(s._s) is None
+        with pytest.raises(SparrowError, match="off"):
+            testing.synthetic_scores(s._s, 0, [0])
+        s.truncate(0)
+        s.eval([1, 2, 3, 4], logits="none")
+        assert not np.array_equal(testing.last_router_scores(s._s, 4), synth)  # the random router's own routing

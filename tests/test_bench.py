@@ -3,6 +3,7 @@ CLI writing report.json and report.md."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,30 @@ def test_profile_on_this_machine():
     assert all({"level", "type", "size", "bytes"} <= set(c) for c in p["caches"])
     bw = read_bandwidth(1, mb=32, repeats=2)
     assert bw["n"] == 2 and 0 < bw["min"] <= bw["median"] <= bw["max"]
+
+
+def test_native_bandwidth_probe_pins_threads_and_checks_its_reads():
+    from runtime import _sparrow
+
+    r = _sparrow.bench_read_bandwidth(2, 8 << 20, 3, True)
+    assert r["n_threads"] == 2 and r["bytes_per_thread"] == 8 << 20 and len(r["gb_s"]) == 3
+    assert 0 < r["min"] <= r["median"] <= r["max"] and sorted(r["gb_s"])[1] == r["median"]
+    if hasattr(os, "sched_setaffinity"):  # Linux: both threads pinned to CPUs this process may use
+        assert r["n_pinned"] == 2 and r["pin_errno"] == 0
+    unpinned = _sparrow.bench_read_bandwidth(1, 4096 + 255, 1, False)  # rounded down to a multiple of 256
+    assert unpinned["n_pinned"] == 0 and unpinned["bytes_per_thread"] == 4096
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 1 << 20, 3, True), "n_threads"), ((257, 1 << 20, 3, True), "n_threads"), ((1, 4095, 3, True), "at least 4096"),
+    ((1, 1 << 20, 0, True), "repeats"), ((1, 1 << 20, 65, True), "repeats"),
+    ((4, 1 << 61, 1, True), "physical memory"), ((256, 1 << 60, 1, True), "physical memory"),
+])
+def test_native_bandwidth_probe_rejects_bad_arguments(args, message):
+    from runtime import _sparrow
+
+    with pytest.raises(_sparrow.SparrowError, match="SP_ERR_INVALID_ARG.*" + message):
+        _sparrow.bench_read_bandwidth(*args)
 
 
 def test_weight_bytes_per_token_tied_head_reads_the_whole_embedding(tiny):

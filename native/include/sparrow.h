@@ -195,6 +195,33 @@ SP_API void sp_sampler_reset(sp_sampler *sampler);  /* forget history, reseed */
 #define SP_TOP_K_MAX 256
 SP_API sp_status sp_top_k(const float *x, int32_t n, int32_t k, int32_t *idx_out);
 
+/* ---- benchmarking: memory read bandwidth (the roofline of decoding) ----
+ * n_threads threads each read a private buffer of bytes_per_thread bytes (allocated and written by that thread, so
+ * its pages are local to it), sequentially with 64-byte vector loads, summing it. All threads start a pass together;
+ * a pass's bandwidth is n_threads x bytes_per_thread / (last thread's end - first thread's start). One untimed
+ * warm-up pass precedes the timed ones. Every pass's sum is checked against the known contents: a pass that read
+ * wrong data fails with SP_ERR_INTERNAL instead of reporting a number. */
+#define SP_BANDWIDTH_MAX_REPEATS 64
+typedef struct sp_bandwidth_params {
+    int32_t n_threads;          /* threads reading at once, 1..256 (default 1) */
+    size_t bytes_per_thread;    /* private buffer per thread, rounded down to a multiple of 256; >= 4096 (default 256 MiB) */
+    int32_t repeats;            /* timed passes, 1..SP_BANDWIDTH_MAX_REPEATS (default 5) */
+    bool pin_threads;           /* pin thread i to the i-th CPU this process may run on (default true) */
+} sp_bandwidth_params;
+
+typedef struct sp_bandwidth_result {
+    int32_t n_threads;
+    int32_t repeats;
+    size_t bytes_per_thread;              /* as used (after rounding) */
+    double gb_s[SP_BANDWIDTH_MAX_REPEATS]; /* [repeats] GB/s (1e9 bytes) of each timed pass */
+    double gb_s_median, gb_s_min, gb_s_max;
+    int32_t n_pinned;                     /* threads whose CPU affinity was set (0 if not asked or not possible) */
+    int32_t pin_errno;                    /* 0, or the error of the first failed pin (ENOSYS where the OS has no API) */
+} sp_bandwidth_result;
+
+SP_API sp_bandwidth_params sp_bandwidth_default_params(void);
+SP_API sp_status sp_bench_read_bandwidth(sp_bandwidth_params params, sp_bandwidth_result *out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -235,6 +235,31 @@ NB_MODULE(_sparrow, m) {
         nb::capsule owner(out, [](void *p) noexcept { delete[] (int32_t *)p; });
         return nb::ndarray<nb::numpy, int32_t, nb::ndim<2>>(out, {R, (size_t)k}, owner);
     }, "x"_a, "k"_a);
+    m.def("bench_read_bandwidth", [](int32_t n_threads, size_t bytes_per_thread, int32_t repeats, bool pin_threads) {
+        sp_bandwidth_params p = sp_bandwidth_default_params();
+        p.n_threads = n_threads;
+        p.bytes_per_thread = bytes_per_thread;
+        p.repeats = repeats;
+        p.pin_threads = pin_threads;
+        sp_bandwidth_result r;
+        sp_status s;
+        {
+            nb::gil_scoped_release rel;
+            s = sp_bench_read_bandwidth(p, &r);
+        }
+        check(s);
+        nb::dict d;
+        d["n_threads"] = r.n_threads;
+        d["bytes_per_thread"] = r.bytes_per_thread;
+        d["gb_s"] = std::vector<double>(r.gb_s, r.gb_s + r.repeats);
+        d["median"] = r.gb_s_median;
+        d["min"] = r.gb_s_min;
+        d["max"] = r.gb_s_max;
+        d["n_pinned"] = r.n_pinned;
+        d["pin_errno"] = r.pin_errno;
+        return d;
+    }, "n_threads"_a = 1, "bytes_per_thread"_a = size_t(256) << 20, "repeats"_a = 5, "pin_threads"_a = true,
+       "Memory read bandwidth (GB/s) of n_threads threads streaming private buffers: sp_bench_read_bandwidth.");
 
     nb::class_<Model>(m, "Model")
         .def(nb::init<const std::string &, bool, bool, bool>(), "path"_a, "use_mmap"_a = true, "vocab_only"_a = false,

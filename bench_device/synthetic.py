@@ -215,6 +215,7 @@ def write(shape: Shape, path: str | os.PathLike, qtype: str = "Q4_0", seed: int 
             rng = np.random.default_rng([seed, i])  # per tensor: the bytes do not depend on write order
             w.write_tensor_data(_data(rng, name, shp, ty))
         w.close()
+        os.chmod(tmp, 0o644)  # mkstemp made it private
         os.replace(tmp, out)
     except BaseException:
         w.close()
@@ -241,8 +242,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Write (or find in the cache) a synthetic BlockFFN GGUF.")
     ap.add_argument("shape", choices=sorted(SHAPES))
     ap.add_argument("--type", default="Q4_0", choices=QTYPES)
-    ap.add_argument("--vocab", default="small", help='"small" (default, %d), "real" (%d) or a number'
-                    % (SMALL_VOCAB, REAL_VOCAB))
+    ap.add_argument("--vocab", default="small", help=f'"small" (default, {SMALL_VOCAB}), "real" ({REAL_VOCAB}) or a number')
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write here instead of the cache")
     a = ap.parse_args()

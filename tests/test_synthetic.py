@@ -162,3 +162,25 @@ def test_off_restores_the_router_and_bad_arguments_fail_cleanly(model):
         s.truncate(0)
         s.eval([1, 2, 3, 4], logits="none")
         assert not np.array_equal(testing.last_router_scores(s._s, 4), synth)  # the random router's own routing
+
+
+def test_tree_shapes_and_replayed_speculation(tmp_path, monkeypatch):
+    from bench_device import bench_synthetic as bs
+
+    assert bs.tree_parents(6, (2, 2, 1)) == [-1, 0, 0, 1, 1, 2, 2]
+    assert bs.tree_parents(3, (1,)) == [-1, 0, 1, 2]  # a chain
+    depth, mask = bs.tree_layout([-1, 0, 0, 1])
+    assert depth == [0, 1, 1, 2] and mask[3].tolist() == [1, 1, 0, 1]
+    monkeypatch.setenv("SPARROW_SYNTH_CACHE", str(tmp_path))
+    hist = {0: 5, 1: 3, 2: 2}
+    r = bs.replayed_speculation("tiny", hist, 6, (2, 2, 1), repeats=1, draft_s_per_step=1e-4)
+    assert r["label"] == "replayed" and r["synthetic"] and r["draft"]["T"] == 7
+    assert r["tokens_per_step"] == pytest.approx((5 * 1 + 3 * 2 + 2 * 3) / 10)
+    st = r["step_s"]
+    assert r["tok_s"]["sparse_speculation"] == pytest.approx(
+        r["tokens_per_step"] / (st["sparse_verify"]["median_s"] + 1e-4))
+    assert r["tok_s"]["dense_decode"] == pytest.approx(1 / st["dense_decode"]["median_s"])
+    with pytest.raises(ValueError, match="accepted lengths must be 0..2"):
+        bs.replayed_speculation("tiny", {3: 1}, 6, (2, 2, 1))
+    with pytest.raises(ValueError, match="accepted_hist"):
+        bs.replayed_speculation("tiny", {}, 4)

@@ -54,6 +54,23 @@ class SparsityStats:
     dense_bytes_per_token: float
 
 
+@dataclass(frozen=True)
+class Timings:
+    """Where the forward passes' wall time went (sp_timings), summed since the session began or reset_timings():
+    embeddings, attention blocks (norms, projections, attention, residuals), FFN blocks, LM head."""
+
+    n_evals: int
+    n_tokens: int
+    embed_s: float
+    attention_s: float
+    ffn_s: float
+    head_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.embed_s + self.attention_s + self.ffn_s + self.head_s
+
+
 @dataclass
 class SamplerParams:
     """Sampling settings; temperature <= 0 means greedy."""
@@ -174,6 +191,13 @@ class Session:
 
     def reset_sparsity(self) -> None:
         self._s.reset_sparsity()
+
+    def timings(self) -> Timings:
+        """Forward-pass time per phase since the session began (or reset_timings())."""
+        return Timings(**self._s.timings())
+
+    def reset_timings(self) -> None:
+        self._s.reset_timings()
 
     def reuse_prefix(self, tokens: Sequence[int]) -> int:
         """Keep the longest cached prefix of `tokens`, but never the last one (evaluating it again gives its logits),

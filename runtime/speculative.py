@@ -131,8 +131,12 @@ class SpecStats:
     generated: int = 0               # tokens yielded
     prefill_s: float = 0.0
     draft_s: float = 0.0             # drafter.propose
-    verify_s: float = 0.0            # the target's forward pass over the tree
-    accept_s: float = 0.0            # choosing tokens, KV compaction, drafter.observe
+    verify_s: float = 0.0            # the target's forward pass over the tree (wall time of session.eval)
+    verify_attention_s: float = 0.0  # ... of which the native pass spent in attention blocks,
+    verify_ffn_s: float = 0.0        # ... in FFN blocks (BlockFFN: router + the union of the tree's experts),
+    verify_head_s: float = 0.0       # ... in the LM head (logits for every node); the rest is binding/copy overhead
+    sample_s: float = 0.0            # walking the tree: the target's choice at each node (argmax / rejection sampling)
+    accept_s: float = 0.0            # KV compaction and drafter.observe (e.g. Token Recycling's top-k refresh)
     accepted_hist: dict[int, int] = field(default_factory=dict)  # accepted draft tokens in a step -> steps
     expert_bytes: float = 0.0        # sparse-expert weight bytes read by the verification passes (0: dense model)
     dense_expert_bytes_per_token: float = 0.0
@@ -149,7 +153,7 @@ class SpecStats:
 
     @property
     def decode_s(self) -> float:
-        return self.draft_s + self.verify_s + self.accept_s
+        return self.draft_s + self.verify_s + self.sample_s + self.accept_s
 
     @property
     def decode_tok_s(self) -> float:
@@ -167,8 +171,10 @@ class SpecStats:
         hist = " ".join(f"{k}:{v}" for k, v in sorted(self.accepted_hist.items()))
         s = (f"{self.steps} steps, {self.generated} tokens, {self.tokens_per_step:.2f} tokens/step "
              f"(mean accepted {self.mean_accepted:.2f} of {self.drafted / max(self.steps, 1):.1f} drafted), "
-             f"{self.decode_tok_s:.1f} tok/s; time draft {self.draft_s:.3f} s, verify {self.verify_s:.3f} s, "
-             f"accept {self.accept_s:.3f} s; accepted per step {hist}")
+             f"{self.decode_tok_s:.1f} tok/s; time draft {self.draft_s:.3f} s, verify {self.verify_s:.3f} s "
+             f"(attention {self.verify_attention_s:.3f}, FFN {self.verify_ffn_s:.3f}, LM head "
+             f"{self.verify_head_s:.3f}), sampling {self.sample_s:.3f} s, accept {self.accept_s:.3f} s; "
+             f"accepted per step {hist}")
         if self.expert_bytes:
             s += (f"; experts read {self.expert_bytes_per_step / 1e6:.2f} MB/step, "
                   f"{self.expert_bytes_per_token / 1e6:.2f} MB/token "
@@ -180,6 +186,8 @@ class SpecStats:
                 "generated": self.generated, "mean_accepted": round(self.mean_accepted, 4),
                 "tokens_per_step": round(self.tokens_per_step, 4), "prefill_s": round(self.prefill_s, 6),
                 "draft_s": round(self.draft_s, 6), "verify_s": round(self.verify_s, 6),
+                "verify_attention_s": round(self.verify_attention_s, 6), "verify_ffn_s": round(self.verify_ffn_s, 6),
+                "verify_head_s": round(self.verify_head_s, 6), "sample_s": round(self.sample_s, 6),
                 "accept_s": round(self.accept_s, 6), "decode_tok_s": round(self.decode_tok_s, 3),
                 "accepted_hist": {str(k): v for k, v in sorted(self.accepted_hist.items())},
                 "expert_bytes_per_step": self.expert_bytes_per_step,
@@ -243,6 +251,7 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
         session.eval(prompt[i:min(i + session.n_batch, len(prompt) - 1)], logits="none")
     stats.prefill_s += time.perf_counter() - t0
     bytes0, stats.dense_expert_bytes_per_token = _expert_bytes(session)
+    times0 = session.timings()
 
     ctx = prompt  # every token so far; the cache holds ctx[:-1], ctx[-1] is the root
     drafter.begin(ctx, params, rng)
@@ -294,6 +303,7 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
                     break
                 path.append(nxt)
             n_acc = len(path) - 1
+            t25 = time.perf_counter()
             if chain:
                 session.truncate(n_past0 + len(path))
             else:
@@ -307,7 +317,8 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
             stats.accepted_hist[n_acc] = stats.accepted_hist.get(n_acc, 0) + 1
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
-            stats.accept_s += t3 - t2
+            stats.sample_s += t25 - t2
+            stats.accept_s += t3 - t25
             for tok in emitted:
                 if stop_at_eog and model.is_eog(tok):
                     return
@@ -320,6 +331,10 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
     finally:
         b1, _ = _expert_bytes(session)
         stats.expert_bytes += max(0.0, b1 - bytes0)
+        times1 = session.timings()
+        stats.verify_attention_s += times1.attention_s - times0.attention_s
+        stats.verify_ffn_s += times1.ffn_s - times0.ffn_s
+        stats.verify_head_s += times1.head_s - times0.head_s
         drafter.end()
 
 

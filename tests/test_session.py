@@ -60,6 +60,28 @@ def test_tree_mask_gives_each_branch_its_own_path_logits(model):
     close(after_keep, ref_next)
 
 
+def test_phase_timings_account_for_the_forward_passes(model):
+    import time
+
+    toks = model.tokenize(PROMPT)
+    with model.session(n_ctx=128, n_threads=2) as s:
+        assert s.timings().n_evals == 0 and s.timings().total_s == 0
+        t0 = time.perf_counter()
+        s.eval(toks[:-1], logits="none")
+        s.eval(toks[-1:], logits="all")
+        wall = time.perf_counter() - t0
+        tm = s.timings()
+        assert (tm.n_evals, tm.n_tokens) == (2, len(toks))
+        assert tm.attention_s > 0 and tm.ffn_s > 0 and tm.head_s > 0 and tm.embed_s >= 0
+        assert tm.total_s <= wall  # the phases are parts of the calls
+        assert tm.total_s > 0.5 * wall  # ... and most of them (the rest: binding, thread wake-up)
+        head_without_logits = tm.head_s
+        s.reset_timings()
+        assert s.timings().n_evals == 0 and s.timings().total_s == 0
+        s.eval(toks[:1], logits="none")
+        assert s.timings().head_s < head_without_logits
+
+
 def test_truncate_rolls_back(model):
     toks = model.tokenize(PROMPT)
     with model.session(n_ctx=128) as s:

@@ -168,6 +168,20 @@ typedef struct sp_sparsity_stats {
 SP_API sp_status sp_session_get_sparsity(const sp_session *session, int32_t layer, sp_sparsity_stats *out);
 SP_API void sp_session_reset_sparsity(sp_session *session);
 
+/* ---- where sp_eval's time goes ----
+ * Wall time of each phase of the forward pass, summed over sp_eval calls since the session was created or
+ * sp_session_reset_timings(). Phases end at the barriers where all threads meet, so the parts add up to the pass. */
+typedef struct sp_timings {
+    int64_t n_evals;       /* sp_eval calls that ran a forward pass */
+    int64_t n_tokens;      /* tokens they evaluated */
+    double embed_s;        /* token embeddings and RoPE tables */
+    double attention_s;    /* norms, q/k/v/o projections, RoPE, KV cache writes, attention, residual */
+    double ffn_s;          /* FFN blocks (BlockFFN: router, expert selection, experts) */
+    double head_s;         /* final norm and LM head (only rows whose logits were asked for) */
+} sp_timings;
+SP_API sp_status sp_session_get_timings(const sp_session *session, sp_timings *out);
+SP_API void sp_session_reset_timings(sp_session *session);
+
 /* ---- sampler ---- */
 typedef struct sp_sampler_params {
     float temperature;        /* <= 0: greedy (default 0.8) */

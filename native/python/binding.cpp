@@ -345,6 +345,20 @@ NB_MODULE(_sparrow, m) {
             return d;
         }, "layer"_a = -1)
         .def("reset_sparsity", [](Session &self) { sp_session_reset_sparsity(self.get()); })
+        // timings() -> dict of sp_timings: where sp_eval's time went, per phase, since creation or reset_timings()
+        .def("timings", [](const Session &self) {
+            sp_timings tm;
+            check(sp_session_get_timings(self.get(), &tm));
+            nb::dict d;
+            d["n_evals"] = tm.n_evals;
+            d["n_tokens"] = tm.n_tokens;
+            d["embed_s"] = tm.embed_s;
+            d["attention_s"] = tm.attention_s;
+            d["ffn_s"] = tm.ffn_s;
+            d["head_s"] = tm.head_s;
+            return d;
+        })
+        .def("reset_timings", [](Session &self) { sp_session_reset_timings(self.get()); })
         .def("close", &Session::close)
         .def_prop_ro("closed", [](const Session &self) { return self.s == nullptr; })
         .def_prop_ro("n_past", [](const Session &self) { return sp_session_n_past(self.get()); })

@@ -5,6 +5,7 @@
 #include "sparrow.h"
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #if defined(__GNUC__)
 #  define SP_PRINTF(a, b) __attribute__((format(printf, a, b)))
@@ -23,6 +24,13 @@ static inline bool sp_mul_ok(uint64_t a, uint64_t b, uint64_t *out) {
 }
 static inline bool sp_add_ok(uint64_t a, uint64_t b, uint64_t *out) {
     return !__builtin_add_overflow(a, b, out);
+}
+
+/* Monotonic wall clock in seconds. */
+static inline double sp_now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 #define SP_MIN(a, b) ((a) < (b) ? (a) : (b))

@@ -143,6 +143,13 @@ static void ffn_dense(const fwd_ctx *c, const sp_layer *l, int ith, int nth) {
     sp_pool_barrier(c->ses->pool);
 }
 
+/* Add the time since *clk to *acc and restart the clock. */
+static inline void lap(double *clk, double *acc) {
+    const double now = sp_now_s();
+    *acc += now - *clk;
+    *clk = now;
+}
+
 static void forward_worker(void *ctx, int ith, int nth) {
     const fwd_ctx *c = ctx;
     sp_session *ses = c->ses;
@@ -155,6 +162,8 @@ static void forward_worker(void *ctx, int ith, int nth) {
     const int64_t KVD = (int64_t)hp->n_head_kv * hp->head_dim;
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
+    sp_timings *tm = ith == 0 ? &ses->times : NULL; /* thread 0 times the phases, each ending at a barrier */
+    double clk = tm ? sp_now_s() : 0.0;
 
     /* 1. embeddings x[t] = tok_embd[token t]; RoPE cos/sin for each token's position */
     const float theta_scale = powf(hp->rope_base, -2.0f / (float)hp->n_rot);
@@ -171,6 +180,7 @@ static void forward_worker(void *ctx, int ith, int nth) {
         }
     }
 
+    if (tm) lap(&clk, &tm->embed_s); /* the first layer's norm reads only this thread's rows: no barrier needed */
     for (int il = 0; il < hp->n_layer; il++) {
         const sp_layer *l = &m->layers[il];
         sp_f16 *k_slots = ses->k_cache + ((int64_t)il * C + P) * KVD; /* [T, KVD] this batch's cache slots */
@@ -207,20 +217,30 @@ static void forward_worker(void *ctx, int ith, int nth) {
         add_rows(s->x, hp->residual_scale, s->tmp, T, H, ith, nth);
         sp_fwd_rmsnorm_quant_rows(c, s->xn, s->x, l->ffn_norm, 1.0f, T, H, c->q8, ith, nth);
         sp_pool_barrier(pool);
+        if (tm) lap(&clk, &tm->attention_s);
 
         /* 6. FFN block (input: xn, and its quantized copy in xq) -> tmp; residual add */
         if (m->arch == SP_ARCH_BLOCKFFN) sp_ffn_blockffn(c, il, ith, nth);
         else ffn_dense(c, l, ith, nth);
         add_rows(s->x, hp->residual_scale, s->tmp, T, H, ith, nth);
         sp_pool_barrier(pool);
+        if (tm) lap(&clk, &tm->ffn_s);
     }
 
     /* 7. final norm and LM head for the rows asked for */
-    if (!b->logits) return;
-    const int64_t first = b->logits_last_only ? T - 1 : 0, n_out = T - first;
-    sp_fwd_rmsnorm_quant_rows(c, s->xn, s->x + first * H, m->out_norm, hp->logit_scale, n_out, H, c->q8, ith, nth);
-    sp_pool_barrier(pool);
-    sp_fwd_matmul_rows(c, b->logits, hp->n_vocab, &m->output, s->xn, n_out, ith, nth);
+    if (b->logits) {
+        const int64_t first = b->logits_last_only ? T - 1 : 0, n_out = T - first;
+        sp_fwd_rmsnorm_quant_rows(c, s->xn, s->x + first * H, m->out_norm, hp->logit_scale, n_out, H, c->q8, ith,
+                                  nth);
+        sp_pool_barrier(pool);
+        sp_fwd_matmul_rows(c, b->logits, hp->n_vocab, &m->output, s->xn, n_out, ith, nth);
+        sp_pool_barrier(pool); /* so thread 0's clock sees the whole head; sp_pool_run waits for all threads anyway */
+    }
+    if (tm) {
+        lap(&clk, &tm->head_s);
+        tm->n_evals++;
+        tm->n_tokens += T;
+    }
 }
 
 void sp_forward(sp_session *ses, const sp_batch *batch) {

@@ -125,6 +125,7 @@ struct sp_session {
     sp_scratch s;
     sp_sparsity_acc sparsity;
     sp_synth_routing synth;
+    sp_timings times; /* written by pool thread 0 only, between barriers */
     sp_pool *pool;
 };
 

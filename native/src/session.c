@@ -191,6 +191,19 @@ sp_status sp_session_keep(sp_session *ses, const int32_t *idx, int32_t n) {
     return SP_OK;
 }
 
+/* ---- phase timings ---- */
+
+sp_status sp_session_get_timings(const sp_session *ses, sp_timings *out) {
+    sp_clear_error();
+    if (!ses || !out) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_get_timings: NULL argument");
+    *out = ses->times;
+    return SP_OK;
+}
+
+void sp_session_reset_timings(sp_session *ses) {
+    if (ses) memset(&ses->times, 0, sizeof ses->times);
+}
+
 /* ---- sparsity statistics ---- */
 
 void sp_session_reset_sparsity(sp_session *ses) {

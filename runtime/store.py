@@ -6,6 +6,9 @@ Layout (root = $SPARROW_HOME, else $XDG_CACHE_HOME/sparrow, else ~/.cache/sparro
     root/models/<name>/manifest.json       name, architecture, format, files, size, sha256, source, quantization, ...
     root/models/<name>/<file>.gguf
     root/tmp/pull-<pid>-*/                 staging of a pull in progress; renamed into models/ only when complete
+    root/tuned/<name>.json                 settings `sparrow bench --tune` chose for a model on this device (threads,
+                                           drafter and its shape), with the device fingerprint, the model's sha256,
+                                           the date and every measurement; `sparrow chat`/`generate` use them
 
 Sources for `pull`:
     a known name          e.g. "smollm2-135m-instruct" (see REGISTRY)
@@ -31,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -104,6 +108,10 @@ class ChecksumError(StoreError):
 
 class InsufficientMemoryError(StoreError):
     pass
+
+
+class TunedSettingsError(StoreError):
+    """A tuned-settings record is malformed; the message says what is wrong."""
 
 
 def store_root() -> Path:
@@ -252,6 +260,7 @@ class Store:
         self.models_dir = self.root / "models"
         self.tmp_dir = self.root / "tmp"
         self.config_path = self.root / "config.json"
+        self.tuned_dir = self.root / "tuned"
 
     # -- reading --
     def list(self, shipped: bool = False) -> list[Manifest]:
@@ -328,11 +337,49 @@ class Store:
         trash = self._staging("rm")
         os.replace(self.models_dir / name, trash / name)  # atomic: the model disappears at once
         shutil.rmtree(trash, ignore_errors=True)
+        self.tuned_path(name).unlink(missing_ok=True)
         if self._config().get("default") == name:
             config = self._config()
             config.pop("default", None)
             self._write_atomic(self.config_path, json.dumps(config, indent=2) + "\n")
         return m
+
+    # -- tuned settings --
+    def tuned_path(self, name: str) -> Path:
+        return self.tuned_dir / f"{name}.json"
+
+    def save_tuned(self, name: str, record: dict) -> Path:
+        """Store the settings `sparrow bench --tune` chose for model `name` (a record as TunedSettings.from_record
+        reads it), atomically: a reader sees the old file or the new one, never half of one."""
+        if not _NAME_RE.match(name):
+            raise StoreError(f"bad model name {name!r}: tuned settings are kept for store names only")
+        TunedSettings.from_record(record)  # refuse to write what could not be read back
+        path = self.tuned_path(name)
+        self._write_atomic(path, json.dumps(record, indent=2) + "\n")
+        return path
+
+    def load_tuned(self, name: str, *, sha256: str | None = None) -> tuple[TunedSettings | None, str | None]:
+        """The tuned settings of model `name` if they exist and apply here: (settings, None). (None, None) when
+        there are none; (None, warning) when a file exists but cannot be used on this machine (corrupt, measured on
+        another device, or for another file under this name). The file is never changed or removed here."""
+        path = self.tuned_path(name)
+        if not _NAME_RE.match(name) or not path.is_file():
+            return None, None
+        redo = f"Run `sparrow bench --tune {name}` to measure them again."
+        try:
+            settings = TunedSettings.from_record(json.loads(path.read_text()))
+        except (OSError, UnicodeDecodeError, ValueError, TunedSettingsError) as e:
+            return None, f"ignoring the tuned settings in {path}: {e}. Using the defaults. {redo}"
+        here = device_fingerprint()
+        if settings.device != here:
+            return None, (f"ignoring the tuned settings of {name}: they were measured on another device "
+                          f"({describe_device(settings.device)}; this one: {describe_device(here)}). Using the "
+                          f"defaults. {redo}")
+        if sha256 and settings.model_sha256 != sha256:
+            return None, (f"ignoring the tuned settings of {name}: they were measured for another file under this "
+                          f"name (sha256 {settings.model_sha256[:16]}…, this one {sha256[:16]}…). Using the "
+                          f"defaults. {redo}")
+        return settings, None
 
     # -- pulling --
     def pull(self, source: str | None = None, *, name: str | None = None, progress: bool = True,
@@ -420,6 +467,113 @@ class Store:
         if path.exists():
             return _fetch_local(path, staging, progress)
         raise self._unknown(spec)
+
+
+# ---- tuned settings ----
+
+TUNED_SCHEMA = "sparrow.tuned/1"
+BUILTIN_DRAFTERS = ("none", "prompt-lookup", "recycling")
+# Options each drafter's constructor takes (runtime.drafters), and their types: int or a list of ints.
+DRAFTER_OPTIONS: dict[str, dict[str, type]] = {
+    "prompt-lookup": {"ngram": int, "min_ngram": int, "k": int},
+    "recycling": {"k": int, "branching": list, "max_nodes": int},
+    "draft-model": {"k": int},
+}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")) and ":" in line:
+                value = line.split(":", 1)[1].strip()
+                if value:
+                    return value
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_fingerprint() -> dict[str, object]:
+    """What tuned settings depend on: CPU model, architecture and core counts. Settings measured where these differ
+    are not used."""
+    import psutil
+
+    return {"cpu_model": _cpu_model(), "arch": platform.machine(),
+            "physical_cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+            "logical_cores": psutil.cpu_count(logical=True) or os.cpu_count() or 1}
+
+
+def describe_device(d: dict) -> str:
+    return (f"{d.get('cpu_model', '?')}, {d.get('physical_cores', '?')} physical / {d.get('logical_cores', '?')} "
+            f"logical cores, {d.get('arch', '?')}")
+
+
+def _check_options(drafter: str, options: object) -> dict[str, object]:
+    if not isinstance(options, dict):
+        raise TunedSettingsError("drafter_options must be an object")
+    if drafter == "none":
+        if options:
+            raise TunedSettingsError("drafter 'none' takes no options")
+        return {}
+    allowed = DRAFTER_OPTIONS.get(drafter, DRAFTER_OPTIONS["draft-model"])
+    out: dict[str, object] = {}
+    for key, value in options.items():
+        kind = allowed.get(key)
+        if kind is None:
+            raise TunedSettingsError(f"unknown option {key!r} for drafter {drafter!r} (known: {', '.join(allowed)})")
+        values = value if kind is list else [value]
+        if (kind is list and (not isinstance(value, list) or not value)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise TunedSettingsError(f"drafter option {key}={value!r} must be "
+                             + ("a non-empty list of positive integers" if kind is list else "a positive integer"))
+        out[key] = list(value) if kind is list else value
+    if drafter == "recycling" and "branching" in out and max(out["branching"]) > out.get("k", 8):
+        raise TunedSettingsError("recycling: every branching factor must be <= k")
+    return out
+
+
+@dataclass(frozen=True)
+class TunedSettings:
+    """Settings chosen by `sparrow bench --tune` for one model on one device.
+    drafter: "none", "prompt-lookup", "recycling", or the store name of a draft model; drafter_options: keyword
+    arguments for its constructor (e.g. {"branching": [1], "max_nodes": 4}). record: the whole stored record
+    (measurements, search settings)."""
+
+    threads: int
+    drafter: str
+    drafter_options: dict[str, object]
+    device: dict[str, object]
+    model_sha256: str
+    created: str
+    record: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_record(cls, record: object) -> TunedSettings:
+        """Validate a stored record; TunedSettingsError saying what is wrong."""
+        if not isinstance(record, dict):
+            raise TunedSettingsError("not a JSON object")
+        if record.get("schema") != TUNED_SCHEMA:
+            raise TunedSettingsError(f"schema is {record.get('schema')!r}, expected {TUNED_SCHEMA!r}")
+        s, device = record.get("settings"), record.get("device")
+        if not isinstance(s, dict) or not isinstance(device, dict):
+            raise TunedSettingsError("'settings' and 'device' must be objects")
+        threads, drafter = s.get("threads"), s.get("drafter")
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 512:
+            raise TunedSettingsError(f"threads must be an integer 1..512, got {threads!r}")
+        if not isinstance(drafter, str) or not (drafter in BUILTIN_DRAFTERS or _NAME_RE.match(drafter)):
+            raise TunedSettingsError(f"drafter must be none, prompt-lookup, recycling or a store name, got {drafter!r}")
+        options = _check_options(drafter, s.get("drafter_options", {}))
+        sha, created = record.get("model_sha256"), record.get("created")
+        if not isinstance(sha, str) or not isinstance(created, str):
+            raise TunedSettingsError("'model_sha256' and 'created' must be strings")
+        return cls(threads=threads, drafter=drafter, drafter_options=options, device=device, model_sha256=sha,
+                   created=created, record=record)
+
+    def describe(self) -> str:
+        """e.g. "2 threads, recycling (branching=[1], max_nodes=4)"."""
+        opts = ", ".join(f"{k}={v}" for k, v in self.drafter_options.items())
+        drafter = "no drafter" if self.drafter == "none" else self.drafter + (f" ({opts})" if opts else "")
+        return f"{self.threads} thread{'s' if self.threads != 1 else ''}, {drafter}"
 
 
 def _shipped(name: str) -> Manifest | None:

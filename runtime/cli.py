@@ -19,7 +19,7 @@ import click
 
 from runtime.chat_template import ChatTemplateError
 from runtime.routing import ModelFormatError, choose_backend, read_gguf_header
-from runtime.store import REGISTRY, Store, StoreError, _fmt_bytes, check_memory
+from runtime.store import REGISTRY, Store, StoreError, TunedSettings, _fmt_bytes, check_memory
 
 
 class _Group(click.Group):
@@ -83,17 +83,20 @@ def models_pull(source: str | None, name: str | None, force: bool, quiet: bool) 
 
 @models.command("list")
 def models_list() -> None:
-    """List pulled models and the models shipped with Sparrow (* marks the default)."""
+    """List pulled models and the models shipped with Sparrow (* marks the default; TUNED: the settings
+    `sparrow bench --tune` stored for this device, "ignored" when they do not apply here, see `models info`)."""
     store = Store()
     pulled = store.list(shipped=True)
     if not pulled:
         click.echo(f"No models pulled yet. Try: sparrow models pull {store.default()}")
         return
     default = store.default()
-    rows = [("", "NAME", "SIZE", "ARCH", "QUANT", "SOURCE")]
+    rows = [("", "NAME", "SIZE", "ARCH", "QUANT", "TUNED", "SOURCE")]
     for m in pulled:
+        tuned, warning = store.load_tuned(m.name, sha256=m.sha256)
+        mark = f"{tuned.threads}t {tuned.drafter}" if tuned else "ignored" if warning else "-"
         rows.append(("*" if m.name == default else "", m.name, _fmt_bytes(m.size), m.architecture, m.quantization,
-                     m.source))
+                     mark, m.source))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
@@ -117,6 +120,11 @@ def models_info(model: str, as_json: bool) -> None:
                      "size": path.stat().st_size})
     data["backend"] = {"name": route.backend, "reason": route.reason, "available": route.available,
                        "problem": route.problem}
+    tuned, warning = store.load_tuned(manifest.name, sha256=manifest.sha256) if manifest else (None, None)
+    if tuned is not None:
+        data["tuned"] = tuned.record
+    elif warning:
+        data["tuned"] = {"ignored": warning}
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -133,6 +141,22 @@ def models_info(model: str, as_json: bool) -> None:
         click.echo(f"pulled:        {manifest.created}")
     state = "" if route.available else f"  [not available: {route.problem}]"
     click.echo(f"backend:       {route.backend}: {route.reason}{state}")
+    if tuned is not None:
+        click.echo(f"tuned:         {_describe_tuned(tuned)}")
+    elif warning:
+        click.echo(f"tuned:         none usable here ({warning})")
+    elif manifest:
+        click.echo(f"tuned:         no (`sparrow bench --tune {manifest.name}` measures the best settings here)")
+
+
+def _describe_tuned(t: TunedSettings) -> str:
+    r = t.record
+    speed = r.get("decode_tok_s", {})
+    chosen, default = speed.get("chosen", {}).get("median"), speed.get("default", {}).get("median")
+    text = t.describe()
+    if isinstance(chosen, int | float) and isinstance(default, int | float) and default > 0:
+        text += f"; {chosen:.1f} tok/s vs {default:.1f} with the defaults ({chosen / default:.2f}x)"
+    return text + f"; measured {t.created}"
 
 
 @models.command("rm")
@@ -167,7 +191,8 @@ def _model_options(f: Callable) -> Callable:
         click.option("--repeat-penalty", type=float, default=1.1, show_default=True, help="1 = off."),
         click.option("--seed", type=int, default=None, help="Sampling seed (default: random)."),
         click.option("--max-tokens", type=int, default=None, help="Most tokens per answer (chat 1024, generate 256)."),
-        click.option("--threads", type=int, default=0, help="CPU threads (default: physical cores)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads (default: the model's tuned setting, else physical cores)."),
         click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context window in tokens."),
     ]
     return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
@@ -182,8 +207,40 @@ def _sampler_params(temperature: float, top_k: int, top_p: float, min_p: float, 
                          repeat_penalty=repeat_penalty, seed=seed)
 
 
-def _open_model(store: Store, model: str | None, *, n_ctx: int, threads: int, quiet: bool = False):
-    """Resolve (pulling the default model if it is missing), check memory, route and load."""
+@dataclasses.dataclass
+class _RunSettings:
+    """Threads and drafter for chat/generate: the command line's where given, else the model's tuned settings."""
+
+    threads: int                      # 0 = physical cores
+    draft: str                        # "none", "prompt-lookup", "recycling", a draft model name or file
+    draft_options: dict[str, Any]
+    tuned: TunedSettings | None       # the tuned settings applied (in part or whole), if any
+
+    def describe(self) -> str:
+        """The effective settings, e.g. "2 threads, recycling (branching=[1], max_nodes=4)"."""
+        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "physical cores"
+        opts = ", ".join(f"{k}={v}" for k, v in self.draft_options.items())
+        return f"{threads}, " + ("no drafter" if self.draft == "none" else self.draft + (f" ({opts})" if opts else ""))
+
+
+def _run_settings(store: Store, name: str, *, threads: int | None, draft: str | None) -> _RunSettings:
+    """Explicit flags win; a setting not given comes from the tuned settings stored for this model on this device
+    (`sparrow bench --tune`), if any; else the defaults. Unusable tuned settings: a warning, then the defaults."""
+    manifest = store.get(name)
+    tuned, warning = store.load_tuned(manifest.name, sha256=manifest.sha256) if manifest else (None, None)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+    if tuned is None or (threads is not None and draft is not None):
+        return _RunSettings(threads or 0, draft or "none", {}, None)
+    effective = draft if draft is not None else tuned.drafter
+    options = dict(tuned.drafter_options) if effective == tuned.drafter else {}  # the tuned shape of that drafter
+    return _RunSettings(threads if threads is not None else tuned.threads, effective, options, tuned)
+
+
+def _open_model(store: Store, model: str | None, *, n_ctx: int, threads: int | None, draft: str | None,
+                quiet: bool = False):
+    """Resolve (pulling the default model if it is missing), choose threads and drafter, check memory, route and
+    load. Returns (name, backend, settings)."""
     from runtime.backends import open_backend
 
     name = model or store.default()
@@ -192,31 +249,43 @@ def _open_model(store: Store, model: str | None, *, n_ctx: int, threads: int, qu
             click.echo(f"Pulling {name} ({REGISTRY[name].description}) ...", err=True)
         store.pull(name, progress=not quiet)
     path = store.resolve(name)
+    settings = _run_settings(store, name, threads=threads, draft=draft)
     header = read_gguf_header(path) if path.suffix.lower() != ".onnx" else None
     route = choose_backend(path, header)
     if route.available:
         check_memory(path, n_ctx=n_ctx, header=header)
-    return name, open_backend(path, n_ctx=n_ctx, n_threads=threads, route=route)
+    return name, open_backend(path, n_ctx=n_ctx, n_threads=settings.threads, route=route), settings
 
 
 DRAFT_HELP = ("Speculative decoding: none, prompt-lookup, recycling (Token Recycling), or a draft model sharing the "
-              "vocabulary (store name or file).")
+              "vocabulary (store name or file). Default: the model's tuned drafter (`sparrow bench --tune`), else "
+              "none.")
 
 
-def _with_drafter(backend, draft: str, store: Store, *, n_ctx: int, threads: int):
+def _with_drafter(backend, settings: _RunSettings, store: Store, *, n_ctx: int):
     """The backend itself for --draft none, else one that decodes speculatively with that drafter."""
+    draft = settings.draft
     if draft == "none":
         return backend
     from runtime.drafters import DRAFTERS, make_drafter
     from runtime.speculative import SpeculativeBackend
 
+    tuned = settings.tuned is not None and draft == settings.tuned.drafter
     if backend.name != "native":
+        if tuned:  # a tuned drafter was measured on the native runtime; another backend just runs without it
+            click.echo(f"note: the tuned drafter {draft} is left out: this model runs on {backend.name}", err=True)
+            return backend
         backend.close()
         raise click.ClickException(f"--draft needs the native runtime; this model runs on {backend.name}")
-    source = draft if draft in DRAFTERS or Path(draft).expanduser().is_file() else str(store.resolve(draft))
     try:
-        drafter = make_drafter(source, backend.model, n_threads=threads, n_ctx=n_ctx)
+        source = draft if draft in DRAFTERS or Path(draft).expanduser().is_file() else str(store.resolve(draft))
+        drafter = make_drafter(source, backend.model, n_threads=settings.threads, n_ctx=n_ctx,
+                               **settings.draft_options)
     except BaseException as e:
+        if tuned and isinstance(e, (ValueError, StoreError)):
+            click.echo(f"warning: the tuned drafter {draft} cannot be used ({e}); decoding without a drafter. "
+                       f"Run `sparrow bench --tune` again.", err=True)
+            return backend
         backend.close()
         if isinstance(e, ValueError):
             raise click.ClickException(str(e)) from None
@@ -233,9 +302,9 @@ CHAT_HELP = "/reset starts a new conversation, /exit quits (or Ctrl-D); Ctrl-C s
 @click.argument("model", required=False)
 @click.option("--system", help="A system prompt.")
 @click.option("--stats", is_flag=True, help="After each answer, print token counts and speed.")
-@click.option("--draft", default="none", show_default=True, help=DRAFT_HELP)
+@click.option("--draft", default=None, help=DRAFT_HELP)
 @_model_options
-def chat(model: str | None, system: str | None, stats: bool, draft: str, n_ctx: int, threads: int,
+def chat(model: str | None, system: str | None, stats: bool, draft: str | None, n_ctx: int, threads: int | None,
          max_tokens: int | None, **sampling: Any) -> None:
     """Chat with MODEL (a store name or a file path; default: the default model, pulled if missing)."""
     from runtime.backends import Chat, ContextFullError
@@ -245,11 +314,12 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str, n_ctx: 
     except ImportError:
         pass
     store = Store()
-    name, backend = _open_model(store, model, n_ctx=n_ctx, threads=threads)
-    backend = _with_drafter(backend, draft, store, n_ctx=n_ctx, threads=threads)
+    name, backend, settings = _open_model(store, model, n_ctx=n_ctx, threads=threads, draft=draft)
+    backend = _with_drafter(backend, settings, store, n_ctx=n_ctx)
     params = _sampler_params(**sampling)
     conversation = Chat(backend, system=system)
-    click.echo(f"Chatting with {name} ({backend.name} backend, {backend.n_ctx}-token context). {CHAT_HELP}",
+    tuned = f"; tuned: {settings.describe()}" if settings.tuned else ""
+    click.echo(f"Chatting with {name} ({backend.name} backend, {backend.n_ctx}-token context{tuned}). {CHAT_HELP}",
                err=True)
     try:
         while True:
@@ -313,18 +383,18 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str, n_ctx: 
 @click.option("--system", help="A system prompt (with --chat).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens and timing.")
 @click.option("--stats", is_flag=True, help="Afterwards print speed and, for sparse-expert models, expert sparsity.")
-@click.option("--draft", default="none", show_default=True, help=DRAFT_HELP)
+@click.option("--draft", default=None, help=DRAFT_HELP)
 @_model_options
 def generate(prompt: str | None, model: str | None, as_chat: bool, system: str | None, as_json: bool, stats: bool,
-             draft: str, n_ctx: int, threads: int, max_tokens: int | None, **sampling: Any) -> None:
+             draft: str | None, n_ctx: int, threads: int | None, max_tokens: int | None, **sampling: Any) -> None:
     """Continue PROMPT (or stdin when PROMPT is missing or "-") and print the result as it streams."""
     from runtime.backends import Chat, ContextFullError, GenerationStats, stream_text
 
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
     store = Store()
-    name, backend = _open_model(store, model, n_ctx=n_ctx, threads=threads, quiet=as_json)
-    backend = _with_drafter(backend, draft, store, n_ctx=n_ctx, threads=threads)
+    name, backend, settings = _open_model(store, model, n_ctx=n_ctx, threads=threads, draft=draft, quiet=as_json)
+    backend = _with_drafter(backend, settings, store, n_ctx=n_ctx)
     params = _sampler_params(**sampling)
     max_tokens = max_tokens or 256
     try:
@@ -348,7 +418,9 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
         sparsity = session.sparsity() if show_stats and hasattr(session, "sparsity") else None
         if as_json:
             out = {"model": name, "backend": backend.name, "text": "".join(pieces), "tokens": stats.tokens,
-                   **stats.as_dict()}
+                   **stats.as_dict(), "threads": settings.threads,
+                   "draft": settings.draft if hasattr(backend, "stats") else "none",
+                   "tuned": settings.describe() if settings.tuned else None}
             if sparsity is not None:
                 out["sparsity"] = dataclasses.asdict(sparsity)
             if hasattr(backend, "stats"):
@@ -359,6 +431,8 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
             if stats.stop_reason == "context_full":
                 click.echo(f"[context full at {backend.n_ctx} tokens; use a larger --ctx]", err=True)
             if show_stats:
+                if settings.tuned:
+                    click.echo(f"[tuned settings: {settings.describe()}]", err=True)
                 click.echo(f"[{stats.evaluated_tokens} prompt tokens at {stats.prompt_tok_s:.1f} tok/s, "
                            f"{stats.generated_tokens} generated at {stats.decode_tok_s:.1f} tok/s]", err=True)
                 if hasattr(backend, "stats"):
@@ -380,13 +454,16 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
 @click.option("--quick", is_flag=True, help="Fewer repeats and tokens: finishes in under a minute.")
 @click.option("--threads", type=int, default=0, help="CPU threads (default: physical cores).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default="bench-report",
-              show_default=True, help="Write report.json and report.md here.")
+              show_default=True, help="Write report.json, report.md and the PNG plots here.")
 @click.option("--no-llama-cpp", is_flag=True, help="Do not run llama.cpp alongside, even if it is installed.")
-def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_cpp: bool) -> None:
+@click.option("--tune", is_flag=True, help="Instead of the report: search threads, drafter and draft size for MODEL "
+              "on this device and store the fastest in the model store (sparrow chat/generate use them).")
+def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_cpp: bool, tune: bool) -> None:
     """Profile this device and benchmark MODEL on it (default: the default model, pulled if needed).
 
-    Measures memory read bandwidth (the roofline), decode and prefill tok/s, the cost of T tokens per call and the
-    fraction of the bandwidth bound reached, side by side with llama.cpp when llama-cpp-python is installed."""
+    Measures memory read bandwidth (the roofline), decode and prefill tok/s, time to first token, peak RSS, energy
+    (RAPL, where readable), the cost of T tokens per call and the fraction of the bandwidth bound reached, side by side
+    with llama.cpp when llama-cpp-python is installed; outputs are checked against an oracle before timing."""
     from bench_device.suite import headline_table, run_suite, write_report
 
     store = Store()
@@ -401,6 +478,10 @@ def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_
     def progressbar(length: int, label: str):
         return click.progressbar(length=length, label=label, file=sys.stderr, show_eta=False)
 
+    if tune:
+        _bench_tune(store, name, path, quick=quick, threads=threads, progressbar=progressbar)
+        return
+
     try:
         report = run_suite(path, name, quick=quick, threads=threads, llama_cpp=not no_llama_cpp,
                            echo=lambda m: click.echo(m, err=True), progressbar=progressbar)
@@ -408,7 +489,24 @@ def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_
         raise click.ClickException(f"benchmark failed: {e}") from None
     j, m = write_report(report, out_dir)
     click.echo(headline_table(report))
-    click.echo(f"\nwrote {j} and {m}")
+    pngs = [str(out_dir / f) for f in report["plots"].values() if f.endswith(".png")]
+    click.echo(f"\nwrote {j}, {m}" + "".join(f", {p}" for p in pngs))
+
+
+def _bench_tune(store: Store, name: str, path: Path, *, quick: bool, threads: int, progressbar) -> None:
+    from bench_device.tune import run_tune
+
+    if threads < 0:
+        raise click.BadParameter("must be positive", param_hint="--threads")
+    result, saved = run_tune(store, name, path, quick=quick, threads=threads, echo=lambda m: click.echo(m, err=True),
+                             progressbar=progressbar)
+    x = result.speedup
+    verdict = (f"{x:.2f}x the defaults ({result.default.label})" if result.changed
+               else "the defaults stay (nothing was faster beyond the noise)")
+    click.echo(f"chosen for {name}: {result.chosen.label} ({result.final[result.chosen].median:.1f} tok/s): {verdict}")
+    if saved:
+        click.echo(f"stored in {saved}; `sparrow chat {name}` and `sparrow generate -m {name}` use it unless "
+                   "--threads/--draft say otherwise")
 
 
 if __name__ == "__main__":

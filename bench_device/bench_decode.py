@@ -2,15 +2,21 @@
 
 Each engine lives in its own worker process (so its peak RSS is its own); the parent asks them in turn, A B A B ...,
 so drift of the machine does not bias the ratio. Threads are pinned to the same count for both. Before timing, each
-engine's greedy continuation of the prompt is checked against the other's (they must agree on the first tokens).
+engine's outputs are checked against an oracle: llama.cpp, or, when Sparrow runs alone, Sparrow's scalar reference
+kernels (a worker started with SPARROW_FORCE_SCALAR=1). Both are fed the first engine's greedy continuation of the
+prompt (teacher forcing) and their logits at every step compared with the bounds of tests/test_llama_parity.py:
+normalized MSE < 1e-2, and wherever the top-1 tokens differ they must be a near tie in the oracle's logits
+(gap < 0.5): engines that quantize activations differently may break a tie differently, nothing else. The report
+names the oracle and gives the NMSE, the forks and how many greedy tokens agree outright.
 
     python -m bench_device.bench_decode MODEL.gguf --threads 2 --repeats 5 --out result.json
 
 --compare-repack adds a third engine, "sparrow-norepack" (Model(repack=False): weights read as file views by the
 unpacked kernels), asked in the same rounds, so the gain of load-time repacking is measured side by side.
 
-Measures, per engine: decode tok/s (greedy, one token per call), prefill tok/s (one batch of the prompt), peak RSS,
-and the cost of evaluating T tokens in one call relative to one token, for T = 1, 2, 4, 8, 16, 64 (the number that
+Measures, per engine: decode tok/s (greedy, one token per call), prefill tok/s (one batch of the prompt), time to
+first token (the prompt text tokenized, prefilled from an empty cache and the first token picked; it must be the
+oracle's first token), peak RSS, energy per decoded token where RAPL counters can be read, and the cost of evaluating T tokens in one call relative to one token, for T = 1, 2, 4, 8, 16, 64 (the number that
 decides whether speculative decoding pays on a CPU; see DESIGN.md).
 """
 from __future__ import annotations
@@ -48,6 +54,12 @@ class NativeEngine:
     def eval(self, tokens: list[int]):
         return self.session.eval(tokens, logits="last")
 
+    def argmax_last(self, logits) -> int:
+        return int(logits.argmax())
+
+    def logits_row(self, logits):
+        return logits.reshape(-1).copy()
+
     def greedy(self, prompt: list[int], n: int) -> list[int]:
         self.reset()
         logits = self.session.prefill(prompt)
@@ -76,6 +88,12 @@ class LlamaCppEngine:
 
     def eval(self, tokens: list[int]):
         self.llm.eval(tokens)  # computes the last token's logits, as the native engine is asked to
+
+    def argmax_last(self, logits) -> int:
+        return int(self.np.argmax(self.last_logits()))
+
+    def logits_row(self, logits):
+        return self.last_logits().copy()
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
         self.reset()
@@ -123,6 +141,23 @@ def worker(engine_name: str, path: str, threads: int, n_ctx: int, conn) -> None:
             for i in range(0, len(prompt), 64):
                 engine.eval(prompt[i:i + 64])
             conn.send((time.perf_counter() - t0, len(prompt)))
+        elif cmd == "logits":  # [n, V] logits of each step of the continuation `arg` after the prompt (teacher forced)
+            engine.reset()
+            rows = []
+            for i in range(0, len(prompt), 64):
+                logits = engine.eval(prompt[i:i + 64])
+            rows.append(engine.logits_row(logits))
+            for tok in arg[:-1]:
+                rows.append(engine.logits_row(engine.eval([tok])))
+            conn.send(__import__("numpy").stack(rows))
+        elif cmd == "ttft":  # seconds from the prompt text to the first token: tokenize, prefill, greedy pick
+            engine.reset()
+            t0 = time.perf_counter()
+            toks = engine.tokenize(PROMPT)
+            for i in range(0, len(toks), 64):
+                logits = engine.eval(toks[i:i + 64])
+            first = engine.argmax_last(logits)
+            conn.send((time.perf_counter() - t0, first))
         elif cmd == "decode":  # seconds per token over `arg` single-token steps after the prompt
             engine.reset()
             for i in range(0, len(prompt), 64):
@@ -150,20 +185,56 @@ def summary(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+SCALAR_ORACLE = "sparrow-scalar"
+NMSE_MAX = 1e-2   # logits vs the oracle's, as tests/test_llama_parity.py bounds Sparrow vs llama.cpp
+TIE_GAP = 0.5     # a top-1 difference must be a near tie in the oracle's logits
+STEPS_PER_REPEAT = 3  # decode, prefill, ttft; plus one per batch size
+
+
+def compare_logits(rows, ref_rows) -> dict:
+    """NMSE of logits rows [n, V] against the oracle's, and the oracle's gap between its top-1 token and the engine's
+    wherever they differ (the forks)."""
+    import numpy as np
+
+    nmse = float(np.mean((rows - ref_rows) ** 2) / np.var(ref_rows))
+    a, b = rows.argmax(-1), ref_rows.argmax(-1)
+    forks = [(int(i), float(ref_rows[i, b[i]] - ref_rows[i, a[i]])) for i in np.flatnonzero(a != b)]
+    return {"nmse": nmse, "positions": len(rows), "top1_forks": len(forks),
+            "max_fork_gap": max((g for _, g in forks), default=0.0)}
+
+
 def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 64,
         engine_names: tuple[str, ...] = ("sparrow", "llama.cpp"), batch_sizes: tuple[int, ...] = BATCH_SIZES,
-        n_ctx: int = 1024, min_agreement: int = 8, progress=None) -> dict:
+        n_ctx: int = 1024, progress=None, energy=None) -> dict:
     """The benchmark as a library call: engines in worker processes, asked in turn each repeat. Raises RuntimeError
-    when two engines disagree on the greedy continuation before `min_agreement` tokens. `progress(step)` is called
-    after every measurement (repeats * engines * (2 + len(batch_sizes)) steps in all)."""
+    when an engine's logits along the first engine's greedy continuation disagree with the oracle's (see the module
+    doc). The oracle is llama.cpp when it is among the engines, otherwise a Sparrow worker on the scalar kernels. `progress(
+    step)` is called after every measurement (repeats * engines * (STEPS_PER_REPEAT + len(batch_sizes)) in all).
+    `energy`: a bench_device.energy.Rapl meter read around every decode measurement, or None."""
     ctx = mp.get_context("spawn")
     engines = {}
+    oracle = "llama.cpp" if "llama.cpp" in engine_names else SCALAR_ORACLE
+
+    def start(name: str, env: dict[str, str] | None = None) -> None:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(name, model, threads, n_ctx, child), daemon=True)
+        saved = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})  # a spawned worker starts with the parent's environment as it is now
+        try:
+            proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        engines[name] = (proc, parent)
+
     try:
         for name in engine_names:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker, args=(name, model, threads, n_ctx, child), daemon=True)
-            proc.start()
-            engines[name] = (proc, parent)
+            start(name)
+        if oracle == SCALAR_ORACLE:
+            start(SCALAR_ORACLE, {"SPARROW_FORCE_SCALAR": "1"})
 
         def ask(name, cmd, arg=None):
             conn = engines[name][1]
@@ -173,23 +244,49 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
             except EOFError:
                 raise RuntimeError(f"the {name} worker died (exit code {engines[name][0].exitcode})") from None
 
-        # correctness first: every engine must agree with the first on the greedy continuation's first tokens
-        n_check = max(16, min_agreement)
+        # correctness first: every engine's logits along one greedy continuation against the oracle's
+        n_check = 16
         outs = {name: ask(name, "greedy", n_check) for name in engines}
-        ref = outs[engine_names[0]]
-        agree = min(next((i for i, (a, b) in enumerate(zip(ref, o)) if a != b), n_check) for o in outs.values())
-        if len(engines) > 1 and agree < min_agreement:
-            raise RuntimeError(f"engines disagree at greedy token {agree}: {outs}")
+        agree = min(next((i for i, (a, b) in enumerate(zip(outs[oracle], o)) if a != b), n_check)
+                     for o in outs.values())
+        cont = outs[engine_names[0]]
+        ref_rows = ask(oracle, "logits", cont)
+        checks = {}
+        for name in engine_names:
+            if name == oracle:
+                continue
+            rows = ask(name, "logits", cont)
+            if name == engine_names[0] and rows.argmax(-1).tolist() != cont:
+                raise RuntimeError(f"{name}: teacher-forced logits do not reproduce its own greedy continuation")
+            checks[name] = compare_logits(rows, ref_rows)
+            if checks[name]["nmse"] >= NMSE_MAX or checks[name]["max_fork_gap"] >= TIE_GAP:
+                raise RuntimeError(f"{name} disagrees with the oracle ({oracle}): {checks[name]} (bounds: NMSE < "
+                                   f"{NMSE_MAX}, top-1 forks only at near ties, gap < {TIE_GAP}); greedy {outs}")
+        if oracle == SCALAR_ORACLE:  # it is not timed: stop it now, so it holds no memory while the others run
+            ask(SCALAR_ORACLE, "stop")
+            proc, _ = engines.pop(SCALAR_ORACLE)
+            proc.join(timeout=5)
 
-        res = {name: {"decode_s": [], "prefill_s": [], "batch_s": {t: [] for t in batch_sizes}} for name in engines}
+        res = {name: {"decode_s": [], "prefill_s": [], "ttft_s": [], "decode_j": [],
+                      "batch_s": {t: [] for t in batch_sizes}} for name in engines}
         n_prompt = 0
         for _ in range(repeats):
             for name in engines:  # alternate engines within every repeat
+                before = energy.read() if energy else None
                 res[name]["decode_s"].append(ask(name, "decode", decode_tokens))
+                if energy:
+                    res[name]["decode_j"].append(energy.joules(before, energy.read()))
                 if progress:
                     progress(1)
                 secs, n_prompt = ask(name, "prefill")
                 res[name]["prefill_s"].append(secs)
+                if progress:
+                    progress(1)
+                secs, first = ask(name, "ttft")
+                if first != outs[name][0]:
+                    raise RuntimeError(f"{name}: the first token of the timed TTFT run ({first}) is not its greedy "
+                                       f"first token ({outs[name][0]})")
+                res[name]["ttft_s"].append(secs)
                 if progress:
                     progress(1)
                 for t in batch_sizes:
@@ -199,17 +296,22 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
         report = {"schema": "sparrow.bench_decode/1", "model": os.path.basename(model), "threads": threads,
                   "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
                   "prompt_tokens": n_prompt, "decode_tokens": decode_tokens, "repeats": repeats,
-                  "greedy_agreement_tokens": agree if len(engines) > 1 else None, "engines": {}}
+                  "greedy_agreement_tokens": agree, "greedy_checked_tokens": n_check,
+                  "oracle": oracle, "oracle_checks": checks, "engines": {}}
         for name in engines:
             r = res[name]
             b1 = statistics.median(r["batch_s"][batch_sizes[0]])
             report["engines"][name] = {
                 "decode_tok_s": summary([1 / s for s in r["decode_s"]]),
                 "prefill_tok_s": summary([n_prompt / s for s in r["prefill_s"]]),
+                "ttft_ms": summary([1e3 * s for s in r["ttft_s"]]),
                 "peak_rss_mb": ask(name, "rss") / 2**20,
                 "batch_cost_vs_t1": {t: statistics.median(r["batch_s"][t]) / b1 for t in batch_sizes},
                 "batch_ms": {t: 1e3 * statistics.median(r["batch_s"][t]) for t in batch_sizes},
             }
+            if r["decode_j"]:  # joules of `decode_tokens` steps: the whole package, whatever else runs
+                report["engines"][name]["decode_j"] = summary(r["decode_j"])
+                report["engines"][name]["decode_j_per_token"] = summary([j / decode_tokens for j in r["decode_j"]])
             ask(name, "stop")
         if "sparrow" in engines and "llama.cpp" in engines:
             s, l = report["engines"]["sparrow"], report["engines"]["llama.cpp"]
@@ -235,10 +337,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compare-repack", action="store_true", help="also run sparrow with repack=False")
     args = ap.parse_args(argv)
 
+    from bench_device.energy import Rapl
+
     names = ("sparrow", "llama.cpp") + (("sparrow-norepack",) if args.compare_repack else ())
+    meter, why = Rapl.open()
+    if meter is None:
+        print(f"energy: unavailable: {why}")
     try:
         report = run(args.model, threads=args.threads, repeats=args.repeats, decode_tokens=args.decode_tokens,
-                     engine_names=names)
+                     engine_names=names, energy=meter)
     except RuntimeError as e:
         raise SystemExit(str(e)) from None
     print_report(report)
@@ -249,12 +356,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_report(r: dict) -> None:
     print(f"model {r['model']}, {r['threads']} threads, prompt {r['prompt_tokens']} tokens, "
-          f"greedy agreement on first {r['greedy_agreement_tokens']} tokens")
-    print(f"{'engine':<16} {'decode tok/s (min-max)':>26} {'prefill tok/s (min-max)':>26} {'peak RSS MB':>12}")
+          f"greedy agreement with {r['oracle']} on the first {r['greedy_agreement_tokens']} tokens")
+    print(f"{'engine':<16} {'decode tok/s (min-max)':>26} {'prefill tok/s (min-max)':>26} {'TTFT ms':>9} "
+          f"{'peak RSS MB':>12}")
     for name, e in r["engines"].items():
         d, p = e["decode_tok_s"], e["prefill_tok_s"]
         print(f"{name:<16} {d['median']:>9.1f} ({d['min']:.1f}-{d['max']:.1f}){'':>3} "
-              f"{p['median']:>9.1f} ({p['min']:.1f}-{p['max']:.1f}){'':>3} {e['peak_rss_mb']:>10.0f}")
+              f"{p['median']:>9.1f} ({p['min']:.1f}-{p['max']:.1f}){'':>3} {e['ttft_ms']['median']:>9.1f} "
+              f"{e['peak_rss_mb']:>10.0f}" +
+              (f"  {e['decode_j_per_token']['median']:.3f} J/token" if "decode_j_per_token" in e else ""))
     print("ratio sparrow/llama.cpp: decode {decode:.2f}x, prefill {prefill:.2f}x".format(
         **r["ratio_sparrow_over_llama_cpp"]))
     print("cost of T tokens in one call relative to T=1:")

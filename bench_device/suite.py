@@ -1,10 +1,13 @@
 """`sparrow bench`: one run that profiles the device, measures its memory read bandwidth (the roofline) and benchmarks
-a model's decode and prefill with Sparrow, side by side with llama.cpp where llama-cpp-python is installed, then
-writes DIR/report.json (schema "sparrow.bench/1") and DIR/report.md.
+a model's decode, prefill and time to first token with Sparrow, side by side with llama.cpp where llama-cpp-python
+is installed, then writes DIR/report.json (schema "sparrow.bench/2", see bench_device/schema.py), the PNG plots
+(bench_device/plots.py) and DIR/report.md, which embeds them.
 
-The decode/prefill/T-curve numbers come from bench_decode.run (engines in worker processes, asked in turn, each
-engine's greedy continuation checked against the other's before timing). The bandwidth bound of decoding is
-bandwidth / bytes of weights read per token; the report gives the fraction of it each engine reaches.
+The decode/prefill/TTFT/T-curve numbers come from bench_decode.run (engines in worker processes, asked in turn, each
+engine's greedy continuation checked before timing against an oracle: llama.cpp, or Sparrow's scalar reference
+kernels when Sparrow runs alone). The bandwidth bound of decoding is bandwidth (native probe, the thread count of
+the run) / bytes of weights read per token; the report gives the fraction of it each engine reaches. Energy comes
+from RAPL counters read around every decode measurement where they can be read, "unavailable: <reason>" otherwise.
 """
 from __future__ import annotations
 
@@ -15,9 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench_device import bench_decode
+from bench_device.energy import Rapl
+from bench_device.plots import write_plots
 from bench_device.profile import bandwidth_curve, device_profile
+from bench_device.schema import SCHEMA, check
 
-SCHEMA = "sparrow.bench/1"
+ORACLES = {"llama.cpp": "llama.cpp (llama-cpp-python) on the same GGUF",
+           bench_decode.SCALAR_ORACLE: "Sparrow's scalar reference kernels (a worker with SPARROW_FORCE_SCALAR=1)"}
+ORACLE_CRITERION = (f"logits at every step of Sparrow's greedy continuation (teacher forced): NMSE < "
+                    f"{bench_decode.NMSE_MAX:g}; a different top-1 token only at a near tie of the oracle's logits "
+                    f"(gap < {bench_decode.TIE_GAP:g})")
 QUICK = {"repeats": 3, "decode_tokens": 16, "batch_sizes": (1, 4, 16), "bw_mb": 128, "bw_repeats": 3}
 FULL = {"repeats": 5, "decode_tokens": 64, "batch_sizes": bench_decode.BATCH_SIZES, "bw_mb": 512, "bw_repeats": 5}
 
@@ -38,14 +48,20 @@ def weight_bytes_per_token(path: Path) -> dict:
     return {"file_tensor_bytes": total, "per_token": per_token, "tied_embeddings": "output.weight" not in sizes}
 
 
+def _str_keys(x):
+    """The dict with every key a string, nested, as report.json will hold it."""
+    return {str(k): _str_keys(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+
 def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
 def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads: int = 0, llama_cpp: bool = True,
-              echo: Callable[[str], None] = print, progressbar=None) -> dict:
-    """Run everything and return the report (a dict following SCHEMA). `progressbar(length, label)` returns a
-    context manager with .update(n) (click.progressbar fits); None runs silently."""
+              echo: Callable[[str], None] = print, progressbar=None, energy_root: Path | None = None) -> dict:
+    """Run everything and return the report (a dict following SCHEMA; "plots" is filled by write_report).
+    `progressbar(length, label)` returns a context manager with .update(n) (click.progressbar fits); None runs
+    silently. `energy_root`: where the powercap tree is (default /sys/class/powercap)."""
     import psutil
 
     cfg = QUICK if quick else FULL
@@ -63,7 +79,7 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
             return contextlib.nullcontext(_Null())
         return progressbar(length=length, label=label)
 
-    with bar(threads, "memory bandwidth") as b:
+    with bar(2 * threads, "memory bandwidth") as b:
         bandwidth = bandwidth_curve(threads, mb=cfg["bw_mb"], repeats=cfg["bw_repeats"], progress=lambda t: b.update(1))
 
     if not llama_cpp:
@@ -74,12 +90,14 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
         llama_status = "ran"
     engine_names = ("sparrow", "llama.cpp") if llama_status == "ran" else ("sparrow",)
 
+    meter, energy_why = Rapl.open(*([energy_root] if energy_root else []))
+
     def decode(names):
-        steps = cfg["repeats"] * len(names) * (2 + len(cfg["batch_sizes"]))
-        with bar(steps, "decode/prefill (" + " vs ".join(names) + ")") as b:
+        steps = cfg["repeats"] * len(names) * (bench_decode.STEPS_PER_REPEAT + len(cfg["batch_sizes"]))
+        with bar(steps, "decode/prefill/TTFT (" + " vs ".join(names) + ")") as b:
             return bench_decode.run(str(model_path), threads=threads, repeats=cfg["repeats"],
                                     decode_tokens=cfg["decode_tokens"], engine_names=names,
-                                    batch_sizes=cfg["batch_sizes"], progress=b.update)
+                                    batch_sizes=cfg["batch_sizes"], progress=b.update, energy=meter)
 
     try:
         dec = decode(engine_names)
@@ -98,12 +116,24 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
         engines[name] = {
             "decode_tok_s": e["decode_tok_s"],
             "prefill_tok_s": e["prefill_tok_s"],
+            "ttft_ms": e["ttft_ms"],
             "peak_rss_mb": e["peak_rss_mb"],
             "batch_ms": {str(t): v for t, v in e["batch_ms"].items()},
             "batch_cost_vs_t1": {str(t): v for t, v in e["batch_cost_vs_t1"].items()},
             "bandwidth_bound_tok_s": bound,
             "fraction_of_bound": e["decode_tok_s"]["median"] / bound,
+            "energy": ({"decode_j": e["decode_j"], "decode_j_per_token": e["decode_j_per_token"]}
+                       if "decode_j" in e else f"unavailable: {energy_why}"),
         }
+    ratio = dec.get("ratio_sparrow_over_llama_cpp")
+    if ratio:
+        ratio["ttft"] = engines["sparrow"]["ttft_ms"]["median"] / engines["llama.cpp"]["ttft_ms"]["median"]
+    if meter:
+        energy = {"source": meter.describe(),
+                  "scope": (f"whole package(s) over each engine's {cfg['decode_tokens']}-token decode measurement, "
+                            "whatever else ran on the machine included")}
+    else:
+        energy = f"unavailable: {energy_why}"
     return {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -111,36 +141,49 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
         "settings": {"threads": threads, "repeats": cfg["repeats"], "decode_tokens": cfg["decode_tokens"],
                      "batch_sizes": list(cfg["batch_sizes"])},
         "device": profile,
-        "bandwidth": {**bandwidth, "threads": {str(t): v for t, v in bandwidth["threads"].items()}},
+        "bandwidth": _str_keys(bandwidth),
         "model": {"name": model_name, "path": str(model_path), "file_bytes": model_path.stat().st_size,
                   "weight_bytes_per_token": wbytes["per_token"], "tied_embeddings": wbytes["tied_embeddings"],
                   "prompt_tokens": dec["prompt_tokens"]},
         "llama_cpp": llama_status,
-        "greedy_agreement_tokens": dec["greedy_agreement_tokens"],
+        "oracle": {"engine": dec["oracle"], "description": ORACLES[dec["oracle"]], "criterion": ORACLE_CRITERION,
+                   "checks": dec["oracle_checks"], "checked_tokens": dec["greedy_checked_tokens"],
+                   "agreement_tokens": dec["greedy_agreement_tokens"]},
         "engines": engines,
-        "ratio_sparrow_over_llama_cpp": dec.get("ratio_sparrow_over_llama_cpp"),
-        "energy": "unavailable (not measured yet)",
+        "ratio_sparrow_over_llama_cpp": ratio,
+        "energy": energy,
+        "plots": {},
         "notes": notes,
     }
 
 
 def headline_table(r: dict) -> str:
     t = r["settings"]["threads"]
-    rows = [("| engine | decode tok/s (min-max) | prefill tok/s (min-max) | peak RSS MB | bandwidth bound tok/s | "
-             "fraction of bound |"),
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = [("| engine | decode tok/s (min-max) | prefill tok/s (min-max) | TTFT ms (min-max) | peak RSS MB | "
+             "J/token | bandwidth bound tok/s | fraction of bound |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, e in r["engines"].items():
-        d, p = e["decode_tok_s"], e["prefill_tok_s"]
+        d, p, f = e["decode_tok_s"], e["prefill_tok_s"], e["ttft_ms"]
+        j = f"{e['energy']['decode_j_per_token']['median']:.3f}" if isinstance(e["energy"], dict) else "n/a"
         rows.append(f"| {name} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
-                    f"{p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f}) | {e['peak_rss_mb']:.0f} | "
+                    f"{p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f}) | "
+                    f"{f['median']:.1f} ({f['min']:.1f}-{f['max']:.1f}) | {e['peak_rss_mb']:.0f} | {j} | "
                     f"{e['bandwidth_bound_tok_s']:.0f} | {100 * e['fraction_of_bound']:.0f}% |")
     if r["llama_cpp"] != "ran":
-        rows.append(f"| llama.cpp | {r['llama_cpp']} | | | | |")
-    m = r["model"]
+        rows.append(f"| llama.cpp | {r['llama_cpp']} | | | | | | |")
+    m, o = r["model"], r["oracle"]
     bw = r["bandwidth"]["threads"].get(str(t)) or {}
     return (f"{m['name']}, {t} threads, prompt {m['prompt_tokens']} tokens, "
             f"{m['weight_bytes_per_token'] / 2**20:.1f} MiB of weights read per token, "
-            f"read bandwidth {bw.get('median', 0):.1f} GB/s\n\n" + "\n".join(rows))
+            f"read bandwidth {bw.get('median', 0):.1f} GB/s ({r['bandwidth']['probe']} probe, "
+            f"{r['bandwidth']['pinning']['status']}); outputs checked against {o['engine']}: logits NMSE "
+            + ", ".join(f"{c['nmse']:.1e}" for c in o["checks"].values())
+            + f", greedy tokens identical for {o['agreement_tokens']}/{o['checked_tokens']}\n\n" + "\n".join(rows))
+
+
+PLOT_CAPTIONS = {"tok_s_vs_bound": "Decode tok/s against the bandwidth bound",
+                 "time_vs_active": "Time per token against the active fraction of experts",
+                 "accepted_length": "Accepted length distribution"}
 
 
 def to_markdown(r: dict) -> str:
@@ -149,8 +192,21 @@ def to_markdown(r: dict) -> str:
              headline_table(r), ""]
     if r.get("ratio_sparrow_over_llama_cpp"):
         x = r["ratio_sparrow_over_llama_cpp"]
-        lines += [(f"Sparrow / llama.cpp: decode {x['decode']:.2f}x, prefill {x['prefill']:.2f}x "
-                   f"(greedy continuations agree on the first {r['greedy_agreement_tokens']} tokens)."), ""]
+        lines += [(f"Sparrow / llama.cpp: decode {x['decode']:.2f}x, prefill {x['prefill']:.2f}x the speed; "
+                   f"time to first token {x['ttft']:.2f}x the time."), ""]
+    o = r["oracle"]
+    lines += [f"Checked before timing against {o['description']}: {o['criterion']}. "
+              + "; ".join(f"{n}: NMSE {c['nmse']:.1e}, {c['top1_forks']} near-tie forks in {c['positions']} steps "
+                          f"(largest gap {c['max_fork_gap']:.2f})" for n, c in o["checks"].items())
+              + f"; greedy tokens identical for the first {o['agreement_tokens']} of {o['checked_tokens']}.", ""]
+    shown = [(k, v) for k, v in r["plots"].items() if not v.startswith("skipped")]
+    skipped = [(k, v) for k, v in r["plots"].items() if v.startswith("skipped")]
+    if shown or skipped:
+        lines += ["## Plots", ""]
+        for k, v in shown:
+            lines += [f"![{PLOT_CAPTIONS.get(k, k)}]({v})", ""]
+        lines += [f"- {PLOT_CAPTIONS.get(k, k)}: {v}" for k, v in skipped] + ([""] if skipped else [])
+    energy = r["energy"] if isinstance(r["energy"], str) else f"{r['energy']['source']} ({r['energy']['scope']})"
     lines += ["## Device", "",
               (f"- CPU: {d['cpu_model']} ({d['arch']}), {d['physical_cores']} physical / {d['logical_cores']} "
                "logical cores"),
@@ -158,12 +214,22 @@ def to_markdown(r: dict) -> str:
               "- caches: " + ", ".join(f"L{c['level']} {c['type'].lower()} {c['size']}" for c in d["caches"]),
               (f"- RAM: {d['ram_total_bytes'] / 2**30:.1f} GiB total, {d['ram_available_bytes'] / 2**30:.1f} GiB "
                "available"),
-              f"- OS: {d['os']}", f"- energy: {r['energy']}", "",
-              "## Memory read bandwidth", "", "| threads | GB/s median (min-max) |", "|---:|---:|"]
-    for t, s in r["bandwidth"]["threads"].items():
-        lines.append(f"| {t} | {s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f}) |")
-    lines += ["", f"Method: {r['bandwidth']['method']}.", "",
-              "## Cost of T tokens in one call (relative to T=1)", "",
+              f"- OS: {d['os']}", f"- energy: {energy}", "",
+              "## Memory read bandwidth", ""]
+    bw = r["bandwidth"]
+    np_threads = bw.get("numpy", {}).get("threads", {})
+    lines += ["| threads | GB/s median (min-max) | numpy cross-check GB/s |" if np_threads else
+              "| threads | GB/s median (min-max) |", "|---:|---:|---:|" if np_threads else "|---:|---:|"]
+    for t, s in bw["threads"].items():
+        cell = f"| {t} | {s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f}) |"
+        if np_threads:
+            n = np_threads.get(t)
+            cell += f" {n['median']:.1f} ({n['min']:.1f}-{n['max']:.1f}) |" if n else " |"
+        lines.append(cell)
+    lines += ["", f"Method ({bw['probe']} probe): {bw['method']}."]
+    if np_threads:
+        lines += ["", f"Cross-check: {bw['numpy']['method']}."]
+    lines += ["", "## Cost of T tokens in one call (relative to T=1)", "",
               "| T | " + " | ".join(r["engines"]) + " |", "|---:|" + "---:|" * len(r["engines"])]
     for t in r["settings"]["batch_sizes"]:
         cells = [f"{e['batch_cost_vs_t1'][str(t)]:.2f}x ({e['batch_ms'][str(t)]:.2f} ms)"
@@ -175,7 +241,11 @@ def to_markdown(r: dict) -> str:
 
 
 def write_report(r: dict, out: Path) -> tuple[Path, Path]:
+    """The plots (recorded in r["plots"]), report.json (checked against the schema first) and report.md, in `out`."""
     out.mkdir(parents=True, exist_ok=True)
+    r["plots"] = write_plots(r, out)
+    r = json.loads(json.dumps(r))  # what report.json will hold: string keys
+    check(r)
     j, m = out / "report.json", out / "report.md"
     j.write_text(json.dumps(r, indent=2) + "\n")
     m.write_text(to_markdown(r))

@@ -1,17 +1,23 @@
-"""`sparrow bench`: the device profile on this machine, the report schema of a --quick run on a tiny model, and the
-CLI writing report.json and report.md."""
+"""`sparrow bench`: the device profile and native bandwidth probe on this machine, the report schema (sparrow.bench/2)
+of a --quick run on a tiny model and its validator, RAPL energy on a fake powercap tree, the plots, and the CLI
+writing report.json, report.md and the PNG."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from tiny_llama import TinyConfig, write_tiny_llama
 
-from bench_device.profile import device_profile, read_bandwidth
-from bench_device.suite import SCHEMA, run_suite, to_markdown, weight_bytes_per_token
+from bench_device.bench_decode import TIE_GAP, compare_logits
+from bench_device.energy import Rapl
+from bench_device.plots import accepted_hists, active_fraction_series, configurations, write_plots
+from bench_device.profile import bandwidth_curve, device_profile, read_bandwidth
+from bench_device.schema import SCHEMA, check, validate
+from bench_device.suite import run_suite, to_markdown, weight_bytes_per_token, write_report
 from runtime.cli import sparrow
 
 
@@ -34,6 +40,18 @@ def test_profile_on_this_machine():
     assert all({"level", "type", "size", "bytes"} <= set(c) for c in p["caches"])
     bw = read_bandwidth(1, mb=32, repeats=2)
     assert bw["n"] == 2 and 0 < bw["min"] <= bw["median"] <= bw["max"]
+
+
+def test_bandwidth_curve_native_probe_with_numpy_alongside():
+    steps = []
+    c = bandwidth_curve(2, mb=16, repeats=2, progress=steps.append)
+    assert c["probe"] == "native" and set(c["threads"]) == {1, 2} and steps == [1, 2, 1, 2]
+    assert all(s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["max"] for s in c["threads"].values())
+    assert set(c["numpy"]["threads"]) == {1, 2} and c["best_gb_s"] == c["threads"][c["best_threads"]]["median"]
+    if hasattr(os, "sched_setaffinity"):
+        assert c["pinning"] == {"status": "pinned", "threads_pinned": {1: 1, 2: 2}} and "pinned" in c["method"]
+    alone = bandwidth_curve(1, mb=16, repeats=1, numpy_check=False)
+    assert "numpy" not in alone and alone["probe"] == "native"
 
 
 def test_native_bandwidth_probe_pins_threads_and_checks_its_reads():
@@ -65,39 +83,152 @@ def test_weight_bytes_per_token_tied_head_reads_the_whole_embedding(tiny):
     assert w["tied_embeddings"] and w["per_token"] == w["file_tensor_bytes"] > 0
 
 
-def test_report_schema(report):
-    r = json.loads(json.dumps(report))  # what report.json holds
-    assert r["schema"] == SCHEMA == "sparrow.bench/1" and r["mode"] == "quick"
-    assert {"device", "bandwidth", "model", "engines", "settings", "llama_cpp", "energy", "notes", "created"} <= set(r)
+def test_report_schema(report, tmp_path):
+    write_report(report, tmp_path)
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert validate(r) == [] and r["schema"] == SCHEMA == "sparrow.bench/2" and r["mode"] == "quick"
     assert r["llama_cpp"].startswith("skipped") and list(r["engines"]) == ["sparrow"]
     assert r["settings"]["threads"] == 1 and r["bandwidth"]["threads"]["1"]["median"] > 0
-    assert isinstance(r["bandwidth"]["method"], str) and "numpy" in r["bandwidth"]["method"]
+    bw = r["bandwidth"]
+    assert bw["probe"] == "native" and "sp_bench_read_bandwidth" in bw["method"]
+    assert "numpy" in bw["numpy"]["method"] and bw["numpy"]["threads"]["1"]["median"] > 0
+    if hasattr(os, "sched_setaffinity"):
+        assert bw["pinning"] == {"status": "pinned", "threads_pinned": {"1": 1}}
     assert r["model"]["weight_bytes_per_token"] > 0 and r["model"]["prompt_tokens"] > 0
+    # Sparrow alone: its greedy continuation was checked against the scalar reference kernels
+    assert r["oracle"]["engine"] == "sparrow-scalar" and "SPARROW_FORCE_SCALAR=1" in r["oracle"]["description"]
+    c = r["oracle"]["checks"]["sparrow"]
+    assert c["positions"] == 16 and 0 <= c["nmse"] < 1e-2 and c["max_fork_gap"] < 0.5
+    assert 0 <= r["oracle"]["agreement_tokens"] <= r["oracle"]["checked_tokens"] == 16
     e = r["engines"]["sparrow"]
-    for key in ("decode_tok_s", "prefill_tok_s"):
+    for key in ("decode_tok_s", "prefill_tok_s", "ttft_ms"):
         s = e[key]
         assert s["n"] == 3 and 0 < s["min"] <= s["median"] <= s["max"]
+    # the first token needs the whole prompt prefilled: TTFT is at least about the prefill time
+    prefill_ms = 1e3 * r["model"]["prompt_tokens"] / e["prefill_tok_s"]["median"]
+    assert e["ttft_ms"]["median"] > 0.5 * prefill_ms
     assert e["peak_rss_mb"] > 0 and e["bandwidth_bound_tok_s"] > 0
     assert e["fraction_of_bound"] == pytest.approx(e["decode_tok_s"]["median"] / e["bandwidth_bound_tok_s"])
     assert set(e["batch_ms"]) == {str(t) for t in r["settings"]["batch_sizes"]}
     assert e["batch_cost_vs_t1"]["1"] == 1.0
-    md = to_markdown(report)
-    assert "| sparrow |" in md and "llama.cpp | skipped" in md
+    if not Path("/sys/class/powercap").is_dir():  # this machine: no RAPL, and the report says why
+        assert r["energy"].startswith("unavailable: no RAPL counters") and e["energy"] == r["energy"]
+    assert r["plots"]["tok_s_vs_bound"] == "tok_s_vs_bound.png"
+    assert r["plots"]["time_vs_active"].startswith("skipped: ") and r["plots"]["accepted_length"].startswith("skipped")
+    assert (tmp_path / "tok_s_vs_bound.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "report.md").read_text()
+    assert "| sparrow |" in md and "llama.cpp | skipped" in md and "![" in md and "(tok_s_vs_bound.png)" in md
+    assert "TTFT ms" in md and "sparrow-scalar" in md
 
 
-def test_cli_bench_writes_both_files(tiny, tmp_path):
+@pytest.mark.parametrize("damage, problem", [
+    (lambda r: r.pop("oracle"), "report: missing key 'oracle'"),
+    (lambda r: r.update(schema="sparrow.bench/1"), "report.schema: expected 'sparrow.bench/2'"),
+    (lambda r: r["engines"]["sparrow"].pop("ttft_ms"), "report.engines.sparrow: missing key 'ttft_ms'"),
+    (lambda r: r["engines"]["sparrow"]["decode_tok_s"].update(min=1e9), "decode_tok_s: not min <= median <= max"),
+    (lambda r: r.update(energy="not measured"), "report.energy: matches none"),
+    (lambda r: r["engines"]["sparrow"].update(peak_rss_mb="big"), "peak_rss_mb: expected int or float, got str"),
+    (lambda r: r["model"].update(tied_embeddings=1), "tied_embeddings: expected bool, got int"),
+    (lambda r: r["bandwidth"]["pinning"].update(status="maybe"), "pinning.status: matches none"),
+    (lambda r: r.update(speculative={"recycling": {"accepted_hist": {"one": 3}}}), "report.speculative: expected"),
+])
+def test_schema_validator_names_what_is_wrong(report, damage, problem):
+    r = json.loads(json.dumps({**report, "plots": {"tok_s_vs_bound": "tok_s_vs_bound.png"}}))
+    assert validate(r) == []
+    damage(r)
+    problems = validate(r)
+    assert len(problems) == 1 and problem in problems[0], problems
+    with pytest.raises(ValueError, match="does not match sparrow.bench/2"):
+        check(r)
+
+
+def test_plots_draw_what_the_report_holds(report, tmp_path):
+    r = json.loads(json.dumps(report))
+    r["speculative"] = {"engines": {"prompt-lookup": {"accepted_hist": {"0": 30, "1": 12, "4": 3}},
+                                    "recycling": {"accepted_hist": {"0": 20, "2": 9}}}}
+    r["synthetic"] = {"time_vs_active": {"1.2b T=1": [{"active_fraction": 0.2, "ms_per_token": 3.0},
+                                                      {"active_fraction": 1.0, "ms_per_token": 11.0}],
+                                         "1.2b T=8 chunk": [[0.3, 4.5], [0.1, 2.0]]},
+                      "1.2b": {"decode_tok_s": {"median": 40.0, "min": 38.0, "max": 41.0, "n": 3},
+                               "bandwidth_bound_tok_s": 70.0}}
+    assert [c["name"] for c in configurations(r)] == ["sparrow", "synthetic / 1.2b"]
+    assert active_fraction_series(r)["synthetic / 1.2b T=8 chunk"] == [(0.1, 2.0), (0.3, 4.5)]
+    assert accepted_hists(r) == {"prompt-lookup": {0: 30, 1: 12, 4: 3}, "recycling": {0: 20, 2: 9}}
+    files = write_plots(r, tmp_path)
+    assert files == {"tok_s_vs_bound": "tok_s_vs_bound.png", "time_vs_active": "time_vs_active.png",
+                     "accepted_length": "accepted_length.png"}
+    for f in files.values():
+        assert (tmp_path / f).read_bytes()[:4] == b"\x89PNG" and (tmp_path / f).stat().st_size > 5000
+    r["plots"] = files
+    md = to_markdown(r)
+    assert all(f"]({f})" in md for f in files.values())
+
+
+def test_oracle_logits_comparison_tells_a_near_tie_from_an_error():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 50)).astype(np.float32) * 4
+    same = compare_logits(ref.copy(), ref)
+    assert same == {"nmse": 0.0, "positions": 4, "top1_forks": 0, "max_fork_gap": 0.0}
+    tie = ref.copy()
+    top = ref[2].argsort()
+    tie[2, top[-2]] = ref[2, top[-1]] + 0.01  # the runner-up pulled just past the winner
+    c = compare_logits(tie, ref)
+    assert c["top1_forks"] == 1 and c["max_fork_gap"] == pytest.approx(ref[2, top[-1]] - ref[2, top[-2]])
+    wrong = ref.copy()
+    wrong[1, ref[1].argmin()] = ref[1].max() + 1  # the worst token chosen: a real error, far from a tie
+    c = compare_logits(wrong, ref)
+    assert c["max_fork_gap"] >= TIE_GAP and c["nmse"] > 0
+
+
+def _fake_rapl(root: Path, uj: int, max_uj: int = 2**32) -> Path:
+    for name, sub in (("intel-rapl:0", "package-0"), ("intel-rapl:0:0", "core"), ("intel-rapl:1", "package-1")):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "energy_uj").write_text(f"{uj}\n")
+        (d / "max_energy_range_uj").write_text(f"{max_uj}\n")
+        (d / "name").write_text(sub + "\n")
+    return root
+
+
+def test_rapl_reads_package_domains_only_and_undoes_a_wrap(tmp_path):
+    meter, why = Rapl.open(tmp_path / "none")
+    assert meter is None and why.startswith("no RAPL counters")
+    meter, why = Rapl.open(_fake_rapl(tmp_path, 1000))
+    assert why == "" and [d.name for d in meter.domains] == ["package-0", "package-1"]  # not the core sub-domain
+    before = meter.read()
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("3500000")
+    (tmp_path / "intel-rapl:1" / "energy_uj").write_text("500")  # wrapped past 2^32
+    assert meter.joules(before, meter.read()) == pytest.approx((3_500_000 - 1000 + 2**32 + 1 - 1000 + 500) / 1e6)
+    (tmp_path / "intel-rapl:1" / "max_energy_range_uj").write_text("lots")
+    meter, why = Rapl.open(tmp_path)
+    assert meter is None and "could not be read" in why
+
+
+def test_report_energy_from_rapl_counters(tiny, tmp_path):
+    r = run_suite(tiny, "tiny", quick=True, threads=1, llama_cpp=False, energy_root=_fake_rapl(tmp_path, 7))
+    assert r["energy"]["source"] == "RAPL package-0 (intel-rapl:0), package-1 (intel-rapl:1)"
+    e = r["engines"]["sparrow"]["energy"]
+    assert e["decode_j"]["n"] == 3 and e["decode_j_per_token"]["median"] == 0.0  # the fake counters stand still
+    assert validate(json.loads(json.dumps({**r, "plots": {}}))) == []
+
+
+def test_cli_bench_writes_report_markdown_and_plot(tiny, tmp_path):
     out = tmp_path / "out"
     r = CliRunner().invoke(sparrow, ["bench", str(tiny), "--quick", "--threads", "1", "--no-llama-cpp",
                                      "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "report.json").read_text())["schema"] == "sparrow.bench/1"
+    assert json.loads((out / "report.json").read_text())["schema"] == "sparrow.bench/2"
     assert (out / "report.md").read_text().startswith("# Sparrow device benchmark (quick)")
-    assert "| sparrow |" in r.output and "report.md" in r.output
+    assert (out / "tok_s_vs_bound.png").is_file()
+    assert "| sparrow |" in r.output and "report.md" in r.output and "tok_s_vs_bound.png" in r.output
 
 
 def test_report_side_by_side_with_llama_cpp(tiny):
     pytest.importorskip("llama_cpp")
     r = run_suite(tiny, "tiny", quick=True, threads=1)
     assert r["llama_cpp"] == "ran", r["notes"]
-    assert list(r["engines"]) == ["sparrow", "llama.cpp"] and r["greedy_agreement_tokens"] >= 8
-    assert r["ratio_sparrow_over_llama_cpp"]["decode"] > 0
+    assert list(r["engines"]) == ["sparrow", "llama.cpp"] and r["oracle"]["agreement_tokens"] >= 8
+    assert r["oracle"]["engine"] == "llama.cpp" and r["engines"]["llama.cpp"]["ttft_ms"]["median"] > 0
+    assert list(r["oracle"]["checks"]) == ["sparrow"] and r["oracle"]["checks"]["sparrow"]["nmse"] < 1e-2
+    assert r["ratio_sparrow_over_llama_cpp"]["decode"] > 0 and r["ratio_sparrow_over_llama_cpp"]["ttft"] > 0
+    assert validate(json.loads(json.dumps({**r, "plots": {}}))) == []

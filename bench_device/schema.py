@@ -1,0 +1,187 @@
+"""The report.json schema "sparrow.bench/2", as a key list that is also the validator.
+
+A spec is one of:
+  - a type or a tuple of types: isinstance (bool is not accepted where a number is asked for);
+  - a dict {key: spec}: those keys must be present, a key ending in "?" may be absent; the key "*" gives the spec of
+    every value of a mapping with free keys (thread counts, engine names); keys not named are allowed, so sections
+    that other benchmarks add do not break the check, and those named are checked wherever they appear;
+  - a list [spec]: a list whose every item matches spec;
+  - an instance of one of the classes below (a summary, a string prefix, alternatives, a literal, a check function).
+
+    problems = validate(report)     # [] when the report matches; else "path: what is wrong" lines
+    check(report)                   # raises ValueError listing the problems
+
+Version history: /1 had decode/prefill/T-curve, bandwidth (numpy probe) and energy as a placeholder string; /2 adds
+the native bandwidth probe with thread pinning, time to first token, energy (RAPL) or "unavailable: <reason>", the
+oracle each engine was checked against, and the plots.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA = "sparrow.bench/2"
+NUM = (int, float)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """{"median", "min", "max", "n"} of repeated measurements, min <= median <= max, n >= 1."""
+    positive: bool = True
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A string starting with `prefix`."""
+    prefix: str
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    options: tuple
+
+
+@dataclass(frozen=True)
+class Literal:
+    value: Any
+
+
+@dataclass(frozen=True)
+class Check:
+    """A predicate on the value, with what it means for the message."""
+    fn: Callable[[Any], bool]
+    what: str
+
+
+UNAVAILABLE = Prefix("unavailable: ")
+
+DEVICE = {
+    "cpu_model": str, "arch": str, "physical_cores": int, "logical_cores": int, "cpu_features": [str],
+    "kernel_tier": str, "caches": [{"level": int, "type": str, "size": str, "bytes": int}],
+    "ram_total_bytes": int, "ram_available_bytes": int, "os": str, "python": str,
+}
+
+BANDWIDTH = {
+    "probe": AnyOf((Literal("native"), Literal("numpy"))),  # which probe gives the roofline
+    "method": str, "unit": Literal("GB/s"), "mb_per_thread": int,
+    "threads": {"*": Summary()},                            # "1".."N" -> GB/s
+    "pinning": {"status": AnyOf((Literal("pinned"), Prefix("not pinned: "))), "threads_pinned": {"*": int}},
+    "best_threads": int, "best_gb_s": NUM,
+    "numpy?": {"method": str, "threads": {"*": Summary()}},  # the cross-check, when the native probe ran too
+}
+
+ENGINE = {
+    "decode_tok_s": Summary(), "prefill_tok_s": Summary(),
+    "ttft_ms": Summary(),                                   # prompt text -> first token, empty cache
+    "peak_rss_mb": NUM,
+    "batch_ms": {"*": NUM}, "batch_cost_vs_t1": {"*": NUM},
+    "bandwidth_bound_tok_s": NUM, "fraction_of_bound": NUM,
+    # joules of each decode measurement (whole package) and per token; coarse counters may read 0 for a short run
+    "energy": AnyOf(({"decode_j_per_token": Summary(positive=False), "decode_j": Summary(positive=False)},
+                     UNAVAILABLE)),
+}
+
+
+def _hist_ok(h: Any) -> bool:
+    return isinstance(h, dict) and all(str(k).lstrip("-").isdigit() and isinstance(v, int) and v >= 0
+                                       for k, v in h.items())
+
+
+REPORT = {
+    "schema": Literal(SCHEMA),
+    "created": str,
+    "mode": AnyOf((Literal("quick"), Literal("full"))),
+    "settings": {"threads": int, "repeats": int, "decode_tokens": int, "batch_sizes": [int]},
+    "device": DEVICE,
+    "bandwidth": BANDWIDTH,
+    "model": {"name": str, "path": str, "file_bytes": int, "weight_bytes_per_token": int, "tied_embeddings": bool,
+              "prompt_tokens": int},
+    "llama_cpp": AnyOf((Literal("ran"), Literal("not installed"), Prefix("skipped"), Prefix("failed: "))),
+    "oracle": {"engine": str, "description": str, "criterion": str, "checked_tokens": int, "agreement_tokens": int,
+               "checks": {"*": {"nmse": NUM, "positions": int, "top1_forks": int, "max_fork_gap": NUM}}},
+    "engines": {"*": ENGINE},
+    "ratio_sparrow_over_llama_cpp": AnyOf((type(None), {"decode": NUM, "prefill": NUM, "ttft": NUM})),
+    "energy": AnyOf(({"source": str, "scope": str}, UNAVAILABLE)),
+    "plots": {"*": AnyOf((Prefix("skipped: "), Check(lambda s: isinstance(s, str) and s.endswith(".png"), "a .png")))},
+    "notes": [str],
+    # sections other benchmarks add: checked where present
+    "speculative?": Check(lambda s: isinstance(s, dict) and all(_hist_ok(h) for h in _find(s, "accepted_hist")),
+                          "a dict whose accepted_hist entries map accepted length -> steps"),
+}
+
+
+def _find(d: Any, key: str, depth: int = 3):
+    """Values of `key` in nested dicts, up to `depth` levels down."""
+    if depth < 0 or not isinstance(d, dict):
+        return
+    for k, v in d.items():
+        if k == key:
+            yield v
+        else:
+            yield from _find(v, key, depth - 1)
+
+
+def _type_ok(x: Any, t) -> bool:
+    ts = t if isinstance(t, tuple) else (t,)
+    if isinstance(x, bool) and bool not in ts:
+        return False
+    return isinstance(x, ts)
+
+
+def _name(t) -> str:
+    ts = t if isinstance(t, tuple) else (t,)
+    return " or ".join(getattr(x, "__name__", str(x)) for x in ts)
+
+
+def validate(x: Any, spec: Any = None, path: str = "report") -> list[str]:
+    """Problems of `x` against `spec` (default: the whole report), as "path: what" strings; [] when it matches."""
+    spec = REPORT if spec is None else spec
+    if isinstance(spec, dict):
+        if not isinstance(x, dict):
+            return [f"{path}: expected an object, got {type(x).__name__}"]
+        out = []
+        for key, sub in spec.items():
+            if key == "*":
+                for k, v in x.items():
+                    out += validate(v, sub, f"{path}.{k}")
+                continue
+            optional = key.endswith("?")
+            k = key.rstrip("?")
+            if k not in x:
+                if not optional:
+                    out.append(f"{path}: missing key {k!r}")
+                continue
+            out += validate(x[k], sub, f"{path}.{k}")
+        return out
+    if isinstance(spec, list):
+        if not isinstance(x, list):
+            return [f"{path}: expected a list, got {type(x).__name__}"]
+        return [p for i, v in enumerate(x) for p in validate(v, spec[0], f"{path}[{i}]")]
+    if isinstance(spec, Summary):
+        out = validate(x, {"median": NUM, "min": NUM, "max": NUM, "n": int}, path)
+        if not out:
+            if not x["min"] <= x["median"] <= x["max"]:
+                out.append(f"{path}: not min <= median <= max: {x}")
+            if x["n"] < 1 or x["min"] < 0 or (spec.positive and x["min"] == 0):
+                out.append(f"{path}: expected n >= 1 and {'positive' if spec.positive else 'non-negative'} values: {x}")
+        return out
+    if isinstance(spec, Prefix):
+        ok = isinstance(x, str) and x.startswith(spec.prefix)
+        return [] if ok else [f"{path}: expected {spec.prefix!r}..., got {x!r}"]
+    if isinstance(spec, Literal):
+        return [] if x == spec.value and type(x) is type(spec.value) else [f"{path}: expected {spec.value!r}, got {x!r}"]
+    if isinstance(spec, Check):
+        return [] if spec.fn(x) else [f"{path}: expected {spec.what}"]
+    if isinstance(spec, AnyOf):
+        tries = [validate(x, o, path) for o in spec.options]
+        if any(not t for t in tries):
+            return []
+        return [f"{path}: matches none of the alternatives: " + " | ".join("; ".join(t) for t in tries)]
+    return [] if _type_ok(x, spec) else [f"{path}: expected {_name(spec)}, got {type(x).__name__}"]
+
+
+def check(report: dict) -> None:
+    problems = validate(report)
+    if problems:
+        raise ValueError(f"report does not match {SCHEMA}:\n  " + "\n  ".join(problems))

@@ -16,8 +16,9 @@ unpacked kernels), asked in the same rounds, so the gain of load-time repacking 
 
 Measures, per engine: decode tok/s (greedy, one token per call), prefill tok/s (one batch of the prompt), time to
 first token (the prompt text tokenized, prefilled from an empty cache and the first token picked; it must be the
-oracle's first token), peak RSS, energy per decoded token where RAPL counters can be read, and the cost of evaluating T tokens in one call relative to one token, for T = 1, 2, 4, 8, 16, 64 (the number that
-decides whether speculative decoding pays on a CPU; see DESIGN.md).
+engine's own greedy first token), peak RSS, energy per decoded token where RAPL counters can be read, and the cost
+of evaluating T tokens in one call relative to one token, for T = 1, 2, 4, 8, 16, 64 (the number that decides
+whether speculative decoding pays on a CPU; see DESIGN.md).
 """
 from __future__ import annotations
 
@@ -208,8 +209,9 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
         n_ctx: int = 1024, progress=None, energy=None) -> dict:
     """The benchmark as a library call: engines in worker processes, asked in turn each repeat. Raises RuntimeError
     when an engine's logits along the first engine's greedy continuation disagree with the oracle's (see the module
-    doc). The oracle is llama.cpp when it is among the engines, otherwise a Sparrow worker on the scalar kernels. `progress(
-    step)` is called after every measurement (repeats * engines * (STEPS_PER_REPEAT + len(batch_sizes)) in all).
+    doc). The oracle is llama.cpp when it is among the engines, otherwise a Sparrow worker on the scalar kernels.
+    `progress(step)` is called after every measurement (repeats * engines * (STEPS_PER_REPEAT + len(batch_sizes))
+    in all).
     `energy`: a bench_device.energy.Rapl meter read around every decode measurement, or None."""
     ctx = mp.get_context("spawn")
     engines = {}

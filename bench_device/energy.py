@@ -36,7 +36,8 @@ class Rapl:
         """The readable top-level RAPL domains under `root`, or (None, why not)."""
         dirs = sorted(d for d in root.glob("intel-rapl:*") if _TOP_LEVEL.fullmatch(d.name)) if root.is_dir() else []
         if not dirs:
-            return None, f"no RAPL counters ({root}/intel-rapl:* absent: the platform, VM or kernel does not expose them)"
+            return None, (f"no RAPL counters ({root}/intel-rapl:* absent: the platform, VM or kernel does not expose "
+                          "them)")
         domains = []
         for d in dirs:
             try:

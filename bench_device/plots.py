@@ -5,8 +5,10 @@ Three plots, each drawn from what the report holds and skipped with a reason whe
                        (bandwidth / bytes read per token). A configuration is any object in the report with
                        "bandwidth_bound_tok_s" and "decode_tok_s" (a summary or a number): the engines, and whatever
                        sparse/synthetic/speculative sections add in that form.
-  time_vs_active.png   time per token against the fraction of expert weights read. Sections provide
-                       "time_vs_active": {series: [{"active_fraction": a, "ms_per_token": t}, ...]} (or [a, t] pairs).
+  time_vs_active.png   time per token against the fraction of expert weights read, from either form:
+                       "time_vs_active": {series: [{"active_fraction": a, "ms_per_token": t}, ...]} (or [a, t] pairs),
+                       or records anywhere in the report with "active_fraction" and "median_s" (seconds per call of
+                       "T" tokens), as bench_synthetic's sweep writes them: one series per shape, kind and mode.
   accepted_length.png  distribution of accepted draft tokens per verification step, one series per drafter: every
                        "accepted_hist" ({accepted: steps}) under the report's "speculative" section.
 
@@ -29,13 +31,22 @@ def _figure(w: float = 7.5, h: float = 4.0):
     return fig
 
 
-def _walk(x: Any, path: tuple[str, ...] = (), depth: int = 4):
-    """(path, dict) for every dict in the report, up to `depth` levels down."""
-    if not isinstance(x, dict) or depth < 0:
+def _walk(x: Any, path: tuple[str, ...] = (), depth: int = 5):
+    """(path, dict) for every dict in the report, up to `depth` levels down; items of a list share its path."""
+    if depth < 0:
         return
-    yield path, x
-    for k, v in x.items():
-        yield from _walk(v, path + (str(k),), depth - 1)
+    if isinstance(x, dict):
+        yield path, x
+        for k, v in x.items():
+            yield from _walk(v, path + (str(k),), depth - 1)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _walk(v, path, depth - 1)
+
+
+def _record_label(d: dict) -> str:
+    """"0.5b sweep_decode token" for a record that names its shape, kind and mode; "" otherwise."""
+    return " ".join(str(d[k]) for k in ("label", "shape", "kind", "mode") if isinstance(d.get(k), (str, int)))
 
 
 def _median(v: Any) -> tuple[float, float, float] | None:
@@ -55,7 +66,8 @@ def configurations(report: dict) -> list[dict]:
         if "bandwidth_bound_tok_s" in d and "decode_tok_s" in d:
             tok = _median(d["decode_tok_s"])
             if tok and isinstance(d["bandwidth_bound_tok_s"], (int, float)) and d["bandwidth_bound_tok_s"] > 0:
-                name = path[-1] if path[:1] == ("engines",) else " / ".join(path)
+                name = path[-1] if path[:1] == ("engines",) else " / ".join(path + ((_record_label(d),) if
+                                                                                    _record_label(d) else ()))
                 out.append({"name": name, "tok_s": tok, "bound": float(d["bandwidth_bound_tok_s"])})
     return out
 
@@ -64,6 +76,11 @@ def active_fraction_series(report: dict) -> dict[str, list[tuple[float, float]]]
     """{series: [(active fraction, ms per token), ...] sorted by fraction} from every "time_vs_active" section."""
     series: dict[str, list[tuple[float, float]]] = {}
     for path, d in _walk(report):
+        if isinstance(d.get("active_fraction"), (int, float)) and isinstance(d.get("median_s"), (int, float)):
+            label = _record_label(d) or " / ".join(path)
+            ms = 1e3 * d["median_s"] / max(1, int(d.get("T", 1)))
+            series.setdefault(label, []).append((float(d["active_fraction"]), ms))
+            continue
         tva = d.get("time_vs_active")
         if not isinstance(tva, dict):
             continue
@@ -76,8 +93,8 @@ def active_fraction_series(report: dict) -> dict[str, list[tuple[float, float]]]
                     clean.append((float(p[0]), float(p[1])))
             if clean:
                 label = " / ".join(path[-1:] + (str(name),)) if path else str(name)
-                series[label] = sorted(clean)
-    return series
+                series[label] = clean
+    return {k: sorted(v) for k, v in series.items()}
 
 
 def accepted_hists(report: dict) -> dict[str, dict[int, int]]:

@@ -170,7 +170,8 @@ def validate(x: Any, spec: Any = None, path: str = "report") -> list[str]:
         ok = isinstance(x, str) and x.startswith(spec.prefix)
         return [] if ok else [f"{path}: expected {spec.prefix!r}..., got {x!r}"]
     if isinstance(spec, Literal):
-        return [] if x == spec.value and type(x) is type(spec.value) else [f"{path}: expected {spec.value!r}, got {x!r}"]
+        ok = x == spec.value and type(x) is type(spec.value)
+        return [] if ok else [f"{path}: expected {spec.value!r}, got {x!r}"]
     if isinstance(spec, Check):
         return [] if spec.fn(x) else [f"{path}: expected {spec.what}"]
     if isinstance(spec, AnyOf):

@@ -150,9 +150,14 @@ def test_plots_draw_what_the_report_holds(report, tmp_path):
                                                       {"active_fraction": 1.0, "ms_per_token": 11.0}],
                                          "1.2b T=8 chunk": [[0.3, 4.5], [0.1, 2.0]]},
                       "1.2b": {"decode_tok_s": {"median": 40.0, "min": 38.0, "max": 41.0, "n": 3},
-                               "bandwidth_bound_tok_s": 70.0}}
+                               "bandwidth_bound_tok_s": 70.0},
+                      # records as bench_synthetic's sweep writes them: seconds per call of T tokens
+                      "records": [{"shape": "0.5b", "kind": "sweep_chain8", "T": 8, "mode": "chunk",
+                                   "active_fraction": a, "median_s": s} for a, s in ((0.5, 0.04), (0.1, 0.016))]}
     assert [c["name"] for c in configurations(r)] == ["sparrow", "synthetic / 1.2b"]
-    assert active_fraction_series(r)["synthetic / 1.2b T=8 chunk"] == [(0.1, 2.0), (0.3, 4.5)]
+    series = active_fraction_series(r)
+    assert series["synthetic / 1.2b T=8 chunk"] == [(0.1, 2.0), (0.3, 4.5)]
+    assert series["0.5b sweep_chain8 chunk"] == [(0.1, pytest.approx(2.0)), (0.5, pytest.approx(5.0))]  # ms/token
     assert accepted_hists(r) == {"prompt-lookup": {0: 30, 1: 12, 4: 3}, "recycling": {0: 20, 2: 9}}
     files = write_plots(r, tmp_path)
     assert files == {"tok_s_vs_bound": "tok_s_vs_bound.png", "time_vs_active": "time_vs_active.png",

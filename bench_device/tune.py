@@ -440,7 +440,8 @@ def run_tune(store: Store, name: str, path: Path, *, quick: bool = False, thread
              echo: Callable[[str], None] = print, progressbar: ProgressBar | None = None,
              save: bool = True) -> tuple[TuneResult, Path | None]:
     """Tune model `name` (a store name, or a file path when it is not in the store) and store the choice. Returns
-    the result and where it was stored (None for a file outside the store, or save=False)."""
+    the result (format_result prints it) and where it was stored (None for a file outside the store, or
+    save=False). echo gets what is said along the way."""
     cfg = QUICK if quick else FULL
     manifest = store.get(name)
     fingerprint = device_fingerprint()
@@ -468,7 +469,6 @@ def run_tune(store: Store, name: str, path: Path, *, quick: bool = False, thread
                       progressbar=progressbar)
     finally:
         runner.close()
-    echo(format_result(result))
     if not save:
         return result, None
     if manifest is None:
@@ -488,7 +488,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="tune at this thread count only")
     args = ap.parse_args(argv)
     store = Store()
-    run_tune(store, args.model, store.resolve(args.model), quick=args.quick, threads=args.threads, save=False)
+    result, _ = run_tune(store, args.model, store.resolve(args.model), quick=args.quick, threads=args.threads,
+                         save=False)
+    print(format_result(result))
 
 
 if __name__ == "__main__":

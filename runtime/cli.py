@@ -494,12 +494,13 @@ def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_
 
 
 def _bench_tune(store: Store, name: str, path: Path, *, quick: bool, threads: int, progressbar) -> None:
-    from bench_device.tune import run_tune
+    from bench_device.tune import format_result, run_tune
 
     if threads < 0:
         raise click.BadParameter("must be positive", param_hint="--threads")
     result, saved = run_tune(store, name, path, quick=quick, threads=threads, echo=lambda m: click.echo(m, err=True),
                              progressbar=progressbar)
+    click.echo(format_result(result))
     x = result.speedup
     verdict = (f"{x:.2f}x the defaults ({result.default.label})" if result.changed
                else "the defaults stay (nothing was faster beyond the noise)")

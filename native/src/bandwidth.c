@@ -24,7 +24,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <sched.h>
 #include <unistd.h>
 #if defined(__linux__)
@@ -60,12 +59,6 @@ typedef struct bw_thread {
     double t1[SP_BANDWIDTH_MAX_REPEATS + 1];   /* [R + 1] end of each pass */
     uint64_t sum[SP_BANDWIDTH_MAX_REPEATS + 1];
 } bw_thread;
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* Sum of n 64-byte vectors (n a multiple of 4): four accumulators so the loads do not wait on one add chain. */
 static uint64_t read_sum(const sp_u64x8 *p, size_t n) {
@@ -131,9 +124,9 @@ static void *bw_worker(void *arg) {
             if (++spins > 1000) sched_yield(); /* more threads than CPUs: let the others get there */
         const sp_u64x8 *p = t->buf;
         __asm__ __volatile__("" : "+r"(p) : : "memory"); /* the buffer must be read again on every pass */
-        t->t0[seen - 1] = now_s();
+        t->t0[seen - 1] = sp_now_s();
         t->sum[seen - 1] = read_sum(p, t->n_vec);
-        t->t1[seen - 1] = now_s();
+        t->t1[seen - 1] = sp_now_s();
 
         pthread_mutex_lock(&sh->mu);
         sh->done++;

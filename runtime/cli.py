@@ -498,6 +498,10 @@ def _bench_tune(store: Store, name: str, path: Path, *, quick: bool, threads: in
 
     if threads < 0:
         raise click.BadParameter("must be positive", param_hint="--threads")
+    route = choose_backend(path, read_gguf_header(path))
+    if route.backend != "native":
+        raise click.ClickException(f"--tune measures Sparrow's native runtime; {path.name} goes to {route.backend} "
+                                   f"({route.reason})")
     result, saved = run_tune(store, name, path, quick=quick, threads=threads, echo=lambda m: click.echo(m, err=True),
                              progressbar=progressbar)
     click.echo(format_result(result))

@@ -352,6 +352,13 @@ def test_bench_tune_quick_stores_settings_that_generate_then_uses(pulled_tiny):
     assert (out["threads"], out["draft"]) == (t.threads, t.drafter)
 
 
+def test_bench_tune_refuses_what_the_native_runtime_does_not_run(pulled_tiny, monkeypatch):
+    monkeypatch.setenv("SPARROW_BACKEND", "llama.cpp")
+    r = run("bench", "tiny", "--tune", "--quick")
+    assert r.exit_code == 1 and "--tune measures Sparrow's native runtime" in r.output
+    assert not Store().tuned_path("tiny").exists()
+
+
 @pytest.mark.skipif(not (SHIPPED / "blockffn-tiny.Q8_0.gguf").exists(), reason="shipped BlockFFN model not built")
 def test_the_registered_draft_model_is_a_candidate(home):
     store = Store()

@@ -36,6 +36,7 @@ from runtime.native import Model, SamplerParams, Session
 
 if TYPE_CHECKING:
     from runtime.drafters import Drafter
+    from runtime.planner import TreePlanner
 
 
 # ---- the target's processed distribution (mirror of native/src/sampler.c, see tests/reference/sampler.py) ----
@@ -228,10 +229,12 @@ class _Scratch:
 
 def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: Drafter, *, max_tokens: int = 128,
                        params: SamplerParams | None = None, stats: SpecStats | None = None,
-                       max_nodes: int | None = None, stop_at_eog: bool = True) -> Iterator[int]:
+                       max_nodes: int | None = None, stop_at_eog: bool = True,
+                       planner: TreePlanner | None = None) -> Iterator[int]:
     """Like runtime.native.generate_tokens (same tokens for greedy params; the same distribution when sampling),
     verifying the drafter's proposals. The KV cache is reused when the session already holds a prefix of the
-    prompt. max_nodes caps the draft tree (default and upper bound: session.n_batch - 1)."""
+    prompt. max_nodes caps the draft tree (default and upper bound: session.n_batch - 1). planner: a
+    runtime.planner.TreePlanner that prunes each proposal to the part worth verifying (it learns across calls)."""
     model = session.model
     V = model.info.n_vocab
     params = params or SamplerParams.greedy()
@@ -267,6 +270,10 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
             if len(draft) > budget:
                 draft = Draft(draft.tokens[:budget], draft.parents[:budget],
                               None if draft.q is None else draft.q[:budget])
+            if planner is not None:
+                plan = planner.plan(draft)
+                draft = plan.draft
+                step_bytes0 = _expert_bytes(session)[0]
             t1 = time.perf_counter()
             N = len(draft)
             T = N + 1
@@ -310,6 +317,8 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
                 session.keep(list(range(n_past0)) + [n_past0 + i for i in path])
             drafter.observe(batch, parents, logits, path)
             t3 = time.perf_counter()
+            if planner is not None:
+                planner.observe(plan, path, T, _expert_bytes(session)[0] - step_bytes0, t3 - t0)
 
             stats.steps += 1
             stats.drafted += N
@@ -379,7 +388,8 @@ def _sample_at_node(logits: np.ndarray, params: SamplerParams, history: Sequence
 def generate_speculative(model: Model, session: Session, prompt: str | Sequence[int], *,
                          drafter: str | Drafter = "recycling", max_tokens: int = 128,
                          params: SamplerParams | None = None, stats: SpecStats | None = None,
-                         max_nodes: int | None = None, parse_special: bool = True) -> Iterator[str]:
+                         max_nodes: int | None = None, parse_special: bool = True,
+                         planner: TreePlanner | None = None) -> Iterator[str]:
     """Stream the text of a continuation (whole UTF-8 characters), decoding speculatively. drafter: a Drafter, or
     a name for runtime.drafters.make_drafter ("prompt-lookup", "recycling", or a draft model's GGUF path).
     params: sampling settings (default greedy). stats: filled as generation goes."""
@@ -390,7 +400,7 @@ def generate_speculative(model: Model, session: Session, prompt: str | Sequence[
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
         for token in speculative_tokens(session, tokens, d, max_tokens=max_tokens, params=params, stats=stats,
-                                        max_nodes=max_nodes):
+                                        max_nodes=max_nodes, planner=planner):
             piece = decoder.decode(model.token_bytes(token))
             if piece:
                 yield piece
@@ -406,12 +416,14 @@ class SpeculativeBackend:
     """A NativeBackend whose generate_tokens decodes speculatively with a drafter (everything else delegated), so
     runtime.backends.stream_text and Chat work unchanged. stats accumulates over generations."""
 
-    def __init__(self, backend, drafter: Drafter, *, max_nodes: int | None = None):
+    def __init__(self, backend, drafter: Drafter, *, max_nodes: int | None = None,
+                 planner: TreePlanner | None = None):
         if getattr(backend, "name", None) != "native":
             raise ValueError("speculative decoding needs the native backend")
         self._backend = backend
         self.drafter = drafter
         self.max_nodes = max_nodes
+        self.planner = planner
         self.stats = SpecStats()
 
     def __getattr__(self, name: str):
@@ -424,7 +436,8 @@ class SpeculativeBackend:
         session = self._backend.session
         try:
             yield from speculative_tokens(session, list(prompt_tokens), self.drafter, max_tokens=max_tokens,
-                                          params=params, stats=self.stats, max_nodes=self.max_nodes)
+                                          params=params, stats=self.stats, max_nodes=self.max_nodes,
+                                          planner=self.planner)
         finally:
             n = min(len(session.tokens), session.n_past)
             if n != session.n_past or n != len(session.tokens):

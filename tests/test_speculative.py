@@ -24,6 +24,7 @@ from tiny_llama import TinyConfig, write_tiny_llama
 
 from runtime import Model, Sampler, SamplerParams, SparrowError, _sparrow, generate_tokens
 from runtime.drafters import Drafter, DraftModel, PromptLookup, Recycling, make_drafter, top_k_rows
+from runtime.planner import TreePlanner
 from runtime.speculative import Draft, SpecStats, generate_speculative, speculative_tokens, target_probs
 
 N_NEW = 24
@@ -148,6 +149,18 @@ def test_greedy_recycling_chain_and_wide_trees(smollm, plain):
     wide = Recorded(model.info.n_vocab, branching=(8, 4, 2, 1), max_nodes=63)
     run_all(smollm, plain[20:30], wide)
     assert wide.largest == 63
+
+
+def test_greedy_with_the_sparsity_aware_planner(smollm, plain):
+    """The planner prunes a wide Token Recycling tree differently every step (and explores sizes): the tokens still
+    equal plain greedy decoding on every prompt."""
+    model, _ = smollm
+    planner = TreePlanner(explore_every=4)
+    st = run_all(smollm, plain, Recycling(model.info.n_vocab, branching=(4, 2, 2, 1), max_nodes=24),
+                 planner=planner)
+    print(planner.summary())
+    assert planner.steps == st.steps and st.accepted > 0
+    assert 0 < planner.kept < planner.candidates  # it pruned, and it kept something
 
 
 def test_greedy_draft_model(smollm, plain, smollm_path):
@@ -434,7 +447,9 @@ def test_shipped_blockffn_greedy_equals_plain_with_every_drafter():
         drafters = {"draft-model": make_drafter(str(SHIPPED / "blockffn-tiny-draft.Q8_0.gguf"), m, n_ctx=256,
                                                 n_threads=THREADS),
                     "recycling": Recycling(V), "recycling-tree": Recycling(V, branching=(3, 2, 1), max_nodes=12),
+                    "recycling-planned": Recycling(V, branching=(4, 2, 2, 1), max_nodes=24),
                     "prompt-lookup": PromptLookup()}
+        planner = TreePlanner(explore_every=4)
         stats = {k: SpecStats() for k in drafters}
         for text in TEXTS + CHAT:
             toks = m.tokenize(text)
@@ -442,7 +457,8 @@ def test_shipped_blockffn_greedy_equals_plain_with_every_drafter():
             ref = list(generate_tokens(s, toks, max_tokens=N_NEW))
             for name, d in drafters.items():
                 s.truncate(0)
-                got = list(speculative_tokens(s, toks, d, max_tokens=N_NEW, stats=stats[name]))
+                got = list(speculative_tokens(s, toks, d, max_tokens=N_NEW, stats=stats[name],
+                                              planner=planner if name == "recycling-planned" else None))
                 assert got == ref, (name, text)
         drafters["draft-model"].close()
     for name, st in stats.items():

@@ -1,0 +1,207 @@
+"""Sparsity-aware draft tree planning: each step, keep the part of the drafter's candidate tree that maximises the
+expected tokens per second of the verification step.
+
+Shape legend: N = candidate nodes proposed, n = nodes kept, T = n + 1 tokens verified, B = expert weight bytes the
+verification reads (the union of the experts its tokens use, each read once).
+
+Two online models, both learned from the steps this planner has seen:
+
+    acceptance   node i sits at key(i) = the sibling ranks on its path from the root ((0,), (1,), (0, 0), ...).
+                 q(key) = P(node accepted | its parent accepted), estimated as (hits + a q0) / (trials + a) with the
+                 prior q0 = 0.5 / (rank + 1); p(i) = p(parent) q(key(i)), so p never grows down a path.
+    cost         step time t(T) = c0 + c1 T + c2 B(T): c1 is what one more token costs in attention, LM head and
+                 the dense parts, c2 what one more byte of experts costs, and B(T) the bytes of the experts a tree of
+                 T tokens reads (mean measured per T, interpolated). For a BlockFFN target the union of active experts
+                 grows sublinearly with T (chunk-level sparsity), so a branch costs the bytes of the experts it adds
+                 to the union, not of all the experts its token uses; for a dense model B = 0 and the fit is c0 + c1 T.
+                 Fitted by non-negative least squares over the last `window` steps.
+
+The plan: nodes in order of p (ties: the earlier node), so every prefix of that order is a subtree; keep the prefix
+of n nodes maximising (1 + sum of its p) / t(n + 1), the expected tokens per second of the step. Until the cost fit
+has several tree sizes to go on, and every `explore_every` steps after, the planner verifies a size from a fixed
+schedule instead (full, and fractions of it), so the model keeps seeing the sizes it does not choose. What is
+verified never changes the output: greedy decoding stays exactly plain greedy decoding.
+
+    planner = TreePlanner()
+    speculative_tokens(session, prompt, Recycling(V, branching=(4, 2, 2, 1), max_nodes=24), planner=planner)
+    print(planner.summary())
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.speculative import Draft
+
+Key = tuple[int, ...]
+
+
+@dataclass
+class Plan:
+    """The kept draft and, for each kept node, its key (for TreePlanner.observe)."""
+
+    draft: Draft
+    keys: list[Key]
+    explored: bool       # this step verified a schedule size, not the planned one
+    n_candidates: int
+
+
+def node_keys(parents: list[int]) -> list[Key]:
+    """key of each node (1-based batch index i -> keys[i-1]): the sibling ranks along its path from the root."""
+    keys: list[Key] = []
+    n_children = collections.Counter()
+    for par in parents:
+        rank = n_children[par]
+        n_children[par] += 1
+        keys.append((keys[par - 1] if par else ()) + (rank,))
+    return keys
+
+
+def nnls_small(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares for a handful of columns: the best unconstrained fit over every subset of columns
+    whose coefficients come out non-negative (2^k subsets; k <= 3 here)."""
+    k = X.shape[1]
+    best, best_err = np.zeros(k), float(np.sum(y * y))
+    for r in range(1, k + 1):
+        for cols in itertools.combinations(range(k), r):
+            c, *_ = np.linalg.lstsq(X[:, cols], y, rcond=None)
+            if np.all(c >= 0):
+                err = float(np.sum((X[:, cols] @ c - y) ** 2))
+                if err < best_err:
+                    best_err, best = err, np.zeros(k)
+                    best[list(cols)] = c
+    return best
+
+
+class TreePlanner:
+    """Chooses, per step, how much of a drafter's candidate tree to verify (see the module docstring)."""
+
+    def __init__(self, *, window: int = 256, explore_every: int = 16, prior_weight: float = 2.0,
+                 min_sizes: int = 3):
+        if window < 8 or explore_every < 2 or prior_weight <= 0 or min_sizes < 2:
+            raise ValueError("TreePlanner: window >= 8, explore_every >= 2, prior_weight > 0, min_sizes >= 2")
+        self.window, self.explore_every, self.prior_weight, self.min_sizes = (window, explore_every, prior_weight,
+                                                                              min_sizes)
+        self.trials: dict[Key, int] = collections.defaultdict(int)  # node verified while its parent was accepted
+        self.hits: dict[Key, int] = collections.defaultdict(int)    # node accepted
+        self.obs: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=window)  # (T, B, seconds)
+        self.coef = np.zeros(3)   # c0 [s], c1 [s/token], c2 [s/byte]
+        self.steps = 0
+        self.kept = 0
+        self.candidates = 0
+        self._schedule = itertools.cycle((1.0, 0.0, 0.5, 0.25, 0.75))
+
+    # ---- the acceptance model ----
+
+    def q(self, key: Key) -> float:
+        q0 = 0.5 / (key[-1] + 1)
+        return (self.hits[key] + self.prior_weight * q0) / (self.trials[key] + self.prior_weight)
+
+    def node_p(self, parents: list[int], keys: list[Key]) -> np.ndarray:
+        p = np.empty(len(parents))
+        for i, (par, key) in enumerate(zip(parents, keys)):
+            p[i] = (p[par - 1] if par else 1.0) * self.q(key)
+        return p
+
+    # ---- the cost model ----
+
+    def sizes_seen(self) -> set[int]:
+        return {T for T, _, _ in self.obs}
+
+    def union_bytes(self, T: np.ndarray) -> np.ndarray:
+        """Expected expert bytes of a verification of T tokens: the measured mean per size, linearly interpolated
+        (held flat beyond the sizes seen: the union of experts only grows, and saturates)."""
+        by_t: dict[int, list[float]] = collections.defaultdict(list)
+        for t, b, _ in self.obs:
+            by_t[t].append(b)
+        if not by_t:
+            return np.zeros_like(T, dtype=float)
+        xs = np.array(sorted(by_t), dtype=float)
+        ys = np.array([np.mean(by_t[int(x)]) for x in xs])
+        return np.interp(T, xs, ys)
+
+    def fit(self) -> None:
+        if len(self.sizes_seen()) < 2:
+            return
+        obs = np.array(self.obs)  # [S, 3]
+        X = np.column_stack([np.ones(len(obs)), obs[:, 0], obs[:, 1]])
+        if not np.any(obs[:, 1] > 0):
+            X = X[:, :2]
+        # Scale columns to comparable magnitudes before solving (bytes are ~1e6 times seconds per token).
+        scale = np.maximum(np.abs(X).max(axis=0), 1e-30)
+        c = nnls_small(X / scale, obs[:, 2]) / scale
+        self.coef = np.concatenate([c, np.zeros(3 - len(c))])
+
+    def step_time(self, T: np.ndarray) -> np.ndarray:
+        return self.coef[0] + self.coef[1] * T + self.coef[2] * self.union_bytes(T)
+
+    @property
+    def ready(self) -> bool:
+        return len(self.sizes_seen()) >= self.min_sizes and self.coef[0] + self.coef[1] > 0
+
+    # ---- planning ----
+
+    def plan(self, draft: Draft) -> Plan:
+        """The part of `draft` to verify this step."""
+        N = len(draft)
+        keys = node_keys(draft.parents)
+        if N == 0:
+            return Plan(draft, keys, False, 0)
+        p = self.node_p(draft.parents, keys)
+        order = np.lexsort((np.arange(N), -p))  # by p descending, then index: every prefix is a subtree
+        explore = not self.ready or self.steps % self.explore_every == self.explore_every - 1
+        if explore:
+            n = int(round(next(self._schedule) * N))
+        else:
+            n_all = np.arange(N + 1)
+            gain = 1.0 + np.concatenate([[0.0], np.cumsum(p[order])])
+            n = int(np.argmax(gain / self.step_time(n_all + 1.0)))
+        keep = np.sort(order[:n])
+        return Plan(subtree(draft, keep), [keys[i] for i in keep], explore, N)
+
+    def observe(self, plan: Plan, path: list[int], n_tokens: int, expert_bytes: float, seconds: float) -> None:
+        """What the verification of plan.draft did: path = accepted batch indices (0 = root first), the tokens
+        verified, the expert bytes read and the step's wall time (draft + verify + choose + compact)."""
+        accepted = set(path)
+        for i, (par, key) in enumerate(zip(plan.draft.parents, plan.keys), start=1):
+            if par in accepted:
+                self.trials[key] += 1
+                self.hits[key] += i in accepted
+        self.obs.append((n_tokens, float(expert_bytes), float(seconds)))
+        self.steps += 1
+        self.kept += len(plan.draft)
+        self.candidates += plan.n_candidates
+        if self.steps <= 2 * self.window or self.steps % 8 == 0:
+            self.fit()
+
+    def summary(self) -> str:
+        c0, c1, c2 = self.coef
+        s = (f"planner: {self.steps} steps, kept {self.kept / max(self.steps, 1):.1f} of "
+             f"{self.candidates / max(self.steps, 1):.1f} candidate nodes per step; step time = {1e3 * c0:.2f} ms + "
+             f"{1e3 * c1:.3f} ms/token")
+        if c2 > 0:
+            s += f" + {1e3 * c2 * 1e6:.3f} ms/MB of experts"
+        return s
+
+    def as_dict(self) -> dict[str, object]:
+        return {"steps": self.steps, "kept_per_step": self.kept / max(self.steps, 1),
+                "candidates_per_step": self.candidates / max(self.steps, 1),
+                "cost_s": {"per_step": self.coef[0], "per_token": self.coef[1], "per_expert_byte": self.coef[2]}}
+
+
+def subtree(draft: Draft, keep: np.ndarray) -> Draft:
+    """The nodes `keep` (sorted batch-order indices, 0-based, closed under parents) of draft, renumbered."""
+    new_index = {0: 0}
+    tokens, parents = [], []
+    for j, i in enumerate(keep.tolist(), start=1):
+        par = draft.parents[i]
+        if par not in new_index:
+            raise ValueError("subtree: the kept nodes must include every kept node's parent")
+        new_index[i + 1] = j
+        tokens.append(draft.tokens[i])
+        parents.append(new_index[par])
+    q = None if draft.q is None else draft.q[keep]
+    return Draft(tokens, parents, q)

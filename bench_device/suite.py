@@ -196,8 +196,9 @@ def to_markdown(r: dict) -> str:
                    f"time to first token {x['ttft']:.2f}x the time."), ""]
     o = r["oracle"]
     lines += [f"Checked before timing against {o['description']}: {o['criterion']}. "
-              + "; ".join(f"{n}: NMSE {c['nmse']:.1e}, {c['top1_forks']} near-tie forks in {c['positions']} steps "
-                          f"(largest gap {c['max_fork_gap']:.2f})" for n, c in o["checks"].items())
+              + "; ".join(f"{n}: NMSE {c['nmse']:.1e}, {c['top1_forks']} near-tie fork{'' if c['top1_forks'] == 1 else 's'}"
+                          f" in {c['positions']} steps (largest gap {c['max_fork_gap']:.2f})"
+                          for n, c in o["checks"].items())
               + f"; greedy tokens identical for the first {o['agreement_tokens']} of {o['checked_tokens']}.", ""]
     shown = [(k, v) for k, v in r["plots"].items() if not v.startswith("skipped")]
     skipped = [(k, v) for k, v in r["plots"].items() if v.startswith("skipped")]

@@ -1,29 +1,38 @@
-"""Speculative decoding end to end: plain greedy decode vs each drafter, same model, same session, same threads.
+"""Speculative decoding end to end: plain decode vs every drafter, same model, same threads, one run.
 
-    python -m bench_device.bench_speculative MODEL.gguf --threads 2 --rounds 2 --out spec.json
+    python -m bench_device.bench_speculative [--quick] [--sections a b c] [--out spec.json]
 
-Per prompt (plain continuations and chat prompts that repeat their context, where prompt lookup shines):
-  1. correctness first: every drafter's greedy tokens must equal plain greedy decoding (runtime.native.
-     generate_tokens); the benchmark stops if not. This pass also warms Token Recycling's adjacency matrix, which,
-     as in the paper, is kept across generations.
-  2. timing: rounds of A B C ... over the engines (order rotated each round), each run from the same state: the
-     prompt minus its last token already in the KV cache, then N new tokens timed (the first step evaluates the last
-     prompt token for every engine).
-Reports decode tok/s per engine (median, min, max over prompt x round), the median of the paired speed ratios
-against plain decode on the same prompt and round, tokens per verification step, the accepted-length distribution,
-the time split (draft / verify / accept), and the machine's load average before and after.
+Three sections (issue 6):
+  (a) the shipped trained BlockFFN model (models/blockffn-tiny) with its draft model: plain dense decode, plain sparse
+      decode, and sparse + each drafter (draft model, Token Recycling chain, a fixed recycling tree, the same tree
+      pruned by the sparsity-aware planner, prompt lookup). Real acceptance, real routing.
+  (b) REPLAYED: larger BlockFFN configurations (released 0.5B and 1.2B shapes, random weights, synthetic routing at
+      TLS 80% / CLS-8 70%; bench_device/bench_synthetic.py) where the verification step is measured for real and the
+      accepted lengths are replayed from the distribution measured in (a): tok/s of sparse + speculation vs plain
+      dense decode of the same configuration.
+  (c) SmolLM2-135M (dense, the default model): Token Recycling and prompt lookup vs plain decode and vs llama.cpp
+      (llama-cpp-python in this process, same GGUF, same threads), real end to end.
 
-Drafter specs: "prompt-lookup", "recycling", or with options "recycling:max_nodes=8,branching=2-1",
-"prompt-lookup:ngram=4,k=6" (lists separated by '-').
+Method, per section: every engine's greedy tokens are checked first (each drafter, and sparse decoding, against plain
+dense greedy decoding; llama.cpp's agreement with Sparrow is recorded); this pass also warms Token Recycling's
+adjacency matrix and the planner, which, as in the paper, are kept across generations. Then rounds of A B C ... over
+the engines (order rotated each round), each run from the same state (the prompt minus its last token in the KV
+cache, then N new tokens timed). Reported: decode tok/s (median, min, max over prompt x round), the median of the
+paired ratios against plain decode on the same prompt and round, tokens per verification step, the accepted-length
+distribution, experts read per step and per token, the time split (draft / verify attention / verify FFN / verify
+LM head / sampling / accept), and the machine's load average before and after.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 PLAIN = [
@@ -49,13 +58,28 @@ CHAT = [
     f"Rewrite this code with type hints:\n{CODE}",
     f"Here is some code:\n{CODE}\nAdd a docstring to each function and print the whole code.",
     ("My shopping list: eggs, milk, bread, butter, cheese, apples, tomatoes. Repeat my shopping list as a "
-    "numbered list."),
+     "numbered list."),
     f"Summarize this text in one sentence:\n{PASSAGE}{PASSAGE}",
     "Write the numbers from one to twenty in words, separated by commas.",
     "Explain what a lighthouse is.",
     f"Translate to French: {PASSAGE}",
     "Write a Python function that reverses a string, then show an example call.",
 ]
+# Prompts for the shipped BlockFFN model (trained on Python's documentation and man pages; no chat template).
+DOC_PROMPTS = [
+    "The os module provides",
+    "def read_file(path):\n",
+    "NAME\n       ls - list directory contents\n\nSYNOPSIS\n",
+    "Return a new list containing",
+    "This function raises ValueError if",
+    "class Stack:\n    def __init__(self):\n",
+    "The following example shows how to",
+    "If the file does not exist,",
+    "OPTIONS\n       -a, --all\n",
+    "import sys\nimport os\n\n",
+] + [PASSAGE, CODE]
+SHIPPED = Path(__file__).resolve().parent.parent / "models"
+SCHEMA = "sparrow.bench.speculative/1"
 
 
 def chat(text: str) -> str:
@@ -66,6 +90,7 @@ PROMPTS = PLAIN + [chat(t) for t in CHAT]
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
+    """'recycling:max_nodes=8,branching=2-1' -> ('recycling', {'max_nodes': 8, 'branching': (2, 1)})."""
     name, _, opts = spec.partition(":")
     kw: dict = {}
     for item in filter(None, opts.split(",")):
@@ -78,93 +103,269 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="GGUF file (e.g. SmolLM2-135M-Instruct Q4_1)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=48, help="new tokens per run")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
-    ap.add_argument("--drafters", nargs="+", default=["prompt-lookup", "recycling"])
-    ap.add_argument("--out", type=Path, help="write the result as JSON here")
-    args = ap.parse_args()
+def summary(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
-    from runtime import Model, generate_tokens
-    from runtime.drafters import make_drafter
+
+@dataclass
+class Engine:
+    """One way of decoding: `generate(tokens, n) -> (new tokens, seconds of decoding)`, run after `prepare(tokens)`
+    left the prompt minus its last token in the engine's cache. stats: a SpecStats for speculative engines."""
+
+    name: str
+    prepare: Callable[[list[int]], None]
+    generate: Callable[[list[int], int], list[int]]
+    stats: object = None
+    planner: object = None
+    baseline: str = ""          # the engine whose output must equal this one's ("": the agreement is only recorded)
+
+
+def native_engines(session_dense, session_sparse, drafters: dict) -> list[Engine]:
+    """Plain dense, plain sparse (when session_sparse is given) and speculative engines over the sparse session (or
+    the only one); a drafter's planner (drafter.planner) prunes its trees."""
+    from runtime import generate_tokens
     from runtime.speculative import SpecStats, speculative_tokens
 
-    load_before = loadavg()
-    model = Model(args.model)
-    session = model.session(n_ctx=1024, n_batch=64, n_threads=args.threads)
-    prompts = [model.tokenize(p, parse_special=True) for p in PROMPTS[:args.prompts]]
-    drafters = {spec: make_drafter(parse_spec(spec)[0], model, **parse_spec(spec)[1]) for spec in args.drafters}
-    engines = ["plain"] + list(drafters)
+    def prep(session):
+        def f(toks):
+            session.truncate(0)
+            if len(toks) > 1:
+                session.prefill(toks[:-1])
+        return f
 
-    def run(engine: str, toks: list[int], stats: SpecStats | None = None) -> tuple[list[int], float]:
-        session.truncate(0)
+    def plain(session):
+        return lambda toks, n: list(generate_tokens(session, toks, max_tokens=n))
+
+    out = [Engine("plain" if session_sparse is None else "dense plain", prep(session_dense), plain(session_dense))]
+    spec_session = session_sparse or session_dense
+    if session_sparse is not None:
+        out.append(Engine("sparse plain", prep(session_sparse), plain(session_sparse), baseline=out[0].name))
+    for name, d in drafters.items():
+        st = SpecStats()
+
+        def gen(toks, n, d=d, st=st):
+            return list(speculative_tokens(spec_session, toks, d, max_tokens=n, stats=st))
+        label = name if session_sparse is None else f"sparse + {name}"
+        out.append(Engine(label, prep(spec_session), gen, st, d.planner, baseline=out[0].name))
+    return out
+
+
+def llama_cpp_engine(path: str, threads: int, n_ctx: int) -> Engine | None:
+    try:
+        from bench_device.bench_decode import LlamaCppEngine
+
+        e = LlamaCppEngine(path, threads, n_ctx)
+    except ImportError:
+        return None
+
+    def prepare(toks):
+        e.reset()
         if len(toks) > 1:
-            session.prefill(toks[:-1])
-        t0 = time.perf_counter()
-        if engine == "plain":
-            out = list(generate_tokens(session, toks, max_tokens=args.tokens))
-        else:
-            out = list(speculative_tokens(session, toks, drafters[engine], max_tokens=args.tokens, stats=stats))
-        return out, time.perf_counter() - t0
+            e.eval(toks[:-1])
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, "
-          f"load average {load_before}; {len(prompts)} prompts x {args.tokens} tokens x {args.rounds} rounds",
-          flush=True)
-    # 1. correctness (and Token Recycling warm-up)
+    def generate(toks, n):
+        out = []
+        last = toks[-1]
+        for _ in range(n):
+            e.eval([last])
+            last = e.argmax_last(None)
+            out.append(last)
+        return out
+    return Engine("llama.cpp plain", prepare, generate, baseline="")
+
+
+def run_engines(engines: list[Engine], prompts: list[list[int]], *, tokens: int, rounds: int,
+                echo: Callable[[str], None] = print) -> dict:
+    """Check, then time, the engines on the prompts (module docstring); returns the section's report."""
+    by_name = {e.name: e for e in engines}
+    base = engines[0].name
+    agreement: dict[str, list[int]] = {e.name: [] for e in engines[1:] if e.baseline == ""}
     for i, toks in enumerate(prompts):
-        ref, _ = run("plain", toks)
-        for e in drafters:
-            got, _ = run(e, toks)
-            if got != ref:
-                raise SystemExit(f"{e} differs from plain greedy decoding on prompt {i}: {got} != {ref}")
-    print("greedy outputs of every drafter equal plain decoding on every prompt", flush=True)
-
-    # 2. timing, A B C ... with the order rotated each round
-    speed: dict[str, list[float]] = {e: [] for e in engines}
-    ratio: dict[str, list[float]] = {e: [] for e in drafters}
-    stats = {e: SpecStats() for e in drafters}
-    for r in range(args.rounds):
+        outs = {}
+        for e in engines:
+            e.prepare(toks)
+            outs[e.name] = e.generate(toks, tokens)
+        for e in engines[1:]:
+            ref = outs[e.baseline or base]
+            if e.baseline:
+                if outs[e.name] != ref:
+                    raise RuntimeError(f"{e.name} differs from {e.baseline} greedy decoding on prompt {i}")
+            else:
+                same = next((j for j, (a, b) in enumerate(zip(outs[e.name], ref)) if a != b), len(ref))
+                agreement[e.name].append(same)
+    echo(f"  checked: every Sparrow engine's greedy tokens equal {base}'s on all {len(prompts)} prompts")
+    for e in engines:
+        if e.stats is not None:
+            e.stats.__init__()  # count the timed runs only
+    speed: dict[str, list[float]] = {e.name: [] for e in engines}
+    ratio: dict[str, list[float]] = {e.name: [] for e in engines if e.name != base}
+    for r in range(rounds):
         order = engines[r % len(engines):] + engines[:r % len(engines)]
         for toks in prompts:
             tps = {}
             for e in order:
-                out, dt = run(e, toks, stats.get(e))
-                tps[e] = len(out) / dt
-                speed[e].append(tps[e])
-            for e in drafters:
-                ratio[e].append(tps[e] / tps["plain"])
-        print(f"round {r + 1}/{args.rounds} done, load average {loadavg()}", flush=True)
-
-    load_after = loadavg()
-    report = {"model": str(args.model), "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
-              "prompts": len(prompts), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-              "load_before": load_before, "load_after": load_after, "engines": {}}
-    print(f"\n{'engine':<36} {'tok/s median':>12} {'min':>7} {'max':>7} {'x plain':>8} {'tok/step':>9} "
-          f"{'draft/verify/accept s':>22}")
+                e.prepare(toks)
+                t0 = time.perf_counter()
+                out = e.generate(toks, tokens)
+                tps[e.name] = len(out) / (time.perf_counter() - t0)
+                speed[e.name].append(tps[e.name])
+            for name in ratio:
+                ratio[name].append(tps[name] / tps[base])
+        echo(f"  round {r + 1}/{rounds}, load average {loadavg()}")
+    report = {}
     for e in engines:
-        s = speed[e]
-        row = {"tok_s_median": statistics.median(s), "tok_s_min": min(s), "tok_s_max": max(s)}
-        line = f"{e:<36} {row['tok_s_median']:>12.1f} {min(s):>7.1f} {max(s):>7.1f}"
-        if e in drafters:
-            st = stats[e]
-            row.update({"ratio_median": statistics.median(ratio[e]), "ratio_min": min(ratio[e]),
-                        "ratio_max": max(ratio[e]), **st.as_dict()})
-            line += (f" {row['ratio_median']:>8.2f} {st.tokens_per_step:>9.2f} "
-                     f"{st.draft_s:>6.2f}/{st.verify_s:.2f}/{st.accept_s:.2f}")
-        report["engines"][e] = row
-        print(line)
-    for e in drafters:
-        hist = stats[e].accepted_hist
-        total = sum(hist.values())
-        print(f"{e}: accepted draft tokens per step: " +
-              " ".join(f"{k}:{v / total:.0%}" for k, v in sorted(hist.items())))
-    print(f"load average before {load_before}, after {load_after} (the machine is shared: figures move with it)")
+        row = {"tok_s": summary(speed[e.name])}
+        if e.name in ratio:
+            row["ratio_vs_" + base.replace(" ", "_")] = summary(ratio[e.name])
+        if e.name in agreement:
+            row["greedy_agreement_tokens_min"] = min(agreement[e.name]) if agreement[e.name] else None
+        if e.stats is not None:
+            row["speculative"] = e.stats.as_dict()
+        if e.planner is not None:
+            row["planner"] = e.planner.as_dict()
+        report[e.name] = row
+    return report
+
+
+def print_section(title: str, rep: dict, echo: Callable[[str], None] = print) -> None:
+    echo(f"\n{title}")
+    echo(f"{'engine':<34} {'tok/s median':>12} {'min':>7} {'max':>7} {'x base':>7} {'tok/step':>8} "
+         f"{'MB exp/tok':>10}  time split draft/attn/ffn/head/sample/accept s")
+    for name, row in rep.items():
+        t = row["tok_s"]
+        x = next((v for k, v in row.items() if k.startswith("ratio_vs_")), None)
+        line = f"{name:<34} {t['median']:>12.1f} {t['min']:>7.1f} {t['max']:>7.1f} " + \
+            (f"{x['median']:>7.2f}" if x else f"{'1.00':>7}")
+        sp = row.get("speculative")
+        if sp:
+            mb = sp["expert_bytes_per_token"] / 1e6
+            line += (f" {sp['tokens_per_step']:>8.2f} {mb:>10.3f}  {sp['draft_s']:.2f}/{sp['verify_attention_s']:.2f}/"
+                     f"{sp['verify_ffn_s']:.2f}/{sp['verify_head_s']:.2f}/{sp['sample_s']:.2f}/{sp['accept_s']:.2f}")
+        if "speed_vs_llama_cpp" in row:
+            line += f"   ({row['speed_vs_llama_cpp']:.2f}x llama.cpp)"
+        echo(line)
+
+
+def train_free_drafters(V: int) -> dict:
+    """The drafters every model can use: prompt lookup, Token Recycling (the default chain, the paper-style 24-node
+    tree verified whole, the same tree pruned by the planner) and the hybrid (lookup + recycling tree, planned)."""
+    from runtime.drafters import Hybrid, PromptLookup, Recycling
+
+    tree = {"branching": (4, 2, 2, 1), "max_nodes": 24}
+    return {"prompt-lookup": PromptLookup(), "recycling (chain 4)": Recycling(V),
+            "recycling (tree 24, fixed)": Recycling(V, **tree),
+            "recycling (tree 24, planned)": Recycling(V, **tree, plan=True),
+            "hybrid (lookup + tree 24, planned)": Hybrid(V)}
+
+
+def section_c(model_path: str, *, threads: int, tokens: int, rounds: int, n_prompts: int, llama_cpp: bool,
+              echo=print) -> dict:
+    from runtime import Model
+
+    model = Model(model_path)
+    session = model.session(n_ctx=1024, n_batch=64, n_threads=threads)
+    prompts = [model.tokenize(p, parse_special=True) for p in PROMPTS[:n_prompts]]
+    engines = native_engines(session, None, train_free_drafters(model.info.n_vocab))
+    ll = llama_cpp_engine(model_path, threads, 1024) if llama_cpp else None
+    if ll is not None:
+        engines.append(ll)
+    echo(f"(c) {Path(model_path).name}: {len(prompts)} prompts x {tokens} tokens x {rounds} rounds, {threads} threads")
+    rep = run_engines(engines, prompts, tokens=tokens, rounds=rounds, echo=echo)
+    if ll is not None:
+        for name, row in rep.items():
+            if name != ll.name:
+                row["speed_vs_llama_cpp"] = row["tok_s"]["median"] / rep[ll.name]["tok_s"]["median"]
+    session.close()
+    model.close()
+    return {"model": str(model_path), "engines": rep, "llama_cpp": "ran" if ll else "not run"}
+
+
+def section_a(target: Path, draft: Path, *, threads: int, tokens: int, rounds: int, n_prompts: int,
+              echo=print) -> dict:
+    from runtime import Model
+    from runtime.drafters import DraftModel
+
+    model = Model(target)
+    dense = model.session(n_ctx=512, n_threads=threads, ffn_mode="dense")
+    sparse = model.session(n_ctx=512, n_threads=threads)
+    dm = Model(draft)
+    drafters = {"draft-model (chain 4)": DraftModel(dm, k=4, n_ctx=512, n_threads=threads),
+                **train_free_drafters(model.info.n_vocab)}
+    engines = native_engines(dense, sparse, drafters)
+    prompts = [model.tokenize(p) for p in DOC_PROMPTS[:n_prompts]]
+    echo(f"(a) {target.name} + {draft.name}: {len(prompts)} prompts x {tokens} tokens x {rounds} rounds, "
+         f"{threads} threads")
+    rep = run_engines(engines, prompts, tokens=tokens, rounds=rounds, echo=echo)
+    st = sparse.sparsity()
+    out = {"model": str(target), "draft": str(draft), "engines": rep,
+           "routing": {"tls": st.tls, "cls8": st.cls[8], "dense_expert_bytes_per_token": st.dense_bytes_per_token}}
+    drafters["draft-model (chain 4)"].close()
+    for x in (dense, sparse, model, dm):
+        x.close()
+    return out
+
+
+def section_b(a: dict, *, shapes: list[str], threads: int, repeats: int, echo=print) -> dict:
+    """Replay the accepted lengths of (a)'s chain drafters on synthetic configurations of the released shapes."""
+    from bench_device.bench_synthetic import PAPER, replayed_speculation
+
+    out = {"label": "REPLAYED: synthetic weights and routing, accepted lengths from (a)",
+           "routing": {"tls": PAPER.tls, "cls": PAPER.cls, "k": PAPER.k}, "runs": []}
+    for shape in shapes:
+        for name in ("draft-model (chain 4)", "recycling (chain 4)"):
+            sp = a["engines"][f"sparse + {name}"]["speculative"]
+            hist = {int(k): v for k, v in sp["accepted_hist"].items()}
+            echo(f"(b) {shape}, replaying {name}: accepted-length distribution {hist}")
+            draft_s = sp["draft_s"] / max(sp["steps"], 1)  # the real drafter's time per step, measured in (a)
+            r = replayed_speculation(shape, hist, 4, threads=threads, repeats=repeats, draft_s_per_step=draft_s)
+            out["runs"].append({"shape": shape, "replayed_from": name, **r})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    ap.add_argument("--smollm", help="SmolLM2 GGUF for (c) (default: the store's default model, pulled if needed)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=48, help="new tokens per run")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=0, help="use the first N prompts (default: all)")
+    ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.2b"], help="synthetic shapes for (b)")
+    ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="4 prompts, 1 round, 24 tokens, shape 0.1b for (b)")
+    ap.add_argument("--out", type=Path, help="write the result as JSON here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.prompts, args.rounds, args.tokens, args.shapes = args.prompts or 4, 1, 24, ["0.1b"]
+
+    report = {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+              "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds, "load_before": loadavg()}
+    n = args.prompts or 10**9
+    if "a" in args.sections or "b" in args.sections:
+        report["a"] = section_a(SHIPPED / "blockffn-tiny.Q8_0.gguf", SHIPPED / "blockffn-tiny-draft.Q8_0.gguf",
+                                threads=args.threads, tokens=args.tokens, rounds=args.rounds, n_prompts=n)
+        print_section("(a) shipped BlockFFN, real acceptance and routing", report["a"]["engines"])
+    if "b" in args.sections:
+        report["b"] = section_b(report["a"], shapes=args.shapes, threads=args.threads, repeats=3 if args.quick else 7)
+        for r in report["b"]["runs"]:
+            print(f"(b) REPLAYED {r['shape']} from {r['replayed_from']}: " + json.dumps(
+                {k: v for k, v in r.items() if "speedup" in k or "tok_s" in k}))
+    if "c" in args.sections:
+        path = args.smollm
+        if path is None:
+            from runtime.store import Store
+
+            store = Store()
+            path = str(store.model_path(store.pull(store.default(), progress=True)))
+        report["c"] = section_c(path, threads=args.threads, tokens=args.tokens, rounds=args.rounds, n_prompts=n,
+                                llama_cpp=not args.no_llama_cpp)
+        print_section("(c) SmolLM2, real end to end", report["c"]["engines"])
+    report["load_after"] = loadavg()
+    print(f"\nload average before {report['load_before']}, after {report['load_after']}")
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 if __name__ == "__main__":

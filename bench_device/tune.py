@@ -294,8 +294,10 @@ def thread_options(physical: int) -> list[int]:
 def drafter_candidates(threads: int, *, quick: bool, draft_model: str | None = None) -> list[Candidate]:
     """Drafters and draft sizes tried at one thread count. Around runtime.drafters' defaults (prompt lookup k=4,
     Token Recycling a chain of 4); the wide trees of the Token Recycling paper lose on CPUs where a T-token pass
-    costs several decode steps (README, Speculative decoding), so only small trees are tried."""
-    c = [Candidate.make(threads, "prompt-lookup", k=4), Candidate.make(threads, "recycling", branching=[1], max_nodes=4)]
+    costs several decode steps (README, Speculative decoding), so only small fixed trees are tried, plus the
+    hybrid drafter (chat's default), whose wide tree the sparsity-aware planner prunes each step."""
+    c = [Candidate.make(threads, "prompt-lookup", k=4), Candidate.make(threads, "recycling", branching=[1], max_nodes=4),
+         Candidate.make(threads, "hybrid")]
     if not quick:
         c += [Candidate.make(threads, "prompt-lookup", k=8),
               Candidate.make(threads, "recycling", branching=[1], max_nodes=2),

@@ -215,6 +215,7 @@ class _RunSettings:
     draft: str                        # "none", "prompt-lookup", "recycling", a draft model name or file
     draft_options: dict[str, Any]
     tuned: TunedSettings | None       # the tuned settings applied (in part or whole), if any
+    default_draft: bool = False       # the drafter is the built-in default (no flag, no tuned settings)
 
     def describe(self) -> str:
         """The effective settings, e.g. "2 threads, recycling (branching=[1], max_nodes=4)"."""
@@ -231,7 +232,7 @@ def _run_settings(store: Store, name: str, *, threads: int | None, draft: str | 
     if warning:
         click.echo(f"warning: {warning}", err=True)
     if tuned is None or (threads is not None and draft is not None):
-        return _RunSettings(threads or 0, draft or "none", {}, None)
+        return _RunSettings(threads or 0, draft or DEFAULT_DRAFTER, {}, None, default_draft=draft is None)
     effective = draft if draft is not None else tuned.drafter
     options = dict(tuned.drafter_options) if effective == tuned.drafter else {}  # the tuned shape of that drafter
     return _RunSettings(threads if threads is not None else tuned.threads, effective, options, tuned)
@@ -257,9 +258,14 @@ def _open_model(store: Store, model: str | None, *, n_ctx: int, threads: int | N
     return name, open_backend(path, n_ctx=n_ctx, n_threads=settings.threads, route=route), settings
 
 
-DRAFT_HELP = ("Speculative decoding: none, prompt-lookup, recycling (Token Recycling), or a draft model sharing the "
+# The drafter used when neither --draft nor tuned settings say: prompt lookup merged with a Token Recycling tree
+# that the sparsity-aware planner prunes each step. Train-free, so every model the native runtime runs has it, and
+# the fastest measured on both shipped-model families (bench_device/bench_speculative.py; README).
+DEFAULT_DRAFTER = "hybrid"
+DRAFT_HELP = ("Speculative decoding: none, prompt-lookup, recycling (Token Recycling), hybrid (prompt lookup + a "
+              "Token Recycling tree pruned each step by the sparsity-aware planner), or a draft model sharing the "
               "vocabulary (store name or file). Default: the model's tuned drafter (`sparrow bench --tune`), else "
-              "none.")
+              "hybrid on the native runtime (none elsewhere).")
 
 
 def _with_drafter(backend, settings: _RunSettings, store: Store, *, n_ctx: int):
@@ -272,6 +278,8 @@ def _with_drafter(backend, settings: _RunSettings, store: Store, *, n_ctx: int):
 
     tuned = settings.tuned is not None and draft == settings.tuned.drafter
     if backend.name != "native":
+        if settings.default_draft:  # the default drafter is a native-runtime feature; other backends decode plainly
+            return backend
         if tuned:  # a tuned drafter was measured on the native runtime; another backend just runs without it
             click.echo(f"note: the tuned drafter {draft} is left out: this model runs on {backend.name}", err=True)
             return backend

@@ -5,6 +5,7 @@ Shape legend: V = vocabulary size, K = candidates kept per token, N = draft node
     prompt-lookup   the continuation of the latest earlier occurrence of the context's last n tokens (a chain)
     recycling       Token Recycling: adjacency matrix [V, K] of the target's top-K next tokens last seen after each
                     token (refreshed from every verification), draft tree grown breadth-first from the last token
+    hybrid          prompt lookup's chain merged with the recycling tree (each where it is strong)
     draft-model     a smaller model with the same vocabulary drafting a chain from its own session
 
 A drafter's life: begin(ctx, params, rng) once per generation, then per step propose(ctx, max_nodes) -> Draft and
@@ -19,6 +20,7 @@ import numpy as np
 
 from runtime import _sparrow
 from runtime.native import Model, SamplerParams, Session
+from runtime.planner import TreePlanner
 from runtime.speculative import Draft, draw, greedy_token, target_probs
 
 
@@ -26,6 +28,7 @@ class Drafter:
     """Base class: no draft, nothing learned."""
 
     name = "none"
+    planner: TreePlanner | None = None  # prunes each proposal (runtime.planner) unless the caller passes its own
 
     def begin(self, ctx: list[int], params: SamplerParams, rng: np.random.Generator) -> None:
         pass
@@ -83,13 +86,14 @@ class Recycling(Drafter):
     name = "recycling"
 
     def __init__(self, n_vocab: int, *, k: int = 8, branching: Sequence[int] = (1,), max_nodes: int = 4,
-                 update: str = "all"):
+                 update: str = "all", plan: bool = False):
         if k < max(branching) or k < 1:
             raise ValueError("recycling: k must be >= every branching factor")
         if update not in ("all", "path"):
             raise ValueError("recycling: update must be 'all' (every tree node's logits) or 'path'")
         self.k, self.branching, self.max_nodes, self.update = k, tuple(branching), max_nodes, update
         self.adj = np.full((n_vocab, k), -1, dtype=np.int32)  # [V, K], -1 = not seen yet; kept across generations
+        self.planner = TreePlanner() if plan else None
 
     def propose(self, ctx: list[int], max_nodes: int) -> Draft:
         cap = min(self.max_nodes, max_nodes)
@@ -115,6 +119,53 @@ class Recycling(Drafter):
     def observe(self, batch: list[int], parents: list[int], logits: np.ndarray, path: list[int]) -> None:
         rows = np.asarray(path if self.update == "path" else range(len(batch)))
         self.adj[np.asarray(batch)[rows]] = top_k_rows(logits[rows], self.k)
+
+
+class Hybrid(Drafter):
+    """Prompt lookup and Token Recycling in one tree: the lookup's chain first (where the context repeats itself it
+    is often accepted whole), then the recycling tree's nodes, merged into it where they propose the same token
+    under the same parent. lookup_k, ngram, min_ngram: the lookup's; k, branching, max_nodes: the recycling tree's
+    (max_nodes bounds the recycling part; the whole tree is bounded by what speculative_tokens allows). plan: prune
+    each step's tree with the sparsity-aware planner (on by default: the wide tree is only a candidate list).
+    Defaults: the fastest measured by bench_device/bench_speculative.py on the 2-core dev machine."""
+
+    name = "hybrid"
+
+    def __init__(self, n_vocab: int, *, lookup_k: int = 8, ngram: int = 3, min_ngram: int = 2, k: int = 8,
+                 branching: Sequence[int] = (4, 2, 2, 1), max_nodes: int = 24, plan: bool = True):
+        self.lookup = PromptLookup(ngram=ngram, min_ngram=min_ngram, k=lookup_k)
+        self.recycling = Recycling(n_vocab, k=k, branching=branching, max_nodes=max_nodes)
+        self.planner = TreePlanner() if plan else None
+
+    def begin(self, ctx: list[int], params: SamplerParams, rng: np.random.Generator) -> None:
+        self.lookup.begin(ctx, params, rng)
+        self.recycling.begin(ctx, params, rng)
+
+    def propose(self, ctx: list[int], max_nodes: int) -> Draft:
+        first = self.lookup.propose(ctx, max_nodes)
+        tokens, parents = list(first.tokens), list(first.parents)
+        where = {(par, tok): i for i, (par, tok) in enumerate(zip(parents, tokens), start=1)}
+        rec = self.recycling.propose(ctx, max_nodes)
+        new_index = {0: 0}  # recycling batch index -> merged batch index
+        for i, (par, tok) in enumerate(zip(rec.parents, rec.tokens), start=1):
+            if par not in new_index:
+                continue  # its parent did not fit
+            key = (new_index[par], tok)
+            if key not in where:
+                if len(tokens) >= max_nodes:
+                    continue
+                tokens.append(tok)
+                parents.append(key[0])
+                where[key] = len(tokens)
+            new_index[i] = where[key]
+        return Draft(tokens, parents)
+
+    def observe(self, batch: list[int], parents: list[int], logits: np.ndarray, path: list[int]) -> None:
+        self.recycling.observe(batch, parents, logits, path)
+
+    def end(self) -> None:
+        self.lookup.end()
+        self.recycling.end()
 
 
 def top_k_rows(x: np.ndarray, k: int) -> np.ndarray:
@@ -178,7 +229,7 @@ class DraftModel(Drafter):
             self.model.close()
 
 
-DRAFTERS = ("none", "prompt-lookup", "recycling")
+DRAFTERS = ("none", "prompt-lookup", "recycling", "hybrid")
 
 
 def make_drafter(name: str, target: Model, *, n_threads: int = 0, n_ctx: int = 2048, **options) -> Drafter:
@@ -188,6 +239,8 @@ def make_drafter(name: str, target: Model, *, n_threads: int = 0, n_ctx: int = 2
         return Drafter()
     if name == "prompt-lookup":
         return PromptLookup(**options)
+    if name == "hybrid":
+        return Hybrid(target.info.n_vocab, **options)
     if name == "recycling":
         return Recycling(target.info.n_vocab, **options)
     path = Path(name).expanduser()

@@ -18,9 +18,10 @@ Two online models, both learned from the steps this planner has seen:
 
 The plan: nodes in order of p (ties: the earlier node), so every prefix of that order is a subtree; keep the prefix
 of n nodes maximising (1 + sum of its p) / t(n + 1), the expected tokens per second of the step. Until the cost fit
-has several tree sizes to go on, and every `explore_every` steps after, the planner verifies a size from a fixed
-schedule instead (full, and fractions of it), so the model keeps seeing the sizes it does not choose. What is
-verified never changes the output: greedy decoding stays exactly plain greedy decoding.
+has several tree sizes to go on, it verifies sizes from a fixed schedule (all, none, half, a quarter, three quarters
+of the candidates); after that, every `explore_every`-th step verifies a size near the chosen one (twice it, half of
+it, 1.5 times it, in turn), so the cost model keeps seeing the neighbourhood it decides in without paying for the
+largest trees. What is verified never changes the output: greedy decoding stays exactly plain greedy decoding.
 
     planner = TreePlanner()
     speculative_tokens(session, prompt, Recycling(V, branching=(4, 2, 2, 1), max_nodes=24), planner=planner)
@@ -92,7 +93,10 @@ class TreePlanner:
         self.steps = 0
         self.kept = 0
         self.candidates = 0
-        self._schedule = itertools.cycle((1.0, 0.0, 0.5, 0.25, 0.75))
+        self._schedule = itertools.cycle((1.0, 0.0, 0.5, 0.25, 0.75))  # fractions of the candidates, warm-up
+        self._around = itertools.cycle((2.0, 0.5, 1.5))                 # multiples of (chosen size + 1), later
+        self.last_choice = 0
+        self._union = (np.zeros(0), np.zeros(0))  # sizes seen, mean expert bytes at each (updated by fit)
 
     # ---- the acceptance model ----
 
@@ -112,21 +116,25 @@ class TreePlanner:
         return {T for T, _, _ in self.obs}
 
     def union_bytes(self, T: np.ndarray) -> np.ndarray:
-        """Expected expert bytes of a verification of T tokens: the measured mean per size, linearly interpolated
-        (held flat beyond the sizes seen: the union of experts only grows, and saturates)."""
-        by_t: dict[int, list[float]] = collections.defaultdict(list)
-        for t, b, _ in self.obs:
-            by_t[t].append(b)
-        if not by_t:
+        """Expected expert bytes of a verification of T tokens: the measured mean per size (as of the last fit),
+        linearly interpolated; beyond the largest size seen, extended along the last measured slope (the union's
+        growth only slows with T, so this errs on the side of cost)."""
+        xs, ys = self._union
+        if xs.size == 0:
             return np.zeros_like(T, dtype=float)
-        xs = np.array(sorted(by_t), dtype=float)
-        ys = np.array([np.mean(by_t[int(x)]) for x in xs])
-        return np.interp(T, xs, ys)
+        out = np.interp(T, xs, ys)
+        if xs.size >= 2:
+            slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+            out = np.where(T > xs[-1], ys[-1] + slope * (T - xs[-1]), out)
+        return out
 
     def fit(self) -> None:
+        """Refit the cost model (and the union curve) to the observations in the window."""
         if len(self.sizes_seen()) < 2:
             return
         obs = np.array(self.obs)  # [S, 3]
+        xs, inv = np.unique(obs[:, 0], return_inverse=True)
+        self._union = (xs, np.bincount(inv, weights=obs[:, 1]) / np.bincount(inv))
         X = np.column_stack([np.ones(len(obs)), obs[:, 0], obs[:, 1]])
         if not np.any(obs[:, 1] > 0):
             X = X[:, :2]
@@ -140,7 +148,7 @@ class TreePlanner:
 
     @property
     def ready(self) -> bool:
-        return len(self.sizes_seen()) >= self.min_sizes and self.coef[0] + self.coef[1] > 0
+        return self._union[0].size >= self.min_sizes and self.coef[0] + self.coef[1] > 0
 
     # ---- planning ----
 
@@ -152,13 +160,16 @@ class TreePlanner:
             return Plan(draft, keys, False, 0)
         p = self.node_p(draft.parents, keys)
         order = np.lexsort((np.arange(N), -p))  # by p descending, then index: every prefix is a subtree
-        explore = not self.ready or self.steps % self.explore_every == self.explore_every - 1
-        if explore:
+        warm = not self.ready
+        explore = warm or self.steps % self.explore_every == self.explore_every - 1
+        if warm:
             n = int(round(next(self._schedule) * N))
+        elif explore:
+            n = min(N, int(round(next(self._around) * (self.last_choice + 1))) - 1)
         else:
             n_all = np.arange(N + 1)
             gain = 1.0 + np.concatenate([[0.0], np.cumsum(p[order])])
-            n = int(np.argmax(gain / self.step_time(n_all + 1.0)))
+            n = self.last_choice = int(np.argmax(gain / self.step_time(n_all + 1.0)))
         keep = np.sort(order[:n])
         return Plan(subtree(draft, keep), [keys[i] for i in keep], explore, N)
 
@@ -174,7 +185,7 @@ class TreePlanner:
         self.steps += 1
         self.kept += len(plan.draft)
         self.candidates += plan.n_candidates
-        if self.steps <= 2 * self.window or self.steps % 8 == 0:
+        if not self.ready or self.steps % 8 == 0:
             self.fit()
 
     def summary(self) -> str:

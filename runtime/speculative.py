@@ -234,7 +234,8 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
     """Like runtime.native.generate_tokens (same tokens for greedy params; the same distribution when sampling),
     verifying the drafter's proposals. The KV cache is reused when the session already holds a prefix of the
     prompt. max_nodes caps the draft tree (default and upper bound: session.n_batch - 1). planner: a
-    runtime.planner.TreePlanner that prunes each proposal to the part worth verifying (it learns across calls)."""
+    runtime.planner.TreePlanner that prunes each proposal to the part worth verifying (it learns across calls);
+    default: the drafter's own (drafter.planner), if any."""
     model = session.model
     V = model.info.n_vocab
     params = params or SamplerParams.greedy()
@@ -244,6 +245,7 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
     prompt = list(prompt_tokens)
     if not prompt:
         raise ValueError("speculative decoding needs at least one prompt token")
+    planner = planner if planner is not None else drafter.planner
     node_cap = session.n_batch - 1 if max_nodes is None else max(0, min(max_nodes, session.n_batch - 1))
     buf = _Scratch(session.n_batch, V)
 
@@ -430,6 +432,12 @@ class SpeculativeBackend:
         if name == "_backend":
             raise AttributeError(name)
         return getattr(self._backend, name)
+
+    @property
+    def n_evaluated(self) -> int:
+        """Tokens of the conversation run through the model: draft nodes verified (accepted or not) are left out,
+        so prompt-evaluation and KV-reuse statistics mean what they mean without a drafter."""
+        return self._backend.n_evaluated - self.stats.drafted
 
     def generate_tokens(self, prompt_tokens: Sequence[int], *, max_tokens: int,
                         params: SamplerParams) -> Iterator[int]:

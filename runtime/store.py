@@ -472,11 +472,12 @@ class Store:
 # ---- tuned settings ----
 
 TUNED_SCHEMA = "sparrow.tuned/1"
-BUILTIN_DRAFTERS = ("none", "prompt-lookup", "recycling")
+BUILTIN_DRAFTERS = ("none", "prompt-lookup", "recycling", "hybrid")
 # Options each drafter's constructor takes (runtime.drafters), and their types: int or a list of ints.
 DRAFTER_OPTIONS: dict[str, dict[str, type]] = {
     "prompt-lookup": {"ngram": int, "min_ngram": int, "k": int},
     "recycling": {"k": int, "branching": list, "max_nodes": int},
+    "hybrid": {"lookup_k": int, "ngram": int, "min_ngram": int, "k": int, "branching": list, "max_nodes": int},
     "draft-model": {"k": int},
 }
 
@@ -527,7 +528,7 @@ def _check_options(drafter: str, options: object) -> dict[str, object]:
             raise TunedSettingsError(f"drafter option {key}={value!r} must be "
                              + ("a non-empty list of positive integers" if kind is list else "a positive integer"))
         out[key] = list(value) if kind is list else value
-    if drafter == "recycling" and "branching" in out and max(out["branching"]) > out.get("k", 8):
+    if drafter in ("recycling", "hybrid") and "branching" in out and max(out["branching"]) > out.get("k", 8):
         raise TunedSettingsError("recycling: every branching factor must be <= k")
     return out
 

@@ -23,7 +23,7 @@ from scipy import stats as scistats
 from tiny_llama import TinyConfig, write_tiny_llama
 
 from runtime import Model, Sampler, SamplerParams, SparrowError, _sparrow, generate_tokens
-from runtime.drafters import Drafter, DraftModel, PromptLookup, Recycling, make_drafter, top_k_rows
+from runtime.drafters import Drafter, DraftModel, Hybrid, PromptLookup, Recycling, make_drafter, top_k_rows
 from runtime.planner import TreePlanner
 from runtime.speculative import Draft, SpecStats, generate_speculative, speculative_tokens, target_probs
 
@@ -127,7 +127,7 @@ def test_prompt_set_is_large_enough():
     assert len(PROMPTS) >= 50
 
 
-@pytest.mark.parametrize("name", ["prompt-lookup", "recycling"])
+@pytest.mark.parametrize("name", ["prompt-lookup", "recycling", "hybrid"])
 def test_greedy_equals_plain_decoding(smollm, plain, name):
     model, _ = smollm
     st = run_all(smollm, plain, make_drafter(name, model))
@@ -236,6 +236,19 @@ def test_recycling_memory_and_prompt_lookup_match():
     assert d.tokens == [9, 10, 11, 1] and d.parents == [0, 1, 2, 3]
     assert PromptLookup(ngram=2, min_ngram=2).propose([1, 2, 3, 4, 2], 8).tokens == []
     assert PromptLookup(ngram=2, min_ngram=1).propose([1, 2, 3, 4, 2], 8).tokens == [3, 4, 2]
+
+
+def test_hybrid_merges_the_lookup_chain_and_the_recycling_tree():
+    h = Hybrid(50, lookup_k=3, branching=(2, 1), max_nodes=5, plan=False)
+    h.recycling.adj[9, :2] = [10, 20]   # after 9: 10 (the lookup's next token too) or 20
+    h.recycling.adj[10, :2] = [11, 30]
+    h.recycling.adj[20, :2] = [21, 40]
+    d = h.propose([7, 9, 10, 11, 12, 7, 9], 16)  # lookup: 7 9 was followed by 10 11 12
+    assert d.tokens[:3] == [10, 11, 12] and d.parents[:3] == [0, 1, 2]
+    # recycling's 10 and 10->11 merge into the chain; 20 and 20->21 are new nodes
+    assert d.tokens[3:] == [20, 21] and d.parents[3:] == [0, 4]
+    assert len(h.propose([7, 9, 10, 11, 12, 7, 9], 4)) == 4
+    assert h.planner is None and Hybrid(50).planner is not None
 
 
 def test_top_k_rows_orders_like_a_full_sort():
@@ -448,7 +461,7 @@ def test_shipped_blockffn_greedy_equals_plain_with_every_drafter():
                                                 n_threads=THREADS),
                     "recycling": Recycling(V), "recycling-tree": Recycling(V, branching=(3, 2, 1), max_nodes=12),
                     "recycling-planned": Recycling(V, branching=(4, 2, 2, 1), max_nodes=24),
-                    "prompt-lookup": PromptLookup()}
+                    "hybrid": Hybrid(V), "prompt-lookup": PromptLookup()}
         planner = TreePlanner(explore_every=4)
         stats = {k: SpecStats() for k in drafters}
         for text in TEXTS + CHAT:

@@ -197,8 +197,8 @@ def test_search_space():
     assert thread_options(16) == [1, 2, 4, 6, 8, 12, 16]
     quick = drafter_candidates(2, quick=True)
     full = drafter_candidates(2, quick=False, draft_model="tiny-draft")
-    assert {c.drafter for c in quick} == {"prompt-lookup", "recycling"} and len(quick) < len(full)
-    assert {c.drafter for c in full} == {"prompt-lookup", "recycling", "tiny-draft"}
+    assert {c.drafter for c in quick} == {"prompt-lookup", "recycling", "hybrid"} and len(quick) < len(full)
+    assert {c.drafter for c in full} == {"prompt-lookup", "recycling", "hybrid", "tiny-draft"}
     assert all(c.threads == 2 for c in full) and len(set(full)) == len(full)
 
 
@@ -283,7 +283,7 @@ def generate_json(*flags: str) -> tuple[dict, str]:
 def test_generate_and_chat_use_tuned_settings_unless_flags_say_otherwise(pulled_tiny):
     store = Store()
     plain, _ = generate_json()
-    assert (plain["threads"], plain["draft"], plain["tuned"]) == (0, "none", None)
+    assert (plain["threads"], plain["draft"], plain["tuned"]) == (0, "hybrid", None)
     store.save_tuned("tiny", make_record(sha=store.info("tiny").sha256))
 
     tuned, err = generate_json()
@@ -312,7 +312,7 @@ def test_corrupt_settings_warn_and_chat_still_runs_with_defaults(pulled_tiny):
     path.parent.mkdir(parents=True)
     path.write_text('{"schema": "sparrow.tuned/1", "settings": ')
     out, err = generate_json()
-    assert (out["threads"], out["draft"], out["tuned"]) == (0, "none", None)
+    assert (out["threads"], out["draft"], out["tuned"]) == (0, "hybrid", None)
     assert "warning: ignoring the tuned settings" in err and "Using the defaults" in err
     assert path.exists()
     r = run("chat", "tiny", "--temperature", "0", "--max-tokens", "4", input="hi\n/exit\n")

@@ -5,7 +5,6 @@
 #include "sparrow.h"
 #include <stddef.h>
 #include <stdint.h>
-#include <time.h>
 
 #if defined(__GNUC__)
 #  define SP_PRINTF(a, b) __attribute__((format(printf, a, b)))
@@ -26,12 +25,8 @@ static inline bool sp_add_ok(uint64_t a, uint64_t b, uint64_t *out) {
     return !__builtin_add_overflow(a, b, out);
 }
 
-/* Monotonic wall clock in seconds. */
-static inline double sp_now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+/* Monotonic wall clock in seconds (clock.c). */
+double sp_now_s(void);
 
 #define SP_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define SP_MAX(a, b) ((a) > (b) ? (a) : (b))

@@ -227,6 +227,11 @@ class Sampler:
     def sample(self, logits: np.ndarray) -> int:
         return self._s.sample(np.ascontiguousarray(logits, dtype=np.float32))
 
+    def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution sample() draws from: (token ids int32 [K], probabilities float32 [K]) of the K tokens
+        with non-zero probability, in no particular order."""
+        return self._s.candidates(np.ascontiguousarray(logits, dtype=np.float32))
+
     def accept(self, token: int) -> None:
         self._s.accept(token)
 

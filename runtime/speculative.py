@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.native import Model, SamplerParams, Session
+from runtime.native import Model, Sampler, SamplerParams, Session
 
 if TYPE_CHECKING:
     from runtime.drafters import Drafter
@@ -207,11 +207,15 @@ def _expert_bytes(session: Session) -> tuple[float, float]:
 class _Scratch:
     """Buffers reused by every step: the tree mask, float32 logits scratch, float64 distributions."""
 
-    def __init__(self, n_batch: int, n_vocab: int):
+    def __init__(self, n_batch: int, n_vocab: int, params: SamplerParams | None = None):
         self.mask = np.zeros(n_batch * n_batch, dtype=np.uint8)  # [T, T] views of the first T*T bytes
         self.depth = np.zeros(n_batch, dtype=np.int32)            # [T]
         self.x = np.empty(n_vocab, dtype=np.float32)              # penalised logits
         self.p = np.empty(n_vocab, dtype=np.float64)              # target distribution at a node
+        # Without a repetition penalty the target distribution depends on the logits alone: the C sampler computes
+        # it (only its K tokens of non-zero probability) far faster than the dense numpy path.
+        self.sampler = (Sampler(n_vocab, params) if params is not None and params.temperature > 0
+                        and params.repeat_penalty == 1.0 else None)
 
     def tree_mask(self, parents: Sequence[int]) -> np.ndarray:
         """[T, T] ancestor-or-self mask and node depths for a root plus nodes with these parents."""
@@ -247,7 +251,7 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
         raise ValueError("speculative decoding needs at least one prompt token")
     planner = planner if planner is not None else drafter.planner
     node_cap = session.n_batch - 1 if max_nodes is None else max(0, min(max_nodes, session.n_batch - 1))
-    buf = _Scratch(session.n_batch, V)
+    buf = _Scratch(session.n_batch, V, params)
 
     # Cache reuse: keep the common prefix, but never the last prompt token (it is the first root).
     t0 = time.perf_counter()
@@ -353,6 +357,8 @@ def _sample_at_node(logits: np.ndarray, params: SamplerParams, history: Sequence
                     kids: list[int], batch: list[int], q: np.ndarray | None,
                     rng: np.random.Generator) -> tuple[int, int | None]:
     """Speculative sampling at one node: returns (the token the target emits here, the child holding it or None)."""
+    if q is None and buf.sampler is not None:
+        return _sample_deterministic_kids(*buf.sampler.candidates(logits), kids, batch, rng)
     p = target_probs(logits, params, history, buf.x, buf.p)
     if q is not None:  # a sampled chain: one child with draft distribution q[child - 1]
         if len(kids) > 1:
@@ -383,6 +389,31 @@ def _sample_at_node(logits: np.ndarray, params: SamplerParams, history: Sequence
             if mass <= 0:
                 break
     return draw(p, rng), None
+
+
+def _sample_deterministic_kids(ids: np.ndarray, probs: np.ndarray, kids: list[int], batch: list[int],
+                               rng: np.random.Generator) -> tuple[int, int | None]:
+    """_sample_at_node's rule for deterministic children, on the target distribution given sparsely (the K tokens
+    of non-zero probability): each child is accepted with its probability under the residual distribution, which
+    then drops it; if none is, the token is drawn from what remains."""
+    p = probs.astype(np.float64)
+    where = {int(t): i for i, t in enumerate(ids.tolist())}
+    mass = 1.0
+    for v in kids:
+        i = where.get(batch[v])
+        if i is None or p[i] <= 0:
+            continue
+        if rng.random() * mass < p[i]:
+            return batch[v], v
+        mass -= p[i]
+        p[i] = 0.0
+        if mass <= 1e-12:
+            mass = float(p.sum())
+            if mass <= 0:
+                break
+    if not p.sum() > 0:  # every candidate was a rejected child: unreachable with exact arithmetic; the last resort
+        return int(ids[int(np.argmax(probs))]), None
+    return int(ids[draw(p, rng)]), None
 
 
 # ---- Python API ----

@@ -284,6 +284,11 @@ def test_target_probs_equal_the_c_sampler(params):
     ours = target_probs(x, sp, history, np.empty(V, np.float32), np.empty(V))
     np.testing.assert_allclose(ours, ref_probs(x, history=history, **params), atol=1e-12)
     np.testing.assert_allclose(ours, c, atol=1e-6)
+    ids, pr = s.candidates(x)  # the same distribution, sparse (the speculative sampling fast path reads this)
+    assert len(set(ids.tolist())) == len(ids) and np.all(pr > 0) and abs(float(pr.sum()) - 1) < 1e-5
+    dense = np.zeros(V)
+    dense[ids] = pr
+    np.testing.assert_allclose(dense, c, atol=1e-6)
 
 
 # ---- speculative sampling preserves the target distribution (tiny random llama, V = 275) ----

@@ -199,6 +199,11 @@ SP_API sp_status sp_sampler_new(sp_sampler_params params, int32_t n_vocab, sp_sa
 SP_API void sp_sampler_free(sp_sampler *sampler);
 /* Choose a token from logits[V]; the logits are not modified. */
 SP_API sp_status sp_sampler_sample(sp_sampler *sampler, const float *logits, int32_t *token_out);
+/* The distribution sp_sampler_sample draws from for these logits: its n_out tokens of non-zero probability, as ids
+ * and probabilities (summing to 1, in no particular order). cap: room in ids and probs (n_vocab always suffices).
+ * Speculative sampling checks draft tokens against this without touching the other V - n_out tokens. */
+SP_API sp_status sp_sampler_candidates(sp_sampler *sampler, const float *logits, int32_t cap, int32_t *ids,
+                                       float *probs, int32_t *n_out);
 /* Tell the sampler a token was added to the context (feeds the repetition penalty). */
 SP_API void sp_sampler_accept(sp_sampler *sampler, int32_t token);
 SP_API void sp_sampler_reset(sp_sampler *sampler);  /* forget history, reseed */

@@ -414,6 +414,23 @@ NB_MODULE(_sparrow, m) {
             check(sp_sampler_sample(self.get(), logits.data(), &tok));
             return tok;
         })
+        // candidates(logits) -> (ids int32 [K], probs float32 [K]): the distribution sample() draws from
+        .def("candidates", [](Sampler &self, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> logits) {
+            if ((int64_t)logits.shape(0) != self.n_vocab)
+                throw SparrowError("SP_ERR_INVALID_ARG: logits must have n_vocab entries");
+            std::vector<int32_t> ids((size_t)self.n_vocab);
+            std::vector<float> probs((size_t)self.n_vocab);
+            int32_t n = 0;
+            check(sp_sampler_candidates(self.get(), logits.data(), self.n_vocab, ids.data(), probs.data(), &n));
+            int32_t *i_out = new int32_t[std::max(n, 1)];
+            float *p_out = new float[std::max(n, 1)];
+            std::copy(ids.begin(), ids.begin() + n, i_out);
+            std::copy(probs.begin(), probs.begin() + n, p_out);
+            nb::capsule oi(i_out, [](void *p) noexcept { delete[] (int32_t *)p; });
+            nb::capsule op(p_out, [](void *p) noexcept { delete[] (float *)p; });
+            return nb::make_tuple(nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(i_out, {(size_t)n}, oi),
+                                  nb::ndarray<nb::numpy, float, nb::ndim<1>>(p_out, {(size_t)n}, op));
+        })
         .def("accept", [](Sampler &self, int32_t tok) { sp_sampler_accept(self.get(), tok); })
         .def("reset", [](Sampler &self) { sp_sampler_reset(self.get()); });
 

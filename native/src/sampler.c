@@ -328,6 +328,26 @@ sp_status sp_sampler_sample(sp_sampler *s, const float *logits, int32_t *token_o
     return SP_OK;
 }
 
+sp_status sp_sampler_candidates(sp_sampler *s, const float *logits, int32_t cap, int32_t *ids, float *probs,
+                                int32_t *n_out) {
+    sp_clear_error();
+    if (!s || !logits || !ids || !probs || !n_out)
+        return sp_fail(SP_ERR_INVALID_ARG, "sp_sampler_candidates: NULL argument");
+    int32_t K;
+    double mass;
+    sp_status st = sampler_filter(s, logits, &K, &mass);
+    if (st != SP_OK) return st;
+    if (K > cap)
+        return sp_fail(SP_ERR_INVALID_ARG, "sp_sampler_candidates: %d candidates, room for %d (n_vocab always fits)",
+                       K, cap);
+    for (int32_t i = 0; i < K; i++) {
+        ids[i] = s->cand[i].id;
+        probs[i] = (float)(s->cand[i].v / mass);
+    }
+    *n_out = K;
+    return SP_OK;
+}
+
 sp_status sp_sampler_probs(sp_sampler *s, const float *logits, float *probs) {
     sp_clear_error();
     if (!s || !logits || !probs) return sp_fail(SP_ERR_INVALID_ARG, "sp_sampler_probs: NULL argument");

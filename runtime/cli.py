@@ -374,7 +374,7 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
                            f"{st.generated_tokens} generated; first token after {st.ttft_s:.3f} s, "
                            f"{st.decode_tok_s:.1f} tok/s]", err=True)
                 if hasattr(backend, "stats"):
-                    click.echo(f"[speculative: {backend.stats.summary()}]", err=True)
+                    click.echo(f"[speculative: {backend.summary()}]", err=True)
             if conversation.last_stats.stop_reason == "context_full":
                 click.echo(f"[context full: the answer was cut off at {backend.n_ctx} tokens. Type /reset to start "
                            "a new conversation, or restart with a larger --ctx]", err=True)
@@ -433,6 +433,8 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
                 out["sparsity"] = dataclasses.asdict(sparsity)
             if hasattr(backend, "stats"):
                 out["speculative"] = backend.stats.as_dict()
+                if backend.drafter.planner is not None:
+                    out["speculative"]["planner"] = backend.drafter.planner.as_dict()
             click.echo(json.dumps(out))
         else:
             click.echo()
@@ -444,7 +446,7 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
                 click.echo(f"[{stats.evaluated_tokens} prompt tokens at {stats.prompt_tok_s:.1f} tok/s, "
                            f"{stats.generated_tokens} generated at {stats.decode_tok_s:.1f} tok/s]", err=True)
                 if hasattr(backend, "stats"):
-                    click.echo(f"[speculative: {backend.stats.summary()}]", err=True)
+                    click.echo(f"[speculative: {backend.summary()}]", err=True)
             if sparsity is not None:
                 cls = ", ".join(f"CLS-{k} {sparsity.cls[k]:.1%}" for k in (2, 4, 8, 16) if sparsity.cls[k] == sparsity.cls[k])
                 click.echo(f"[experts: TLS {sparsity.tls:.1%}{', ' + cls if cls else ''}; "

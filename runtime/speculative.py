@@ -464,6 +464,11 @@ class SpeculativeBackend:
             raise AttributeError(name)
         return getattr(self._backend, name)
 
+    def summary(self) -> str:
+        """The statistics so far, and what the drafter's planner has learned (if it has one)."""
+        planner = self.drafter.planner
+        return self.stats.summary() + (f"; {planner.summary()}" if planner is not None else "")
+
     @property
     def n_evaluated(self) -> int:
         """Tokens of the conversation run through the model: draft nodes verified (accepted or not) are left out,

@@ -232,7 +232,8 @@ def _run_settings(store: Store, name: str, *, threads: int | None, draft: str | 
     if warning:
         click.echo(f"warning: {warning}", err=True)
     if tuned is None or (threads is not None and draft is not None):
-        return _RunSettings(threads or 0, draft or DEFAULT_DRAFTER, {}, None, default_draft=draft is None)
+        default = REGISTRY[name].default_drafter if name in REGISTRY else DEFAULT_DRAFTER
+        return _RunSettings(threads or 0, draft or default, {}, None, default_draft=draft is None)
     effective = draft if draft is not None else tuned.drafter
     options = dict(tuned.drafter_options) if effective == tuned.drafter else {}  # the tuned shape of that drafter
     return _RunSettings(threads if threads is not None else tuned.threads, effective, options, tuned)
@@ -258,14 +259,16 @@ def _open_model(store: Store, model: str | None, *, n_ctx: int, threads: int | N
     return name, open_backend(path, n_ctx=n_ctx, n_threads=settings.threads, route=route), settings
 
 
-# The drafter used when neither --draft nor tuned settings say: prompt lookup merged with a Token Recycling tree
-# that the sparsity-aware planner prunes each step. Train-free, so every model the native runtime runs has it, and
-# the fastest measured on both shipped-model families (bench_device/bench_speculative.py; README).
+# The drafter used when neither --draft nor tuned settings say, for models the registry has no measured choice for
+# (KnownModel.default_drafter): prompt lookup merged with a Token Recycling tree that the sparsity-aware planner
+# prunes each step. Train-free, so every model the native runtime runs has it; the fastest measured on SmolLM2
+# (bench_device/bench_speculative.py; README).
 DEFAULT_DRAFTER = "hybrid"
 DRAFT_HELP = ("Speculative decoding: none, prompt-lookup, recycling (Token Recycling), hybrid (prompt lookup + a "
               "Token Recycling tree pruned each step by the sparsity-aware planner), or a draft model sharing the "
               "vocabulary (store name or file). Default: the model's tuned drafter (`sparrow bench --tune`), else "
-              "hybrid on the native runtime (none elsewhere).")
+              "the fastest measured for the model (hybrid for models Sparrow has not measured) on the native runtime, "
+              "none elsewhere.")
 
 
 def _with_drafter(backend, settings: _RunSettings, store: Store, *, n_ctx: int):

@@ -131,6 +131,27 @@ def test_store_lists_shipped_models(tmp_path, monkeypatch):
     assert not (tmp_path / "models").exists()  # nothing was downloaded or copied
 
 
+def test_generate_defaults_to_the_drafter_measured_best_for_the_model(tmp_path, monkeypatch):
+    """Without --draft or tuned settings, a registered model drafts with its measured-best drafter (the recycling
+    chain for the tiny BlockFFN, whose steps are too short for a planned tree's overhead); output = plain greedy."""
+    from click.testing import CliRunner
+
+    from runtime.cli import DEFAULT_DRAFTER, sparrow
+    from runtime.store import REGISTRY
+
+    monkeypatch.setenv("SPARROW_HOME", str(tmp_path))
+    assert REGISTRY["blockffn-tiny"].default_drafter == "recycling"
+    assert REGISTRY["smollm2-135m-instruct"].default_drafter == DEFAULT_DRAFTER == "hybrid"
+    outs = {}
+    for draft in ([], ["--draft", "none"]):
+        r = CliRunner().invoke(sparrow, ["generate", "-m", "blockffn-tiny", "--json", "--temperature", "0",
+                                         "--max-tokens", "24", *draft, PROMPTS[1]], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.output.strip().splitlines()[-1])
+        outs[out["draft"]] = out["text"]
+    assert set(outs) == {"recycling", "none"} and outs["recycling"] == outs["none"]
+
+
 if __name__ == "__main__":  # print the golden outputs of the current files
     for name in NAMES:
         with Model(path_of(name)) as m:

@@ -175,8 +175,10 @@ def llama_cpp_engine(path: str, threads: int, n_ctx: int) -> Engine | None:
 
 
 def run_engines(engines: list[Engine], prompts: list[list[int]], *, tokens: int, rounds: int,
-                echo: Callable[[str], None] = print) -> dict:
-    """Check, then time, the engines on the prompts (module docstring); returns the section's report."""
+                echo: Callable[[str], None] = print, progress: Callable[[int], None] | None = None) -> dict:
+    """Check, then time, the engines on the prompts (module docstring); returns the section's report.
+    progress(1) is called after each prompt of the check pass and of every round: len(prompts) * (1 + rounds)."""
+    progress = progress or (lambda n: None)
     by_name = {e.name: e for e in engines}
     base = engines[0].name
     agreement: dict[str, list[int]] = {e.name: [] for e in engines[1:] if e.baseline == ""}
@@ -193,6 +195,7 @@ def run_engines(engines: list[Engine], prompts: list[list[int]], *, tokens: int,
             else:
                 same = next((j for j, (a, b) in enumerate(zip(outs[e.name], ref)) if a != b), len(ref))
                 agreement[e.name].append(same)
+        progress(1)
     echo(f"  checked: every Sparrow engine's greedy tokens equal {base}'s on all {len(prompts)} prompts")
     for e in engines:
         if e.stats is not None:
@@ -211,6 +214,7 @@ def run_engines(engines: list[Engine], prompts: list[list[int]], *, tokens: int,
                 speed[e.name].append(tps[e.name])
             for name in ratio:
                 ratio[name].append(tps[name] / tps[base])
+            progress(1)
         echo(f"  round {r + 1}/{rounds}, load average {loadavg()}")
     report = {}
     for e in engines:
@@ -259,18 +263,25 @@ def train_free_drafters(V: int) -> dict:
 
 
 def section_c(model_path: str, *, threads: int, tokens: int, rounds: int, n_prompts: int, llama_cpp: bool,
-              echo=print) -> dict:
+              echo=print, prompts: list[str] | None = None, drafters: list[str] | None = None,
+              progress: Callable[[int], None] | None = None) -> dict:
+    """prompts: the texts to use (default: the first n_prompts of PROMPTS); drafters: names of
+    train_free_drafters to run (default: all)."""
     from runtime import Model
 
     model = Model(model_path)
     session = model.session(n_ctx=1024, n_batch=64, n_threads=threads)
-    prompts = [model.tokenize(p, parse_special=True) for p in PROMPTS[:n_prompts]]
-    engines = native_engines(session, None, train_free_drafters(model.info.n_vocab))
+    prompts = [model.tokenize(p, parse_special=True) for p in (PROMPTS[:n_prompts] if prompts is None else prompts)]
+    every = train_free_drafters(model.info.n_vocab)
+    unknown = set(drafters or ()) - set(every)
+    if unknown:
+        raise ValueError(f"unknown drafters {sorted(unknown)}; known: {list(every)}")
+    engines = native_engines(session, None, {k: v for k, v in every.items() if drafters is None or k in drafters})
     ll = llama_cpp_engine(model_path, threads, 1024) if llama_cpp else None
     if ll is not None:
         engines.append(ll)
     echo(f"(c) {Path(model_path).name}: {len(prompts)} prompts x {tokens} tokens x {rounds} rounds, {threads} threads")
-    rep = run_engines(engines, prompts, tokens=tokens, rounds=rounds, echo=echo)
+    rep = run_engines(engines, prompts, tokens=tokens, rounds=rounds, echo=echo, progress=progress)
     if ll is not None:
         for name, row in rep.items():
             if name != ll.name:
@@ -281,7 +292,7 @@ def section_c(model_path: str, *, threads: int, tokens: int, rounds: int, n_prom
 
 
 def section_a(target: Path, draft: Path, *, threads: int, tokens: int, rounds: int, n_prompts: int,
-              echo=print) -> dict:
+              echo=print, progress: Callable[[int], None] | None = None) -> dict:
     from runtime import Model
     from runtime.drafters import DraftModel
 
@@ -295,7 +306,7 @@ def section_a(target: Path, draft: Path, *, threads: int, tokens: int, rounds: i
     prompts = [model.tokenize(p) for p in DOC_PROMPTS[:n_prompts]]
     echo(f"(a) {target.name} + {draft.name}: {len(prompts)} prompts x {tokens} tokens x {rounds} rounds, "
          f"{threads} threads")
-    rep = run_engines(engines, prompts, tokens=tokens, rounds=rounds, echo=echo)
+    rep = run_engines(engines, prompts, tokens=tokens, rounds=rounds, echo=echo, progress=progress)
     st = sparse.sparsity()
     out = {"model": str(target), "draft": str(draft), "engines": rep,
            "routing": {"tls": st.tls, "cls8": st.cls[8], "dense_expert_bytes_per_token": st.dense_bytes_per_token}}

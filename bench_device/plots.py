@@ -59,6 +59,8 @@ def _median(v: Any) -> tuple[float, float, float] | None:
 
 # ---- what the report holds ----
 
+_CONTAINERS = ("engines", "configs", "records")  # left out of a configuration's name: "speculative / c / plain"
+
 def configurations(report: dict) -> list[dict]:
     """[{"name", "tok_s": (median, min, max), "bound"}] for every object with a decode speed and a bandwidth bound."""
     out = []
@@ -66,8 +68,9 @@ def configurations(report: dict) -> list[dict]:
         if "bandwidth_bound_tok_s" in d and "decode_tok_s" in d:
             tok = _median(d["decode_tok_s"])
             if tok and isinstance(d["bandwidth_bound_tok_s"], (int, float)) and d["bandwidth_bound_tok_s"] > 0:
-                name = path[-1] if path[:1] == ("engines",) else " / ".join(path + ((_record_label(d),) if
-                                                                                    _record_label(d) else ()))
+                where = tuple(p for p in path if p not in _CONTAINERS)
+                name = path[-1] if path[:1] == ("engines",) else " / ".join(where + ((_record_label(d),) if
+                                                                                     _record_label(d) else ()))
                 out.append({"name": name, "tok_s": tok, "bound": float(d["bandwidth_bound_tok_s"])})
     return out
 

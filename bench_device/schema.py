@@ -1,4 +1,4 @@
-"""The report.json schema "sparrow.bench/2", as a key list that is also the validator.
+"""The report.json schema "sparrow.bench/3", as a key list that is also the validator.
 
 A spec is one of:
   - a type or a tuple of types: isinstance (bool is not accepted where a number is asked for);
@@ -13,7 +13,9 @@ A spec is one of:
 
 Version history: /1 had decode/prefill/T-curve, bandwidth (numpy probe) and energy as a placeholder string; /2 adds
 the native bandwidth probe with thread pinning, time to first token, energy (RAPL) or "unavailable: <reason>", the
-oracle each engine was checked against, and the plots.
+oracle each engine was checked against, and the plots. /3 adds the sections of bench_device/sections.py: "speculative"
+(every report; its rows in a fixed form, accepted_hist at the row's top level) and, in a full run, "sparse" and
+"synthetic" (optional there only when no synthetic shape was asked for).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA = "sparrow.bench/2"
+SCHEMA = "sparrow.bench/3"
 NUM = (int, float)
 
 
@@ -88,6 +90,45 @@ def _hist_ok(h: Any) -> bool:
                                        for k, v in h.items())
 
 
+HIST = Check(lambda h: _hist_ok(h) and bool(h), "a non-empty map accepted length -> steps")
+BOUND = {"read_bytes_per_token": NUM, "bandwidth_bound_tok_s": NUM, "fraction_of_bound": NUM}
+
+SPARSE_CONFIG = {
+    "ffn_mode": str, "decode_tok_s": Summary(), "ratio_vs_dense?": Summary(),
+    "tls": NUM, "cls": {"*": NUM},                          # "2".."16" -> CLS-k over the decode tokens
+    "decode_tokens_measured": int, "expert_bytes_per_token": NUM, "dense_expert_bytes_per_token": NUM, **BOUND,
+}
+SPARSE = {"model": str, "model_name": str, "prompts": int, "tokens": int, "rounds": int, "check": str,
+          "weight_bytes_per_token": int, "bound_method": str,
+          "configs": {"dense": SPARSE_CONFIG, "sparse": SPARSE_CONFIG}}
+
+SPEC_ROW = {
+    "decode_tok_s": Summary(), "ratio_vs_plain?": Summary(), "speed_vs_llama_cpp?": NUM,
+    "greedy_agreement_tokens_min?": AnyOf((int, type(None))),
+    # speculative engines only
+    "steps?": int, "tokens_per_step?": NUM, "mean_accepted?": NUM, "accepted_hist?": HIST,
+    "expert_bytes_per_token?": NUM, "time_split_s?": {"*": NUM},
+    **BOUND,
+}
+SPEC_SECTION = {"label": str, "model": str, "prompts": int, "tokens": int, "rounds": int, "engines": {"*": SPEC_ROW}}
+SPECULATIVE = {"method": str, "bound_method": str,
+               "c": {**SPEC_SECTION, "llama_cpp": AnyOf((Literal("ran"), Prefix("not run (")))},
+               "a?": {**SPEC_SECTION, "draft": str, "routing": {"tls": NUM, "cls8": NUM,
+                                                                "dense_expert_bytes_per_token": NUM}}}
+
+SYNTH_RECORD = {"synthetic": Literal(True), "label": Literal("SYNTHETIC"), "shape": str, "kind": str, "T": int,
+                "mode": AnyOf((Literal("dense"), Literal("token"), Literal("chunk"))),
+                "routing": {"stated": dict, "effective": dict}, "median_s": NUM, "min_s": NUM, "max_s": NUM, "n": int}
+SYNTHETIC = {
+    "label": Prefix("SYNTHETIC"), "synthetic": Literal(True), "shapes": {"*": dict}, "qtype": str,
+    "routing": {"tls": NUM, "cls": NUM, "k": int, "seed": int}, "settings": dict,
+    "records": [SYNTH_RECORD],
+    "replayed?": {"label": Prefix("REPLAYED"),
+                  "runs": [{"label": Literal("replayed"), "synthetic": Literal(True), "shape": str,
+                            "replayed_from": str, "accepted_hist": HIST, "tokens_per_step": NUM,
+                            "tok_s": {"*": NUM}, "speedup_vs_dense_decode": {"*": NUM}}]},
+}
+
 REPORT = {
     "schema": Literal(SCHEMA),
     "created": str,
@@ -105,21 +146,13 @@ REPORT = {
     "energy": AnyOf(({"source": str, "scope": str}, UNAVAILABLE)),
     "plots": {"*": AnyOf((Prefix("skipped: "), Check(lambda s: isinstance(s, str) and s.endswith(".png"), "a .png")))},
     "notes": [str],
-    # sections other benchmarks add: checked where present
-    "speculative?": Check(lambda s: isinstance(s, dict) and all(_hist_ok(h) for h in _find(s, "accepted_hist")),
-                          "a dict whose accepted_hist entries map accepted length -> steps"),
+    # bench_device/sections.py; "sparse" and "synthetic" are required in a full run (see validate)
+    "speculative": SPECULATIVE,
+    "sparse?": SPARSE,
+    "synthetic?": SYNTHETIC,
 }
-
-
-def _find(d: Any, key: str, depth: int = 3):
-    """Values of `key` in nested dicts, up to `depth` levels down."""
-    if depth < 0 or not isinstance(d, dict):
-        return
-    for k, v in d.items():
-        if k == key:
-            yield v
-        else:
-            yield from _find(v, key, depth - 1)
+FULL_ONLY = ("sparse",)  # a full report must hold these; and "synthetic" unless a note says why it is left out
+SYNTHETIC_LEFT_OUT = "synthetic section left out"
 
 
 def _type_ok(x: Any, t) -> bool:
@@ -136,7 +169,13 @@ def _name(t) -> str:
 
 def validate(x: Any, spec: Any = None, path: str = "report") -> list[str]:
     """Problems of `x` against `spec` (default: the whole report), as "path: what" strings; [] when it matches."""
-    spec = REPORT if spec is None else spec
+    if spec is None:
+        out = validate(x, REPORT, path)
+        if isinstance(x, dict) and x.get("mode") == "full":
+            out += [f"{path}: a full run must hold {k!r}" for k in FULL_ONLY if k not in x]
+            if "synthetic" not in x and not any(str(n).startswith(SYNTHETIC_LEFT_OUT) for n in x.get("notes", [])):
+                out.append(f"{path}: a full run must hold 'synthetic' or a note {SYNTHETIC_LEFT_OUT!r}...")
+        return out
     if isinstance(spec, dict):
         if not isinstance(x, dict):
             return [f"{path}: expected an object, got {type(x).__name__}"]

@@ -1,7 +1,12 @@
 """`sparrow bench`: one run that profiles the device, measures its memory read bandwidth (the roofline) and benchmarks
 a model's decode, prefill and time to first token with Sparrow, side by side with llama.cpp where llama-cpp-python
-is installed, then writes DIR/report.json (schema "sparrow.bench/2", see bench_device/schema.py), the PNG plots
+is installed, then writes DIR/report.json (schema "sparrow.bench/3", see bench_device/schema.py), the PNG plots
 (bench_device/plots.py) and DIR/report.md, which embeds them.
+
+The full run adds, in the same report (bench_device/sections.py): "sparse" (the shipped BlockFFN model, dense vs
+sparse decode, TLS/CLS-k/expert bytes), "speculative" ((c) on the model: plain, llama.cpp, each drafter; (a) on the
+shipped BlockFFN model with its draft model) and "synthetic" (released BlockFFN shapes, random weights and routing,
+labelled SYNTHETIC; with (b), (a)'s accepted lengths REPLAYED on them). --quick adds a small speculative slice.
 
 The decode/prefill/TTFT/T-curve numbers come from bench_decode.run (engines in worker processes, asked in turn, each
 engine's greedy continuation checked before timing against an oracle: llama.cpp, or Sparrow's scalar reference
@@ -21,7 +26,16 @@ from bench_device import bench_decode
 from bench_device.energy import Rapl
 from bench_device.plots import write_plots
 from bench_device.profile import bandwidth_curve, device_profile
-from bench_device.schema import SCHEMA, check
+from bench_device.schema import SCHEMA, SYNTHETIC_LEFT_OUT, check
+from bench_device.sections import (
+    SHIPPED_TARGET,
+    sparse_markdown,
+    sparse_section,
+    speculative_markdown,
+    speculative_section,
+    synthetic_markdown,
+    synthetic_section,
+)
 
 ORACLES = {"llama.cpp": "llama.cpp (llama-cpp-python) on the same GGUF",
            bench_decode.SCALAR_ORACLE: "Sparrow's scalar reference kernels (a worker with SPARROW_FORCE_SCALAR=1)"}
@@ -29,7 +43,10 @@ ORACLE_CRITERION = (f"logits at every step of Sparrow's greedy continuation (tea
                     f"{bench_decode.NMSE_MAX:g}; a different top-1 token only at a near tie of the oracle's logits "
                     f"(gap < {bench_decode.TIE_GAP:g})")
 QUICK = {"repeats": 3, "decode_tokens": 16, "batch_sizes": (1, 4, 16), "bw_mb": 128, "bw_repeats": 3}
-FULL = {"repeats": 5, "decode_tokens": 64, "batch_sizes": bench_decode.BATCH_SIZES, "bw_mb": 512, "bw_repeats": 5}
+FULL = {"repeats": 5, "decode_tokens": 64, "batch_sizes": bench_decode.BATCH_SIZES, "bw_mb": 512, "bw_repeats": 5,
+        # the sparse section (shipped BlockFFN model): prompts x decode tokens x alternated rounds
+        "sparse": {"n_prompts": 6, "tokens": 64, "rounds": 3}}
+SYNTHETIC_SHAPES = ("0.5b",)  # the full run's default; `sparrow bench --synthetic SHAPE` chooses
 
 
 def weight_bytes_per_token(path: Path) -> dict:
@@ -41,11 +58,13 @@ def weight_bytes_per_token(path: Path) -> dict:
     sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
     rows = {t.name: int(t.shape[-1]) if len(t.shape) > 1 else 1 for t in reader.tensors}
     total = sum(sizes.values())
+    experts = sum(v for k, v in sizes.items() if ".ffn_experts." in k)  # BlockFFN expert slabs (0: dense model)
     per_token = total
     emb = sizes.get("token_embd.weight")
     if emb is not None and "output.weight" in sizes:
         per_token -= emb - emb // max(1, rows["token_embd.weight"])
-    return {"file_tensor_bytes": total, "per_token": per_token, "tied_embeddings": "output.weight" not in sizes}
+    return {"file_tensor_bytes": total, "per_token": per_token, "tied_embeddings": "output.weight" not in sizes,
+            "expert_bytes": experts}
 
 
 def _str_keys(x):
@@ -58,8 +77,12 @@ def llama_cpp_available() -> bool:
 
 
 def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads: int = 0, llama_cpp: bool = True,
-              echo: Callable[[str], None] = print, progressbar=None, energy_root: Path | None = None) -> dict:
+              echo: Callable[[str], None] = print, progressbar=None, energy_root: Path | None = None,
+              synthetic_shapes: tuple[str, ...] | None = None) -> dict:
     """Run everything and return the report (a dict following SCHEMA; "plots" is filled by write_report).
+    Quick: the headline decode benchmark and a small speculative slice. Full: also the sparse section (shipped
+    BlockFFN model), speculation (a) and (c) and the synthetic section on `synthetic_shapes` (default
+    SYNTHETIC_SHAPES; () leaves it out) with the replayed speculation (bench_device/sections.py).
     `progressbar(length, label)` returns a context manager with .update(n) (click.progressbar fits); None runs
     silently. `energy_root`: where the powercap tree is (default /sys/class/powercap)."""
     import psutil
@@ -134,6 +157,23 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
                             "whatever else ran on the machine included")}
     else:
         energy = f"unavailable: {energy_why}"
+
+    bw_gb_s = bw_t["median"]
+    extra = {}
+    if not quick:
+        sp = cfg["sparse"]
+        with bar(sp["n_prompts"] * (1 + sp["rounds"]) + 1, f"sparse: {SHIPPED_TARGET.name} dense vs sparse") as b:
+            extra["sparse"] = sparse_section(SHIPPED_TARGET, threads=threads, bandwidth_gb_s=bw_gb_s,
+                                             progress=b.update, **sp)
+    extra["speculative"], raw_a = speculative_section(
+        model_path, threads=threads, quick=quick, llama_cpp="skipped in --quick" if quick else llama_status, bandwidth_gb_s=bw_gb_s,
+        sparse=extra.get("sparse"), bar=bar)
+    shapes = SYNTHETIC_SHAPES if synthetic_shapes is None else tuple(synthetic_shapes)
+    if not quick and shapes:
+        extra["synthetic"] = synthetic_section(list(shapes), threads=threads, bandwidth_gb_s=bw_gb_s,
+                                               replay_from=raw_a, bar=bar)
+    elif not quick:
+        notes.append(f"{SYNTHETIC_LEFT_OUT} (no synthetic shape asked for)")
     return {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -154,6 +194,7 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
         "energy": energy,
         "plots": {},
         "notes": notes,
+        **extra,
     }
 
 
@@ -200,6 +241,13 @@ def to_markdown(r: dict) -> str:
                           f" in {c['positions']} steps (largest gap {c['max_fork_gap']:.2f})"
                           for n, c in o["checks"].items())
               + f"; greedy tokens identical for the first {o['agreement_tokens']} of {o['checked_tokens']}.", ""]
+    if "sparse" in r:
+        lines += ["## Sparse experts: dense vs sparse decode", ""] + sparse_markdown(r["sparse"]) + [""]
+    if "speculative" in r:
+        lines += ["## Speculative decoding", ""] + speculative_markdown(r["speculative"]) + [""]
+    if "synthetic" in r:
+        lines += ["## SYNTHETIC large configurations (random weights, synthetic routing)", ""]
+        lines += synthetic_markdown(r["synthetic"]) + [""]
     shown = [(k, v) for k, v in r["plots"].items() if not v.startswith("skipped")]
     skipped = [(k, v) for k, v in r["plots"].items() if v.startswith("skipped")]
     if shown or skipped:

@@ -462,6 +462,9 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
 
 # ---- bench ----
 
+# bench_device.synthetic.SHAPES, less its test shape (not imported here: it pulls in numpy and the native module)
+SYNTHETIC_SHAPE_NAMES = ("0.1b", "0.5b", "0.8b", "1.2b", "3b")
+
 @sparrow.command()
 @click.argument("model", required=False)
 @click.option("--quick", is_flag=True, help="Fewer repeats and tokens: finishes in under a minute.")
@@ -471,14 +474,25 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
 @click.option("--no-llama-cpp", is_flag=True, help="Do not run llama.cpp alongside, even if it is installed.")
 @click.option("--tune", is_flag=True, help="Instead of the report: search threads, drafter and draft size for MODEL "
               "on this device and store the fastest in the model store (sparrow chat/generate use them).")
-def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_cpp: bool, tune: bool) -> None:
+@click.option("--synthetic", "synthetic_shapes", multiple=True, metavar="SHAPE",
+              type=click.Choice(["none", *SYNTHETIC_SHAPE_NAMES]),
+              help="Synthetic BlockFFN shape(s) for the full run's synthetic section (repeat the option for several; "
+              "default 0.5b; 'none' leaves the section out). The first use writes the file (0.5b: 310 MB).")
+def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_cpp: bool, tune: bool,
+          synthetic_shapes: tuple[str, ...]) -> None:
     """Profile this device and benchmark MODEL on it (default: the default model, pulled if needed).
 
     Measures memory read bandwidth (the roofline), decode and prefill tok/s, time to first token, peak RSS, energy
     (RAPL, where readable), the cost of T tokens per call and the fraction of the bandwidth bound reached, side by side
-    with llama.cpp when llama-cpp-python is installed; outputs are checked against an oracle before timing."""
+    with llama.cpp when llama-cpp-python is installed; outputs are checked against an oracle before timing. The full
+    run adds dense vs sparse decode of the shipped BlockFFN model (TLS, CLS-k, expert bytes), speculative decoding
+    (MODEL with each drafter and llama.cpp; the BlockFFN model with its draft model) and SYNTHETIC large BlockFFN
+    shapes with replayed speculation; --quick a small speculative slice."""
     from bench_device.suite import headline_table, run_suite, write_report
 
+    if (quick or tune) and synthetic_shapes:
+        raise click.UsageError("--synthetic chooses the full report's synthetic shapes; --quick and --tune have no "
+                               "synthetic section")
     store = Store()
     name = model or store.default()
     if store.get(name) is None and not Path(name).expanduser().is_file() and name in REGISTRY:
@@ -496,8 +510,9 @@ def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_
         return
 
     try:
+        shapes = None if not synthetic_shapes else tuple(s for s in synthetic_shapes if s != "none")
         report = run_suite(path, name, quick=quick, threads=threads, llama_cpp=not no_llama_cpp,
-                           echo=lambda m: click.echo(m, err=True), progressbar=progressbar)
+                           echo=lambda m: click.echo(m, err=True), progressbar=progressbar, synthetic_shapes=shapes)
     except RuntimeError as e:
         raise click.ClickException(f"benchmark failed: {e}") from None
     j, m = write_report(report, out_dir)

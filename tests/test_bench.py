@@ -1,6 +1,7 @@
-"""`sparrow bench`: the device profile and native bandwidth probe on this machine, the report schema (sparrow.bench/2)
-of a --quick run on a tiny model and its validator, RAPL energy on a fake powercap tree, the plots, and the CLI
-writing report.json, report.md and the PNG."""
+"""`sparrow bench`: the device profile and native bandwidth probe on this machine, the report schema (sparrow.bench/3)
+of a --quick run on a tiny model and its validator, the full run's sparse/speculative/synthetic sections (measured
+small: the shipped BlockFFN model, the tiny synthetic shape), RAPL energy on a fake powercap tree, the plots, and the
+CLI writing report.json, report.md and the PNG."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,13 @@ from bench_device.energy import Rapl
 from bench_device.plots import accepted_hists, active_fraction_series, configurations, write_plots
 from bench_device.profile import bandwidth_curve, device_profile, read_bandwidth
 from bench_device.schema import SCHEMA, check, validate
+from bench_device.sections import (
+    SHIPPED_TARGET,
+    read_bytes_per_token,
+    sparse_section,
+    speculative_section,
+    synthetic_section,
+)
 from bench_device.suite import run_suite, to_markdown, weight_bytes_per_token, write_report
 from runtime.cli import sparrow
 
@@ -86,7 +94,7 @@ def test_weight_bytes_per_token_tied_head_reads_the_whole_embedding(tiny):
 def test_report_schema(report, tmp_path):
     write_report(report, tmp_path)
     r = json.loads((tmp_path / "report.json").read_text())
-    assert validate(r) == [] and r["schema"] == SCHEMA == "sparrow.bench/2" and r["mode"] == "quick"
+    assert validate(r) == [] and r["schema"] == SCHEMA == "sparrow.bench/3" and r["mode"] == "quick"
     assert r["llama_cpp"].startswith("skipped") and list(r["engines"]) == ["sparrow"]
     assert r["settings"]["threads"] == 1 and r["bandwidth"]["threads"]["1"]["median"] > 0
     bw = r["bandwidth"]
@@ -113,24 +121,42 @@ def test_report_schema(report, tmp_path):
     assert e["batch_cost_vs_t1"]["1"] == 1.0
     if not Path("/sys/class/powercap").is_dir():  # this machine: no RAPL, and the report says why
         assert r["energy"].startswith("unavailable: no RAPL counters") and e["energy"] == r["energy"]
-    assert r["plots"]["tok_s_vs_bound"] == "tok_s_vs_bound.png"
-    assert r["plots"]["time_vs_active"].startswith("skipped: ") and r["plots"]["accepted_length"].startswith("skipped")
+    # --quick's speculative slice: plain and two drafters, checked equal to plain greedy decoding, no llama.cpp
+    c = r["speculative"]["c"]
+    assert list(c["engines"]) == ["plain", "prompt-lookup", "recycling (chain 4)"] and "a" not in r["speculative"]
+    assert c["llama_cpp"] == "not run (skipped in --quick)" and (c["prompts"], c["tokens"], c["rounds"]) == (2, 16, 1)
+    for name in ("prompt-lookup", "recycling (chain 4)"):
+        row = c["engines"][name]
+        steps = sum(row["accepted_hist"].values())
+        assert steps == row["steps"] > 0 and row["tokens_per_step"] >= 1 and row["decode_tok_s"]["n"] == 2
+        # the bound counts the weights once per verification step, shared by the step's tokens
+        assert row["read_bytes_per_token"] == pytest.approx(r["model"]["weight_bytes_per_token"] /
+                                                            row["tokens_per_step"], rel=1e-3)
+    assert "sparse" not in r and "synthetic" not in r
+    assert r["plots"]["tok_s_vs_bound"] == "tok_s_vs_bound.png" and r["plots"]["accepted_length"] == "accepted_length.png"
+    assert r["plots"]["time_vs_active"].startswith("skipped: ")
     assert (tmp_path / "tok_s_vs_bound.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "report.md").read_text()
     assert "| sparrow |" in md and "llama.cpp | skipped" in md and "![" in md and "(tok_s_vs_bound.png)" in md
-    assert "TTFT ms" in md and "sparrow-scalar" in md
+    assert "TTFT ms" in md and "sparrow-scalar" in md and "## Speculative decoding" in md
+    assert md.index("## Headline") < md.index("## Speculative decoding") < md.index("## Plots")
 
 
 @pytest.mark.parametrize("damage, problem", [
     (lambda r: r.pop("oracle"), "report: missing key 'oracle'"),
-    (lambda r: r.update(schema="sparrow.bench/1"), "report.schema: expected 'sparrow.bench/2'"),
+    (lambda r: r.update(schema="sparrow.bench/2"), "report.schema: expected 'sparrow.bench/3'"),
     (lambda r: r["engines"]["sparrow"].pop("ttft_ms"), "report.engines.sparrow: missing key 'ttft_ms'"),
     (lambda r: r["engines"]["sparrow"]["decode_tok_s"].update(min=1e9), "decode_tok_s: not min <= median <= max"),
     (lambda r: r.update(energy="not measured"), "report.energy: matches none"),
     (lambda r: r["engines"]["sparrow"].update(peak_rss_mb="big"), "peak_rss_mb: expected int or float, got str"),
     (lambda r: r["model"].update(tied_embeddings=1), "tied_embeddings: expected bool, got int"),
     (lambda r: r["bandwidth"]["pinning"].update(status="maybe"), "pinning.status: matches none"),
-    (lambda r: r.update(speculative={"recycling": {"accepted_hist": {"one": 3}}}), "report.speculative: expected"),
+    (lambda r: r["speculative"]["c"]["engines"]["prompt-lookup"].update(accepted_hist={"one": 3}),
+     "report.speculative.c.engines.prompt-lookup.accepted_hist: expected a non-empty map"),
+    (lambda r: r["speculative"]["c"]["engines"]["plain"].pop("bandwidth_bound_tok_s"),
+     "report.speculative.c.engines.plain: missing key 'bandwidth_bound_tok_s'"),
+    (lambda r: r.update(mode="full", notes=["synthetic section left out (no synthetic shape asked for)"]),
+     "report: a full run must hold 'sparse'"),
 ])
 def test_schema_validator_names_what_is_wrong(report, damage, problem):
     r = json.loads(json.dumps({**report, "plots": {"tok_s_vs_bound": "tok_s_vs_bound.png"}}))
@@ -138,15 +164,17 @@ def test_schema_validator_names_what_is_wrong(report, damage, problem):
     damage(r)
     problems = validate(r)
     assert len(problems) == 1 and problem in problems[0], problems
-    with pytest.raises(ValueError, match="does not match sparrow.bench/2"):
+    with pytest.raises(ValueError, match="does not match sparrow.bench/3"):
         check(r)
 
 
 def test_plots_draw_what_the_report_holds(report, tmp_path):
     r = json.loads(json.dumps(report))
-    r["speculative"] = {"engines": {"prompt-lookup": {"accepted_hist": {"0": 30, "1": 12, "4": 3}},
-                                    "recycling": {"accepted_hist": {"0": 20, "2": 9}}}}
-    r["synthetic"] = {"time_vs_active": {"1.2b T=1": [{"active_fraction": 0.2, "ms_per_token": 3.0},
+    spec = r["speculative"]["c"]["engines"]
+    spec["prompt-lookup"]["accepted_hist"] = {"0": 30, "1": 12, "4": 3}
+    spec["recycling (chain 4)"]["accepted_hist"] = {"0": 20, "2": 9}
+    # any section in the forms plots.py reads
+    r["other"] = {"time_vs_active": {"1.2b T=1": [{"active_fraction": 0.2, "ms_per_token": 3.0},
                                                       {"active_fraction": 1.0, "ms_per_token": 11.0}],
                                          "1.2b T=8 chunk": [[0.3, 4.5], [0.1, 2.0]]},
                       "1.2b": {"decode_tok_s": {"median": 40.0, "min": 38.0, "max": 41.0, "n": 3},
@@ -154,11 +182,13 @@ def test_plots_draw_what_the_report_holds(report, tmp_path):
                       # records as bench_synthetic's sweep writes them: seconds per call of T tokens
                       "records": [{"shape": "0.5b", "kind": "sweep_chain8", "T": 8, "mode": "chunk",
                                    "active_fraction": a, "median_s": s} for a, s in ((0.5, 0.04), (0.1, 0.016))]}
-    assert [c["name"] for c in configurations(r)] == ["sparrow", "synthetic / 1.2b"]
+    assert [c["name"] for c in configurations(r)] == ["sparrow", "speculative / c / plain",
+                                                      "speculative / c / prompt-lookup",
+                                                      "speculative / c / recycling (chain 4)", "other / 1.2b"]
     series = active_fraction_series(r)
-    assert series["synthetic / 1.2b T=8 chunk"] == [(0.1, 2.0), (0.3, 4.5)]
+    assert series["other / 1.2b T=8 chunk"] == [(0.1, 2.0), (0.3, 4.5)]
     assert series["0.5b sweep_chain8 chunk"] == [(0.1, pytest.approx(2.0)), (0.5, pytest.approx(5.0))]  # ms/token
-    assert accepted_hists(r) == {"prompt-lookup": {0: 30, 1: 12, 4: 3}, "recycling": {0: 20, 2: 9}}
+    assert accepted_hists(r) == {"prompt-lookup": {0: 30, 1: 12, 4: 3}, "recycling (chain 4)": {0: 20, 2: 9}}
     files = write_plots(r, tmp_path)
     assert files == {"tok_s_vs_bound": "tok_s_vs_bound.png", "time_vs_active": "time_vs_active.png",
                      "accepted_length": "accepted_length.png"}
@@ -167,6 +197,91 @@ def test_plots_draw_what_the_report_holds(report, tmp_path):
     r["plots"] = files
     md = to_markdown(r)
     assert all(f"]({f})" in md for f in files.values())
+
+
+def test_read_bytes_per_token_replaces_the_experts_by_those_read():
+    # blockffn-tiny: 4,292,608 bytes per token, 2,228,224 of them experts; a token reading 5% of the experts
+    assert read_bytes_per_token(4_292_608, 2_228_224, 2_228_224) == 4_292_608
+    assert read_bytes_per_token(4_292_608, 2_228_224, 111_411.2) == pytest.approx(2_064_384 + 111_411.2)
+    assert read_bytes_per_token(1000, 0, 0) == 1000  # a dense model
+    for bad in ((1000, 600, 700), (1000, 1200, 100), (1000, 600, -1)):
+        with pytest.raises(ValueError, match="expert bytes"):
+            read_bytes_per_token(*bad)
+
+
+def test_full_report_sections(report, tmp_path, monkeypatch):
+    """The full run's sections, measured small: sparse and speculative (a) on the shipped BlockFFN model, (c) on it
+    too (a model with experts: its plain bound measured), synthetic and the replay on the tiny synthetic shape."""
+    monkeypatch.setenv("SPARROW_SYNTH_CACHE", str(tmp_path / "synth"))
+    bw = 20.0
+    steps = []
+    sp = sparse_section(SHIPPED_TARGET, threads=1, tokens=12, rounds=2, n_prompts=2, bandwidth_gb_s=bw,
+                        progress=steps.append)
+    assert len(steps) == 2 * (1 + 2) + 1
+    w = weight_bytes_per_token(SHIPPED_TARGET)
+    dense, sparse = sp["configs"]["dense"], sp["configs"]["sparse"]
+    assert sp["weight_bytes_per_token"] == w["per_token"] and w["expert_bytes"] == dense["dense_expert_bytes_per_token"]
+    assert dense["expert_bytes_per_token"] == dense["dense_expert_bytes_per_token"]  # dense reads every expert
+    assert dense["read_bytes_per_token"] == w["per_token"]
+    assert 0 < sparse["expert_bytes_per_token"] < 0.5 * sparse["dense_expert_bytes_per_token"]  # TLS ~80%
+    assert sparse["read_bytes_per_token"] == pytest.approx(w["per_token"] - w["expert_bytes"] +
+                                                           sparse["expert_bytes_per_token"])
+    # 12 tokens generated: the prompt's last token and each generated one evaluated, 13 single-token steps per prompt
+    assert 0.6 < sparse["tls"] < 0.95 and set(sparse["cls"]) == {str(k) for k in range(2, 14)}
+    assert sparse["decode_tokens_measured"] == 2 * 13 and sparse["ratio_vs_dense"]["n"] == 4
+    for c in (dense, sparse):
+        assert c["bandwidth_bound_tok_s"] == pytest.approx(bw * 1e9 / c["read_bytes_per_token"])
+        assert c["fraction_of_bound"] == pytest.approx(c["decode_tok_s"]["median"] / c["bandwidth_bound_tok_s"])
+    cfg = {"c": {"prompts": ["def read_file(path):\n"], "tokens": 8, "rounds": 1, "drafters": ["prompt-lookup"]},
+           "a": {"n_prompts": 2, "tokens": 12, "rounds": 1}}
+    spec, raw_a = speculative_section(SHIPPED_TARGET, threads=1, quick=False, llama_cpp="not installed",
+                                      bandwidth_gb_s=bw, sparse=sp, cfg=cfg)
+    assert spec["c"]["llama_cpp"] == "not run (not installed)"
+    assert spec["c"]["engines"]["plain"]["read_bytes_per_token"] < 0.75 * w["per_token"]  # it decodes sparsely
+    a = spec["a"]["engines"]
+    assert list(a)[:2] == ["dense plain", "sparse plain"] and len(a) == 8
+    assert a["sparse plain"]["read_bytes_per_token"] == sparse["read_bytes_per_token"]
+    draft = a["sparse + draft-model (chain 4)"]
+    assert sum(draft["accepted_hist"].values()) == draft["steps"] and set(draft["time_split_s"]) >= {"draft", "sample"}
+    assert draft["read_bytes_per_token"] > a["sparse + recycling (chain 4)"]["read_bytes_per_token"] * \
+        a["sparse + recycling (chain 4)"]["tokens_per_step"] / draft["tokens_per_step"]  # its own weights count too
+    syn = synthetic_section(["tiny"], threads=1, bandwidth_gb_s=bw, replay_from=raw_a,
+                            settings={"Ts": (4,), "fractions": (0.25, 1.0), "repeats": 1, "decode_steps": 2,
+                                      "replay_repeats": 1})
+    assert all(r["synthetic"] is True and r["label"] == "SYNTHETIC" for r in syn["records"])
+    dec = [r for r in syn["records"] if r["kind"] == "decode"]
+    assert {r["mode"] for r in dec} == {"dense", "token"} and all(r["bandwidth_bound_tok_s"] > 0 for r in dec)
+    assert len([r for r in syn["records"] if "active_fraction" in r]) == 2 * 2 * 2  # 2 fractions, T=1/T=8, 2 modes
+    assert syn["replayed"]["label"].startswith("REPLAYED") and len(syn["replayed"]["runs"]) == 2
+    r = json.loads(json.dumps({**report, "mode": "full", "sparse": sp, "speculative": spec, "synthetic": syn}))
+    write_report(r, tmp_path / "out")
+    r = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert validate(r) == [] and r["plots"]["time_vs_active"] == "time_vs_active.png"
+    hists = accepted_hists(r)
+    assert "sparse + draft-model (chain 4)" in hists and "prompt-lookup" in hists
+    names = [c["name"] for c in configurations(r)]
+    assert {"sparse / dense", "sparse / sparse", "speculative / a / sparse + recycling (chain 4)",
+            "synthetic / SYNTHETIC tiny decode token"} <= set(names)
+    md = (tmp_path / "out" / "report.md").read_text()
+    heads = ["## Headline", "## Sparse experts", "## Speculative decoding", "## SYNTHETIC large", "## Plots"]
+    assert [md.index(h) for h in heads] == sorted(md.index(h) for h in heads)
+    assert "**SYNTHETIC: " in md and "**REPLAYED: " in md and "| tiny | dense |" in md
+    assert "| sparse + draft-model (chain 4) |" in md and "CLS-8" in md
+    del r["synthetic"]["records"][0]["synthetic"]
+    assert validate(r) == ["report.synthetic.records[0]: missing key 'synthetic'"]
+    del r["synthetic"]
+    assert validate(r) == ["report: a full run must hold 'synthetic' or a note 'synthetic section left out'..."]
+
+
+def test_cli_bench_synthetic_option_is_for_the_full_run():
+    from bench_device import synthetic
+    from runtime.cli import SYNTHETIC_SHAPE_NAMES
+
+    assert set(SYNTHETIC_SHAPE_NAMES) == set(synthetic.SHAPES) - {"tiny"}
+    r = CliRunner().invoke(sparrow, ["bench", "--quick", "--synthetic", "0.5b"])
+    assert r.exit_code == 2 and "--quick and --tune have no synthetic section" in r.output
+    r = CliRunner().invoke(sparrow, ["bench", "--synthetic", "7b"])
+    assert r.exit_code == 2 and "'7b' is not one of" in r.output
 
 
 def test_oracle_logits_comparison_tells_a_near_tie_from_an_error():
@@ -222,7 +337,7 @@ def test_cli_bench_writes_report_markdown_and_plot(tiny, tmp_path):
     r = CliRunner().invoke(sparrow, ["bench", str(tiny), "--quick", "--threads", "1", "--no-llama-cpp",
                                      "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "report.json").read_text())["schema"] == "sparrow.bench/2"
+    assert json.loads((out / "report.json").read_text())["schema"] == "sparrow.bench/3"
     assert (out / "report.md").read_text().startswith("# Sparrow device benchmark (quick)")
     assert (out / "tok_s_vs_bound.png").is_file()
     assert "| sparrow |" in r.output and "report.md" in r.output and "tok_s_vs_bound.png" in r.output

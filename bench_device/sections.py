@@ -1,0 +1,405 @@
+"""The sections `sparrow bench` adds to the headline decode benchmark (bench_device/suite.py): sparse, speculative and
+synthetic, each measured, checked before timing, and rendered as a Markdown table.
+
+  sparse       the shipped BlockFFN model (models/blockffn-tiny): decode with every expert (ffn_mode "dense") against
+               the sparse path (the default), alternated, sparse greedy tokens checked equal to dense first; TLS,
+               CLS-k (k = 2..16) and expert bytes per decode token from session.sparsity().
+  speculative  bench_speculative's (c) on the benchmarked model (plain, llama.cpp, each train-free drafter) and (a)
+               on the shipped BlockFFN model with its draft model: tok/s, tokens per step, accepted-length histogram.
+  synthetic    SYNTHETIC: bench_synthetic on released BlockFFN shapes (random weights, synthetic routing at the
+               paper's TLS 80% / CLS-8 70%): decode dense vs sparse, a T=8 chain/tree, the active-fraction sweep; and
+               REPLAYED: bench_speculative's (b), (a)'s accepted lengths replayed on those shapes.
+
+Bandwidth bound of a configuration: bandwidth / bytes read per generated token, where the bytes are weights only
+(KV cache and activations left out): every non-expert tensor (the embedding as bench_decode counts it) plus the
+expert weights actually read, as the session measured them. For speculation, per verification step: the target's
+non-expert weights once, the experts the step read (the union over the tree), the draft model's weights once per
+drafted token; divided by the tokens the step produced.
+
+    bytes = read_bytes_per_token(weight_bytes, dense_expert_bytes, expert_bytes)   # one decode token
+"""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from bench_device import bench_speculative as spec
+
+SHIPPED_TARGET = spec.SHIPPED / "blockffn-tiny.Q8_0.gguf"   # store name "blockffn-tiny"
+SHIPPED_DRAFT = spec.SHIPPED / "blockffn-tiny-draft.Q8_0.gguf"  # "blockffn-tiny-draft"
+DRAFT_K = 4  # section_a's draft model drafts a chain of 4
+CLS_K = (2, 4, 8, 16)  # shown in the Markdown; the JSON has every k = 2..16
+BOUND_METHOD = ("bandwidth (native probe, the run's threads) / weight bytes read per generated token: non-expert "
+                "weights + the expert weights the session measured as read (decode: per token; speculation: per "
+                "verification step, plus the draft model's weights per drafted token, divided by the step's tokens); "
+                "KV cache and activations not counted")
+
+Progress = Callable[[int], None]
+
+
+class _NullBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def no_bar(length: int, label: str) -> _NullBar:
+    """A progress bar factory that shows nothing (the sections' default)."""
+    return _NullBar()
+
+
+def read_bytes_per_token(weight_bytes: float, dense_expert_bytes: float, expert_bytes: float) -> float:
+    """Weight bytes one decode token reads when it reads `expert_bytes` of expert weights: the file's per-token
+    weight bytes (every expert counted, `dense_expert_bytes` of them) with the experts replaced by those read."""
+    if not 0 <= expert_bytes <= dense_expert_bytes <= weight_bytes:
+        raise ValueError(f"need 0 <= expert bytes ({expert_bytes}) <= dense expert bytes ({dense_expert_bytes}) "
+                         f"<= weight bytes ({weight_bytes})")
+    return weight_bytes - dense_expert_bytes + expert_bytes
+
+
+def _tok_s_summary(seconds: dict) -> dict:
+    """tok/s summary from a seconds-per-token summary (median_s, min_s, max_s, n)."""
+    return {"median": 1 / seconds["median_s"], "min": 1 / seconds["max_s"], "max": 1 / seconds["min_s"],
+            "n": seconds["n"]}
+
+
+def _summary(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+# ---- sparse ----
+
+def decode_sparsity(session, prompts: list[list[int]], tokens: int) -> list:
+    """SparsityStats of greedy decode alone, one per prompt: the prompt minus its last token prefilled, the counters
+    reset, then `tokens` tokens generated (tokens + 1 single-token steps: the prompt's last token, each generated
+    one)."""
+    from runtime import generate_tokens
+
+    out = []
+    for toks in prompts:
+        session.truncate(0)
+        session.prefill(toks[:-1])
+        session.reset_sparsity()
+        list(generate_tokens(session, toks, max_tokens=tokens))
+        out.append(session.sparsity())
+    return out
+
+
+def pool_sparsity(stats: list) -> dict:
+    """TLS, CLS-k (k = 2..16, chunks of consecutive decode tokens) and expert bytes per token pooled over runs."""
+    n = sum(st.n_tokens for st in stats)
+    cls = {}
+    for k in range(2, 17):
+        parts = [(st.cls[k], st.n_tokens - k + 1) for st in stats if st.n_tokens >= k and st.cls[k] == st.cls[k]]
+        if parts:
+            cls[str(k)] = sum(c * m for c, m in parts) / sum(m for _, m in parts)
+    return {"tls": sum(st.tls * st.n_tokens for st in stats) / n, "cls": cls, "decode_tokens_measured": n,
+            "expert_bytes_per_token": sum(st.expert_bytes_per_token * st.n_tokens for st in stats) / n,
+            "dense_expert_bytes_per_token": stats[0].dense_bytes_per_token}
+
+
+def sparse_section(model_path: Path, *, threads: int, tokens: int, rounds: int, n_prompts: int, bandwidth_gb_s: float,
+                   progress: Progress | None = None) -> dict:
+    """Dense vs sparse decode of a BlockFFN model (module docstring): checked, alternated, with routing statistics
+    of the decode tokens and each configuration's bandwidth bound."""
+    from bench_device.suite import weight_bytes_per_token
+    from runtime import Model
+
+    progress = progress or (lambda n: None)
+    model = Model(model_path)
+    sessions = {"dense": model.session(n_ctx=512, n_threads=threads, ffn_mode="dense"),
+                "sparse": model.session(n_ctx=512, n_threads=threads)}
+    try:
+        if sessions["sparse"].sparsity() is None:
+            raise RuntimeError(f"{model_path.name} has no sparse experts: the sparse section needs a BlockFFN model")
+        prompts = [model.tokenize(p) for p in spec.DOC_PROMPTS[:n_prompts]]
+        # checked and timed by bench_speculative: sparse greedy tokens must equal dense, then rounds alternate
+        engines = spec.native_engines(sessions["dense"], sessions["sparse"], {})
+        timed = spec.run_engines(engines, prompts, tokens=tokens, rounds=rounds, echo=lambda m: None,
+                                 progress=progress)
+        stats = {mode: decode_sparsity(s, prompts, tokens) for mode, s in sessions.items()}
+        progress(1)
+    finally:
+        for s in sessions.values():
+            s.close()
+        model.close()
+
+    w = weight_bytes_per_token(model_path)
+    configs = {}
+    for mode, engine in (("dense", "dense plain"), ("sparse", "sparse plain")):
+        st = pool_sparsity(stats[mode])
+        per_token = read_bytes_per_token(w["per_token"], st["dense_expert_bytes_per_token"],
+                                         st["expert_bytes_per_token"])
+        bound = bandwidth_gb_s * 1e9 / per_token
+        row = timed[engine]
+        configs[mode] = {
+            "ffn_mode": "dense" if mode == "dense" else "auto",
+            "decode_tok_s": row["tok_s"],
+            **({"ratio_vs_dense": row["ratio_vs_dense_plain"]} if mode == "sparse" else {}),
+            **st, "read_bytes_per_token": per_token,
+            "bandwidth_bound_tok_s": bound, "fraction_of_bound": row["tok_s"]["median"] / bound,
+        }
+    return {"model": str(model_path), "model_name": model_path.name.split(".")[0],
+            "prompts": len(prompts), "tokens": tokens, "rounds": rounds,
+            "check": f"sparse greedy tokens equal dense on all {len(prompts)} prompts ({tokens} tokens each)",
+            "weight_bytes_per_token": w["per_token"], "bound_method": BOUND_METHOD, "configs": configs}
+
+
+def sparse_markdown(s: dict) -> list[str]:
+    lines = [(f"{s['model_name']} ({s['prompts']} prompts x {s['tokens']} decode tokens x {s['rounds']} rounds, "
+             f"alternated); {s['check']}. TLS, CLS-k and expert bytes over the decode tokens."), "",
+             "| configuration | decode tok/s (min-max) | x dense (paired) | TLS | " +
+             " | ".join(f"CLS-{k}" for k in CLS_K) + " | expert MB/token | weights read MB/token | "
+             "bandwidth bound tok/s | fraction of bound |",
+             "|---|---:|---:|---:|" + "---:|" * len(CLS_K) + "---:|---:|---:|---:|"]
+    for name, c in s["configs"].items():
+        d, x = c["decode_tok_s"], c.get("ratio_vs_dense")
+        ratio = f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})" if x else "1.00x"
+        if name == "dense":  # the router chose the same experts; dense mode reads every one anyway
+            tls, cls = "-", " | ".join("-" for _ in CLS_K)
+        else:
+            tls = f"{100 * c['tls']:.1f}%"
+            cls = " | ".join(f"{100 * c['cls'][str(k)]:.1f}%" if str(k) in c["cls"] else "n/a" for k in CLS_K)
+        lines.append(f"| {name} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {ratio} | "
+                     f"{tls} | {cls} | {c['expert_bytes_per_token'] / 1e6:.3f} | "
+                     f"{c['read_bytes_per_token'] / 1e6:.3f} | {c['bandwidth_bound_tok_s']:.0f} | "
+                     f"{100 * c['fraction_of_bound']:.0f}% |")
+    return lines + ["", f"Bound: {s['bound_method']}."]
+
+
+# ---- speculative ----
+
+# What each mode runs: (c) on the benchmarked model, (a) on the shipped BlockFFN model with its draft model.
+SPEC_FULL = {"c": {"prompts": spec.PLAIN[:2] + [spec.chat(t) for t in spec.CHAT[:2]], "tokens": 32, "rounds": 2,
+                   "drafters": None},
+             "a": {"n_prompts": 4, "tokens": 32, "rounds": 2}}
+SPEC_QUICK = {"c": {"prompts": [spec.PLAIN[0], spec.chat(spec.CHAT[0])], "tokens": 16, "rounds": 1,
+                    "drafters": ["prompt-lookup", "recycling (chain 4)"]}}
+SPEC_METHOD = ("bench_speculative: every drafter's greedy tokens checked equal to plain (dense) greedy decoding on "
+               "every prompt first; then rounds over the engines in rotated order, each run from the prompt minus its "
+               "last token in the cache, N new tokens timed; ratios paired by prompt and round")
+
+
+def _spec_rows(rows: dict, *, weight_bytes: float, dense_expert_bytes: float, plain_bytes: dict[str, float],
+               draft_bytes_per_step: dict[str, float], bandwidth_gb_s: float) -> dict:
+    """bench_speculative rows in the report's form: decode_tok_s, tokens per step, accepted_hist at the row's top
+    level (plots.accepted_hists names a series by its row), bytes read per token and the bandwidth bound.
+    plain_bytes: bytes per token of the engines without a drafter, by name."""
+    out = {}
+    for name, row in rows.items():
+        r = {"decode_tok_s": row["tok_s"]}
+        ratio = next((v for k, v in row.items() if k.startswith("ratio_vs_")), None)
+        if ratio:
+            r["ratio_vs_plain"] = ratio
+        for k in ("speed_vs_llama_cpp", "greedy_agreement_tokens_min"):
+            if k in row:
+                r[k] = row[k]
+        sp = row.get("speculative")
+        if sp:
+            step = (weight_bytes - dense_expert_bytes + sp["expert_bytes_per_step"]
+                    + draft_bytes_per_step.get(name, 0.0))
+            per_token = step / sp["tokens_per_step"]
+            r.update({"steps": sp["steps"], "tokens_per_step": sp["tokens_per_step"],
+                      "mean_accepted": sp["mean_accepted"], "accepted_hist": sp["accepted_hist"],
+                      "expert_bytes_per_token": sp["expert_bytes_per_token"],
+                      "time_split_s": {k[:-2]: sp[k] for k in ("draft_s", "verify_attention_s", "verify_ffn_s",
+                                                               "verify_head_s", "sample_s", "accept_s")}})
+        else:
+            per_token = plain_bytes[name]
+        bound = bandwidth_gb_s * 1e9 / per_token
+        r.update({"read_bytes_per_token": per_token, "bandwidth_bound_tok_s": bound,
+                  "fraction_of_bound": row["tok_s"]["median"] / bound})
+        out[name] = r
+    return out
+
+
+def speculative_section(model_path: Path, *, threads: int, quick: bool, llama_cpp: str, bandwidth_gb_s: float,
+                        sparse: dict | None = None, bar=no_bar, cfg: dict | None = None) -> tuple[dict, dict | None]:
+    """(c) on model_path and, in full mode, (a) on the shipped BlockFFN model (module docstring): (the section,
+    section_a's own result for section_b, or None in quick mode). `sparse`: the sparse section, whose measured bytes
+    per sparse decode token give (a)'s plain sparse bound. `bar(length, label)`: a progress bar context manager.
+    llama_cpp: "ran" to run llama.cpp in (c), else why not. cfg: SPEC_QUICK or SPEC_FULL by default."""
+    from bench_device.suite import weight_bytes_per_token
+
+    cfg = cfg or (SPEC_QUICK if quick else SPEC_FULL)
+    out = {"method": SPEC_METHOD, "bound_method": BOUND_METHOD}
+    c = cfg["c"]
+    w = weight_bytes_per_token(model_path)
+    with bar(len(c["prompts"]) * (1 + c["rounds"]), f"speculative (c): {model_path.name}") as b:
+        rc = spec.section_c(str(model_path), threads=threads, tokens=c["tokens"], rounds=c["rounds"], n_prompts=0,
+                            llama_cpp=llama_cpp == "ran", echo=lambda m: None, prompts=c["prompts"], drafters=c["drafters"],
+                            progress=b.update)
+    plain_bytes = w["per_token"]
+    if w["expert_bytes"]:  # a BlockFFN model decodes sparsely: the experts its plain decode reads, measured
+        from runtime import Model
+
+        with Model(model_path) as m, m.session(n_ctx=1024, n_threads=threads) as session:
+            toks = [m.tokenize(p, parse_special=True) for p in c["prompts"]]
+            st = pool_sparsity(decode_sparsity(session, toks, c["tokens"]))
+        plain_bytes = read_bytes_per_token(w["per_token"], st["dense_expert_bytes_per_token"],
+                                           st["expert_bytes_per_token"])
+    plain = {n: plain_bytes for n in rc["engines"] if "speculative" not in rc["engines"][n]}
+    out["c"] = {"label": "real end to end", "model": str(model_path), "prompts": len(c["prompts"]),
+                "tokens": c["tokens"], "rounds": c["rounds"],
+                "llama_cpp": "ran" if rc["llama_cpp"] == "ran" else f"not run ({llama_cpp})",
+                "engines": _spec_rows(rc["engines"], weight_bytes=w["per_token"],
+                                      dense_expert_bytes=w["expert_bytes"], plain_bytes=plain,
+                                      draft_bytes_per_step={}, bandwidth_gb_s=bandwidth_gb_s)}
+    if "a" not in cfg:
+        return out, None
+    if sparse is None:
+        raise ValueError("speculative (a) needs the sparse section's measured bytes per sparse decode token")
+    a = cfg["a"]
+    with bar(a["n_prompts"] * (1 + a["rounds"]), f"speculative (a): {SHIPPED_TARGET.name} + draft") as b:
+        ra = spec.section_a(SHIPPED_TARGET, SHIPPED_DRAFT, threads=threads, tokens=a["tokens"], rounds=a["rounds"],
+                            n_prompts=a["n_prompts"], echo=lambda m: None, progress=b.update)
+    wt, wd = weight_bytes_per_token(SHIPPED_TARGET), weight_bytes_per_token(SHIPPED_DRAFT)
+    dense_expert = ra["routing"]["dense_expert_bytes_per_token"]
+    plain = {"dense plain": wt["per_token"], "sparse plain": sparse["configs"]["sparse"]["read_bytes_per_token"]}
+    draft = {n: DRAFT_K * wd["per_token"] for n in ra["engines"] if n.startswith("sparse + draft-model")}
+    out["a"] = {"label": "real acceptance and routing", "model": ra["model"], "draft": ra["draft"],
+                "prompts": a["n_prompts"], "tokens": a["tokens"], "rounds": a["rounds"], "routing": ra["routing"],
+                "engines": _spec_rows(ra["engines"], weight_bytes=wt["per_token"], dense_expert_bytes=dense_expert,
+                                      plain_bytes=plain, draft_bytes_per_step=draft, bandwidth_gb_s=bandwidth_gb_s)}
+    return out, ra
+
+
+def speculative_markdown(s: dict) -> list[str]:
+    lines = [f"Checked first: {s['method']}.", ""]
+    titles = {"c": "(c) {model}: real end to end, {prompts} prompts x {tokens} tokens x {rounds} rounds",
+              "a": "(a) {model} + its draft model: real acceptance and routing, {prompts} prompts x {tokens} tokens "
+                   "x {rounds} rounds"}
+    for key in ("c", "a"):
+        if key not in s:
+            continue
+        sec = s[key]
+        lines += [titles[key].format(**{**sec, "model": Path(sec["model"]).name}), "",
+                  ("| engine | tok/s (min-max) | x plain (paired) | tokens/step | mean accepted | expert MB/token | "
+                  "weights read MB/token | bandwidth bound tok/s | fraction of bound |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in sec["engines"].items():
+            d, x = r["decode_tok_s"], r.get("ratio_vs_plain")
+            ratio = f"{x['median']:.2f}x" if x else "1.00x"
+            if "speed_vs_llama_cpp" in r:
+                ratio += f" ({r['speed_vs_llama_cpp']:.2f}x llama.cpp)"
+            tps = f"{r['tokens_per_step']:.2f}" if "tokens_per_step" in r else "1"
+            acc = f"{r['mean_accepted']:.2f}" if "mean_accepted" in r else "-"
+            exp = f"{r['expert_bytes_per_token'] / 1e6:.3f}" if r.get("expert_bytes_per_token") else "-"
+            lines.append(f"| {name} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {ratio} | {tps} | {acc} | "
+                         f"{exp} | {r['read_bytes_per_token'] / 1e6:.2f} | {r['bandwidth_bound_tok_s']:.0f} | "
+                         f"{100 * r['fraction_of_bound']:.0f}% |")
+        if key == "c" and sec["llama_cpp"] != "ran":
+            lines.append(f"| llama.cpp plain | {sec['llama_cpp']} | | | | | | | |")
+        lines.append("")
+    return lines + [f"Bound: {s['bound_method']}."]
+
+
+# ---- synthetic ----
+
+SYNTH_FULL = {"Ts": (8,), "fractions": (0.1, 0.3, 0.5, 1.0), "repeats": 3, "decode_steps": 8, "replay_repeats": 3}
+SYNTH_LABEL = ("SYNTHETIC: released BlockFFN shapes with random weights (bench_device/synthetic.py) and synthetic "
+               "routing (a (layer, position)-keyed pattern of stated TLS/CLS replacing the router's choice), not a "
+               "trained model")
+
+
+def synthetic_section(shapes: list[str], *, threads: int, bandwidth_gb_s: float, replay_from: dict | None,
+                      bar=no_bar, settings: dict = SYNTH_FULL) -> dict:
+    """bench_synthetic on each shape (decode dense vs sparse, a T=8 chain and tree, the active-fraction sweep),
+    every record labelled SYNTHETIC, decode records with their bandwidth bound; then, given section_a's result,
+    bench_speculative's (b): (a)'s accepted lengths REPLAYED on the same shapes."""
+    from bench_device import bench_synthetic, synthetic
+    from bench_device.suite import weight_bytes_per_token
+
+    c = settings
+    records = []
+    for shape in shapes:
+        steps = 2 + 2 * len(c["Ts"]) + len(c["fractions"])  # bench_shape's log lines
+        with bar(steps, f"synthetic {shape} (SYNTHETIC weights and routing)") as b:
+            recs = bench_synthetic.bench_shape(shape, threads=threads, Ts=c["Ts"], fractions=c["fractions"],
+                                               repeats=c["repeats"], decode_steps=c["decode_steps"],
+                                               log=lambda m: b.update(1))
+        w = weight_bytes_per_token(synthetic.ensure(shape, "Q4_0", 0, vocab="small", progress=False))
+        for r in recs:
+            r["label"] = "SYNTHETIC"
+            if r["kind"] == "decode":
+                m = r["measured_sparsity"]
+                expert = m["dense_bytes_per_token"] if r["mode"] == "dense" else m["expert_bytes_per_token"]
+                per_token = read_bytes_per_token(w["per_token"], m["dense_bytes_per_token"], expert)
+                r["decode_tok_s"] = _tok_s_summary(r)
+                r["read_bytes_per_token"] = per_token
+                r["bandwidth_bound_tok_s"] = bandwidth_gb_s * 1e9 / per_token
+                r["fraction_of_bound"] = r["decode_tok_s"]["median"] / r["bandwidth_bound_tok_s"]
+        records += recs
+    out = {"label": SYNTH_LABEL, "synthetic": True,
+           "shapes": {s: asdict(synthetic.SHAPES[s].with_vocab("small")) for s in shapes}, "qtype": "Q4_0",
+           "routing": asdict(bench_synthetic.PAPER), "settings": {k: list(v) if isinstance(v, tuple) else v
+                                                                   for k, v in c.items()},
+           "records": records}
+    if replay_from is not None:
+        with bar(2 * len(shapes), "synthetic: REPLAYED speculation") as b:
+            out["replayed"] = spec.section_b(replay_from, shapes=shapes, threads=threads,
+                                             repeats=c["replay_repeats"], echo=lambda m: b.update(1))
+    return out
+
+
+def synthetic_markdown(s: dict) -> list[str]:
+    recs = s["records"]
+
+    def find(shape, kind, mode, **kw):
+        return [r for r in recs if r["shape"] == shape and r["kind"] == kind and r["mode"] == mode
+                and all(r.get(k) == v for k, v in kw.items())]
+
+    rt = s["routing"]
+    lines = [(f"**{s['label']}.** Routing stated at TLS {100 * rt['tls']:.0f}% / CLS-{rt['k']} {100 * rt['cls']:.0f}% "
+             f"(the paper's), {s['qtype']}, vocabulary {next(iter(s['shapes'].values()))['vocab']}; sparse output "
+             "checked against dense (logits) before every timing."), "",
+             ("| shape (SYNTHETIC) | mode | ms/token median (min-max) | tok/s | x dense | TLS / CLS-8 measured | "
+             "weights read MB/token | bandwidth bound tok/s | fraction of bound |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for shape in s["shapes"]:
+        dense = find(shape, "decode", "dense")[0]
+        for r in find(shape, "decode", "dense") + find(shape, "decode", "token"):
+            m = r["measured_sparsity"]
+            sp = f"{100 * m['tls']:.1f}% / {100 * m['cls_8']:.1f}%" if r["mode"] == "token" else "-"
+            lines.append(f"| {shape} | {'sparse' if r['mode'] == 'token' else 'dense'} | {1e3 * r['median_s']:.2f} "
+                         f"({1e3 * r['min_s']:.2f}-{1e3 * r['max_s']:.2f}) | {r['decode_tok_s']['median']:.1f} | "
+                         f"{dense['median_s'] / r['median_s']:.2f}x | {sp} | {r['read_bytes_per_token'] / 1e6:.1f} | "
+                         f"{r['bandwidth_bound_tok_s']:.0f} | {100 * r['fraction_of_bound']:.0f}% |")
+    lines += ["", "Verification passes (SYNTHETIC), sparse = the union of the batch's experts read once:", "",
+              "| shape | draft | T | dense ms | sparse ms | sparse / dense | sparse / one dense decode step |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for shape in s["shapes"]:
+        for kind in ("chain", "tree"):
+            for d in find(shape, kind, "dense"):
+                ch = find(shape, kind, "chunk", T=d["T"])[0]
+                lines.append(f"| {shape} | {kind} | {d['T']} | {1e3 * d['median_s']:.1f} | {1e3 * ch['median_s']:.1f} "
+                             f"| {ch['median_s'] / d['median_s']:.2f} | {ch['ratio_to_dense_decode']:.2f} |")
+    lines += ["", ("Time against the active fraction of experts (SYNTHETIC routing at TLS = 1 - a; the T=8 chain's "
+              "union is a):"), "",
+              "| shape | active fraction a | T=1 sparse / dense | T=8 chain sparse / dense |", "|---|---:|---:|---:|"]
+    for shape in s["shapes"]:
+        for d in find(shape, "sweep_decode", "dense"):
+            a = d["active_fraction"]
+            t1 = find(shape, "sweep_decode", "token", active_fraction=a)[0]
+            d8 = find(shape, "sweep_chain8", "dense", active_fraction=a)[0]
+            c8 = find(shape, "sweep_chain8", "chunk", active_fraction=a)[0]
+            lines.append(f"| {shape} | {a:.2f} | {t1['median_s'] / d['median_s']:.2f} | "
+                         f"{c8['median_s'] / d8['median_s']:.2f} |")
+    if "replayed" in s:
+        lines += ["", (f"**{s['replayed']['label']}.** Verify and decode steps measured on the synthetic shape; "
+                  "accepted lengths (and the drafter's time per step) from (a) on the shipped model:"), "",
+                  ("| shape | replayed from | tokens/step | dense decode tok/s | sparse decode tok/s | "
+                  "sparse + speculation tok/s (REPLAYED) | x dense decode |"), "|---|---|---:|---:|---:|---:|---:|"]
+        for r in s["replayed"]["runs"]:
+            t = r["tok_s"]
+            lines.append(f"| {r['shape']} | {r['replayed_from']} | {r['tokens_per_step']:.2f} | "
+                         f"{t['dense_decode']:.1f} | {t['sparse_decode']:.1f} | {t['sparse_speculation']:.1f} | "
+                         f"{r['speedup_vs_dense_decode']['sparse_speculation']:.2f}x |")
+    return lines

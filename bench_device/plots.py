@@ -125,10 +125,17 @@ def plot_tok_s_vs_bound(configs: list[dict], path: Path, title: str = "") -> Pat
     for y, m, b in zip(ys, med, bound):
         ax.text(max(m, b) * 1.01, y, f"{m:.0f} tok/s, {100 * m / b:.0f}% of {b:.0f}", va="center", fontsize=8)
     ax.set_yticks(ys, [c["name"] for c in configs])
-    ax.set_xlim(0, max(max(bound), max(c["tok_s"][2] for c in configs)) * 1.45)
-    ax.set_xlabel("tokens per second (decode)")
+    top = max(max(bound), max(c["tok_s"][2] for c in configs))
+    low = min(min(bound), min(c["tok_s"][1] for c in configs))
+    if low > 0 and top / low > 20:  # models of very different sizes in one plot: a log axis keeps each bar readable
+        ax.set_xscale("log")
+        ax.set_xlim(low / 2, top * 60)
+        ax.set_xlabel("tokens per second (decode, log scale)")
+    else:
+        ax.set_xlim(0, top * 1.45)
+        ax.set_xlabel("tokens per second (decode)")
     fig.suptitle(title or "Decode speed against the memory-bandwidth bound", fontsize=10)
-    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, fontsize=8, frameon=False)
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=1, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     return path

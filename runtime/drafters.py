@@ -9,7 +9,8 @@ Shape legend: V = vocabulary size, K = candidates kept per token, N = draft node
     draft-model     a smaller model with the same vocabulary drafting a chain from its own session
 
 A drafter's life: begin(ctx, params, rng) once per generation, then per step propose(ctx, max_nodes) -> Draft and
-observe(batch, parents, logits, path) with the verification's results; end() after the generation, close() once.
+observe(batch, parents, logits, path) with the verification's results (logits is a view of a buffer the next step
+overwrites: copy what must outlive the call); end() after the generation, close() once.
 """
 from __future__ import annotations
 

@@ -210,6 +210,7 @@ class _Scratch:
     def __init__(self, n_batch: int, n_vocab: int, params: SamplerParams | None = None):
         self.mask = np.zeros(n_batch * n_batch, dtype=np.uint8)  # [T, T] views of the first T*T bytes
         self.depth = np.zeros(n_batch, dtype=np.int32)            # [T]
+        self.logits = np.empty((n_batch, n_vocab), dtype=np.float32)  # [T, V] views: every verification's logits
         self.x = np.empty(n_vocab, dtype=np.float32)              # penalised logits
         self.p = np.empty(n_vocab, dtype=np.float64)              # target distribution at a node
         # Without a repetition penalty the target distribution depends on the logits alone: the C sampler computes
@@ -288,11 +289,11 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
             batch = [ctx[-1]] + draft.tokens
             n_past0 = session.n_past
             if chain:
-                logits = session.eval(batch, logits="all")  # [T, V]
+                logits = session.eval(batch, logits="all", out=buf.logits[:T])  # [T, V]
             else:
                 mask = buf.tree_mask(parents)
                 pos = (buf.depth[:T] + n_past0).tolist()
-                logits = session.eval(batch, pos=pos, mask=mask, logits="all")  # [T, V]
+                logits = session.eval(batch, pos=pos, mask=mask, logits="all", out=buf.logits[:T])  # [T, V]
             t2 = time.perf_counter()
 
             # Walk the tree from the root, the target choosing at each node.

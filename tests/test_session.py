@@ -60,6 +60,24 @@ def test_tree_mask_gives_each_branch_its_own_path_logits(model):
     close(after_keep, ref_next)
 
 
+def test_eval_writes_logits_into_a_given_buffer_and_rejects_bad_ones(model):
+    toks = model.tokenize(PROMPT)[:4]
+    V = model.info.n_vocab
+    with model.session(n_ctx=128) as s:
+        want = s.eval(toks, logits="all")
+        s.truncate(0)
+        buf = np.full((8, V), np.nan, np.float32)
+        got = s.eval(toks, logits="all", out=buf[:4])
+        assert np.shares_memory(got, buf) and np.array_equal(buf[:4], want) and np.isnan(buf[4:]).all()
+        last = np.empty(V, np.float32)
+        assert s.eval([toks[0]], out=last) is last
+        n = s.n_past
+        for bad in (np.zeros((4, V)), buf[:4, ::2], buf[:3], np.zeros(V, np.float32)):
+            with pytest.raises((ValueError, SparrowError)):
+                s.eval(toks, logits="all", out=bad)
+        assert s.n_past == n and len(s.tokens) == n  # nothing evaluated
+
+
 def test_phase_timings_account_for_the_forward_passes(model):
     import time
 

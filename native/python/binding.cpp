@@ -367,10 +367,12 @@ NB_MODULE(_sparrow, m) {
         .def("keep", [](Session &self, std::vector<int32_t> idx) {
             check(sp_session_keep(self.get(), idx.data(), (int32_t)idx.size()));
         })
-        // eval(tokens, pos=None, mask=None, logits="last"|"all"|"none") -> float32 array [V] / [T, V] / None
+        // eval(tokens, pos=None, mask=None, logits="last"|"all"|"none", out=None) -> float32 array [V] / [T, V] / None;
+        // out: a float32 C-contiguous array of that shape to write the logits into (returned), instead of a new one
         .def("eval", [](Session &self, std::vector<int32_t> tokens, std::optional<std::vector<int32_t>> pos,
                         std::optional<nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>> mask,
-                        const std::string &logits) -> nb::object {
+                        const std::string &logits,
+                        std::optional<nb::ndarray<float, nb::c_contig, nb::device::cpu>> out_arr) -> nb::object {
             sp_session *s = self.get();
             const size_t T = tokens.size();
             if (pos && pos->size() != T) throw SparrowError("SP_ERR_INVALID_ARG: pos must have one entry per token");
@@ -379,7 +381,18 @@ NB_MODULE(_sparrow, m) {
             if (logits != "last" && logits != "all" && logits != "none")
                 throw SparrowError("SP_ERR_INVALID_ARG: logits must be 'last', 'all' or 'none'");
             const size_t rows = logits == "all" ? T : (logits == "last" ? 1 : 0);
-            float *out = rows ? new float[rows * (size_t)self.n_vocab] : nullptr;
+            float *given = nullptr;
+            if (out_arr) {
+                auto &arr = *out_arr;
+                const bool ok = rows && (logits == "last" ? arr.ndim() == 1 && arr.shape(0) == (size_t)self.n_vocab
+                                                          : arr.ndim() == 2 && arr.shape(0) == T &&
+                                                                arr.shape(1) == (size_t)self.n_vocab);
+                if (!ok)
+                    throw SparrowError("SP_ERR_INVALID_ARG: out must be a float32 C-contiguous array of the logits' "
+                                       "shape ([V] for 'last', [T, V] for 'all')");
+                given = arr.data();
+            }
+            float *out = given ? given : (rows ? new float[rows * (size_t)self.n_vocab] : nullptr);
             sp_batch b{};
             b.tokens = tokens.data();
             b.pos = pos ? pos->data() : nullptr;
@@ -393,14 +406,15 @@ NB_MODULE(_sparrow, m) {
                 st = sp_eval(s, &b);
             }
             if (st != SP_OK) {
-                delete[] out;
+                if (!given) delete[] out;
                 check(st);
             }
+            if (given) return nb::cast(*out_arr);
             if (!out) return nb::none();
             nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
             if (logits == "last") return nb::cast(F32Array(out, {(size_t)self.n_vocab}, owner));
             return nb::cast(F32Array(out, {T, (size_t)self.n_vocab}, owner));
-        }, "tokens"_a, "pos"_a = nb::none(), "mask"_a = nb::none(), "logits"_a = "last");
+        }, "tokens"_a, "pos"_a = nb::none(), "mask"_a = nb::none(), "logits"_a = "last", "out"_a.noconvert() = nb::none());
 
     nb::class_<Sampler>(m, "Sampler")
         .def(nb::init<int32_t, float, int32_t, float, float, float, int32_t, uint64_t>(), "n_vocab"_a,

@@ -301,6 +301,8 @@ def section_a(target: Path, draft: Path, *, threads: int, tokens: int, rounds: i
     sparse = model.session(n_ctx=512, n_threads=threads)
     dm = Model(draft)
     drafters = {"draft-model (chain 4)": DraftModel(dm, k=4, n_ctx=512, n_threads=threads),
+                "draft-model (tree: chain 3 + 2 runners-up each)": DraftModel(dm, k=3, n_ctx=512, n_threads=threads,
+                                                                             alternatives=2),
                 **train_free_drafters(model.info.n_vocab)}
     engines = native_engines(dense, sparse, drafters)
     prompts = [model.tokenize(p) for p in DOC_PROMPTS[:n_prompts]]
@@ -311,6 +313,7 @@ def section_a(target: Path, draft: Path, *, threads: int, tokens: int, rounds: i
     out = {"model": str(target), "draft": str(draft), "engines": rep,
            "routing": {"tls": st.tls, "cls8": st.cls[8], "dense_expert_bytes_per_token": st.dense_bytes_per_token}}
     drafters["draft-model (chain 4)"].close()
+    drafters["draft-model (tree: chain 3 + 2 runners-up each)"].close()
     for x in (dense, sparse, model, dm):
         x.close()
     return out

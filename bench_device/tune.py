@@ -306,7 +306,8 @@ def drafter_candidates(threads: int, *, quick: bool, draft_model: str | None = N
     if draft_model:
         c.append(Candidate.make(threads, draft_model, k=4))
         if not quick:
-            c.append(Candidate.make(threads, draft_model, k=2))
+            c += [Candidate.make(threads, draft_model, k=2),
+                  Candidate.make(threads, draft_model, k=3, alternatives=2)]
     return c
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from runtime import _sparrow
 from runtime.native import Model, SamplerParams, Session
 from runtime.planner import TreePlanner
-from runtime.speculative import Draft, draw, greedy_token, target_probs
+from runtime.speculative import Draft, draw, greedy_token, penalized, target_probs
 
 
 class Drafter:
@@ -179,12 +179,20 @@ def top_k_rows(x: np.ndarray, k: int) -> np.ndarray:
 class DraftModel(Drafter):
     """A smaller model sharing the target's vocabulary drafts a chain of up to k tokens from its own session, which
     follows the context through truncation (only the tokens it has not seen are evaluated). With sampling params it
-    samples from its own processed distribution and reports it (q) for speculative sampling."""
+    samples from its own processed distribution and reports it (q) for speculative sampling.
+
+    Tree drafting (alternatives > 0): the chain follows the draft model's greedy choice, and beside each chain node
+    its next `alternatives` candidates (the draft's runners-up at that position) are added as leaf siblings, so a
+    wrong first guess can still be caught one level down, at no extra draft evaluation. These drafts are
+    deterministic, so sampling verifies them by recursive rejection (no q), which keeps the target distribution."""
 
     name = "draft-model"
 
-    def __init__(self, model: Model, *, k: int = 4, n_ctx: int = 2048, n_threads: int = 0, owns_model: bool = False):
-        self.model, self.k, self.owns_model = model, k, owns_model
+    def __init__(self, model: Model, *, k: int = 4, n_ctx: int = 2048, n_threads: int = 0, owns_model: bool = False,
+                 alternatives: int = 0):
+        if k < 1 or alternatives < 0:
+            raise ValueError("draft model: k >= 1 and alternatives >= 0")
+        self.model, self.k, self.owns_model, self.alternatives = model, k, owns_model, alternatives
         self.session: Session = model.session(n_ctx=n_ctx, n_threads=n_threads)
         V = model.info.n_vocab
         self.x = np.empty(V, dtype=np.float32)
@@ -212,6 +220,8 @@ class DraftModel(Drafter):
         greedy = self.params.temperature <= 0
         penalty = self.params.repeat_penalty != 1.0
         hist = ctx[-self.params.repeat_last_n:] if penalty else []
+        if self.alternatives:
+            return self._tree(logits, k, max_nodes, hist, penalty)
         tokens: list[int] = []
         for j in range(k):
             history = hist + tokens if penalty else ()
@@ -223,6 +233,28 @@ class DraftModel(Drafter):
             if j + 1 < k:
                 logits = s.eval([t], logits="last")
         return Draft.chain(tokens, None if greedy else self.q[:k])
+
+    def _tree(self, logits: np.ndarray, k: int, max_nodes: int, hist: list[int], penalty: bool) -> Draft:
+        """The greedy chain of k with `alternatives` runner-up leaves beside each chain node (batch order: chain
+        node, its alternatives, next chain node, ...; cut at max_nodes, which keeps a subtree)."""
+        s, tokens, parents, chain, parent = self.session, [], [], [], 0
+        greedy_params = SamplerParams.greedy()
+        greedy_params.repeat_penalty, greedy_params.repeat_last_n = self.params.repeat_penalty, self.params.repeat_last_n
+        for j in range(k):
+            history = hist + chain if penalty else ()
+            x = penalized(logits, greedy_params, history, self.x)
+            top = top_k_rows(x[None, :], 1 + self.alternatives)[0].tolist()  # [greedy, runners-up...]
+            for t in top:
+                if len(tokens) >= max_nodes:
+                    break
+                tokens.append(t)
+                parents.append(parent)
+            if len(tokens) >= max_nodes or j + 1 == k:
+                break
+            chain.append(top[0])
+            parent = len(tokens) - len(top) + 1  # the batch index of this depth's chain node
+            logits = s.eval([top[0]], logits="last")
+        return Draft(tokens, parents)
 
     def close(self) -> None:
         self.session.close()

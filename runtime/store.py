@@ -486,7 +486,7 @@ DRAFTER_OPTIONS: dict[str, dict[str, type]] = {
     "prompt-lookup": {"ngram": int, "min_ngram": int, "k": int},
     "recycling": {"k": int, "branching": list, "max_nodes": int},
     "hybrid": {"lookup_k": int, "ngram": int, "min_ngram": int, "k": int, "branching": list, "max_nodes": int},
-    "draft-model": {"k": int},
+    "draft-model": {"k": int, "alternatives": int},
 }
 
 

@@ -369,6 +369,7 @@ def test_speculative_sampling_preserves_the_target_distribution(tiny):
         "always rejected": Rejected(int(np.argmin(logits))),
         "draft = target": DraftModel(target, k=3, n_ctx=64, n_threads=1),
         "other draft model": DraftModel(draft_model, k=3, n_ctx=64, n_threads=1),
+        "other draft model, tree": DraftModel(draft_model, k=3, n_ctx=64, n_threads=1, alternatives=2),
         "deterministic tree": Fixed([a, b] + kids_a, [0, 0, 1, 1]),
         "recycling": Recycling(target.info.n_vocab, branching=(3, 2)),
     }
@@ -388,7 +389,7 @@ def test_speculative_sampling_preserves_the_target_distribution(tiny):
                 assert st.accepted == 0
             if name == "draft = target":
                 assert st.accepted == st.drafted  # p == q: never rejected
-            if name in ("other draft model", "deterministic tree"):
+            if name in ("other draft model", "other draft model, tree", "deterministic tree"):
                 assert 0 < st.accepted < st.drafted
             d.close()
 
@@ -464,6 +465,8 @@ def test_shipped_blockffn_greedy_equals_plain_with_every_drafter():
         V = m.info.n_vocab
         drafters = {"draft-model": make_drafter(str(SHIPPED / "blockffn-tiny-draft.Q8_0.gguf"), m, n_ctx=256,
                                                 n_threads=THREADS),
+                    "draft-model-tree": make_drafter(str(SHIPPED / "blockffn-tiny-draft.Q8_0.gguf"), m, n_ctx=256,
+                                                     n_threads=THREADS, k=3, alternatives=2),
                     "recycling": Recycling(V), "recycling-tree": Recycling(V, branching=(3, 2, 1), max_nodes=12),
                     "recycling-planned": Recycling(V, branching=(4, 2, 2, 1), max_nodes=24),
                     "hybrid": Hybrid(V), "prompt-lookup": PromptLookup()}
@@ -479,7 +482,9 @@ def test_shipped_blockffn_greedy_equals_plain_with_every_drafter():
                                               planner=planner if name == "recycling-planned" else None))
                 assert got == ref, (name, text)
         drafters["draft-model"].close()
+        drafters["draft-model-tree"].close()
     for name, st in stats.items():
         print(f"{name}: {st.summary()}")
         assert st.expert_bytes_per_step > 0
     assert stats["draft-model"].mean_accepted > 0.5
+    assert stats["draft-model-tree"].drafted > stats["draft-model-tree"].steps * 3  # runner-up leaves were verified

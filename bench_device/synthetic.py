@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -159,6 +158,8 @@ def write(shape: Shape, path: str | os.PathLike, qtype: str = "Q4_0", seed: int 
     import gguf
     from tqdm import tqdm
 
+    from converters.gguf_out import streamed_gguf
+
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {', '.join(QTYPES)}, not {qtype!r}")
     H, L = shape.hidden, shape.layers
@@ -203,24 +204,11 @@ def write(shape: Shape, path: str | os.PathLike, qtype: str = "Q4_0", seed: int 
             byte_shape = (*shp[:-1], shp[-1] // 32 * BLOCK_BYTES[ty])
             w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape),
                               raw_dtype=gguf.GGMLQuantizationType[ty])
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+    with streamed_gguf(w, out):
         for i, (name, shp, ty) in enumerate(tqdm(plan, desc=f"synthetic {shape.name} {qtype}", unit="tensor",
                                                  disable=not progress)):
             rng = np.random.default_rng([seed, i])  # per tensor: the bytes do not depend on write order
             w.write_tensor_data(_data(rng, name, shp, ty))
-        w.close()
-        os.chmod(tmp, 0o644)  # mkstemp made it private
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from . import ConversionError
+from .gguf_out import streamed_gguf
 from .hf import SafetensorsCheckpoint, load_config
 from .spm import UNUSED, USER_DEFINED, load_spm
 
@@ -457,13 +457,11 @@ def convert(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str 
             w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=t.qtype)
 
     # 3. Data, into a temporary file renamed into place at the end.
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+    def refuse_if_out_appeared() -> None:
+        if out.exists() and not overwrite:  # appeared while converting
+            raise ConversionError(f"{out} appeared during the conversion; not replacing it")
+
+    with streamed_gguf(w, out, before_replace=refuse_if_out_appeared):
         for t in tqdm(plan, desc=f"{src.name} -> {out.name} ({q.name})", unit="tensor", disable=not progress):
             data = t.build()
             if data.shape != t.shape:
@@ -480,12 +478,4 @@ def convert(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str 
                 w.write_tensor_data(np.ascontiguousarray(data, dtype=np.float16))
             else:
                 w.write_tensor_data(quantize(np.ascontiguousarray(data, dtype=np.float32), t.qtype))
-        w.close()
-        if out.exists() and not overwrite:  # appeared while converting
-            raise ConversionError(f"{out} appeared during the conversion; not replacing it")
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return out

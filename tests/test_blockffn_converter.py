@@ -462,3 +462,40 @@ def test_sharded_checkpoint_converts_like_the_single_file(ckpt, tmp_path):
     assert list(a) == list(b)
     for name in a:
         np.testing.assert_array_equal(a[name].data, b[name].data, err_msg=name)
+
+
+def test_streamed_gguf_leaves_either_the_whole_file_or_nothing(tmp_path):
+    """converters.gguf_out.streamed_gguf (the converter's and the synthetic models' writer): a failure while the
+    tensors are written leaves no file and no temporary behind, and an existing file untouched; a success gives a
+    readable file with the permissions of a new file."""
+    import os
+
+    import gguf
+    import numpy as np
+
+    from converters.gguf_out import streamed_gguf
+
+    def writer():
+        w = gguf.GGUFWriter(None, "llama")
+        w.add_tensor_info("t", (4,), np.dtype(np.float32), 16)
+        return w
+
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"precious")
+    with pytest.raises(KeyboardInterrupt):
+        with streamed_gguf(writer(), out):
+            raise KeyboardInterrupt
+    assert out.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    with pytest.raises(RuntimeError, match="refused"):
+        w = writer()
+        with streamed_gguf(w, out, before_replace=lambda: (_ for _ in ()).throw(RuntimeError("refused"))):
+            w.write_tensor_data(np.arange(4, dtype=np.float32))
+    assert out.read_bytes() == b"precious" and len(list(tmp_path.iterdir())) == 1
+    out.unlink()
+    w = writer()
+    with streamed_gguf(w, out):
+        w.write_tensor_data(np.arange(4, dtype=np.float32))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~umask
+    assert gguf.GGUFReader(str(out)).tensors[0].data.tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -271,12 +271,13 @@ DRAFT_HELP = ("Speculative decoding: none, prompt-lookup, recycling (Token Recyc
               "none elsewhere.")
 
 
-def _with_drafter(backend, settings: _RunSettings, store: Store, *, n_ctx: int):
-    """The backend itself for --draft none, else one that decodes speculatively with that drafter."""
+def _with_drafter(backend, settings: _RunSettings, store: Store, *, n_ctx: int, name: str):
+    """The backend itself for --draft none, else one that decodes speculatively with that drafter. For a model in
+    the store, Token Recycling starts from what it learned in earlier sessions and saves it on close."""
     draft = settings.draft
     if draft == "none":
         return backend
-    from runtime.drafters import DRAFTERS, make_drafter
+    from runtime.drafters import DRAFTERS, make_drafter, recycling_part
     from runtime.speculative import SpeculativeBackend
 
     tuned = settings.tuned is not None and draft == settings.tuned.drafter
@@ -301,7 +302,20 @@ def _with_drafter(backend, settings: _RunSettings, store: Store, *, n_ctx: int):
         if isinstance(e, ValueError):
             raise click.ClickException(str(e)) from None
         raise
-    return SpeculativeBackend(backend, drafter)
+    spec = SpeculativeBackend(backend, drafter)
+    rec = recycling_part(drafter)
+    if rec is not None and store.get(name) is not None:
+        state = store.recycling_state_path(name)
+        if state.exists() and (why := rec.load_state(state)):
+            click.echo(f"warning: the saved Token Recycling state is not used: {why}", err=True)
+
+        def save() -> None:
+            try:
+                rec.save_state(state)
+            except OSError as e:
+                click.echo(f"warning: could not save the Token Recycling state to {state}: {e}", err=True)
+        spec.on_close = save
+    return spec
 
 
 # ---- chat ----
@@ -326,7 +340,7 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
         pass
     store = Store()
     name, backend, settings = _open_model(store, model, n_ctx=n_ctx, threads=threads, draft=draft)
-    backend = _with_drafter(backend, settings, store, n_ctx=n_ctx)
+    backend = _with_drafter(backend, settings, store, n_ctx=n_ctx, name=name)
     params = _sampler_params(**sampling)
     conversation = Chat(backend, system=system)
     tuned = f"; tuned: {settings.describe()}" if settings.tuned else ""
@@ -405,7 +419,7 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
         prompt = sys.stdin.read()
     store = Store()
     name, backend, settings = _open_model(store, model, n_ctx=n_ctx, threads=threads, draft=draft, quiet=as_json)
-    backend = _with_drafter(backend, settings, store, n_ctx=n_ctx)
+    backend = _with_drafter(backend, settings, store, n_ctx=n_ctx, name=name)
     params = _sampler_params(**sampling)
     max_tokens = max_tokens or 256
     try:

@@ -14,6 +14,7 @@ overwrites: copy what must outlive the call); end() after the generation, close(
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -121,6 +122,34 @@ class Recycling(Drafter):
         rows = np.asarray(path if self.update == "path" else range(len(batch)))
         self.adj[np.asarray(batch)[rows]] = top_k_rows(logits[rows], self.k)
 
+    # The adjacency matrix is what Token Recycling has learned about a model; chat keeps it in the model store
+    # between sessions (runtime.cli), so a new conversation does not start cold.
+
+    def save_state(self, path: Path) -> None:
+        """Write the adjacency matrix to path (.npy), atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, self.adj, allow_pickle=False)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_state(self, path: Path) -> str | None:
+        """Take the adjacency matrix saved at path if it fits this drafter (same vocabulary size and k, valid token
+        ids). Returns None when loaded, else why not (the matrix is then left as it was)."""
+        try:
+            adj = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            return f"{path} could not be read ({e})"
+        if adj.dtype != np.int32 or adj.shape != self.adj.shape:
+            return f"{path} holds a {adj.dtype} {adj.shape} matrix, this drafter needs int32 {self.adj.shape}"
+        if adj.size and (adj.min() < -1 or adj.max() >= adj.shape[0]):
+            return f"{path} holds token ids outside the vocabulary"
+        self.adj[...] = adj
+        return None
+
 
 class Hybrid(Drafter):
     """Prompt lookup and Token Recycling in one tree: the lookup's chain first (where the context repeats itself it
@@ -167,6 +196,13 @@ class Hybrid(Drafter):
     def end(self) -> None:
         self.lookup.end()
         self.recycling.end()
+
+
+def recycling_part(drafter: Drafter) -> Recycling | None:
+    """The Token Recycling state inside a drafter (itself, or the hybrid's), if any."""
+    if isinstance(drafter, Recycling):
+        return drafter
+    return drafter.recycling if isinstance(drafter, Hybrid) else None
 
 
 def top_k_rows(x: np.ndarray, k: int) -> np.ndarray:

@@ -18,8 +18,8 @@ Two online models, both learned from the steps this planner has seen:
 
 The plan: nodes in order of p (ties: the earlier node), so every prefix of that order is a subtree; keep the prefix
 of n nodes maximising (1 + sum of its p) / t(n + 1), the expected tokens per second of the step. Until the cost fit
-has several tree sizes to go on, it verifies sizes from a fixed schedule (all, none, half, a quarter, three quarters
-of the candidates); after that, every `explore_every`-th step verifies a size near the chosen one (twice it, half of
+has several tree sizes to go on, it verifies small sizes from a fixed schedule (1, 0, 2, 4 nodes: a short chat must
+not pay for the widest trees while the planner learns); after that, every `explore_every`-th step verifies a size near the chosen one (twice it, half of
 it, 1.5 times it, in turn), so the cost model keeps seeing the neighbourhood it decides in without paying for the
 largest trees. What is verified never changes the output: greedy decoding stays exactly plain greedy decoding.
 
@@ -93,7 +93,7 @@ class TreePlanner:
         self.steps = 0
         self.kept = 0
         self.candidates = 0
-        self._schedule = itertools.cycle((1.0, 0.0, 0.5, 0.25, 0.75))  # fractions of the candidates, warm-up
+        self._schedule = itertools.cycle((1, 0, 2, 4))                 # node counts while warming up
         self._around = itertools.cycle((2.0, 0.5, 1.5))                 # multiples of (chosen size + 1), later
         self.last_choice = 0
         self._union = (np.zeros(0), np.zeros(0))  # sizes seen, mean expert bytes at each (updated by fit)
@@ -163,7 +163,7 @@ class TreePlanner:
         warm = not self.ready
         explore = warm or self.steps % self.explore_every == self.explore_every - 1
         if warm:
-            n = int(round(next(self._schedule) * N))
+            n = min(N, next(self._schedule))
         elif explore:
             n = min(N, int(round(next(self._around) * (self.last_choice + 1))) - 1)
         else:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -213,10 +213,9 @@ class _Scratch:
         self.logits = np.empty((n_batch, n_vocab), dtype=np.float32)  # [T, V] views: every verification's logits
         self.x = np.empty(n_vocab, dtype=np.float32)              # penalised logits
         self.p = np.empty(n_vocab, dtype=np.float64)              # target distribution at a node
-        # Without a repetition penalty the target distribution depends on the logits alone: the C sampler computes
-        # it (only its K tokens of non-zero probability) far faster than the dense numpy path.
-        self.sampler = (Sampler(n_vocab, params) if params is not None and params.temperature > 0
-                        and params.repeat_penalty == 1.0 else None)
+        # The C sampler computes the target distribution (only its K tokens of non-zero probability) far faster than
+        # the dense numpy path; its repetition-penalty history is set to each node's before use.
+        self.sampler = Sampler(n_vocab, params) if params is not None and params.temperature > 0 else None
 
     def tree_mask(self, parents: Sequence[int]) -> np.ndarray:
         """[T, T] ancestor-or-self mask and node depths for a root plus nodes with these parents."""
@@ -359,6 +358,10 @@ def _sample_at_node(logits: np.ndarray, params: SamplerParams, history: Sequence
                     rng: np.random.Generator) -> tuple[int, int | None]:
     """Speculative sampling at one node: returns (the token the target emits here, the child holding it or None)."""
     if q is None and buf.sampler is not None:
+        if params.repeat_penalty != 1.0 and params.repeat_last_n > 0:
+            buf.sampler.reset()  # the penalty's history: this node's context (the RNG reseeding is not used here)
+            for t in history[-params.repeat_last_n:]:
+                buf.sampler.accept(t)
         return _sample_deterministic_kids(*buf.sampler.candidates(logits), kids, batch, rng)
     p = target_probs(logits, params, history, buf.x, buf.p)
     if q is not None:  # a sampled chain: one child with draft distribution q[child - 1]
@@ -458,6 +461,7 @@ class SpeculativeBackend:
         self.drafter = drafter
         self.max_nodes = max_nodes
         self.planner = planner
+        self.on_close: Callable[[], None] | None = None  # e.g. save what the drafter learned (runtime.cli)
         self.stats = SpecStats()
 
     def __getattr__(self, name: str):
@@ -489,5 +493,9 @@ class SpeculativeBackend:
                 session.truncate(n)
 
     def close(self) -> None:
-        self.drafter.close()
-        self._backend.close()
+        try:
+            if self.on_close is not None:
+                self.on_close()
+        finally:
+            self.drafter.close()
+            self._backend.close()

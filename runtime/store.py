@@ -269,6 +269,7 @@ class Store:
         self.tmp_dir = self.root / "tmp"
         self.config_path = self.root / "config.json"
         self.tuned_dir = self.root / "tuned"
+        self.state_dir = self.root / "state"
 
     # -- reading --
     def list(self, shipped: bool = False) -> list[Manifest]:
@@ -346,6 +347,7 @@ class Store:
         os.replace(self.models_dir / name, trash / name)  # atomic: the model disappears at once
         shutil.rmtree(trash, ignore_errors=True)
         self.tuned_path(name).unlink(missing_ok=True)
+        self.recycling_state_path(name).unlink(missing_ok=True)
         if self._config().get("default") == name:
             config = self._config()
             config.pop("default", None)
@@ -355,6 +357,10 @@ class Store:
     # -- tuned settings --
     def tuned_path(self, name: str) -> Path:
         return self.tuned_dir / f"{name}.json"
+
+    def recycling_state_path(self, name: str) -> Path:
+        """Where chat keeps what Token Recycling learned about this model (runtime.drafters.Recycling.save_state)."""
+        return self.state_dir / f"{name}.recycling.npy"
 
     def save_tuned(self, name: str, record: dict) -> Path:
         """Store the settings `sparrow bench --tune` chose for model `name` (a record as TunedSettings.from_record

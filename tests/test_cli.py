@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import runtime_root
@@ -75,6 +76,26 @@ def test_two_turn_chat_evaluates_only_new_tokens(pulled, draft):
     else:
         assert p1 + g1 - 1 <= r2 <= p1 + g1, "turn 2 must reuse turn 1's prompt and answer from the KV cache"
     assert e2 == p2 - r2 and e2 < 30
+
+
+def test_token_recycling_state_is_kept_between_sessions(pulled):
+    """What Token Recycling learned in one session is saved in the store and used by the next; a damaged file is
+    reported and ignored (and then replaced); removing the model removes it."""
+    store = Store()
+    state = store.recycling_state_path(DEFAULT_MODEL)
+    r = run("generate", *GREEDY, "--max-tokens", "8", "--draft", "recycling", "Once upon a time")
+    assert r.exit_code == 0 and state.exists()
+    learned = np.load(state)
+    assert (learned >= 0).any()
+    r = run("generate", *GREEDY, "--max-tokens", "8", "--draft", "recycling", "The sea")
+    assert r.exit_code == 0 and "warning" not in r.output
+    assert ((np.load(state) >= 0).sum(axis=1) >= (learned >= 0).sum(axis=1)).all()  # kept, then added to
+    state.write_bytes(b"damaged")
+    r = run("generate", *GREEDY, "--max-tokens", "8", "--draft", "recycling", "The sea")
+    assert r.exit_code == 0 and "Token Recycling state is not used" in r.output
+    assert np.load(state).shape == learned.shape  # rewritten whole at the end
+    run("models", "rm", DEFAULT_MODEL)
+    assert not state.exists()
 
 
 def test_chat_api_reuses_the_kv_cache_on_every_backend(smollm_path):

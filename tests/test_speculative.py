@@ -23,7 +23,8 @@ from scipy import stats as scistats
 from tiny_llama import TinyConfig, write_tiny_llama
 
 from runtime import Model, Sampler, SamplerParams, SparrowError, _sparrow, generate_tokens
-from runtime.drafters import Drafter, DraftModel, Hybrid, PromptLookup, Recycling, make_drafter, top_k_rows
+from runtime.drafters import (Drafter, DraftModel, Hybrid, PromptLookup, Recycling, make_drafter, recycling_part,
+                              top_k_rows)
 from runtime.planner import TreePlanner
 from runtime.speculative import Draft, SpecStats, generate_speculative, speculative_tokens, target_probs
 
@@ -251,6 +252,23 @@ def test_hybrid_merges_the_lookup_chain_and_the_recycling_tree():
     assert h.planner is None and Hybrid(50).planner is not None
 
 
+def test_recycling_state_round_trips_and_refuses_what_does_not_fit(tmp_path):
+    a = Recycling(100, k=4)
+    a.adj[7] = [1, 2, 3, 4]
+    path = tmp_path / "state" / "m.recycling.npy"
+    a.save_state(path)
+    b = Recycling(100, k=4)
+    assert b.load_state(path) is None and (b.adj == a.adj).all()
+    for other in (Recycling(101, k=4), Recycling(100, k=8)):
+        assert "needs int32" in other.load_state(path) and (other.adj == -1).all()
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not numpy")
+    assert "could not be read" in b.load_state(bad) and (b.adj == a.adj).all()
+    np.save(bad, np.full((100, 4), 500, np.int32))
+    assert "outside the vocabulary" in b.load_state(bad)
+    assert recycling_part(Hybrid(100)) is not None and recycling_part(PromptLookup()) is None
+
+
 def test_top_k_rows_orders_like_a_full_sort():
     rng = np.random.default_rng(3)
     for V in (275, 49152):
@@ -392,6 +410,31 @@ def test_speculative_sampling_preserves_the_target_distribution(tiny):
             if name in ("other draft model", "other draft model, tree", "deterministic tree"):
                 assert 0 < st.accepted < st.drafted
             d.close()
+
+
+def test_speculative_sampling_with_a_repetition_penalty_preserves_the_target_distribution(tiny):
+    """The same chi-square test with the repetition penalty on (chat's default), for point-mass drafts: their
+    target distribution comes from the C sampler with each node's own history (prompt + tokens chosen above it)."""
+    target, _ = tiny
+    params = dataclasses.replace(SAMPLE_PARAMS, repeat_penalty=1.5, repeat_last_n=4)
+    expected = two_token_distribution(target, TINY_PROMPT, params)
+    assert expected != two_token_distribution(target, TINY_PROMPT, SAMPLE_PARAMS)  # the penalty matters here
+    first = sorted(expected, key=expected.get, reverse=True)
+    a, b = first[0][0], next(k[0] for k in first if k[0] != first[0][0])
+    kids_a = [k[1] for k in first if k[0] == a][:2]
+    with target.session(n_ctx=64, n_threads=1) as s:
+        for name, d in {"deterministic tree": Fixed([a, b] + kids_a, [0, 0, 1, 1]),
+                        "recycling": Recycling(target.info.n_vocab, branching=(3, 2))}.items():
+            counts: dict[tuple[int, int], int] = {}
+            st = SpecStats()
+            for i in range(N_SAMPLES):
+                got = tuple(speculative_tokens(s, TINY_PROMPT, d, max_tokens=5, stats=st, stop_at_eog=False,
+                                               params=dataclasses.replace(params, seed=5000 + i)))[:2]
+                counts[got] = counts.get(got, 0) + 1
+            pval = chi_square_p(counts, expected, N_SAMPLES)
+            print(f"{name} (penalty): chi-square p = {pval:.3g}; {st.summary()}")
+            assert pval > 1e-3, name
+            assert st.accepted > 0
 
 
 def test_generate_speculative_streams_text(smollm, plain):

@@ -281,6 +281,28 @@ def test_force_scalar_env_selects_ref():
 
 
 @pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("D,ld,n", [(64, 192, 7), (64, 64, 33), (48, 100, 5), (128, 128, 9), (80, 96, 1), (64, 64, 0)])
+def test_attention_row_kernels_equal_slot_by_slot(tier, D, ld, n):
+    """attn_scores_f16 / attn_sum_f16 (all cached rows of one head in one call) give bit for bit what dot_f16 and
+    axpy_f16 give slot by slot: the attention output does not depend on which path or how many slots."""
+    r = rng(D + n)
+    rows = (r.standard_normal((n, ld)) * 2).astype(np.float16).view(np.uint16)
+    q = r.standard_normal(D).astype(np.float32)
+    got = testing.attn_scores_f16(tier, q, rows, 0.125)
+    want = [np.float32(testing.dot_f16(tier, q, rows[j, :D].copy())) * np.float32(0.125) for j in range(n)]
+    assert np.array_equal(np.array(got, np.float32), np.array(want, np.float32))
+    p = r.random(n).astype(np.float32)
+    p[::3] = 0.0  # masked slots are skipped
+    start = r.standard_normal(D).astype(np.float32)
+    out = np.array(testing.attn_sum_f16(tier, start.tolist(), p.tolist(), rows), np.float32)
+    ref = start.tolist()
+    for j in range(n):
+        if p[j] != 0:
+            ref = testing.axpy_f16(tier, ref, float(p[j]), rows[j, :D].copy())
+    assert np.array_equal(out, np.array(ref, np.float32))
+
+
+@pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("n", [1, 7, 16, 31, 64, 100])
 def test_f16_vector_kernels(tier, n):
     """f32 -> f16 rows are bit-exact with numpy (nearest even); dot and axpy with F16 operands equal float64 sums of

@@ -638,6 +638,23 @@ NB_MODULE(_sparrow, m) {
         tier_or_throw(tier)->axpy_f16(y.data(), alpha, x.data(), (int64_t)y.size());
         return y;
     });
+    // attn_scores_f16(tier, q [D], rows f16 [n, ld], scale) -> [n]: q . rows[j, :D] * scale
+    t.def("attn_scores_f16", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> q,
+                                nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> rows, float scale) {
+        const int64_t D = (int64_t)q.shape(0), n = (int64_t)rows.shape(0), ld = (int64_t)rows.shape(1);
+        if (D > ld) throw SparrowError("SP_ERR_INVALID_ARG: rows shorter than q");
+        std::vector<float> out((size_t)n);
+        tier_or_throw(tier)->attn_scores_f16(q.data(), rows.data(), ld, n, D, scale, out.data());
+        return out;
+    });
+    // attn_sum_f16(tier, out [D], p [n], rows f16 [n, ld]) -> out + sum_j p[j] rows[j, :D]
+    t.def("attn_sum_f16", [](const std::string &tier, std::vector<float> out, std::vector<float> p,
+                             nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> rows) {
+        const int64_t D = (int64_t)out.size(), n = (int64_t)rows.shape(0), ld = (int64_t)rows.shape(1);
+        if (D > ld || (int64_t)p.size() != n) throw SparrowError("SP_ERR_INVALID_ARG: shape mismatch");
+        tier_or_throw(tier)->attn_sum_f16(out.data(), p.data(), rows.data(), ld, n, D);
+        return out;
+    });
     t.def("f32_to_f16", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
         std::vector<uint16_t> y(x.shape(0));
         tier_or_throw(tier)->f32_to_f16(y.data(), x.data(), (int64_t)y.size());

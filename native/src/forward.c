@@ -91,23 +91,24 @@ static void attention(const fwd_ctx *c, int il, int ith, int nth) {
         const int64_t t = w / hp->n_head, h = w % hp->n_head, kvh = h / group;
         const float *q = ses->s.q + t * QD + h * D;
         float *out = ses->s.attn + t * QD + h * D;
-        /* scores over visible slots, -inf elsewhere */
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < P + T; j++) {
-            bool visible = j < P || (c->b->mask ? c->b->mask[t * T + (j - P)] != 0 : j - P <= t);
+        /* scores: every cached slot (one kernel call), then the batch slots the mask lets t see; -inf elsewhere */
+        c->k->attn_scores_f16(q, kc + kvh * D, KVD, P, D, scale, scores);
+        for (int64_t j = P; j < P + T; j++) {
+            const bool visible = c->b->mask ? c->b->mask[t * T + (j - P)] != 0 : j - P <= t;
             scores[j] = visible ? c->k->dot_f16(q, kc + j * KVD + kvh * D, D) * scale : -INFINITY;
-            if (scores[j] > mx) mx = scores[j];
         }
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < P + T; j++) mx = scores[j] > mx ? scores[j] : mx;
         /* softmax, then out = sum_j p_j v_j */
         float sum = 0;
         for (int64_t j = 0; j < P + T; j++) {
             scores[j] = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - mx);
             sum += scores[j];
         }
-        memset(out, 0, (size_t)D * sizeof *out);
         const float inv = sum > 0 ? 1.0f / sum : 0.0f;
-        for (int64_t j = 0; j < P + T; j++)
-            if (scores[j] != 0.0f) c->k->axpy_f16(out, scores[j] * inv, vc + j * KVD + kvh * D, D);
+        for (int64_t j = 0; j < P + T; j++) scores[j] *= inv;
+        memset(out, 0, (size_t)D * sizeof *out);
+        c->k->attn_sum_f16(out, scores, vc + kvh * D, KVD, P + T, D);
     }
 }
 

@@ -95,6 +95,8 @@ static void fill_ref(sp_kernels *k) {
     k->axpy_f32 = sp_axpy_f32_ref;
     k->dot_f16 = sp_dot_f16_ref;
     k->axpy_f16 = sp_axpy_f16_ref;
+    k->attn_scores_f16 = sp_attn_scores_f16_ref;
+    k->attn_sum_f16 = sp_attn_sum_f16_ref;
     k->f32_to_f16 = sp_f32_to_f16_ref;
 }
 

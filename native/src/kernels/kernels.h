@@ -104,6 +104,12 @@ typedef struct sp_kernels {
     /* the F16 KV cache: scores q.k and weighted sums of v, and rows written into it (round to nearest even) */
     float (*dot_f16)(const float *a, const sp_f16 *b, int64_t n);
     void (*axpy_f16)(float *y, float a, const sp_f16 *x, int64_t n); /* y += a*x */
+    /* Attention over n cached F16 rows of length D (row j at base + j*ld): out[j] = scale * (q . k_j) for all j;
+     * and out[0..D) += sum_j p[j] v_j over the rows with p[j] != 0. Each score and each output element is what
+     * dot_f16/axpy_f16 give slot by slot; the SIMD tiers only read several rows per pass. */
+    void (*attn_scores_f16)(const float *q, const sp_f16 *k, int64_t ld, int64_t n, int64_t D, float scale,
+                            float *out);
+    void (*attn_sum_f16)(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D);
     void (*f32_to_f16)(sp_f16 *y, const float *x, int64_t n);
 } sp_kernels;
 

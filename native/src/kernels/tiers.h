@@ -38,6 +38,9 @@
     void sp_axpy_f32_##tier(float *y, float a, const float *x, int64_t n);                                      \
     float sp_dot_f16_##tier(const float *a, const sp_f16 *b, int64_t n);                                        \
     void sp_axpy_f16_##tier(float *y, float a, const sp_f16 *x, int64_t n);                                     \
+    void sp_attn_scores_f16_##tier(const float *q, const sp_f16 *k, int64_t ld, int64_t n, int64_t D, float scale, \
+                                   float *out);                                                                  \
+    void sp_attn_sum_f16_##tier(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D);    \
     void sp_f32_to_f16_##tier(sp_f16 *y, const float *x, int64_t n);
 
 /* pack.c: the row-interleaved packed layout of Q4_0/Q4_1/Q8_0 weights with rg rows per group (layout there). */

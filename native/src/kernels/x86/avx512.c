@@ -98,6 +98,53 @@ void sp_axpy_f16_avx512(float *y, float a, const sp_f16 *x, int64_t n) {
     }
 }
 
+/* Scores: four key rows per pass (four independent accumulator chains instead of one), each accumulated and reduced
+ * exactly as sp_dot_f16_avx512 does, so every score is bit-identical to the slot-by-slot kernel's. */
+void sp_attn_scores_f16_avx512(const float *q, const sp_f16 *k, int64_t ld, int64_t n, int64_t D, float scale,
+                               float *out) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const sp_f16 *k0 = k + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+        for (int64_t i = 0; i < D; i += 16) {
+            const __mmask16 m = D - i >= 16 ? 0xffff : (__mmask16)((1u << (D - i)) - 1);
+            const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
+            s0 = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(k0 + i))), s0);
+            s1 = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(k1 + i))), s1);
+            s2 = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(k2 + i))), s2);
+            s3 = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(k3 + i))), s3);
+        }
+        out[j] = _mm512_reduce_add_ps(s0) * scale;
+        out[j + 1] = _mm512_reduce_add_ps(s1) * scale;
+        out[j + 2] = _mm512_reduce_add_ps(s2) * scale;
+        out[j + 3] = _mm512_reduce_add_ps(s3) * scale;
+    }
+    for (; j < n; j++) out[j] = sp_dot_f16_avx512(q, k + j * ld, D) * scale;
+}
+
+/* Weighted sum of value rows: up to 64 output elements live in four registers across all rows (fused multiply-adds
+ * in row order, as repeated sp_axpy_f16_avx512 calls would do them). */
+void sp_attn_sum_f16_avx512(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D) {
+    for (int64_t c = 0; c < D; c += 64) {
+        __mmask16 m[4];
+        __m512 acc[4];
+        for (int u = 0; u < 4; u++) {
+            const int64_t i = c + 16 * u, left = D - i;
+            m[u] = left >= 16 ? 0xffff : (left > 0 ? (__mmask16)((1u << left) - 1) : 0);
+            acc[u] = _mm512_maskz_loadu_ps(m[u], out + (i < D ? i : 0));
+        }
+        for (int64_t j = 0; j < n; j++) {
+            if (p[j] == 0.0f) continue;
+            const __m512 a = _mm512_set1_ps(p[j]);
+            const sp_f16 *row = v + j * ld + c;
+            for (int u = 0; u < 4; u++)
+                if (m[u]) acc[u] = _mm512_fmadd_ps(a, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m[u], (const void *)(row + 16 * u))), acc[u]);
+        }
+        for (int u = 0; u < 4; u++)
+            if (m[u]) _mm512_mask_storeu_ps(out + c + 16 * u, m[u], acc[u]);
+    }
+}
+
 void sp_f32_to_f16_avx512(sp_f16 *y, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
@@ -649,5 +696,7 @@ void sp_kernels_fill_avx512(sp_kernels *k) {
     k->axpy_f32 = sp_axpy_f32_avx512;
     k->dot_f16 = sp_dot_f16_avx512;
     k->axpy_f16 = sp_axpy_f16_avx512;
+    k->attn_scores_f16 = sp_attn_scores_f16_avx512;
+    k->attn_sum_f16 = sp_attn_sum_f16_avx512;
     k->f32_to_f16 = sp_f32_to_f16_avx512;
 }

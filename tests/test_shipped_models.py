@@ -132,15 +132,15 @@ def test_store_lists_shipped_models(tmp_path, monkeypatch):
 
 
 def test_generate_defaults_to_the_drafter_measured_best_for_the_model(tmp_path, monkeypatch):
-    """Without --draft or tuned settings, a registered model drafts with its measured-best drafter (the recycling
-    chain for the tiny BlockFFN, whose steps are too short for a planned tree's overhead); output = plain greedy."""
+    """Without --draft or tuned settings, a registered model drafts with its measured-best drafter (prompt lookup
+    for the tiny BlockFFN, whose steps are too short for a planned tree's overhead); output = plain greedy."""
     from click.testing import CliRunner
 
     from runtime.cli import DEFAULT_DRAFTER, sparrow
     from runtime.store import REGISTRY
 
     monkeypatch.setenv("SPARROW_HOME", str(tmp_path))
-    assert REGISTRY["blockffn-tiny"].default_drafter == "recycling"
+    assert REGISTRY["blockffn-tiny"].default_drafter == "prompt-lookup"
     assert REGISTRY["smollm2-135m-instruct"].default_drafter == DEFAULT_DRAFTER == "hybrid"
     outs = {}
     for draft in ([], ["--draft", "none"]):
@@ -149,7 +149,7 @@ def test_generate_defaults_to_the_drafter_measured_best_for_the_model(tmp_path, 
         assert r.exit_code == 0, r.output
         out = json.loads(r.output.strip().splitlines()[-1])
         outs[out["draft"]] = out["text"]
-    assert set(outs) == {"recycling", "none"} and outs["recycling"] == outs["none"]
+    assert set(outs) == {"prompt-lookup", "none"} and outs["prompt-lookup"] == outs["none"]
 
 
 if __name__ == "__main__":  # print the golden outputs of the current files

@@ -239,7 +239,7 @@ def test_full_report_sections(report, tmp_path, monkeypatch):
     assert spec["c"]["llama_cpp"] == "not run (not installed)"
     assert spec["c"]["engines"]["plain"]["read_bytes_per_token"] < 0.75 * w["per_token"]  # it decodes sparsely
     a = spec["a"]["engines"]
-    assert list(a)[:2] == ["dense plain", "sparse plain"] and len(a) == 8
+    assert list(a)[:2] == ["dense plain", "sparse plain"] and len(a) == 9
     assert a["sparse plain"]["read_bytes_per_token"] == sparse["read_bytes_per_token"]
     draft = a["sparse + draft-model (chain 4)"]
     assert sum(draft["accepted_hist"].values()) == draft["steps"] and set(draft["time_split_s"]) >= {"draft", "sample"}

@@ -175,7 +175,11 @@ void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth) {
             x = xg;
         }
         const uint8_t *slab = (const uint8_t *)X->data + (size_t)tk->e * 2 * (size_t)FE * X->row_size;
-        c->k->matmul[X->type](h, FE, slab, x, H, f0, f1, tk->n); /* h[i, f] = U_e[f] . x[i] */
+        if (l->experts_up_packed) /* h[i, f] = U_e[f] . x[i] */
+            c->k->matmul_packed[X->type](h, FE, l->experts_up_packed + (size_t)tk->e * l->experts_up_stride, x, H,
+                                         f0, f1, tk->n);
+        else
+            c->k->matmul[X->type](h, FE, slab, x, H, f0, f1, tk->n);
         for (int32_t i = 0; i < tk->n; i++) {
             const float r = s->router[(idx ? idx[i] : i) * E + tk->e];
             for (int64_t f = f0; f < f1; f++) h[i * FE + f] = r * silu(h[i * FE + f]);

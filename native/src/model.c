@@ -289,7 +289,9 @@ static sp_status load_blockffn_weights(sp_model *m) {
  * (transparent huge pages: fewer TLB misses on the weight stream). Then the file pages lying wholly inside tensors
  * that are only read packed are released (MADV_DONTNEED: a private read-only file mapping reloads them from the file
  * if ever touched again), one tensor at a time, so peak memory stays near the file size. The kernels table must be
- * the one sp_forward uses (sp_kernels_get). BlockFFN experts stay views (their kernels take row ranges of slabs). */
+ * the one sp_forward uses (sp_kernels_get). BlockFFN experts: the up half of every expert (FE rows, read by a matmul)
+ * is packed as its own block, so the decode step streams it as fast as a dense weight; the down half stays a view of
+ * the file (the accumulate kernel reads it row by row). */
 static sp_status pack_weights(sp_model *m) {
     const sp_kernels *k = sp_kernels_get();
     enum { PER_LAYER = 7 };
@@ -309,6 +311,15 @@ static sp_status pack_weights(sp_model *m) {
         const sp_tensor *t = list[i];
         const size_t size = t->data && k->packed_size[t->type] ? k->packed_size[t->type](t->n, t->k) : 0;
         if (size) list[kept++] = list[i], total += size; /* sizes are multiples of 64 */
+    }
+    const int64_t E = m->hp.n_expert, FE = m->hp.expert_width;
+    size_t up_stride = 0; /* per expert; the same for every layer (one type and shape for all experts tensors) */
+    if (m->arch == SP_ARCH_BLOCKFFN && E > 0) {
+        const sp_tensor *x0 = &m->layers[0].experts;
+        up_stride = x0->data && k->packed_size[x0->type] ? k->packed_size[x0->type](FE, x0->k) : 0;
+        for (int il = 0; il < m->hp.n_layer && up_stride; il++)
+            if (m->layers[il].experts.type != x0->type || m->layers[il].experts.k != x0->k) up_stride = 0;
+        total += up_stride * (size_t)E * (size_t)m->hp.n_layer;
     }
     if (!total) {
         free(list);
@@ -336,6 +347,22 @@ static sp_status pack_weights(sp_model *m) {
             const uintptr_t a = ((uintptr_t)t->data + page - 1) & ~(page - 1);
             const uintptr_t b = ((uintptr_t)t->data + (size_t)t->n * t->row_size) & ~(page - 1);
             if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+        }
+    }
+    for (int il = 0; up_stride && il < m->hp.n_layer; il++) {
+        sp_layer *l = &m->layers[il];
+        const sp_tensor *X = &l->experts;
+        l->experts_up_packed = (uint8_t *)m->packed + off;
+        l->experts_up_stride = up_stride;
+        for (int64_t e = 0; e < E; e++) {
+            const uint8_t *up = (const uint8_t *)X->data + (size_t)e * 2 * (size_t)FE * X->row_size;
+            k->pack[X->type]((uint8_t *)m->packed + off, up, FE, X->k);
+            off += up_stride;
+            if (m->gguf->mapped) { /* the up rows are only read packed from now on */
+                const uintptr_t a = ((uintptr_t)up + page - 1) & ~(page - 1);
+                const uintptr_t b = ((uintptr_t)up + (size_t)FE * X->row_size) & ~(page - 1);
+                if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+            }
         }
     }
     free(list);

@@ -37,6 +37,9 @@ typedef struct sp_layer {
     sp_tensor router;              /* [E, H] F32 */
     const float *router_norm;      /* [E] (rms norm only, else NULL) */
     sp_tensor experts;             /* [E * 2FE, H]: expert e = rows [2FE e, 2FE e + FE) up, then FE rows down^T */
+    const uint8_t *experts_up_packed; /* or NULL: expert e's up rows in the kernel tier's packed layout, at
+                                         experts_up_packed + e * experts_up_stride (load-time repacking) */
+    size_t experts_up_stride;
 } sp_layer;
 
 typedef struct sp_hparams {

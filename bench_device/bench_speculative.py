@@ -179,7 +179,6 @@ def run_engines(engines: list[Engine], prompts: list[list[int]], *, tokens: int,
     """Check, then time, the engines on the prompts (module docstring); returns the section's report.
     progress(1) is called after each prompt of the check pass and of every round: len(prompts) * (1 + rounds)."""
     progress = progress or (lambda n: None)
-    by_name = {e.name: e for e in engines}
     base = engines[0].name
     agreement: dict[str, list[int]] = {e.name: [] for e in engines[1:] if e.baseline == ""}
     for i, toks in enumerate(prompts):
@@ -212,8 +211,8 @@ def run_engines(engines: list[Engine], prompts: list[list[int]], *, tokens: int,
                 out = e.generate(toks, tokens)
                 tps[e.name] = len(out) / (time.perf_counter() - t0)
                 speed[e.name].append(tps[e.name])
-            for name in ratio:
-                ratio[name].append(tps[name] / tps[base])
+            for name, rs in ratio.items():
+                rs.append(tps[name] / tps[base])
             progress(1)
         echo(f"  round {r + 1}/{rounds}, load average {loadavg()}")
     report = {}

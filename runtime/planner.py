@@ -165,7 +165,7 @@ class TreePlanner:
         if warm:
             n = min(N, next(self._schedule))
         elif explore:
-            n = min(N, int(round(next(self._around) * (self.last_choice + 1))) - 1)
+            n = min(N, round(next(self._around) * (self.last_choice + 1)) - 1)
         else:
             n_all = np.arange(N + 1)
             gain = 1.0 + np.concatenate([[0.0], np.cumsum(p[order])])

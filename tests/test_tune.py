@@ -33,15 +33,6 @@ from runtime.store import TUNED_SCHEMA, Store, TunedSettings, device_fingerprint
 SHIPPED = Path(__file__).parent.parent / "models"
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "store"
-    monkeypatch.setenv("SPARROW_HOME", str(home))
-    monkeypatch.delenv("SPARROW_MEMORY_LIMIT", raising=False)
-    monkeypatch.delenv("SPARROW_BACKEND", raising=False)
-    return home
-
-
 def run(*args: str, input: str | None = None):
     return CliRunner().invoke(sparrow, list(args), input=input, catch_exceptions=False)
 

@@ -113,7 +113,8 @@ def accepted_hists(report: dict) -> dict[str, dict[int, int]]:
 # ---- the plots ----
 
 def plot_tok_s_vs_bound(configs: list[dict], path: Path, title: str = "") -> Path:
-    fig = _figure(7.5, 1.9 + 0.5 * len(configs))
+    longest = max((len(c["name"]) for c in configs), default=0)  # long labels take width from the bars' axis
+    fig = _figure(max(7.5, 5.5 + 0.075 * longest), 1.9 + 0.5 * len(configs))
     ax = fig.add_subplot()
     ys = list(range(len(configs)))[::-1]
     med = [c["tok_s"][0] for c in configs]

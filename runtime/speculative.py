@@ -16,7 +16,13 @@ argmax, computed as the C sampler does, repetition penalty included). Sampling p
 for a deterministic draft (q a point mass) each child token c is accepted with probability p(c) under the residual
 distribution, which then drops c and renormalises (recursive rejection sampling; exact for distinct siblings); for a
 draft model with probabilities q (a chain), the draft token d is accepted with probability min(1, p(d)/q(d)) and on
-rejection the token is drawn from norm(max(0, p - q)).
+rejection the token is drawn from norm(max(0, p - q)). For point-mass drafts the target distribution at a node comes
+from the C sampler as its tokens of non-zero probability (sp_sampler_candidates, with the node's own history for
+the repetition penalty); the dense numpy mirror below serves draft-model chains and is the tests' oracle.
+
+A planner (runtime.planner.TreePlanner, given here or carried by the drafter) prunes each proposal to the part
+worth verifying; SpecStats splits the time into draft, verify (attention / FFN / LM head, from Session.timings()),
+sampling and accept.
 
     with Model(path) as model, model.session(n_threads=2) as session:
         for piece in generate_speculative(model, session, "Once upon a time", drafter="recycling"):

@@ -319,13 +319,14 @@ def section_a(target: Path, draft: Path, *, threads: int, tokens: int, rounds: i
 
 
 def section_b(a: dict, *, shapes: list[str], threads: int, repeats: int, echo=print) -> dict:
-    """Replay the accepted lengths of (a)'s chain drafters on synthetic configurations of the released shapes."""
+    """Replay the accepted lengths of (a)'s chain drafters (up to 4 nodes) on synthetic configurations of the released
+    shapes, each step verifying a chain of 4 (prompt lookup's shorter drafts are charged the full chain: a bound)."""
     from bench_device.bench_synthetic import PAPER, replayed_speculation
 
     out = {"label": "REPLAYED: synthetic weights and routing, accepted lengths from (a)",
            "routing": {"tls": PAPER.tls, "cls": PAPER.cls, "k": PAPER.k}, "runs": []}
     for shape in shapes:
-        for name in ("draft-model (chain 4)", "recycling (chain 4)"):
+        for name in ("draft-model (chain 4)", "recycling (chain 4)", "prompt-lookup"):  # (a)'s chain drafters
             sp = a["engines"][f"sparse + {name}"]["speculative"]
             hist = {int(k): v for k, v in sp["accepted_hist"].items()}
             echo(f"(b) {shape}, replaying {name}: accepted-length distribution {hist}")

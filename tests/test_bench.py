@@ -252,7 +252,7 @@ def test_full_report_sections(report, tmp_path, monkeypatch):
     dec = [r for r in syn["records"] if r["kind"] == "decode"]
     assert {r["mode"] for r in dec} == {"dense", "token"} and all(r["bandwidth_bound_tok_s"] > 0 for r in dec)
     assert len([r for r in syn["records"] if "active_fraction" in r]) == 2 * 2 * 2  # 2 fractions, T=1/T=8, 2 modes
-    assert syn["replayed"]["label"].startswith("REPLAYED") and len(syn["replayed"]["runs"]) == 2
+    assert syn["replayed"]["label"].startswith("REPLAYED") and len(syn["replayed"]["runs"]) == 3  # 3 chain drafters
     r = json.loads(json.dumps({**report, "mode": "full", "sparse": sp, "speculative": spec, "synthetic": syn}))
     write_report(r, tmp_path / "out")
     r = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -83,8 +83,8 @@ REGISTRY: dict[str, KnownModel] = {
         size=4381408,
         description="BlockFFN-tiny (trained by Sparrow on Python stdlib source), Q8_0 GGUF; models/blockffn-tiny.md",
         # A 4M-parameter model decodes in ~0.1 ms/token: a planned wide tree's Python overhead outweighs it there;
-        # prompt lookup, the cheapest drafter, measured best (2.08x/2.15x plain dense in two runs, recycling chain
-        # 1.62x/1.83x, the draft model ~0.7x: it costs about as much as the target).
+        # prompt lookup, the cheapest drafter, measured best in each of four runs (1.59-2.15x plain dense; the
+        # recycling chain 1.44-2.00x; the draft model ~0.6-0.7x: it costs about as much as the target).
         default_drafter="prompt-lookup",
     ),
     "blockffn-tiny-draft": KnownModel(

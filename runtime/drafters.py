@@ -232,6 +232,7 @@ class DraftModel(Drafter):
         self.session: Session = model.session(n_ctx=n_ctx, n_threads=n_threads)
         V = model.info.n_vocab
         self.x = np.empty(V, dtype=np.float32)
+        self.logits = np.empty(V, dtype=np.float32)  # each draft step's logits, reused
         self.q = np.zeros((k, V), dtype=np.float64)  # [K, V] distributions the draft tokens were drawn from
         self.params = SamplerParams.greedy()
         self.rng = np.random.default_rng(0)
@@ -267,18 +268,16 @@ class DraftModel(Drafter):
                 t = draw(target_probs(logits, self.params, history, self.x, self.q[j]), self.rng)
             tokens.append(t)
             if j + 1 < k:
-                logits = s.eval([t], logits="last")
+                logits = s.eval([t], logits="last", out=self.logits)
         return Draft.chain(tokens, None if greedy else self.q[:k])
 
     def _tree(self, logits: np.ndarray, k: int, max_nodes: int, hist: list[int], penalty: bool) -> Draft:
         """The greedy chain of k with `alternatives` runner-up leaves beside each chain node (batch order: chain
         node, its alternatives, next chain node, ...; cut at max_nodes, which keeps a subtree)."""
         s, tokens, parents, chain, parent = self.session, [], [], [], 0
-        greedy_params = SamplerParams.greedy()
-        greedy_params.repeat_penalty, greedy_params.repeat_last_n = self.params.repeat_penalty, self.params.repeat_last_n
         for j in range(k):
             history = hist + chain if penalty else ()
-            x = penalized(logits, greedy_params, history, self.x)
+            x = penalized(logits, self.params, history, self.x)  # the penalty only: the ranking is greedy
             top = top_k_rows(x[None, :], 1 + self.alternatives)[0].tolist()  # [greedy, runners-up...]
             for t in top:
                 if len(tokens) >= max_nodes:
@@ -289,7 +288,7 @@ class DraftModel(Drafter):
                 break
             chain.append(top[0])
             parent = len(tokens) - len(top) + 1  # the batch index of this depth's chain node
-            logits = s.eval([top[0]], logits="last")
+            logits = s.eval([top[0]], logits="last", out=self.logits)
         return Draft(tokens, parents)
 
     def close(self) -> None:

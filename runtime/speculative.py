@@ -213,7 +213,7 @@ def _expert_bytes(session: Session) -> tuple[float, float]:
 class _Scratch:
     """Buffers reused by every step: the tree mask, float32 logits scratch, float64 distributions."""
 
-    def __init__(self, n_batch: int, n_vocab: int, params: SamplerParams | None = None):
+    def __init__(self, n_batch: int, n_vocab: int, params: SamplerParams):
         self.mask = np.zeros(n_batch * n_batch, dtype=np.uint8)  # [T, T] views of the first T*T bytes
         self.depth = np.zeros(n_batch, dtype=np.int32)            # [T]
         self.logits = np.empty((n_batch, n_vocab), dtype=np.float32)  # [T, V] views: every verification's logits
@@ -221,7 +221,7 @@ class _Scratch:
         self.p = np.empty(n_vocab, dtype=np.float64)              # target distribution at a node
         # The C sampler computes the target distribution (only its K tokens of non-zero probability) far faster than
         # the dense numpy path; its repetition-penalty history is set to each node's before use.
-        self.sampler = Sampler(n_vocab, params) if params is not None and params.temperature > 0 else None
+        self.sampler = Sampler(n_vocab, params) if params.temperature > 0 else None
 
     def tree_mask(self, parents: Sequence[int]) -> np.ndarray:
         """[T, T] ancestor-or-self mask and node depths for a root plus nodes with these parents."""
@@ -266,6 +266,7 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
         session.eval(prompt[i:min(i + session.n_batch, len(prompt) - 1)], logits="none")
     stats.prefill_s += time.perf_counter() - t0
     bytes0, stats.dense_expert_bytes_per_token = _expert_bytes(session)
+    bytes_prev = bytes0
     times0 = session.timings()
 
     ctx = prompt  # every token so far; the cache holds ctx[:-1], ctx[-1] is the root
@@ -285,7 +286,6 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
             if planner is not None:
                 plan = planner.plan(draft)
                 draft = plan.draft
-                step_bytes0 = _expert_bytes(session)[0]
             t1 = time.perf_counter()
             N = len(draft)
             T = N + 1
@@ -329,8 +329,10 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
                 session.keep(list(range(n_past0)) + [n_past0 + i for i in path])
             drafter.observe(batch, parents, logits, path)
             t3 = time.perf_counter()
-            if planner is not None:
-                planner.observe(plan, path, T, _expert_bytes(session)[0] - step_bytes0, t3 - t0)
+            if planner is not None:  # the counters move only in verification passes: the previous reading still holds
+                bytes_now = _expert_bytes(session)[0]
+                planner.observe(plan, path, T, bytes_now - bytes_prev, t3 - t0)
+                bytes_prev = bytes_now
 
             stats.steps += 1
             stats.drafted += N
@@ -362,50 +364,36 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
 def _sample_at_node(logits: np.ndarray, params: SamplerParams, history: Sequence[int], buf: _Scratch,
                     kids: list[int], batch: list[int], q: np.ndarray | None,
                     rng: np.random.Generator) -> tuple[int, int | None]:
-    """Speculative sampling at one node: returns (the token the target emits here, the child holding it or None)."""
-    if q is None and buf.sampler is not None:
+    """Speculative sampling at one node (params sample: temperature > 0): returns (the token the target emits here,
+    the child holding it or None)."""
+    if q is None:  # point-mass children: the target distribution from the C sampler, sparse
         if params.repeat_penalty != 1.0 and params.repeat_last_n > 0:
             buf.sampler.reset()  # the penalty's history: this node's context (the RNG reseeding is not used here)
             for t in history[-params.repeat_last_n:]:
                 buf.sampler.accept(t)
         return _sample_deterministic_kids(*buf.sampler.candidates(logits), kids, batch, rng)
+    # A sampled chain: one child with draft distribution q[child - 1], against the dense target distribution.
+    if len(kids) > 1:
+        raise ValueError("drafts with probabilities q must be chains")
     p = target_probs(logits, params, history, buf.x, buf.p)
-    if q is not None:  # a sampled chain: one child with draft distribution q[child - 1]
-        if len(kids) > 1:
-            raise ValueError("drafts with probabilities q must be chains")
-        if kids:
-            v = kids[0]
-            d = batch[v]
-            qv = q[v - 1]
-            if qv[d] > 0 and rng.random() * qv[d] < p[d]:  # accept with probability min(1, p(d)/q(d))
-                return d, v
-            np.subtract(p, qv, out=p)
-            np.maximum(p, 0.0, out=p)
-            if p.sum() <= 0:  # p == q up to rounding: the rejection had probability ~0; fall back to p
-                p = target_probs(logits, params, history, buf.x, buf.p)
-        return draw(p, rng), None
-    # Deterministic children (point masses): try each in turn against the residual distribution.
-    mass = 1.0
-    for v in kids:
+    if kids:
+        v = kids[0]
         d = batch[v]
-        if p[d] <= 0:
-            continue
-        if rng.random() * mass < p[d]:
+        qv = q[v - 1]
+        if qv[d] > 0 and rng.random() * qv[d] < p[d]:  # accept with probability min(1, p(d)/q(d))
             return d, v
-        mass -= p[d]
-        p[d] = 0.0
-        if mass <= 1e-12:
-            mass = float(p.sum())
-            if mass <= 0:
-                break
+        np.subtract(p, qv, out=p)
+        np.maximum(p, 0.0, out=p)
+        if p.sum() <= 0:  # p == q up to rounding: the rejection had probability ~0; fall back to p
+            p = target_probs(logits, params, history, buf.x, buf.p)
     return draw(p, rng), None
 
 
 def _sample_deterministic_kids(ids: np.ndarray, probs: np.ndarray, kids: list[int], batch: list[int],
                                rng: np.random.Generator) -> tuple[int, int | None]:
-    """_sample_at_node's rule for deterministic children, on the target distribution given sparsely (the K tokens
-    of non-zero probability): each child is accepted with its probability under the residual distribution, which
-    then drops it; if none is, the token is drawn from what remains."""
+    """Recursive rejection over point-mass children, on the target distribution given sparsely (the K tokens of
+    non-zero probability): each child is accepted with its probability under the residual distribution, which then
+    drops it; if none is, the token is drawn from what remains."""
     p = probs.astype(np.float64)
     where = {int(t): i for i, t in enumerate(ids.tolist())}
     mass = 1.0
@@ -459,14 +447,12 @@ class SpeculativeBackend:
     """A NativeBackend whose generate_tokens decodes speculatively with a drafter (everything else delegated), so
     runtime.backends.stream_text and Chat work unchanged. stats accumulates over generations."""
 
-    def __init__(self, backend, drafter: Drafter, *, max_nodes: int | None = None,
-                 planner: TreePlanner | None = None):
+    def __init__(self, backend, drafter: Drafter, *, max_nodes: int | None = None):
         if getattr(backend, "name", None) != "native":
             raise ValueError("speculative decoding needs the native backend")
         self._backend = backend
         self.drafter = drafter
         self.max_nodes = max_nodes
-        self.planner = planner
         self.on_close: Callable[[], None] | None = None  # e.g. save what the drafter learned (runtime.cli)
         self.stats = SpecStats()
 
@@ -491,8 +477,7 @@ class SpeculativeBackend:
         session = self._backend.session
         try:
             yield from speculative_tokens(session, list(prompt_tokens), self.drafter, max_tokens=max_tokens,
-                                          params=params, stats=self.stats, max_nodes=self.max_nodes,
-                                          planner=self.planner)
+                                          params=params, stats=self.stats, max_nodes=self.max_nodes)
         finally:
             n = min(len(session.tokens), session.n_past)
             if n != session.n_past or n != len(session.tokens):

@@ -43,6 +43,18 @@
     void sp_attn_sum_f16_##tier(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D);    \
     void sp_f32_to_f16_##tier(sp_f16 *y, const float *x, int64_t n);
 
+/* attn_scores_f16 / attn_sum_f16 (kernels.h) as loops over a tier's own slot kernels dot_f16 / axpy_f16, for tiers
+ * without a multi-row version. */
+#define SP_ATTN_SLOT_BY_SLOT(tier)                                                                              \
+    void sp_attn_scores_f16_##tier(const float *q, const sp_f16 *k, int64_t ld, int64_t n, int64_t D, float scale, \
+                                   float *out) {                                                                 \
+        for (int64_t j = 0; j < n; j++) out[j] = sp_dot_f16_##tier(q, k + j * ld, D) * scale;                    \
+    }                                                                                                            \
+    void sp_attn_sum_f16_##tier(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D) {  \
+        for (int64_t j = 0; j < n; j++)                                                                          \
+            if (p[j] != 0.0f) sp_axpy_f16_##tier(out, p[j], v + j * ld, D);                                      \
+    }
+
 /* pack.c: the row-interleaved packed layout of Q4_0/Q4_1/Q8_0 weights with rg rows per group (layout there). */
 size_t sp_packed_group_bytes(sp_type type, int64_t K, int rg);
 size_t sp_packed_size_rg(sp_type type, int64_t N, int64_t K, int rg); /* 0 for types that do not pack */

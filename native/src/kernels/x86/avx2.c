@@ -110,15 +110,7 @@ void sp_axpy_f16_avx2(float *y, float a, const sp_f16 *x, int64_t n) {
     for (; i < n; i++) y[i] += a * sp_f16_to_f32(x[i]);
 }
 
-void sp_attn_scores_f16_avx2(const float *q, const sp_f16 *k, int64_t ld, int64_t n, int64_t D, float scale,
-                             float *out) {
-    for (int64_t j = 0; j < n; j++) out[j] = sp_dot_f16_avx2(q, k + j * ld, D) * scale;
-}
-
-void sp_attn_sum_f16_avx2(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D) {
-    for (int64_t j = 0; j < n; j++)
-        if (p[j] != 0.0f) sp_axpy_f16_avx2(out, p[j], v + j * ld, D);
-}
+SP_ATTN_SLOT_BY_SLOT(avx2)
 
 void sp_f32_to_f16_avx2(sp_f16 *y, const float *x, int64_t n) {
     int64_t i = 0;

@@ -29,11 +29,12 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench_device.profile import summary
 
 PLAIN = [
     "The history of the printing press begins",
@@ -101,10 +102,6 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def summary(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 @dataclass

@@ -20,7 +20,6 @@ drafted token; divided by the tokens the step produced.
 """
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -69,10 +68,6 @@ def _tok_s_summary(seconds: dict) -> dict:
     """tok/s summary from a seconds-per-token summary (median_s, min_s, max_s, n)."""
     return {"median": 1 / seconds["median_s"], "min": 1 / seconds["max_s"], "max": 1 / seconds["min_s"],
             "n": seconds["n"]}
-
-
-def _summary(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 # ---- sparse ----

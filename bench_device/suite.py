@@ -29,6 +29,7 @@ from bench_device.profile import bandwidth_curve, device_profile
 from bench_device.schema import SCHEMA, SYNTHETIC_LEFT_OUT, check
 from bench_device.sections import (
     SHIPPED_TARGET,
+    no_bar,
     sparse_markdown,
     sparse_section,
     speculative_markdown,
@@ -93,14 +94,7 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
     notes = []
 
     def bar(length: int, label: str):
-        if progressbar is None:
-            import contextlib
-
-            class _Null:
-                def update(self, n):
-                    pass
-            return contextlib.nullcontext(_Null())
-        return progressbar(length=length, label=label)
+        return no_bar(length, label) if progressbar is None else progressbar(length=length, label=label)
 
     with bar(2 * threads, "memory bandwidth") as b:
         bandwidth = bandwidth_curve(threads, mb=cfg["bw_mb"], repeats=cfg["bw_repeats"], progress=lambda t: b.update(1))

@@ -29,7 +29,6 @@ device fingerprint, the model's sha256 and the date.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import statistics
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench_device.sections import no_bar
 from runtime.store import TUNED_SCHEMA, Store, describe_device, device_fingerprint
 
 # The prompts: chat requests (rendered with the model's chat template when it has one) that copy, rewrite and
@@ -380,13 +380,8 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-class _NullBar:
-    def update(self, n: int) -> None:
-        pass
-
-
 def _bar(progressbar: ProgressBar | None, length: int, label: str):
-    return contextlib.nullcontext(_NullBar()) if progressbar is None else progressbar(length, label)
+    return no_bar(length, label) if progressbar is None else progressbar(length, label)
 
 
 # ---- the stored record and the report ----

@@ -28,8 +28,10 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import signal
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 64)
@@ -182,6 +184,22 @@ def worker(engine_name: str, path: str, threads: int, n_ctx: int, conn) -> None:
             conn.send(peak_rss_bytes())
 
 
+def how_it_ended(proc, timeout: float = 5.0) -> str:
+    """How a worker process whose pipe closed ended: "killed by signal 11 (SIGSEGV)", "exit code 1", or "still running
+    after its pipe closed" (it is joined for up to `timeout` seconds first: until then its exit code is unknown)."""
+    proc.join(timeout=timeout)
+    code = proc.exitcode
+    if code is None:
+        return "still running after its pipe closed"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-code} ({name})"
+    return f"exit code {code}"
+
+
 def summary(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
@@ -206,20 +224,23 @@ def compare_logits(rows, ref_rows) -> dict:
 
 def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 64,
         engine_names: tuple[str, ...] = ("sparrow", "llama.cpp"), batch_sizes: tuple[int, ...] = BATCH_SIZES,
-        n_ctx: int = 1024, progress=None, energy=None) -> dict:
+        n_ctx: int = 1024, progress=None, energy=None, worker_target: Callable | None = None) -> dict:
     """The benchmark as a library call: engines in worker processes, asked in turn each repeat. Raises RuntimeError
     when an engine's logits along the first engine's greedy continuation disagree with the oracle's (see the module
     doc). The oracle is llama.cpp when it is among the engines, otherwise a Sparrow worker on the scalar kernels.
     `progress(step)` is called after every measurement (repeats * engines * (STEPS_PER_REPEAT + len(batch_sizes))
     in all).
-    `energy`: a bench_device.energy.Rapl meter read around every decode measurement, or None."""
+    `energy`: a bench_device.energy.Rapl meter read around every decode measurement, or None.
+    `worker_target`: the function each worker process runs (default: worker; with the spawn context it must live in
+    an importable module). A worker that dies raises RuntimeError saying how: "the llama.cpp worker died (killed by
+    signal 11 (SIGSEGV))"."""
     ctx = mp.get_context("spawn")
     engines = {}
     oracle = "llama.cpp" if "llama.cpp" in engine_names else SCALAR_ORACLE
 
     def start(name: str, env: dict[str, str] | None = None) -> None:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(name, model, threads, n_ctx, child), daemon=True)
+        proc = ctx.Process(target=worker_target or worker, args=(name, model, threads, n_ctx, child), daemon=True)
         saved = {k: os.environ.get(k) for k in env or {}}
         os.environ.update(env or {})  # a spawned worker starts with the parent's environment as it is now
         try:
@@ -230,6 +251,7 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+            child.close()  # the worker has its own end: when it dies, ours reads EOF instead of waiting
         engines[name] = (proc, parent)
 
     try:
@@ -239,12 +261,12 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
             start(SCALAR_ORACLE, {"SPARROW_FORCE_SCALAR": "1"})
 
         def ask(name, cmd, arg=None):
-            conn = engines[name][1]
-            conn.send((cmd, arg))
+            proc, conn = engines[name]
             try:
+                conn.send((cmd, arg))
                 return conn.recv()
-            except EOFError:
-                raise RuntimeError(f"the {name} worker died (exit code {engines[name][0].exitcode})") from None
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                raise RuntimeError(f"the {name} worker died ({how_it_ended(proc)})") from None
 
         # correctness first: every engine's logits along one greedy continuation against the oracle's
         n_check = 16
@@ -324,6 +346,11 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
         return report
     finally:
         for proc, conn in engines.values():
+            if proc.is_alive():  # left waiting by an error: ask it to stop rather than wait out the timeout
+                try:
+                    conn.send(("stop", None))
+                except OSError:
+                    pass
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()

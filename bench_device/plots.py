@@ -2,9 +2,10 @@
 
 Three plots, each drawn from what the report holds and skipped with a reason when it holds nothing for it:
   tok_s_vs_bound.png   decode tok/s of every configuration (median, min-max whiskers) against its bandwidth bound
-                       (bandwidth / bytes read per token). A configuration is any object in the report with
-                       "bandwidth_bound_tok_s" and "decode_tok_s" (a summary or a number): the engines, and whatever
-                       sparse/synthetic/speculative sections add in that form.
+                       (bandwidth / bytes read per token), labelled with the bound's kind (DRAM or LLC, from its
+                       "bound") and marked † above 100% (why: report.md). A configuration is any object in the report
+                       with "bandwidth_bound_tok_s" and "decode_tok_s" (a summary or a number): the engines, and
+                       whatever sparse/synthetic/speculative sections add in that form.
   time_vs_active.png   time per token against the fraction of expert weights read, from either form:
                        "time_vs_active": {series: [{"active_fraction": a, "ms_per_token": t}, ...]} (or [a, t] pairs),
                        or records anywhere in the report with "active_fraction" and "median_s" (seconds per call of
@@ -62,7 +63,9 @@ def _median(v: Any) -> tuple[float, float, float] | None:
 _CONTAINERS = ("engines", "configs", "records")  # left out of a configuration's name: "speculative / c / plain"
 
 def configurations(report: dict) -> list[dict]:
-    """[{"name", "tok_s": (median, min, max), "bound"}] for every object with a decode speed and a bandwidth bound."""
+    """[{"name", "tok_s": (median, min, max), "bound", "kind", "over_bound"}] for every object with a decode speed
+    and a bandwidth bound; "kind" ("llc", "dram") and "over_bound" (why it runs above the bound) are None where the
+    object does not say."""
     out = []
     for path, d in _walk(report):
         if "bandwidth_bound_tok_s" in d and "decode_tok_s" in d:
@@ -71,7 +74,9 @@ def configurations(report: dict) -> list[dict]:
                 where = tuple(p for p in path if p not in _CONTAINERS)
                 name = path[-1] if path[:1] == ("engines",) else " / ".join(where + ((_record_label(d),) if
                                                                                      _record_label(d) else ()))
-                out.append({"name": name, "tok_s": tok, "bound": float(d["bandwidth_bound_tok_s"])})
+                b = d.get("bound") if isinstance(d.get("bound"), dict) else {}
+                out.append({"name": name, "tok_s": tok, "bound": float(d["bandwidth_bound_tok_s"]),
+                            "kind": b.get("kind"), "over_bound": b.get("over_bound")})
     return out
 
 
@@ -121,10 +126,16 @@ def plot_tok_s_vs_bound(configs: list[dict], path: Path, title: str = "") -> Pat
     lo = [c["tok_s"][0] - c["tok_s"][1] for c in configs]
     hi = [c["tok_s"][2] - c["tok_s"][0] for c in configs]
     bound = [c["bound"] for c in configs]
-    ax.barh(ys, bound, height=0.6, color="none", edgecolor="0.4", hatch="//", label="bandwidth bound")
+    ax.barh(ys, bound, height=0.6, color="none", edgecolor="0.4", hatch="//",
+            label="bandwidth bound (DRAM, or LLC where the weights fit in the last-level cache)")
     ax.barh(ys, med, height=0.6, xerr=[lo, hi], color="tab:blue", capsize=3, label="decode tok/s (median, min-max)")
-    for y, m, b in zip(ys, med, bound):
-        ax.text(max(m, b) * 1.01, y, f"{m:.0f} tok/s, {100 * m / b:.0f}% of {b:.0f}", va="center", fontsize=8)
+    for y, m, b, c in zip(ys, med, bound, configs):
+        kind = f" {c['kind'].upper()}" if c.get("kind") else ""
+        over = "†" if m > b else ""  # above the bound: why is in report.md and the notes
+        ax.text(max(m, b) * 1.01, y, f"{m:.0f} tok/s, {100 * m / b:.0f}%{over} of {b:.0f}{kind}", va="center",
+                fontsize=8)
+    if any(m > b for m, b in zip(med, bound)):
+        fig.text(0.01, 0.01, "† above the bound: why is in report.md (notes)", fontsize=7)
     ax.set_yticks(ys, [c["name"] for c in configs])
     top = max(max(bound), max(c["tok_s"][2] for c in configs))
     low = min(min(bound), min(c["tok_s"][1] for c in configs))

@@ -4,13 +4,23 @@ RAM, OS) and how fast it streams memory (read bandwidth for 1..N threads, the ro
     python -m bench_device.profile [--quick] [--json]
 
 The bandwidth probe is native (sp_bench_read_bandwidth in native/src/bandwidth.c): each thread, pinned to its own
-CPU where the OS allows, streams a private buffer (512 MB per thread; 128 MB with --quick) with 64-byte vector loads,
-and the sum of every pass is checked against the buffer's known contents before the pass counts. All threads start
-a pass together; bandwidth = total bytes / (last end - first start). Alongside it, as a cross-check, the same
-measurement through numpy (float32 sums over a private array per thread, the GIL released inside the reduction),
-which is a lower bound: numpy's pairwise float summation is slower than the memory on some machines. The roofline
-uses the native probe; the numpy one is used only when the native module is not built. Medians with min/max over
-repeats, after one warm-up pass.
+CPU where the OS allows, streams a private buffer (512 MB per thread; 128 MB with --quick) with 16-byte vector loads
+into eight register accumulators (fast enough for a cache, not only DRAM), and the sum of every pass is checked
+against the buffer's known contents before the pass counts. All threads start a pass together; bandwidth = total
+bytes / (last end - first start). Alongside it, as a cross-check, the same measurement through numpy (float32 sums
+over a private array per thread, the GIL released inside the reduction), which is a lower bound: numpy's pairwise
+float summation is slower than the memory on some machines. The roofline uses the native probe; the numpy one is
+used only when the native module is not built. Medians with min/max over repeats, after one warm-up pass.
+
+That large-buffer figure is DRAM bandwidth, and it bounds decoding only when the weights do not fit in the last-level
+cache (LLC): a model smaller than the LLC stays there between tokens (the 94 MB SmolLM2 file in a 480 MB L3) and is
+read at cache speed. Roofline decides, per configuration, which applies (bound_kind: the weights it keeps touching,
+its working set, against the LLC size) and, for a cache-resident one, probes with buffers of the working set's size
+(split over the run's threads, as decoding splits the weights):
+
+    roof = Roofline(dram_gb_s, threads=2, llc=last_level_cache(caches()))
+    b = roof.bound(read_bytes_per_token, working_set_bytes)   # {"kind": "llc" | "dram", "bandwidth_gb_s", "why", ...}
+    row.update(against_bound(b, decode_tok_s))                # bound tok/s, fraction, and why when above 100%
 """
 from __future__ import annotations
 
@@ -21,14 +31,16 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 NATIVE_METHOD = ("native sp_bench_read_bandwidth: a private {mb} MB buffer per thread, written by that thread, "
-                 "read with 64-byte vector loads and four accumulators; threads {pinning}; every pass's sum checked "
-                 "against the buffer's contents; GB/s = bytes read / (last thread end - first thread start); "
-                 "{repeats} repeats after one warm-up")
+                 "read with 16-byte vector loads into eight register accumulators; threads {pinning}; every pass's "
+                 "sum checked against the buffer's contents; GB/s = bytes read / (last thread end - first thread "
+                 "start); {repeats} repeats after one warm-up")
 BANDWIDTH_METHOD = ("numpy float32 sum over a private {mb} MB array per thread, threads started behind a barrier "
                     "(numpy releases the GIL in reductions); GB/s = bytes read / (last thread end - first thread "
                     "start); {repeats} repeats after one warm-up")
@@ -93,9 +105,10 @@ def device_profile() -> dict:
     }
 
 
-def read_bandwidth(threads: int, *, mb: int = 512, repeats: int = 5) -> dict:
-    """GB/s reading `mb` MB per thread with `threads` threads at once: median/min/max over `repeats`."""
-    n = mb * 2**20 // 4
+def read_bandwidth(threads: int, *, mb: int = 512, repeats: int = 5, nbytes: int | None = None) -> dict:
+    """GB/s reading `mb` MB (or `nbytes` bytes) per thread with `threads` threads at once: median/min/max over
+    `repeats`."""
+    n = (nbytes if nbytes is not None else mb * 2**20) // 4
     arrays = [np.ones(n, dtype=np.float32) for _ in range(threads)]  # written once, so the pages are really there
     barrier = threading.Barrier(threads + 1)
     done = threading.Barrier(threads + 1)
@@ -135,14 +148,15 @@ def read_bandwidth(threads: int, *, mb: int = 512, repeats: int = 5) -> dict:
     return summary(gbs)
 
 
-def native_read_bandwidth(threads: int, *, mb: int = 512, repeats: int = 5, pin: bool = True) -> dict | None:
-    """GB/s of the native probe with `threads` threads (summary, plus how many threads were pinned); None when the
-    native module is not built."""
+def native_read_bandwidth(threads: int, *, mb: int = 512, repeats: int = 5, pin: bool = True,
+                          nbytes: int | None = None) -> dict | None:
+    """GB/s of the native probe with `threads` threads reading `mb` MB (or `nbytes` bytes) each (summary, plus how
+    many threads were pinned); None when the native module is not built."""
     try:
         from runtime import _sparrow
     except ImportError:
         return None
-    r = _sparrow.bench_read_bandwidth(threads, mb * 2**20, repeats, pin)
+    r = _sparrow.bench_read_bandwidth(threads, nbytes if nbytes is not None else mb * 2**20, repeats, pin)
     return {**summary(r["gb_s"]), "n_pinned": r["n_pinned"], "pin_errno": r["pin_errno"]}
 
 
@@ -195,6 +209,125 @@ def bandwidth_curve(max_threads: int | None = None, *, mb: int = 512, repeats: i
     if numpy_runs and native:
         out["numpy"] = numpy_part
     return out
+
+
+# ---- which bandwidth bounds a configuration: DRAM, or the last-level cache that holds its weights ----
+
+CACHE_REPEATS = 21      # passes of a cache-sized probe: each lasts microseconds to milliseconds, so take more of them
+PROBE_MIN_BYTES = 4096  # the native probe's smallest buffer per thread
+
+
+def last_level_cache(caches: list[dict]) -> dict | None:
+    """The last-level cache in `caches` (caches()'s list, cpu0's view): the highest-level data or unified cache;
+    None when the OS lists none."""
+    usable = [c for c in caches if str(c.get("type", "")).lower() in ("data", "unified") and c.get("bytes", 0) > 0]
+    return max(usable, key=lambda c: (c["level"], c["bytes"])) if usable else None
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def bound_kind(read_bytes_per_token: float, working_set_bytes: float, llc: dict | None, *,
+               sparse: bool = False) -> tuple[str, str]:
+    """("llc" or "dram", why): whether a configuration's weights stay in the last-level cache between tokens. The
+    working set is the weights it keeps touching over many tokens (all of a sparse model's experts: each token reads
+    others; the weights a speculative step reads once for several tokens), `read_bytes_per_token` what it reads per
+    token; `sparse`: it reads only some experts per token. `llc` as last_level_cache gives it, None when unknown."""
+    if not 0 < read_bytes_per_token <= working_set_bytes:
+        raise ValueError(f"need 0 < bytes read per token ({read_bytes_per_token}) <= working set "
+                         f"({working_set_bytes})")
+    if llc is None:
+        return "dram", "the last-level cache size is unknown, so the DRAM figure (the large-buffer probe) applies"
+    cache = f"the L{llc['level']} cache ({_mib(llc['bytes'])}, the last level)"
+    if working_set_bytes <= llc["bytes"]:
+        return "llc", (f"its {_mib(working_set_bytes)} of weights fit in {cache}: they stay there between tokens, so "
+                       "the bound is the read bandwidth of buffers of that size, not DRAM's")
+    why = f"its {_mib(working_set_bytes)} of weights exceed {cache}: every token streams them from DRAM"
+    if sparse and read_bytes_per_token <= llc["bytes"]:
+        why += (f" (one token reads only {_mib(read_bytes_per_token)}, but other experts each token; those reused by "
+                "nearby tokens may still come from the cache)")
+    return "dram", why
+
+
+def over_bound_reason(bound: dict, fraction: float) -> str:
+    """Why a decode speed of `fraction` (> 1) times its bound can be real: what the bound's figure leaves out."""
+    pct = f"{100 * fraction:.0f}%"
+    llc = bound.get("llc_bytes")
+    moment = "; and the probe ran at another moment than the decode, when the machine's load may have differed"
+    if bound["kind"] == "llc":
+        return (f"{pct} of a cache-resident bound: the probe's median with buffers of the weights' size "
+                f"({bound['bandwidth_gb_s']:.1f} GB/s) is a measurement, not a hard ceiling: at cache sizes its passes "
+                "are short, so thread start skew and timer overhead weigh on it" + moment)
+    if llc is None:
+        return (f"{pct} of the DRAM bound: the cache size is unknown, and weights served from a cache are read faster "
+                "than DRAM" + moment)
+    share = min(1.0, llc / bound["working_set_bytes"])
+    why = (f"{pct} of the DRAM bound: the last-level cache ({_mib(llc)}) can hold {100 * share:.0f}% of the "
+           f"{_mib(bound['working_set_bytes'])} of weights, so part of each token's reads hits the cache, not DRAM")
+    if bound.get("sparse"):
+        why += "; experts reused by nearby tokens are read from the cache too"
+    return why + moment
+
+
+def against_bound(bound: dict, tok_s: float) -> dict:
+    """A decode speed against its bound (Roofline.bound): {"bandwidth_bound_tok_s", "fraction_of_bound", "bound"},
+    the bound with "over_bound" (why a fraction above 1 can be real) when the speed exceeds it."""
+    limit = bound["bandwidth_gb_s"] * 1e9 / bound["bytes_per_token"]
+    fraction = tok_s / limit
+    b = dict(bound)
+    if fraction > 1:
+        b["over_bound"] = over_bound_reason(bound, fraction)
+    return {"bandwidth_bound_tok_s": limit, "fraction_of_bound": fraction, "bound": b}
+
+
+@dataclass
+class Roofline:
+    """The bandwidth that bounds each configuration of one run. Where its working set exceeds the last-level cache
+    `llc`: `dram_gb_s`, the large-buffer probe at the run's thread count (`dram_probe_bytes` read per pass, all
+    threads). Where it fits: a probe with buffers of the working set's size, split over `threads` private buffers as
+    decoding splits the weights over its threads (`probe(total bytes)` -> a GB/s summary; default: the native probe,
+    CACHE_REPEATS passes), measured once per size and kept in `probes` (total bytes -> summary)."""
+    dram_gb_s: float
+    threads: int
+    llc: dict | None
+    dram_probe_bytes: int = 0
+    probe: Callable[[int], dict] | None = None
+    probes: dict[int, dict] = field(default_factory=dict)
+
+    def probe_bytes(self, working_set_bytes: float) -> int:
+        """Bytes a cache-sized probe reads per pass: the working set split over the threads, each buffer rounded up
+        to a multiple of 256 bytes and at least PROBE_MIN_BYTES."""
+        per_thread = max(PROBE_MIN_BYTES, -(-int(working_set_bytes) // self.threads))
+        return -(-per_thread // 256) * 256 * self.threads
+
+    def bound(self, read_bytes_per_token: float, working_set_bytes: float | None = None, *,
+              sparse: bool = False) -> dict:
+        """{"kind", "bytes_per_token", "working_set_bytes", "sparse", "bandwidth_gb_s", "probe_bytes", "llc_bytes",
+        "why"} of a configuration that reads `read_bytes_per_token` of weights per token out of `working_set_bytes`
+        (default: the same, plain decoding of a dense model); `sparse`: it reads only some experts per token."""
+        ws = read_bytes_per_token if working_set_bytes is None else working_set_bytes
+        kind, why = bound_kind(read_bytes_per_token, ws, self.llc, sparse=sparse)
+        if kind == "dram":
+            gb_s, nbytes = self.dram_gb_s, self.dram_probe_bytes
+        else:
+            nbytes = self.probe_bytes(ws)
+            if nbytes not in self.probes:
+                self.probes[nbytes] = (self.probe or self.native_probe)(nbytes)
+            gb_s = self.probes[nbytes]["median"]
+        return {"kind": kind, "bytes_per_token": read_bytes_per_token, "working_set_bytes": ws, "sparse": sparse,
+                "bandwidth_gb_s": gb_s, "probe_bytes": nbytes, "llc_bytes": self.llc["bytes"] if self.llc else None,
+                "why": why}
+
+    def native_probe(self, total_bytes: int) -> dict:
+        """GB/s of `threads` threads each reading total_bytes / threads (pinned): the native probe, or numpy's when
+        the native module is not built."""
+        per_thread = total_bytes // self.threads
+        r = native_read_bandwidth(self.threads, nbytes=per_thread, repeats=CACHE_REPEATS)
+        if r is None:
+            r = read_bandwidth(self.threads, nbytes=per_thread, repeats=CACHE_REPEATS)
+        return {k: r[k] for k in ("median", "min", "max", "n")} | {"threads": self.threads,
+                                                                   "bytes_per_thread": per_thread}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""The report.json schema "sparrow.bench/3", as a key list that is also the validator.
+"""The report.json schema "sparrow.bench/4", as a key list that is also the validator.
 
 A spec is one of:
   - a type or a tuple of types: isinstance (bool is not accepted where a number is asked for);
@@ -15,7 +15,11 @@ Version history: /1 had decode/prefill/T-curve, bandwidth (numpy probe) and ener
 the native bandwidth probe with thread pinning, time to first token, energy (RAPL) or "unavailable: <reason>", the
 oracle each engine was checked against, and the plots. /3 adds the sections of bench_device/sections.py: "speculative"
 (every report; its rows in a fixed form, accepted_hist at the row's top level) and, in a full run, "sparse" and
-"synthetic" (optional there only when no synthetic shape was asked for).
+"synthetic" (optional there only when no synthetic shape was asked for). /4 says which bandwidth each bound used:
+"bound" beside every bandwidth_bound_tok_s (kind "llc" or "dram", bytes per token, working set, whether it reads
+experts sparsely, GB/s, probe bytes, the LLC size and why; "over_bound", why it can be real, wherever
+fraction_of_bound exceeds 1: validate() requires it), and "last_level_cache" and "cache_probes" (the probes with
+buffers of a cache-resident working set's size) in "bandwidth".
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA = "sparrow.bench/3"
+SCHEMA = "sparrow.bench/4"
 NUM = (int, float)
 
 
@@ -57,10 +61,11 @@ class Check:
 
 
 UNAVAILABLE = Prefix("unavailable: ")
+CACHE = {"level": int, "type": str, "size": str, "bytes": int}
 
 DEVICE = {
     "cpu_model": str, "arch": str, "physical_cores": int, "logical_cores": int, "cpu_features": [str],
-    "kernel_tier": str, "caches": [{"level": int, "type": str, "size": str, "bytes": int}],
+    "kernel_tier": str, "caches": [CACHE],
     "ram_total_bytes": int, "ram_available_bytes": int, "os": str, "python": str,
 }
 
@@ -71,6 +76,16 @@ BANDWIDTH = {
     "pinning": {"status": AnyOf((Literal("pinned"), Prefix("not pinned: "))), "threads_pinned": {"*": int}},
     "best_threads": int, "best_gb_s": NUM,
     "numpy?": {"method": str, "threads": {"*": Summary()}},  # the cross-check, when the native probe ran too
+    "last_level_cache": AnyOf((type(None), CACHE)),         # None: the OS lists no cache
+    # total bytes of the buffers -> GB/s, for the working sets that fit in the last-level cache
+    "cache_probes": {"*": {"median": NUM, "min": NUM, "max": NUM, "n": int, "threads": int, "bytes_per_thread": int}},
+}
+
+# which bandwidth a bound used and why (bench_device/profile.py Roofline.bound, against_bound)
+BOUND_USED = {
+    "kind": AnyOf((Literal("llc"), Literal("dram"))), "bytes_per_token": NUM, "working_set_bytes": NUM, "sparse": bool,
+    "bandwidth_gb_s": NUM, "probe_bytes": int, "llc_bytes": AnyOf((type(None), int)), "why": str,
+    "over_bound?": str,  # present exactly when fraction_of_bound > 1
 }
 
 ENGINE = {
@@ -78,7 +93,7 @@ ENGINE = {
     "ttft_ms": Summary(),                                   # prompt text -> first token, empty cache
     "peak_rss_mb": NUM,
     "batch_ms": {"*": NUM}, "batch_cost_vs_t1": {"*": NUM},
-    "bandwidth_bound_tok_s": NUM, "fraction_of_bound": NUM,
+    "bandwidth_bound_tok_s": NUM, "fraction_of_bound": NUM, "bound": BOUND_USED,
     # joules of each decode measurement (whole package) and per token; coarse counters may read 0 for a short run
     "energy": AnyOf(({"decode_j_per_token": Summary(positive=False), "decode_j": Summary(positive=False)},
                      UNAVAILABLE)),
@@ -91,7 +106,7 @@ def _hist_ok(h: Any) -> bool:
 
 
 HIST = Check(lambda h: _hist_ok(h) and bool(h), "a non-empty map accepted length -> steps")
-BOUND = {"read_bytes_per_token": NUM, "bandwidth_bound_tok_s": NUM, "fraction_of_bound": NUM}
+BOUND = {"read_bytes_per_token": NUM, "bandwidth_bound_tok_s": NUM, "fraction_of_bound": NUM, "bound": BOUND_USED}
 
 SPARSE_CONFIG = {
     "ffn_mode": str, "decode_tok_s": Summary(), "ratio_vs_dense?": Summary(),
@@ -118,7 +133,9 @@ SPECULATIVE = {"method": str, "bound_method": str,
 
 SYNTH_RECORD = {"synthetic": Literal(True), "label": Literal("SYNTHETIC"), "shape": str, "kind": str, "T": int,
                 "mode": AnyOf((Literal("dense"), Literal("token"), Literal("chunk"))),
-                "routing": {"stated": dict, "effective": dict}, "median_s": NUM, "min_s": NUM, "max_s": NUM, "n": int}
+                "routing": {"stated": dict, "effective": dict}, "median_s": NUM, "min_s": NUM, "max_s": NUM, "n": int,
+                "read_bytes_per_token?": NUM, "bandwidth_bound_tok_s?": NUM, "fraction_of_bound?": NUM,
+                "bound?": BOUND_USED}  # decode records
 SYNTHETIC = {
     "label": Prefix("SYNTHETIC"), "synthetic": Literal(True), "shapes": {"*": dict}, "qtype": str,
     "routing": {"tls": NUM, "cls": NUM, "k": int, "seed": int}, "settings": dict,
@@ -170,7 +187,7 @@ def _name(t) -> str:
 def validate(x: Any, spec: Any = None, path: str = "report") -> list[str]:
     """Problems of `x` against `spec` (default: the whole report), as "path: what" strings; [] when it matches."""
     if spec is None:
-        out = validate(x, REPORT, path)
+        out = validate(x, REPORT, path) + unexplained_fractions(x, path)
         if isinstance(x, dict) and x.get("mode") == "full":
             out += [f"{path}: a full run must hold {k!r}" for k in FULL_ONLY if k not in x]
             if "synthetic" not in x and not any(str(n).startswith(SYNTHETIC_LEFT_OUT) for n in x.get("notes", [])):
@@ -219,6 +236,24 @@ def validate(x: Any, spec: Any = None, path: str = "report") -> list[str]:
             return []
         return [f"{path}: matches none of the alternatives: " + " | ".join("; ".join(t) for t in tries)]
     return [] if _type_ok(x, spec) else [f"{path}: expected {_name(spec)}, got {type(x).__name__}"]
+
+
+def unexplained_fractions(x: Any, path: str = "report") -> list[str]:
+    """Every object with fraction_of_bound > 1 must say why in bound.over_bound (and only those may)."""
+    out = []
+    if isinstance(x, dict):
+        f = x.get("fraction_of_bound")
+        if isinstance(f, (int, float)) and isinstance(x.get("bound"), dict):
+            if f > 1 and "over_bound" not in x["bound"]:
+                out.append(f"{path}: fraction_of_bound {f:.2f} > 1 and bound.over_bound does not say why")
+            elif f <= 1 and "over_bound" in x["bound"]:
+                out.append(f"{path}: bound.over_bound on a fraction_of_bound of {f:.2f}, not above 1")
+        for k, v in x.items():
+            out += unexplained_fractions(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            out += unexplained_fractions(v, f"{path}[{i}]")
+    return out
 
 
 def check(report: dict) -> None:

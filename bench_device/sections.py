@@ -14,9 +14,13 @@ Bandwidth bound of a configuration: bandwidth / bytes read per generated token, 
 (KV cache and activations left out): every non-expert tensor (the embedding as bench_decode counts it) plus the
 expert weights actually read, as the session measured them. For speculation, per verification step: the target's
 non-expert weights once, the experts the step read (the union over the tree), the draft model's weights once per
-drafted token; divided by the tokens the step produced.
+drafted token; divided by the tokens the step produced. Which bandwidth: the roofline's (bench_device/profile.py
+Roofline) for the configuration's working set, the weights it touches over many tokens (the whole model, every
+expert; plus the draft model's): DRAM's where that exceeds the last-level cache, else that of a buffer of its size.
+Each row records the bound it used and why ("bound"), and why when it runs above it ("over_bound").
 
     bytes = read_bytes_per_token(weight_bytes, dense_expert_bytes, expert_bytes)   # one decode token
+    row.update(against_bound(roofline.bound(bytes, working_set_bytes), tok_s))
 """
 from __future__ import annotations
 
@@ -25,16 +29,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench_device import bench_speculative as spec
+from bench_device.profile import Roofline, against_bound
 
 SHIPPED_TARGET = spec.SHIPPED / "blockffn-tiny.Q8_0.gguf"   # store name "blockffn-tiny"
 SHIPPED_DRAFT = spec.SHIPPED / "blockffn-tiny-draft.Q8_0.gguf"  # "blockffn-tiny-draft"
 DRAFT_K = 4  # section_a's draft model drafts a chain of 4 (its tree variant: a chain of 3, runners-up cost nothing)
 DRAFT_EVALS = {"sparse + draft-model (tree: chain 3 + 2 runners-up each)": 3}  # draft passes per step, where not K
 CLS_K = (2, 4, 8, 16)  # shown in the Markdown; the JSON has every k = 2..16
-BOUND_METHOD = ("bandwidth (native probe, the run's threads) / weight bytes read per generated token: non-expert "
-                "weights + the expert weights the session measured as read (decode: per token; speculation: per "
-                "verification step, plus the draft model's weights per drafted token, divided by the step's tokens); "
-                "KV cache and activations not counted")
+BOUND_METHOD = ("bandwidth (native probe, the run's threads: DRAM's, or, where the weights the configuration touches "
+                "fit in the last-level cache, that of buffers of their size) / weight bytes read per generated token: "
+                "non-expert weights + the expert weights the session measured as read (decode: per token; "
+                "speculation: per verification step, plus the draft model's weights per drafted token, divided by the "
+                "step's tokens); KV cache and activations not counted")
+KIND = {"llc": "LLC", "dram": "DRAM"}
+KIND_WORDS = {"llc": "cache-resident (last-level cache)", "dram": "DRAM"}
 
 Progress = Callable[[int], None]
 
@@ -70,6 +78,32 @@ def _tok_s_summary(seconds: dict) -> dict:
             "n": seconds["n"]}
 
 
+def bound_cells(row: dict) -> tuple[str, str]:
+    """A row's bound and fraction cells: "346 (DRAM)" and "53%"; above the bound "119%†", explained under the table
+    (bound_lines)."""
+    b = row.get("bound", {})
+    over = "†" if "over_bound" in b else ""
+    kind = f" ({KIND[b['kind']]})" if b else ""
+    return f"{row['bandwidth_bound_tok_s']:.0f}{kind}", f"{100 * row['fraction_of_bound']:.0f}%{over}"
+
+
+def bound_lines(rows: dict[str, dict]) -> list[str]:
+    """Lines under a table of rows with bounds: which bandwidth each bound used and why (once per distinct reason, with
+    the rows it applies to), then why each fraction above 100% (†) can be real."""
+    groups: dict[tuple, list[str]] = {}
+    for name, r in rows.items():
+        b = r.get("bound")
+        if b:
+            groups.setdefault((b["kind"], b["bandwidth_gb_s"], b["why"]), []).append(name)
+    lines = []
+    for (kind, gb_s, why), names in groups.items():
+        whom = "" if len(groups) == 1 else " of " + ", ".join(names)
+        lines.append(f"- Bound{whom}: {KIND_WORDS[kind]}, {gb_s:.1f} GB/s: {why}.")
+    lines += [f"- † {name}: {r['bound']['over_bound']}." for name, r in rows.items()
+              if "over_bound" in r.get("bound", {})]
+    return lines
+
+
 # ---- sparse ----
 
 def decode_sparsity(session, prompts: list[list[int]], tokens: int) -> list:
@@ -101,10 +135,10 @@ def pool_sparsity(stats: list) -> dict:
             "dense_expert_bytes_per_token": stats[0].dense_bytes_per_token}
 
 
-def sparse_section(model_path: Path, *, threads: int, tokens: int, rounds: int, n_prompts: int, bandwidth_gb_s: float,
+def sparse_section(model_path: Path, *, threads: int, tokens: int, rounds: int, n_prompts: int, roofline: Roofline,
                    progress: Progress | None = None) -> dict:
     """Dense vs sparse decode of a BlockFFN model (module docstring): checked, alternated, with routing statistics
-    of the decode tokens and each configuration's bandwidth bound."""
+    of the decode tokens and each configuration's bandwidth bound (the roofline's, for the model's weights)."""
     from bench_device.suite import weight_bytes_per_token
     from runtime import Model
 
@@ -133,14 +167,14 @@ def sparse_section(model_path: Path, *, threads: int, tokens: int, rounds: int, 
         st = pool_sparsity(stats[mode])
         per_token = read_bytes_per_token(w["per_token"], st["dense_expert_bytes_per_token"],
                                          st["expert_bytes_per_token"])
-        bound = bandwidth_gb_s * 1e9 / per_token
         row = timed[engine]
         configs[mode] = {
             "ffn_mode": "dense" if mode == "dense" else "auto",
             "decode_tok_s": row["tok_s"],
             **({"ratio_vs_dense": row["ratio_vs_dense_plain"]} if mode == "sparse" else {}),
             **st, "read_bytes_per_token": per_token,
-            "bandwidth_bound_tok_s": bound, "fraction_of_bound": row["tok_s"]["median"] / bound,
+            **against_bound(roofline.bound(per_token, w["per_token"], sparse=mode == "sparse"),
+                            row["tok_s"]["median"]),
         }
     return {"model": str(model_path), "model_name": model_path.name.split(".")[0],
             "prompts": len(prompts), "tokens": tokens, "rounds": rounds,
@@ -163,11 +197,11 @@ def sparse_markdown(s: dict) -> list[str]:
         else:
             tls = f"{100 * c['tls']:.1f}%"
             cls = " | ".join(f"{100 * c['cls'][str(k)]:.1f}%" if str(k) in c["cls"] else "n/a" for k in CLS_K)
+        bound, frac = bound_cells(c)
         lines.append(f"| {name} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {ratio} | "
                      f"{tls} | {cls} | {c['expert_bytes_per_token'] / 1e6:.3f} | "
-                     f"{c['read_bytes_per_token'] / 1e6:.3f} | {c['bandwidth_bound_tok_s']:.0f} | "
-                     f"{100 * c['fraction_of_bound']:.0f}% |")
-    return lines + ["", f"Bound: {s['bound_method']}."]
+                     f"{c['read_bytes_per_token'] / 1e6:.3f} | {bound} | {frac} |")
+    return lines + ["", f"Bound: {s['bound_method']}."] + bound_lines(s["configs"])
 
 
 # ---- speculative ----
@@ -184,10 +218,11 @@ SPEC_METHOD = ("bench_speculative: every drafter's greedy tokens checked equal t
 
 
 def _spec_rows(rows: dict, *, weight_bytes: float, dense_expert_bytes: float, plain_bytes: dict[str, float],
-               draft_bytes_per_step: dict[str, float], bandwidth_gb_s: float) -> dict:
+               draft_bytes_per_step: dict[str, float], roofline: Roofline, draft_weight_bytes: float = 0.0) -> dict:
     """bench_speculative rows in the report's form: decode_tok_s, tokens per step, accepted_hist at the row's top
     level (plots.accepted_hists names a series by its row), bytes read per token and the bandwidth bound.
-    plain_bytes: bytes per token of the engines without a drafter, by name."""
+    plain_bytes: bytes per token of the engines without a drafter, by name. The working set of a row: the target's
+    weights (`weight_bytes`), plus the draft model's (`draft_weight_bytes`) for the rows in draft_bytes_per_step."""
     out = {}
     for name, row in rows.items():
         r = {"decode_tok_s": row["tok_s"]}
@@ -202,6 +237,7 @@ def _spec_rows(rows: dict, *, weight_bytes: float, dense_expert_bytes: float, pl
             step = (weight_bytes - dense_expert_bytes + sp["expert_bytes_per_step"]
                     + draft_bytes_per_step.get(name, 0.0))
             per_token = step / sp["tokens_per_step"]
+            sparse = sp["expert_bytes_per_step"] < dense_expert_bytes
             r.update({"steps": sp["steps"], "tokens_per_step": sp["tokens_per_step"],
                       "mean_accepted": sp["mean_accepted"], "accepted_hist": sp["accepted_hist"],
                       "expert_bytes_per_token": sp["expert_bytes_per_token"],
@@ -209,14 +245,16 @@ def _spec_rows(rows: dict, *, weight_bytes: float, dense_expert_bytes: float, pl
                                                                "verify_head_s", "sample_s", "accept_s")}})
         else:
             per_token = plain_bytes[name]
-        bound = bandwidth_gb_s * 1e9 / per_token
-        r.update({"read_bytes_per_token": per_token, "bandwidth_bound_tok_s": bound,
-                  "fraction_of_bound": row["tok_s"]["median"] / bound})
+            sparse = per_token < weight_bytes  # plain decoding that reads only some experts
+        working_set = weight_bytes + (draft_weight_bytes if name in draft_bytes_per_step else 0.0)
+        r["read_bytes_per_token"] = per_token
+        bound = roofline.bound(per_token, max(per_token, working_set), sparse=sparse)
+        r.update(against_bound(bound, row["tok_s"]["median"]))
         out[name] = r
     return out
 
 
-def speculative_section(model_path: Path, *, threads: int, quick: bool, llama_cpp: str, bandwidth_gb_s: float,
+def speculative_section(model_path: Path, *, threads: int, quick: bool, llama_cpp: str, roofline: Roofline,
                         sparse: dict | None = None, bar=no_bar, cfg: dict | None = None) -> tuple[dict, dict | None]:
     """(c) on model_path and, in full mode, (a) on the shipped BlockFFN model (module docstring): (the section,
     section_a's own result for section_b, or None in quick mode). `sparse`: the sparse section, whose measured bytes
@@ -247,7 +285,7 @@ def speculative_section(model_path: Path, *, threads: int, quick: bool, llama_cp
                 "llama_cpp": "ran" if rc["llama_cpp"] == "ran" else f"not run ({llama_cpp})",
                 "engines": _spec_rows(rc["engines"], weight_bytes=w["per_token"],
                                       dense_expert_bytes=w["expert_bytes"], plain_bytes=plain,
-                                      draft_bytes_per_step={}, bandwidth_gb_s=bandwidth_gb_s)}
+                                      draft_bytes_per_step={}, roofline=roofline)}
     if "a" not in cfg:
         return out, None
     if sparse is None:
@@ -264,7 +302,8 @@ def speculative_section(model_path: Path, *, threads: int, quick: bool, llama_cp
     out["a"] = {"label": "real acceptance and routing", "model": ra["model"], "draft": ra["draft"],
                 "prompts": a["n_prompts"], "tokens": a["tokens"], "rounds": a["rounds"], "routing": ra["routing"],
                 "engines": _spec_rows(ra["engines"], weight_bytes=wt["per_token"], dense_expert_bytes=dense_expert,
-                                      plain_bytes=plain, draft_bytes_per_step=draft, bandwidth_gb_s=bandwidth_gb_s)}
+                                      plain_bytes=plain, draft_bytes_per_step=draft, roofline=roofline,
+                                      draft_weight_bytes=wd["per_token"])}
     return out, ra
 
 
@@ -289,12 +328,12 @@ def speculative_markdown(s: dict) -> list[str]:
             tps = f"{r['tokens_per_step']:.2f}" if "tokens_per_step" in r else "1"
             acc = f"{r['mean_accepted']:.2f}" if "mean_accepted" in r else "-"
             exp = f"{r['expert_bytes_per_token'] / 1e6:.3f}" if r.get("expert_bytes_per_token") else "-"
+            bound, frac = bound_cells(r)
             lines.append(f"| {name} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {ratio} | {tps} | {acc} | "
-                         f"{exp} | {r['read_bytes_per_token'] / 1e6:.2f} | {r['bandwidth_bound_tok_s']:.0f} | "
-                         f"{100 * r['fraction_of_bound']:.0f}% |")
+                         f"{exp} | {r['read_bytes_per_token'] / 1e6:.2f} | {bound} | {frac} |")
         if key == "c" and sec["llama_cpp"] != "ran":
             lines.append(f"| llama.cpp plain | {sec['llama_cpp']} | | | | | | | |")
-        lines.append("")
+        lines += [""] + bound_lines(sec["engines"]) + [""]
     return lines + [f"Bound: {s['bound_method']}."]
 
 
@@ -306,7 +345,7 @@ SYNTH_LABEL = ("SYNTHETIC: released BlockFFN shapes with random weights (bench_d
                "trained model")
 
 
-def synthetic_section(shapes: list[str], *, threads: int, bandwidth_gb_s: float, replay_from: dict | None,
+def synthetic_section(shapes: list[str], *, threads: int, roofline: Roofline, replay_from: dict | None,
                       bar=no_bar, settings: dict = SYNTH_FULL) -> dict:
     """bench_synthetic on each shape (decode dense vs sparse, a T=8 chain and tree, the active-fraction sweep),
     every record labelled SYNTHETIC, decode records with their bandwidth bound; then, given section_a's result,
@@ -331,8 +370,8 @@ def synthetic_section(shapes: list[str], *, threads: int, bandwidth_gb_s: float,
                 per_token = read_bytes_per_token(w["per_token"], m["dense_bytes_per_token"], expert)
                 r["decode_tok_s"] = _tok_s_summary(r)
                 r["read_bytes_per_token"] = per_token
-                r["bandwidth_bound_tok_s"] = bandwidth_gb_s * 1e9 / per_token
-                r["fraction_of_bound"] = r["decode_tok_s"]["median"] / r["bandwidth_bound_tok_s"]
+                bound = roofline.bound(per_token, w["per_token"], sparse=r["mode"] != "dense")
+                r.update(against_bound(bound, r["decode_tok_s"]["median"]))
         records += recs
     out = {"label": SYNTH_LABEL, "synthetic": True,
            "shapes": {s: asdict(synthetic.SHAPES[s].with_vocab("small")) for s in shapes}, "qtype": "Q4_0",
@@ -360,15 +399,21 @@ def synthetic_markdown(s: dict) -> list[str]:
              ("| shape (SYNTHETIC) | mode | ms/token median (min-max) | tok/s | x dense | TLS / CLS-8 measured | "
              "weights read MB/token | bandwidth bound tok/s | fraction of bound |"),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    bounded = {}
     for shape in s["shapes"]:
         dense = find(shape, "decode", "dense")[0]
         for r in find(shape, "decode", "dense") + find(shape, "decode", "token"):
             m = r["measured_sparsity"]
+            mode = "sparse" if r["mode"] == "token" else "dense"
             sp = f"{100 * m['tls']:.1f}% / {100 * m['cls_8']:.1f}%" if r["mode"] == "token" else "-"
-            lines.append(f"| {shape} | {'sparse' if r['mode'] == 'token' else 'dense'} | {1e3 * r['median_s']:.2f} "
+            bound, frac = bound_cells(r)
+            bounded[f"{shape} {mode}"] = r
+            lines.append(f"| {shape} | {mode} | {1e3 * r['median_s']:.2f} "
                          f"({1e3 * r['min_s']:.2f}-{1e3 * r['max_s']:.2f}) | {r['decode_tok_s']['median']:.1f} | "
                          f"{dense['median_s'] / r['median_s']:.2f}x | {sp} | {r['read_bytes_per_token'] / 1e6:.1f} | "
-                         f"{r['bandwidth_bound_tok_s']:.0f} | {100 * r['fraction_of_bound']:.0f}% |")
+                         f"{bound} | {frac} |")
+    if bounded:
+        lines += [""] + bound_lines(bounded)
     lines += ["", "Verification passes (SYNTHETIC), sparse = the union of the batch's experts read once:", "",
               "| shape | draft | T | dense ms | sparse ms | sparse / dense | sparse / one dense decode step |",
               "|---|---|---:|---:|---:|---:|---:|"]

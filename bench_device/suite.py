@@ -1,6 +1,6 @@
 """`sparrow bench`: one run that profiles the device, measures its memory read bandwidth (the roofline) and benchmarks
 a model's decode, prefill and time to first token with Sparrow, side by side with llama.cpp where llama-cpp-python
-is installed, then writes DIR/report.json (schema "sparrow.bench/3", see bench_device/schema.py), the PNG plots
+is installed, then writes DIR/report.json (schema "sparrow.bench/4", see bench_device/schema.py), the PNG plots
 (bench_device/plots.py) and DIR/report.md, which embeds them.
 
 The full run adds, in the same report (bench_device/sections.py): "sparse" (the shipped BlockFFN model, dense vs
@@ -11,8 +11,12 @@ labelled SYNTHETIC; with (b), (a)'s accepted lengths REPLAYED on them). --quick 
 The decode/prefill/TTFT/T-curve numbers come from bench_decode.run (engines in worker processes, asked in turn, each
 engine's greedy continuation checked before timing against an oracle: llama.cpp, or Sparrow's scalar reference
 kernels when Sparrow runs alone). The bandwidth bound of decoding is bandwidth (native probe, the thread count of
-the run) / bytes of weights read per token; the report gives the fraction of it each engine reaches. Energy comes
-from RAPL counters read around every decode measurement where they can be read, "unavailable: <reason>" otherwise.
+the run) / bytes of weights read per token; the report gives the fraction of it each engine reaches. Which bandwidth
+(bench_device/profile.py Roofline): DRAM's (the large-buffer probe) where the weights exceed the last-level cache,
+else that of buffers of the weights' size, since weights that fit stay in the cache between tokens; every bound
+records which it used and why ("bound"), and a fraction above 100% carries why it can be real ("over_bound", also in
+the notes). Energy comes from RAPL counters read around every decode measurement where they can be read,
+"unavailable: <reason>" otherwise.
 """
 from __future__ import annotations
 
@@ -24,11 +28,13 @@ from pathlib import Path
 
 from bench_device import bench_decode
 from bench_device.energy import Rapl
-from bench_device.plots import write_plots
-from bench_device.profile import bandwidth_curve, device_profile
+from bench_device.plots import configurations, write_plots
+from bench_device.profile import Roofline, against_bound, bandwidth_curve, device_profile, last_level_cache
 from bench_device.schema import SCHEMA, SYNTHETIC_LEFT_OUT, check
 from bench_device.sections import (
     SHIPPED_TARGET,
+    bound_cells,
+    bound_lines,
     no_bar,
     sparse_markdown,
     sparse_section,
@@ -126,8 +132,11 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
         dec = decode(("sparrow",))
 
     wbytes = weight_bytes_per_token(model_path)
-    bw_t = bandwidth["threads"].get(threads) or bandwidth["threads"][max(bandwidth["threads"])]
-    bound = bw_t["median"] * 1e9 / wbytes["per_token"]
+    bw_threads = threads if threads in bandwidth["threads"] else max(bandwidth["threads"])
+    llc = last_level_cache(profile["caches"])
+    roofline = Roofline(bandwidth["threads"][bw_threads]["median"], threads=threads, llc=llc,
+                        dram_probe_bytes=bandwidth["mb_per_thread"] * 2**20 * bw_threads)
+    bound = roofline.bound(wbytes["per_token"])  # a dense read of the file: its working set is what a token reads
     engines = {}
     for name, e in dec["engines"].items():
         engines[name] = {
@@ -137,8 +146,7 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
             "peak_rss_mb": e["peak_rss_mb"],
             "batch_ms": {str(t): v for t, v in e["batch_ms"].items()},
             "batch_cost_vs_t1": {str(t): v for t, v in e["batch_cost_vs_t1"].items()},
-            "bandwidth_bound_tok_s": bound,
-            "fraction_of_bound": e["decode_tok_s"]["median"] / bound,
+            **against_bound(bound, e["decode_tok_s"]["median"]),
             "energy": ({"decode_j": e["decode_j"], "decode_j_per_token": e["decode_j_per_token"]}
                        if "decode_j" in e else f"unavailable: {energy_why}"),
         }
@@ -152,30 +160,30 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
     else:
         energy = f"unavailable: {energy_why}"
 
-    bw_gb_s = bw_t["median"]
     extra = {}
     if not quick:
         sp = cfg["sparse"]
         with bar(sp["n_prompts"] * (1 + sp["rounds"]) + 1, f"sparse: {SHIPPED_TARGET.name} dense vs sparse") as b:
-            extra["sparse"] = sparse_section(SHIPPED_TARGET, threads=threads, bandwidth_gb_s=bw_gb_s,
+            extra["sparse"] = sparse_section(SHIPPED_TARGET, threads=threads, roofline=roofline,
                                              progress=b.update, **sp)
     extra["speculative"], raw_a = speculative_section(
-        model_path, threads=threads, quick=quick, llama_cpp="skipped in --quick" if quick else llama_status, bandwidth_gb_s=bw_gb_s,
-        sparse=extra.get("sparse"), bar=bar)
+        model_path, threads=threads, quick=quick, llama_cpp="skipped in --quick" if quick else llama_status,
+        roofline=roofline, sparse=extra.get("sparse"), bar=bar)
     shapes = SYNTHETIC_SHAPES if synthetic_shapes is None else tuple(synthetic_shapes)
     if not quick and shapes:
-        extra["synthetic"] = synthetic_section(list(shapes), threads=threads, bandwidth_gb_s=bw_gb_s,
+        extra["synthetic"] = synthetic_section(list(shapes), threads=threads, roofline=roofline,
                                                replay_from=raw_a, bar=bar)
     elif not quick:
         notes.append(f"{SYNTHETIC_LEFT_OUT} (no synthetic shape asked for)")
-    return {
+    report = {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mode": "quick" if quick else "full",
         "settings": {"threads": threads, "repeats": cfg["repeats"], "decode_tokens": cfg["decode_tokens"],
                      "batch_sizes": list(cfg["batch_sizes"])},
         "device": profile,
-        "bandwidth": _str_keys(bandwidth),
+        "bandwidth": {**_str_keys(bandwidth), "last_level_cache": llc,
+                      "cache_probes": {str(k): v for k, v in roofline.probes.items()}},
         "model": {"name": model_name, "path": str(model_path), "file_bytes": model_path.stat().st_size,
                   "weight_bytes_per_token": wbytes["per_token"], "tied_embeddings": wbytes["tied_embeddings"],
                   "prompt_tokens": dec["prompt_tokens"]},
@@ -190,6 +198,14 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
         "notes": notes,
         **extra,
     }
+    notes += over_bound_notes(report)
+    return report
+
+
+def over_bound_notes(r: dict) -> list[str]:
+    """A note for every configuration that decodes above its bound: its name (as the plot names it) and why that can
+    be real."""
+    return [f"{c['name']} decodes at {c['over_bound']}" for c in configurations(r) if c.get("over_bound")]
 
 
 def headline_table(r: dict) -> str:
@@ -203,17 +219,37 @@ def headline_table(r: dict) -> str:
         rows.append(f"| {name} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
                     f"{p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f}) | "
                     f"{f['median']:.1f} ({f['min']:.1f}-{f['max']:.1f}) | {e['peak_rss_mb']:.0f} | {j} | "
-                    f"{e['bandwidth_bound_tok_s']:.0f} | {100 * e['fraction_of_bound']:.0f}% |")
+                    + " | ".join(bound_cells(e)) + " |")
     if r["llama_cpp"] != "ran":
         rows.append(f"| llama.cpp | {r['llama_cpp']} | | | | | | |")
     m, o = r["model"], r["oracle"]
     bw = r["bandwidth"]["threads"].get(str(t)) or {}
     return (f"{m['name']}, {t} threads, prompt {m['prompt_tokens']} tokens, "
             f"{m['weight_bytes_per_token'] / 2**20:.1f} MiB of weights read per token, "
-            f"read bandwidth {bw.get('median', 0):.1f} GB/s ({r['bandwidth']['probe']} probe, "
+            f"DRAM read bandwidth {bw.get('median', 0):.1f} GB/s ({r['bandwidth']['probe']} probe, "
             f"{r['bandwidth']['pinning']['status']}); outputs checked against {o['engine']}: logits NMSE "
             + ", ".join(f"{c['nmse']:.1e}" for c in o["checks"].values())
-            + f", greedy tokens identical for {o['agreement_tokens']}/{o['checked_tokens']}\n\n" + "\n".join(rows))
+            + f", greedy tokens identical for {o['agreement_tokens']}/{o['checked_tokens']}\n\n" + "\n".join(rows)
+            + "\n\n" + "\n".join(bound_lines(r["engines"])))
+
+
+def cache_probe_lines(bw: dict) -> list[str]:
+    """The report's bandwidth section on caches: the last-level cache and the probes with cache-sized buffers."""
+    llc, probes = bw["last_level_cache"], bw["cache_probes"]
+    if llc is None:
+        return ["The last-level cache size is unknown: every bound uses the DRAM figure above."]
+    cache = f"L{llc['level']} {llc['type'].lower()} {llc['size']}"
+    if not probes:
+        return [(f"Last-level cache: {cache}. No configuration's weights fit in it: every bound uses the DRAM figure "
+                 "above (a model larger than the cache is read from DRAM every token).")]
+    lines = [(f"Last-level cache: {cache}. Configurations whose weights fit in it are bound by the read bandwidth of "
+              "buffers of their size (they stay in the cache between tokens), probed with the run's threads, each "
+              "reading its share:"), "", "| buffers in all MiB | per thread MiB | threads | GB/s median (min-max) |",
+             "|---:|---:|---:|---:|"]
+    for nbytes, p in probes.items():
+        lines.append(f"| {int(nbytes) / 2**20:.2f} | {p['bytes_per_thread'] / 2**20:.2f} | {p['threads']} | "
+                     f"{p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f}) |")
+    return lines
 
 
 PLOT_CAPTIONS = {"tok_s_vs_bound": "Decode tok/s against the bandwidth bound",
@@ -272,6 +308,7 @@ def to_markdown(r: dict) -> str:
     lines += ["", f"Method ({bw['probe']} probe): {bw['method']}."]
     if np_threads:
         lines += ["", f"Cross-check: {bw['numpy']['method']}."]
+    lines += [""] + cache_probe_lines(bw)
     lines += ["", "## Cost of T tokens in one call (relative to T=1)", "",
               "| T | " + " | ".join(r["engines"]) + " |", "|---:|" + "---:|" * len(r["engines"])]
     for t in r["settings"]["batch_sizes"]:

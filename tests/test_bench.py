@@ -1,11 +1,14 @@
-"""`sparrow bench`: the device profile and native bandwidth probe on this machine, the report schema (sparrow.bench/3)
-of a --quick run on a tiny model and its validator, the full run's sparse/speculative/synthetic sections (measured
-small: the shipped BlockFFN model, the tiny synthetic shape), RAPL energy on a fake powercap tree, the plots, and the
-CLI writing report.json, report.md and the PNG."""
+"""`sparrow bench`: the device profile and native bandwidth probe on this machine, the report schema (sparrow.bench/4)
+of a --quick run on a tiny model and its validator, which bandwidth bounds a configuration (DRAM, or the last-level
+cache its weights fit in: the decision on fake cache sizes, the report on this machine and on a fake small cache),
+the full run's sparse/speculative/synthetic sections (measured small: the shipped BlockFFN model, the tiny synthetic
+shape), RAPL energy on a fake powercap tree, a worker killed by a signal, the plots, and the CLI writing report.json,
+report.md and the PNG."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +16,20 @@ import pytest
 from click.testing import CliRunner
 from tiny_llama import TinyConfig, write_tiny_llama
 
+from bench_device import bench_decode, profile, sections, suite
 from bench_device.bench_decode import TIE_GAP, compare_logits
+from bench_device.bench_decode import worker as decode_worker
 from bench_device.energy import Rapl
 from bench_device.plots import accepted_hists, active_fraction_series, configurations, write_plots
-from bench_device.profile import bandwidth_curve, device_profile, read_bandwidth
+from bench_device.profile import (
+    Roofline,
+    against_bound,
+    bandwidth_curve,
+    bound_kind,
+    device_profile,
+    last_level_cache,
+    read_bandwidth,
+)
 from bench_device.schema import SCHEMA, check, validate
 from bench_device.sections import (
     SHIPPED_TARGET,
@@ -25,7 +38,7 @@ from bench_device.sections import (
     speculative_section,
     synthetic_section,
 )
-from bench_device.suite import run_suite, to_markdown, weight_bytes_per_token, write_report
+from bench_device.suite import headline_table, run_suite, to_markdown, weight_bytes_per_token, write_report
 from runtime.cli import sparrow
 
 
@@ -94,7 +107,7 @@ def test_weight_bytes_per_token_tied_head_reads_the_whole_embedding(tiny):
 def test_report_schema(report, tmp_path):
     write_report(report, tmp_path)
     r = json.loads((tmp_path / "report.json").read_text())
-    assert validate(r) == [] and r["schema"] == SCHEMA == "sparrow.bench/3" and r["mode"] == "quick"
+    assert validate(r) == [] and r["schema"] == SCHEMA == "sparrow.bench/4" and r["mode"] == "quick"
     assert r["llama_cpp"].startswith("skipped") and list(r["engines"]) == ["sparrow"]
     assert r["settings"]["threads"] == 1 and r["bandwidth"]["threads"]["1"]["median"] > 0
     bw = r["bandwidth"]
@@ -103,6 +116,21 @@ def test_report_schema(report, tmp_path):
     if hasattr(os, "sched_setaffinity"):
         assert bw["pinning"] == {"status": "pinned", "threads_pinned": {"1": 1}}
     assert r["model"]["weight_bytes_per_token"] > 0 and r["model"]["prompt_tokens"] > 0
+    # the bound that applies on this machine: the tiny model fits in any last-level cache, so it is the read
+    # bandwidth of a buffer of the weights' size; with no cache listed, DRAM's
+    e = r["engines"]["sparrow"]
+    b, llc = e["bound"], last_level_cache(r["device"]["caches"])
+    assert bw["last_level_cache"] == llc and b["llc_bytes"] == (llc and llc["bytes"])
+    assert b["bytes_per_token"] == b["working_set_bytes"] == r["model"]["weight_bytes_per_token"]
+    if llc and b["working_set_bytes"] <= llc["bytes"]:
+        assert b["kind"] == "llc" and f"fit in the L{llc['level']} cache" in b["why"]
+        probe = bw["cache_probes"][str(b["probe_bytes"])]
+        assert probe["threads"] == 1 and probe["bytes_per_thread"] == b["probe_bytes"] >= b["working_set_bytes"]
+        assert b["bandwidth_gb_s"] == probe["median"] and probe["n"] == profile.CACHE_REPEATS
+    else:
+        assert b["kind"] == "dram" and b["bandwidth_gb_s"] == bw["threads"]["1"]["median"]
+    assert e["bandwidth_bound_tok_s"] == pytest.approx(b["bandwidth_gb_s"] * 1e9 / b["bytes_per_token"])
+    assert ("over_bound" in b) == (e["fraction_of_bound"] > 1)
     # Sparrow alone: its greedy continuation was checked against the scalar reference kernels
     assert r["oracle"]["engine"] == "sparrow-scalar" and "SPARROW_FORCE_SCALAR=1" in r["oracle"]["description"]
     c = r["oracle"]["checks"]["sparrow"]
@@ -139,12 +167,14 @@ def test_report_schema(report, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| sparrow |" in md and "llama.cpp | skipped" in md and "![" in md and "(tok_s_vs_bound.png)" in md
     assert "TTFT ms" in md and "sparrow-scalar" in md and "## Speculative decoding" in md
+    words = {"llc": "- Bound: cache-resident (last-level cache), ", "dram": "- Bound: DRAM, "}[b["kind"]]
+    assert f"{words}{b['bandwidth_gb_s']:.1f} GB/s: {b['why']}." in md and f"({b['kind'].upper()}) |" in md
     assert md.index("## Headline") < md.index("## Speculative decoding") < md.index("## Plots")
 
 
 @pytest.mark.parametrize("damage, problem", [
     (lambda r: r.pop("oracle"), "report: missing key 'oracle'"),
-    (lambda r: r.update(schema="sparrow.bench/2"), "report.schema: expected 'sparrow.bench/3'"),
+    (lambda r: r.update(schema="sparrow.bench/3"), "report.schema: expected 'sparrow.bench/4'"),
     (lambda r: r["engines"]["sparrow"].pop("ttft_ms"), "report.engines.sparrow: missing key 'ttft_ms'"),
     (lambda r: r["engines"]["sparrow"]["decode_tok_s"].update(min=1e9), "decode_tok_s: not min <= median <= max"),
     (lambda r: r.update(energy="not measured"), "report.energy: matches none"),
@@ -157,6 +187,11 @@ def test_report_schema(report, tmp_path):
      "report.speculative.c.engines.plain: missing key 'bandwidth_bound_tok_s'"),
     (lambda r: r.update(mode="full", notes=["synthetic section left out (no synthetic shape asked for)"]),
      "report: a full run must hold 'sparse'"),
+    (lambda r: r["engines"]["sparrow"].update(fraction_of_bound=1.19),
+     "report.engines.sparrow: fraction_of_bound 1.19 > 1 and bound.over_bound does not say why"),
+    (lambda r: r["speculative"]["c"]["engines"]["plain"]["bound"].update(kind="l3"),
+     "report.speculative.c.engines.plain.bound.kind: matches none"),
+    (lambda r: r["bandwidth"].pop("cache_probes"), "report.bandwidth: missing key 'cache_probes'"),
 ])
 def test_schema_validator_names_what_is_wrong(report, damage, problem):
     r = json.loads(json.dumps({**report, "plots": {"tok_s_vs_bound": "tok_s_vs_bound.png"}}))
@@ -164,7 +199,7 @@ def test_schema_validator_names_what_is_wrong(report, damage, problem):
     damage(r)
     problems = validate(r)
     assert len(problems) == 1 and problem in problems[0], problems
-    with pytest.raises(ValueError, match="does not match sparrow.bench/3"):
+    with pytest.raises(ValueError, match="does not match sparrow.bench/4"):
         check(r)
 
 
@@ -199,6 +234,84 @@ def test_plots_draw_what_the_report_holds(report, tmp_path):
     assert all(f"]({f})" in md for f in files.values())
 
 
+# cpu0's caches as /sys lists them: the Xeon of DESIGN.md (480 MB L3) and the Zen 4 dev machine (32 MB L3)
+XEON = [{"level": 1, "type": "Data", "size": "48K", "bytes": 48 << 10},
+        {"level": 1, "type": "Instruction", "size": "32K", "bytes": 32 << 10},
+        {"level": 2, "type": "Unified", "size": "2048K", "bytes": 2 << 20},
+        {"level": 3, "type": "Unified", "size": "491520K", "bytes": 480 << 20}]
+ZEN4 = [{"level": 1, "type": "Data", "size": "32K", "bytes": 32 << 10},
+        {"level": 2, "type": "Unified", "size": "1024K", "bytes": 1 << 20},
+        {"level": 3, "type": "Unified", "size": "32768K", "bytes": 32 << 20}]
+SMOLLM2 = 96_600_000  # weight bytes the default model reads per token
+
+
+def test_bound_is_the_llc_where_the_weights_fit_and_dram_where_they_do_not():
+    xeon, zen4 = last_level_cache(XEON), last_level_cache(ZEN4)
+    assert xeon == XEON[3] and zen4 == ZEN4[2] and last_level_cache([]) is None
+    assert last_level_cache(XEON[:2]) == XEON[0]  # an instruction cache holds no weights
+    kind, why = bound_kind(SMOLLM2, SMOLLM2, xeon)  # the issue's Xeon: the 94 MB model stays in its L3
+    assert kind == "llc" and "its 92.1 MiB of weights fit in the L3 cache (480.0 MiB, the last level)" in why
+    kind, why = bound_kind(SMOLLM2, SMOLLM2, zen4)
+    assert kind == "dram" and "exceed the L3 cache (32.0 MiB, the last level): every token streams them" in why
+    # a sparse model: one token reads 20 MB, but over the tokens it touches every expert, more than the cache holds
+    kind, why = bound_kind(20e6, SMOLLM2, zen4, sparse=True)
+    assert kind == "dram" and "one token reads only 19.1 MiB, but other experts each token" in why
+    assert bound_kind(20e6, SMOLLM2, xeon, sparse=True)[0] == "llc"
+    # speculation on a dense model: 20 MB per token, but every step reads the whole model
+    assert "experts" not in bound_kind(20e6, SMOLLM2, zen4)[1]
+    unknown = "the last-level cache size is unknown, so the DRAM figure (the large-buffer probe) applies"
+    assert bound_kind(SMOLLM2, SMOLLM2, None) == ("dram", unknown)
+    with pytest.raises(ValueError, match="working set"):
+        bound_kind(2e6, 1e6, xeon)
+
+
+def test_roofline_probes_buffers_of_the_weights_size_and_explains_a_fraction_above_one():
+    asked = []
+
+    def probe(nbytes):
+        asked.append(nbytes)
+        return {"median": 150.0, "min": 140.0, "max": 160.0, "n": 3, "threads": 2, "bytes_per_thread": nbytes // 2}
+
+    xeon = Roofline(20.0, threads=2, llc=last_level_cache(XEON), dram_probe_bytes=1 << 30, probe=probe)
+    b = xeon.bound(SMOLLM2)
+    assert b["kind"] == "llc" and b["bandwidth_gb_s"] == 150.0 and asked == [b["probe_bytes"]]
+    assert SMOLLM2 <= b["probe_bytes"] < SMOLLM2 + 512 and b["probe_bytes"] % 512 == 0  # two buffers of 256-byte steps
+    assert b["llc_bytes"] == 480 << 20 and b["working_set_bytes"] == b["bytes_per_token"] == SMOLLM2
+    sparse = xeon.bound(20e6, SMOLLM2, sparse=True)  # same working set: the same probe, not measured again
+    assert sparse["probe_bytes"] == b["probe_bytes"] and len(asked) == 1 and list(xeon.probes) == asked
+    zen4 = Roofline(20.0, threads=2, llc=last_level_cache(ZEN4), dram_probe_bytes=1 << 30, probe=probe)
+    d = zen4.bound(SMOLLM2)
+    assert (d["kind"], d["bandwidth_gb_s"], d["probe_bytes"], zen4.probes) == ("dram", 20.0, 1 << 30, {})
+    # the issue's "119% of the bandwidth bound": a DRAM bound run above says why
+    over = against_bound(d, 1.19 * 20e9 / SMOLLM2)
+    assert over["fraction_of_bound"] == pytest.approx(1.19)
+    assert over["bandwidth_bound_tok_s"] == pytest.approx(20e9 / SMOLLM2)
+    why = "119% of the DRAM bound: the last-level cache (32.0 MiB) can hold 35% of the 92.1 MiB of weights"
+    assert over["bound"]["over_bound"].startswith(why)
+    assert "over_bound" not in d and "over_bound" not in against_bound(d, 0.5 * 20e9 / SMOLLM2)["bound"]
+    assert against_bound(b, 2 * 150e9 / SMOLLM2)["bound"]["over_bound"].startswith("200% of a cache-resident bound")
+    # the default probe: the native one, the working set split over the threads
+    real = Roofline(20.0, threads=2, llc=last_level_cache(ZEN4)).native_probe(1 << 20)
+    assert real["threads"] == 2 and real["bytes_per_thread"] == 1 << 19 and real["n"] == profile.CACHE_REPEATS
+    assert 0 < real["min"] <= real["median"] <= real["max"]
+
+
+def test_a_fraction_above_the_bound_is_explained_wherever_it_is_shown(report, tmp_path):
+    r = json.loads(json.dumps(report))
+    e = r["engines"]["sparrow"]
+    fast = 1.19 * e["bandwidth_bound_tok_s"]
+    e["decode_tok_s"] = {"median": fast, "min": fast, "max": fast, "n": 1}
+    e.update(against_bound(e["bound"], fast))
+    why = e["bound"]["over_bound"]
+    assert why.startswith("119% of ")
+    write_report(r, tmp_path)  # the validator passes it: the fraction says why
+    md = (tmp_path / "report.md").read_text()
+    assert "| 119%† |" in md and f"- † sparrow: {why}." in md
+    assert "| 119%† |" in headline_table(r) and suite.over_bound_notes(r) == [f"sparrow decodes at {why}"]
+    del e["bound"]["over_bound"]
+    assert validate(r) == ["report.engines.sparrow: fraction_of_bound 1.19 > 1 and bound.over_bound does not say why"]
+
+
 def test_read_bytes_per_token_replaces_the_experts_by_those_read():
     # blockffn-tiny: 4,292,608 bytes per token, 2,228,224 of them experts; a token reading 5% of the experts
     assert read_bytes_per_token(4_292_608, 2_228_224, 2_228_224) == 4_292_608
@@ -214,8 +327,9 @@ def test_full_report_sections(report, tmp_path, monkeypatch):
     too (a model with experts: its plain bound measured), synthetic and the replay on the tiny synthetic shape."""
     monkeypatch.setenv("SPARROW_SYNTH_CACHE", str(tmp_path / "synth"))
     bw = 20.0
+    roof = Roofline(bw, threads=1, llc=None)  # no cache listed: every bound DRAM's, `bw`
     steps = []
-    sp = sparse_section(SHIPPED_TARGET, threads=1, tokens=12, rounds=2, n_prompts=2, bandwidth_gb_s=bw,
+    sp = sparse_section(SHIPPED_TARGET, threads=1, tokens=12, rounds=2, n_prompts=2, roofline=roof,
                         progress=steps.append)
     assert len(steps) == 2 * (1 + 2) + 1
     w = weight_bytes_per_token(SHIPPED_TARGET)
@@ -231,11 +345,14 @@ def test_full_report_sections(report, tmp_path, monkeypatch):
     assert sparse["decode_tokens_measured"] == 2 * 13 and sparse["ratio_vs_dense"]["n"] == 4
     for c in (dense, sparse):
         assert c["bandwidth_bound_tok_s"] == pytest.approx(bw * 1e9 / c["read_bytes_per_token"])
+        # the working set is the whole model: a sparse token reads other experts than the last
+        assert c["bound"]["working_set_bytes"] == w["per_token"] and c["bound"]["kind"] == "dram"
+        assert c["bound"]["bytes_per_token"] == c["read_bytes_per_token"] and c["bound"]["sparse"] == (c is sparse)
         assert c["fraction_of_bound"] == pytest.approx(c["decode_tok_s"]["median"] / c["bandwidth_bound_tok_s"])
     cfg = {"c": {"prompts": ["def read_file(path):\n"], "tokens": 8, "rounds": 1, "drafters": ["prompt-lookup"]},
            "a": {"n_prompts": 2, "tokens": 12, "rounds": 1}}
     spec, raw_a = speculative_section(SHIPPED_TARGET, threads=1, quick=False, llama_cpp="not installed",
-                                      bandwidth_gb_s=bw, sparse=sp, cfg=cfg)
+                                      roofline=roof, sparse=sp, cfg=cfg)
     assert spec["c"]["llama_cpp"] == "not run (not installed)"
     assert spec["c"]["engines"]["plain"]["read_bytes_per_token"] < 0.75 * w["per_token"]  # it decodes sparsely
     a = spec["a"]["engines"]
@@ -245,7 +362,11 @@ def test_full_report_sections(report, tmp_path, monkeypatch):
     assert sum(draft["accepted_hist"].values()) == draft["steps"] and set(draft["time_split_s"]) >= {"draft", "sample"}
     assert draft["read_bytes_per_token"] > a["sparse + recycling (chain 4)"]["read_bytes_per_token"] * \
         a["sparse + recycling (chain 4)"]["tokens_per_step"] / draft["tokens_per_step"]  # its own weights count too
-    syn = synthetic_section(["tiny"], threads=1, bandwidth_gb_s=bw, replay_from=raw_a,
+    draft_w = weight_bytes_per_token(sections.SHIPPED_DRAFT)["per_token"]
+    assert draft["bound"]["working_set_bytes"] == w["per_token"] + draft_w  # the draft model stays in cache too
+    assert a["sparse + recycling (chain 4)"]["bound"]["working_set_bytes"] == w["per_token"]
+    assert [r["bound"]["sparse"] for r in a.values()] == [False] + [True] * 8  # all but dense plain read some experts
+    syn = synthetic_section(["tiny"], threads=1, roofline=roof, replay_from=raw_a,
                             settings={"Ts": (4,), "fractions": (0.25, 1.0), "repeats": 1, "decode_steps": 2,
                                       "replay_repeats": 1})
     assert all(r["synthetic"] is True and r["label"] == "SYNTHETIC" for r in syn["records"])
@@ -266,7 +387,7 @@ def test_full_report_sections(report, tmp_path, monkeypatch):
     heads = ["## Headline", "## Sparse experts", "## Speculative decoding", "## SYNTHETIC large", "## Plots"]
     assert [md.index(h) for h in heads] == sorted(md.index(h) for h in heads)
     assert "**SYNTHETIC: " in md and "**REPLAYED: " in md and "| tiny | dense |" in md
-    assert "| sparse + draft-model (chain 4) |" in md and "CLS-8" in md
+    assert "| sparse + draft-model (chain 4) |" in md and "CLS-8" in md and "(DRAM) |" in md
     del r["synthetic"]["records"][0]["synthetic"]
     assert validate(r) == ["report.synthetic.records[0]: missing key 'synthetic'"]
     del r["synthetic"]
@@ -324,12 +445,44 @@ def test_rapl_reads_package_domains_only_and_undoes_a_wrap(tmp_path):
     assert meter is None and "could not be read" in why
 
 
-def test_report_energy_from_rapl_counters(tiny, tmp_path):
-    r = run_suite(tiny, "tiny", quick=True, threads=1, llama_cpp=False, energy_root=_fake_rapl(tmp_path, 7))
+def crash_llama_cpp_worker(engine_name: str, path: str, threads: int, n_ctx: int, conn) -> None:
+    """bench_decode's worker, except that llama.cpp dies of SIGSEGV at its first request (as llama.cpp's native build
+    does on the Xeon, DESIGN.md). Module level: a spawned worker imports its target."""
+    if engine_name == "llama.cpp":
+        conn.recv()
+        os.kill(os.getpid(), signal.SIGSEGV)
+    decode_worker(engine_name, path, threads, n_ctx, conn)
+
+
+def test_a_dead_worker_is_reported_with_its_signal(tiny):
+    with pytest.raises(RuntimeError, match=r"^the llama.cpp worker died \(killed by signal 11 \(SIGSEGV\)\)$"):
+        bench_decode.run(str(tiny), threads=1, repeats=1, decode_tokens=2, batch_sizes=(1,),
+                         engine_names=("sparrow", "llama.cpp"), worker_target=crash_llama_cpp_worker)
+
+
+def test_report_on_a_small_cache_with_rapl_and_a_crashing_llama_cpp(tiny, tmp_path, monkeypatch):
+    """One quick run on a machine faked three ways: a last-level cache smaller than the model (the bound is DRAM's),
+    RAPL counters (energy), and a llama.cpp worker killed by SIGSEGV (left out, its signal in the report)."""
+    monkeypatch.setattr(profile, "caches", lambda: [{"level": 2, "type": "Unified", "size": "64K", "bytes": 64 << 10}])
+    monkeypatch.setattr(suite, "llama_cpp_available", lambda: True)
+    monkeypatch.setattr(bench_decode, "worker", crash_llama_cpp_worker)
+    r = run_suite(tiny, "tiny", quick=True, threads=1, energy_root=_fake_rapl(tmp_path, 7))
     assert r["energy"]["source"] == "RAPL package-0 (intel-rapl:0), package-1 (intel-rapl:1)"
     e = r["engines"]["sparrow"]["energy"]
     assert e["decode_j"]["n"] == 3 and e["decode_j_per_token"]["median"] == 0.0  # the fake counters stand still
-    assert validate(json.loads(json.dumps({**r, "plots": {}}))) == []
+    died = "the llama.cpp worker died (killed by signal 11 (SIGSEGV))"
+    assert r["llama_cpp"] == f"failed: {died}" and f"llama.cpp left out: {died}" in r["notes"]
+    assert list(r["engines"]) == ["sparrow"] and r["oracle"]["engine"] == "sparrow-scalar"
+    b = r["engines"]["sparrow"]["bound"]
+    assert b["kind"] == "dram" and b["bandwidth_gb_s"] == r["bandwidth"]["threads"]["1"]["median"]
+    assert "exceed the L2 cache (0.1 MiB, the last level): every token streams them from DRAM" in b["why"]
+    assert r["bandwidth"]["cache_probes"] == {} and r["bandwidth"]["last_level_cache"]["bytes"] == 64 << 10
+    r = json.loads(json.dumps({**r, "plots": {}}))
+    assert validate(r) == []
+    md = to_markdown(r)
+    assert f"- Bound: DRAM, {b['bandwidth_gb_s']:.1f} GB/s: {b['why']}." in md
+    assert "No configuration's weights fit" in md
+    assert f"failed: {died}" in md
 
 
 def test_cli_bench_writes_report_markdown_and_plot(tiny, tmp_path):
@@ -337,7 +490,7 @@ def test_cli_bench_writes_report_markdown_and_plot(tiny, tmp_path):
     r = CliRunner().invoke(sparrow, ["bench", str(tiny), "--quick", "--threads", "1", "--no-llama-cpp",
                                      "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "report.json").read_text())["schema"] == "sparrow.bench/3"
+    assert json.loads((out / "report.json").read_text())["schema"] == "sparrow.bench/4"
     assert (out / "report.md").read_text().startswith("# Sparrow device benchmark (quick)")
     assert (out / "tok_s_vs_bound.png").is_file()
     assert "| sparrow |" in r.output and "report.md" in r.output and "tok_s_vs_bound.png" in r.output

@@ -8,11 +8,15 @@
  * up), read their whole buffer once and record their start and end times. A pass's bandwidth is
  * N x buffer bytes / (latest end - earliest start). Pass 0 is the untimed warm-up.
  *
- * The read kernel sums the buffer as 64-byte vectors of uint64 with four independent accumulators. The buffer holds
+ * The read kernel sums the buffer as 16-byte vectors of uint64 with eight independent accumulators. The buffer holds
  * word j = j + 1, so every pass's sum must equal W (W + 1) / 2 (mod 2^64): a pass that skipped or misread data is an
- * error, not a number. GCC/Clang vector extensions compile to the widest loads the base flags allow (16 bytes on
- * x86-64 without -m flags, NEON on arm64); a streaming read is bound by DRAM, far below the core's load rate, so no
- * ISA-specific version is needed.
+ * error, not a number. 16 bytes is the widest vector the base flags have (SSE2 on x86-64 without -m flags, NEON on
+ * arm64): a wider GCC vector is split into several registers and, with four accumulators, spilled to the stack on
+ * every add, which capped the loop near 29 GB/s per core on Zen 4, the speed of a one-thread DRAM stream and far
+ * below a cache's. Eight register accumulators let the loads run at the core's load rate (two or three 16-byte loads
+ * per cycle): above DRAM and the last-level cache, so a buffer the size of a model's weights measures the bandwidth
+ * of the cache that holds them (`sparrow bench` probes one where the weights fit in the last-level cache). The L1 and
+ * L2 caches of wide-vector cores can deliver more than 16-byte loads take; no ISA-specific version reads them.
  */
 #if defined(__linux__) && !defined(_GNU_SOURCE)
 #  define _GNU_SOURCE /* cpu_set_t, sched_getaffinity, pthread_setaffinity_np */
@@ -32,7 +36,8 @@
 
 enum { SP_BW_MAX_THREADS = 256, SP_BW_ALIGN = 256, SP_BW_HUGE = 2 << 20 };
 
-typedef uint64_t sp_u64x8 __attribute__((vector_size(64)));
+typedef uint64_t sp_u64x8 __attribute__((vector_size(64)));  /* a buffer's unit: one cache line */
+typedef uint64_t sp_u64x2 __attribute__((vector_size(16)));  /* what the read kernel loads: one register */
 
 typedef struct bw_shared {
     pthread_mutex_t mu;
@@ -60,19 +65,31 @@ typedef struct bw_thread {
     uint64_t sum[SP_BANDWIDTH_MAX_REPEATS + 1];
 } bw_thread;
 
-/* Sum of n 64-byte vectors (n a multiple of 4): four accumulators so the loads do not wait on one add chain. */
+/* Sum of n cache lines (n a multiple of 4) as 16-byte vectors: 16 loads per 256 bytes into eight accumulators held
+ * in registers, so the loads do not wait on one add chain (nor on the stack, see the top of the file). */
 static uint64_t read_sum(const sp_u64x8 *p, size_t n) {
-    sp_u64x8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (size_t i = 0; i < n; i += 4) {
-        a0 += p[i];
-        a1 += p[i + 1];
-        a2 += p[i + 2];
-        a3 += p[i + 3];
+    const sp_u64x2 *q = (const sp_u64x2 *)p; /* [4 n] */
+    sp_u64x2 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+    for (size_t i = 0; i < 4 * n; i += 16) {
+        a0 += q[i];
+        a1 += q[i + 1];
+        a2 += q[i + 2];
+        a3 += q[i + 3];
+        a4 += q[i + 4];
+        a5 += q[i + 5];
+        a6 += q[i + 6];
+        a7 += q[i + 7];
+        a0 += q[i + 8];
+        a1 += q[i + 9];
+        a2 += q[i + 10];
+        a3 += q[i + 11];
+        a4 += q[i + 12];
+        a5 += q[i + 13];
+        a6 += q[i + 14];
+        a7 += q[i + 15];
     }
-    sp_u64x8 a = a0 + a1 + a2 + a3;
-    uint64_t s = 0;
-    for (int k = 0; k < 8; k++) s += a[k];
-    return s;
+    sp_u64x2 a = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
+    return a[0] + a[1];
 }
 
 static int pin_self(int cpu) {

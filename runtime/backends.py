@@ -204,7 +204,8 @@ def load(model: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, store: obj
     path = store.resolve(model)  # type: ignore[attr-defined]
     header = read_gguf_header(path) if path.suffix.lower() != ".onnx" else None
     route = choose_backend(path, header)
-    check_memory(path, n_ctx=n_ctx, header=header)
+    if route.available:
+        check_memory(path, n_ctx=n_ctx, header=header, backend=route.backend, n_threads=n_threads)
     return open_backend(path, n_ctx=n_ctx, n_threads=n_threads, route=route)
 
 

@@ -193,7 +193,8 @@ def _model_options(f: Callable) -> Callable:
         click.option("--max-tokens", type=int, default=None, help="Most tokens per answer (chat 1024, generate 256)."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads (default: the model's tuned setting, else physical cores)."),
-        click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context window in tokens."),
+        click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True,
+                     help="Context window in tokens (0: the model's own)."),
     ]
     return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
 
@@ -255,7 +256,7 @@ def _open_model(store: Store, model: str | None, *, n_ctx: int, threads: int | N
     header = read_gguf_header(path) if path.suffix.lower() != ".onnx" else None
     route = choose_backend(path, header)
     if route.available:
-        check_memory(path, n_ctx=n_ctx, header=header)
+        check_memory(path, n_ctx=n_ctx, header=header, backend=route.backend, n_threads=settings.threads)
     return name, open_backend(path, n_ctx=n_ctx, n_threads=settings.threads, route=route), settings
 
 

@@ -40,6 +40,12 @@ class ModelInfo:
 FFN_MODES = {"auto": 0, "dense": 1, "token": 2, "chunk": 3}  # sp_ffn_mode
 
 
+def _ffn_mode(name: str) -> int:
+    if name not in FFN_MODES:
+        raise ValueError(f"ffn_mode must be one of {', '.join(FFN_MODES)}, not {name!r}")
+    return FFN_MODES[name]
+
+
 @dataclass(frozen=True)
 class SparsityStats:
     """Sparse-expert statistics (sp_sparsity_stats): TLS = fraction of (token, expert) pairs off; cls[k] = fraction
@@ -69,6 +75,16 @@ class Timings:
     @property
     def total_s(self) -> float:
         return self.embed_s + self.attention_s + self.ffn_s + self.head_s
+
+
+@dataclass(frozen=True)
+class SessionMemory:
+    """The memory a session allocates (sp_session_memory): its F16 KV cache, scratch, statistics and record; the
+    model's weights are not included. n_ctx is the KV cache capacity, an n_ctx of 0 resolved to the model's."""
+
+    n_ctx: int
+    kv_cache_bytes: int
+    total_bytes: int
 
 
 @dataclass
@@ -129,6 +145,12 @@ class Model:
     def session(self, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0, ffn_mode: str = "auto") -> Session:
         return Session(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, ffn_mode=ffn_mode)
 
+    def session_memory(self, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0,
+                       ffn_mode: str = "auto") -> SessionMemory:
+        """What session() with these arguments would allocate, computed by the C library without allocating it
+        (the same sizing code as the session's, so it is exact)."""
+        return SessionMemory(**self._m.session_memory(n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode)))
+
 
 class Session:
     """KV cache + scratch + threads for one conversation over a Model. Not for concurrent use."""
@@ -136,10 +158,8 @@ class Session:
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0,
                  ffn_mode: str = "auto"):
         """ffn_mode (sparse-expert models only): "auto", "dense", "token" or "chunk" (see sp_ffn_mode)."""
-        if ffn_mode not in FFN_MODES:
-            raise ValueError(f"ffn_mode must be one of {', '.join(FFN_MODES)}, not {ffn_mode!r}")
         self.model = model
-        self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads, FFN_MODES[ffn_mode])
+        self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode))
         self.n_batch = n_batch
         self.tokens: list[int] = []  # what the KV cache holds, in order
         self.n_evaluated = 0  # tokens run through the forward pass over this session's life (shows KV cache reuse)
@@ -160,6 +180,10 @@ class Session:
     @property
     def n_ctx(self) -> int:
         return self._s.n_ctx
+
+    def memory(self) -> SessionMemory:
+        """What this session allocated when it was created (what Model.session_memory predicted)."""
+        return SessionMemory(**self._s.memory())
 
     def eval(self, tokens: Sequence[int], *, pos: Sequence[int] | None = None, mask: np.ndarray | None = None,
              logits: str = "last", out: np.ndarray | None = None) -> np.ndarray | None:

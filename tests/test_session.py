@@ -5,6 +5,8 @@ with the same inputs, except that activation quantization and attention sums may
 within 1e-3 of their range."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -129,6 +131,44 @@ def test_bad_requests_raise_clear_errors(model):
         assert s.n_past == 8  # failed calls changed nothing
     with pytest.raises(SparrowError, match="n_ctx"):
         model.session(n_ctx=-5)
+
+
+SHIPPED_BLOCKFFN = Path(__file__).resolve().parent.parent / "models" / "blockffn-tiny.Q8_0.gguf"
+
+
+@pytest.mark.parametrize("n_ctx", [0, 1, 100, 2048])
+def test_session_memory_estimate_is_what_the_session_allocates(model, n_ctx):
+    """sp_session_memory_estimate and sp_session_new share one sizing walk: the estimate is the session's own
+    accounting, byte for byte, for any n_ctx / n_batch / n_threads; n_ctx 0 is the model's context; F16 KV cache."""
+    info = model.info
+    head_dim = info.n_embd // info.n_head
+    for n_batch, n_threads in ((64, 1), (64, 3), (7, 2)):
+        est = model.session_memory(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+        with model.session(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads) as s:
+            assert s.memory() == est
+            assert est.n_ctx == s.n_ctx == (n_ctx or info.n_ctx_train)
+        assert est.kv_cache_bytes == 2 * info.n_layer * est.n_ctx * info.n_head_kv * head_dim * 2  # K and V, F16
+        assert est.kv_cache_bytes < est.total_bytes < est.kv_cache_bytes + (64 << 20)
+
+
+def test_session_memory_estimate_of_a_sparse_expert_model():
+    """The BlockFFN scratch (router scores, expert tasks, per-thread buffers, sparsity counters) is counted too."""
+    with Model(SHIPPED_BLOCKFFN) as m:
+        for n_ctx, n_threads in ((0, 1), (64, 2), (300, 4)):
+            est = m.session_memory(n_ctx=n_ctx, n_threads=n_threads)
+            with m.session(n_ctx=n_ctx, n_threads=n_threads) as s:
+                assert s.memory() == est
+        one, four = (m.session_memory(n_ctx=64, n_threads=t) for t in (1, 4))
+    assert one.kv_cache_bytes == four.kv_cache_bytes and four.total_bytes > one.total_bytes  # per-thread scratch
+
+
+def test_session_memory_estimate_rejects_what_a_session_rejects(model, smollm_path):
+    with pytest.raises(SparrowError, match="n_ctx"):
+        model.session_memory(n_ctx=-5)
+    with pytest.raises(SparrowError, match="n_batch"):
+        model.session_memory(n_batch=5000)
+    with Model(smollm_path, vocab_only=True) as m, pytest.raises(SparrowError, match="vocab_only"):
+        m.session_memory()
 
 
 def test_closed_objects_raise_instead_of_crashing(smollm_path):

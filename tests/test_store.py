@@ -179,7 +179,43 @@ def test_model_too_large_for_memory(home, tiny, monkeypatch):
     for args in (["generate", "-m", "tiny", "hi"], ["chat", "tiny"]):
         r = run(*args, input="hi\n")
         assert r.exit_code == 1, r.output
-        assert "needs about" in r.output and "memory is free" in r.output and "--ctx" in r.output
+        assert "for its weights alone" in r.output and "memory is free" in r.output, r.output
+
+
+SMOLLM_KV_8192 = 2 * 30 * 8192 * 3 * 64 * 2  # K and V x 30 layers x 8192 tokens x 3 kv heads x 64 dims x F16
+
+
+def test_memory_check_asks_the_native_runtime(home, smollm_path, monkeypatch):
+    """The native figure is the C library's own (what the session will allocate): --ctx 0 means the model's 8192
+    tokens, and the KV cache is F16 (the header-only formula this replaced assumed F32 and 0 tokens for --ctx 0)."""
+    from runtime.native import Model
+    from runtime.routing import read_gguf_header
+    from runtime.store import InsufficientMemoryError, check_memory, memory_needed
+
+    header = read_gguf_header(smollm_path)
+    need = memory_needed(smollm_path, n_ctx=0, header=header, backend="native", n_threads=2)
+    with Model(smollm_path) as m, m.session(n_ctx=0, n_threads=2) as s:
+        assert need.state == s.memory().total_bytes
+    assert (need.n_ctx, need.exact, need.weights) == (8192, True, smollm_path.stat().st_size)
+    assert SMOLLM_KV_8192 < need.state < SMOLLM_KV_8192 + (16 << 20)
+    small = memory_needed(smollm_path, n_ctx=2048, header=header, n_threads=2)
+    assert small.n_ctx == 2048 and small.state < SMOLLM_KV_8192 // 4 + (16 << 20)
+    # A limit the 2048-token session fits and the 8192-token one does not.
+    monkeypatch.setenv("SPARROW_MEMORY_LIMIT", str(need.weights + (small.state + need.state) // 2))
+    assert check_memory(smollm_path, n_ctx=2048, header=header, n_threads=2) == small
+    with pytest.raises(InsufficientMemoryError, match="KV cache and scratch for 8192 tokens"):
+        check_memory(smollm_path, n_ctx=0, header=header, n_threads=2)
+    r = run("generate", "-m", str(smollm_path), "--ctx", "0", "--threads", "2", "hi")
+    assert r.exit_code == 1 and "for 8192 tokens" in r.output and "memory is free" in r.output, r.output
+
+
+def test_memory_estimate_for_llama_cpp_reads_the_header(smollm_path):
+    """Models llama.cpp runs: an F16 KV cache (llama.cpp's default) for n_ctx, 0 = the header's context_length."""
+    from runtime.routing import read_gguf_header
+    from runtime.store import memory_needed
+
+    need = memory_needed(smollm_path, n_ctx=0, header=read_gguf_header(smollm_path), backend="llama.cpp")
+    assert (need.n_ctx, need.state, need.exact) == (8192, SMOLLM_KV_8192 + (64 << 20), False)
 
 
 def test_routing(home, tmp_path, monkeypatch):

@@ -124,6 +124,21 @@ SP_API sp_session_params sp_session_default_params(void);
 SP_API sp_status sp_session_new(const sp_model *model, sp_session_params params, sp_session **out);
 SP_API void sp_session_free(sp_session *session);
 
+/* The memory a session allocates: its KV cache (F16 keys and values: 2 x layers x n_ctx x kv heads x head_dim x 2
+ * bytes), scratch for n_batch tokens and n_threads threads, statistics, and the session record. Not counted: the
+ * thread pool's bookkeeping (a few hundred bytes) and its workers' stacks (reserved by the OS, barely touched). */
+typedef struct sp_session_memory {
+    int32_t n_ctx;          /* KV cache capacity in tokens (an n_ctx of 0 resolved to the model's training context) */
+    size_t kv_cache_bytes;  /* the KV cache */
+    size_t total_bytes;     /* everything: KV cache, scratch, statistics, the session record */
+} sp_session_memory;
+
+/* What sp_session_new(model, params) would allocate, without allocating it: the same sizing code, so it is exact.
+ * Fails like sp_session_new on bad params or a vocab_only model. The model's weights are not included. */
+SP_API sp_status sp_session_memory_estimate(const sp_model *model, sp_session_params params, sp_session_memory *out);
+/* What this session allocated when it was created (equal to the estimate for its params). */
+SP_API sp_status sp_session_get_memory(const sp_session *session, sp_session_memory *out);
+
 /* A batch of T tokens evaluated in one forward pass.
  *  tokens[T], pos[T]: token ids and their positions. Their KV entries go to cache slots n_past .. n_past+T-1 in order.
  *  mask: NULL for the usual causal mask (token i sees every cached slot and batch tokens 0..i).

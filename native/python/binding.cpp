@@ -74,20 +74,33 @@ struct Model {
     bool closed = false;
 };
 
+// n_ctx None: the library default; n_batch / n_threads 0 or None: default. Other values go to C to be checked.
+sp_session_params session_params(std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
+                                 std::optional<int32_t> n_threads, int32_t ffn_mode) {
+    sp_session_params p = sp_session_default_params();
+    p.ffn_mode = (sp_ffn_mode)ffn_mode;
+    if (n_ctx) p.n_ctx = *n_ctx;
+    if (n_batch && *n_batch != 0) p.n_batch = *n_batch;
+    if (n_threads && *n_threads != 0) p.n_threads = *n_threads;
+    return p;
+}
+
+nb::dict memory_dict(const sp_session_memory &mem) {
+    nb::dict d;
+    d["n_ctx"] = mem.n_ctx;
+    d["kv_cache_bytes"] = mem.kv_cache_bytes;
+    d["total_bytes"] = mem.total_bytes;
+    return d;
+}
+
 struct Session {
     sp_session *s = nullptr;
     nb::object model_ref;  // keeps the Python Model alive while the session lives
     int32_t n_vocab = 0;
-    // n_ctx None: the library default; n_batch / n_threads 0 or None: default. Other values go to C to be checked.
     Session(nb::object model_obj, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
             std::optional<int32_t> n_threads, int32_t ffn_mode) {
         Model &model = nb::cast<Model &>(model_obj);
-        sp_session_params p = sp_session_default_params();
-        p.ffn_mode = (sp_ffn_mode)ffn_mode;
-        if (n_ctx) p.n_ctx = *n_ctx;
-        if (n_batch && *n_batch != 0) p.n_batch = *n_batch;
-        if (n_threads && *n_threads != 0) p.n_threads = *n_threads;
-        check(sp_session_new(model.get(), p, &s));
+        check(sp_session_new(model.get(), session_params(n_ctx, n_batch, n_threads, ffn_mode), &s));
         model_ref = model_obj;
         model.live_sessions++;
         n_vocab = model.info.n_vocab;
@@ -323,7 +336,15 @@ NB_MODULE(_sparrow, m) {
             check(s);
             return nb::bytes(buf, n);
         }, "token"_a, "render_special"_a = false)
-        .def("is_eog", [](const Model &self, int32_t token) { return sp_token_is_eog(self.get(), token); });
+        .def("is_eog", [](const Model &self, int32_t token) { return sp_token_is_eog(self.get(), token); })
+        // session_memory(...) -> dict of sp_session_memory: what a Session with these arguments would allocate
+        .def("session_memory", [](const Model &self, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
+                                  std::optional<int32_t> n_threads, int32_t ffn_mode) {
+            sp_session_memory mem;
+            check(sp_session_memory_estimate(self.get(), session_params(n_ctx, n_batch, n_threads, ffn_mode), &mem));
+            return memory_dict(mem);
+        }, "n_ctx"_a = nb::none(), "n_batch"_a = nb::none(), "n_threads"_a = nb::none(),
+           "ffn_mode"_a = (int32_t)SP_FFN_AUTO);
 
     nb::class_<Session>(m, "Session")
         .def(nb::init<nb::object, std::optional<int32_t>, std::optional<int32_t>, std::optional<int32_t>, int32_t>(),
@@ -359,6 +380,12 @@ NB_MODULE(_sparrow, m) {
             return d;
         })
         .def("reset_timings", [](Session &self) { sp_session_reset_timings(self.get()); })
+        // memory() -> dict of sp_session_memory: what this session allocated when it was created
+        .def("memory", [](const Session &self) {
+            sp_session_memory mem;
+            check(sp_session_get_memory(self.get(), &mem));
+            return memory_dict(mem);
+        })
         .def("close", &Session::close)
         .def_prop_ro("closed", [](const Session &self) { return self.s == nullptr; })
         .def_prop_ro("n_past", [](const Session &self) { return sp_session_n_past(self.get()); })

@@ -129,6 +129,7 @@ struct sp_session {
     sp_sparsity_acc sparsity;
     sp_synth_routing synth;
     sp_timings times; /* written by pool thread 0 only, between barriers */
+    sp_session_memory memory; /* what sp_session_new allocated (session.c sizes it) */
     sp_pool *pool;
 };
 

@@ -14,17 +14,6 @@ sp_session_params sp_session_default_params(void) {
     return p;
 }
 
-static void *alloc_floats(uint64_t n, bool *ok) {
-    uint64_t bytes;
-    if (!sp_mul_ok(n, sizeof(float), &bytes) || bytes > (uint64_t)SIZE_MAX) {
-        *ok = false;
-        return NULL;
-    }
-    void *p = calloc(1, (size_t)(bytes ? bytes : 1));
-    if (!p) *ok = false;
-    return p;
-}
-
 void sp_session_free(sp_session *ses) {
     if (!ses) return;
     sp_pool_free(ses->pool);
@@ -60,78 +49,143 @@ void sp_session_free(sp_session *ses) {
     free(ses);
 }
 
+/* ---- sizing: one walk over a session's buffers ----
+ * session_buffers() names every buffer a session owns, with its size, in one place. sp_session_new runs it
+ * allocating and sp_session_memory_estimate runs it counting only, so the estimate is what a session allocates. */
+
+typedef struct sp_sizer {
+    bool alloc;          /* calloc each buffer (sp_session_new), or only count it (the estimate) */
+    bool ok;             /* no size overflow and no failed allocation so far */
+    uint64_t bytes;      /* bytes requested so far */
+    uint64_t kv_bytes;   /* of which the KV cache */
+} sp_sizer;
+
+/* A zeroed buffer of n floats (or, counting only, NULL), its bytes added to the total. */
+static void *take(sp_sizer *z, uint64_t n) {
+    uint64_t bytes;
+    if (!sp_mul_ok(n, sizeof(float), &bytes) || bytes > (uint64_t)SIZE_MAX || !sp_add_ok(z->bytes, bytes, &z->bytes)) {
+        z->ok = false;
+        return NULL;
+    }
+    if (!z->alloc) return NULL;
+    void *p = calloc(1, (size_t)(bytes ? bytes : 1));
+    if (!p) z->ok = false;
+    return p;
+}
+
+/* Every buffer of a session over model m with checked params p, into ses (all NULL when counting only).
+ * Not counted: the thread pool's bookkeeping (a few hundred bytes) and its workers' stacks (reserved by the OS). */
+static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, const sp_session_params *p) {
+    const sp_hparams *hp = &m->hp;
+    const uint64_t L = (uint64_t)hp->n_layer, C = (uint64_t)p->n_ctx, B = (uint64_t)p->n_batch;
+    const uint64_t H = (uint64_t)hp->n_embd, F = (uint64_t)hp->n_ff;
+    const uint64_t QD = (uint64_t)hp->n_head * hp->head_dim, KVD = (uint64_t)hp->n_head_kv * hp->head_dim;
+    const uint64_t K_MAX = SP_MAX(SP_MAX(H, F), QD);
+    z->bytes += sizeof *ses; /* the session record itself */
+    const uint64_t before_kv = z->bytes;
+    ses->k_cache = take(z, (L * C * KVD + 1) / 2); /* F16: two per float */
+    ses->v_cache = take(z, (L * C * KVD + 1) / 2);
+    z->kv_bytes = z->bytes - before_kv;
+    sp_scratch *s = &ses->s;
+    s->x = take(z, B * H);
+    s->xn = take(z, B * H);
+    s->q = take(z, B * QD);
+    s->k = take(z, B * KVD);
+    s->v = take(z, B * KVD);
+    s->attn = take(z, B * QD);
+    s->tmp = take(z, B * H);
+    s->gate = take(z, B * F);
+    s->up = take(z, B * F);
+    /* q8a rows: K/32 blocks of 40 bytes = 1.25 floats per element */
+    s->xq = take(z, B * (K_MAX / SP_QK + 1) * (sizeof(sp_block_q8a) / sizeof(float)));
+    s->scores = take(z, (uint64_t)p->n_threads * (C + B));
+    s->rope_cs = take(z, B * (uint64_t)hp->n_rot);
+    if (m->arch == SP_ARCH_BLOCKFFN) {
+        const uint64_t E = (uint64_t)hp->n_expert, FE = (uint64_t)hp->expert_width, NT = (uint64_t)p->n_threads;
+        const uint64_t xrow = SP_MAX(H, H / SP_QK * (sizeof(sp_block_q8a) / sizeof(float))); /* in floats */
+        s->router = take(z, B * E);
+        s->tasks = take(z, B * E * (sizeof(struct sp_ffn_task) / sizeof(float)));
+        s->task_tok = take(z, B * E); /* int32 */
+        s->xg = take(z, NT * B * xrow);
+        s->hbuf = take(z, NT * B * FE);
+        s->ypart = take(z, (NT - 1) * B * H);
+        sp_sparsity_acc *a = &ses->sparsity;
+        a->words = (int32_t)((E + 63) / 64);
+        a->ring = take(z, L * SP_CLS_RING * (uint64_t)a->words * 2); /* uint64 */
+        a->n_seen = take(z, L * 2);
+        a->n_active = take(z, L * 2);
+        a->cls_inactive = take(z, L * (SP_CLS_RING + 1) * 2);
+        a->cls_chunks = take(z, L * (SP_CLS_RING + 1) * 2);
+        a->bytes = take(z, L * 2);
+    }
+}
+
+/* Check the params for a session over m, resolving n_ctx 0 to the model's training context. */
+static sp_status check_params(const sp_model *m, sp_session_params *p) {
+    if (!m) return sp_fail(SP_ERR_INVALID_ARG, "model is NULL");
+    if (!m->has_weights) return sp_fail(SP_ERR_INVALID_ARG, "the model was loaded with vocab_only: no weights to run");
+    if (p->n_ctx == 0) p->n_ctx = m->hp.n_ctx_train;
+    if (p->n_ctx < 1 || p->n_ctx > (1 << 24))
+        return sp_fail(SP_ERR_INVALID_ARG, "n_ctx must be 1..16777216 (or 0 for the model's), got %d", p->n_ctx);
+    if (p->n_batch < 1 || p->n_batch > 4096)
+        return sp_fail(SP_ERR_INVALID_ARG, "n_batch must be 1..4096, got %d", p->n_batch);
+    if (p->n_threads < 1 || p->n_threads > 512)
+        return sp_fail(SP_ERR_INVALID_ARG, "n_threads must be 1..512, got %d", p->n_threads);
+    if (p->ffn_mode < SP_FFN_AUTO || p->ffn_mode > SP_FFN_SPARSE_CHUNK)
+        return sp_fail(SP_ERR_INVALID_ARG,
+                       "ffn_mode must be one of SP_FFN_AUTO/DENSE/SPARSE_TOKEN/SPARSE_CHUNK, got %d", (int)p->ffn_mode);
+    return SP_OK;
+}
+
+sp_status sp_session_memory_estimate(const sp_model *m, sp_session_params params, sp_session_memory *out) {
+    sp_clear_error();
+    if (!out) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_memory_estimate: out is NULL");
+    memset(out, 0, sizeof *out);
+    sp_status st = check_params(m, &params);
+    if (st != SP_OK) return st;
+    sp_session shadow = {0}; /* receives only NULLs: the walk counts */
+    sp_sizer z = {.alloc = false, .ok = true};
+    session_buffers(&z, &shadow, m, &params);
+    if (!z.ok || z.bytes > (uint64_t)SIZE_MAX)
+        return sp_fail(SP_ERR_INVALID_ARG, "a session with n_ctx=%d would need more memory than can be addressed",
+                       params.n_ctx);
+    *out = (sp_session_memory){.n_ctx = params.n_ctx, .kv_cache_bytes = (size_t)z.kv_bytes,
+                               .total_bytes = (size_t)z.bytes};
+    return SP_OK;
+}
+
 sp_status sp_session_new(const sp_model *m, sp_session_params params, sp_session **out) {
     sp_clear_error();
     if (!out) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_new: out is NULL");
     *out = NULL;
-    if (!m) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_new: model is NULL");
-    if (!m->has_weights) return sp_fail(SP_ERR_INVALID_ARG, "the model was loaded with vocab_only: no weights to run");
-    const sp_hparams *hp = &m->hp;
-    if (params.n_ctx == 0) params.n_ctx = hp->n_ctx_train;
-    if (params.n_ctx < 1 || params.n_ctx > (1 << 24))
-        return sp_fail(SP_ERR_INVALID_ARG, "n_ctx must be 1..16777216 (or 0 for the model's), got %d", params.n_ctx);
-    if (params.n_batch < 1 || params.n_batch > 4096)
-        return sp_fail(SP_ERR_INVALID_ARG, "n_batch must be 1..4096, got %d", params.n_batch);
-    if (params.n_threads < 1 || params.n_threads > 512)
-        return sp_fail(SP_ERR_INVALID_ARG, "n_threads must be 1..512, got %d", params.n_threads);
-    if (params.ffn_mode < SP_FFN_AUTO || params.ffn_mode > SP_FFN_SPARSE_CHUNK)
-        return sp_fail(SP_ERR_INVALID_ARG, "ffn_mode must be one of SP_FFN_AUTO/DENSE/SPARSE_TOKEN/SPARSE_CHUNK, got %d",
-                       (int)params.ffn_mode);
-
+    sp_status st = check_params(m, &params);
+    if (st != SP_OK) return st;
     sp_session *ses = calloc(1, sizeof *ses);
     if (!ses) return sp_fail(SP_ERR_NO_MEMORY, "out of memory");
     ses->model = m;
     ses->params = params;
-    const uint64_t L = (uint64_t)hp->n_layer, C = (uint64_t)params.n_ctx, B = (uint64_t)params.n_batch;
-    const uint64_t H = (uint64_t)hp->n_embd, F = (uint64_t)hp->n_ff;
-    const uint64_t QD = (uint64_t)hp->n_head * hp->head_dim, KVD = (uint64_t)hp->n_head_kv * hp->head_dim;
-    const uint64_t K_MAX = SP_MAX(SP_MAX(H, F), QD);
-    bool ok = true;
-    ses->k_cache = alloc_floats((L * C * KVD + 1) / 2, &ok); /* F16: two per float */
-    ses->v_cache = alloc_floats((L * C * KVD + 1) / 2, &ok);
-    sp_scratch *s = &ses->s;
-    s->x = alloc_floats(B * H, &ok);
-    s->xn = alloc_floats(B * H, &ok);
-    s->q = alloc_floats(B * QD, &ok);
-    s->k = alloc_floats(B * KVD, &ok);
-    s->v = alloc_floats(B * KVD, &ok);
-    s->attn = alloc_floats(B * QD, &ok);
-    s->tmp = alloc_floats(B * H, &ok);
-    s->gate = alloc_floats(B * F, &ok);
-    s->up = alloc_floats(B * F, &ok);
-    /* q8a rows: K/32 blocks of 40 bytes = 1.25 floats per element */
-    s->xq = alloc_floats(B * (K_MAX / SP_QK + 1) * (sizeof(sp_block_q8a) / sizeof(float)), &ok);
-    s->scores = alloc_floats((uint64_t)params.n_threads * (C + B), &ok);
-    s->rope_cs = alloc_floats(B * (uint64_t)hp->n_rot, &ok);
-    if (m->arch == SP_ARCH_BLOCKFFN) {
-        const uint64_t E = (uint64_t)hp->n_expert, FE = (uint64_t)hp->expert_width, NT = (uint64_t)params.n_threads;
-        const uint64_t xrow = SP_MAX(H, H / SP_QK * (sizeof(sp_block_q8a) / sizeof(float))); /* in floats */
-        s->router = alloc_floats(B * E, &ok);
-        s->tasks = alloc_floats(B * E * (sizeof(struct sp_ffn_task) / sizeof(float)), &ok);
-        s->task_tok = alloc_floats(B * E, &ok); /* int32 */
-        s->xg = alloc_floats(NT * B * xrow, &ok);
-        s->hbuf = alloc_floats(NT * B * FE, &ok);
-        s->ypart = alloc_floats((NT - 1) * B * H, &ok);
-        sp_sparsity_acc *a = &ses->sparsity;
-        a->words = (int32_t)((E + 63) / 64);
-        a->ring = alloc_floats(L * SP_CLS_RING * (uint64_t)a->words * 2, &ok); /* uint64 */
-        a->n_seen = alloc_floats(L * 2, &ok);
-        a->n_active = alloc_floats(L * 2, &ok);
-        a->cls_inactive = alloc_floats(L * (SP_CLS_RING + 1) * 2, &ok);
-        a->cls_chunks = alloc_floats(L * (SP_CLS_RING + 1) * 2, &ok);
-        a->bytes = alloc_floats(L * 2, &ok);
-    }
-    if (!ok) {
+    sp_sizer z = {.alloc = true, .ok = true};
+    session_buffers(&z, ses, m, &params);
+    if (!z.ok) {
         sp_session_free(ses);
         return sp_fail(SP_ERR_NO_MEMORY, "out of memory for a session with n_ctx=%d (KV cache %.1f MiB)", params.n_ctx,
-                       2.0 * (double)(L * C * KVD) * 2 / (1 << 20));
+                       (double)z.kv_bytes / (1 << 20));
     }
-    sp_status st = sp_pool_new(params.n_threads, &ses->pool);
+    ses->memory = (sp_session_memory){.n_ctx = params.n_ctx, .kv_cache_bytes = (size_t)z.kv_bytes,
+                                      .total_bytes = (size_t)z.bytes};
+    st = sp_pool_new(params.n_threads, &ses->pool);
     if (st != SP_OK) {
         sp_session_free(ses);
         return st;
     }
     *out = ses;
+    return SP_OK;
+}
+
+sp_status sp_session_get_memory(const sp_session *ses, sp_session_memory *out) {
+    sp_clear_error();
+    if (!ses || !out) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_get_memory: NULL argument");
+    *out = ses->memory;
     return SP_OK;
 }
 

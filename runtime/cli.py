@@ -407,15 +407,25 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
 @click.option("-m", "--model", help="A store name or a file path (default: the default model).")
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", help="A system prompt (with --chat).")
+@click.option("--parse-special/--no-parse-special", default=True, show_default=True,
+              help="Read special-token markup in a raw PROMPT (e.g. <|im_start|>) as the special tokens, as llama.cpp "
+              "does; --no-parse-special tokenizes it as ordinary characters. Not with --chat.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens and timing.")
 @click.option("--stats", is_flag=True, help="Afterwards print speed and, for sparse-expert models, expert sparsity.")
 @click.option("--draft", default=None, help=DRAFT_HELP)
 @_model_options
-def generate(prompt: str | None, model: str | None, as_chat: bool, system: str | None, as_json: bool, stats: bool,
-             draft: str | None, n_ctx: int, threads: int | None, max_tokens: int | None, **sampling: Any) -> None:
-    """Continue PROMPT (or stdin when PROMPT is missing or "-") and print the result as it streams."""
+def generate(prompt: str | None, model: str | None, as_chat: bool, system: str | None, parse_special: bool,
+             as_json: bool, stats: bool, draft: str | None, n_ctx: int, threads: int | None, max_tokens: int | None,
+             **sampling: Any) -> None:
+    """Continue PROMPT (or stdin when PROMPT is missing or "-") and print the result as it streams.
+
+    PROMPT is raw model input: chat markup in it such as <|im_start|> becomes the model's special tokens
+    (--no-parse-special: plain text). --chat instead wraps PROMPT in the model's chat template."""
     from runtime.backends import Chat, ContextFullError, GenerationStats, stream_text
 
+    if as_chat and not parse_special:
+        raise click.UsageError("--no-parse-special is for a raw prompt; --chat renders the prompt with the model's "
+                               "chat template")
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
     store = Store()
@@ -429,7 +439,7 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
             conversation.messages.append({"role": "user", "content": prompt})
             tokens = conversation.prompt_tokens()
         else:
-            tokens = backend.tokenize(prompt, add_special=True, parse_special=False)
+            tokens = backend.tokenize(prompt, add_special=True, parse_special=parse_special)
         show_stats, stats = stats, GenerationStats()
         pieces = []
         try:

@@ -293,7 +293,10 @@ def generate_tokens(session: Session, prompt_tokens: Sequence[int], *, max_token
 
 def generate(model: Model, session: Session, prompt: str | Sequence[int], *, max_tokens: int = 128,
              sampler: Sampler | None = None, parse_special: bool = True) -> Iterator[str]:
-    """Stream the text of a continuation piece by piece (whole UTF-8 characters only)."""
+    """Stream the text of a continuation piece by piece (whole UTF-8 characters only).
+
+    A text prompt is raw model input: special-token markup in it ("<|im_start|>") becomes the special tokens, as in
+    llama.cpp's completion; parse_special=False tokenizes it as plain characters instead (for untrusted text)."""
     tokens = model.tokenize(prompt, parse_special=parse_special) if isinstance(prompt, str) else list(prompt)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in generate_tokens(session, tokens, max_tokens=max_tokens, sampler=sampler):
@@ -306,7 +309,8 @@ def generate(model: Model, session: Session, prompt: str | Sequence[int], *, max
 
 
 def complete(model: Model, prompt: str | Sequence[int], *, max_tokens: int = 128, sampler: Sampler | None = None,
-             n_ctx: int = 2048, n_threads: int = 0) -> str:
-    """Non-streaming one-shot generation in a fresh session."""
+             n_ctx: int = 2048, n_threads: int = 0, parse_special: bool = True) -> str:
+    """Non-streaming one-shot generation in a fresh session (parse_special: as in generate)."""
     with model.session(n_ctx=n_ctx, n_threads=n_threads) as session:
-        return "".join(generate(model, session, prompt, max_tokens=max_tokens, sampler=sampler))
+        return "".join(generate(model, session, prompt, max_tokens=max_tokens, sampler=sampler,
+                                parse_special=parse_special))

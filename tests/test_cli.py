@@ -118,6 +118,53 @@ def test_chat_api_reuses_the_kv_cache_on_every_backend(smollm_path):
             backend.close()
 
 
+CHAT_MARKUP = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.llama_cpp
+def test_raw_prompts_parse_special_tokens_on_every_backend(smollm_path):
+    """Chat markup in a raw prompt is the special tokens (one id each, as llama.cpp's own tokenizer gives them) on
+    both backends; parse_special=False keeps it as characters, again the same on both."""
+    from runtime.backends import LlamaCppBackend, NativeBackend
+
+    seen = {}
+    for cls in (NativeBackend, LlamaCppBackend):
+        backend = cls(smollm_path, n_ctx=64)
+        try:
+            seen[cls.name] = [backend.tokenize(CHAT_MARKUP, parse_special=p) for p in (True, False)]
+            im_start = backend.tokenize("<|im_start|>", add_special=False, parse_special=True)
+        finally:
+            backend.close()
+        special, plain = seen[cls.name]
+        assert len(im_start) == 1 and special.count(im_start[0]) == 2 and im_start[0] not in plain
+        assert len(special) == 16 and len(plain) == 33
+    assert seen["native"] == seen["llama.cpp"]
+
+
+def test_generate_parses_special_tokens_unless_told_not_to(pulled, smollm_path):
+    """`sparrow generate` feeds a raw prompt's chat markup to the model as special tokens (10 tokens here, not the
+    28 of its characters), so the model answers the question; --no-parse-special keeps the markup as text."""
+    from runtime.native import Model
+
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    with Model(smollm_path, vocab_only=True) as m:
+        special, plain = (m.tokenize(prompt, parse_special=p) for p in (True, False))
+        im_start, im_end = (m.tokenize(t, add_special=False, parse_special=True)
+                            for t in ("<|im_start|>", "<|im_end|>"))
+    assert special == [*im_start, 4093, 198, 26843, *im_end, 198, *im_start, 520, 9531, 198] and len(plain) == 28
+    r = run("generate", *GREEDY, "--draft", "none", "--max-tokens", "8", "--json", prompt)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["prompt_tokens"] == 10
+    r = run("generate", *GREEDY, "--draft", "none", "--max-tokens", "8", "--json", "--no-parse-special", prompt)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["prompt_tokens"] == 28
+    question = run("generate", *GREEDY, "--draft", "none", "--max-tokens", "12", CHAT_MARKUP)
+    assert question.exit_code == 0 and "Paris" in question.output, question.output
+    r = run("generate", "--chat", "--no-parse-special", "Hi")
+    assert r.exit_code == 2 and "--no-parse-special is for a raw prompt" in r.output
+    assert "--no-parse-special" in run("generate", "--help").output
+
+
 def test_reset_and_full_context(pulled):
     r = run("chat", *GREEDY, "--ctx", "64", "--max-tokens", "200",
             input="Write a long poem about the sea.\nMore please.\n/reset\nHi\n/nonsense\n/exit\n")

@@ -9,7 +9,7 @@ normalized MSE < 1e-2, and wherever the top-1 tokens differ they must be a near 
 (gap < 0.5): engines that quantize activations differently may break a tie differently, nothing else. The report
 names the oracle and gives the NMSE, the forks and how many greedy tokens agree outright.
 
-    python -m bench_device.bench_decode MODEL.gguf --threads 2 --repeats 5 --out result.json
+    python -m sparrow.bench_device.bench_decode MODEL.gguf --threads 2 --repeats 5 --out result.json
 
 --compare-repack adds a third engine, "sparrow-norepack" (Model(repack=False): weights read as file views by the
 unpacked kernels), asked in the same rounds, so the gain of load-time repacking is measured side by side.
@@ -43,7 +43,7 @@ class NativeEngine:
     name = "sparrow"
 
     def __init__(self, path: str, threads: int, n_ctx: int, repack: bool = True):
-        from runtime import Model
+        from ..runtime import Model
 
         self.model = Model(path, repack=repack)
         self.session = self.model.session(n_ctx=n_ctx, n_batch=64, n_threads=threads)
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compare-repack", action="store_true", help="also run sparrow with repack=False")
     args = ap.parse_args(argv)
 
-    from bench_device.energy import Rapl
+    from .energy import Rapl
 
     names = ("sparrow", "llama.cpp") + (("sparrow-norepack",) if args.compare_repack else ())
     meter, why = Rapl.open()

@@ -13,7 +13,7 @@ Every mode's output is checked against the dense path before timing. Modes are t
 B C ...), at 1 and 2 threads; reported: median microseconds per token with min/max, and the ratio to dense at the
 same T (and, for T=8, to 8 dense single-token calls). Writes JSON (--out) and prints a table.
 
-    python -m bench_device.bench_ffn --out ffn.json
+    python -m sparrow.bench_device.bench_ffn --out ffn.json
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from runtime import Model, _sparrow
+from ..runtime import Model, _sparrow
 
 testing = _sparrow.testing
 MODE_ID = {"dense": 1, "token": 2, "chunk": 3}

@@ -12,7 +12,7 @@ For tiers that repack quantized weights at model load (kernels.h pack/matmul_pac
 its own column "<tier>+packed" in the same interleaved rounds (--no-packed to skip); its GB/s counts the same GGUF
 bytes as the unpacked kernel so the two are comparable.
 
-    python -m bench_device.bench_kernels --out kernels.json
+    python -m sparrow.bench_device.bench_kernels --out kernels.json
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from runtime import _sparrow
+from ..runtime import _sparrow
 
 testing = _sparrow.testing
 

@@ -1,6 +1,6 @@
 """Speculative decoding end to end: plain decode vs every drafter, same model, same threads, one run.
 
-    python -m bench_device.bench_speculative [--quick] [--sections a b c] [--out spec.json]
+    python -m sparrow.bench_device.bench_speculative [--quick] [--sections a b c] [--out spec.json]
 
 Three sections (issue 6):
   (a) the shipped trained BlockFFN model (models/blockffn-tiny) with its draft model: plain dense decode, plain sparse
@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_device.profile import summary
+from .profile import summary
 
 PLAIN = [
     "The history of the printing press begins",
@@ -120,8 +120,8 @@ class Engine:
 def native_engines(session_dense, session_sparse, drafters: dict) -> list[Engine]:
     """Plain dense, plain sparse (when session_sparse is given) and speculative engines over the sparse session (or
     the only one); a drafter's planner (drafter.planner) prunes its trees."""
-    from runtime import generate_tokens
-    from runtime.speculative import SpecStats, speculative_tokens
+    from ..runtime import generate_tokens
+    from ..runtime.speculative import SpecStats, speculative_tokens
 
     def prep(session):
         def f(toks):
@@ -149,7 +149,7 @@ def native_engines(session_dense, session_sparse, drafters: dict) -> list[Engine
 
 def llama_cpp_engine(path: str, threads: int, n_ctx: int) -> Engine | None:
     try:
-        from bench_device.bench_decode import LlamaCppEngine
+        from .bench_decode import LlamaCppEngine
 
         e = LlamaCppEngine(path, threads, n_ctx)
     except ImportError:
@@ -249,7 +249,7 @@ def print_section(title: str, rep: dict, echo: Callable[[str], None] = print) ->
 def train_free_drafters(V: int) -> dict:
     """The drafters every model can use: prompt lookup, Token Recycling (the default chain, the paper-style 24-node
     tree verified whole, the same tree pruned by the planner) and the hybrid (lookup + recycling tree, planned)."""
-    from runtime.drafters import Hybrid, PromptLookup, Recycling
+    from ..runtime.drafters import Hybrid, PromptLookup, Recycling
 
     tree = {"branching": (4, 2, 2, 1), "max_nodes": 24}
     return {"prompt-lookup": PromptLookup(), "recycling (chain 4)": Recycling(V),
@@ -263,7 +263,7 @@ def section_c(model_path: str, *, threads: int, tokens: int, rounds: int, n_prom
               progress: Callable[[int], None] | None = None) -> dict:
     """prompts: the texts to use (default: the first n_prompts of PROMPTS); drafters: names of
     train_free_drafters to run (default: all)."""
-    from runtime import Model
+    from ..runtime import Model
 
     model = Model(model_path)
     session = model.session(n_ctx=1024, n_batch=64, n_threads=threads)
@@ -289,8 +289,8 @@ def section_c(model_path: str, *, threads: int, tokens: int, rounds: int, n_prom
 
 def section_a(target: Path, draft: Path, *, threads: int, tokens: int, rounds: int, n_prompts: int,
               echo=print, progress: Callable[[int], None] | None = None) -> dict:
-    from runtime import Model
-    from runtime.drafters import DraftModel
+    from ..runtime import Model
+    from ..runtime.drafters import DraftModel
 
     model = Model(target)
     dense = model.session(n_ctx=512, n_threads=threads, ffn_mode="dense")
@@ -318,7 +318,7 @@ def section_a(target: Path, draft: Path, *, threads: int, tokens: int, rounds: i
 def section_b(a: dict, *, shapes: list[str], threads: int, repeats: int, echo=print) -> dict:
     """Replay the accepted lengths of (a)'s chain drafters (up to 4 nodes) on synthetic configurations of the released
     shapes, each step verifying a chain of 4 (prompt lookup's shorter drafts are charged the full chain: a bound)."""
-    from bench_device.bench_synthetic import PAPER, replayed_speculation
+    from .bench_synthetic import PAPER, replayed_speculation
 
     out = {"label": "REPLAYED: synthetic weights and routing, accepted lengths from (a)",
            "routing": {"tls": PAPER.tls, "cls": PAPER.cls, "k": PAPER.k}, "runs": []}
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "c" in args.sections:
         path = args.smollm
         if path is None:
-            from runtime.store import Store
+            from ..runtime.store import Store
 
             store = Store()
             path = str(store.model_path(store.pull(store.default(), progress=True)))

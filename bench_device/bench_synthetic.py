@@ -20,8 +20,8 @@ from a cached prefix (then rolls back); a verification pass evaluates T tokens w
 `replayed_speculation()` combines the measured verify-step time of a T-token chunk with an accepted-length
 distribution measured on the real shipped model into a replayed tok/s (issue 6, benchmark (b)): labelled "replayed".
 
-    python -m bench_device.bench_synthetic --out bench_device/results/synthetic.json   # 0.5b and 1.2b
-    python -m bench_device.bench_synthetic --quick                                        # 0.1b, fewer points
+    python -m sparrow.bench_device.bench_synthetic --out bench_device/results/synthetic.json   # 0.5b and 1.2b
+    python -m sparrow.bench_device.bench_synthetic --quick                                        # 0.1b, fewer points
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_device import synthetic
-from runtime import Model, _sparrow
+from ..runtime import Model, _sparrow
+from . import synthetic
 
 testing = _sparrow.testing
 SCHEMA = "sparrow.bench.synthetic/1"

@@ -1,7 +1,7 @@
 """Device profile: what this machine is (CPU, cores, SIMD features and kernel tier the runtime dispatches to, caches,
 RAM, OS) and how fast it streams memory (read bandwidth for 1..N threads, the roofline of decoding).
 
-    python -m bench_device.profile [--quick] [--json]
+    python -m sparrow.bench_device.profile [--quick] [--json]
 
 The bandwidth probe is native (sp_bench_read_bandwidth in native/src/bandwidth.c): each thread, pinned to its own
 CPU where the OS allows, streams a private buffer (512 MB per thread; 128 MB with --quick) with 16-byte vector loads
@@ -80,7 +80,7 @@ def caches() -> list[dict]:
 
 def runtime_features() -> dict:
     try:
-        from runtime import _sparrow
+        from ..runtime import _sparrow
 
         return {"cpu_features": _sparrow.cpu_features().split(), "kernel_tier": _sparrow.kernel_tier()}
     except (ImportError, AttributeError, OSError) as e:  # the native module is not built: say so rather than fail the profile
@@ -153,7 +153,7 @@ def native_read_bandwidth(threads: int, *, mb: int = 512, repeats: int = 5, pin:
     """GB/s of the native probe with `threads` threads reading `mb` MB (or `nbytes` bytes) each (summary, plus how
     many threads were pinned); None when the native module is not built."""
     try:
-        from runtime import _sparrow
+        from ..runtime import _sparrow
     except ImportError:
         return None
     r = _sparrow.bench_read_bandwidth(threads, nbytes if nbytes is not None else mb * 2**20, repeats, pin)
@@ -365,6 +365,24 @@ def format_profile(p: dict) -> str:
             lines.append(f"numpy bw   {t} thread{'s' if int(t) > 1 else ' '}: {s['median']:.1f} GB/s "
                          f"({s['min']:.1f}-{s['max']:.1f}) (cross-check, a lower bound)")
     return "\n".join(lines)
+
+
+def weight_bytes_per_token(path: Path) -> dict:
+    """Bytes of weights one decode step reads: every tensor, except that of the token embedding only one row is read
+    (unless it is tied to the output head, which reads all of it)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    rows = {t.name: int(t.shape[-1]) if len(t.shape) > 1 else 1 for t in reader.tensors}
+    total = sum(sizes.values())
+    experts = sum(v for k, v in sizes.items() if ".ffn_experts." in k)  # BlockFFN expert slabs (0: dense model)
+    per_token = total
+    emb = sizes.get("token_embd.weight")
+    if emb is not None and "output.weight" in sizes:
+        per_token -= emb - emb // max(1, rows["token_embd.weight"])
+    return {"file_tensor_bytes": total, "per_token": per_token, "tied_embeddings": "output.weight" not in sizes,
+            "expert_bytes": experts}
 
 
 if __name__ == "__main__":

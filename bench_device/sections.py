@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from bench_device import bench_speculative as spec
-from bench_device.profile import Roofline, against_bound
+from . import bench_speculative as spec
+from .profile import Roofline, against_bound, weight_bytes_per_token
 
 SHIPPED_TARGET = spec.SHIPPED / "blockffn-tiny.Q8_0.gguf"   # store name "blockffn-tiny"
 SHIPPED_DRAFT = spec.SHIPPED / "blockffn-tiny-draft.Q8_0.gguf"  # "blockffn-tiny-draft"
@@ -110,7 +110,7 @@ def decode_sparsity(session, prompts: list[list[int]], tokens: int) -> list:
     """SparsityStats of greedy decode alone, one per prompt: the prompt minus its last token prefilled, the counters
     reset, then `tokens` tokens generated (tokens + 1 single-token steps: the prompt's last token, each generated
     one)."""
-    from runtime import generate_tokens
+    from ..runtime import generate_tokens
 
     out = []
     for toks in prompts:
@@ -139,8 +139,7 @@ def sparse_section(model_path: Path, *, threads: int, tokens: int, rounds: int, 
                    progress: Progress | None = None) -> dict:
     """Dense vs sparse decode of a BlockFFN model (module docstring): checked, alternated, with routing statistics
     of the decode tokens and each configuration's bandwidth bound (the roofline's, for the model's weights)."""
-    from bench_device.suite import weight_bytes_per_token
-    from runtime import Model
+    from ..runtime import Model
 
     progress = progress or (lambda n: None)
     model = Model(model_path)
@@ -260,7 +259,6 @@ def speculative_section(model_path: Path, *, threads: int, quick: bool, llama_cp
     section_a's own result for section_b, or None in quick mode). `sparse`: the sparse section, whose measured bytes
     per sparse decode token give (a)'s plain sparse bound. `bar(length, label)`: a progress bar context manager.
     llama_cpp: "ran" to run llama.cpp in (c), else why not. cfg: SPEC_QUICK or SPEC_FULL by default."""
-    from bench_device.suite import weight_bytes_per_token
 
     cfg = cfg or (SPEC_QUICK if quick else SPEC_FULL)
     out = {"method": SPEC_METHOD, "bound_method": BOUND_METHOD}
@@ -272,7 +270,7 @@ def speculative_section(model_path: Path, *, threads: int, quick: bool, llama_cp
                             progress=b.update)
     plain_bytes = w["per_token"]
     if w["expert_bytes"]:  # a BlockFFN model decodes sparsely: the experts its plain decode reads, measured
-        from runtime import Model
+        from ..runtime import Model
 
         with Model(model_path) as m, m.session(n_ctx=1024, n_threads=threads) as session:
             toks = [m.tokenize(p, parse_special=True) for p in c["prompts"]]
@@ -350,8 +348,7 @@ def synthetic_section(shapes: list[str], *, threads: int, roofline: Roofline, re
     """bench_synthetic on each shape (decode dense vs sparse, a T=8 chain and tree, the active-fraction sweep),
     every record labelled SYNTHETIC, decode records with their bandwidth bound; then, given section_a's result,
     bench_speculative's (b): (a)'s accepted lengths REPLAYED on the same shapes."""
-    from bench_device import bench_synthetic, synthetic
-    from bench_device.suite import weight_bytes_per_token
+    from . import bench_synthetic, synthetic
 
     c = settings
     records = []

@@ -26,12 +26,19 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_device import bench_decode
-from bench_device.energy import Rapl
-from bench_device.plots import configurations, write_plots
-from bench_device.profile import Roofline, against_bound, bandwidth_curve, device_profile, last_level_cache
-from bench_device.schema import SCHEMA, SYNTHETIC_LEFT_OUT, check
-from bench_device.sections import (
+from . import bench_decode
+from .energy import Rapl
+from .plots import configurations, write_plots
+from .profile import (
+    Roofline,
+    against_bound,
+    bandwidth_curve,
+    device_profile,
+    last_level_cache,
+    weight_bytes_per_token,
+)
+from .schema import SCHEMA, SYNTHETIC_LEFT_OUT, check
+from .sections import (
     SHIPPED_TARGET,
     bound_cells,
     bound_lines,
@@ -54,24 +61,6 @@ FULL = {"repeats": 5, "decode_tokens": 64, "batch_sizes": bench_decode.BATCH_SIZ
         # the sparse section (shipped BlockFFN model): prompts x decode tokens x alternated rounds
         "sparse": {"n_prompts": 6, "tokens": 64, "rounds": 3}}
 SYNTHETIC_SHAPES = ("0.5b",)  # the full run's default; `sparrow bench --synthetic SHAPE` chooses
-
-
-def weight_bytes_per_token(path: Path) -> dict:
-    """Bytes of weights one decode step reads: every tensor, except that of the token embedding only one row is read
-    (unless it is tied to the output head, which reads all of it)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    rows = {t.name: int(t.shape[-1]) if len(t.shape) > 1 else 1 for t in reader.tensors}
-    total = sum(sizes.values())
-    experts = sum(v for k, v in sizes.items() if ".ffn_experts." in k)  # BlockFFN expert slabs (0: dense model)
-    per_token = total
-    emb = sizes.get("token_embd.weight")
-    if emb is not None and "output.weight" in sizes:
-        per_token -= emb - emb // max(1, rows["token_embd.weight"])
-    return {"file_tensor_bytes": total, "per_token": per_token, "tied_embeddings": "output.weight" not in sizes,
-            "expert_bytes": experts}
 
 
 def _str_keys(x):

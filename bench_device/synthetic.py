@@ -105,7 +105,7 @@ def cache_dir() -> Path:
     """$SPARROW_SYNTH_CACHE, else the model store's root (runtime.store) / "synthetic"."""
     if os.environ.get("SPARROW_SYNTH_CACHE"):
         return Path(os.environ["SPARROW_SYNTH_CACHE"]).expanduser()
-    from runtime.store import store_root
+    from ..runtime.store import store_root
 
     return store_root() / "synthetic"
 
@@ -158,7 +158,7 @@ def write(shape: Shape, path: str | os.PathLike, qtype: str = "Q4_0", seed: int 
     import gguf
     from tqdm import tqdm
 
-    from converters.gguf_out import streamed_gguf
+    from ..converters.gguf_out import streamed_gguf
 
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {', '.join(QTYPES)}, not {qtype!r}")

@@ -2,7 +2,7 @@
 store, where `sparrow chat` and `sparrow generate` pick them up.
 
     sparrow bench --tune [MODEL] [--quick] [--threads N]
-    python -m bench_device.tune MODEL.gguf [--quick]          # search and print, store nothing
+    python -m sparrow.bench_device.tune MODEL.gguf [--quick]          # search and print, store nothing
 
 What is searched (small on purpose: about a minute for SmolLM2-135M on 2 cores, --quick about 15 s):
   1. threads, 1 .. physical cores, with plain greedy decoding (skipped when --threads pins one count);
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench_device.sections import no_bar
-from runtime.store import TUNED_SCHEMA, Store, describe_device, device_fingerprint
+from ..runtime.store import TUNED_SCHEMA, Store, describe_device, device_fingerprint
+from .sections import no_bar
 
 # The prompts: chat requests (rendered with the model's chat template when it has one) that copy, rewrite and
 # answer freely, and a plain continuation. --quick uses the first two.
@@ -131,7 +131,7 @@ class NativeRunner:
 
     def __init__(self, model_path: str | Path, *, draft_models: dict[str, Path] | None = None, n_ctx: int = 1024,
                  drafter_factory: Callable[[Candidate, NativeRunner], Any] | None = None):
-        from runtime import Model
+        from ..runtime import Model
 
         self.model = Model(model_path)
         self.n_ctx = n_ctx
@@ -141,7 +141,7 @@ class NativeRunner:
         self.drafters: dict[Candidate, Any] = {}
 
     def make_drafter(self, cand: Candidate):
-        from runtime.drafters import make_drafter
+        from ..runtime.drafters import make_drafter
 
         source = str(self.draft_models.get(cand.drafter, cand.drafter))
         return make_drafter(source, self.model, n_threads=cand.threads, n_ctx=self.n_ctx, **cand.kwargs)
@@ -151,7 +151,7 @@ class NativeRunner:
         template = self.model.meta("tokenizer.chat_template")
         if kind != "chat" or not template:
             return self.model.tokenize(text)
-        from runtime.chat_template import render
+        from ..runtime.chat_template import render
 
         def special(token: int) -> str:
             return "" if token < 0 else self.model.token_bytes(token, render_special=True).decode("utf-8", "replace")
@@ -161,8 +161,8 @@ class NativeRunner:
         return self.model.tokenize(rendered, add_special=True, parse_special=True)
 
     def run(self, cand: Candidate, prompt: list[int], n: int) -> tuple[list[int], float]:
-        from runtime import generate_tokens
-        from runtime.speculative import speculative_tokens
+        from ..runtime import generate_tokens
+        from ..runtime.speculative import speculative_tokens
 
         s = self.sessions.get(cand.threads)
         if s is None:

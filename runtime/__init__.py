@@ -8,7 +8,7 @@ _dev_build = _os.environ.get("SPARROW_BUILD_DIR")
 if _dev_build:
     __path__.insert(0, _os.path.abspath(_dev_build))  # type: ignore[name-defined]
 
-from runtime.native import (
+from .native import (
     Model,
     ModelInfo,
     Sampler,

@@ -12,16 +12,15 @@ longest common prefix with what the cache holds; `n_evaluated` counts tokens run
 """
 from __future__ import annotations
 
-import codecs
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from runtime import chat_template
-from runtime.native import SamplerParams
-from runtime.routing import Route, choose_backend, read_gguf_header
+from . import chat_template
+from .native import SamplerParams, utf8_pieces
+from .routing import Route, choose_backend
 
 
 class BackendError(RuntimeError):
@@ -59,7 +58,7 @@ class NativeBackend:
     name = "native"
 
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0):
-        from runtime.native import Model
+        from .native import Model
 
         self.path = str(path)
         self.model = Model(self.path)
@@ -69,6 +68,7 @@ class NativeBackend:
             self.model.close()
             raise
         self.n_ctx = self.session.n_ctx
+        self.n_threads = n_threads  # as requested: 0 = the physical cores
 
     @property
     def n_evaluated(self) -> int:
@@ -97,16 +97,13 @@ class NativeBackend:
 
     def generate_tokens(self, prompt_tokens: Sequence[int], *, max_tokens: int,
                         params: SamplerParams) -> Iterator[int]:
-        from runtime.native import Sampler, generate_tokens
+        from .native import Sampler, generate_tokens
 
         sampler = Sampler(self.model.info.n_vocab, params)
         try:
             yield from generate_tokens(self.session, list(prompt_tokens), max_tokens=max_tokens, sampler=sampler)
         finally:
-            # A Ctrl-C can land between the C eval returning and Session.tokens being extended: resynchronise.
-            n = min(len(self.session.tokens), self.session.n_past)
-            if n != self.session.n_past or n != len(self.session.tokens):
-                self.session.truncate(n)
+            self.session.resync()
 
     def reset(self) -> None:
         self.session.truncate(0)
@@ -196,19 +193,6 @@ def open_backend(path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, rou
     return cls(path, n_ctx=n_ctx, n_threads=n_threads)
 
 
-def load(model: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, store: object | None = None) -> Backend:
-    """Open a model by store name or file path: resolve it, check it fits in free memory, route it, load it."""
-    from runtime.store import Store, check_memory
-
-    store = store if store is not None else Store()
-    path = store.resolve(model)  # type: ignore[attr-defined]
-    header = read_gguf_header(path) if path.suffix.lower() != ".onnx" else None
-    route = choose_backend(path, header)
-    if route.available:
-        check_memory(path, n_ctx=n_ctx, header=header, backend=route.backend, n_threads=n_threads)
-    return open_backend(path, n_ctx=n_ctx, n_threads=n_threads, route=route)
-
-
 # ---- streaming text with timing, for any backend ----
 
 @dataclass
@@ -244,30 +228,29 @@ def stream_text(backend: Backend, prompt_tokens: Sequence[int], *, max_tokens: i
     stats.prompt_tokens = len(prompt_tokens)
     if len(prompt_tokens) >= backend.n_ctx:
         raise ContextFullError(f"the prompt is {len(prompt_tokens)} tokens; the context holds {backend.n_ctx}")
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     evaluated_before = backend.n_evaluated
     t0 = time.perf_counter()
     t_first = t_last = t0
     stats.stop_reason = "interrupted"
-    try:
+
+    def timed() -> Iterator[int]:
+        nonlocal t_first, t_last
         for token in backend.generate_tokens(prompt_tokens, max_tokens=max_tokens, params=params):
             t_last = time.perf_counter()
             if not stats.tokens:
                 t_first = t_last
                 stats.evaluated_tokens = backend.n_evaluated - evaluated_before
             stats.tokens.append(token)
-            piece = decoder.decode(backend.token_bytes(token))
-            if piece:
-                yield piece
+            yield token
         if len(backend.tokens) >= backend.n_ctx:
             stats.stop_reason = "context_full"
         elif len(stats.tokens) >= max_tokens:
             stats.stop_reason = "max_tokens"
         else:
             stats.stop_reason = "eog"
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
+
+    try:
+        yield from utf8_pieces(backend.token_bytes, timed())
     finally:
         stats.generated_tokens = len(stats.tokens)
         if not stats.tokens:

@@ -1,4 +1,5 @@
-"""The `sparrow` command: model store management, interactive chat and one-shot generation.
+"""The runtime's commands of the `sparrow` CLI (assembled in sparrow/cli.py): model store management, interactive
+chat and one-shot generation.
 
     sparrow chat                          # pulls the default model if needed, then chats
     sparrow generate "Once upon a time" --json
@@ -12,56 +13,17 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
 
-from runtime.chat_template import ChatTemplateError
-from runtime.routing import ModelFormatError, choose_backend, read_gguf_header
-from runtime.store import REGISTRY, Store, StoreError, TunedSettings, _fmt_bytes, check_memory
-
-
-class _Group(click.Group):
-    """Turns the errors a user can cause or fix (bad file, unknown model, no memory) into one clear line, exit 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        from runtime.backends import BackendError
-        from runtime.native import SparrowError
-
-        try:
-            return super().invoke(ctx)
-        except SparrowError as e:
-            raise click.ClickException(f"the native runtime could not run the model: {e}") from None
-        except (StoreError, BackendError, ChatTemplateError, ModelFormatError) as e:
-            raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            click.echo("\nInterrupted.", err=True)
-            sys.exit(130)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="sparrow", message="sparrow %(version)s")
-def sparrow() -> None:
-    """Sparrow: run language models on this machine's CPU."""
-
-
-def main() -> None:
-    sparrow(prog_name="sparrow")
-
-
-def _add_convert() -> None:
-    from converters.cli import convert_command
-
-    sparrow.add_command(convert_command)
-
-
-_add_convert()
-
+from .launch import open_model
+from .routing import choose_backend, read_gguf_header
+from .store import Store, TunedSettings, fmt_bytes
 
 # ---- models ----
 
-@sparrow.group()
+@click.group()
 def models() -> None:
     """Manage the model store ($SPARROW_HOME, else ~/.cache/sparrow)."""
 
@@ -78,7 +40,7 @@ def models_pull(source: str | None, name: str | None, force: bool, quiet: bool) 
     store = Store()
     source = source or store.default()
     m = store.pull(source, name=name, progress=not quiet, force=force)
-    click.echo(f"{m.name}: {_fmt_bytes(m.size)}, {m.architecture} {m.quantization}, sha256 {m.sha256[:16]}…")
+    click.echo(f"{m.name}: {fmt_bytes(m.size)}, {m.architecture} {m.quantization}, sha256 {m.sha256[:16]}…")
 
 
 @models.command("list")
@@ -95,7 +57,7 @@ def models_list() -> None:
     for m in pulled:
         tuned, warning = store.load_tuned(m.name, sha256=m.sha256)
         mark = f"{tuned.threads}t {tuned.drafter}" if tuned else "ignored" if warning else "-"
-        rows.append(("*" if m.name == default else "", m.name, _fmt_bytes(m.size), m.architecture, m.quantization,
+        rows.append(("*" if m.name == default else "", m.name, fmt_bytes(m.size), m.architecture, m.quantization,
                      mark, m.source))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
@@ -131,7 +93,7 @@ def models_info(model: str, as_json: bool) -> None:
     click.echo(f"name:          {data['name']}")
     click.echo(f"file:          {path}")
     if manifest:
-        click.echo(f"size:          {_fmt_bytes(manifest.size)} ({manifest.size} bytes)")
+        click.echo(f"size:          {fmt_bytes(manifest.size)} ({manifest.size} bytes)")
         click.echo(f"sha256:        {manifest.sha256}")
     click.echo(f"architecture:  {data.get('architecture')}")
     click.echo(f"quantization:  {data.get('quantization')}")
@@ -166,7 +128,7 @@ def models_rm(names: tuple[str, ...]) -> None:
     store = Store()
     for name in names:
         m = store.rm(name)
-        click.echo(f"removed {m.name} ({_fmt_bytes(m.size)})")
+        click.echo(f"removed {m.name} ({fmt_bytes(m.size)})")
 
 
 @models.command("default")
@@ -177,6 +139,10 @@ def models_default(name: str | None) -> None:
     if name:
         store.set_default(name)
     click.echo(store.default())
+
+
+def _warn(message: str) -> None:
+    click.echo(message, err=True)
 
 
 # ---- shared options ----
@@ -201,70 +167,13 @@ def _model_options(f: Callable) -> Callable:
 
 def _sampler_params(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
                     seed: int | None):
-    from runtime.native import SamplerParams
+    from .native import SamplerParams
 
     seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
     return SamplerParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                          repeat_penalty=repeat_penalty, seed=seed)
 
 
-@dataclasses.dataclass
-class _RunSettings:
-    """Threads and drafter for chat/generate: the command line's where given, else the model's tuned settings."""
-
-    threads: int                      # 0 = physical cores
-    draft: str                        # "none", "prompt-lookup", "recycling", a draft model name or file
-    draft_options: dict[str, Any]
-    tuned: TunedSettings | None       # the tuned settings applied (in part or whole), if any
-    default_draft: bool = False       # the drafter is the built-in default (no flag, no tuned settings)
-
-    def describe(self) -> str:
-        """The effective settings, e.g. "2 threads, recycling (branching=[1], max_nodes=4)"."""
-        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "physical cores"
-        opts = ", ".join(f"{k}={v}" for k, v in self.draft_options.items())
-        return f"{threads}, " + ("no drafter" if self.draft == "none" else self.draft + (f" ({opts})" if opts else ""))
-
-
-def _run_settings(store: Store, name: str, *, threads: int | None, draft: str | None) -> _RunSettings:
-    """Explicit flags win; a setting not given comes from the tuned settings stored for this model on this device
-    (`sparrow bench --tune`), if any; else the defaults. Unusable tuned settings: a warning, then the defaults."""
-    manifest = store.get(name)
-    tuned, warning = store.load_tuned(manifest.name, sha256=manifest.sha256) if manifest else (None, None)
-    if warning:
-        click.echo(f"warning: {warning}", err=True)
-    if tuned is None or (threads is not None and draft is not None):
-        default = REGISTRY[name].default_drafter if name in REGISTRY else DEFAULT_DRAFTER
-        return _RunSettings(threads or 0, draft or default, {}, None, default_draft=draft is None)
-    effective = draft if draft is not None else tuned.drafter
-    options = dict(tuned.drafter_options) if effective == tuned.drafter else {}  # the tuned shape of that drafter
-    return _RunSettings(threads if threads is not None else tuned.threads, effective, options, tuned)
-
-
-def _open_model(store: Store, model: str | None, *, n_ctx: int, threads: int | None, draft: str | None,
-                quiet: bool = False):
-    """Resolve (pulling the default model if it is missing), choose threads and drafter, check memory, route and
-    load. Returns (name, backend, settings)."""
-    from runtime.backends import open_backend
-
-    name = model or store.default()
-    if store.get(name) is None and not Path(name).expanduser().is_file() and name in REGISTRY:
-        if not quiet:
-            click.echo(f"Pulling {name} ({REGISTRY[name].description}) ...", err=True)
-        store.pull(name, progress=not quiet)
-    path = store.resolve(name)
-    settings = _run_settings(store, name, threads=threads, draft=draft)
-    header = read_gguf_header(path) if path.suffix.lower() != ".onnx" else None
-    route = choose_backend(path, header)
-    if route.available:
-        check_memory(path, n_ctx=n_ctx, header=header, backend=route.backend, n_threads=settings.threads)
-    return name, open_backend(path, n_ctx=n_ctx, n_threads=settings.threads, route=route), settings
-
-
-# The drafter used when neither --draft nor tuned settings say, for models the registry has no measured choice for
-# (KnownModel.default_drafter): prompt lookup merged with a Token Recycling tree that the sparsity-aware planner
-# prunes each step. Train-free, so every model the native runtime runs has it; the fastest measured on SmolLM2
-# (bench_device/bench_speculative.py; README).
-DEFAULT_DRAFTER = "hybrid"
 DRAFT_HELP = ("Speculative decoding: none, prompt-lookup, recycling (Token Recycling), hybrid (prompt lookup + a "
               "Token Recycling tree pruned each step by the sparsity-aware planner), or a draft model sharing the "
               "vocabulary (store name or file). Default: the model's tuned drafter (`sparrow bench --tune`), else "
@@ -272,59 +181,12 @@ DRAFT_HELP = ("Speculative decoding: none, prompt-lookup, recycling (Token Recyc
               "none elsewhere.")
 
 
-def _with_drafter(backend, settings: _RunSettings, store: Store, *, n_ctx: int, name: str):
-    """The backend itself for --draft none, else one that decodes speculatively with that drafter. For a model in
-    the store, Token Recycling starts from what it learned in earlier sessions and saves it on close."""
-    draft = settings.draft
-    if draft == "none":
-        return backend
-    from runtime.drafters import DRAFTERS, make_drafter, recycling_part
-    from runtime.speculative import SpeculativeBackend
-
-    tuned = settings.tuned is not None and draft == settings.tuned.drafter
-    if backend.name != "native":
-        if settings.default_draft:  # the default drafter is a native-runtime feature; other backends decode plainly
-            return backend
-        if tuned:  # a tuned drafter was measured on the native runtime; another backend just runs without it
-            click.echo(f"note: the tuned drafter {draft} is left out: this model runs on {backend.name}", err=True)
-            return backend
-        backend.close()
-        raise click.ClickException(f"--draft needs the native runtime; this model runs on {backend.name}")
-    try:
-        source = draft if draft in DRAFTERS or Path(draft).expanduser().is_file() else str(store.resolve(draft))
-        drafter = make_drafter(source, backend.model, n_threads=settings.threads, n_ctx=n_ctx,
-                               **settings.draft_options)
-    except BaseException as e:
-        if tuned and isinstance(e, (ValueError, StoreError)):
-            click.echo(f"warning: the tuned drafter {draft} cannot be used ({e}); decoding without a drafter. "
-                       f"Run `sparrow bench --tune` again.", err=True)
-            return backend
-        backend.close()
-        if isinstance(e, ValueError):
-            raise click.ClickException(str(e)) from None
-        raise
-    spec = SpeculativeBackend(backend, drafter)
-    rec = recycling_part(drafter)
-    if rec is not None and store.get(name) is not None:
-        state = store.recycling_state_path(name)
-        if state.exists() and (why := rec.load_state(state)):
-            click.echo(f"warning: the saved Token Recycling state is not used: {why}", err=True)
-
-        def save() -> None:
-            try:
-                rec.save_state(state)
-            except OSError as e:
-                click.echo(f"warning: could not save the Token Recycling state to {state}: {e}", err=True)
-        spec.on_close = save
-    return spec
-
-
 # ---- chat ----
 
 CHAT_HELP = "/reset starts a new conversation, /exit quits (or Ctrl-D); Ctrl-C stops an answer."
 
 
-@sparrow.command()
+@click.command()
 @click.argument("model", required=False)
 @click.option("--system", help="A system prompt.")
 @click.option("--stats", is_flag=True, help="After each answer, print token counts and speed.")
@@ -333,15 +195,15 @@ CHAT_HELP = "/reset starts a new conversation, /exit quits (or Ctrl-D); Ctrl-C s
 def chat(model: str | None, system: str | None, stats: bool, draft: str | None, n_ctx: int, threads: int | None,
          max_tokens: int | None, **sampling: Any) -> None:
     """Chat with MODEL (a store name or a file path; default: the default model, pulled if missing)."""
-    from runtime.backends import Chat, ContextFullError
+    from .backends import Chat, ContextFullError
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     store = Store()
-    name, backend, settings = _open_model(store, model, n_ctx=n_ctx, threads=threads, draft=draft)
-    backend = _with_drafter(backend, settings, store, n_ctx=n_ctx, name=name)
+    name, backend, settings = open_model(model, n_ctx=n_ctx, threads=threads, draft=draft, store=store,
+                                         progress=True, warn=_warn)
     params = _sampler_params(**sampling)
     conversation = Chat(backend, system=system)
     tuned = f"; tuned: {settings.describe()}" if settings.tuned else ""
@@ -402,7 +264,7 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
 
 # ---- generate ----
 
-@sparrow.command()
+@click.command()
 @click.argument("prompt", required=False)
 @click.option("-m", "--model", help="A store name or a file path (default: the default model).")
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
@@ -421,7 +283,7 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
 
     PROMPT is raw model input: chat markup in it such as <|im_start|> becomes the model's special tokens
     (--no-parse-special: plain text). --chat instead wraps PROMPT in the model's chat template."""
-    from runtime.backends import Chat, ContextFullError, GenerationStats, stream_text
+    from .backends import Chat, ContextFullError, GenerationStats, stream_text
 
     if as_chat and not parse_special:
         raise click.UsageError("--no-parse-special is for a raw prompt; --chat renders the prompt with the model's "
@@ -429,8 +291,8 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
     store = Store()
-    name, backend, settings = _open_model(store, model, n_ctx=n_ctx, threads=threads, draft=draft, quiet=as_json)
-    backend = _with_drafter(backend, settings, store, n_ctx=n_ctx, name=name)
+    name, backend, settings = open_model(model, n_ctx=n_ctx, threads=threads, draft=draft, store=store,
+                                         progress=not as_json, warn=_warn)
     params = _sampler_params(**sampling)
     max_tokens = max_tokens or 256
     try:
@@ -484,88 +346,3 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
     finally:
         backend.close()
 
-
-# ---- bench ----
-
-# bench_device.synthetic.SHAPES, less its test shape (not imported here: it pulls in numpy and the native module)
-SYNTHETIC_SHAPE_NAMES = ("0.1b", "0.5b", "0.8b", "1.2b", "3b")
-
-@sparrow.command()
-@click.argument("model", required=False)
-@click.option("--quick", is_flag=True, help="Fewer repeats and tokens: finishes in under a minute.")
-@click.option("--threads", type=int, default=0, help="CPU threads (default: physical cores).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default="bench-report",
-              show_default=True, help="Write report.json, report.md and the PNG plots here.")
-@click.option("--no-llama-cpp", is_flag=True, help="Do not run llama.cpp alongside, even if it is installed.")
-@click.option("--tune", is_flag=True, help="Instead of the report: search threads, drafter and draft size for MODEL "
-              "on this device and store the fastest in the model store (sparrow chat/generate use them).")
-@click.option("--synthetic", "synthetic_shapes", multiple=True, metavar="SHAPE",
-              type=click.Choice(["none", *SYNTHETIC_SHAPE_NAMES]),
-              help="Synthetic BlockFFN shape(s) for the full run's synthetic section (repeat the option for several; "
-              "default 0.5b; 'none' leaves the section out). The first use writes the file (0.5b: 310 MB).")
-def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_cpp: bool, tune: bool,
-          synthetic_shapes: tuple[str, ...]) -> None:
-    """Profile this device and benchmark MODEL on it (default: the default model, pulled if needed).
-
-    Measures memory read bandwidth (the roofline), decode and prefill tok/s, time to first token, peak RSS, energy
-    (RAPL, where readable), the cost of T tokens per call and the fraction of the bandwidth bound reached, side by side
-    with llama.cpp when llama-cpp-python is installed; outputs are checked against an oracle before timing. The full
-    run adds dense vs sparse decode of the shipped BlockFFN model (TLS, CLS-k, expert bytes), speculative decoding
-    (MODEL with each drafter and llama.cpp; the BlockFFN model with its draft model) and SYNTHETIC large BlockFFN
-    shapes with replayed speculation; --quick a small speculative slice."""
-    from bench_device.suite import headline_table, run_suite, write_report
-
-    if (quick or tune) and synthetic_shapes:
-        raise click.UsageError("--synthetic chooses the full report's synthetic shapes; --quick and --tune have no "
-                               "synthetic section")
-    store = Store()
-    name = model or store.default()
-    if store.get(name) is None and not Path(name).expanduser().is_file() and name in REGISTRY:
-        click.echo(f"Pulling {name} ({REGISTRY[name].description}) ...", err=True)
-        store.pull(name, progress=True)
-    path = store.resolve(name)
-    if path.suffix.lower() != ".gguf":
-        raise click.ClickException(f"sparrow bench needs a GGUF model; {path.name} is not one")
-
-    def progressbar(length: int, label: str):
-        return click.progressbar(length=length, label=label, file=sys.stderr, show_eta=False)
-
-    if tune:
-        _bench_tune(store, name, path, quick=quick, threads=threads, progressbar=progressbar)
-        return
-
-    try:
-        shapes = None if not synthetic_shapes else tuple(s for s in synthetic_shapes if s != "none")
-        report = run_suite(path, name, quick=quick, threads=threads, llama_cpp=not no_llama_cpp,
-                           echo=lambda m: click.echo(m, err=True), progressbar=progressbar, synthetic_shapes=shapes)
-    except RuntimeError as e:
-        raise click.ClickException(f"benchmark failed: {e}") from None
-    j, m = write_report(report, out_dir)
-    click.echo(headline_table(report))
-    pngs = [str(out_dir / f) for f in report["plots"].values() if f.endswith(".png")]
-    click.echo(f"\nwrote {j}, {m}" + "".join(f", {p}" for p in pngs))
-
-
-def _bench_tune(store: Store, name: str, path: Path, *, quick: bool, threads: int, progressbar) -> None:
-    from bench_device.tune import format_result, run_tune
-
-    if threads < 0:
-        raise click.BadParameter("must be positive", param_hint="--threads")
-    route = choose_backend(path, read_gguf_header(path))
-    if route.backend != "native":
-        raise click.ClickException(f"--tune measures Sparrow's native runtime; {path.name} goes to {route.backend} "
-                                   f"({route.reason})")
-    result, saved = run_tune(store, name, path, quick=quick, threads=threads, echo=lambda m: click.echo(m, err=True),
-                             progressbar=progressbar)
-    click.echo(format_result(result))
-    x = result.speedup
-    verdict = (f"{x:.2f}x the defaults ({result.default.label})" if result.changed
-               else "the defaults stay (nothing was faster beyond the noise)")
-    click.echo(f"chosen for {name}: {result.chosen.label} ({result.final[result.chosen].median:.1f} tok/s): {verdict}")
-    if saved:
-        click.echo(f"stored in {saved}; `sparrow chat {name}` and `sparrow generate -m {name}` use it unless "
-                   "--threads/--draft say otherwise")
-
-
-if __name__ == "__main__":
-    main()

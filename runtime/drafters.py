@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import _sparrow
-from runtime.native import Model, SamplerParams, Session
-from runtime.planner import TreePlanner
-from runtime.speculative import Draft, draw, greedy_token, penalized, target_probs
+from . import _sparrow
+from .native import Model, SamplerParams, Session
+from .planner import TreePlanner
+from .tree import Draft, draw, greedy_token, penalized, target_probs
 
 
 class Drafter:
@@ -123,7 +123,7 @@ class Recycling(Drafter):
         self.adj[np.asarray(batch)[rows]] = top_k_rows(logits[rows], self.k)
 
     # The adjacency matrix is what Token Recycling has learned about a model; chat keeps it in the model store
-    # between sessions (runtime.cli), so a new conversation does not start cold.
+    # between sessions (runtime.launch), so a new conversation does not start cold.
 
     def save_state(self, path: Path) -> None:
         """Write the adjacency matrix to path (.npy), atomically."""
@@ -245,15 +245,7 @@ class DraftModel(Drafter):
         k = min(self.k, max_nodes, s.n_ctx - len(ctx))
         if k <= 0:
             return Draft()
-        common = 0
-        for a, b in zip(s.tokens, ctx):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ctx) - 1)  # the last token is evaluated again for its logits
-        s.truncate(common)
-        for i in range(common, len(ctx), s.n_batch):
-            logits = s.eval(ctx[i:i + s.n_batch], logits="last")
+        logits = s.prefill(ctx[s.reuse_prefix(ctx):])  # the last token is evaluated again for its logits
         greedy = self.params.temperature <= 0
         penalty = self.params.repeat_penalty != 1.0
         hist = ctx[-self.params.repeat_last_n:] if penalty else []

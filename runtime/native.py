@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from os import PathLike
 
 import numpy as np
 
-from runtime import _sparrow
+from . import _sparrow
 
 SparrowError = _sparrow.SparrowError
 
@@ -245,6 +245,13 @@ class Session:
         self._s.truncate(n)
         del self.tokens[n:]
 
+    def resync(self) -> None:
+        """Make `tokens` and the KV cache agree again after an interruption (a Ctrl-C can land between the C eval
+        returning and `tokens` being extended): keep what both hold."""
+        n = min(len(self.tokens), self.n_past)
+        if n != self.n_past or n != len(self.tokens):
+            self.truncate(n)
+
 
 class Sampler:
     """Chooses the next token from logits (greedy, temperature, top-k, top-p, min-p, repetition penalty)."""
@@ -298,9 +305,16 @@ def generate(model: Model, session: Session, prompt: str | Sequence[int], *, max
     A text prompt is raw model input: special-token markup in it ("<|im_start|>") becomes the special tokens, as in
     llama.cpp's completion; parse_special=False tokenizes it as plain characters instead (for untrusted text)."""
     tokens = model.tokenize(prompt, parse_special=parse_special) if isinstance(prompt, str) else list(prompt)
+    yield from utf8_pieces(model.token_bytes, generate_tokens(session, tokens, max_tokens=max_tokens,
+                                                              sampler=sampler))
+
+
+def utf8_pieces(token_bytes: Callable[[int], bytes], tokens: Iterable[int]) -> Iterator[str]:
+    """The text of a token stream as it comes, in whole UTF-8 characters: a character split across tokens is held
+    back until it is complete; invalid bytes become U+FFFD."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in generate_tokens(session, tokens, max_tokens=max_tokens, sampler=sampler):
-        piece = decoder.decode(model.token_bytes(token))
+    for token in tokens:
+        piece = decoder.decode(token_bytes(token))
         if piece:
             yield piece
     tail = decoder.decode(b"", final=True)

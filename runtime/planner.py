@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.speculative import Draft
+from .tree import Draft
 
 Key = tuple[int, ...]
 

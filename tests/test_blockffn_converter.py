@@ -25,10 +25,9 @@ from click.testing import CliRunner
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from reference.blockffn import BlockFFNGGUFRef, BlockFFNRef, cls, rmsnorm, tls
-
-from converters import ConversionError
-from converters.blockffn import ConversionWarning, convert, permute_rope_rows, unpermute_rope_rows
-from converters.cli import convert_command
+from sparrow.converters import ConversionError
+from sparrow.converters.blockffn import ConversionWarning, convert, permute_rope_rows, unpermute_rope_rows
+from sparrow.converters.cli import convert_command
 
 Q = gguf.GGMLQuantizationType
 PROMPT = "import os\nfor line in open(path):\n    print(line.strip())  # été"
@@ -337,7 +336,7 @@ def test_cli(ckpt, tmp_path):
 
 
 def test_sparrow_convert_command(ckpt, tmp_path):
-    from runtime.cli import sparrow
+    from sparrow.cli import sparrow
 
     res = CliRunner().invoke(sparrow, ["convert", str(ckpt), str(tmp_path / "m.gguf"), "--no-progress"])
     assert res.exit_code == 0, res.output
@@ -346,7 +345,7 @@ def test_sparrow_convert_command(ckpt, tmp_path):
 
 def test_python_dash_m(ckpt, tmp_path):
     root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-m", "converters", str(ckpt), str(tmp_path / "m.gguf"), "--type", "q4_0"],
+    res = subprocess.run([sys.executable, "-m", "sparrow.converters", str(ckpt), str(tmp_path / "m.gguf"), "--type", "q4_0"],
                          check=False, cwd=root, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert fields(tmp_path / "m.gguf")[1]["blk.0.ffn_experts.weight"].tensor_type == Q.Q4_0
@@ -472,8 +471,7 @@ def test_streamed_gguf_leaves_either_the_whole_file_or_nothing(tmp_path):
 
     import gguf
     import numpy as np
-
-    from converters.gguf_out import streamed_gguf
+    from sparrow.converters.gguf_out import streamed_gguf
 
     def writer():
         w = gguf.GGUFWriter(None, "llama")

@@ -24,9 +24,8 @@ from blockffn_fixture import FixtureConfig, write_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference.blockffn import BlockFFNGGUFRef, BlockFFNRef, cls, silu, tls
-
-from converters.blockffn import convert
-from runtime import Model, SparrowError, _sparrow
+from sparrow.converters.blockffn import convert
+from sparrow.runtime import Model, SparrowError, _sparrow
 
 Q = gguf.GGMLQuantizationType
 TOKENS = [1, 5, 100, 260, 261, 7, 42, 270, 3, 99, 150, 200, 33, 17, 400, 401, 12, 9, 77, 78]

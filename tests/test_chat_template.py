@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import pytest
-
-from runtime.chat_template import CHATML_TEMPLATE, ChatTemplateError, render
-from runtime.routing import read_gguf_header
+from sparrow.runtime.chat_template import CHATML_TEMPLATE, ChatTemplateError, render
+from sparrow.runtime.routing import read_gguf_header
 
 
 @pytest.fixture(scope="module")

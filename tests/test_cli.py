@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import runtime_root
+from conftest import package_root
 from fixtures.store_fixtures import make_wheel
-
-from runtime.cli import sparrow
-from runtime.native import SamplerParams
-from runtime.store import DEFAULT_MODEL, REGISTRY, Store
+from sparrow.cli import sparrow
+from sparrow.runtime.native import SamplerParams
+from sparrow.runtime.store import DEFAULT_MODEL, REGISTRY, Store
 
 STATS = re.compile(r"\[(\d+) prompt tokens, (\d+) evaluated \((\d+) reused from the KV cache\), (\d+) generated")
 GREEDY = ["--temperature", "0"]
@@ -100,7 +99,7 @@ def test_token_recycling_state_is_kept_between_sessions(pulled):
 
 @pytest.mark.llama_cpp
 def test_chat_api_reuses_the_kv_cache_on_every_backend(smollm_path):
-    from runtime.backends import Chat, LlamaCppBackend, NativeBackend
+    from sparrow.runtime.backends import Chat, LlamaCppBackend, NativeBackend
 
     for cls in (NativeBackend, LlamaCppBackend):
         backend = cls(smollm_path, n_ctx=512)
@@ -125,7 +124,7 @@ CHAT_MARKUP = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_
 def test_raw_prompts_parse_special_tokens_on_every_backend(smollm_path):
     """Chat markup in a raw prompt is the special tokens (one id each, as llama.cpp's own tokenizer gives them) on
     both backends; parse_special=False keeps it as characters, again the same on both."""
-    from runtime.backends import LlamaCppBackend, NativeBackend
+    from sparrow.runtime.backends import LlamaCppBackend, NativeBackend
 
     seen = {}
     for cls in (NativeBackend, LlamaCppBackend):
@@ -144,7 +143,7 @@ def test_raw_prompts_parse_special_tokens_on_every_backend(smollm_path):
 def test_generate_parses_special_tokens_unless_told_not_to(pulled, smollm_path):
     """`sparrow generate` feeds a raw prompt's chat markup to the model as special tokens (10 tokens here, not the
     28 of its characters), so the model answers the question; --no-parse-special keeps the markup as text."""
-    from runtime.native import Model
+    from sparrow.runtime.native import Model
 
     prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     with Model(smollm_path, vocab_only=True) as m:
@@ -195,8 +194,8 @@ class Pty:
     def __init__(self, args: list[str], env: dict[str, str]):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child: the pty is its controlling terminal, so Ctrl-C (\x03) sends SIGINT
-            os.chdir(runtime_root())
-            os.execve(sys.executable, [sys.executable, "-m", "runtime.cli", *args], env)
+            os.chdir(package_root())
+            os.execve(sys.executable, [sys.executable, "-m", "sparrow", *args], env)
         self.out = ""
 
     def expect(self, pattern: str, timeout: float = 60, start: int = 0) -> re.Match:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 gguf = pytest.importorskip("gguf")
-testing = pytest.importorskip("runtime._sparrow").testing
+testing = pytest.importorskip("sparrow.runtime._sparrow").testing
 
 ROOT = Path(__file__).resolve().parents[1]
 

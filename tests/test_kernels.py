@@ -20,10 +20,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import runtime_root
+from conftest import package_root
 
 gguf = pytest.importorskip("gguf")
-from runtime import _sparrow
+from sparrow.runtime import _sparrow
 
 testing = _sparrow.testing
 QT = gguf.GGMLQuantizationType
@@ -263,9 +263,9 @@ def test_tiers_and_features():
 
 def _tier_in_subprocess(env_extra: dict[str, str]) -> str:
     env = dict(os.environ, **env_extra)
-    code = "from runtime import _sparrow; print(_sparrow.kernel_tier())"
+    code = "from sparrow.runtime import _sparrow; print(_sparrow.kernel_tier())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=runtime_root())
+                         cwd=package_root())
     return out.stdout.strip()
 
 

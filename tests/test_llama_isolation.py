@@ -4,8 +4,6 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-import pytest
-
 pytest_plugins = ["pytester"]
 
 INNER = '''

@@ -19,8 +19,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llama_cpp  # each test in a forked child: a crash in llama.cpp fails only that test
 
 from reference.llama import LlamaRef
-
-from runtime import Model
+from sparrow.runtime import Model
 
 PROMPTS = [
     "The capital of France is",

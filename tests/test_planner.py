@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from runtime.planner import TreePlanner, nnls_small, node_keys, subtree
-from runtime.speculative import Draft
+from sparrow.runtime.planner import TreePlanner, nnls_small, node_keys, subtree
+from sparrow.runtime.tree import Draft
 
 # A wide tree: root -> 4 children, each of the first two with 2 children, then a chain below the first.
 PARENTS = [0, 0, 0, 0, 1, 1, 2, 2, 5, 9]

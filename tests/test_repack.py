@@ -7,9 +7,8 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from sparrow.runtime import Model
 from tiny_llama import TinyConfig, write_tiny_llama
-
-from runtime import Model
 
 Q = gguf.GGMLQuantizationType
 TOKENS = [1, 5, 100, 260, 261, 7, 42, 270, 3, 99, 150, 200, 33]

@@ -10,8 +10,7 @@ import math
 import numpy as np
 import pytest
 from reference.sampler import sampler_probs as ref_probs
-
-from runtime import _sparrow as sp
+from sparrow.runtime import _sparrow as sp
 
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
 

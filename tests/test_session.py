@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from runtime import Model, SparrowError
+from sparrow.runtime import Model, SparrowError
 
 
 @pytest.fixture(scope="module")

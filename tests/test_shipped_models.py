@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from reference.blockffn import BlockFFNGGUFRef
-
-from runtime.native import Model, Sampler, SamplerParams, complete
+from sparrow.runtime.native import Model, Sampler, SamplerParams, complete
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 RESULTS = json.loads((MODELS / "results.json").read_text())
@@ -89,7 +88,7 @@ def test_logits_match_reference(name):
 
 
 def validation_tokens(model: Model, limit: int) -> list[int]:
-    from training.corpus import build_corpus
+    from sparrow.training.corpus import build_corpus
 
     out: list[int] = []
     for d in build_corpus().val:
@@ -117,7 +116,7 @@ def test_sparsity_matches_card():
 
 
 def test_store_lists_shipped_models(tmp_path, monkeypatch):
-    from runtime.store import REGISTRY, Store
+    from sparrow.runtime.store import REGISTRY, Store
 
     monkeypatch.setenv("SPARROW_HOME", str(tmp_path))
     listed = {m.name: m for m in Store().list(shipped=True)}
@@ -135,9 +134,9 @@ def test_generate_defaults_to_the_drafter_measured_best_for_the_model(tmp_path, 
     """Without --draft or tuned settings, a registered model drafts with its measured-best drafter (prompt lookup
     for the tiny BlockFFN, whose steps are too short for a planned tree's overhead); output = plain greedy."""
     from click.testing import CliRunner
-
-    from runtime.cli import DEFAULT_DRAFTER, sparrow
-    from runtime.store import REGISTRY
+    from sparrow.cli import sparrow
+    from sparrow.runtime.launch import DEFAULT_DRAFTER
+    from sparrow.runtime.store import REGISTRY
 
     monkeypatch.setenv("SPARROW_HOME", str(tmp_path))
     assert REGISTRY["blockffn-tiny"].default_drafter == "prompt-lookup"

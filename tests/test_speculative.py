@@ -20,13 +20,21 @@ import numpy as np
 import pytest
 from reference.sampler import sampler_probs as ref_probs
 from scipy import stats as scistats
+from sparrow.runtime import Model, Sampler, SamplerParams, SparrowError, _sparrow, generate_tokens
+from sparrow.runtime.drafters import (
+    Drafter,
+    DraftModel,
+    Hybrid,
+    PromptLookup,
+    Recycling,
+    make_drafter,
+    recycling_part,
+    top_k_rows,
+)
+from sparrow.runtime.planner import TreePlanner
+from sparrow.runtime.speculative import SpecStats, generate_speculative, speculative_tokens
+from sparrow.runtime.tree import Draft, target_probs
 from tiny_llama import TinyConfig, write_tiny_llama
-
-from runtime import Model, Sampler, SamplerParams, SparrowError, _sparrow, generate_tokens
-from runtime.drafters import (Drafter, DraftModel, Hybrid, PromptLookup, Recycling, make_drafter, recycling_part,
-                              top_k_rows)
-from runtime.planner import TreePlanner
-from runtime.speculative import Draft, SpecStats, generate_speculative, speculative_tokens, target_probs
 
 N_NEW = 24
 THREADS = 2
@@ -453,8 +461,7 @@ def test_cli_generate_with_a_drafter_prints_the_plain_greedy_text(smollm_path, t
     import json
 
     from click.testing import CliRunner
-
-    from runtime.cli import sparrow
+    from sparrow.cli import sparrow
 
     monkeypatch.setenv("SPARROW_HOME", str(tmp_path))
     out = {}
@@ -475,8 +482,7 @@ def test_blockffn_target_greedy_equals_plain_and_reports_expert_bytes(tmp_path):
     """A tiny random BlockFFN model (the converter's fixture, Q4_0): greedy speculative tokens equal plain decoding
     with every drafter, and the statistics count the expert weight bytes the verification passes read."""
     from blockffn_fixture import FixtureConfig, write_checkpoint
-
-    from converters.blockffn import convert
+    from sparrow.converters.blockffn import convert
 
     path = convert(write_checkpoint(tmp_path / "ckpt", FixtureConfig(seed=5)), tmp_path / "b.gguf", "q4_0",
                    progress=False)

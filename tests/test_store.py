@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import runtime_root
+from conftest import package_root
 from fixtures.store_fixtures import HubFixture, make_wheel, tiny_gguf
-
-from runtime.cli import sparrow
-from runtime.store import DEFAULT_MODEL, REGISTRY, Store
+from sparrow.cli import sparrow
+from sparrow.runtime.store import DEFAULT_MODEL, REGISTRY, Store
 
 
 @pytest.fixture(scope="session")
@@ -188,9 +187,9 @@ SMOLLM_KV_8192 = 2 * 30 * 8192 * 3 * 64 * 2  # K and V x 30 layers x 8192 tokens
 def test_memory_check_asks_the_native_runtime(home, smollm_path, monkeypatch):
     """The native figure is the C library's own (what the session will allocate): --ctx 0 means the model's 8192
     tokens, and the KV cache is F16 (the header-only formula this replaced assumed F32 and 0 tokens for --ctx 0)."""
-    from runtime.native import Model
-    from runtime.routing import read_gguf_header
-    from runtime.store import InsufficientMemoryError, check_memory, memory_needed
+    from sparrow.runtime.native import Model
+    from sparrow.runtime.routing import read_gguf_header
+    from sparrow.runtime.store import InsufficientMemoryError, check_memory, memory_needed
 
     header = read_gguf_header(smollm_path)
     need = memory_needed(smollm_path, n_ctx=0, header=header, backend="native", n_threads=2)
@@ -211,8 +210,8 @@ def test_memory_check_asks_the_native_runtime(home, smollm_path, monkeypatch):
 
 def test_memory_estimate_for_llama_cpp_reads_the_header(smollm_path):
     """Models llama.cpp runs: an F16 KV cache (llama.cpp's default) for n_ctx, 0 = the header's context_length."""
-    from runtime.routing import read_gguf_header
-    from runtime.store import memory_needed
+    from sparrow.runtime.routing import read_gguf_header
+    from sparrow.runtime.store import memory_needed
 
     need = memory_needed(smollm_path, n_ctx=0, header=read_gguf_header(smollm_path), backend="llama.cpp")
     assert (need.n_ctx, need.state, need.exact) == (8192, SMOLLM_KV_8192 + (64 << 20), False)
@@ -286,8 +285,8 @@ def test_connection_dropped_mid_download_stores_nothing(home, hub):
 def test_interrupted_pull_leaves_nothing_behind(home, hub, sig):
     hub.stall_after = 1_000_000  # the server sends 1 MB of 4 MB, then hangs
     env = {**os.environ, "SPARROW_HOME": str(home), "SPARROW_HF_ENDPOINT": hub.url}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "models", "pull", "hf:sparrow-test/big"],
-                            cwd=runtime_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "sparrow", "models", "pull", "hf:sparrow-test/big"],
+                            cwd=package_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 30
     partial = []
     while time.time() < deadline and not partial:

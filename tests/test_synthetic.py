@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from reference import synthetic_routing as oracle
-
-from bench_device import synthetic as sy
-from runtime import Model, _sparrow
+from sparrow.bench_device import synthetic as sy
+from sparrow.runtime import Model, _sparrow
 
 testing = _sparrow.testing
 SparrowError = _sparrow.SparrowError
@@ -165,7 +164,7 @@ def test_off_restores_the_router_and_bad_arguments_fail_cleanly(model):
 
 
 def test_tree_shapes_and_replayed_speculation(tmp_path, monkeypatch):
-    from bench_device import bench_synthetic as bs
+    from sparrow.bench_device import bench_synthetic as bs
 
     assert bs.tree_parents(6, (2, 2, 1)) == [-1, 0, 0, 1, 1, 2, 2]
     assert bs.tree_parents(3, (1,)) == [-1, 0, 1, 2]  # a chain

@@ -12,9 +12,8 @@ import gguf
 import numpy as np
 import pytest
 from reference.llama import LlamaRef
+from sparrow.runtime import Model, SparrowError
 from tiny_llama import TinyConfig, write_tiny_llama
-
-from runtime import Model, SparrowError
 
 Q = gguf.GGMLQuantizationType
 TOKENS = [1, 5, 100, 260, 261, 7, 42, 270, 3, 99, 150, 200, 33]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from tokenizer_corpus import CORPUS
 
-_sparrow = pytest.importorskip("runtime._sparrow")
+_sparrow = pytest.importorskip("sparrow.runtime._sparrow")
 llama_cpp = pytest.importorskip("llama_cpp")
 
 Vocab = _sparrow.testing.Vocab

@@ -6,13 +6,12 @@ flags say otherwise."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tiny_llama import TinyConfig, write_tiny_llama
-
-from bench_device.tune import (
+from sparrow.bench_device.tune import (
     Candidate,
     NativeRunner,
     choose,
@@ -24,11 +23,12 @@ from bench_device.tune import (
     thread_options,
     tune,
 )
-from runtime import Model, generate_tokens
-from runtime.cli import sparrow
-from runtime.drafters import Drafter
-from runtime.speculative import Draft
-from runtime.store import TUNED_SCHEMA, Store, TunedSettings, device_fingerprint
+from sparrow.cli import sparrow
+from sparrow.runtime import Model, generate_tokens
+from sparrow.runtime.drafters import Drafter
+from sparrow.runtime.store import TUNED_SCHEMA, Store, TunedSettings, device_fingerprint
+from sparrow.runtime.tree import Draft
+from tiny_llama import TinyConfig, write_tiny_llama
 
 SHIPPED = Path(__file__).parent.parent / "models"
 
@@ -370,3 +370,34 @@ def test_record_is_readable_by_the_store():
     assert (t.threads, t.drafter, t.drafter_options) == (2, "prompt-lookup", {"k": 4})
     assert rec["changed_from_default"] and rec["speedup_median"] == pytest.approx(1.3)
     assert rec["decode_tok_s"]["default"]["median"] == pytest.approx(100.0)
+
+
+def _drafter_of(backend) -> str:
+    return backend.drafter.name if hasattr(backend, "drafter") else "none"
+
+
+def test_the_python_api_and_the_cli_choose_the_same_settings(pulled_tiny):
+    """`sparrow.load` runs the same policy as `sparrow generate`/`chat` (runtime/launch.py): the same threads and
+    drafter, untuned (the defaults) and tuned (the stored settings), and explicit arguments win in both."""
+    import sparrow
+
+    store = Store()
+    cases = [((), {}), (("--threads", "2", "--draft", "none"), {"threads": 2, "draft": "none"})]
+    for tuned in (False, True):
+        if tuned:
+            store.save_tuned("tiny", make_record(sha=store.info("tiny").sha256))
+        for flags, kwargs in cases:
+            cli, _ = generate_json(*flags)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # usable tuned settings: no warning from the library either
+                backend = sparrow.load("tiny", **kwargs)
+            try:
+                assert (backend.n_threads, _drafter_of(backend)) == (cli["threads"], cli["draft"]), (tuned, flags)
+            finally:
+                backend.close()
+    assert cli["threads"] == 2 and cli["draft"] == "none"
+    backend = sparrow.load("tiny")
+    try:
+        assert (backend.n_threads, _drafter_of(backend), backend.drafter.k) == (1, "prompt-lookup", 3)
+    finally:
+        backend.close()

@@ -1,6 +1,6 @@
 """Convert trained runs to GGUF in models/, measure them with the native runtime, and write the model cards.
 
-    SPARROW_BUILD_DIR=build/train python -m training.ship --runs runs    # after the four training runs
+    python -m sparrow.training.ship --runs runs    # after the four training runs
 
 For each GGUF: validation perplexity, TLS and CLS-8 measured by the native runtime (runtime.native: Session.eval
 with all logits, Session.sparsity()) on the first --windows windows of 256 tokens of the validation token stream,
@@ -27,7 +27,7 @@ CTX, BATCH = 256, 64
 
 
 def native_eval(path: Path, stream: np.ndarray, windows: int) -> dict:
-    from runtime.native import Model
+    from ..runtime.native import Model
 
     nll, count = 0.0, 0
     with Model(path) as model, model.session(n_ctx=CTX, n_batch=BATCH) as s:
@@ -54,9 +54,9 @@ def sha256(path: Path) -> str:
 
 
 def main(argv=None) -> None:
-    from converters.blockffn import convert
+    from ..converters.blockffn import convert
 
-    p = argparse.ArgumentParser(prog="python -m training.ship")
+    p = argparse.ArgumentParser(prog="python -m sparrow.training.ship")
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--models", type=Path, default=Path("models"))
     p.add_argument("--windows", type=int, default=64)
@@ -147,16 +147,16 @@ def write_cards(results: dict, models: Path, data_manifest: dict) -> None:
     floor = float(a["args"].get("chunk_factor_floor", 0))
     out_a = Path(a["args"]["out"]).name
     alt = results.get("blockffn-tiny-also-tried")
-    alt_cmd = (f"python -m training --run blockffn --out runs/{Path(alt['args']['out']).name} --data runs/data "
+    alt_cmd = (f"python -m sparrow.training --run blockffn --out runs/{Path(alt['args']['out']).name} --data runs/data "
                f"--steps {alt['steps']}{flags(alt)}   # the other variant tried, not shipped\n" if alt else "")
     repro = ("```\npip install .[train]\ntools/dev_build.sh build/train\n"
-             f"python -m training --run blockffn --out runs/{out_a} --data runs/data --steps {a['steps']}{extra}\n"
+             f"python -m sparrow.training --run blockffn --out runs/{out_a} --data runs/data --steps {a['steps']}{extra}\n"
              + alt_cmd
-             + ("python -m training --run blockffn --out runs/blockffn --data runs/data --steps "
+             + ("python -m sparrow.training --run blockffn --out runs/blockffn --data runs/data --steps "
                 f"{a['steps']}   # released factor, for comparison\n" if extra else "")
              + "for run in ablation dense draft; do\n"
-             f"  python -m training --run $run --out runs/$run --data runs/data --steps {a['steps']}\ndone\n"
-             f"SPARROW_BUILD_DIR=build/train python -m training.ship --runs runs --models models --blockffn-run {out_a}"
+             f"  python -m sparrow.training --run $run --out runs/$run --data runs/data --steps {a['steps']}\ndone\n"
+             f"python -m sparrow.training.ship --runs runs --models models --blockffn-run {out_a}"
              + (f" --also-tried {Path(alt['args']['out']).name}" if alt else "")
              + "\n```")
     official_row = ""
@@ -265,7 +265,7 @@ trained with the language-modelling loss only (no chunk objectives). File: `{d['
 
 ## Training
 {steps}; {d['train_seconds'] / 60:.1f} min of step time on one CPU thread ({CONTENTION}). Same optimiser and schedule as blockffn-tiny
-(`python -m training --run draft`), LM loss only.
+(`python -m sparrow.training --run draft`), LM loss only.
 
 ## Results
 {measure}

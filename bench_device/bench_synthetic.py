@@ -41,7 +41,6 @@ import numpy as np
 from ..runtime import Model, _sparrow
 from . import synthetic
 
-testing = _sparrow.testing
 SCHEMA = "sparrow.bench.synthetic/1"
 
 
@@ -133,7 +132,7 @@ class SyntheticBench:
     def set_routing(self, routing: Routing) -> None:
         """Synthetic routing on every session, and the prefix re-evaluated under it."""
         for s in self.sessions.values():
-            self.effective = testing.set_synthetic_routing(s._s, routing.tls, routing.cls, routing.k, routing.seed)
+            self.effective = s.set_synthetic_routing(tls=routing.tls, cls=routing.cls, k=routing.k, seed=routing.seed)
             s.truncate(0)
             s.eval(self.prefix_tokens, logits="none")
         self.routing = routing

@@ -6,7 +6,7 @@ V = vocabulary.
 Everything here is SYNTHETIC: random weights (so the text is noise) in the exact `blockffn` GGUF layout of
 docs/gguf-blockffn.md, for measuring how the runtime scales to realistic sizes without the real checkpoints. Random
 weights route arbitrarily, so benchmarks pair these files with the native synthetic-routing switch
-(`testing.set_synthetic_routing`, native/src/routing_synth.c), which fixes TLS and CLS-k.
+(`Session.set_synthetic_routing`, native/src/routing_synth.c), which fixes TLS and CLS-k.
 
 Shapes (SHAPES) come from the official repository github.com/thunlp/BlockFFN, read for facts:
   pretrain/apps/dragonfly_2b/model_configs/{0.1b,0.5b,0.8b,1.2b}_mla_block.json give dim_model (H), num_layers (L),

@@ -252,6 +252,30 @@ class Session:
         if n != self.n_past or n != len(self.tokens):
             self.truncate(n)
 
+    # ---- for benchmarks and tests: synthetic routing and the binding's test hooks (not the stable C API) ----
+
+    def set_synthetic_routing(self, *, tls: float, cls: float, k: int = 8, seed: int = 0) -> dict[str, float | int]:
+        """Replace every BlockFFN layer's router scores with a pattern keyed by (layer, position) of exactly this
+        token-level sparsity (TLS) and chunk-level sparsity over k consecutive positions (CLS-k, at most TLS), so that
+        a random-weight model routes like a trained one (native/src/routing_synth.c). Evaluate again afterwards: the
+        KV cache holds what the old routing computed. Returns the effective setting: n_expert, n_active, n_union, k,
+        seed and the exact tls and cls. SparrowError (the setting unchanged) on bad values or a model without
+        BlockFFN layers."""
+        return _sparrow.testing.set_synthetic_routing(self._s, tls, cls, k, seed)
+
+    def clear_synthetic_routing(self) -> None:
+        """Back to the router's own scores."""
+        _sparrow.testing.clear_synthetic_routing(self._s)
+
+    def synthetic_routing(self) -> dict[str, float | int] | None:
+        """The effective synthetic-routing setting (as set_synthetic_routing returns it), or None when off."""
+        return _sparrow.testing.synthetic_routing(self._s)
+
+    @property
+    def handle(self) -> _sparrow.Session:
+        """The binding's session object, which the `_sparrow.testing` hooks take (ffn_run, last_router_scores, ...)."""
+        return self._s
+
 
 class Sampler:
     """Chooses the next token from logits (greedy, temperature, top-k, top-p, min-p, repetition penalty)."""

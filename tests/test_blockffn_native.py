@@ -161,7 +161,7 @@ def test_paths_agree_on_controlled_routing(hook_models, T, kind, threads, seed):
             H, E = m.info.n_embd, 12
             xn = rng.standard_normal((T, H)).astype(np.float32)
             r = routing(kind, T, E, rng)
-            ys = {mode: testing.ffn_run(s._s, 0, xn, r, MODE_ID[mode]) for mode in MODES}
+            ys = {mode: testing.ffn_run(s.handle, 0, xn, r, MODE_ID[mode]) for mode in MODES}
         scale = max(np.max(np.abs(ys["dense"])), 1e-30)
         for mode in MODES:
             assert np.max(np.abs(ys[mode] - ys["dense"])) <= 1e-5 * scale, (qtype, mode)
@@ -180,7 +180,7 @@ def test_hook_router_matches_forward_scores(hook_models):
         xn = rng.standard_normal((9, m.info.n_embd)).astype(np.float32)
         ref = BlockFFNGGUFRef.from_gguf(path)
         y_ref, r_ref = ref.ffn(xn.astype(np.float64), "blk.0.")
-        y = testing.ffn_run(s._s, 0, xn, None, 0)
+        y = testing.ffn_run(s.handle, 0, xn, None, 0)
     assert np.max(np.abs(y - y_ref)) <= 1e-5 * np.max(np.abs(y_ref))
 
 

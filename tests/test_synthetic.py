@@ -25,7 +25,7 @@ def model(tmp_path_factory):
 
 def session(m, mode="chunk", **synth):
     s = m.session(n_ctx=256, n_batch=64, n_threads=2, ffn_mode=mode)
-    testing.set_synthetic_routing(s._s, **({"tls": 0.8, "cls": 0.7, "k": 8, "seed": 5} | synth))
+    s.set_synthetic_routing(**({"tls": 0.8, "cls": 0.7, "k": 8, "seed": 5} | synth))
     return s
 
 
@@ -62,14 +62,14 @@ def test_native_scores_match_the_oracle(model, tls, cls, k, seed):
     with session(model, tls=tls, cls=cls, k=k, seed=seed) as s:
         positions = list(range(40)) + [1000, 123457, 1 << 24]
         for layer in range(T56.layers):
-            got = testing.synthetic_scores(s._s, layer, positions)
+            got = testing.synthetic_scores(s.handle, layer, positions)
             np.testing.assert_array_equal(got, oracle.scores(56, tls, cls, k, seed, layer, positions))
 
 
 @pytest.mark.parametrize("tls,cls,k", [(0.8, 0.7, 8), (0.85, 0.6, 4), (0.7, 0.5, 16)])
 def test_measured_sparsity_is_the_stated(model, tls, cls, k):
     with session(model, tls=tls, cls=cls, k=k) as s:
-        eff = testing.synthetic_routing(s._s)
+        eff = s.synthetic_routing()
         n = 0
         for T in (1, 7, 8, 13, 3, 32):  # counted across eval calls of any size
             s.eval(list(range(10 + n, 10 + n + T)), logits="none")
@@ -118,14 +118,14 @@ def test_routing_is_keyed_by_position(model):
         for s in (a, b, c):
             s.eval(list(range(100, 108)), logits="none")  # the same 8-token prefix
         chunk = a.eval(toks, logits="all")
-        chunk_r = testing.last_router_scores(a._s, len(toks))
+        chunk_r = testing.last_router_scores(a.handle, len(toks))
         alone, alone_r = [], []
         for t in toks:
             alone.append(b.eval([t], logits="last"))
-            alone_r.append(testing.last_router_scores(b._s, 1)[0])
+            alone_r.append(testing.last_router_scores(b.handle, 1)[0])
         np.testing.assert_array_equal(np.stack(alone_r), chunk_r)
         np.testing.assert_allclose(np.stack(alone), chunk, rtol=1e-4, atol=1e-4 * np.abs(chunk).max())
-        np.testing.assert_array_equal(chunk_r, testing.synthetic_scores(a._s, T56.layers - 1, list(range(8, 17))))
+        np.testing.assert_array_equal(chunk_r, testing.synthetic_scores(a.handle, T56.layers - 1, list(range(8, 17))))
         # a tree whose first branch is the chain: node i at depth d has position 8 + d
         parents = [-1, 0, 1, 2, 1, 4, 0, 6, 7]
         depth = [0, 1, 2, 3, 2, 3, 1, 2, 3]
@@ -135,7 +135,7 @@ def test_routing_is_keyed_by_position(model):
             mask[i, i] = 1
         tree_toks = [toks[0], toks[1], toks[2], toks[3], 7, 8, 9, 10, 11]
         tree = c.eval(tree_toks, pos=[8 + d for d in depth], mask=mask, logits="all")
-        tree_r = testing.last_router_scores(c._s, 9)
+        tree_r = testing.last_router_scores(c.handle, 9)
         for i, d in enumerate(depth):
             np.testing.assert_array_equal(tree_r[i], chunk_r[d])
         np.testing.assert_allclose(tree[:4], chunk[:4], rtol=1e-4, atol=1e-4 * np.abs(chunk).max())
@@ -143,24 +143,24 @@ def test_routing_is_keyed_by_position(model):
 
 def test_off_restores_the_router_and_bad_arguments_fail_cleanly(model):
     with session(model) as s:
-        before = testing.synthetic_routing(s._s)
+        before = s.synthetic_routing()
         for bad, msg in (({"tls": 1.5, "cls": 0.1}, "tls must be"), ({"tls": 0.5, "cls": -0.1}, "cls must be"),
                          ({"tls": 0.5, "cls": 0.7}, "must not exceed tls"), ({"tls": float("nan"), "cls": 0.1}, "tls"),
                          ({"tls": 0.8, "cls": 0.7, "k": 1}, "k must be")):
             with pytest.raises(SparrowError, match=msg):
-                testing.set_synthetic_routing(s._s, **bad)
-        assert testing.synthetic_routing(s._s) == before  # unchanged by the failed calls
+                s.set_synthetic_routing(**bad)
+        assert s.synthetic_routing() == before  # unchanged by the failed calls
         with pytest.raises(SparrowError, match="out of range"):
-            testing.synthetic_scores(s._s, T56.layers, [0])
+            testing.synthetic_scores(s.handle, T56.layers, [0])
         s.eval([1, 2, 3, 4], logits="none")
-        synth = testing.last_router_scores(s._s, 4)
-        testing.clear_synthetic_routing(s._s)
-        assert testing.synthetic_routing(s._s) is None
+        synth = testing.last_router_scores(s.handle, 4)
+        s.clear_synthetic_routing()
+        assert s.synthetic_routing() is None
         with pytest.raises(SparrowError, match="off"):
-            testing.synthetic_scores(s._s, 0, [0])
+            testing.synthetic_scores(s.handle, 0, [0])
         s.truncate(0)
         s.eval([1, 2, 3, 4], logits="none")
-        assert not np.array_equal(testing.last_router_scores(s._s, 4), synth)  # the random router's own routing
+        assert not np.array_equal(testing.last_router_scores(s.handle, 4), synth)  # the random router's own routing
 
 
 def test_tree_shapes_and_replayed_speculation(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 // binding.cpp: the Python module runtime._sparrow, a thin nanobind layer that mirrors sparrow.h one to one.
 // The Pythonic API (classes with context managers, generators) lives in runtime/; this file only converts types,
 // turns sp_status failures into SparrowError, and releases the GIL around work in C.
-// The `testing` submodule exposes internal kernels and the GGUF validator so tests can compare tiers against _ref.
+// The `testing` submodule exposes the test hooks of native/src/testing.h (functions only: kernel tiers against _ref,
+// the GGUF validator, the vocabulary, synthetic routing), for tests and benchmarks.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
@@ -9,8 +10,10 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 
-#include <chrono>
+#include <algorithm>
 #include <cstring>
+#include <initializer_list>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -18,11 +21,7 @@
 
 extern "C" {
 #include "sparrow.h"
-#include "gguf.h"
-#include "kernels/kernels.h"
-#include "sampler.h"
-#include "vocab.h"
-#include "forward.h"
+#include "testing.h"
 }
 
 namespace nb = nanobind;
@@ -147,76 +146,23 @@ struct Sampler {
     }
 };
 
-const sp_kernels *tier_or_throw(const std::string &tier) {
-    const sp_kernels *k = sp_kernels_for_tier(tier.c_str());
-    if (!k) throw SparrowError("SP_ERR_UNSUPPORTED: kernel tier '" + tier + "' is not available on this CPU");
-    return k;
-}
-
-sp_type type_or_throw(uint32_t type) {
-    sp_type_traits tr = sp_type_traits_of(type);
-    if (!tr.supported) throw SparrowError("SP_ERR_UNSUPPORTED: tensor type " + std::to_string(type));
-    return (sp_type)type;
-}
-
-// W[N, K] as raw rows of `ty`: K must be a whole number of blocks and w exactly N rows.
-void check_weights(sp_type ty, const nb::bytes &w, int64_t N, int64_t K) {
-    if (K % sp_type_traits_of(ty).block_size || (int64_t)w.size() != N * (int64_t)sp_row_size(ty, K))
-        throw SparrowError("SP_ERR_INVALID_ARG: weight bytes do not match N x K");
-}
-
 using F32Rows = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 
-// The activation input a matmul of weight type ty takes: x[T, K] itself, or its rows quantized to q8a blocks.
-struct Activations {
-    std::vector<sp_block_q8a> q;
-    const void *data;
-    Activations(const sp_kernels *kt, sp_type ty, const F32Rows &x) : data(x.data()) {
-        if (!sp_type_traits_of(ty).act_q8) return;
-        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
-        if (K % SP_QK) throw SparrowError("SP_ERR_INVALID_ARG: K must be a multiple of 32");
-        q.resize((size_t)(T * K / SP_QK));
-        for (int64_t i = 0; i < T; i++) kt->quantize_q8a(q.data() + i * (K / SP_QK), x.data() + i * K, K);
-        data = q.data();
-    }
-};
-
-// Seconds per call of `reps` single-threaded calls of fn over all N rows, cycling through `copies` page-aligned copies
-// of the weight bytes w[0, size) so that, with enough copies, the weights come from DRAM as in a forward pass.
-std::vector<double> time_matmul(sp_matmul_fn fn, const void *w, size_t size, int copies, int reps, const void *x,
-                                int64_t K, int64_t N, int64_t T) {
-    if (reps < 1 || copies < 1) throw SparrowError("SP_ERR_INVALID_ARG: reps/copies < 1");
-    const size_t stride = (size + 4095) / 4096 * 4096;
-    std::vector<uint8_t> wbuf(stride * (size_t)copies + 64);
-    uint8_t *base = (uint8_t *)(((uintptr_t)wbuf.data() + 63) / 64 * 64);
-    for (int c = 0; c < copies; c++) std::memcpy(base + stride * c, w, size);
-    std::vector<float> y((size_t)(T * N));
-    std::vector<double> out((size_t)reps);
-    nb::gil_scoped_release r;
-    for (int c = 0; c < copies; c++) fn(y.data(), N, base + stride * c, x, K, 0, N, T); /* warm-up, touches all */
-    for (int i = 0; i < reps; i++) {
-        auto t0 = std::chrono::steady_clock::now();
-        fn(y.data(), N, base + stride * (size_t)(i % copies), x, K, 0, N, T);
-        out[(size_t)i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    }
-    return out;
+// (status name, message) of a validator's result: ("SP_OK", "") when valid.
+std::pair<std::string, std::string> status_pair(sp_status s) {
+    return {sp_status_string(s), s == SP_OK ? "" : sp_last_error()};
 }
 
-// A 64-byte aligned packed copy of W[N, K] (raw rows of `type`) in tier kt's layout; throws when it does not pack.
-struct AlignedPacked {
-    std::vector<uint8_t> buf;
-    const uint8_t *data = nullptr;
-    size_t size = 0;
-    AlignedPacked(const sp_kernels *kt, sp_type ty, nb::bytes w, int64_t N, int64_t K) {
-        size = kt->packed_size[ty] ? kt->packed_size[ty](N, K) : 0;
-        if (!size) throw SparrowError("SP_ERR_UNSUPPORTED: this tier does not pack this type/shape");
-        check_weights(ty, w, N, K);
-        buf.resize(size + 64);
-        uint8_t *p = (uint8_t *)(((uintptr_t)buf.data() + 63) / 64 * 64);
-        kt->pack[ty](p, w.c_str(), N, K);
-        data = p;
-    }
-};
+// A new float32 array of `shape` (zeroed, then filled by fill(data)) that owns its buffer; freed if fill throws.
+template <class Fill>
+F32Array new_f32(std::initializer_list<size_t> shape, Fill fill) {
+    size_t n = 1;
+    for (size_t d : shape) n *= d;
+    std::unique_ptr<float[]> buf(new float[std::max<size_t>(n, 1)]());
+    fill(buf.get());
+    nb::capsule owner(buf.get(), [](void *p) noexcept { delete[] (float *)p; });
+    return F32Array(buf.release(), shape, owner);
+}
 
 }  // namespace
 
@@ -475,110 +421,83 @@ NB_MODULE(_sparrow, m) {
         .def("accept", [](Sampler &self, int32_t tok) { sp_sampler_accept(self.get(), tok); })
         .def("reset", [](Sampler &self) { sp_sampler_reset(self.get()); });
 
-    // ---- internals for tests: kernel tiers, (de)quantization, GGUF validation ----
+    // ---- internals for tests and benchmarks: the hooks of native/src/testing.h (kernel tiers, (de)quantization, the
+    // FFN block alone, synthetic routing, the GGUF validator, the vocabulary); shapes checked in C ----
     nb::module_ t = m.def_submodule("testing", "Internal kernels and validators, for tests only.");
+    using F32Vec = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+    using F16Vec = nb::ndarray<const uint16_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+    using F16Rows = nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
     t.def("tiers", []() {
-        std::vector<std::string> out;
-        for (const char *name : {"ref", "avx2", "avx512", "neon"})
-            if (sp_kernels_for_tier(name)) out.emplace_back(name);
-        return out;
+        const char *names[8];
+        const int32_t n = sp_testing_tiers(names, 8);
+        return std::vector<std::string>(names, names + n);
     });
-    t.def("row_size", [](uint32_t type, int64_t k) { return sp_row_size(type_or_throw(type), k); });
-    t.def("quantize", [](uint32_t type, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
-        sp_type ty = type_or_throw(type);
+    t.def("row_size", [](uint32_t type, int64_t k) {
+        size_t n = 0;
+        check(sp_testing_row_size(type, k, &n));
+        return n;
+    });
+    t.def("quantize", [](uint32_t type, F32Vec x) {
         const int64_t k = (int64_t)x.shape(0);
-        if (k % sp_type_traits_of(ty).block_size) throw SparrowError("SP_ERR_INVALID_ARG: length not a block multiple");
-        std::string out(sp_row_size(ty, k), '\0');
-        if (!sp_quantize_row(ty, x.data(), out.data(), k)) throw SparrowError("SP_ERR_UNSUPPORTED: quantize");
+        size_t n = 0;
+        check(sp_testing_row_size(type, k, &n));
+        std::string out(n, '\0');
+        check(sp_testing_quantize(type, x.data(), k, out.data()));
         return nb::bytes(out.data(), out.size());
     });
     t.def("dequantize", [](uint32_t type, nb::bytes data, int64_t k) {
-        sp_type ty = type_or_throw(type);
-        if (k % sp_type_traits_of(ty).block_size || sp_row_size(ty, k) != data.size())
-            throw SparrowError("SP_ERR_INVALID_ARG: data size does not match k");
-        float *out = new float[k];
-        sp_dequantize_row(ty, data.c_str(), out, k);
-        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
-        return F32Array(out, {(size_t)k}, owner);
+        return new_f32({(size_t)std::max<int64_t>(k, 0)}, [&](float *out) {
+            check(sp_testing_dequantize(type, data.c_str(), data.size(), k, out));
+        });
     });
     // y[T, N] = x[T, K] @ W[N, K]^T with the given tier; W given as raw rows of the weight type.
     t.def("matmul", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N, F32Rows x) {
-        const sp_kernels *kt = tier_or_throw(tier);
-        sp_type ty = type_or_throw(type);
-        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
-        check_weights(ty, w, N, K);
-        if (!kt->matmul[ty]) throw SparrowError("SP_ERR_UNSUPPORTED: no matmul for this type");
-        Activations xin(kt, ty, x);
-        float *y = new float[(size_t)(T * N)];
-        kt->matmul[ty](y, N, w.c_str(), xin.data, K, 0, N, T);
-        nb::capsule owner(y, [](void *p) noexcept { delete[] (float *)p; });
-        return F32Array(y, {(size_t)T, (size_t)N}, owner);
+        return new_f32({x.shape(0), (size_t)std::max<int64_t>(N, 0)}, [&](float *y) {
+            check(sp_testing_matmul(tier.c_str(), type, w.c_str(), w.size(), N, x.data(), (int64_t)x.shape(0),
+                                    (int64_t)x.shape(1), y));
+        });
     });
     // y[T', H] += c[T, F] @ D[F, H] with the tier's accum kernel; D as raw rows of the weight type; idx [T] rows of
     // y (or empty for rows 0..T-1). Returns the updated copy of y.
-    t.def("accum", [](const std::string &tier, uint32_t type, nb::bytes d, int64_t F, int64_t H,
-                      nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> c,
-                      nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> y, std::vector<int32_t> idx) {
-        const sp_kernels *kt = tier_or_throw(tier);
-        sp_type ty = type_or_throw(type);
-        const int64_t T = (int64_t)c.shape(0), ldc = (int64_t)c.shape(1), R = (int64_t)y.shape(0);
-        if (H % sp_type_traits_of(ty).block_size || (int64_t)d.size() != F * (int64_t)sp_row_size(ty, H) ||
-            ldc < F || (int64_t)y.shape(1) != H || (!idx.empty() && (int64_t)idx.size() != T) || (idx.empty() && R < T))
+    t.def("accum", [](const std::string &tier, uint32_t type, nb::bytes d, int64_t F, int64_t H, F32Rows c, F32Rows y,
+                      std::vector<int32_t> idx) {
+        const size_t T = c.shape(0), R = y.shape(0);
+        if ((int64_t)y.shape(1) != H || (!idx.empty() && idx.size() != T))
             throw SparrowError("SP_ERR_INVALID_ARG: shapes do not match");
-        for (int32_t i : idx)
-            if (i < 0 || i >= R) throw SparrowError("SP_ERR_INVALID_ARG: idx out of range");
-        float *out = new float[(size_t)(R * H)];
-        std::memcpy(out, y.data(), (size_t)(R * H) * sizeof(float));
-        kt->accum[ty](out, H, idx.empty() ? nullptr : idx.data(), c.data(), ldc, d.c_str(), F, H, T);
-        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
-        return F32Array(out, {(size_t)R, (size_t)H}, owner);
+        return new_f32({R, y.shape(1)}, [&](float *out) {
+            std::memcpy(out, y.data(), R * y.shape(1) * sizeof(float));
+            check(sp_testing_accum(tier.c_str(), type, d.c_str(), d.size(), F, H, c.data(), (int64_t)T,
+                                   (int64_t)c.shape(1), out, (int64_t)R, idx.empty() ? nullptr : idx.data()));
+        });
     }, "tier"_a, "type"_a, "d"_a, "F"_a, "H"_a, "c"_a, "y"_a, "idx"_a = std::vector<int32_t>());
     // Run one BlockFFN layer's FFN block alone: xn [T, H], router scores r [T, E] (None: computed by the router),
     // mode (sp_ffn_mode). Returns y [T, H] (before the residual scale).
-    t.def("ffn_run", [](Session &self, int il, nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> xn,
-                        std::optional<nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>> r,
-                        int mode) {
+    t.def("ffn_run", [](Session &self, int32_t il, F32Rows xn, std::optional<F32Rows> r, int mode) {
         sp_session *s = self.get();
-        const sp_model_info &info = nb::cast<Model &>(self.model_ref).info;
         const int32_t T = (int32_t)xn.shape(0);
-        if ((int64_t)xn.shape(1) != info.n_embd) throw SparrowError("SP_ERR_INVALID_ARG: xn must be [T, H]");
         if (r && (int64_t)r->shape(0) != T) throw SparrowError("SP_ERR_INVALID_ARG: r must be [T, E]");
-        float *out = new float[(size_t)T * info.n_embd];
-        sp_status st;
-        {
-            nb::gil_scoped_release g;
-            st = sp_ffn_blockffn_run(s, il, xn.data(), r ? r->data() : nullptr, r ? (int64_t)r->shape(1) : -1,
-                                           T, (sp_ffn_mode)mode, out);
-        }
-        if (st != SP_OK) {
-            delete[] out;
+        return new_f32({(size_t)T, xn.shape(1)}, [&](float *out) {
+            sp_status st;
+            {
+                nb::gil_scoped_release g;
+                st = sp_testing_ffn_run(s, il, xn.data(), (int64_t)xn.shape(1), r ? r->data() : nullptr,
+                                        r ? (int64_t)r->shape(1) : -1, T, (sp_ffn_mode)mode, out);
+            }
             check(st);
-        }
-        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
-        return F32Array(out, {(size_t)T, (size_t)info.n_embd}, owner);
+        });
     }, "session"_a, "layer"_a, "xn"_a, "r"_a = nb::none(), "mode"_a = (int)SP_FFN_AUTO);
     // Benchmark hook: seconds per FFN call for `reps` calls on layers cycling through `layers` (so that, with enough
     // layers, expert weights come from DRAM as in a forward pass), with fixed xn and scores r. One warm-up pass.
-    t.def("ffn_time", [](Session &self, std::vector<int> layers,
-                         nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> xn,
-                         nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> r, int mode, int reps) {
+    t.def("ffn_time", [](Session &self, std::vector<int32_t> layers, F32Rows xn, F32Rows r, int mode, int reps) {
         sp_session *s = self.get();
         const int32_t T = (int32_t)xn.shape(0);
-        if (layers.empty() || reps < 1 || (int64_t)r.shape(0) != T)
-            throw SparrowError("SP_ERR_INVALID_ARG: layers empty, reps < 1 or r not [T, E]");
-        std::vector<double> out((size_t)reps);
-        sp_status st = SP_OK;
+        if ((int64_t)r.shape(0) != T) throw SparrowError("SP_ERR_INVALID_ARG: layers empty, reps < 1 or r not [T, E]");
+        std::vector<double> out((size_t)std::max(reps, 0));
+        sp_status st;
         {
             nb::gil_scoped_release g;
-            for (size_t i = 0; i < layers.size() && st == SP_OK; i++)
-                st = sp_ffn_blockffn_run(s, layers[i], xn.data(), r.data(), (int64_t)r.shape(1), T,
-                                               (sp_ffn_mode)mode, nullptr);
-            for (int i = 0; i < reps && st == SP_OK; i++) {
-                auto t0 = std::chrono::steady_clock::now();
-                st = sp_ffn_blockffn_run(s, layers[(size_t)i % layers.size()], nullptr, r.data(),
-                                               (int64_t)r.shape(1), T, (sp_ffn_mode)mode, nullptr);
-                out[(size_t)i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            }
+            st = sp_testing_ffn_time(s, layers.data(), (int32_t)layers.size(), xn.data(), (int64_t)xn.shape(1),
+                                     r.data(), (int64_t)r.shape(1), T, (sp_ffn_mode)mode, reps, out.data());
         }
         check(st);
         return out;
@@ -586,172 +505,145 @@ NB_MODULE(_sparrow, m) {
     // Synthetic routing (routing_synth.c): every BlockFFN layer's router scores replaced by a pattern of stated TLS and
     // CLS-k keyed by (layer, position). Returns the effective setting (A, U of E experts; the exact TLS/CLS-k).
     auto synth_dict = [](const sp_session *s) -> nb::object {
-        if (!s->synth.on) return nb::none();
-        const double E = s->model->hp.n_expert;
+        sp_testing_synth_info i;
+        check(sp_testing_synthetic_routing(s, &i));
+        if (!i.on) return nb::none();
         nb::dict d;
-        d["n_expert"] = s->model->hp.n_expert;
-        d["n_active"] = s->synth.n_active;
-        d["n_union"] = s->synth.n_union;
-        d["k"] = s->synth.k;
-        d["seed"] = s->synth.seed;
-        d["tls"] = 1.0 - s->synth.n_active / E;
-        d["cls"] = 1.0 - s->synth.n_union / E;
+        d["n_expert"] = i.n_expert;
+        d["n_active"] = i.n_active;
+        d["n_union"] = i.n_union;
+        d["k"] = i.k;
+        d["seed"] = i.seed;
+        d["tls"] = i.tls;
+        d["cls"] = i.cls;
         return d;
     };
     t.def("set_synthetic_routing", [synth_dict](Session &self, double tls, double cls, int32_t k, uint64_t seed) {
-        sp_synth_routing_params p{tls, cls, k, seed};
-        check(sp_session_set_synthetic_routing(self.get(), &p));
+        check(sp_testing_set_synthetic_routing(self.get(), tls, cls, k, seed));
         return synth_dict(self.get());
     }, "session"_a, "tls"_a, "cls"_a, "k"_a = 8, "seed"_a = 0);
-    t.def("clear_synthetic_routing", [](Session &self) { check(sp_session_set_synthetic_routing(self.get(), nullptr)); });
+    t.def("clear_synthetic_routing", [](Session &self) { check(sp_testing_clear_synthetic_routing(self.get())); });
     t.def("synthetic_routing", [synth_dict](const Session &self) { return synth_dict(self.get()); });
     // The synthetic scores [T, E] of `layer` at `positions` (what a pass uses for tokens at those positions).
-    t.def("synthetic_scores", [](const Session &self, int layer, std::vector<int64_t> positions) {
+    t.def("synthetic_scores", [](const Session &self, int32_t layer, std::vector<int64_t> positions) {
         const sp_session *s = self.get();
-        if (!s->synth.on) throw SparrowError("SP_ERR_INVALID_ARG: synthetic routing is off");
-        if (layer < 0 || layer >= s->model->hp.n_layer) throw SparrowError("SP_ERR_INVALID_ARG: layer out of range");
-        for (int64_t p : positions)
-            if (p < 0 || p > (1 << 24)) throw SparrowError("SP_ERR_INVALID_ARG: position out of range");
-        const size_t E = (size_t)s->model->hp.n_expert, T = positions.size();
-        float *out = new float[T * E + 1];
-        for (size_t i = 0; i < T; i++) sp_synth_routing_scores(s, layer, positions[i], out + i * E);
-        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
-        return F32Array(out, {T, E}, owner);
+        return new_f32({positions.size(), (size_t)sp_testing_n_expert(s)}, [&](float *out) {
+            check(sp_testing_synthetic_scores(s, layer, positions.data(), (int64_t)positions.size(), out));
+        });
     }, "session"_a, "layer"_a, "positions"_a);
     // The router scores [n_tokens, E] the last BlockFFN layer used in the most recent pass (session scratch).
     t.def("last_router_scores", [](const Session &self, int32_t n_tokens) {
         const sp_session *s = self.get();
-        if (s->model->arch != SP_ARCH_BLOCKFFN) throw SparrowError("SP_ERR_INVALID_ARG: the model has no BlockFFN layers");
-        if (n_tokens < 1 || n_tokens > s->params.n_batch) throw SparrowError("SP_ERR_INVALID_ARG: n_tokens must be 1..n_batch");
-        const size_t E = (size_t)s->model->hp.n_expert, T = (size_t)n_tokens;
-        float *out = new float[T * E];
-        std::memcpy(out, s->s.router, T * E * sizeof(float));
-        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
-        return F32Array(out, {T, E}, owner);
+        return new_f32({(size_t)std::max(n_tokens, 0), (size_t)sp_testing_n_expert(s)}, [&](float *out) {
+            check(sp_testing_last_router_scores(s, n_tokens, out));
+        });
     }, "session"_a, "n_tokens"_a);
-    t.def("quantize_q8a", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
-        const sp_kernels *kt = tier_or_throw(tier);
+    t.def("quantize_q8a", [](const std::string &tier, F32Vec x) {
         const int64_t k = (int64_t)x.shape(0);
-        if (k % SP_QK) throw SparrowError("SP_ERR_INVALID_ARG: length must be a multiple of 32");
-        std::vector<sp_block_q8a> q((size_t)(k / SP_QK));
-        kt->quantize_q8a(q.data(), x.data(), k);
-        return nb::bytes((const char *)q.data(), q.size() * sizeof(sp_block_q8a));
+        std::string out(sp_testing_q8a_size(k), '\0');
+        check(sp_testing_quantize_q8a(tier.c_str(), x.data(), k, out.data()));
+        return nb::bytes(out.data(), out.size());
     });
-    t.def("dot_f32", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> a,
-                        nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> b) {
+    t.def("dot_f32", [](const std::string &tier, F32Vec a, F32Vec b) {
         if (a.shape(0) != b.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: length mismatch");
-        return tier_or_throw(tier)->dot_f32(a.data(), b.data(), (int64_t)a.shape(0));
+        float r = 0;
+        check(sp_testing_dot_f32(tier.c_str(), a.data(), b.data(), (int64_t)a.shape(0), &r));
+        return r;
     });
-    // Benchmark hook: seconds per call of `reps` single-threaded matmul calls inside C (activations quantized once,
-    // untimed), the weights spread over `copies` copies (see time_matmul).
-    t.def("matmul_time", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N, F32Rows x, int reps,
-                            int copies) {
-        const sp_kernels *kt = tier_or_throw(tier);
-        sp_type ty = type_or_throw(type);
-        check_weights(ty, w, N, (int64_t)x.shape(1));
-        Activations xin(kt, ty, x);
-        return time_matmul(kt->matmul[ty], w.c_str(), w.size(), copies, reps, xin.data, (int64_t)x.shape(1), N,
-                           (int64_t)x.shape(0));
+    // Seconds per call of `reps` single-threaded matmul calls inside C (activations quantized once, untimed), the
+    // weights (or their packed copy) spread over `copies` copies: sp_testing_matmul_time.
+    auto matmul_time = [](const std::string &tier, uint32_t type, bool packed, const nb::bytes &w, int64_t N,
+                          const F32Rows &x, int reps, int copies) {
+        const char *wp = w.c_str();
+        const size_t w_size = w.size();
+        std::vector<double> out((size_t)std::max(reps, 0));
+        sp_status st;
+        {
+            nb::gil_scoped_release r;
+            st = sp_testing_matmul_time(tier.c_str(), type, packed, wp, w_size, N, x.data(), (int64_t)x.shape(0),
+                                        (int64_t)x.shape(1), copies, reps, out.data());
+        }
+        check(st);
+        return out;
+    };
+    // Benchmark hook: matmul_time on the weights as given (see matmul_time above).
+    t.def("matmul_time", [matmul_time](const std::string &tier, uint32_t type, nb::bytes w, int64_t N, F32Rows x,
+                                       int reps, int copies) {
+        return matmul_time(tier, type, false, w, N, x, reps, copies);
     }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "reps"_a, "copies"_a = 1);
     // F16 vector kernels of the KV cache: dot(a, b_f16), y + alpha*x_f16, and f32 -> f16 rows (bits as uint16).
-    t.def("dot_f16", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> a,
-                        nb::ndarray<const uint16_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> b) {
+    t.def("dot_f16", [](const std::string &tier, F32Vec a, F16Vec b) {
         if (a.shape(0) != b.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: length mismatch");
-        return tier_or_throw(tier)->dot_f16(a.data(), b.data(), (int64_t)a.shape(0));
+        float r = 0;
+        check(sp_testing_dot_f16(tier.c_str(), a.data(), b.data(), (int64_t)a.shape(0), &r));
+        return r;
     });
-    t.def("axpy_f16", [](const std::string &tier, std::vector<float> y, float alpha,
-                         nb::ndarray<const uint16_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
+    t.def("axpy_f16", [](const std::string &tier, std::vector<float> y, float alpha, F16Vec x) {
         if (y.size() != x.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: length mismatch");
-        tier_or_throw(tier)->axpy_f16(y.data(), alpha, x.data(), (int64_t)y.size());
+        check(sp_testing_axpy_f16(tier.c_str(), y.data(), alpha, x.data(), (int64_t)y.size()));
         return y;
     });
     // attn_scores_f16(tier, q [D], rows f16 [n, ld], scale) -> [n]: q . rows[j, :D] * scale
-    t.def("attn_scores_f16", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> q,
-                                nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> rows, float scale) {
-        const int64_t D = (int64_t)q.shape(0), n = (int64_t)rows.shape(0), ld = (int64_t)rows.shape(1);
-        if (D > ld) throw SparrowError("SP_ERR_INVALID_ARG: rows shorter than q");
-        std::vector<float> out((size_t)n);
-        tier_or_throw(tier)->attn_scores_f16(q.data(), rows.data(), ld, n, D, scale, out.data());
+    t.def("attn_scores_f16", [](const std::string &tier, F32Vec q, F16Rows rows, float scale) {
+        std::vector<float> out(rows.shape(0));
+        check(sp_testing_attn_scores_f16(tier.c_str(), q.data(), (int64_t)q.shape(0), rows.data(),
+                                         (int64_t)rows.shape(1), (int64_t)rows.shape(0), scale, out.data()));
         return out;
     });
     // attn_sum_f16(tier, out [D], p [n], rows f16 [n, ld]) -> out + sum_j p[j] rows[j, :D]
-    t.def("attn_sum_f16", [](const std::string &tier, std::vector<float> out, std::vector<float> p,
-                             nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> rows) {
-        const int64_t D = (int64_t)out.size(), n = (int64_t)rows.shape(0), ld = (int64_t)rows.shape(1);
-        if (D > ld || (int64_t)p.size() != n) throw SparrowError("SP_ERR_INVALID_ARG: shape mismatch");
-        tier_or_throw(tier)->attn_sum_f16(out.data(), p.data(), rows.data(), ld, n, D);
+    t.def("attn_sum_f16", [](const std::string &tier, std::vector<float> out, std::vector<float> p, F16Rows rows) {
+        if (p.size() != rows.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: shape mismatch");
+        check(sp_testing_attn_sum_f16(tier.c_str(), out.data(), (int64_t)out.size(), p.data(), rows.data(),
+                                      (int64_t)rows.shape(1), (int64_t)rows.shape(0)));
         return out;
     });
-    t.def("f32_to_f16", [](const std::string &tier, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
+    t.def("f32_to_f16", [](const std::string &tier, F32Vec x) {
         std::vector<uint16_t> y(x.shape(0));
-        tier_or_throw(tier)->f32_to_f16(y.data(), x.data(), (int64_t)y.size());
+        check(sp_testing_f32_to_f16(tier.c_str(), y.data(), x.data(), (int64_t)y.size()));
         return y;
     });
     // Validate a GGUF file: returns (status_name, message); ("SP_OK", "") when valid.
     t.def("gguf_validate", [](const std::string &path, bool use_mmap) {
-        sp_gguf *g = nullptr;
         sp_status s;
         {
             nb::gil_scoped_release r;
-            s = sp_gguf_open(path.c_str(), use_mmap, &g);
+            s = sp_testing_gguf_validate(path.c_str(), use_mmap);
         }
-        std::pair<std::string, std::string> res(sp_status_string(s), s == SP_OK ? "" : sp_last_error());
-        if (g) sp_gguf_close(g);
-        return res;
+        return status_pair(s);
     }, "path"_a, "use_mmap"_a = true);
     t.def("gguf_validate_bytes", [](nb::bytes data) {
-        sp_gguf *g = nullptr;
-        sp_status s = sp_gguf_open_memory(data.c_str(), data.size(), &g);
-        std::pair<std::string, std::string> res(sp_status_string(s), s == SP_OK ? "" : sp_last_error());
-        if (g) sp_gguf_close(g);
-        return res;
+        return status_pair(sp_testing_gguf_validate_memory(data.c_str(), data.size()));
     });
     // The distribution Sampler.sample would draw from for these logits (after the whole pipeline), float32 [V].
-    t.def("sampler_probs", [](Sampler &self, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> logits) {
+    t.def("sampler_probs", [](Sampler &self, F32Vec logits) {
         if ((int64_t)logits.shape(0) != self.n_vocab)
             throw SparrowError("SP_ERR_INVALID_ARG: logits must have n_vocab entries");
-        float *out = new float[(size_t)self.n_vocab];
-        sp_status st = sp_sampler_probs(self.get(), logits.data(), out);
-        if (st != SP_OK) {
-            delete[] out;
-            check(st);
-        }
-        nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
-        return F32Array(out, {(size_t)self.n_vocab}, owner);
+        return new_f32({(size_t)self.n_vocab}, [&](float *out) {
+            check(sp_testing_sampler_probs(self.get(), logits.data(), out));
+        });
     });
 
     // The tokenizer straight from a GGUF file (no model load): tests compare it with llama.cpp.
     struct TestVocab {
-        sp_gguf *g = nullptr;
-        sp_vocab *v = nullptr;
-        TestVocab(const std::string &path) {
-            check(sp_gguf_open(path.c_str(), true, &g));
-            sp_status s = sp_vocab_load(g, &v);
-            if (s != SP_OK) {
-                std::string msg = std::string(sp_status_string(s)) + ": " + sp_last_error();
-                sp_gguf_close(g);
-                throw SparrowError(msg);
-            }
-        }
-        ~TestVocab() {
-            sp_vocab_free(v);
-            sp_gguf_close(g);
-        }
+        sp_testing_vocab *v = nullptr;
+        explicit TestVocab(const std::string &path) { check(sp_testing_vocab_open(path.c_str(), &v)); }
+        ~TestVocab() { sp_testing_vocab_close(v); }
     };
     nb::class_<TestVocab>(t, "Vocab")
         .def(nb::init<const std::string &>(), "path"_a)
         .def("tokenize", [](const TestVocab &self, nb::bytes text, bool add_special, bool parse_special) {
-            std::vector<int32_t> out(text.size() + 8);
+            const char *p = text.c_str();
+            const size_t len = text.size();
+            std::vector<int32_t> out(len + 8);
             size_t n = 0;
             sp_status s;
             {
                 nb::gil_scoped_release r;
-                s = sp_vocab_tokenize(self.v, text.c_str(), text.size(), add_special, parse_special, out.data(),
-                                      out.size(), &n);
+                s = sp_testing_vocab_tokenize(self.v, p, len, add_special, parse_special, out.data(), out.size(), &n);
                 if (s == SP_ERR_INVALID_ARG && n > out.size()) {
                     out.resize(n);
-                    s = sp_vocab_tokenize(self.v, text.c_str(), text.size(), add_special, parse_special, out.data(),
-                                          out.size(), &n);
+                    s = sp_testing_vocab_tokenize(self.v, p, len, add_special, parse_special, out.data(), out.size(),
+                                                  &n);
                 }
             }
             check(s);
@@ -763,17 +655,17 @@ NB_MODULE(_sparrow, m) {
                                      size_t capacity) {
             std::vector<int32_t> out(capacity + 4, -7);
             size_t n = 0;
-            sp_status s = sp_vocab_tokenize(self.v, text.c_str(), text.size(), add_special, parse_special,
-                                            capacity ? out.data() : nullptr, capacity, &n);
+            sp_status s = sp_testing_vocab_tokenize(self.v, text.c_str(), text.size(), add_special, parse_special,
+                                                    capacity ? out.data() : nullptr, capacity, &n);
             return std::make_pair(std::string(sp_status_string(s)), std::make_pair(n, out));
         })
         .def("token_to_piece", [](const TestVocab &self, int32_t token, bool render_special) {
             char buf[256];
             size_t n = 0;
-            sp_status s = sp_vocab_token_to_piece(self.v, token, render_special, buf, sizeof buf, &n);
+            sp_status s = sp_testing_vocab_token_to_piece(self.v, token, render_special, buf, sizeof buf, &n);
             if (s == SP_ERR_INVALID_ARG && n > sizeof buf) {
                 std::string big(n, '\0');
-                check(sp_vocab_token_to_piece(self.v, token, render_special, big.data(), n, &n));
+                check(sp_testing_vocab_token_to_piece(self.v, token, render_special, big.data(), n, &n));
                 return nb::bytes(big.data(), n);
             }
             check(s);
@@ -782,73 +674,60 @@ NB_MODULE(_sparrow, m) {
         .def("piece_capacity", [](const TestVocab &self, int32_t token, bool render_special, size_t capacity) {
             std::string buf(capacity + 4, '#');
             size_t n = 0;
-            sp_status s = sp_vocab_token_to_piece(self.v, token, render_special, capacity ? buf.data() : nullptr,
-                                                  capacity, &n);
+            sp_status s = sp_testing_vocab_token_to_piece(self.v, token, render_special,
+                                                          capacity ? buf.data() : nullptr, capacity, &n);
             return std::make_pair(std::string(sp_status_string(s)), std::make_pair(n, nb::bytes(buf.data(), buf.size())));
         })
-        .def_prop_ro("n_tokens", [](const TestVocab &self) { return sp_vocab_n_tokens(self.v); })
-        .def_prop_ro("bos", [](const TestVocab &self) { return sp_vocab_bos(self.v); })
-        .def_prop_ro("eos", [](const TestVocab &self) { return sp_vocab_eos(self.v); })
-        .def_prop_ro("eot", [](const TestVocab &self) { return sp_vocab_eot(self.v); })
-        .def_prop_ro("add_bos", [](const TestVocab &self) { return sp_vocab_add_bos(self.v); })
-        .def("is_eog", [](const TestVocab &self, int32_t token) { return sp_vocab_is_eog(self.v, token); });
+        .def_prop_ro("n_tokens", [](const TestVocab &self) { return sp_testing_vocab_n_tokens(self.v); })
+        .def_prop_ro("bos", [](const TestVocab &self) { return sp_testing_vocab_bos(self.v); })
+        .def_prop_ro("eos", [](const TestVocab &self) { return sp_testing_vocab_eos(self.v); })
+        .def_prop_ro("eot", [](const TestVocab &self) { return sp_testing_vocab_eot(self.v); })
+        .def_prop_ro("add_bos", [](const TestVocab &self) { return sp_testing_vocab_add_bos(self.v); })
+        .def("is_eog", [](const TestVocab &self, int32_t token) { return sp_testing_vocab_is_eog(self.v, token); });
     // One-shot: tokenize with the vocabulary of a GGUF file.
     t.def("tokenize", [](const std::string &path, nb::bytes text, bool add_special, bool parse_special) {
         TestVocab voc(path);
         std::vector<int32_t> out(text.size() * 3 + 8);
         size_t n = 0;
-        check(sp_vocab_tokenize(voc.v, text.c_str(), text.size(), add_special, parse_special, out.data(), out.size(), &n));
+        check(sp_testing_vocab_tokenize(voc.v, text.c_str(), text.size(), add_special, parse_special, out.data(),
+                                        out.size(), &n));
         out.resize(n);
         return out;
     }, "path"_a, "text"_a, "add_special"_a = true, "parse_special"_a = false);
     // Load a vocabulary from a GGUF image in memory: (status name, message), for bad-metadata tests.
     t.def("vocab_validate_bytes", [](nb::bytes data) {
-        sp_gguf *g = nullptr;
-        sp_vocab *v = nullptr;
-        sp_status s = sp_gguf_open_memory(data.c_str(), data.size(), &g);
-        if (s == SP_OK) s = sp_vocab_load(g, &v);
-        std::pair<std::string, std::string> res(sp_status_string(s), s == SP_OK ? "" : sp_last_error());
-        sp_vocab_free(v);
-        if (g) sp_gguf_close(g);
-        return res;
+        return status_pair(sp_testing_vocab_validate_memory(data.c_str(), data.size()));
     });
     // Load-time weight packing (kernels.h packed_size/pack/matmul_packed): the packed size (0 = the tier does not
     // pack this type/shape), the packed bytes, and y[T, N] computed from them for rows [r0, r1) (r1 = -1: N; other
     // rows of y are 0). r0 must be a multiple of the tier's pack_rows, r1 too unless it is N.
-    t.def("pack_rows", [](const std::string &tier) { return tier_or_throw(tier)->pack_rows; });
-    t.def("packed_size", [](const std::string &tier, uint32_t type, int64_t N, int64_t K) -> size_t {
-        const sp_kernels *kt = tier_or_throw(tier);
-        sp_type ty = type_or_throw(type);
-        return kt->packed_size[ty] ? kt->packed_size[ty](N, K) : 0;
+    t.def("pack_rows", [](const std::string &tier) {
+        int32_t n = 0;
+        check(sp_testing_pack_rows(tier.c_str(), &n));
+        return n;
+    });
+    t.def("packed_size", [](const std::string &tier, uint32_t type, int64_t N, int64_t K) {
+        size_t n = 0;
+        check(sp_testing_packed_size(tier.c_str(), type, N, K, &n));
+        return n;
     });
     t.def("pack", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N, int64_t K) {
-        AlignedPacked p(tier_or_throw(tier), type_or_throw(type), w, N, K);
-        return nb::bytes((const char *)p.data, p.size);
+        size_t n = 0;
+        check(sp_testing_packed_size(tier.c_str(), type, N, K, &n));
+        std::string out(n, '\0');
+        check(sp_testing_pack(tier.c_str(), type, w.c_str(), w.size(), N, K, out.data()));
+        return nb::bytes(out.data(), out.size());
     });
-    t.def("matmul_packed", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N,
-                              nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x, int64_t r0,
+    t.def("matmul_packed", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N, F32Rows x, int64_t r0,
                               int64_t r1) {
-        const sp_kernels *kt = tier_or_throw(tier);
-        sp_type ty = type_or_throw(type);
-        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
-        if (r1 < 0) r1 = N;
-        if (r0 < 0 || r0 > r1 || r1 > N || r0 % kt->pack_rows || (r1 != N && r1 % kt->pack_rows))
-            throw SparrowError("SP_ERR_INVALID_ARG: rows must be group multiples within [0, N]");
-        AlignedPacked p(kt, ty, w, N, K);
-        Activations xin(kt, ty, x);
-        float *y = new float[(size_t)(T * N)]();
-        kt->matmul_packed[ty](y, N, p.data, xin.data, K, r0, r1, T);
-        nb::capsule owner(y, [](void *q) noexcept { delete[] (float *)q; });
-        return F32Array(y, {(size_t)T, (size_t)N}, owner);
+        return new_f32({x.shape(0), (size_t)std::max<int64_t>(N, 0)}, [&](float *y) {
+            check(sp_testing_matmul_packed(tier.c_str(), type, w.c_str(), w.size(), N, x.data(), (int64_t)x.shape(0),
+                                           (int64_t)x.shape(1), r0, r1, y));
+        });
     }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "r0"_a = 0, "r1"_a = -1);
     // Benchmark hook: matmul_time on the packed copy of W (copies of the packed bytes, same spreading).
-    t.def("matmul_packed_time", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N, F32Rows x,
-                                   int reps, int copies) {
-        const sp_kernels *kt = tier_or_throw(tier);
-        sp_type ty = type_or_throw(type);
-        AlignedPacked p(kt, ty, w, N, (int64_t)x.shape(1));
-        Activations xin(kt, ty, x);
-        return time_matmul(kt->matmul_packed[ty], p.data, p.size, copies, reps, xin.data, (int64_t)x.shape(1), N,
-                           (int64_t)x.shape(0));
+    t.def("matmul_packed_time", [matmul_time](const std::string &tier, uint32_t type, nb::bytes w, int64_t N,
+                                              F32Rows x, int reps, int copies) {
+        return matmul_time(tier, type, true, w, N, x, reps, copies);
     }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "reps"_a, "copies"_a = 1);
 }

@@ -30,9 +30,9 @@ import gguf
 import numpy as np
 
 from ..runtime import Model, _sparrow
+from ..runtime.native import FFN_MODES
 
 testing = _sparrow.testing
-MODE_ID = {"dense": 1, "token": 2, "chunk": 3}
 Q = gguf.GGMLQuantizationType
 BLOCK = {Q.Q4_0: (32, 18), Q.Q8_0: (32, 34), Q.F16: (1, 2)}
 
@@ -137,18 +137,19 @@ def main() -> None:
                         union, per_token = (a, a) if T == 1 else (a, a * 2 / 3)
                         r = routing(T, E, union, per_token, rng)
                         # check every mode against dense before timing
-                        base = testing.ffn_run(s.handle, 0, xn, r, MODE_ID["dense"])
+                        base = testing.ffn_run(s.handle, 0, xn, r, FFN_MODES["dense"])
                         for mode in modes:
-                            y = testing.ffn_run(s.handle, 0, xn, r, MODE_ID[mode])
+                            y = testing.ffn_run(s.handle, 0, xn, r, FFN_MODES[mode])
                             err = np.max(np.abs(y - base)) / max(np.max(np.abs(base)), 1e-30)
                             if err > 1e-4:
                                 raise SystemExit(f"{mode} differs from dense by {err:.2e} (T={T}, a={a})")
                         times = {mode: [] for mode in modes}
                         for _ in range(args.rounds):
                             for mode in modes:
-                                times[mode] += testing.ffn_time(s.handle, list(range(L)), xn, r, MODE_ID[mode], args.reps)
+                                times[mode] += testing.ffn_time(s.handle, list(range(L)), xn, r, FFN_MODES[mode],
+                                                                args.reps)
                         s.reset_sparsity()
-                        testing.ffn_run(s.handle, 0, xn, r, MODE_ID["chunk"])
+                        testing.ffn_run(s.handle, 0, xn, r, FFN_MODES["chunk"])
                         st = s.sparsity(0)
                         for mode in modes:
                             ts = times[mode]

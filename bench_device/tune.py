@@ -6,9 +6,10 @@ store, where `sparrow chat` and `sparrow generate` pick them up.
 
 What is searched (small on purpose: about a minute for SmolLM2-135M on 2 cores, --quick about 15 s):
   1. threads, 1 .. physical cores, with plain greedy decoding (skipped when --threads pins one count);
-  2. at the thread count stage 1 chose: no drafter, prompt lookup (k drafted), Token Recycling (chain or tree shape,
-     max_nodes) and, when the store registers a draft model for this model, the draft model (k drafted), each from a
-     small set of sizes. The default (physical cores, no drafter) is measured again in this stage.
+  2. at the thread count stage 1 chose: no drafter, every drafter of runtime.drafters' registry (prompt lookup: k
+     drafted; Token Recycling: chain or tree shape, max_nodes; hybrid) and, when the store registers a draft model
+     for this model, the draft model (k drafted), each from a small set of sizes (SHAPES). The default (physical
+     cores, no drafter) is measured again in this stage.
 
 How (DESIGN.md, "Performance method"; the same protocol as bench_device/bench_speculative.py):
   - check and warm-up pass: every candidate generates from every prompt once; its greedy tokens must equal plain
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..runtime.drafters import DRAFTERS, check_options
 from ..runtime.store import TUNED_SCHEMA, Store, describe_device, device_fingerprint
 from .sections import no_bar
 
@@ -62,7 +64,7 @@ FULL = {"prompts": 4, "tokens": 48, "rounds": 5}
 
 @dataclass(frozen=True)
 class Candidate:
-    """One setting: a thread count, a drafter ("none", "prompt-lookup", "recycling" or a draft model's store name)
+    """One setting: a thread count, a drafter (a name in runtime.drafters.DRAFTERS or a draft model's store name)
     and its constructor options (sorted (key, value) pairs; lists as tuples, so candidates can be dict keys)."""
 
     threads: int
@@ -291,24 +293,34 @@ def thread_options(physical: int) -> list[int]:
     return sorted({t for t in (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64) if t < physical} | {physical})
 
 
+# The shapes tried per drafter of the registry (runtime.drafters.DRAFTERS), and for a registered draft model: (in
+# every search, added in a full search). Around the drafters' defaults (prompt lookup k=4, Token Recycling a chain of
+# 4); the wide trees of the Token Recycling paper lose on CPUs where a T-token pass costs several decode steps
+# (README, Speculative decoding), so only small fixed trees are tried, plus the hybrid drafter (chat's default) at
+# its defaults, whose wide tree the sparsity-aware planner prunes each step. A registered drafter not named here is
+# tried at its defaults.
+SHAPES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
+    "prompt-lookup": ([{"k": 4}], [{"k": 8}]),
+    "recycling": ([{"branching": [1], "max_nodes": 4}],
+                  [{"branching": [1], "max_nodes": 2}, {"branching": [1], "max_nodes": 6},
+                   {"branching": [2, 1], "max_nodes": 6}]),
+    "hybrid": ([{}], []),
+}
+DRAFT_MODEL_SHAPES: tuple[list[dict[str, Any]], list[dict[str, Any]]] = (
+    [{"k": 4}], [{"k": 2}, {"k": 3, "alternatives": 2}])
+
+
 def drafter_candidates(threads: int, *, quick: bool, draft_model: str | None = None) -> list[Candidate]:
-    """Drafters and draft sizes tried at one thread count. Around runtime.drafters' defaults (prompt lookup k=4,
-    Token Recycling a chain of 4); the wide trees of the Token Recycling paper lose on CPUs where a T-token pass
-    costs several decode steps (README, Speculative decoding), so only small fixed trees are tried, plus the
-    hybrid drafter (chat's default), whose wide tree the sparsity-aware planner prunes each step."""
-    c = [Candidate.make(threads, "prompt-lookup", k=4), Candidate.make(threads, "recycling", branching=[1], max_nodes=4),
-         Candidate.make(threads, "hybrid")]
-    if not quick:
-        c += [Candidate.make(threads, "prompt-lookup", k=8),
-              Candidate.make(threads, "recycling", branching=[1], max_nodes=2),
-              Candidate.make(threads, "recycling", branching=[1], max_nodes=6),
-              Candidate.make(threads, "recycling", branching=[2, 1], max_nodes=6)]
+    """The drafters and shapes tried at one thread count: every drafter of the registry but "none" (plain decoding
+    is the default, measured anyway) in its SHAPES, then the draft model's; a full search adds the larger sets.
+    Each shape's options are checked against the registry, so tuning never stores settings the store rejects."""
+    named = [(name, SHAPES.get(name, ([{}], []))) for name in DRAFTERS if name != "none"]
     if draft_model:
-        c.append(Candidate.make(threads, draft_model, k=4))
-        if not quick:
-            c += [Candidate.make(threads, draft_model, k=2),
-                  Candidate.make(threads, draft_model, k=3, alternatives=2)]
-    return c
+        named.append((draft_model, DRAFT_MODEL_SHAPES))
+    shapes = [(name, opts) for name, (first, _) in named for opts in first]
+    if not quick:
+        shapes += [(name, opts) for name, (_, more) in named for opts in more]
+    return [Candidate.make(threads, name, **check_options(name, opts)) for name, opts in shapes]
 
 
 @dataclass

@@ -17,7 +17,9 @@ from typing import Any
 
 import click
 
-from .launch import open_model
+from .drafters import known_drafters
+from .launch import DEFAULT_DRAFTER, open_model
+from .native import SamplerParams
 from .routing import choose_backend, read_gguf_header
 from .store import Store, TunedSettings, fmt_bytes
 
@@ -148,13 +150,14 @@ def _warn(message: str) -> None:
 # ---- shared options ----
 
 def _model_options(f: Callable) -> Callable:
+    chat = SamplerParams.chat()  # the library's sampling defaults for chat and generate
     options = [
-        click.option("--temperature", type=float, default=0.2, show_default=True,
+        click.option("--temperature", type=float, default=chat.temperature, show_default=True,
                      help="0 = greedy. Small models answer best cool (SmolLM2's card recommends 0.2)."),
-        click.option("--top-k", type=int, default=40, show_default=True),
-        click.option("--top-p", type=float, default=0.9, show_default=True),
-        click.option("--min-p", type=float, default=0.05, show_default=True),
-        click.option("--repeat-penalty", type=float, default=1.1, show_default=True, help="1 = off."),
+        click.option("--top-k", type=int, default=chat.top_k, show_default=True),
+        click.option("--top-p", type=float, default=chat.top_p, show_default=True),
+        click.option("--min-p", type=float, default=chat.min_p, show_default=True),
+        click.option("--repeat-penalty", type=float, default=chat.repeat_penalty, show_default=True, help="1 = off."),
         click.option("--seed", type=int, default=None, help="Sampling seed (default: random)."),
         click.option("--max-tokens", type=int, default=None, help="Most tokens per answer (chat 1024, generate 256)."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -166,19 +169,15 @@ def _model_options(f: Callable) -> Callable:
 
 
 def _sampler_params(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
-                    seed: int | None):
-    from .native import SamplerParams
-
+                    seed: int | None) -> SamplerParams:
     seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
-    return SamplerParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                         repeat_penalty=repeat_penalty, seed=seed)
+    return SamplerParams.chat(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repeat_penalty=repeat_penalty, seed=seed)
 
 
-DRAFT_HELP = ("Speculative decoding: none, prompt-lookup, recycling (Token Recycling), hybrid (prompt lookup + a "
-              "Token Recycling tree pruned each step by the sparsity-aware planner), or a draft model sharing the "
-              "vocabulary (store name or file). Default: the model's tuned drafter (`sparrow bench --tune`), else "
-              "the fastest measured for the model (hybrid for models Sparrow has not measured) on the native runtime, "
-              "none elsewhere.")
+DRAFT_HELP = (f"Speculative decoding: {known_drafters(summaries=True)}. Default: the model's tuned drafter "
+              f"(`sparrow bench --tune`), else the fastest measured for the model ({DEFAULT_DRAFTER} for models "
+              "Sparrow has not measured) on the native runtime, none elsewhere.")
 
 
 # ---- chat ----

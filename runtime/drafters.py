@@ -8,14 +8,19 @@ Shape legend: V = vocabulary size, K = candidates kept per token, N = draft node
     hybrid          prompt lookup's chain merged with the recycling tree (each where it is strong)
     draft-model     a smaller model with the same vocabulary drafting a chain from its own session
 
+DRAFTERS (at the end) is the registry: each drafter's --draft name, class and the options tuned settings may set; the
+store, the CLI and `sparrow bench --tune` read it. Any other name is a draft model (DRAFT_MODEL).
+
 A drafter's life: begin(ctx, params, rng) once per generation, then per step propose(ctx, max_nodes) -> Draft and
 observe(batch, parents, logits, path) with the verification's results (logits is a view of a buffer the next step
 overwrites: copy what must outlive the call); end() after the generation, close() once.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -289,23 +294,89 @@ class DraftModel(Drafter):
             self.model.close()
 
 
-DRAFTERS = ("none", "prompt-lookup", "recycling", "hybrid")
+# ---- the registry: every drafter by name, its class and the options tuned settings may give its constructor ----
+
+@dataclass(frozen=True)
+class DrafterKind:
+    """A drafter the registry knows: its class, a phrase saying what it drafts (help texts), whether its constructor
+    takes the target's vocabulary size first, and the keyword options tuned settings (`sparrow bench --tune`) may
+    set, each int (a positive integer) or list (a non-empty list of positive integers)."""
+
+    cls: type[Drafter]
+    summary: str
+    options: dict[str, type] = field(default_factory=dict)
+    takes_vocab: bool = False
+
+
+# The built-in drafters by --draft name. The store validates tuned settings against this, the CLI lists it in its
+# help and errors, and `sparrow bench --tune` tries each of its drafters.
+DRAFTERS: dict[str, DrafterKind] = {
+    "none": DrafterKind(Drafter, "plain decoding"),
+    "prompt-lookup": DrafterKind(PromptLookup, "continues an earlier occurrence of the last tokens",
+                                 {"ngram": int, "min_ngram": int, "k": int}),
+    "recycling": DrafterKind(Recycling, "Token Recycling", {"k": int, "branching": list, "max_nodes": int},
+                             takes_vocab=True),
+    "hybrid": DrafterKind(Hybrid, "prompt lookup + a Token Recycling tree pruned each step by the sparsity-aware "
+                          "planner", {"lookup_k": int, "ngram": int, "min_ngram": int, "k": int, "branching": list,
+                                      "max_nodes": int}, takes_vocab=True),
+}
+# Any other drafter name is a draft model: a store name or a GGUF file sharing the target's vocabulary.
+DRAFT_MODEL = DrafterKind(DraftModel, "a draft model sharing the vocabulary (store name or file)",
+                          {"k": int, "alternatives": int})
+
+
+def drafter_kind(name: str) -> DrafterKind:
+    """The registry's entry for a drafter name; DRAFT_MODEL for any other name (a draft model's)."""
+    return DRAFTERS.get(name, DRAFT_MODEL)
+
+
+def known_drafters(*, summaries: bool = False) -> str:
+    """The drafters a --draft value may name, for help texts and errors: "none, prompt-lookup, ... or a draft model
+    sharing the vocabulary (store name or file)"; summaries: each name followed by what it drafts."""
+    names = [f"{name} ({k.summary})" if summaries else name for name, k in DRAFTERS.items()]
+    return ", ".join(names) + f", or {DRAFT_MODEL.summary}"
+
+
+def check_options(drafter: str, options: object) -> dict[str, object]:
+    """The options for drafter's constructor (drafter_kind(drafter).options) as a new dict, or ValueError saying
+    which option is unknown or not a positive integer (a non-empty list of them for list options); TypeError when
+    options is not a dict."""
+    if not isinstance(options, dict):
+        raise TypeError("drafter options must be an object")
+    kind = drafter_kind(drafter)
+    if options and not kind.options:
+        raise ValueError(f"drafter {drafter!r} takes no options")
+    out: dict[str, object] = {}
+    for key, value in options.items():
+        typ = kind.options.get(key)
+        if typ is None:
+            raise ValueError(f"unknown option {key!r} for drafter {drafter!r} (known: {', '.join(kind.options)})")
+        values = value if typ is list else [value]
+        if (typ is list and (not isinstance(value, list) or not value)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise ValueError(f"drafter option {key}={value!r} must be "
+                             + ("a non-empty list of positive integers" if typ is list else "a positive integer"))
+        out[key] = list(value) if typ is list else value
+    if "branching" in out:  # a tree node cannot have more children than the candidates kept per token
+        k = out.get("k", inspect.signature(kind.cls).parameters["k"].default)
+        if max(out["branching"]) > k:
+            raise ValueError(f"{drafter}: every branching factor must be <= k ({k})")
+    return out
+
+
+class UnknownDrafterError(ValueError):
+    """A drafter name that is neither in the registry nor a draft model file."""
 
 
 def make_drafter(name: str, target: Model, *, n_threads: int = 0, n_ctx: int = 2048, **options) -> Drafter:
-    """A drafter by name: "none", "prompt-lookup", "recycling", or the path of a draft model GGUF (same vocabulary
-    as the target). options go to the drafter's constructor (e.g. ngram=, k=, branching=, max_nodes=)."""
-    if name == "none":
-        return Drafter()
-    if name == "prompt-lookup":
-        return PromptLookup(**options)
-    if name == "hybrid":
-        return Hybrid(target.info.n_vocab, **options)
-    if name == "recycling":
-        return Recycling(target.info.n_vocab, **options)
+    """A drafter by registry name (DRAFTERS), or the path of a draft model GGUF (same vocabulary as the target).
+    options go to the drafter's constructor (e.g. ngram=, k=, branching=, max_nodes=)."""
+    kind = DRAFTERS.get(name)
+    if kind is not None:
+        return kind.cls(target.info.n_vocab, **options) if kind.takes_vocab else kind.cls(**options)
     path = Path(name).expanduser()
     if not path.is_file():
-        raise ValueError(f"unknown drafter {name!r}: use none, prompt-lookup, recycling or a draft model file")
+        raise UnknownDrafterError(f"unknown drafter {name!r}; known: {known_drafters()}")
     draft = Model(path)
     if draft.info.n_vocab != target.info.n_vocab:
         n = draft.info.n_vocab

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend, BackendError, open_backend
+from .drafters import DRAFTERS, UnknownDrafterError, known_drafters, make_drafter, recycling_part
 from .routing import choose_backend, read_gguf_header
 from .store import REGISTRY, Store, StoreError, TunedSettings, check_memory
 
@@ -37,7 +38,7 @@ class RunSettings:
     """Threads and drafter for a run: the caller's where given, else the model's tuned settings, else defaults."""
 
     threads: int                      # 0 = physical cores
-    draft: str                        # "none", "prompt-lookup", "recycling", "hybrid", a draft model name or file
+    draft: str                        # a name in runtime.drafters.DRAFTERS, a draft model's store name or file
     draft_options: dict[str, Any] = field(default_factory=dict)
     tuned: TunedSettings | None = None  # the tuned settings applied (in part or whole), if any
     default_draft: bool = False       # the drafter is the built-in default (no argument, no tuned settings)
@@ -65,6 +66,18 @@ def run_settings(store: Store, name: str, *, threads: int | None = None, draft: 
     return RunSettings(threads if threads is not None else tuned.threads, effective, options, tuned)
 
 
+def drafter_source(store: Store, draft: str) -> str:
+    """What make_drafter takes for a drafter name: a registry drafter's name as it is, else a draft model's file (the
+    name is a path, or a model in the store). UnknownDrafterError (a ValueError) when it is none of these."""
+    if draft in DRAFTERS:
+        return draft
+    if Path(draft).expanduser().is_file():
+        return draft
+    if store.get(draft) is not None or draft in REGISTRY:
+        return str(store.resolve(draft))  # a known model not pulled yet: resolve says to pull it
+    raise UnknownDrafterError(f"unknown drafter {draft!r}; known: {known_drafters()}")
+
+
 def with_drafter(backend: Backend, settings: RunSettings, store: Store, *, n_ctx: int, name: str,
                  warn: Warn = _warn) -> Backend:
     """The backend itself for draft "none", else one that decodes speculatively with that drafter. For a model in
@@ -72,7 +85,6 @@ def with_drafter(backend: Backend, settings: RunSettings, store: Store, *, n_ctx
     draft = settings.draft
     if draft == "none":
         return backend
-    from .drafters import DRAFTERS, make_drafter, recycling_part
     from .speculative import SpeculativeBackend
 
     tuned = settings.tuned is not None and draft == settings.tuned.drafter
@@ -85,8 +97,7 @@ def with_drafter(backend: Backend, settings: RunSettings, store: Store, *, n_ctx
         backend.close()
         raise BackendError(f"--draft needs the native runtime; this model runs on {backend.name}")
     try:
-        source = draft if draft in DRAFTERS or Path(draft).expanduser().is_file() else str(store.resolve(draft))
-        drafter = make_drafter(source, backend.model, n_threads=settings.threads, n_ctx=n_ctx,
+        drafter = make_drafter(drafter_source(store, draft), backend.model, n_threads=settings.threads, n_ctx=n_ctx,
                                **settings.draft_options)
     except BaseException as e:
         if tuned and isinstance(e, (ValueError, StoreError)):
@@ -121,6 +132,11 @@ def open_model(model: str | Path | None = None, *, n_ctx: int = 2048, threads: i
     its drafter. Returns (name, backend, settings)."""
     store = store if store is not None else Store()
     name = str(model) if model is not None else store.default()
+    if draft is not None:
+        try:
+            drafter_source(store, draft)  # a mistyped drafter fails now, before a pull or a load
+        except UnknownDrafterError as e:
+            raise BackendError(str(e)) from None
     if store.get(name) is None and not Path(name).expanduser().is_file() and name in REGISTRY:
         if progress:
             warn(f"Pulling {name} ({REGISTRY[name].description}) ...")

@@ -37,13 +37,14 @@ class ModelInfo:
     weight_bytes: int
 
 
-FFN_MODES = {"auto": 0, "dense": 1, "token": 2, "chunk": 3}  # sp_ffn_mode
+# sp_ffn_mode by its short name: "auto", "dense", "token", "chunk" (SP_FFN_SPARSE_TOKEN -> "token"), from the binding.
+FFN_MODES: dict[str, _sparrow.FfnMode] = {m.name.removeprefix("SPARSE_").lower(): m for m in _sparrow.FfnMode}
 
 
 def _ffn_mode(name: str) -> int:
     if name not in FFN_MODES:
         raise ValueError(f"ffn_mode must be one of {', '.join(FFN_MODES)}, not {name!r}")
-    return FFN_MODES[name]
+    return int(FFN_MODES[name])
 
 
 @dataclass(frozen=True)
@@ -87,21 +88,38 @@ class SessionMemory:
     total_bytes: int
 
 
+def _c_sampler_defaults() -> dict[str, float | int]:
+    """sp_sampler_default_params(), floats as the shortest decimal that is the same float32 (0.8, not 0.800000011)."""
+    return {k: float(str(np.float32(v))) if isinstance(v, float) else v
+            for k, v in _sparrow.sampler_default_params().items()}
+
+
+_C_SAMPLER = _c_sampler_defaults()
+
+
 @dataclass
 class SamplerParams:
-    """Sampling settings; temperature <= 0 means greedy."""
+    """Sampling settings (sp_sampler_params); temperature <= 0 means greedy. The defaults are the C library's
+    (sp_sampler_default_params); chat() gives the chat commands' defaults."""
 
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: int = 0xC0FFEE
+    temperature: float = _C_SAMPLER["temperature"]
+    top_k: int = _C_SAMPLER["top_k"]
+    top_p: float = _C_SAMPLER["top_p"]
+    min_p: float = _C_SAMPLER["min_p"]
+    repeat_penalty: float = _C_SAMPLER["repeat_penalty"]
+    repeat_last_n: int = _C_SAMPLER["repeat_last_n"]
+    seed: int = _C_SAMPLER["seed"]
 
     @classmethod
     def greedy(cls) -> SamplerParams:
         return cls(temperature=0.0)
+
+    @classmethod
+    def chat(cls, **changes: float) -> SamplerParams:
+        """What `sparrow chat` and `sparrow generate` sample with unless told otherwise: the library's defaults made
+        cooler (small models answer best cool; SmolLM2's card recommends temperature 0.2), with a tighter nucleus
+        and a mild repetition penalty. changes: fields to set instead (e.g. seed=)."""
+        return cls(**{"temperature": 0.2, "top_p": 0.9, "repeat_penalty": 1.1, **changes})
 
 
 class Model:

@@ -18,7 +18,10 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NATIVE_ARCHITECTURES = frozenset({"llama", "blockffn"})
+from . import _sparrow
+
+# What the C loader implements (sp_supported_architectures), asked of the library itself.
+NATIVE_ARCHITECTURES = frozenset(_sparrow.supported_architectures())
 
 GGUF_MAGIC = b"GGUF"
 

@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from reference.blockffn import BlockFFNGGUFRef, BlockFFNRef, cls, silu, tls
 from sparrow.converters.blockffn import convert
 from sparrow.runtime import Model, SparrowError, _sparrow
+from sparrow.runtime.native import FFN_MODES
 
 Q = gguf.GGMLQuantizationType
 TOKENS = [1, 5, 100, 260, 261, 7, 42, 270, 3, 99, 150, 200, 33, 17, 400, 401, 12, 9, 77, 78]
 MODES = ["dense", "token", "chunk"]
-MODE_ID = {"auto": 0, "dense": 1, "token": 2, "chunk": 3}
 testing = _sparrow.testing
 
 
@@ -161,7 +161,7 @@ def test_paths_agree_on_controlled_routing(hook_models, T, kind, threads, seed):
             H, E = m.info.n_embd, 12
             xn = rng.standard_normal((T, H)).astype(np.float32)
             r = routing(kind, T, E, rng)
-            ys = {mode: testing.ffn_run(s.handle, 0, xn, r, MODE_ID[mode]) for mode in MODES}
+            ys = {mode: testing.ffn_run(s.handle, 0, xn, r, FFN_MODES[mode]) for mode in MODES}
         scale = max(np.max(np.abs(ys["dense"])), 1e-30)
         for mode in MODES:
             assert np.max(np.abs(ys[mode] - ys["dense"])) <= 1e-5 * scale, (qtype, mode)
@@ -180,7 +180,7 @@ def test_hook_router_matches_forward_scores(hook_models):
         xn = rng.standard_normal((9, m.info.n_embd)).astype(np.float32)
         ref = BlockFFNGGUFRef.from_gguf(path)
         y_ref, r_ref = ref.ffn(xn.astype(np.float64), "blk.0.")
-        y = testing.ffn_run(s.handle, 0, xn, None, 0)
+        y = testing.ffn_run(s.handle, 0, xn, None, FFN_MODES["auto"])
     assert np.max(np.abs(y - y_ref)) <= 1e-5 * np.max(np.abs(y_ref))
 
 

@@ -64,6 +64,10 @@ typedef struct sp_model_params {
 } sp_model_params;
 
 SP_API sp_model_params sp_model_default_params(void);
+/* The GGUF architectures (general.architecture) sp_model_load implements: a NULL-terminated list of static strings,
+ * e.g. {"llama", "blockffn", NULL}. Loading the weights of another architecture fails with SP_ERR_UNSUPPORTED
+ * (a vocab_only load reads any). Hosts route other architectures elsewhere by this list. */
+SP_API const char *const *sp_supported_architectures(void);
 SP_API sp_status sp_model_load(const char *path, sp_model_params params, sp_model **out);
 SP_API void sp_model_free(sp_model *model);          /* NULL is allowed; frees nothing a session still uses: free sessions first */
 
@@ -104,7 +108,8 @@ SP_API bool sp_token_is_eog(const sp_model *model, int32_t token); /* end of gen
 
 /* ---- session ---- */
 /* How a sparse-expert (BlockFFN) FFN runs a batch of T tokens. All give the same outputs up to float summation
- * order; they differ in the expert weights they read. Ignored by dense models. */
+ * order; they differ in the expert weights they read. Ignored by dense models. The Python binding exports this enum
+ * (_sparrow.FfnMode); runtime.native names its values "auto", "dense", "token", "chunk". */
 typedef enum sp_ffn_mode {
     SP_FFN_AUTO = 0,          /* the fastest for the batch (currently SP_FFN_SPARSE_CHUNK) */
     SP_FFN_DENSE = 1,         /* every expert for every token, inactive ones multiplied by their zero score (baseline) */
@@ -198,6 +203,8 @@ SP_API sp_status sp_session_get_timings(const sp_session *session, sp_timings *o
 SP_API void sp_session_reset_timings(sp_session *session);
 
 /* ---- sampler ---- */
+/* The defaults below are sp_sampler_default_params()'s; the Python binding reports them (sampler_default_params) and
+ * runtime.SamplerParams takes its defaults from there. */
 typedef struct sp_sampler_params {
     float temperature;        /* <= 0: greedy (default 0.8) */
     int32_t top_k;            /* <= 0: off (default 40) */

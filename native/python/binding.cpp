@@ -173,6 +173,30 @@ NB_MODULE(_sparrow, m) {
     m.def("version", &sp_version);
     m.def("cpu_features", &sp_cpu_features);
     m.def("kernel_tier", &sp_kernel_tier);
+    // supported_architectures() -> list of str: the GGUF architectures sp_model_load implements
+    m.def("supported_architectures", []() {
+        std::vector<std::string> out;
+        for (const char *const *a = sp_supported_architectures(); *a; a++) out.emplace_back(*a);
+        return out;
+    });
+    // sampler_default_params() -> dict of sp_sampler_default_params(): the library's sampling defaults
+    m.def("sampler_default_params", []() {
+        const sp_sampler_params p = sp_sampler_default_params();
+        nb::dict d;
+        d["temperature"] = p.temperature;
+        d["top_k"] = p.top_k;
+        d["top_p"] = p.top_p;
+        d["min_p"] = p.min_p;
+        d["repeat_penalty"] = p.repeat_penalty;
+        d["repeat_last_n"] = p.repeat_last_n;
+        d["seed"] = p.seed;
+        return d;
+    });
+    nb::enum_<sp_ffn_mode>(m, "FfnMode", nb::is_arithmetic(), "sp_ffn_mode: how a sparse-expert FFN runs a batch.")
+        .value("AUTO", SP_FFN_AUTO)
+        .value("DENSE", SP_FFN_DENSE)
+        .value("SPARSE_TOKEN", SP_FFN_SPARSE_TOKEN)
+        .value("SPARSE_CHUNK", SP_FFN_SPARSE_CHUNK);
     // top_k(x [R, V] float32, k) -> int32 [R, k]: each row's k largest entries' indices, largest first, ties to the
     // lower index (sp_top_k per row, without the GIL).
     m.def("top_k", [](F32Rows x, int32_t k) {
@@ -389,10 +413,11 @@ NB_MODULE(_sparrow, m) {
             return nb::cast(F32Array(out, {T, (size_t)self.n_vocab}, owner));
         }, "tokens"_a, "pos"_a = nb::none(), "mask"_a = nb::none(), "logits"_a = "last", "out"_a.noconvert() = nb::none());
 
+    const sp_sampler_params sd = sp_sampler_default_params();
     nb::class_<Sampler>(m, "Sampler")
         .def(nb::init<int32_t, float, int32_t, float, float, float, int32_t, uint64_t>(), "n_vocab"_a,
-             "temperature"_a = 0.8f, "top_k"_a = 40, "top_p"_a = 0.95f, "min_p"_a = 0.05f, "repeat_penalty"_a = 1.0f,
-             "repeat_last_n"_a = 64, "seed"_a = 0xC0FFEE)
+             "temperature"_a = sd.temperature, "top_k"_a = sd.top_k, "top_p"_a = sd.top_p, "min_p"_a = sd.min_p,
+             "repeat_penalty"_a = sd.repeat_penalty, "repeat_last_n"_a = sd.repeat_last_n, "seed"_a = sd.seed)
         .def("close", &Sampler::close)
         .def("sample", [](Sampler &self, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> logits) {
             if ((int64_t)logits.shape(0) != self.n_vocab)

@@ -284,6 +284,28 @@ static sp_status load_blockffn_weights(sp_model *m) {
     return SP_OK;
 }
 
+/* ---- the architectures the loader implements: one entry per sp_arch in each table ---- */
+
+static sp_status load_llama(sp_model *m) {
+    sp_status s = load_llama_hparams(m->gguf, "llama", &m->hp);
+    return s != SP_OK ? s : load_llama_weights(m);
+}
+
+static sp_status load_blockffn(sp_model *m) {
+    sp_status s;
+    if ((s = load_llama_hparams(m->gguf, "blockffn", &m->hp)) != SP_OK) return s;
+    if ((s = load_blockffn_hparams(m->gguf, &m->hp)) != SP_OK) return s;
+    return load_blockffn_weights(m);
+}
+
+/* general.architecture of each kind (NULL-terminated: sp_supported_architectures returns it) and its loader
+ * (hyperparameters and weights). */
+static const char *const ARCH_NAMES[SP_ARCH_COUNT + 1] = {[SP_ARCH_LLAMA] = "llama", [SP_ARCH_BLOCKFFN] = "blockffn"};
+static sp_status (*const ARCH_LOAD[SP_ARCH_COUNT])(sp_model *m) = {[SP_ARCH_LLAMA] = load_llama,
+                                                                   [SP_ARCH_BLOCKFFN] = load_blockffn};
+
+const char *const *sp_supported_architectures(void) { return ARCH_NAMES; }
+
 /* Repack (kernels.h pack) every dense matmul weight whose type the kernel tier packs -- attention, dense FFN, LM head
  * (a copy when tied: the embedding lookup keeps reading the file's rows) -- into one buffer, 2 MB aligned when large
  * (transparent huge pages: fewer TLB misses on the weight stream). Then the file pages lying wholly inside tensors
@@ -405,20 +427,18 @@ sp_status sp_model_load(const char *path, sp_model_params params, sp_model **out
     m->hp.n_vocab = sp_vocab_n_tokens(m->vocab);
 
     if (!params.vocab_only) {
-        if (sp_gguf_str_eq(arch, "llama")) {
-            m->arch = SP_ARCH_LLAMA;
-            if ((s = load_llama_hparams(m->gguf, "llama", &m->hp)) != SP_OK) goto fail;
-            if ((s = load_llama_weights(m)) != SP_OK) goto fail;
-        } else if (sp_gguf_str_eq(arch, "blockffn")) {
-            m->arch = SP_ARCH_BLOCKFFN;
-            if ((s = load_llama_hparams(m->gguf, "blockffn", &m->hp)) != SP_OK) goto fail;
-            if ((s = load_blockffn_hparams(m->gguf, &m->hp)) != SP_OK) goto fail;
-            if ((s = load_blockffn_weights(m)) != SP_OK) goto fail;
-        } else {
-            s = sp_fail(SP_ERR_UNSUPPORTED, "architecture '%s' is not implemented by the native runtime (llama and "
-                        "blockffn are)", m->arch_name);
+        int a = 0;
+        while (a < SP_ARCH_COUNT && !sp_gguf_str_eq(arch, ARCH_NAMES[a])) a++;
+        if (a == SP_ARCH_COUNT) {
+            char known[128] = "";
+            for (int i = 0; i < SP_ARCH_COUNT; i++)
+                snprintf(known + strlen(known), sizeof known - strlen(known), "%s%s", i ? ", " : "", ARCH_NAMES[i]);
+            s = sp_fail(SP_ERR_UNSUPPORTED, "architecture '%s' is not implemented by the native runtime (it implements "
+                        "%s)", m->arch_name, known);
             goto fail;
         }
+        m->arch = (sp_arch)a;
+        if ((s = ARCH_LOAD[a](m)) != SP_OK) goto fail;
         if (params.repack && (s = pack_weights(m)) != SP_OK) goto fail;
         m->has_weights = true;
     }

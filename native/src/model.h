@@ -20,7 +20,8 @@ typedef struct sp_tensor {
                             this when set; `data` stays valid (the file pages may have been released) */
 } sp_tensor;
 
-typedef enum sp_arch { SP_ARCH_LLAMA = 0, SP_ARCH_BLOCKFFN = 1 } sp_arch;
+/* The architectures the loader implements; model.c's tables (names, loaders) hold one entry per kind. */
+typedef enum sp_arch { SP_ARCH_LLAMA = 0, SP_ARCH_BLOCKFFN = 1, SP_ARCH_COUNT } sp_arch;
 typedef enum sp_router_norm { SP_ROUTER_NORM_NONE = 0, SP_ROUTER_NORM_RMS = 1, SP_ROUTER_NORM_SUM = 2 } sp_router_norm;
 
 typedef struct sp_layer {

@@ -66,19 +66,12 @@ from .fetch import (
 )
 from .memory import MemoryNeeded, available_memory, check_memory, fmt_bytes, memory_needed
 from .registry import DEFAULT_MODEL, NAME_RE, REGISTRY, SHIPPED_DIR, SHIPPED_DRAFTERS, KnownModel
-from .tuned import (
-    BUILTIN_DRAFTERS,
-    DRAFTER_OPTIONS,
-    TUNED_SCHEMA,
-    TunedSettings,
-    describe_device,
-    device_fingerprint,
-)
+from .tuned import TUNED_SCHEMA, TunedSettings, describe_device, device_fingerprint
 
 __all__ = [
-    "BUILTIN_DRAFTERS", "DEFAULT_MODEL", "DRAFTER_OPTIONS", "MODEL_SUFFIXES", "NAME_RE", "REGISTRY", "SHIPPED_DIR",
-    "SHIPPED_DRAFTERS", "TUNED_SCHEMA", "ChecksumError", "InsufficientMemoryError", "KnownModel", "Manifest",
-    "MemoryNeeded", "ModelFile", "Store", "StoreError", "TunedSettings", "TunedSettingsError", "UnknownModelError",
+    "DEFAULT_MODEL", "MODEL_SUFFIXES", "NAME_RE", "REGISTRY", "SHIPPED_DIR", "SHIPPED_DRAFTERS", "TUNED_SCHEMA",
+    "ChecksumError", "InsufficientMemoryError", "KnownModel", "Manifest", "MemoryNeeded", "ModelFile", "Store",
+    "StoreError", "TunedSettings", "TunedSettingsError", "UnknownModelError",
     "available_memory", "check_memory", "describe_device", "device_fingerprint", "fmt_bytes", "hub_endpoint",
     "memory_needed", "sha256_file", "store_root",
 ]

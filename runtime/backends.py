@@ -1,6 +1,6 @@
 """One interface over every engine that can run a model: the Backend protocol, its implementations, and Chat.
 
-    backend = load("smollm2-135m-instruct")      # a store name or a path; routed to native or llama.cpp
+    backend = sparrow.load("smollm2-135m-instruct")   # runtime.launch: a store name or a path, routed
     chat = Chat(backend)
     for piece in chat.send("Why is the sky blue?"):
         print(piece, end="", flush=True)
@@ -12,6 +12,8 @@ longest common prefix with what the cache holds; `n_evaluated` counts tokens run
 """
 from __future__ import annotations
 
+import functools
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ class Backend(Protocol):
     def chat_template(self) -> str | None: ...  # the model's Jinja chat template, if it has one
     def special_token_text(self, which: str) -> str: ...  # "bos" / "eos" token text, for templates
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
+    def control_tokens(self) -> dict[str, int]: ...  # text of each control token -> id (what parse_special finds)
     def token_bytes(self, token: int) -> bytes: ...
     def is_eog(self, token: int) -> bool: ...
     def generate_tokens(self, prompt_tokens: Sequence[int], *, max_tokens: int,
@@ -91,6 +94,20 @@ class NativeBackend:
 
     def token_bytes(self, token: int) -> bytes:
         return self.model.token_bytes(token)
+
+    @functools.cached_property
+    def _control_tokens(self) -> dict[str, int]:
+        # a control token renders as nothing unless asked to render special tokens
+        out = {}
+        for t in range(self.model.info.n_vocab):
+            if not self.model.token_bytes(t):
+                text = self.model.token_bytes(t, render_special=True)
+                if text:
+                    out.setdefault(text.decode("utf-8", "replace"), t)
+        return out
+
+    def control_tokens(self) -> dict[str, int]:
+        return self._control_tokens
 
     def is_eog(self, token: int) -> bool:
         return self.model.is_eog(token)
@@ -157,6 +174,20 @@ class LlamaCppBackend:
 
     def token_bytes(self, token: int) -> bytes:
         return self.llm.detokenize([token])
+
+    @functools.cached_property
+    def _control_tokens(self) -> dict[str, int]:
+        lc, vocab = self._llama_cpp, self.llm._model.vocab
+        out = {}
+        for t in range(lc.llama_vocab_n_tokens(vocab)):
+            if lc.llama_vocab_get_attr(vocab, t) & lc.LLAMA_TOKEN_ATTR_CONTROL:
+                text = self.llm.detokenize([t], special=True)
+                if text:
+                    out.setdefault(text.decode("utf-8", "replace"), t)
+        return out
+
+    def control_tokens(self) -> dict[str, int]:
+        return self._control_tokens
 
     def is_eog(self, token: int) -> bool:
         return bool(self._llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
@@ -260,6 +291,36 @@ def stream_text(backend: Backend, prompt_tokens: Sequence[int], *, max_tokens: i
         stats.decode_s = t_last - t_first
 
 
+def tokenize_segments(backend: Backend, segments: Sequence[tuple[str, bool]]) -> list[int]:
+    """Tokens of rendered chat text given as (text, is_markup) segments (chat_template.render_segments), as the
+    backend's tokenize(..., parse_special=True) would give them, except that control-token text counts only inside
+    markup. Like llama.cpp, the text is cut at each control token and every run of text between them is tokenized
+    on its own, so for contents without control-token text the result equals tokenizing the whole text."""
+    controls = backend.control_tokens()
+    pattern = _control_pattern(tuple(sorted(controls, key=len, reverse=True)))
+    runs: list[str | int] = []  # text runs (markup and content merged) and control token ids
+    for text, markup in segments:
+        pieces = pattern.split(text) if markup and pattern is not None else [text]
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                runs.append(controls[piece])
+            elif piece:
+                if runs and isinstance(runs[-1], str):
+                    runs[-1] += piece
+                else:
+                    runs.append(piece)
+    tokens = backend.tokenize("", add_special=True, parse_special=False)  # BOS, where the vocabulary asks for it
+    for run in runs:
+        tokens.extend([run] if isinstance(run, int) else backend.tokenize(run, add_special=False, parse_special=False))
+    return tokens
+
+
+@functools.lru_cache(maxsize=8)
+def _control_pattern(texts: tuple[str, ...]) -> re.Pattern[str] | None:
+    """A regex with one group that matches any of texts, longest first (llama.cpp's order)."""
+    return re.compile("(" + "|".join(re.escape(t) for t in texts) + ")") if texts else None
+
+
 class Chat:
     """A multi-turn conversation rendered with the model's own chat template; the KV cache is reused across turns."""
 
@@ -276,10 +337,13 @@ class Chat:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def prompt_tokens(self, add_generation_prompt: bool = True) -> list[int]:
-        text = chat_template.render(self.template, self.messages, add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.backend.special_token_text("bos"),
-                                    eos_token=self.backend.special_token_text("eos"))
-        return self.backend.tokenize(text, add_special=True, parse_special=True)
+        """The conversation's tokens. Control tokens come only from the template's own text: message contents are
+        tokenized as text, so "<|im_end|>" typed by a user stays characters and cannot forge a turn."""
+        segments = chat_template.render_segments(self.template, self.messages,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 bos_token=self.backend.special_token_text("bos"),
+                                                 eos_token=self.backend.special_token_text("eos"))
+        return tokenize_segments(self.backend, segments)
 
     def send(self, text: str, *, max_tokens: int = 1024, params: SamplerParams | None = None) -> Iterator[str]:
         """Add a user message and stream the assistant's answer. The answer (even a partial one, if the caller stops

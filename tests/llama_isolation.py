@@ -18,7 +18,7 @@ import signal
 
 import pytest
 from _pytest.reports import TestReport
-from _pytest.runner import runtestprotocol
+from _pytest.runner import CallInfo, runtestprotocol
 
 CAN_FORK = hasattr(os, "fork")
 
@@ -33,7 +33,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if not (CAN_FORK and item.get_closest_marker("llama_cpp")):
         return None
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    for report in run_forked(item):
+    reports = run_forked(item)
+    # The parent still holds what earlier items set up (their module's fixtures): tear down what nextitem does not
+    # need, as pytest's own protocol would after this item.
+    call = CallInfo.from_call(lambda: item.session._setupstate.teardown_exact(nextitem), when="teardown")
+    if call.excinfo is not None:
+        reports.append(TestReport.from_item_and_call(item, call))
+    for report in reports:
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True

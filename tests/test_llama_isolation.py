@@ -10,6 +10,13 @@ INNER = '''
 import ctypes
 import pytest
 
+@pytest.fixture(scope="module")
+def shared():
+    return 1
+
+def test_before_the_crash(shared):   # sets up a module fixture in the parent, torn down after the forked tests
+    assert shared == 1
+
 @pytest.mark.llama_cpp
 def test_oracle_segfaults():
     ctypes.string_at(0)          # a null read in native code, as a crashing llama.cpp kernel does
@@ -27,8 +34,9 @@ def test_a_crashing_oracle_fails_its_test_with_the_signal(pytester, monkeypatch)
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
     pytester.makeconftest("from llama_isolation import pytest_configure, pytest_runtest_protocol\n")
     pytester.makepyfile(test_inner=INNER)
+    pytester.makepyfile(test_next='def test_next_module():\n    pass\n')
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:faulthandler")
-    result.assert_outcomes(passed=1, failed=2)
+    result.assert_outcomes(passed=3, failed=2)
     result.stdout.fnmatch_lines(["*a plain failure in the child comes back as itself*"])
     result.stdout.fnmatch_lines([f"*test_inner.py:*: the test process (running llama.cpp) was killed by signal "
                                  f"{int(signal.SIGSEGV)} (SIGSEGV)*", "FAILED test_inner.py::test_oracle_segfaults*"])

@@ -85,5 +85,5 @@ def pytest_report_header(config: pytest.Config) -> str:
     except ImportError:
         return "llama.cpp: not installed (its oracle tests are skipped)"
     info = llama_cpp.llama_print_system_info().decode(errors="replace")
-    on = [part.split("=")[0].strip() for part in info.split("|") if part.strip().endswith("= 1")]
+    on = [part.split("=")[0].split()[-1] for part in info.split("|") if part.strip().endswith("= 1")]
     return f"llama.cpp (llama-cpp-python {llama_cpp.__version__}): {' '.join(on) or info.strip()}"

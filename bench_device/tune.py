@@ -8,8 +8,15 @@ What is searched (small on purpose: about a minute for SmolLM2-135M on 2 cores, 
   1. threads, 1 .. physical cores, with plain greedy decoding (skipped when --threads pins one count);
   2. at the thread count stage 1 chose: no drafter, every drafter of runtime.drafters' registry (prompt lookup: k
      drafted; Token Recycling: chain or tree shape, max_nodes; hybrid) and, when the store registers a draft model
-     for this model, the draft model (k drafted), each from a small set of sizes (SHAPES). The default (physical
-     cores, no drafter) is measured again in this stage.
+     for this model, the draft model (k drafted), each from a small set of sizes (SHAPES). The baseline is measured
+     again in this stage, and so is the untuned default: what `sparrow chat` runs without tuned settings (physical
+     cores and runtime.launch.default_drafter: the registry's drafter for a known model, else hybrid), so the report
+     shows what tuning gains over it.
+
+The baseline every candidate is compared with is plain decoding (no drafter) on the physical cores: the one setting
+every model and backend can run, and the reference the greedy outputs are checked against. It is not the untuned
+default (which drafts); the stored record calls it "default" (schema runtime.store.TUNED_SCHEMA), the report
+"baseline". When no candidate beats it beyond the noise, plain decoding is what gets stored.
 
 How (DESIGN.md, "Performance method"; the same protocol as bench_device/bench_speculative.py):
   - check and warm-up pass: every candidate generates from every prompt once; its greedy tokens must equal plain
@@ -20,10 +27,10 @@ How (DESIGN.md, "Performance method"; the same protocol as bench_device/bench_sp
     new tokens are timed). A candidate's sample for a round is its decode tok/s over all the prompts (tokens /
     seconds), so the spread between rounds is the machine's noise, not the prompts' differences. Every timed output
     is checked against plain decoding again.
-  - choice: each candidate's tok/s over the default's in the same round (paired: drift of the machine between
-    rounds cancels); the best median ratio wins, but replaces the default only if the gain is larger than the noise:
-    the ratio is above 1 in every round (the min-max range of the paired ratios does not overlap 1) and at least
-    MIN_GAIN at the median; otherwise the default stays. Stage 1 chooses the thread count by the same rule.
+  - choice: each candidate's tok/s over the baseline's in the same round (paired: drift of the machine between
+    rounds cancels); the best median ratio wins, but replaces the baseline only if the gain is larger than the
+    noise: the ratio is above 1 in every round (the min-max range of the paired ratios does not overlap 1) and at
+    least MIN_GAIN at the median; otherwise the baseline stays. Stage 1 chooses the thread count by the same rule.
 Every measurement goes into the stored record (STORE/tuned/NAME.json, schema runtime.store.TUNED_SCHEMA) with the
 device fingerprint, the model's sha256 and the date.
 """
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import os
 import statistics
 import time
@@ -40,6 +48,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..runtime.drafters import DRAFTERS, check_options
+from ..runtime.launch import default_drafter
 from ..runtime.store import TUNED_SCHEMA, Store, describe_device, device_fingerprint
 from .sections import no_bar
 
@@ -87,6 +96,20 @@ class Candidate:
     def label(self) -> str:
         opts = ",".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in self.options)
         return f"{self.threads}t {self.drafter}" + (f" {opts}" if opts else "")
+
+    def runs_as(self, other: Candidate) -> bool:
+        """Whether both run the same: equal once every drafter option left out takes its constructor's default
+        ("prompt-lookup" and "prompt-lookup k=4" are one setting)."""
+        return (self.threads, self.drafter, self._filled()) == (other.threads, other.drafter, other._filled())
+
+    def _filled(self) -> tuple[tuple[str, Any], ...]:
+        kind = DRAFTERS.get(self.drafter)
+        if kind is None:
+            return self.options
+        params = inspect.signature(kind.cls).parameters
+        defaults = {k: params[k].default for k in kind.options
+                    if k in params and params[k].default is not inspect.Parameter.empty}
+        return Candidate.make(self.threads, self.drafter, **{**defaults, **self.kwargs}).options
 
 
 @dataclass
@@ -264,24 +287,25 @@ def paired_ratios(m: Measurement, default: Measurement) -> list[float]:
 
 
 def choose(ms: dict[Candidate, Measurement], default: Candidate) -> tuple[Candidate, str]:
-    """The candidate (not rejected) with the best median speed relative to the default (the median of its paired
-    ratios, which drift between rounds does not move), if it beats the default beyond the noise: faster in every
-    round (the min-max range of its paired ratios lies above 1) and by MIN_GAIN at the median. Otherwise the
-    default. Returns (choice, why)."""
+    """The candidate (not rejected) with the best median speed relative to the baseline `default` (plain decoding;
+    the median of its paired ratios, which drift between rounds does not move), if it beats the baseline beyond the
+    noise: faster in every round (the min-max range of its paired ratios lies above 1) and by MIN_GAIN at the
+    median. Otherwise the baseline. Returns (choice, why)."""
     d = ms[default]
     ratios = {c: r for c, m in ms.items() if m.rejected is None and (r := paired_ratios(m, d))}
     if default not in ratios:
-        return default, "the default produced no timing to compare with: keeping it"
+        return default, f"the baseline ({default.label}) produced no timing to compare with: keeping it"
     best = max(ratios, key=lambda c: statistics.median(ratios[c]))
     if best == default:
-        return default, f"the default ({default.label}) was the fastest"
+        return default, f"the baseline ({default.label}, plain decoding) was the fastest"
     r = ratios[best]
     x, lo, hi = statistics.median(r), min(r), max(r)
-    spread = f"{x:.2f}x the default by median, {lo:.2f}-{hi:.2f}x over {len(r)} rounds"
+    spread = f"{x:.2f}x the baseline by median, {lo:.2f}-{hi:.2f}x over {len(r)} rounds"
     if lo > 1.0 and x >= MIN_GAIN:
         return best, f"{best.label}: {spread}, faster in every round"
-    return default, (f"the fastest, {best.label} ({spread}), is not faster than the default beyond the noise "
-                     f"(needs every round > 1.00x and the median >= {MIN_GAIN:.2f}x): keeping the default")
+    return default, (f"the fastest, {best.label} ({spread}), is not faster than the baseline beyond the noise "
+                     f"(needs every round > 1.00x and the median >= {MIN_GAIN:.2f}x): keeping the baseline, "
+                     f"{default.label} (plain decoding)")
 
 
 # ---- the search ----
@@ -326,11 +350,12 @@ def drafter_candidates(threads: int, *, quick: bool, draft_model: str | None = N
 @dataclass
 class TuneResult:
     chosen: Candidate
-    default: Candidate
+    default: Candidate                              # the baseline: plain decoding on the physical cores
     reason: str
-    final: dict[Candidate, Measurement]             # the last stage's measurements (chosen and default among them)
+    final: dict[Candidate, Measurement]             # the last stage's measurements (chosen and baseline among them)
     stages: list[dict[str, Any]]                    # every stage: candidates measured, choice, reason
     settings: dict[str, Any] = field(default_factory=dict)  # tokens, rounds, prompts, load averages
+    untuned: Candidate | None = None                # what chat runs without tuned settings, as measured in `final`
 
     @property
     def changed(self) -> bool:
@@ -338,9 +363,15 @@ class TuneResult:
 
     @property
     def speedup(self) -> float:
-        """The chosen setting's median paired ratio to the default (1.0 when the default stays)."""
+        """The chosen setting's median paired ratio to the baseline (1.0 when the baseline stays)."""
         r = paired_ratios(self.final[self.chosen], self.final[self.default])
         return statistics.median(r) if r else 1.0
+
+    def untuned_ratio(self) -> dict[str, float] | None:
+        """The untuned default's paired ratio to the baseline (median, min, max), if it was measured."""
+        m = self.final.get(self.untuned) if self.untuned is not None else None
+        r = paired_ratios(m, self.final[self.default]) if m is not None and not m.rejected else []
+        return {"median": statistics.median(r), "min": min(r), "max": max(r)} if r else None
 
 
 ProgressBar = Callable[[int, str], Any]  # (length, label) -> context manager with .update(n), like click.progressbar
@@ -348,9 +379,10 @@ ProgressBar = Callable[[int, str], Any]  # (length, label) -> context manager wi
 
 def tune(runner: Runner, prompts: Sequence[list[int]], *, threads: Sequence[int], default: Candidate,
          drafters: Callable[[int], list[Candidate]], tokens: int, rounds: int,
-         progressbar: ProgressBar | None = None) -> TuneResult:
+         progressbar: ProgressBar | None = None, untuned: Candidate | None = None) -> TuneResult:
     """Stage 1 chooses the thread count among `threads` (plain decoding; skipped for one count), stage 2 the drafter
-    among drafters(threads) at that count, both against `default` (which must be plain decoding)."""
+    among drafters(threads) at that count, both against the baseline `default` (which must be plain decoding).
+    `untuned` (what runs without tuned settings) is measured in stage 2 too, unless a candidate runs as it does."""
     if default.drafter != "none":
         raise ValueError("the default must be plain decoding (drafter 'none')")
     if not prompts or tokens < 1 or rounds < 1:
@@ -376,13 +408,15 @@ def tune(runner: Runner, prompts: Sequence[list[int]], *, threads: Sequence[int]
     if len(threads) > 1:
         _, choice, _ = stage("threads (plain decoding)", [default] + [Candidate(t) for t in threads])
         best_threads = choice.threads
-    plain = [default, Candidate(best_threads)]
-    ms, choice, why = stage(f"drafters at {best_threads} thread{'s' if best_threads != 1 else ''}",
-                            plain + drafters(best_threads))
+    cands = [default, Candidate(best_threads)] + drafters(best_threads)
+    if untuned is not None:
+        untuned = next((c for c in cands if c.runs_as(untuned)), untuned)
+        cands += [untuned] if untuned not in cands else []
+    ms, choice, why = stage(f"drafters at {best_threads} thread{'s' if best_threads != 1 else ''}", cands)
     return TuneResult(chosen=choice, default=default, reason=why, final=ms, stages=stages,
                       settings={"tokens": tokens, "rounds": rounds, "prompts": len(prompts),
                                 "threads_searched": list(threads), "load_before": load_before,
-                                "load_after": _loadavg()})
+                                "load_after": _loadavg()}, untuned=untuned)
 
 
 def _loadavg() -> list[float] | None:
@@ -412,11 +446,14 @@ def record(result: TuneResult, *, model: str, model_sha256: str, quick: bool, pr
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_fingerprint(),
         "settings": result.chosen.settings(),
-        "default": result.default.settings(),
+        "default": result.default.settings(),  # the baseline: plain decoding on the physical cores
         "changed_from_default": result.changed,
         "reason": result.reason,
         "decode_tok_s": {"chosen": summary(chosen), "default": summary(default)},
-        "speedup_median": result.speedup,  # median over rounds of chosen / default tok/s in the same round
+        "speedup_median": result.speedup,  # median over rounds of chosen / baseline tok/s in the same round
+        # what chat runs without tuned settings, and its paired ratio to the baseline (None: not measured)
+        "untuned_default": None if result.untuned is None else {
+            **result.untuned.settings(), "label": result.untuned.label, "ratio_vs_default": result.untuned_ratio()},
         "search": {"mode": "quick" if quick else "full", **result.settings, "prompt_texts": list(prompts),
                    "method": ("greedy decode tok/s per round over all prompts, candidates rotated per prompt and "
                               "round, outputs checked against plain greedy decoding; median, min-max over rounds; "
@@ -428,18 +465,24 @@ def record(result: TuneResult, *, model: str, model_sha256: str, quick: bool, pr
 def format_result(result: TuneResult) -> str:
     lines = []
     for st in result.stages:
-        header = f"  {'setting':<40} {'tok/s median':>12} {'(min-max)':>15}   x default (min-max, paired by round)"
+        header = f"  {'setting':<44} {'tok/s median':>12} {'(min-max)':>15}   x baseline (min-max, paired by round)"
         lines += [f"{st['stage']}:", header]
         for c in st["candidates"]:
-            name = c["label"] + (" (default)" if c["label"] == result.default.label else "")
+            marks = [m for m, label in (("baseline", result.default.label),
+                                        ("untuned default", result.untuned.label if result.untuned else None))
+                     if c["label"] == label]
+            name = c["label"] + (f" ({', '.join(marks)})" if marks else "")
             if "rejected" in c:
-                lines.append(f"  {name:<40} rejected: {c['rejected']}")
+                lines.append(f"  {name:<44} rejected: {c['rejected']}")
                 continue
             t, x = c["decode_tok_s"], c.get("ratio_vs_default")
             ratio = f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})" if x else "-"
             mark = "  <- chosen" if c["label"] == st["chosen"] else ""
-            lines.append(f"  {name:<40} {t['median']:>12.1f} {t['min']:>7.1f}-{t['max']:<7.1f}   {ratio:<36}{mark}")
+            lines.append(f"  {name:<44} {t['median']:>12.1f} {t['min']:>7.1f}-{t['max']:<7.1f}   {ratio:<36}{mark}")
         lines.append(f"  {st['reason']}")
+    lines.append(f"baseline: {result.default.label}, plain decoding on the physical cores"
+                 + (f"; untuned default (what chat runs without tuned settings): {result.untuned.label}"
+                    if result.untuned is not None else ""))
     s = result.settings
     lines.append(f"{s['prompts']} prompts x {s['tokens']} tokens x {s['rounds']} rounds; load average before "
                  f"{s['load_before']}, after {s['load_after']}")
@@ -476,7 +519,7 @@ def run_tune(store: Store, name: str, path: Path, *, quick: bool = False, thread
         result = tune(runner, prompts, threads=[threads] if threads else thread_options(physical),
                       default=Candidate(physical), tokens=cfg["tokens"], rounds=cfg["rounds"],
                       drafters=lambda t: drafter_candidates(t, quick=quick, draft_model=draft_name),
-                      progressbar=progressbar)
+                      progressbar=progressbar, untuned=Candidate.make(physical, default_drafter(name)[0]))
     finally:
         runner.close()
     if not save:

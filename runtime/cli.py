@@ -7,6 +7,7 @@ chat and one-shot generation.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -18,7 +19,7 @@ from typing import Any
 import click
 
 from .drafters import known_drafters
-from .launch import DEFAULT_DRAFTER, open_model
+from .launch import DEFAULT_DRAFTER, open_model, run_settings
 from .native import SamplerParams
 from .routing import choose_backend, read_gguf_header
 from .store import Store, TunedSettings, fmt_bytes
@@ -89,6 +90,7 @@ def models_info(model: str, as_json: bool) -> None:
         data["tuned"] = tuned.record
     elif warning:
         data["tuned"] = {"ignored": warning}
+    data["run"] = _run_info(store, manifest.name if manifest else str(path), route.backend)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -101,10 +103,14 @@ def models_info(model: str, as_json: bool) -> None:
     click.echo(f"quantization:  {data.get('quantization')}")
     if manifest:
         click.echo(f"source:        {manifest.source}")
-        click.echo(f"drafter:       {manifest.drafter or 'none'}")
         click.echo(f"pulled:        {manifest.created}")
     state = "" if route.available else f"  [not available: {route.problem}]"
     click.echo(f"backend:       {route.backend}: {route.reason}{state}")
+    run = data["run"]
+    click.echo(f"threads:       {run['threads']}, {run['why_threads']}")
+    click.echo(f"drafter:       {run['drafter']}, {run['why_drafter']}")
+    if manifest and manifest.drafter:
+        click.echo(f"draft model:   {manifest.drafter} (`--draft {manifest.drafter}`; `sparrow bench --tune` tries it)")
     if tuned is not None:
         click.echo(f"tuned:         {_describe_tuned(tuned)}")
     elif warning:
@@ -113,13 +119,29 @@ def models_info(model: str, as_json: bool) -> None:
         click.echo(f"tuned:         no (`sparrow bench --tune {manifest.name}` measures the best settings here)")
 
 
+def _run_info(store: Store, name: str, backend: str) -> dict[str, Any]:
+    """The threads and drafter `sparrow chat NAME` would run with here (runtime.launch's policy), and why."""
+    settings = run_settings(store, name, warn=lambda _: None)  # an unusable tuned file is reported under "tuned"
+    drafter, why = settings.draft, settings.why_draft
+    if settings.draft_options:
+        drafter += " (" + ", ".join(f"{k}={v}" for k, v in settings.draft_options.items()) + ")"
+    if backend != "native" and settings.draft != "none":
+        drafter, why = "none", f"drafters need the native runtime; {backend} decodes plainly"
+    why_threads = "tuned on this device" if settings.tuned and settings.tuned.threads == settings.threads \
+        else "physical cores"
+    return {"threads": settings.threads, "why_threads": why_threads, "drafter": drafter, "why_drafter": why}
+
+
 def _describe_tuned(t: TunedSettings) -> str:
     r = t.record
     speed = r.get("decode_tok_s", {})
     chosen, default = speed.get("chosen", {}).get("median"), speed.get("default", {}).get("median")
     text = t.describe()
     if isinstance(chosen, int | float) and isinstance(default, int | float) and default > 0:
-        text += f"; {chosen:.1f} tok/s vs {default:.1f} with the defaults ({chosen / default:.2f}x)"
+        # the tuner's baseline ("default" in the record): plain decoding on the physical cores
+        base = r.get("default", {}).get("threads")
+        base = f" on {base} thread{'s' if base != 1 else ''}" if isinstance(base, int) else ""
+        text += f"; {chosen:.1f} tok/s vs {default:.1f} with plain decoding{base} ({chosen / default:.2f}x)"
     return text + f"; measured {t.created}"
 
 
@@ -230,6 +252,7 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
             if text.startswith("/") and " " not in text:
                 click.echo(f"unknown command {text}. {CHAT_HELP}", err=True)
                 continue
+            spec_before = copy.deepcopy(backend.stats) if hasattr(backend, "stats") else None
             answer = conversation.send(text, max_tokens=max_tokens or 1024, params=params)
             try:
                 for piece in answer:
@@ -252,8 +275,10 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
                            f"({st.prompt_tokens - st.evaluated_tokens} reused from the KV cache), "
                            f"{st.generated_tokens} generated; first token after {st.ttft_s:.3f} s, "
                            f"{st.decode_tok_s:.1f} tok/s]", err=True)
-                if hasattr(backend, "stats"):
-                    click.echo(f"[speculative: {backend.summary()}]", err=True)
+                if spec_before is not None:  # this answer's steps only; its speed is the line above
+                    click.echo(f"[speculative: {backend.summary(since=spec_before, speed=False)}]", err=True)
+            if conversation.last_stats.stop_reason == "max_tokens":
+                click.echo(f"[stopped at --max-tokens {max_tokens or 1024}]", err=True)
             if conversation.last_stats.stop_reason == "context_full":
                 click.echo(f"[context full: the answer was cut off at {backend.n_ctx} tokens. Type /reset to start "
                            "a new conversation, or restart with a larger --ctx]", err=True)
@@ -329,13 +354,15 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
             click.echo()
             if stats.stop_reason == "context_full":
                 click.echo(f"[context full at {backend.n_ctx} tokens; use a larger --ctx]", err=True)
+            if stats.stop_reason == "max_tokens":
+                click.echo(f"[stopped at --max-tokens {max_tokens}]", err=True)
             if show_stats:
                 if settings.tuned:
                     click.echo(f"[tuned settings: {settings.describe()}]", err=True)
                 click.echo(f"[{stats.evaluated_tokens} prompt tokens at {stats.prompt_tok_s:.1f} tok/s, "
                            f"{stats.generated_tokens} generated at {stats.decode_tok_s:.1f} tok/s]", err=True)
-                if hasattr(backend, "stats"):
-                    click.echo(f"[speculative: {backend.summary()}]", err=True)
+                if hasattr(backend, "stats"):  # its speed is the line above
+                    click.echo(f"[speculative: {backend.summary(speed=False)}]", err=True)
             if sparsity is not None:
                 cls = ", ".join(f"CLS-{k} {sparsity.cls[k]:.1%}" for k in (2, 4, 8, 16) if sparsity.cls[k] == sparsity.cls[k])
                 click.echo(f"[experts: TLS {sparsity.tls:.1%}{', ' + cls if cls else ''}; "

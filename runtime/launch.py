@@ -19,7 +19,7 @@ from typing import Any
 from .backends import Backend, BackendError, open_backend
 from .drafters import DRAFTERS, UnknownDrafterError, known_drafters, make_drafter, recycling_part
 from .routing import choose_backend, read_gguf_header
-from .store import REGISTRY, Store, StoreError, TunedSettings, check_memory
+from .store import REGISTRY, Store, StoreError, TunedSettings, check_memory, device_fingerprint
 
 # The drafter used when neither an argument nor tuned settings say, for models the registry has no measured choice for:
 # prompt lookup merged with a Token Recycling tree that the sparsity-aware planner prunes each step. Train-free, so
@@ -33,19 +33,33 @@ def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def physical_cores() -> int:
+    """The thread count a run takes by default: this device's physical cores (as the C library's default)."""
+    return int(device_fingerprint()["physical_cores"])
+
+
+def default_drafter(name: str) -> tuple[str, str]:
+    """The drafter a model gets when neither an argument nor tuned settings choose one, and why: the registry's
+    measured-best drafter for a known model, else DEFAULT_DRAFTER."""
+    if name in REGISTRY:
+        return REGISTRY[name].default_drafter, "the registry's choice for this model: the fastest measured"
+    return DEFAULT_DRAFTER, "the default for models Sparrow has not measured"
+
+
 @dataclass
 class RunSettings:
     """Threads and drafter for a run: the caller's where given, else the model's tuned settings, else defaults."""
 
-    threads: int                      # 0 = physical cores
+    threads: int                      # worker threads (the default: physical cores)
     draft: str                        # a name in runtime.drafters.DRAFTERS, a draft model's store name or file
     draft_options: dict[str, Any] = field(default_factory=dict)
     tuned: TunedSettings | None = None  # the tuned settings applied (in part or whole), if any
     default_draft: bool = False       # the drafter is the built-in default (no argument, no tuned settings)
+    why_draft: str = ""               # where the drafter comes from, in words (`sparrow models info`)
 
     def describe(self) -> str:
         """The effective settings, e.g. "2 threads, recycling (branching=[1], max_nodes=4)"."""
-        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "physical cores"
+        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
         opts = ", ".join(f"{k}={v}" for k, v in self.draft_options.items())
         return f"{threads}, " + ("no drafter" if self.draft == "none" else self.draft + (f" ({opts})" if opts else ""))
 
@@ -59,11 +73,13 @@ def run_settings(store: Store, name: str, *, threads: int | None = None, draft: 
     if warning:
         warn(f"warning: {warning}")
     if tuned is None or (threads is not None and draft is not None):
-        default = REGISTRY[name].default_drafter if name in REGISTRY else DEFAULT_DRAFTER
-        return RunSettings(threads or 0, draft or default, {}, None, default_draft=draft is None)
+        default, why = default_drafter(name)
+        return RunSettings(threads or physical_cores(), draft or default, {}, None, default_draft=draft is None,
+                           why_draft="chosen by the caller (--draft)" if draft is not None else why)
     effective = draft if draft is not None else tuned.drafter
     options = dict(tuned.drafter_options) if effective == tuned.drafter else {}  # the tuned shape of that drafter
-    return RunSettings(threads if threads is not None else tuned.threads, effective, options, tuned)
+    why = "chosen by the caller (--draft)" if draft is not None else "tuned on this device (`sparrow bench --tune`)"
+    return RunSettings(threads if threads is not None else tuned.threads, effective, options, tuned, why_draft=why)
 
 
 def drafter_source(store: Store, draft: str) -> str:

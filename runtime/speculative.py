@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -93,11 +93,24 @@ class SpecStats:
     def expert_bytes_per_token(self) -> float:
         return self.expert_bytes / self.generated if self.generated else 0.0
 
-    def summary(self) -> str:
+    def since(self, earlier: SpecStats) -> SpecStats:
+        """What was added after `earlier` (a copy of these statistics taken before, e.g. before one chat answer)."""
+        out = SpecStats(dense_expert_bytes_per_token=self.dense_expert_bytes_per_token)
+        for f in fields(self):
+            if f.name == "accepted_hist":
+                hist = {k: v - earlier.accepted_hist.get(k, 0) for k, v in self.accepted_hist.items()}
+                out.accepted_hist = {k: v for k, v in hist.items() if v}
+            elif f.name != "dense_expert_bytes_per_token":
+                setattr(out, f.name, getattr(self, f.name) - getattr(earlier, f.name))
+        return out
+
+    def summary(self, *, speed: bool = True) -> str:
+        """One line; speed=False leaves out tok/s (for a caller that prints its own, timed end to end)."""
         hist = " ".join(f"{k}:{v}" for k, v in sorted(self.accepted_hist.items()))
         s = (f"{self.steps} steps, {self.generated} tokens, {self.tokens_per_step:.2f} tokens/step "
-             f"(mean accepted {self.mean_accepted:.2f} of {self.drafted / max(self.steps, 1):.1f} drafted), "
-             f"{self.decode_tok_s:.1f} tok/s; time draft {self.draft_s:.3f} s, verify {self.verify_s:.3f} s "
+             f"(mean accepted {self.mean_accepted:.2f} of {self.drafted / max(self.steps, 1):.1f} drafted)"
+             + (f", {self.decode_tok_s:.1f} tok/s" if speed else "")
+             + f"; time draft {self.draft_s:.3f} s, verify {self.verify_s:.3f} s "
              f"(attention {self.verify_attention_s:.3f}, FFN {self.verify_ffn_s:.3f}, LM head "
              f"{self.verify_head_s:.3f}), sampling {self.sample_s:.3f} s, accept {self.accept_s:.3f} s; "
              f"accepted per step {hist}")
@@ -372,10 +385,12 @@ class SpeculativeBackend:
             raise AttributeError(name)
         return getattr(self._backend, name)
 
-    def summary(self) -> str:
-        """The statistics so far, and what the drafter's planner has learned (if it has one)."""
+    def summary(self, since: SpecStats | None = None, *, speed: bool = True) -> str:
+        """The statistics so far (or since a copy of them taken earlier, e.g. one answer's), and what the drafter's
+        planner has learned (if it has one)."""
         planner = self.drafter.planner
-        return self.stats.summary() + (f"; {planner.summary()}" if planner is not None else "")
+        stats = self.stats if since is None else self.stats.since(since)
+        return stats.summary(speed=speed) + (f"; {planner.summary()}" if planner is not None else "")
 
     @property
     def n_evaluated(self) -> int:

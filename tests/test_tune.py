@@ -16,6 +16,7 @@ from sparrow.bench_device.tune import (
     NativeRunner,
     choose,
     drafter_candidates,
+    format_result,
     measure,
     paired_ratios,
     record,
@@ -274,7 +275,8 @@ def generate_json(*flags: str) -> tuple[dict, str]:
 def test_generate_and_chat_use_tuned_settings_unless_flags_say_otherwise(pulled_tiny):
     store = Store()
     plain, _ = generate_json()
-    assert (plain["threads"], plain["draft"], plain["tuned"]) == (0, "hybrid", None)
+    physical = device_fingerprint()["physical_cores"]  # untuned: the actual thread count, not 0
+    assert (plain["threads"], plain["draft"], plain["tuned"]) == (physical, "hybrid", None)
     store.save_tuned("tiny", make_record(sha=store.info("tiny").sha256))
 
     tuned, err = generate_json()
@@ -294,7 +296,9 @@ def test_generate_and_chat_use_tuned_settings_unless_flags_say_otherwise(pulled_
     row = next(line for line in run("models", "list").output.splitlines() if " tiny " in line)
     assert " 1t prompt-lookup " in row
     info = run("models", "info", "tiny")
-    assert "tuned:         1 thread, prompt-lookup (k=3); 150.0 tok/s vs 100.0 with the defaults (1.50x)" in info.output
+    assert ("tuned:         1 thread, prompt-lookup (k=3); 150.0 tok/s vs 100.0 with plain decoding (1.50x)"
+            in info.output)
+    assert "drafter:       prompt-lookup (k=3), tuned on this device" in info.output
     assert json.loads(run("models", "info", "tiny", "--json").output)["tuned"]["settings"]["threads"] == 1
 
 
@@ -303,7 +307,7 @@ def test_corrupt_settings_warn_and_chat_still_runs_with_defaults(pulled_tiny):
     path.parent.mkdir(parents=True)
     path.write_text('{"schema": "sparrow.tuned/1", "settings": ')
     out, err = generate_json()
-    assert (out["threads"], out["draft"], out["tuned"]) == (0, "hybrid", None)
+    assert (out["threads"], out["draft"], out["tuned"]) == (device_fingerprint()["physical_cores"], "hybrid", None)
     assert "warning: ignoring the tuned settings" in err and "Using the defaults" in err
     assert path.exists()
     r = run("chat", "tiny", "--temperature", "0", "--max-tokens", "4", input="hi\n/exit\n")
@@ -339,6 +343,12 @@ def test_bench_tune_quick_stores_settings_that_generate_then_uses(pulled_tiny):
     labels = {c["label"] for c in rec["stages"][-1]["candidates"]}
     assert {"1t none", "1t prompt-lookup k=4", "1t recycling branching=1,max_nodes=4"} <= labels
     assert all("decode_tok_s" in c for c in rec["stages"][-1]["candidates"])  # none rejected
+    # the baseline is plain decoding, and named so; what chat runs untuned (hybrid on the physical cores) is
+    # measured beside it and marked
+    physical = device_fingerprint()["physical_cores"]
+    assert f"{physical}t none (baseline)" in r.output and f"{physical}t hybrid (untuned default)" in r.output
+    assert f"{physical}t hybrid" in labels and rec["untuned_default"]["drafter"] == "hybrid"
+    assert rec["untuned_default"]["ratio_vs_default"]["median"] > 0
     out, _ = generate_json()
     assert (out["threads"], out["draft"]) == (t.threads, t.drafter)
 
@@ -359,6 +369,24 @@ def test_the_registered_draft_model_is_a_candidate(home):
     assert draft in result.final and result.final[draft].rejected is None
     assert saved == store.tuned_path("blockffn-tiny")
     assert store.load_tuned("blockffn-tiny", sha256=store.info("blockffn-tiny").sha256)[0] is not None
+
+
+def test_the_untuned_default_is_measured_once_and_named():
+    """A candidate that runs as the untuned default (a drafter option left at its constructor's default counts as
+    the same setting) is marked as it, not measured twice; the record gives its ratio to the baseline."""
+    assert Candidate.make(2, "prompt-lookup").runs_as(Candidate.make(2, "prompt-lookup", k=4))
+    assert not Candidate.make(2, "prompt-lookup").runs_as(Candidate.make(2, "prompt-lookup", k=8))
+    assert not Candidate.make(2, "prompt-lookup").runs_as(Candidate.make(1, "prompt-lookup"))
+    d, pl = Candidate(2), Candidate.make(2, "prompt-lookup", k=4)
+    result = tune(FakeRunner({d: 100.0, pl: 120.0}), PROMPTS, threads=[2], default=d, drafters=lambda t: [pl],
+                  tokens=4, rounds=2, untuned=Candidate.make(2, "prompt-lookup"))
+    assert result.untuned == pl and list(result.final) == [d, pl]
+    assert result.untuned_ratio()["median"] == pytest.approx(1.2)
+    text = format_result(result)
+    assert "2t none (baseline)" in text and "2t prompt-lookup k=4 (untuned default)" in text
+    rec = record(result, model="m", model_sha256="00" * 32, quick=True, prompts=["a", "b"])
+    assert rec["untuned_default"]["label"] == pl.label
+    assert rec["untuned_default"]["ratio_vs_default"]["median"] == pytest.approx(1.2)
 
 
 def test_record_is_readable_by_the_store():

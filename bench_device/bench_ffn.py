@@ -31,6 +31,7 @@ import numpy as np
 
 from ..runtime import Model, _sparrow
 from ..runtime.native import FFN_MODES
+from .profile import cpu_model
 
 testing = _sparrow.testing
 Q = gguf.GGMLQuantizationType
@@ -103,7 +104,7 @@ def routing(T: int, E: int, union: float, per_token: float, rng: np.random.Gener
     return r / r.sum(axis=1, keepdims=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--experts", type=int, default=64)
@@ -115,13 +116,21 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8, help="T of the chunk measurements")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=24, help="calls per mode per round")
-    ap.add_argument("--model", default=None, help="reuse/write the model file here (default: a temporary file)")
+    ap.add_argument("--model", default=None, help="reuse/write the model file here (default: a temporary file, "
+                    "removed when the run ends)")
     ap.add_argument("--out", default=None, help="write JSON here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.model:
+        run(args, Path(args.model))
+        return
+    # The model file (~170 MB at the default shape) lives only as long as the run, whatever ends it.
+    with tempfile.TemporaryDirectory(prefix="sparrow-bench-ffn-") as tmp:
+        run(args, Path(tmp) / "bench_ffn.gguf")
+
+
+def run(args: argparse.Namespace, path: Path) -> None:
     H, E, F, L, T8 = args.hidden, args.experts, args.width, args.layers, args.chunk
     qtype = Q[args.type]
-    tmp = None
-    path = Path(args.model) if args.model else Path(tempfile.mkdtemp()) / "bench_ffn.gguf"
     if not path.exists():
         t0 = time.time()
         write_model(path, H, E, F, L, qtype)
@@ -170,13 +179,11 @@ def main() -> None:
         print(f"{x['threads']:>3} {x['T']:>2} {x['fraction']:>6.2f} {x['tls']:>5.2f} {x['cls']:>5.2f} {x['mode']:>6} "
               f"{x['median_s'] * 1e6:>9.1f} [{x['min_s'] * 1e6:>7.1f}, {x['max_s'] * 1e6:>7.1f}] "
               f"{x['ratio_dense']:>7.3f} {x['ratio_T_dense1']:>16.3f}")
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "tier": _sparrow.kernel_tier(),
-               "features": _sparrow.cpu_features()}
+    machine = {"cpu_model": cpu_model(), "platform": platform.platform(), "cpus": os.cpu_count(),
+               "tier": _sparrow.kernel_tier(), "features": _sparrow.cpu_features()}
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": machine, "time": time.time(), "config": vars(args), "results": results}, f, indent=1)
-    if tmp:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ For each (shape N x K, type, T) the tiers are timed side by side in interleaved 
 (this process is pinned to one CPU; the C hook is single-threaded), cycling through enough copies of the weights that
 they come from DRAM as in a real forward pass (--cold-mb; 0 = hot in cache). Each result is checked against the
 `ref` tier before timing. Reported: median seconds per call with min/max over all repeats, the ratio to T=1 of the
-same tier, and GB/s of weight bytes read. Writes JSON (--out) and prints a table.
+same tier, and GB/s of weight bytes read. Writes JSON (--out) and prints a table. A progress bar (stderr) counts
+the (shape, type, T) cells; the whole default run takes several minutes (over 3 on a 2-core machine), --shapes,
+--types and --T choose a part of it.
 
 For tiers that repack quantized weights at model load (kernels.h pack/matmul_packed), the packed kernel is timed as
 its own column "<tier>+packed" in the same interleaved rounds (--no-packed to skip); its GB/s counts the same GGUF
@@ -21,11 +23,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from ..runtime import _sparrow
+from .profile import cpu_model
 
 testing = _sparrow.testing
 
@@ -75,7 +80,7 @@ def check(tier: str, tid: int, w: bytes, n: int, x: np.ndarray, y_ref: np.ndarra
     return err
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiers", nargs="*", default=[t for t in testing.tiers() if t != "ref"] or ["ref"],
                     help="tiers to time (default: the SIMD tiers; every tier is checked against ref anyway)")
@@ -88,45 +93,46 @@ def main() -> None:
     ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)")
     ap.add_argument("--out", default=None, help="write JSON here")
     ap.add_argument("--no-packed", action="store_true", help="do not time the packed kernels")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     cpus = sorted(os.sched_getaffinity(0))
     cpu = args.cpu if args.cpu is not None else cpus[0]
     os.sched_setaffinity(0, {cpu})
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
+    machine = {"cpu_model": cpu_model(), "platform": platform.platform(), "processor": platform.processor(),
                "cpu_features": _sparrow.cpu_features(), "pinned_cpu": cpu, "threads": 1,
                "cold_mb": args.cold_mb, "best_tier": _sparrow.kernel_tier()}
     results = []
     tmax = max(args.T)
-    for name, n, k, types in SHAPES:
-        if args.shapes and not any(s in name for s in args.shapes):
-            continue
-        for tname in types:
-            if args.types and tname not in args.types:
-                continue
-            tid = TYPE_IDS[tname]
-            w = make_weights(tname, n, k)
-            x_all = np.random.default_rng(1).standard_normal((tmax, k)).astype(np.float32)
-            y_ref_all = testing.matmul("ref", tid, w, n, x_all)  # rows of y are independent of T
-            copies = max(1, int(args.cold_mb * 2**20 / len(w))) if args.cold_mb > 0 else 1
-            for T in args.T:
-                x = np.ascontiguousarray(x_all[:T])
-                times: dict[str, list[float]] = {t: [] for t in variants(args, tid, n, k)}
-                reps = {}
+    cells = [(name, n, k, tname) for name, n, k, types in SHAPES for tname in types
+             if (not args.shapes or any(s in name for s in args.shapes)) and (not args.types or tname in args.types)]
+    t_start = time.perf_counter()
+    bar = tqdm(total=len(cells) * len(args.T), desc="kernels", unit="cell", file=sys.stderr)
+    for name, n, k, tname in cells:
+        tid = TYPE_IDS[tname]
+        w = make_weights(tname, n, k)
+        x_all = np.random.default_rng(1).standard_normal((tmax, k)).astype(np.float32)
+        y_ref_all = testing.matmul("ref", tid, w, n, x_all)  # rows of y are independent of T
+        copies = max(1, int(args.cold_mb * 2**20 / len(w))) if args.cold_mb > 0 else 1
+        for T in args.T:
+            x = np.ascontiguousarray(x_all[:T])
+            times: dict[str, list[float]] = {t: [] for t in variants(args, tid, n, k)}
+            reps = {}
+            for tier in times:
+                check(tier, tid, w, n, x, y_ref_all[:T])
+                one = statistics.median(time_calls(tier, tid, w, n, x, 3, copies))
+                reps[tier] = max(3, min(2000, int(args.min_time / max(one, 1e-7))))
+            for _ in range(args.rounds):  # A B A B ...
                 for tier in times:
-                    check(tier, tid, w, n, x, y_ref_all[:T])
-                    one = statistics.median(time_calls(tier, tid, w, n, x, 3, copies))
-                    reps[tier] = max(3, min(2000, int(args.min_time / max(one, 1e-7))))
-                for _ in range(args.rounds):  # A B A B ...
-                    for tier in times:
-                        times[tier] += time_calls(tier, tid, w, n, x, reps[tier], copies)
-                for tier in times:
-                    ts = times[tier]
-                    print(f"{name} {tname} T={T} {tier}: {statistics.median(ts) * 1e6:.1f}us", flush=True)
-                    med = statistics.median(ts)
-                    results.append({"shape": name, "N": n, "K": k, "type": tname, "T": T, "tier": tier,
-                                    "median_s": med, "min_s": min(ts), "max_s": max(ts), "n": len(ts),
-                                    "weight_bytes": len(w), "gbps": len(w) / med / 1e9})
+                    times[tier] += time_calls(tier, tid, w, n, x, reps[tier], copies)
+            bar.set_postfix_str(f"{name.split()[0]} {tname} T={T}")
+            bar.update(1)
+            for tier, ts in times.items():
+                med = statistics.median(ts)
+                results.append({"shape": name, "N": n, "K": k, "type": tname, "T": T, "tier": tier,
+                                "median_s": med, "min_s": min(ts), "max_s": max(ts), "n": len(ts),
+                                "weight_bytes": len(w), "gbps": len(w) / med / 1e9})
+    bar.close()
+    duration = time.perf_counter() - t_start
     base = {(r["shape"], r["type"], r["tier"]): r["median_s"] for r in results if r["T"] == 1}
     for r in results:
         b = base.get((r["shape"], r["type"], r["tier"]))
@@ -146,9 +152,11 @@ def main() -> None:
                     cells.append(f"{r['median_s'] * 1e6:8.1f}us {r['ratio_T1']:4.2f}x {r['gbps']:4.1f}" if r else "")
                 print(f"{name:20s} {tname:5s} {tier:14s} " + " ".join(f"{c:>20s}" for c in cells))
     print("# cell: median time per call, ratio to T=1 (same tier), GB/s of weights read")
+    print(f"# {len(cells) * len(args.T)} cells in {duration:.0f} s on {machine['cpu_model']}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": machine, "time": time.time(), "results": results}, f, indent=1)
+            json.dump({"machine": machine, "time": time.time(), "duration_s": duration, "results": results}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,7 +230,17 @@ def _expected_shapes(c: BlockFFNConfig) -> tuple[dict[str, tuple], dict[str, tup
     return glob, layer
 
 
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
 def _check_tensors(ckpt: SafetensorsCheckpoint, c: BlockFFNConfig) -> None:
+    # The layer count first, from the weights themselves: config.json is only as big as the numbers in it, and the
+    # tables below grow with num_hidden_layers.
+    layers = {int(m.group(1)) for n in ckpt.names if (m := _LAYER_NAME.match(n))}
+    n_layers = max(layers) + 1 if layers else 0
+    if c.num_hidden_layers != n_layers:
+        raise ConversionError(f"{ckpt.src}: config.json says num_hidden_layers = {c.num_hidden_layers}, but the "
+                              f"weights hold {n_layers} layers; the weights and config.json disagree")
     glob, layer = _expected_shapes(c)
     expected = dict(glob)
     for l in range(c.num_hidden_layers):

@@ -6,6 +6,7 @@ nothing is read until a tensor is asked for."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +60,13 @@ class SafetensorsCheckpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                files = sorted(set(weight_map.values()))
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise ConversionError(f"{index} is not a valid safetensors index ({e})") from e
-            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not isinstance(name, str) or Path(name).name != name:
+                    raise ConversionError(f"{index} names the weights file {name!r}: only files beside the index "
+                                          f"can be read")
         elif (src / SAFETENSORS_SINGLE).is_file():
             files = [SAFETENSORS_SINGLE]
         else:
@@ -87,18 +92,24 @@ class SafetensorsCheckpoint:
                 header = json.loads(f.read(n).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ConversionError(f"{path}: safetensors header is not valid JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise ConversionError(f"{path}: the safetensors header must be a JSON object, found "
+                                  f"{type(header).__name__}; the file is corrupt")
         data_start = 8 + n
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             try:
-                dtype, shape, (b, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+                dtype, shape, (b, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError) as err:
                 raise ConversionError(f"{path}: bad header entry for tensor {name!r}") from err
+            if not all(type(v) is int and v >= 0 for v in (*shape, b, e)):  # bool is not an int here
+                raise ConversionError(f"{path}: tensor {name!r} has a shape or data offsets that are not "
+                                      f"non-negative integers; the file is corrupt")
             if dtype not in _DTYPES:
                 raise ConversionError(f"{path}: tensor {name!r} has dtype {dtype}; only F32, F16, BF16 and F64 "
                                       f"weights can be converted")
-            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            count = math.prod(shape)  # exact: a product that overflows 64 bits must not wrap to something small
             if not (0 <= b <= e and data_start + e <= size and e - b == count * np.dtype(_DTYPES[dtype]).itemsize):
                 raise ConversionError(f"{path}: tensor {name!r} has data offsets that disagree with its shape or "
                                       f"run past the end of the file; the file is corrupt or truncated")

@@ -264,6 +264,7 @@ BAD = {
     "vocab smaller than tokenizer": ({"cfg": FixtureConfig(vocab_size=500)}, "tokenizer"),
     "bos outside vocab": ({"config_overrides": {"bos_token_id": 9999}}, "bos"),
     "NaN weights": ({"replace": {"model.layers.1.mlp.down_proj": np.full((64, 128), np.nan)}}, "NaN"),
+    "huge layer count": ({"config_overrides": {"num_hidden_layers": 10**7}}, "num_hidden_layers = 10000000"),
 }
 
 
@@ -496,3 +497,43 @@ def test_streamed_gguf_leaves_either_the_whole_file_or_nothing(tmp_path):
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == 0o666 & ~umask
     assert gguf.GGUFReader(str(out)).tensors[0].data.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def _edit_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header with edit(header) -> new header (the data stays as it is)."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(edit(json.loads(raw[8:8 + n]))).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+
+
+def _first_tensor(h: dict) -> str:
+    return next(k for k in h if k != "__metadata__")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda h: [h], "must be a JSON object"),
+    (lambda h: {**h, _first_tensor(h): {**h[_first_tensor(h)], "data_offsets": ["0", "4"]}}, "non-negative integers"),
+    (lambda h: {**h, _first_tensor(h): {**h[_first_tensor(h)], "shape": [-1, 4]}}, "non-negative integers"),
+    (lambda h: {**h, "huge": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}}, "disagree"),
+], ids=["list header", "string offsets", "negative dim", "2^64 elements in 0 bytes"])
+def test_hostile_safetensors_headers(tmp_path, edit, match):
+    """Headers from strangers (issue 13): a clear ConversionError, never a traceback or a wrapped size check."""
+    src = write_checkpoint(tmp_path / "ck", FixtureConfig())
+    _edit_header(src / "model.safetensors", edit)
+    with pytest.raises(ConversionError, match=match):
+        convert(src, tmp_path / "m.gguf", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_sharded_index_names_only_files_beside_it(tmp_path):
+    import json
+
+    src = write_checkpoint(tmp_path / "ck", FixtureConfig())
+    for target in ("../../etc/passwd", 7):
+        (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": target}}))
+        with pytest.raises(ConversionError, match="only files beside the index"):
+            convert(src, tmp_path / "m.gguf", progress=False)

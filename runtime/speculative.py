@@ -153,7 +153,9 @@ class _Scratch:
         self.p = np.empty(n_vocab, dtype=np.float64)              # target distribution at a node
         # The C sampler computes the target distribution (only its K tokens of non-zero probability) far faster than
         # the dense numpy path; its repetition-penalty history is set to each node's before use.
-        self.sampler = Sampler(n_vocab, params) if params.temperature > 0 else None
+        # Built for greedy decoding too: the C sampler validates the parameters exactly as plain decoding does
+        # (NaN or negative penalties, top-p > 1, ...), so the speculative path refuses what the plain one refuses.
+        self.sampler = Sampler(n_vocab, params)
 
     def tree_mask(self, parents: Sequence[int]) -> np.ndarray:
         """[T, T] ancestor-or-self mask and node depths for a root plus nodes with these parents."""

@@ -537,3 +537,21 @@ def test_shipped_blockffn_greedy_equals_plain_with_every_drafter():
         assert st.expert_bytes_per_step > 0
     assert stats["draft-model"].mean_accepted > 0.5
     assert stats["draft-model-tree"].drafted > stats["draft-model-tree"].steps * 3  # runner-up leaves were verified
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "0", "--repeat-penalty", "nan"], ["--repeat-penalty", "-1"],
+                                   ["--top-p", "2"], ["--temperature", "nan"]])
+def test_speculative_path_refuses_the_sampler_settings_plain_decoding_refuses(flags, home):
+    """Issue 13.9: the default (speculative) path validated nothing when greedy; now both paths give the same
+    clear error and no output."""
+    from click.testing import CliRunner
+
+    from sparrow.cli import sparrow
+
+    outputs = []
+    for draft in ("prompt-lookup", "none"):
+        r = CliRunner().invoke(sparrow, ["generate", "-m", "blockffn-tiny", "--max-tokens", "4", "--draft", draft,
+                                         *flags, "def f(x):"])
+        assert r.exit_code == 1 and "the native runtime could not run the model" in r.output, (draft, r.output)
+        outputs.append(r.output.splitlines()[-1])
+    assert outputs[0] == outputs[1]

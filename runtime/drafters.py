@@ -144,9 +144,11 @@ class Recycling(Drafter):
     def load_state(self, path: Path) -> str | None:
         """Take the adjacency matrix saved at path if it fits this drafter (same vocabulary size and k, valid token
         ids). Returns None when loaded, else why not (the matrix is then left as it was)."""
-        try:
-            adj = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
+        if not Path(path).is_file():  # a FIFO or device would block or never end
+            return f"{path} is not a regular file"
+        try:  # memory-mapped: a header claiming a huge shape allocates nothing, and a short file is refused
+            adj = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError, MemoryError) as e:
             return f"{path} could not be read ({e})"
         if adj.dtype != np.int32 or adj.shape != self.adj.shape:
             return f"{path} holds a {adj.dtype} {adj.shape} matrix, this drafter needs int32 {self.adj.shape}"

@@ -277,6 +277,24 @@ def test_recycling_state_round_trips_and_refuses_what_does_not_fit(tmp_path):
     assert recycling_part(Hybrid(100)) is not None and recycling_part(PromptLookup()) is None
 
 
+def test_crafted_recycling_state_is_refused_without_allocating_or_blocking(tmp_path):
+    """Issue 13: a state file is a file in the store anyone could have edited. A header claiming a huge matrix
+    allocates nothing, a FIFO does not block, and the drafter keeps what it had."""
+    import os
+
+    b = Recycling(100, k=4)
+    huge = tmp_path / "huge.npy"
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 4), np.int32))
+    header["shape"] = (10**12, 4)
+    with open(huge, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 64)
+    assert "could not be read" in b.load_state(huge) and (b.adj == -1).all()
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)
+    assert "not a regular file" in b.load_state(fifo)
+
+
 def test_top_k_rows_orders_like_a_full_sort():
     rng = np.random.default_rng(3)
     for V in (275, 49152):

@@ -7,7 +7,10 @@
  *  - Every function that can fail returns sp_status; on failure sp_last_error() (thread-local) says why.
  *  - The library never aborts or exits on bad input.
  *  - sp_model is immutable after loading (weights are mmap'd) and may be shared by many sessions and threads.
- *  - sp_session holds the per-user state: KV cache, scratch buffers and thread pool. One thread at a time per session.
+ *  - sp_session holds the per-user state: KV cache, scratch buffers and thread pool. One thread at a time per session:
+ *    sp_eval, sp_session_truncate and sp_session_keep called while another thread is inside one of them on the same
+ *    session fail with SP_ERR_INVALID_ARG ("in use by another thread") instead of racing. Freeing a model or session
+ *    while another thread still uses it is the host's to prevent (the Python binding does).
  *  - Params structs are passed by value; get defaults from sp_*_default_params() and change what you need.
  */
 #ifndef SPARROW_H
@@ -68,6 +71,7 @@ SP_API sp_model_params sp_model_default_params(void);
  * e.g. {"llama", "blockffn", NULL}. Loading the weights of another architecture fails with SP_ERR_UNSUPPORTED
  * (a vocab_only load reads any). Hosts route other architectures elsewhere by this list. */
 SP_API const char *const *sp_supported_architectures(void);
+/* path must name a regular file (a FIFO, device or directory fails with SP_ERR_IO, without blocking or reading). */
 SP_API sp_status sp_model_load(const char *path, sp_model_params params, sp_model **out);
 SP_API void sp_model_free(sp_model *model);          /* NULL is allowed; frees nothing a session still uses: free sessions first */
 

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -37,12 +38,32 @@ void check(sp_status s) {
     if (s != SP_OK) throw SparrowError(std::string(sp_status_string(s)) + ": " + sp_last_error());
 }
 
+// A C string as str, bytes that are not UTF-8 replaced by U+FFFD: messages and names can quote a GGUF file's strings,
+// which need not be valid UTF-8 (nanobind's own conversion would raise UnicodeDecodeError instead).
+nb::str lossy_str(const char *s) {
+    PyObject *o = PyUnicode_DecodeUTF8(s, (Py_ssize_t)std::strlen(s), "replace");
+    if (!o) throw nb::python_error();
+    return nb::steal<nb::str>(o);
+}
+
 using F32Array = nb::ndarray<nb::numpy, float>;
 
+// Lifetimes under threads. The binding releases the GIL while C works, so another Python thread may close an object,
+// or call it again, in the meantime. Every call therefore holds a use of its object (ModelUse / SessionUse below: taken
+// before the GIL is released, given back after it is taken again):
+//  - a Model counts its uses (calls in flight, plus one per open Session); close() refuses new uses at once, and the
+//    C model is freed by whichever comes last, close() or the last use;
+//  - a Session (KV cache, scratch, thread pool: one call at a time) has at most one use: a call from a second thread
+//    is refused with "in use by another thread" (entering sp_eval twice would deadlock its pool), and close() during
+//    a call frees the session when that call returns.
+// The counts sit behind a mutex, so this holds without the GIL too; the mutex is never held while C works or while
+// waiting for the GIL. Sampler calls never release the GIL, so they need no guard.
 struct Model {
     sp_model *m = nullptr;
     sp_model_info info{};
     explicit Model(const std::string &path, bool use_mmap, bool vocab_only, bool repack = true) {
+        if (path.find('\0') != std::string::npos)  // C would open the path up to the NUL: another file
+            throw SparrowError("SP_ERR_INVALID_ARG: the model path contains a NUL character");
         sp_model_params p = sp_model_default_params();
         p.use_mmap = use_mmap;
         p.vocab_only = vocab_only;
@@ -55,22 +76,45 @@ struct Model {
         check(s);
         check(sp_model_get_info(m, &info));
     }
-    ~Model() { release(); }
-    // close() makes the model unusable at once; its memory is freed when the last session using it closes.
+    ~Model() { sp_model_free(m); }  // no use is left: each call and each Session holds a reference to this object
+    // close() makes the model unusable at once; its memory is freed when the last call or session using it ends.
     void close() {
-        closed = true;
-        if (live_sessions == 0) release();
+        sp_model *dead = nullptr;
+        {
+            std::lock_guard<std::mutex> g(mu);
+            closed = true;
+            if (uses == 0) std::swap(dead, m);
+        }
+        sp_model_free(dead);
     }
-    void release() {
-        if (m) sp_model_free(m);
-        m = nullptr;
-    }
-    sp_model *get() const {
+    sp_model *acquire() {
+        std::lock_guard<std::mutex> g(mu);
         if (closed || !m) throw SparrowError("SP_ERR_INVALID_ARG: the model is closed");
+        uses++;
         return m;
     }
-    int live_sessions = 0;
+    void release() {
+        sp_model *dead = nullptr;
+        {
+            std::lock_guard<std::mutex> g(mu);
+            if (--uses == 0 && closed) std::swap(dead, m);
+        }
+        sp_model_free(dead);
+    }
+    std::mutex mu;
+    int uses = 0;  // calls in flight + open sessions
     bool closed = false;
+};
+
+// One call's use of a Model (see "Lifetimes under threads"): converts to the sp_model it keeps alive.
+struct ModelUse {
+    Model &model;
+    sp_model *m;
+    explicit ModelUse(Model &x) : model(x), m(x.acquire()) {}
+    ~ModelUse() { model.release(); }
+    ModelUse(const ModelUse &) = delete;
+    ModelUse &operator=(const ModelUse &) = delete;
+    operator sp_model *() const { return m; }
 };
 
 // n_ctx None: the library default; n_batch / n_threads 0 or None: default. Other values go to C to be checked.
@@ -94,29 +138,71 @@ nb::dict memory_dict(const sp_session_memory &mem) {
 
 struct Session {
     sp_session *s = nullptr;
+    Model *model = nullptr;
     nb::object model_ref;  // keeps the Python Model alive while the session lives
     int32_t n_vocab = 0;
     Session(nb::object model_obj, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
             std::optional<int32_t> n_threads, int32_t ffn_mode) {
-        Model &model = nb::cast<Model &>(model_obj);
-        check(sp_session_new(model.get(), session_params(n_ctx, n_batch, n_threads, ffn_mode), &s));
+        Model &mo = nb::cast<Model &>(model_obj);
+        sp_model *m = mo.acquire();  // held until the session is freed
+        sp_status st = sp_session_new(m, session_params(n_ctx, n_batch, n_threads, ffn_mode), &s);
+        if (st != SP_OK) {
+            mo.release();
+            check(st);
+        }
+        model = &mo;
         model_ref = model_obj;
-        model.live_sessions++;
-        n_vocab = model.info.n_vocab;
+        n_vocab = mo.info.n_vocab;
     }
     ~Session() { close(); }
+    // close() makes the session unusable at once; a call in flight on another thread finishes first, then frees it.
     void close() {
-        if (!s) return;
-        sp_session_free(s);
-        s = nullptr;
-        Model &model = nb::cast<Model &>(model_ref);
-        if (--model.live_sessions == 0 && model.closed) model.release();
-        model_ref = nb::none();
+        sp_session *dead = nullptr;
+        {
+            std::lock_guard<std::mutex> g(mu);
+            closed = true;
+            if (!busy) std::swap(dead, s);
+        }
+        free_now(dead);
     }
-    sp_session *get() const {
-        if (!s) throw SparrowError("SP_ERR_INVALID_ARG: the session is closed");
+    sp_session *acquire() {
+        std::lock_guard<std::mutex> g(mu);
+        if (closed || !s) throw SparrowError("SP_ERR_INVALID_ARG: the session is closed");
+        if (busy)
+            throw SparrowError("SP_ERR_INVALID_ARG: the session is in use by another thread (a session runs one call "
+                               "at a time: give each thread its own session)");
+        busy = true;
         return s;
     }
+    void release() {  // with the GIL held
+        sp_session *dead = nullptr;
+        {
+            std::lock_guard<std::mutex> g(mu);
+            busy = false;
+            if (closed) std::swap(dead, s);
+        }
+        free_now(dead);
+    }
+    void free_now(sp_session *dead) {  // with the GIL held (drops model_ref)
+        if (!dead) return;
+        sp_session_free(dead);
+        model->release();
+        model_ref = nb::none();
+    }
+    std::mutex mu;
+    bool busy = false;  // a call is in flight
+    bool closed = false;
+};
+
+// One call's use of a Session: converts to the sp_session it holds; a second thread's use is refused.
+struct SessionUse {
+    Session &ses;
+    sp_session *s;
+    explicit SessionUse(Session &x) : ses(x), s(x.acquire()) {}
+    ~SessionUse() { ses.release(); }
+    SessionUse(const SessionUse &) = delete;
+    SessionUse &operator=(const SessionUse &) = delete;
+    operator sp_session *() const { return s; }
 };
 
 struct Sampler {
@@ -149,8 +235,8 @@ struct Sampler {
 using F32Rows = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 
 // (status name, message) of a validator's result: ("SP_OK", "") when valid.
-std::pair<std::string, std::string> status_pair(sp_status s) {
-    return {sp_status_string(s), s == SP_OK ? "" : sp_last_error()};
+nb::tuple status_pair(sp_status s) {
+    return nb::make_tuple(sp_status_string(s), lossy_str(s == SP_OK ? "" : sp_last_error()));
 }
 
 // A new float32 array of `shape` (zeroed, then filled by fill(data)) that owns its buffer; freed if fill throws.
@@ -168,7 +254,17 @@ F32Array new_f32(std::initializer_list<size_t> shape, Fill fill) {
 
 NB_MODULE(_sparrow, m) {
     m.doc() = "Low-level binding of libsparrow (mirrors native/include/sparrow.h).";
-    nb::exception<SparrowError>(m, "SparrowError", PyExc_RuntimeError);
+    nb::exception<SparrowError> sparrow_error(m, "SparrowError", PyExc_RuntimeError);
+    // Replaces the translator nb::exception registered (later ones are tried first): the message decoded leniently.
+    nb::register_exception_translator([](const std::exception_ptr &p, void *type) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const SparrowError &e) {
+            PyObject *msg = PyUnicode_DecodeUTF8(e.what(), (Py_ssize_t)std::strlen(e.what()), "replace");
+            if (msg) PyErr_SetObject((PyObject *)type, msg);  // else the decoder's own error (MemoryError) stands
+            Py_XDECREF(msg);
+        }
+    }, sparrow_error.ptr());
 
     m.def("version", &sp_version);
     m.def("cpu_features", &sp_cpu_features);
@@ -248,13 +344,13 @@ NB_MODULE(_sparrow, m) {
         .def(nb::init<const std::string &, bool, bool, bool>(), "path"_a, "use_mmap"_a = true, "vocab_only"_a = false,
              "repack"_a = true)
         .def("close", &Model::close)
-        .def_prop_ro("closed", [](const Model &self) { return self.closed; })
-        .def("info", [](const Model &self) {
-            self.get();
+        .def_prop_ro("closed", [](Model &self) { return self.closed; })
+        .def("info", [](Model &self) {
+            ModelUse use(self);
             const sp_model_info &i = self.info;
             nb::dict d;
-            d["architecture"] = i.architecture;
-            d["name"] = i.name;
+            d["architecture"] = lossy_str(i.architecture);
+            d["name"] = lossy_str(i.name);
             d["n_vocab"] = i.n_vocab;
             d["n_ctx_train"] = i.n_ctx_train;
             d["n_embd"] = i.n_embd;
@@ -270,23 +366,25 @@ NB_MODULE(_sparrow, m) {
             d["weight_bytes"] = i.weight_bytes;
             return d;
         })
-        .def("meta_str", [](const Model &self, const std::string &key) -> std::optional<nb::bytes> {
+        .def("meta_str", [](Model &self, const std::string &key) -> std::optional<nb::bytes> {
             const char *p = nullptr;
             size_t n = 0;
-            if (sp_model_meta_str(self.get(), key.c_str(), &p, &n) != SP_OK) return std::nullopt;
+            ModelUse m(self);
+            if (sp_model_meta_str(m, key.c_str(), &p, &n) != SP_OK) return std::nullopt;
             return nb::bytes(p, n);
         })
-        .def("tokenize", [](const Model &self, nb::bytes text, bool add_special, bool parse_special) {
+        .def("tokenize", [](Model &self, nb::bytes text, bool add_special, bool parse_special) {
+            ModelUse m(self);
             std::vector<int32_t> out(text.size() + 16);
             size_t n = 0;
             sp_status s;
             {
                 nb::gil_scoped_release r;
-                s = sp_tokenize(self.get(), text.c_str(), text.size(), add_special, parse_special, out.data(),
+                s = sp_tokenize(m, text.c_str(), text.size(), add_special, parse_special, out.data(),
                                 out.size(), &n);
                 if (s == SP_ERR_INVALID_ARG && n > out.size()) {
                     out.resize(n);
-                    s = sp_tokenize(self.get(), text.c_str(), text.size(), add_special, parse_special, out.data(),
+                    s = sp_tokenize(m, text.c_str(), text.size(), add_special, parse_special, out.data(),
                                     out.size(), &n);
                 }
             }
@@ -294,24 +392,25 @@ NB_MODULE(_sparrow, m) {
             out.resize(n);
             return out;
         }, "text"_a, "add_special"_a = true, "parse_special"_a = false)
-        .def("token_to_piece", [](const Model &self, int32_t token, bool render_special) {
+        .def("token_to_piece", [](Model &self, int32_t token, bool render_special) {
+            ModelUse m(self);
             char buf[256];
             size_t n = 0;
-            sp_status s = sp_token_to_piece(self.get(), token, render_special, buf, sizeof buf, &n);
+            sp_status s = sp_token_to_piece(m, token, render_special, buf, sizeof buf, &n);
             if (s == SP_ERR_INVALID_ARG && n > sizeof buf) {
                 std::string big(n, '\0');
-                check(sp_token_to_piece(self.get(), token, render_special, big.data(), n, &n));
+                check(sp_token_to_piece(m, token, render_special, big.data(), n, &n));
                 return nb::bytes(big.data(), n);
             }
             check(s);
             return nb::bytes(buf, n);
         }, "token"_a, "render_special"_a = false)
-        .def("is_eog", [](const Model &self, int32_t token) { return sp_token_is_eog(self.get(), token); })
+        .def("is_eog", [](Model &self, int32_t token) { return sp_token_is_eog(ModelUse(self), token); })
         // session_memory(...) -> dict of sp_session_memory: what a Session with these arguments would allocate
-        .def("session_memory", [](const Model &self, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
+        .def("session_memory", [](Model &self, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
                                   std::optional<int32_t> n_threads, int32_t ffn_mode) {
             sp_session_memory mem;
-            check(sp_session_memory_estimate(self.get(), session_params(n_ctx, n_batch, n_threads, ffn_mode), &mem));
+            check(sp_session_memory_estimate(ModelUse(self), session_params(n_ctx, n_batch, n_threads, ffn_mode), &mem));
             return memory_dict(mem);
         }, "n_ctx"_a = nb::none(), "n_batch"_a = nb::none(), "n_threads"_a = nb::none(),
            "ffn_mode"_a = (int32_t)SP_FFN_AUTO);
@@ -321,9 +420,9 @@ NB_MODULE(_sparrow, m) {
              "model"_a, "n_ctx"_a = nb::none(), "n_batch"_a = nb::none(), "n_threads"_a = nb::none(),
              "ffn_mode"_a = (int32_t)SP_FFN_AUTO)
         // sparsity(layer=-1) -> dict of sp_sparsity_stats (cls as {k: value} for k = 2..16); None without experts
-        .def("sparsity", [](const Session &self, int32_t layer) -> nb::object {
+        .def("sparsity", [](Session &self, int32_t layer) -> nb::object {
             sp_sparsity_stats st;
-            check(sp_session_get_sparsity(self.get(), layer, &st));
+            check(sp_session_get_sparsity(SessionUse(self), layer, &st));
             if (st.n_expert == 0) return nb::none();
             nb::dict d, cls;
             d["n_expert"] = st.n_expert;
@@ -335,11 +434,11 @@ NB_MODULE(_sparrow, m) {
             d["dense_bytes_per_token"] = st.dense_bytes_per_token;
             return d;
         }, "layer"_a = -1)
-        .def("reset_sparsity", [](Session &self) { sp_session_reset_sparsity(self.get()); })
+        .def("reset_sparsity", [](Session &self) { sp_session_reset_sparsity(SessionUse(self)); })
         // timings() -> dict of sp_timings: where sp_eval's time went, per phase, since creation or reset_timings()
-        .def("timings", [](const Session &self) {
+        .def("timings", [](Session &self) {
             sp_timings tm;
-            check(sp_session_get_timings(self.get(), &tm));
+            check(sp_session_get_timings(SessionUse(self), &tm));
             nb::dict d;
             d["n_evals"] = tm.n_evals;
             d["n_tokens"] = tm.n_tokens;
@@ -349,20 +448,20 @@ NB_MODULE(_sparrow, m) {
             d["head_s"] = tm.head_s;
             return d;
         })
-        .def("reset_timings", [](Session &self) { sp_session_reset_timings(self.get()); })
+        .def("reset_timings", [](Session &self) { sp_session_reset_timings(SessionUse(self)); })
         // memory() -> dict of sp_session_memory: what this session allocated when it was created
-        .def("memory", [](const Session &self) {
+        .def("memory", [](Session &self) {
             sp_session_memory mem;
-            check(sp_session_get_memory(self.get(), &mem));
+            check(sp_session_get_memory(SessionUse(self), &mem));
             return memory_dict(mem);
         })
         .def("close", &Session::close)
-        .def_prop_ro("closed", [](const Session &self) { return self.s == nullptr; })
-        .def_prop_ro("n_past", [](const Session &self) { return sp_session_n_past(self.get()); })
-        .def_prop_ro("n_ctx", [](const Session &self) { return sp_session_n_ctx(self.get()); })
-        .def("truncate", [](Session &self, int32_t n) { check(sp_session_truncate(self.get(), n)); })
+        .def_prop_ro("closed", [](Session &self) { return self.closed; })
+        .def_prop_ro("n_past", [](Session &self) { return sp_session_n_past(SessionUse(self)); })
+        .def_prop_ro("n_ctx", [](Session &self) { return sp_session_n_ctx(SessionUse(self)); })
+        .def("truncate", [](Session &self, int32_t n) { check(sp_session_truncate(SessionUse(self), n)); })
         .def("keep", [](Session &self, std::vector<int32_t> idx) {
-            check(sp_session_keep(self.get(), idx.data(), (int32_t)idx.size()));
+            check(sp_session_keep(SessionUse(self), idx.data(), (int32_t)idx.size()));
         })
         // eval(tokens, pos=None, mask=None, logits="last"|"all"|"none", out=None) -> float32 array [V] / [T, V] / None;
         // out: a float32 C-contiguous array of that shape to write the logits into (returned), instead of a new one
@@ -370,7 +469,7 @@ NB_MODULE(_sparrow, m) {
                         std::optional<nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>> mask,
                         const std::string &logits,
                         std::optional<nb::ndarray<float, nb::c_contig, nb::device::cpu>> out_arr) -> nb::object {
-            sp_session *s = self.get();
+            SessionUse s(self);  // given back after the GIL is taken again (and on every error)
             const size_t T = tokens.size();
             if (pos && pos->size() != T) throw SparrowError("SP_ERR_INVALID_ARG: pos must have one entry per token");
             if (mask && (mask->shape(0) != T || mask->shape(1) != T))
@@ -498,7 +597,7 @@ NB_MODULE(_sparrow, m) {
     // Run one BlockFFN layer's FFN block alone: xn [T, H], router scores r [T, E] (None: computed by the router),
     // mode (sp_ffn_mode). Returns y [T, H] (before the residual scale).
     t.def("ffn_run", [](Session &self, int32_t il, F32Rows xn, std::optional<F32Rows> r, int mode) {
-        sp_session *s = self.get();
+        SessionUse s(self);
         const int32_t T = (int32_t)xn.shape(0);
         if (r && (int64_t)r->shape(0) != T) throw SparrowError("SP_ERR_INVALID_ARG: r must be [T, E]");
         return new_f32({(size_t)T, xn.shape(1)}, [&](float *out) {
@@ -514,7 +613,7 @@ NB_MODULE(_sparrow, m) {
     // Benchmark hook: seconds per FFN call for `reps` calls on layers cycling through `layers` (so that, with enough
     // layers, expert weights come from DRAM as in a forward pass), with fixed xn and scores r. One warm-up pass.
     t.def("ffn_time", [](Session &self, std::vector<int32_t> layers, F32Rows xn, F32Rows r, int mode, int reps) {
-        sp_session *s = self.get();
+        SessionUse s(self);
         const int32_t T = (int32_t)xn.shape(0);
         if ((int64_t)r.shape(0) != T) throw SparrowError("SP_ERR_INVALID_ARG: layers empty, reps < 1 or r not [T, E]");
         std::vector<double> out((size_t)std::max(reps, 0));
@@ -544,21 +643,22 @@ NB_MODULE(_sparrow, m) {
         return d;
     };
     t.def("set_synthetic_routing", [synth_dict](Session &self, double tls, double cls, int32_t k, uint64_t seed) {
-        check(sp_testing_set_synthetic_routing(self.get(), tls, cls, k, seed));
-        return synth_dict(self.get());
+        SessionUse s(self);
+        check(sp_testing_set_synthetic_routing(s, tls, cls, k, seed));
+        return synth_dict(s);
     }, "session"_a, "tls"_a, "cls"_a, "k"_a = 8, "seed"_a = 0);
-    t.def("clear_synthetic_routing", [](Session &self) { check(sp_testing_clear_synthetic_routing(self.get())); });
-    t.def("synthetic_routing", [synth_dict](const Session &self) { return synth_dict(self.get()); });
+    t.def("clear_synthetic_routing", [](Session &self) { check(sp_testing_clear_synthetic_routing(SessionUse(self))); });
+    t.def("synthetic_routing", [synth_dict](Session &self) { return synth_dict(SessionUse(self)); });
     // The synthetic scores [T, E] of `layer` at `positions` (what a pass uses for tokens at those positions).
-    t.def("synthetic_scores", [](const Session &self, int32_t layer, std::vector<int64_t> positions) {
-        const sp_session *s = self.get();
+    t.def("synthetic_scores", [](Session &self, int32_t layer, std::vector<int64_t> positions) {
+        SessionUse s(self);
         return new_f32({positions.size(), (size_t)sp_testing_n_expert(s)}, [&](float *out) {
             check(sp_testing_synthetic_scores(s, layer, positions.data(), (int64_t)positions.size(), out));
         });
     }, "session"_a, "layer"_a, "positions"_a);
     // The router scores [n_tokens, E] the last BlockFFN layer used in the most recent pass (session scratch).
-    t.def("last_router_scores", [](const Session &self, int32_t n_tokens) {
-        const sp_session *s = self.get();
+    t.def("last_router_scores", [](Session &self, int32_t n_tokens) {
+        SessionUse s(self);
         return new_f32({(size_t)std::max(n_tokens, 0), (size_t)sp_testing_n_expert(s)}, [&](float *out) {
             check(sp_testing_last_router_scores(s, n_tokens, out));
         });

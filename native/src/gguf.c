@@ -432,12 +432,16 @@ sp_status sp_gguf_open(const char *path, bool use_mmap, sp_gguf **out) {
     (void)use_mmap;
     return sp_fail(SP_ERR_UNSUPPORTED, "%s: the GGUF reader has no Windows file support yet", path);
 #else
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever. Only regular files are read
+     * (a FIFO, a device such as /dev/zero or a directory is refused before any read); for them the flag changes
+     * nothing. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return sp_fail(SP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         close(fd);
-        return sp_fail(SP_ERR_IO, "%s: not a regular file", path);
+        return sp_fail(SP_ERR_IO, "%s: not a regular file (a model must be a regular file, not a pipe, device or "
+                       "directory)", path);
     }
     const uint64_t size = (uint64_t)st.st_size;
     if (size == 0 || size > SIZE_MAX) {

@@ -10,6 +10,8 @@
 #include "threadpool.h"
 #include "vocab.h"
 
+#include <stdatomic.h>
+
 typedef struct sp_tensor {
     sp_type type;
     int64_t k;           /* ne[0]: row length (reduction axis) */
@@ -132,6 +134,7 @@ struct sp_session {
     sp_timings times; /* written by pool thread 0 only, between barriers */
     sp_session_memory memory; /* what sp_session_new allocated (session.c sizes it) */
     sp_pool *pool;
+    _Atomic int busy; /* 1 while a thread is inside sp_eval / truncate / keep: a second thread is refused */
 };
 
 /* Forward pass over one batch (validated by the caller). Never allocates. */

@@ -189,9 +189,23 @@ sp_status sp_session_get_memory(const sp_session *ses, sp_session_memory *out) {
     return SP_OK;
 }
 
-sp_status sp_eval(sp_session *ses, const sp_batch *b) {
-    sp_clear_error();
-    if (!ses || !b) return sp_fail(SP_ERR_INVALID_ARG, "sp_eval: NULL argument");
+/* A session runs one call at a time: two threads in sp_eval would drive one thread pool at once and deadlock it.
+ * enter() claims the session for this call (refusing it, with a clear error, while another thread holds it);
+ * leave() gives it back. */
+static sp_status enter(sp_session *ses, const char *what) {
+    if (atomic_exchange_explicit(&ses->busy, 1, memory_order_acquire))
+        return sp_fail(SP_ERR_INVALID_ARG, "%s: the session is in use by another thread (one call at a time per "
+                       "session: give each thread its own session)", what);
+    return SP_OK;
+}
+
+static sp_status leave(sp_session *ses, sp_status st) {
+    atomic_store_explicit(&ses->busy, 0, memory_order_release);
+    return st;
+}
+
+/* sp_eval with the session claimed by this thread. */
+static sp_status eval_checked(sp_session *ses, const sp_batch *b) {
     const sp_hparams *hp = &ses->model->hp;
     const int32_t T = b->n_tokens;
     if (T < 1 || T > ses->params.n_batch)
@@ -212,21 +226,29 @@ sp_status sp_eval(sp_session *ses, const sp_batch *b) {
     return SP_OK;
 }
 
+sp_status sp_eval(sp_session *ses, const sp_batch *b) {
+    sp_clear_error();
+    if (!ses || !b) return sp_fail(SP_ERR_INVALID_ARG, "sp_eval: NULL argument");
+    sp_status st = enter(ses, "sp_eval");
+    return st != SP_OK ? st : leave(ses, eval_checked(ses, b));
+}
+
 int32_t sp_session_n_past(const sp_session *ses) { return ses ? ses->n_past : 0; }
 int32_t sp_session_n_ctx(const sp_session *ses) { return ses ? ses->params.n_ctx : 0; }
 
 sp_status sp_session_truncate(sp_session *ses, int32_t n) {
     sp_clear_error();
     if (!ses) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_truncate: session is NULL");
+    sp_status st = enter(ses, "sp_session_truncate");
+    if (st != SP_OK) return st;
     if (n < 0 || n > ses->n_past)
-        return sp_fail(SP_ERR_INVALID_ARG, "truncate to %d tokens: must be 0..n_past (%d)", n, ses->n_past);
+        return leave(ses, sp_fail(SP_ERR_INVALID_ARG, "truncate to %d tokens: must be 0..n_past (%d)", n, ses->n_past));
     ses->n_past = n;
-    return SP_OK;
+    return leave(ses, SP_OK);
 }
 
-sp_status sp_session_keep(sp_session *ses, const int32_t *idx, int32_t n) {
-    sp_clear_error();
-    if (!ses || (!idx && n)) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_keep: NULL argument");
+/* sp_session_keep with the session claimed by this thread. */
+static sp_status keep_checked(sp_session *ses, const int32_t *idx, int32_t n) {
     if (n < 0 || n > ses->n_past) return sp_fail(SP_ERR_INVALID_ARG, "keep %d slots: must be 0..n_past (%d)", n, ses->n_past);
     for (int32_t i = 0; i < n; i++)
         if (idx[i] < 0 || idx[i] >= ses->n_past || (i > 0 && idx[i] <= idx[i - 1]))
@@ -243,6 +265,13 @@ sp_status sp_session_keep(sp_session *ses, const int32_t *idx, int32_t n) {
         }
     ses->n_past = n;
     return SP_OK;
+}
+
+sp_status sp_session_keep(sp_session *ses, const int32_t *idx, int32_t n) {
+    sp_clear_error();
+    if (!ses || (!idx && n)) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_keep: NULL argument");
+    sp_status st = enter(ses, "sp_session_keep");
+    return st != SP_OK ? st : leave(ses, keep_checked(ses, idx, n));
 }
 
 /* ---- phase timings ---- */

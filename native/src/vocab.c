@@ -613,12 +613,17 @@ static int hexval(char c) {
     return -1;
 }
 
-/* BPE: each character of the text is the GPT-2 stand-in for one byte (llama.cpp's llama_decode_text). */
+/* BPE: each character of the text is the GPT-2 stand-in for one byte (llama.cpp's llama_decode_text).
+ * A character that stands for no byte becomes "[UNK_BYTE_0x<its UTF-8 in hex>]"; llama.cpp appends the whole token
+ * text inside every such marker, so a long token of such characters grows quadratically (a 90 KB token gave 2.7 GB).
+ * Here only the first marker carries the token text (the same output as llama.cpp for a token with one such
+ * character): a piece is at most 22 x the token's length. */
 static void emit_gpt2_decoded(emitter *e, const sp_vtoken *t) {
     uint32_t cps_small[64];
     uint32_t *cps = t->len <= 64 ? cps_small : malloc(t->len * sizeof *cps);
     if (!cps) return;
     size_t n = sp_utf8_decode(t->text, t->len, cps);
+    bool text_shown = false;
     for (size_t i = 0; i < n; i++) {
         int b = sp_gpt2_cp_to_byte(cps[i]);
         if (b >= 0) {
@@ -626,14 +631,15 @@ static void emit_gpt2_decoded(emitter *e, const sp_vtoken *t) {
             emit(e, &c, 1);
             continue;
         }
-        /* not a byte stand-in: llama.cpp writes "[UNK_BYTE_0x<utf8 hex><token text>]" */
+        /* not a byte stand-in: "[UNK_BYTE_0x<utf8 hex><token text, the first time only>]" */
         static const char hx[] = "0123456789abcdef";
         char u[4], h[8];
         int nu = sp_utf8_encode(cps[i], u);
         for (int k = 0; k < nu; k++) { h[2 * k] = hx[(uint8_t)u[k] >> 4]; h[2 * k + 1] = hx[(uint8_t)u[k] & 15]; }
         emit(e, "[UNK_BYTE_0x", 12);
         emit(e, h, (size_t)(2 * nu));
-        emit(e, t->text, t->len);
+        if (!text_shown) emit(e, t->text, t->len);
+        text_shown = true;
         emit(e, "]", 1);
     }
     if (cps != cps_small) free(cps);

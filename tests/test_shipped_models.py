@@ -3,12 +3,15 @@
 - Greedy output of each shipped model for three fixed prompts (24 tokens) must not change. Regenerate (only when a
   model is deliberately retrained) with: SPARROW_BUILD_DIR=... PYTHONPATH=tests python tests/test_shipped_models.py
 - The native runtime's logits on prompt + golden continuation match tests/reference/blockffn.py's BlockFFNGGUFRef
-  (the same dequantized Q8_0 weights): NMSE < 2e-3, the bound test_blockffn_native.py states for Q8_0 files (the
+  (the same dequantized Q8_0 weights): NMSE < 1e-4 (measured 1.4-3.8e-5 on the ref, avx2 and avx512 tiers: the
   runtime quantizes activations to 8 bits per 32-element block); the reference's argmax equals the golden greedy
   token wherever the reference's top-2 margin exceeds 0.05.
-- Sparsity measured by the native runtime on the validation split (training.corpus, tokenized by the model's own
-  tokenizer) stays near the card's figures (models/results.json): TLS and CLS-8 within 0.03; the corpus is the local
-  Python's standard library, so another Python version gives a slightly different split.
+- Sparsity measured by the native runtime stays near the card's figures (models/results.json, measured on 16384
+  tokens of the validation split): on the first 4096 tokens of that split as Python 3.11's standard library gives it,
+  committed in tests/fixtures/val_text.txt (the start of aifc.py as training.corpus cleans it), so that it is checked
+  on every Python: TLS and CLS-8 within 0.03 of the card, and within 2e-3 of what they measure on that text today
+  (0.8021, 0.7590); and on the local Python's own validation split, as the card measured it, where that split is long
+  enough (another Python version gives a slightly different split).
 - The store lists both without a download, and the files match their registry checksums.
 """
 from __future__ import annotations
@@ -80,7 +83,7 @@ def test_logits_match_reference(name):
             with model.session(n_ctx=256, n_batch=64, n_threads=1) as s:
                 ours = s.eval(tokens, logits="all")
             want, _ = ref.forward(tokens)
-            assert nmse(ours, want) < 2e-3, prompt
+            assert nmse(ours, want) < 1e-4, prompt
             top2 = np.sort(want, axis=-1)[:, -2:]
             sure = (top2[:, 1] - top2[:, 0] > 0.05)[n_prompt - 1:len(tokens) - 1]
             ref_next = np.argmax(want, axis=-1)[n_prompt - 1:len(tokens) - 1]
@@ -98,18 +101,42 @@ def validation_tokens(model: Model, limit: int) -> list[int]:
     return out[:limit]
 
 
-def test_sparsity_matches_card():
-    r = RESULTS["blockffn-tiny"]
-    windows, ctx = r["native_val_tokens"] // 256, 256
-    with Model(path_of("blockffn-tiny")) as model, model.session(n_ctx=ctx, n_batch=64, n_threads=0) as s:
-        toks = validation_tokens(model, windows * ctx + 1)
-        if len(toks) < windows * ctx:
-            pytest.skip("this Python's standard library gives a shorter validation split than the card's")
-        for i in range(windows):
+VAL_TEXT = Path(__file__).resolve().parent / "fixtures" / "val_text.txt"
+VAL_TEXT_SPARSITY = {"blockffn-tiny": (0.8020973205566406, 0.759002685546875)}  # TLS, CLS-8 measured on VAL_TEXT
+
+
+def windowed_sparsity(model: Model, tokens: list[int], ctx: int = 256):
+    """The session's sparsity counters after windows of ctx tokens, each from an empty cache, in batches of 64."""
+    with model.session(n_ctx=ctx, n_batch=64, n_threads=0) as s:
+        for i in range(len(tokens) // ctx):
             s.truncate(0)
             for j in range(0, ctx, 64):
-                s.eval(toks[i * ctx + j:i * ctx + j + 64], logits="none")
-        st = s.sparsity()
+                s.eval(tokens[i * ctx + j:i * ctx + j + 64], logits="none")
+        return s.sparsity()
+
+
+def test_sparsity_on_the_committed_text_matches_card():
+    r = RESULTS["blockffn-tiny"]
+    with Model(path_of("blockffn-tiny")) as model:
+        toks = model.tokenize(VAL_TEXT.read_text())
+        assert len(toks) > 4096
+        st = windowed_sparsity(model, toks[:4096])
+    assert st.n_tokens == 4096
+    assert abs(st.tls - r["native_tls"]) < 0.03 and abs(st.cls[8] - r["native_cls8"]) < 0.03, (st.tls, st.cls[8])
+    tls, cls8 = VAL_TEXT_SPARSITY["blockffn-tiny"]
+    assert abs(st.tls - tls) < 2e-3 and abs(st.cls[8] - cls8) < 2e-3, (st.tls, st.cls[8])
+    assert st.cls[8] > RESULTS["blockffn-tiny-ablation"]["native_cls8"] + 0.05  # the chunk objectives raise CLS-8
+
+
+def test_sparsity_matches_card():
+    r = RESULTS["blockffn-tiny"]
+    n = r["native_val_tokens"]
+    with Model(path_of("blockffn-tiny")) as model:
+        toks = validation_tokens(model, n + 1)
+        if len(toks) < n:
+            pytest.skip("this Python's standard library gives a shorter validation split than the card's (the "
+                        "committed text is checked by test_sparsity_on_the_committed_text_matches_card)")
+        st = windowed_sparsity(model, toks[:n])
     assert abs(st.tls - r["native_tls"]) < 0.03 and abs(st.cls[8] - r["native_cls8"]) < 0.03, (st.tls, st.cls[8])
     ab = RESULTS["blockffn-tiny-ablation"]
     assert st.cls[8] > ab["native_cls8"] + 0.05  # the chunk objectives visibly raise CLS-8

@@ -11,6 +11,9 @@ Two readings of the same model:
 - `BlockFFNGGUFRef.from_gguf(path)`: the function a converted GGUF file describes (docs/gguf-blockffn.md): weights
   dequantized with the `gguf` package, RoPE on adjacent pairs, experts read from their [E, 2F, H] slabs. This is the
   oracle for the native runtime on quantized files; on an F32 file it equals the HF reading to float64 rounding.
+  `from_gguf(path, runtime_rounding=True)` rounds as the runtime does: the activations entering a quantized matmul to
+  8-bit blocks (reference.llama.q8a: attention projections, the experts' up rows, the head; the experts' down rows
+  take float coefficients) and q, k, v after RoPE to F16 (the KV cache), so that what is left is float32 arithmetic.
 
 The block, per layer (x [T, H]):
     x = x + s_res * attn(rmsnorm(x))                       s_res = scale_depth / sqrt(L)
@@ -29,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .llama import ACT_Q8_TYPES, q8a
 
 # MiniCPMConfig defaults for keys a config.json may leave out.
 DEFAULTS = {"num_key_value_heads": None, "norm_after_router": "sum", "norm_scale": 1.0, "rms_norm_eps": 1e-6,
@@ -145,9 +150,11 @@ class BlockFFNRef:
 class BlockFFNGGUFRef:
     meta: dict                      # blockffn.* keys without the prefix
     weights: dict[str, np.ndarray]  # GGUF name -> float64, numpy order (GGUF ne reversed)
+    q8_inputs: frozenset[str] = frozenset()  # weights whose matmul input q8a rounds (runtime_rounding=True)
+    kv_f16: bool = False                     # q, k, v rounded to F16 after RoPE (runtime_rounding=True)
 
     @classmethod
-    def from_gguf(cls, path: str | Path) -> BlockFFNGGUFRef:
+    def from_gguf(cls, path: str | Path, runtime_rounding: bool = False) -> BlockFFNGGUFRef:
         from gguf import GGUFReader
         from gguf.quants import dequantize
 
@@ -157,7 +164,12 @@ class BlockFFNGGUFRef:
         for t in r.tensors:
             shape = [int(d) for d in reversed(t.shape)]
             w[t.name] = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float64)
-        return cls(meta, w)
+        return cls(meta, w, frozenset(t.name for t in r.tensors if runtime_rounding and t.tensor_type in ACT_Q8_TYPES),
+                   runtime_rounding)
+
+    def q8(self, x: np.ndarray, name: str) -> np.ndarray:
+        """x as the matmul with weight `name` sees it."""
+        return q8a(x) if name in self.q8_inputs else x
 
     def rope(self, x: np.ndarray) -> np.ndarray:
         """x [T, heads, D]: adjacent pairs (2i, 2i+1) rotate by theta_i (GGUF/llama.cpp 'normal' RoPE)."""
@@ -178,10 +190,11 @@ class BlockFFNGGUFRef:
         r = router_norm(r, m["router_norm"], W.get(p + "ffn_router_norm.weight"), m["router_norm_eps"],
                         m["router_norm_scale"])
         slabs = W[p + "ffn_experts.weight"]                                             # [E, 2F, H]
+        xq = self.q8(x, p + "ffn_experts.weight")
         y = np.zeros_like(x)
         for t, e in zip(*np.nonzero(r)):
             up, down_t = slabs[e, :F], slabs[e, F:]                                      # [F, H] each
-            y[t] += r[t, e] * (silu(up @ x[t]) @ down_t)
+            y[t] += r[t, e] * (silu(up @ xq[t]) @ down_t)
         return y, r
 
     def forward(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -194,15 +207,19 @@ class BlockFFNGGUFRef:
         for l in range(m["block_count"]):
             p = f"blk.{l}."
             xn = rmsnorm(x, W[p + "attn_norm.weight"], eps)
-            q = self.rope((xn @ W[p + "attn_q.weight"].T).reshape(T, NH, D))
-            k = self.rope((xn @ W[p + "attn_k.weight"].T).reshape(T, NKV, D))
-            v = (xn @ W[p + "attn_v.weight"].T).reshape(T, NKV, D)
-            x = x + m["residual_scale"] * (causal_attention(q, k, v) @ W[p + "attn_output.weight"].T)
+            q = self.rope((self.q8(xn, p + "attn_q.weight") @ W[p + "attn_q.weight"].T).reshape(T, NH, D))
+            k = self.rope((self.q8(xn, p + "attn_k.weight") @ W[p + "attn_k.weight"].T).reshape(T, NKV, D))
+            v = (self.q8(xn, p + "attn_v.weight") @ W[p + "attn_v.weight"].T).reshape(T, NKV, D)
+            if self.kv_f16:
+                q, k, v = (a.astype(np.float16).astype(np.float64) for a in (q, k, v))
+            att = self.q8(causal_attention(q, k, v), p + "attn_output.weight")
+            x = x + m["residual_scale"] * (att @ W[p + "attn_output.weight"].T)
             y, r = self.ffn(rmsnorm(x, W[p + "ffn_norm.weight"], eps), p)
             x = x + m["residual_scale"] * y
             routers.append(r)
-        head = W.get("output.weight", W["token_embd.weight"])
-        return (rmsnorm(x, W["output_norm.weight"], eps) * m["logit_scale"]) @ head.T, np.stack(routers)
+        head = "output.weight" if "output.weight" in W else "token_embd.weight"
+        xn = rmsnorm(x, W["output_norm.weight"], eps) * m["logit_scale"]
+        return self.q8(xn, head) @ W[head].T, np.stack(routers)
 
 
 def tls(router: np.ndarray) -> float:

@@ -2,15 +2,46 @@
 
 Shape legend: T = tokens, H = hidden, NH/NKV = heads/kv heads, D = head dim, F = ffn width, V = vocabulary.
 Weights are dequantized with the `gguf` package and all arithmetic is float64, so this is the exact function the
-quantized file describes; the native runtime differs from it only by its 8-bit activation quantization.
+quantized file describes; the native runtime differs from it by its 8-bit activation quantization and its F16 KV
+cache. With runtime_rounding=True the reference rounds as the runtime does: the activations entering a quantized
+matmul to 8-bit blocks (q8a below), and q, k, v after RoPE to F16 (the cache, and q for the scores). What is left is
+float32 arithmetic: NMSE <= 5e-15 on the tiny quantized test models, where the quantization itself gives ~1e-4.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
+
+# Weight types whose matmul takes 8-bit activation blocks in the runtime (native/src/kernels/types.c: act_q8).
+ACT_Q8_TYPES = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0}
+
+
+def q8a(x: np.ndarray, sums: bool = False):
+    """x [..., K] (K a multiple of 32) as the runtime's activation blocks hold it (sp_quantize_q8a_ref): per block of
+    32, d = amax / 127 and q = round(x / d) computed in float32, then x ~ q * d with d rounded to F16. With sums, also
+    what the block's stored sum s = f16(d * sum(q)) (which Q4_1 weights multiply by their block minimum) differs from
+    the sum of the rounded values, [..., K/32]."""
+    x32 = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
+    d = np.abs(x32).max(-1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.rint(x32 * inv)
+    d16 = d.astype(np.float16).astype(np.float64)
+    xq = (q * d16).reshape(x.shape)
+    if not sums:
+        return xq
+    qsum = q.sum(-1, keepdims=True, dtype=np.float32)
+    s = (d * qsum).astype(np.float16).astype(np.float64)
+    return xq, (s - d16 * qsum)[..., 0]
+
+
+def q4_1_mins(t) -> np.ndarray:
+    """The per-block minimums m [N, K/32] of a Q4_1 tensor read by GGUFReader (blocks: f16 d, f16 m, 16 bytes)."""
+    raw = np.asarray(t.data, dtype=np.uint8).reshape(-1, 20)
+    return raw[:, 2:4].copy().view(np.float16).astype(np.float64).reshape(int(t.shape[-1]), -1)
 
 
 @dataclass
@@ -22,9 +53,12 @@ class LlamaRef:
     n_rot: int
     eps: float
     rope_base: float
+    q8_inputs: set[str]             # weights whose matmul input q8a rounds when runtime_rounding
+    runtime_rounding: bool = False
+    mins: dict[str, np.ndarray] = field(default_factory=dict)  # Q4_1 weights' block minimums [N, K/32]
 
     @classmethod
-    def from_gguf(cls, path: str) -> LlamaRef:
+    def from_gguf(cls, path: str, runtime_rounding: bool = False) -> LlamaRef:
         r = GGUFReader(path)
         f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.")}
         w = {}
@@ -34,7 +68,17 @@ class LlamaRef:
         n_head = f["llama.attention.head_count"]
         return cls(w, f["llama.block_count"], n_head, f.get("llama.attention.head_count_kv", n_head),
                    f.get("llama.rope.dimension_count", f["llama.embedding_length"] // n_head),
-                   f["llama.attention.layer_norm_rms_epsilon"], f.get("llama.rope.freq_base", 10000.0))
+                   f["llama.attention.layer_norm_rms_epsilon"], f.get("llama.rope.freq_base", 10000.0),
+                   {t.name for t in r.tensors if t.tensor_type in ACT_Q8_TYPES}, runtime_rounding,
+                   {t.name: q4_1_mins(t) for t in r.tensors if t.tensor_type == GGMLQuantizationType.Q4_1})
+
+    def mm(self, x: np.ndarray, name: str) -> np.ndarray:  # x [T, K] @ W[name].T
+        if not (self.runtime_rounding and name in self.q8_inputs):
+            return x @ self.weights[name].T
+        if name not in self.mins:
+            return q8a(x) @ self.weights[name].T
+        xq, ds = q8a(x, sums=True)  # Q4_1: sum_b (d_b q_b . x'_b + m_b * s_b), with the block sum s as stored
+        return xq @ self.weights[name].T + ds @ self.mins[name].T
 
     def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:  # x [T, H]
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * w
@@ -58,19 +102,21 @@ class LlamaRef:
         for l in range(self.n_layer):
             p = f"blk.{l}."
             xn = self.rmsnorm(x, W[p + "attn_norm.weight"])
-            q = (xn @ W[p + "attn_q.weight"].T).reshape(T, self.n_head, -1)  # [T, NH, D]
-            k = (xn @ W[p + "attn_k.weight"].T).reshape(T, self.n_head_kv, -1)
-            v = (xn @ W[p + "attn_v.weight"].T).reshape(T, self.n_head_kv, -1)
+            q = self.mm(xn, p + "attn_q.weight").reshape(T, self.n_head, -1)  # [T, NH, D]
+            k = self.mm(xn, p + "attn_k.weight").reshape(T, self.n_head_kv, -1)
+            v = self.mm(xn, p + "attn_v.weight").reshape(T, self.n_head_kv, -1)
             q, k = self.rope(q, pos), self.rope(k, pos)
+            if self.runtime_rounding:
+                q, k, v = (a.astype(np.float16).astype(np.float64) for a in (q, k, v))
             group = self.n_head // self.n_head_kv
             k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [T, NH, D]
             s = np.einsum("thd,shd->hts", q, k) / np.sqrt(q.shape[-1]) + mask
             a = np.exp(s - s.max(-1, keepdims=True))
             a /= a.sum(-1, keepdims=True)
             att = np.einsum("hts,shd->thd", a, v).reshape(T, -1)
-            x = x + att @ W[p + "attn_output.weight"].T
+            x = x + self.mm(att, p + "attn_output.weight")
             xn = self.rmsnorm(x, W[p + "ffn_norm.weight"])
-            g, u = xn @ W[p + "ffn_gate.weight"].T, xn @ W[p + "ffn_up.weight"].T
-            x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "ffn_down.weight"].T
-        head = W.get("output.weight", W["token_embd.weight"])
-        return self.rmsnorm(x, W["output_norm.weight"]) @ head.T
+            g, u = self.mm(xn, p + "ffn_gate.weight"), self.mm(xn, p + "ffn_up.weight")
+            x = x + self.mm(g / (1 + np.exp(-g)) * u, p + "ffn_down.weight")
+        head = "output.weight" if "output.weight" in W else "token_embd.weight"
+        return self.mm(self.rmsnorm(x, W["output_norm.weight"]), head)

@@ -67,7 +67,11 @@ def run_forked(item: pytest.Item) -> list[TestReport]:
         payload = inp.read()
     _, status = os.waitpid(pid, 0)
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and payload:
-        return [hook.pytest_report_from_serializable(config=config, data=d) for d in json.loads(payload)]
+        reports = [hook.pytest_report_from_serializable(config=config, data=d) for d in json.loads(payload)]
+        for rep in reports:  # a skip's (path, line, reason): JSON made the tuple a list, which -rs cannot show
+            if isinstance(rep.longrepr, list):
+                rep.longrepr = tuple(rep.longrepr)
+        return reports
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         how = f"killed by signal {sig} ({signal.Signals(sig).name})"

@@ -3,21 +3,20 @@ reference of tests/reference/llama.py, and llama.cpp (llama-cpp-python).
 
 Both engines quantize activations to 8 bits for the quantized matmuls (llama.cpp also rounds the activation scales to
 F16 and keeps its KV cache in F16), and they sum in different orders, so logits agree closely but not bit for bit.
-Measured on this model: normalized MSE (mean squared difference / variance of the oracle's logits) of Sparrow vs the
-float64 reference ~1e-3, of llama.cpp vs the same reference ~4e-3; Sparrow vs llama.cpp ~2-5e-3. Bounds, stated:
-- vs the float64 reference at every position: NMSE < 3e-3; vs llama.cpp: NMSE < 1e-2; wherever the top-1 token
+Measured on this model (normalized MSE: mean squared difference / variance of the oracle's logits): Sparrow vs the
+float64 reference 5.6e-4 on the test's prompt, Sparrow vs llama.cpp 1.6e-3 on its own. Bounds, a few times above:
+- vs the float64 reference at every position: NMSE < 2e-3; vs llama.cpp: NMSE < 5e-3; wherever the top-1 token
   differs, the two tokens are a near tie in the oracle's logits (gap < 0.5);
-- greedy continuations of 64 tokens: identical for most prompts; where one differs, at the first differing step the
-  two candidate tokens must be a near tie in llama.cpp's own logits (gap < 0.5), i.e. a summation-order effect.
+- greedy continuations of 64 tokens: where one differs, at the first differing step the two candidate tokens must be a
+  near tie in llama.cpp's own logits (gap < 0.5), i.e. a summation-order effect (7 of the 22 were identical).
+(The reference rounding as the runtime does, tests/test_tiny_models.py, does not help on a 30-layer model: float32
+against float64 moves activations across rounding steps, and those differences grow through the layers.)
+Only the tests that run llama.cpp skip without llama-cpp-python.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-llama_cpp = pytest.importorskip("llama_cpp")
-pytestmark = pytest.mark.llama_cpp  # each test in a forked child: a crash in llama.cpp fails only that test
-
 from reference.llama import LlamaRef
 from sparrow.runtime import Model
 
@@ -49,12 +48,19 @@ N_GEN = 64
 
 
 @pytest.fixture(scope="module")
-def engines(smollm_path):
+def model(smollm_path):
+    with Model(smollm_path) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def llm(smollm_path):
+    """llama.cpp on the same file; tests that use it carry the llama_cpp mark (each runs in a forked child, so a crash
+    in llama.cpp fails only that test), and only they skip without llama-cpp-python."""
+    llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(smollm_path), n_ctx=512, n_batch=512, n_threads=2, logits_all=True,
                           verbose=False)
-    model = Model(smollm_path)
-    yield llm, model
-    model.close()
+    yield llm
     llm.close()
 
 
@@ -64,8 +70,8 @@ def llama_logits_all(llm, tokens: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
-def test_logits_match_llama_cpp_at_every_position(engines):
-    llm, model = engines
+@pytest.mark.llama_cpp
+def test_logits_match_llama_cpp_at_every_position(llm, model):
     text = ("<|im_start|>user\nExplain how a transistor works, in two sentences.<|im_end|>\n<|im_start|>assistant\n"
             "A transistor is a semiconductor device that")
     tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
@@ -74,11 +80,10 @@ def test_logits_match_llama_cpp_at_every_position(engines):
         ours = s.eval(tokens, logits="all")
     nmse, top1 = compare(ours, ref)
     print(f"vs llama.cpp: nmse={nmse:.2e} top1 agreement={top1:.3f} over {len(tokens)} positions")
-    assert nmse < 1e-2
+    assert nmse < 5e-3
 
 
-def test_logits_match_float64_reference_at_every_position(engines, smollm_path):
-    _, model = engines
+def test_logits_match_float64_reference_at_every_position(model, smollm_path):
     tokens = model.tokenize("<|im_start|>user\nName three rivers in Europe.<|im_end|>\n<|im_start|>assistant\n",
                             parse_special=True)
     ref = LlamaRef.from_gguf(str(smollm_path)).forward(tokens)
@@ -86,7 +91,7 @@ def test_logits_match_float64_reference_at_every_position(engines, smollm_path):
         ours = s.eval(tokens, logits="all")
     nmse, top1 = compare(ours, ref)
     print(f"vs float64 reference: nmse={nmse:.2e} top1 agreement={top1:.3f} over {len(tokens)} positions")
-    assert nmse < 3e-3
+    assert nmse < 2e-3
 
 
 def compare(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -101,9 +106,8 @@ def compare(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return nmse, float(np.mean(a == b))
 
 
-def test_chunked_prefill_equals_one_batch(engines):
+def test_chunked_prefill_equals_one_batch(model):
     """Evaluating a prompt in chunks (with the KV cache) gives the same logits as in one batch."""
-    _, model = engines
     tokens = model.tokenize("The history of the printing press begins in the fifteenth century, when")
     with model.session(n_ctx=256, n_threads=2) as a, model.session(n_ctx=256, n_threads=2, n_batch=4) as b:
         full = a.eval(tokens, logits="all")
@@ -135,12 +139,12 @@ def _greedy_native(model, tokens: list[int], n: int) -> list[int]:
     return out
 
 
-def test_greedy_continuations_match_llama_cpp(engines, smollm_path):
+@pytest.mark.llama_cpp
+def test_greedy_continuations_match_llama_cpp(llm, model, smollm_path):
     """Greedy continuations agree with llama.cpp's token for token until a near tie. At the first differing step the
     two candidates must be within 0.5 logits of each other both in llama.cpp's logits and in the exact (float64)
     model's, i.e. the fork is a tie the exact function barely breaks, and rounding (activation quantization, F16
     KV cache, summation order) decides it differently in each engine; it is not an error of either."""
-    llm, model = engines
     exact = LlamaRef.from_gguf(str(smollm_path))
     identical, forks, prefix_lengths = 0, [], []
     for prompt in PROMPTS:

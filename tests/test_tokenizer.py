@@ -3,7 +3,9 @@
 (a) the real SmolLM2 GGUF (GPT-2 byte-level BPE, pre-tokenizer "smollm") on a varied corpus;
 (b) a SentencePiece ("llama") vocabulary trained here on Python's standard library sources, written into a tiny
     random llama GGUF, compared with llama.cpp and with sentencepiece itself.
-The tokenizer is reached through `_sparrow.testing.Vocab` (GGUF -> vocabulary, no weights)."""
+The tokenizer is reached through `_sparrow.testing.Vocab` (GGUF -> vocabulary, no weights). Only the comparisons with
+llama.cpp skip without llama-cpp-python (the `*_ref` fixtures); round trips, capacity and the comparisons with
+sentencepiece run regardless."""
 from __future__ import annotations
 
 import os
@@ -16,7 +18,6 @@ import pytest
 from tokenizer_corpus import CORPUS
 
 _sparrow = pytest.importorskip("sparrow.runtime._sparrow")
-llama_cpp = pytest.importorskip("llama_cpp")
 
 Vocab = _sparrow.testing.Vocab
 
@@ -24,14 +25,20 @@ BAD_UTF8 = [b"\xff\xfe bad bytes", b"truncated \xe4\xbd", b"\xc3( lone lead", b"
             b"surrogate \xed\xa0\x80 x", b"ok \xe2\x82 half euro \xe2\x82\xac"]
 
 
+def _llama_cpp():
+    return pytest.importorskip("llama_cpp")
+
+
 def _llama(path: Path):
-    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    """llama.cpp's tokenizer for a GGUF (vocab_only: no weights, no compute); skips without llama-cpp-python."""
+    return _llama_cpp().Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
 def _ref_piece(ref, token: int, special: bool) -> bytes:
     """llama.cpp's piece through the C API (Llama.detokenize drops pieces longer than its 32-byte buffer)."""
     import ctypes
 
+    llama_cpp = _llama_cpp()
     buf = (ctypes.c_char * 1024)()
     n = llama_cpp.llama_token_to_piece(llama_cpp.llama_model_get_vocab(ref.model), token, buf, 1024, 0, special)
     assert n >= 0
@@ -42,13 +49,18 @@ def _ref_piece(ref, token: int, special: bool) -> bytes:
 
 @pytest.fixture(scope="module")
 def smol(smollm_path):
-    return Vocab(str(smollm_path)), _llama(smollm_path)
+    return Vocab(str(smollm_path))
+
+
+@pytest.fixture(scope="module")
+def smol_ref(smollm_path):
+    return _llama(smollm_path)
 
 
 @pytest.mark.parametrize("parse_special", [False, True])
 @pytest.mark.parametrize("add_special", [False, True])
-def test_bpe_ids_match_llama_cpp(smol, add_special, parse_special):
-    ours, ref = smol
+def test_bpe_ids_match_llama_cpp(smol, smol_ref, add_special, parse_special):
+    ours, ref = smol, smol_ref
     mismatches = []
     for text in CORPUS:
         data = text.encode()
@@ -59,8 +71,8 @@ def test_bpe_ids_match_llama_cpp(smol, add_special, parse_special):
     assert not mismatches, f"{len(mismatches)} of {len(CORPUS)} differ, first: {mismatches[0]}"
 
 
-def test_bpe_invalid_utf8_matches_llama_cpp(smol):
-    ours, ref = smol
+def test_bpe_invalid_utf8_matches_llama_cpp(smol, smol_ref):
+    ours, ref = smol, smol_ref
     for data in BAD_UTF8:
         assert ours.tokenize(data, False, False) == ref.tokenize(data, add_bos=False, special=False), data
 
@@ -83,35 +95,36 @@ def _random_texts(seed: int, n: int) -> list[bytes]:
     return out
 
 
-def test_bpe_random_texts_match_llama_cpp(smol):
-    ours, ref = smol
+def test_bpe_random_texts_match_llama_cpp(smol, smol_ref):
+    ours, ref = smol, smol_ref
     for data in _random_texts(1, 400):
         for special in (False, True):
             assert ours.tokenize(data, False, special) == ref.tokenize(data, add_bos=False, special=special), data
 
 
-def test_bpe_long_text_matches_llama_cpp(smol):
+def test_bpe_long_text_matches_llama_cpp(smol, smol_ref):
     """A few KB of real source text (this repository's C code) and all corpus strings glued together."""
-    ours, ref = smol
+    ours, ref = smol, smol_ref
     src = Path(__file__).resolve().parent.parent / "native" / "src" / "vocab.c"
     for data in (src.read_bytes()[:6000], "\n".join(CORPUS).encode()):
         assert ours.tokenize(data, False, True) == ref.tokenize(data, add_bos=False, special=True)
 
 
-def test_bpe_special_tokens(smol):
-    ours, ref = smol
+def test_bpe_special_tokens(smol, smol_ref):
+    ours, ref = smol, smol_ref
     ids = ours.tokenize(b"<|im_start|>user\nhi<|im_end|>", False, True)
     assert ids[0] == 1 and ids[-1] == 2
     assert 1 not in ours.tokenize(b"<|im_start|>user", False, False)  # not parsed: plain characters
     assert ours.bos == 1 and ours.eos == 2 and not ours.add_bos
     assert ours.eot == 2  # "<|im_end|>" (llama.cpp picks among candidates in hash-map order)
     eog = {i for i in range(ours.n_tokens) if ours.is_eog(i)}
+    llama_cpp = _llama_cpp()
     vocab = llama_cpp.llama_model_get_vocab(ref.model)
     assert eog == {i for i in range(ours.n_tokens) if llama_cpp.llama_vocab_is_eog(vocab, i)}
 
 
-def test_bpe_pieces_match_llama_cpp(smol):
-    ours, ref = smol
+def test_bpe_pieces_match_llama_cpp(smol, smol_ref):
+    ours, ref = smol, smol_ref
     n = ours.n_tokens
     for tok in list(range(300)) + list(range(n - 300, n)) + list(range(300, n - 300, 97)):
         for special in (False, True):
@@ -120,13 +133,13 @@ def test_bpe_pieces_match_llama_cpp(smol):
 
 @pytest.mark.parametrize("text", CORPUS)
 def test_bpe_round_trip(smol, text):
-    ours, _ = smol
+    ours = smol
     ids = ours.tokenize(text.encode(), False, True)
     assert b"".join(ours.token_to_piece(t, True) for t in ids) == text.encode()
 
 
 def test_bpe_speed(smol):
-    ours, _ = smol
+    ours = smol
     data = "\n".join(CORPUS).encode()[:4096]
     ours.tokenize(data, False, True)
     best = min(_timed(lambda: ours.tokenize(data, False, True)) for _ in range(5))
@@ -140,7 +153,7 @@ def _timed(fn) -> float:
 
 
 def test_capacity_contract(smol):
-    ours, _ = smol
+    ours = smol
     text = b"Hello world, this is a test"
     full = ours.tokenize(text, False, False)
     n = len(full)
@@ -297,13 +310,18 @@ def spm(tmp_path_factory):
     sp = spm_lib.SentencePieceProcessor(model_file=str(d / "m.model"))
     path = d / "spm.gguf"
     _write_spm_gguf(path, sp)
-    return Vocab(str(path)), _llama(path), sp
+    return Vocab(str(path)), sp, path
+
+
+@pytest.fixture(scope="module")
+def spm_ref(spm):
+    return _llama(spm[2])
 
 
 @pytest.mark.parametrize("parse_special", [False, True])
 @pytest.mark.parametrize("add_special", [False, True])
-def test_spm_ids_match_llama_cpp(spm, add_special, parse_special):
-    ours, ref, _ = spm
+def test_spm_ids_match_llama_cpp(spm, spm_ref, add_special, parse_special):
+    ours, ref = spm[0], spm_ref
     extra = ["<tool>call<tool>", "a <|sep|> b", "<s>hi</s>", "<unk>"]
     mismatches = []
     for text in CORPUS + extra:
@@ -315,21 +333,21 @@ def test_spm_ids_match_llama_cpp(spm, add_special, parse_special):
     assert not mismatches, f"{len(mismatches)} differ, first: {mismatches[0]}"
 
 
-def test_spm_random_texts_match_llama_cpp(spm):
-    ours, ref, _ = spm
+def test_spm_random_texts_match_llama_cpp(spm, spm_ref):
+    ours, ref = spm[0], spm_ref
     for data in _random_texts(2, 400):
         for special in (False, True):
             assert ours.tokenize(data, True, special) == ref.tokenize(data, add_bos=True, special=special), data
 
 
-def test_spm_invalid_utf8_matches_llama_cpp(spm):
-    ours, ref, _ = spm
+def test_spm_invalid_utf8_matches_llama_cpp(spm, spm_ref):
+    ours, ref = spm[0], spm_ref
     for data in BAD_UTF8:
         assert ours.tokenize(data, True, False) == ref.tokenize(data, add_bos=True, special=False), data
 
 
 def test_spm_ids_match_sentencepiece(spm):
-    ours, _, sp = spm
+    ours, sp, _ = spm
     skip = ("<tool>", "<|sep|>", "<s>", "</s>", "<unk>")  # sentencepiece treats markup differently
     checked = 0
     for text in CORPUS:
@@ -340,12 +358,15 @@ def test_spm_ids_match_sentencepiece(spm):
     assert checked > 50
 
 
-def test_spm_pieces_and_round_trip(spm):
-    ours, ref, _ = spm
-    n = ours.n_tokens
-    for tok in range(n):
+def test_spm_pieces_match_llama_cpp(spm, spm_ref):
+    ours = spm[0]
+    for tok in range(ours.n_tokens):
         for special in (False, True):
-            assert ours.token_to_piece(tok, special) == _ref_piece(ref, tok, special), tok
+            assert ours.token_to_piece(tok, special) == _ref_piece(spm_ref, tok, special), tok
+
+
+def test_spm_round_trip(spm):
+    ours = spm[0]
     for text in CORPUS:
         if not text or text.startswith(" "):
             continue
@@ -355,7 +376,7 @@ def test_spm_pieces_and_round_trip(spm):
 
 
 def test_spm_specials(spm):
-    ours, _, sp = spm
+    ours, sp, _ = spm
     assert ours.bos == sp.bos_id() and ours.eos == sp.eos_id() and ours.add_bos
     assert ours.is_eog(sp.eos_id()) and not ours.is_eog(sp.bos_id())
     assert ours.tokenize(b"", True, False) == [sp.bos_id()]

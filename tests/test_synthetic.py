@@ -29,6 +29,21 @@ def session(m, mode="chunk", **synth):
     return s
 
 
+def each_node_as_a_chain(m, mode: str, prefix: list[int], toks: list[int], parents: list[int]) -> np.ndarray:
+    """Logits [N, V] of every node of a tree computed independently of the tree: node i's root path (its ancestors,
+    then itself) evaluated as a plain causal chain after the prefix, in a fresh session; the last row is node i's."""
+    rows = []
+    for i in range(len(toks)):
+        path, j = [], i
+        while j >= 0:
+            path.append(toks[j])
+            j = parents[j]
+        with session(m, mode) as s:
+            s.eval(prefix, logits="none")
+            rows.append(s.eval(path[::-1], logits="last"))
+    return np.stack(rows)
+
+
 def test_writer_follows_the_layout_and_caches(tmp_path):
     p = sy.ensure("tiny", "Q8_0", seed=1, cache=tmp_path, progress=False)
     mtime = p.stat().st_mtime_ns
@@ -107,6 +122,9 @@ def test_sparse_paths_equal_dense(model):
     for mode in ("token", "chunk"):
         for got, want in zip(out[mode][:3], out["dense"][:3]):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # every node of the tree, not only the paths agreeing with each other: node i = its root path as a chain
+    want = each_node_as_a_chain(model, "dense", list(range(20, 36)), toks, parents)
+    np.testing.assert_allclose(out["chunk"][1], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     # expert bytes read per token: the chunk path reads each expert of a batch's union once; the token path reads A
     # experts per token; dense all E once per batch
     assert out["chunk"][3] < min(out["token"][3], out["dense"][3])
@@ -139,6 +157,9 @@ def test_routing_is_keyed_by_position(model):
         for i, d in enumerate(depth):
             np.testing.assert_array_equal(tree_r[i], chunk_r[d])
         np.testing.assert_allclose(tree[:4], chunk[:4], rtol=1e-4, atol=1e-4 * np.abs(chunk).max())
+    # every node, the side branches too (a mask that let a node see its siblings kept the chain nodes right)
+    want = each_node_as_a_chain(model, "chunk", list(range(100, 108)), tree_toks, parents)
+    np.testing.assert_allclose(tree, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_off_restores_the_router_and_bad_arguments_fail_cleanly(model):

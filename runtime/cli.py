@@ -51,8 +51,8 @@ def models_list() -> None:
     """List pulled models and the models shipped with Sparrow (* marks the default; TUNED: the settings
     `sparrow bench --tune` stored for this device, "ignored" when they do not apply here, see `models info`)."""
     store = Store()
-    pulled = store.list(shipped=True)
-    if not pulled:
+    pulled, broken = store.list(shipped=True), store.broken()
+    if not pulled and not broken:
         click.echo(f"No models pulled yet. Try: sparrow models pull {store.default()}")
         return
     default = store.default()
@@ -62,6 +62,9 @@ def models_list() -> None:
         mark = f"{tuned.threads}t {tuned.drafter}" if tuned else "ignored" if warning else "-"
         rows.append(("*" if m.name == default else "", m.name, fmt_bytes(m.size), m.architecture, m.quantization,
                      mark, m.source))
+    for e in broken:  # listed, so that they can be seen and removed
+        rows.append(("", e.name if e.name.isprintable() else repr(e.name), "?", "?", "?", "-",
+                     f"BROKEN: {e.reason} (`sparrow models rm` removes it)"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
@@ -70,11 +73,17 @@ def models_list() -> None:
 @models.command("info")
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and the routing decision as JSON.")
-def models_info(model: str, as_json: bool) -> None:
+@click.option("--verify", is_flag=True, help="Check the file's sha256 against the manifest (reads the whole file; "
+              "every use already checks its size).")
+def models_info(model: str, as_json: bool, verify: bool) -> None:
     """Show a model's manifest and which backend runs it, and why (MODEL: a name or a file path)."""
     store = Store()
     manifest = store.get(model)
     path = store.resolve(model)
+    if verify:
+        if manifest is None:
+            raise click.UsageError("--verify checks a store model against its manifest; MODEL is a file path")
+        store.verify(model)  # ChecksumError (one line, exit 1) on a mismatch
     header = read_gguf_header(path) if path.suffix.lower() != ".onnx" else None
     route = choose_backend(path, header)
     data: dict[str, Any] = {"name": manifest.name if manifest else path.stem, "path": str(path)}
@@ -91,6 +100,8 @@ def models_info(model: str, as_json: bool) -> None:
     elif warning:
         data["tuned"] = {"ignored": warning}
     data["run"] = _run_info(store, manifest.name if manifest else str(path), route.backend)
+    if verify:
+        data["verified"] = "sha256 matches the manifest"
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -98,7 +109,7 @@ def models_info(model: str, as_json: bool) -> None:
     click.echo(f"file:          {path}")
     if manifest:
         click.echo(f"size:          {fmt_bytes(manifest.size)} ({manifest.size} bytes)")
-        click.echo(f"sha256:        {manifest.sha256}")
+        click.echo(f"sha256:        {manifest.sha256}" + ("  (verified: the file matches)" if verify else ""))
     click.echo(f"architecture:  {data.get('architecture')}")
     click.echo(f"quantization:  {data.get('quantization')}")
     if manifest:
@@ -152,7 +163,7 @@ def models_rm(names: tuple[str, ...]) -> None:
     store = Store()
     for name in names:
         m = store.rm(name)
-        click.echo(f"removed {m.name} ({fmt_bytes(m.size)})")
+        click.echo(f"removed {m.name} ({fmt_bytes(m.size)})" if m else f"removed {name!r} (it was broken)")
 
 
 @models.command("default")

@@ -4,7 +4,7 @@ Layout (root = $SPARROW_HOME, else $XDG_CACHE_HOME/sparrow, else ~/.cache/sparro
 
     root/config.json                       {"default": "smollm2-135m-instruct"}
     root/models/<name>/manifest.json       name, architecture, format, files, size, sha256, source, quantization, ...
-    root/models/<name>/<file>.gguf
+    root/models/<name>/<file>.gguf         always named *.gguf or *.onnx, so never manifest.json (fetch.stored_name)
     root/tmp/pull-<pid>-*/                 staging of a pull in progress; renamed into models/ only when complete
     root/tuned/<name>.json                 settings `sparrow bench --tune` chose for a model on this device (threads,
                                            drafter and its shape), with the device fingerprint, the model's sha256,
@@ -22,6 +22,15 @@ Sources for `pull`:
 
 Everything a pull writes goes to a staging folder that is renamed into place atomically at the end, after the
 checksums and the GGUF header have been verified; on any error, Ctrl-C or SIGTERM the staging folder is removed.
+A local source must be a regular file (a device or a FIFO is refused). A source that is not a known name, pypi:, hf:
+or a URL is a local path; `owner/repo` that is no local path and does not end in .gguf or .onnx is a hub repository;
+anything else that does not exist (`work/typo.gguf`) is "no such file".
+
+A manifest is read strictly (Manifest.from_json): invalid JSON, a missing or unknown key, a value of the wrong type,
+no files, or a file path that is absolute or has a '..' part make the model broken (BrokenModelError): `list()`
+leaves it out and `broken()` names it with the reason; `rm` removes it. A model's file is resolved inside its own
+folder (a symlink out of it is refused) and must be a regular file of the size its manifest records, checked on every
+resolve (one stat); its sha256 is checked by `verify()` (`sparrow models info --verify`), which reads the whole file.
 
 Environment: SPARROW_HOME (store root), SPARROW_HF_ENDPOINT (hub base URL, default https://huggingface.co; also
 HF_ENDPOINT), HF_TOKEN (hub token), SPARROW_PIP_FIND_LINKS (a folder of wheels: pip runs offline against it),
@@ -43,17 +52,26 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..routing import ModelFormatError, read_gguf_header
-from .errors import ChecksumError, InsufficientMemoryError, StoreError, TunedSettingsError, UnknownModelError
+from .errors import (
+    BrokenModelError,
+    ChecksumError,
+    InsufficientMemoryError,
+    ManifestError,
+    StoreError,
+    TunedSettingsError,
+    UnknownModelError,
+)
 from .fetch import (
     MODEL_SUFFIXES,
     Fetched,
@@ -73,7 +91,8 @@ from .tuned import TUNED_SCHEMA, TunedSettings, describe_device, device_fingerpr
 __all__ = [
     "DEFAULT_MODEL", "MODEL_SUFFIXES", "NAME_RE", "REGISTRY", "SHIPPED_DIR", "SHIPPED_DRAFTERS", "TUNED_SCHEMA",
     "UNCHECKED",
-    "ChecksumError", "InsufficientMemoryError", "KnownModel", "Manifest", "MemoryNeeded", "ModelFile", "Store",
+    "BrokenModelError", "ChecksumError", "InsufficientMemoryError", "KnownModel", "Manifest", "ManifestError",
+    "MemoryNeeded", "ModelFile", "Store",
     "StoreError", "TunedSettings", "TunedSettingsError", "UnknownModelError",
     "available_memory", "check_memory", "describe_device", "device_fingerprint", "fmt_bytes", "hub_endpoint",
     "memory_needed", "sha256_file", "store_root",
@@ -119,9 +138,71 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
-        data = json.loads(text)
-        data["files"] = [ModelFile(**f) for f in data["files"]]
-        return cls(**data)
+        """Parse a manifest, checking it: ManifestError, saying what is wrong, for invalid JSON, a missing or unknown
+        key, a value of the wrong type, a bad name, no files, or a file path that is absolute or has a '..' part."""
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ManifestError(f"not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"not a JSON object but {type(data).__name__}")
+        _check_keys(data, cls, "")
+        for key, kind in _FIELD_TYPES.items():
+            if key in data and not _is(data[key], kind):
+                raise ManifestError(f"{key!r} must be {_KIND_NAMES[kind]}, not {data[key]!r:.80}")
+        if not NAME_RE.fullmatch(data["name"]):
+            raise ManifestError(f"bad name {data['name']!r:.80}: a store name is lower-case letters, digits, '.', '_' "
+                                "and '-'")
+        if not isinstance(data["files"], list) or not data["files"]:
+            raise ManifestError(f"'files' must be a non-empty list of files, not {data['files']!r:.80}")
+        files = []
+        for i, f in enumerate(data["files"]):
+            if not isinstance(f, dict):
+                raise ManifestError(f"files[{i}] must be an object with path, size and sha256, not {f!r:.80}")
+            _check_keys(f, ModelFile, f"files[{i}].")
+            if not isinstance(f["path"], str):
+                raise ManifestError(f"files[{i}].path must be a string, not {f['path']!r:.80}")
+            if not _is(f["size"], int) or f["size"] < 0:
+                raise ManifestError(f"files[{i}].size must be a whole number of bytes, not {f['size']!r:.80}")
+            if not isinstance(f["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", f["sha256"]):
+                raise ManifestError(f"files[{i}].sha256 must be 64 lower-case hex digits, not {f['sha256']!r:.80}")
+            _check_relative(f["path"], f"files[{i}].path")
+            files.append(ModelFile(**f))
+        return cls(**{**data, "files": files})
+
+
+# The JSON type of each manifest field but files (checked on its own).
+_FIELD_TYPES: dict[str, object] = {"name": str, "architecture": str, "format": str, "size": int, "sha256": str,
+                                   "source": str, "quantization": str, "drafter": (str, None), "created": str,
+                                   "extra": dict}
+_KIND_NAMES: dict[object, str] = {str: "a string", int: "a whole number", dict: "an object",
+                                  (str, None): "a string or null"}
+
+
+def _is(value: object, kind: object) -> bool:
+    if kind == (str, None):
+        return value is None or isinstance(value, str)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)  # type: ignore[arg-type]
+
+
+def _check_keys(data: dict, cls: type, where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    if unknown := sorted(map(str, set(data) - known)):
+        raise ManifestError(f"unknown key {where}{unknown[0]!r:.80} (known: {', '.join(sorted(known))})")
+    if missing := sorted(required - set(data)):
+        raise ManifestError(f"missing key {where}{missing[0]!r}")
+
+
+def _check_relative(path: str, where: str) -> None:
+    """A path inside a model's folder, as a manifest records it: relative, no '..' part, no control character."""
+    parts = PurePosixPath(path).parts
+    if (not path or any(ord(c) < 32 or ord(c) == 127 for c in path) or PurePosixPath(path).is_absolute()
+            or PureWindowsPath(path).anchor or "\\" in path or ".." in parts or parts in ((), (".",))):
+        raise ManifestError(f"{where} {path!r:.80} is not a path inside the model's folder (absolute, a '..' part, "
+                            "or a control character)")
 
 
 @contextlib.contextmanager
@@ -151,11 +232,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# The largest manifest.json read (a real one is about 1 KB).
+_MAX_MANIFEST = 1 << 20
+
+
 # ---- the store ----
 
 class Store:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else store_root()
+        if self.root.exists() and not self.root.is_dir():
+            where = "SPARROW_HOME" if root is None and os.environ.get("SPARROW_HOME") else "the store"
+            raise StoreError(f"{where} ({self.root}) is a file, not a folder: point it at a folder (created if "
+                             "missing)")
         self.models_dir = self.root / "models"
         self.tmp_dir = self.root / "tmp"
         self.config_path = self.root / "config.json"
@@ -164,25 +253,64 @@ class Store:
 
     # -- reading --
     def list(self, shipped: bool = False) -> list[Manifest]:
-        """Pulled models; with shipped=True also the models shipped in SHIPPED_DIR that are not pulled."""
+        """Pulled models (not the broken ones: see broken()); with shipped=True also the models shipped in SHIPPED_DIR
+        that are not pulled."""
         extra = [m for n in REGISTRY if shipped and (m := _shipped(n)) is not None]
-        if not self.models_dir.is_dir():
-            return extra
         out = []
-        for folder in sorted(self.models_dir.iterdir()):
-            m = self.get(folder.name)
+        for name in self._folders():
+            try:
+                m = self.get(name)
+            except BrokenModelError:
+                continue
             if m is not None:
                 out.append(m)
         return out + [m for m in extra if all(p.name != m.name for p in out)]
 
+    def broken(self) -> list[BrokenModelError]:
+        """The folders under models/ that are not usable models, each as the error that says why (.name, .reason);
+        `rm` removes them."""
+        out = []
+        for name in self._folders():
+            try:
+                self.get(name) if NAME_RE.fullmatch(name) else self._read_manifest(name)
+            except BrokenModelError as e:
+                out.append(e)
+        return out
+
+    def _folders(self) -> list[str]:
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
     def get(self, name: str) -> Manifest | None:
-        path = self.models_dir / name / "manifest.json"
-        if not NAME_RE.match(name) or not path.is_file():
+        """The manifest of model `name`: a pulled model's, else a shipped one's; None when there is neither.
+        BrokenModelError when the model's folder exists but is not a usable model (see broken())."""
+        if not NAME_RE.fullmatch(name) or not (self.models_dir / name).is_dir():
             return _shipped(name)
+        return self._read_manifest(name)
+
+    def _read_manifest(self, name: str) -> Manifest:
+        """The checked manifest in folder models/NAME (also for a folder whose name is not a store name, made by
+        hand or by an older Sparrow: broken, with that reason)."""
+        path = self.models_dir / name / "manifest.json"
         try:
-            return Manifest.from_json(path.read_text())
-        except (ValueError, TypeError, KeyError):
-            return None
+            info = path.stat()
+            if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_MANIFEST:
+                raise ManifestError(f"not a regular file of at most {_MAX_MANIFEST} bytes")
+            m = Manifest.from_json(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise BrokenModelError(name, "its folder has no manifest.json") from None
+        except (OSError, UnicodeDecodeError, ManifestError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise BrokenModelError(name, f"{path.name}: {why}") from None
+        if not NAME_RE.fullmatch(name):
+            raise BrokenModelError(name, "the folder's name is not a store name (lower-case letters, digits, '.', "
+                                   "'_' and '-')")
+        if m.name != name:
+            raise BrokenModelError(name, f"{path.name} names the model {m.name!r}, but it is in the folder {name!r}")
+        for f in m.files:  # a few stat calls: a missing, moved, linked-out or resized file shows in `models list`
+            self._checked_file(path.parent, f, name)
+        return m
 
     def info(self, name: str) -> Manifest:
         m = self.get(name)
@@ -191,9 +319,51 @@ class Store:
         return m
 
     def model_path(self, manifest: Manifest) -> Path:
+        """The model's main file, checked (cheaply, on every call): every file of the manifest lies inside the model's
+        folder once links are resolved, and is a regular file of the size the manifest records. BrokenModelError
+        otherwise. (A shipped model's file is the registry's, in SHIPPED_DIR.)"""
         if manifest.source.startswith("shipped:") and not (self.models_dir / manifest.name).is_dir():
             return SHIPPED_DIR / manifest.files[0].path
-        return self.models_dir / manifest.name / manifest.files[0].path
+        name = manifest.name
+        if not NAME_RE.fullmatch(name):
+            raise StoreError(f"bad model name {name!r} in a manifest")
+        folder = self.models_dir / name
+        for f in manifest.files:  # again: the manifest may come from elsewhere, the files may have changed since
+            self._checked_file(folder, f, name)
+        return folder / manifest.files[0].path
+
+    def _checked_file(self, folder: Path, f: ModelFile, name: str) -> Path:
+        try:
+            _check_relative(f.path, "the file path")
+            real = (folder / f.path).resolve()
+            if not real.is_relative_to(folder.resolve()):
+                raise ManifestError(f"the file {f.path!r} leads outside the model's folder (to {real})")
+            info = real.stat()
+        except ManifestError as e:
+            raise BrokenModelError(name, str(e)) from None
+        except OSError as e:
+            raise BrokenModelError(name, f"its file {f.path}: {e.strerror or e}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise BrokenModelError(name, f"its file {f.path} is not a regular file")
+        if info.st_size != f.size:
+            raise BrokenModelError(name, f"its file {f.path} has {info.st_size} bytes, the manifest says {f.size}: "
+                                   "truncated or changed since it was pulled")
+        return real
+
+    def verify(self, name: str) -> Manifest:
+        """Check every file of model `name` against the sha256 its manifest records (reads the whole file; resolve
+        checks only paths and sizes). ChecksumError on a mismatch; returns the manifest."""
+        m = self.info(name)
+        self.model_path(m)
+        folder = SHIPPED_DIR if m.source.startswith("shipped:") and not (self.models_dir / name).is_dir() \
+            else self.models_dir / name
+        for f in m.files:
+            actual = sha256_file(folder / f.path)
+            if actual != f.sha256:
+                raise ChecksumError(f"{name}: the sha256 of {f.path} is {actual}, its manifest says {f.sha256}: the "
+                                    f"file changed since it was pulled. Pull it again (`sparrow models pull --force "
+                                    f"--name {name} SOURCE`)")
+        return m
 
     def resolve(self, name_or_path: str | Path) -> Path:
         """The model file for a store name, or a path to a model file given directly."""
@@ -203,7 +373,16 @@ class Store:
         path = Path(name_or_path).expanduser()
         if path.is_file():
             return path
-        raise self._unknown(str(name_or_path))
+        raise self._not_found(str(name_or_path))
+
+    def _not_found(self, spec: str) -> UnknownModelError:
+        """What to say of a name or path that is neither in the store nor a file: "no such file" when it looks like a
+        path (it has a '/', starts with '.' or '~', or ends in .gguf or .onnx), else unknown model."""
+        if "/" in spec or os.sep in spec or spec.startswith((".", "~")) or spec.lower().endswith(MODEL_SUFFIXES):
+            if Path(spec).expanduser().is_dir():
+                return UnknownModelError(f"{spec} is a folder, not a model file")
+            return UnknownModelError(f"no such file: {spec} (and no model in the store has this name)")
+        return self._unknown(spec)
 
     def _unknown(self, name: str) -> UnknownModelError:
         if name in REGISTRY:
@@ -215,9 +394,10 @@ class Store:
     # -- default model --
     def _config(self) -> dict:
         try:
-            return json.loads(self.config_path.read_text())
+            config = json.loads(self.config_path.read_text())
         except (OSError, ValueError):
             return {}
+        return config if isinstance(config, dict) else {}
 
     def default(self) -> str:
         return str(self._config().get("default") or DEFAULT_MODEL)
@@ -230,13 +410,23 @@ class Store:
         self._write_atomic(self.config_path, json.dumps(config, indent=2) + "\n")
 
     # -- removing --
-    def rm(self, name: str) -> Manifest:
-        m = self.info(name)
-        if not (self.models_dir / name).is_dir():
+    def rm(self, name: str) -> Manifest | None:
+        """Remove model `name` from the store; returns its manifest, or None when it was broken (see broken()): a
+        folder under models/ is removed even when its manifest is unreadable or its name is not a store name."""
+        folder = self.models_dir / name
+        if name in ("", ".", "..") or "/" in name or os.sep in name or not folder.is_dir():
+            if self.get(name) is None:
+                raise self._not_found(name)
             raise StoreError(f"{name} is shipped with Sparrow (in {SHIPPED_DIR}); there is nothing to remove")
+        try:
+            m: Manifest | None = self._read_manifest(name)
+        except BrokenModelError:
+            m = None
         trash = self._staging("rm")
-        os.replace(self.models_dir / name, trash / name)  # atomic: the model disappears at once
+        os.replace(folder, trash / "model")  # atomic: the model disappears at once
         shutil.rmtree(trash, ignore_errors=True)
+        if not NAME_RE.fullmatch(name):
+            return m  # no tuned settings or state are kept for a name that is not a store name
         self.tuned_path(name).unlink(missing_ok=True)
         self.recycling_state_path(name).unlink(missing_ok=True)
         if self._config().get("default") == name:
@@ -256,7 +446,7 @@ class Store:
     def save_tuned(self, name: str, record: dict) -> Path:
         """Store the settings `sparrow bench --tune` chose for model `name` (a record as TunedSettings.from_record
         reads it), atomically: a reader sees the old file or the new one, never half of one."""
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise StoreError(f"bad model name {name!r}: tuned settings are kept for store names only")
         TunedSettings.from_record(record)  # refuse to write what could not be read back
         path = self.tuned_path(name)
@@ -268,7 +458,7 @@ class Store:
         there are none; (None, warning) when a file exists but cannot be used on this machine (corrupt, measured on
         another device, or for another file under this name). The file is never changed or removed here."""
         path = self.tuned_path(name)
-        if not NAME_RE.match(name) or not path.is_file():
+        if not NAME_RE.fullmatch(name) or not path.is_file():
             return None, None
         redo = f"Run `sparrow bench --tune {name}` to measure them again."
         try:
@@ -294,14 +484,20 @@ class Store:
         If the name is already in the store the existing manifest is returned, unless force."""
         source = source or self.default()
         name = name or _default_name(source)
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise StoreError(f"bad model name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
-        existing = self.get(name)
+        try:
+            existing = self.get(name)
+        except BrokenModelError as e:
+            if not force:
+                raise StoreError(f"{e}; or pull with --force to replace it") from None
+            existing = None
         if existing is not None and not force:
             return existing
-        self._clean_stale()
-        staging = self._staging("pull")
+        staging: Path | None = None
         try:
+            self._clean_stale()
+            staging = self._staging("pull")
             with _sigterm_as_interrupt():
                 known = REGISTRY.get(source)
                 spec = known.source if known else source
@@ -322,9 +518,14 @@ class Store:
                     os.replace(target, self._staging("old") / name)
                 os.replace(staging, target)
             return manifest
+        except OSError as e:  # the disk full, no permission, a store folder that is a file, ...
+            where = f" ({e.filename})" if e.filename else ""
+            raise StoreError(f"could not pull {source}: {e.strerror or e}{where}; nothing was stored") from None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            self._clean_stale()
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self._clean_stale()
 
     def _staging(self, kind: str) -> Path:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -378,7 +579,7 @@ class Store:
         path = Path(spec).expanduser()
         if path.exists():
             return fetch_local(path, staging, progress)
-        raise self._unknown(spec)
+        raise self._not_found(spec)
 
 
 def _shipped(name: str) -> Manifest | None:
@@ -411,4 +612,4 @@ def _default_name(source: str) -> str:
         stem = Path(hub[2]).stem if hub[2] else hub[0].split("/")[-1]
     else:
         stem = Path(urllib.parse.urlparse(source).path if "://" in source else source).stem or "model"
-    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "model"
+    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._") or "model"

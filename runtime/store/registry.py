@@ -53,5 +53,6 @@ REGISTRY: dict[str, KnownModel] = {
 SHIPPED_DIR = Path(__file__).resolve().parent.parent.parent / "models"
 SHIPPED_DRAFTERS = {"blockffn-tiny": "blockffn-tiny-draft"}
 
-# What a store name may be: lower-case letters, digits, '.', '_' and '-'.
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
+# What a store name may be: lower-case letters, digits, '.', '_' and '-'. Check names with NAME_RE.fullmatch: `$` in
+# re.match also matches before a final newline, which let "mine\n" through as a folder name.
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")

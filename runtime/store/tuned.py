@@ -70,7 +70,7 @@ class TunedSettings:
         threads, drafter = s.get("threads"), s.get("drafter")
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 512:
             raise TunedSettingsError(f"threads must be an integer 1..512, got {threads!r}")
-        if not isinstance(drafter, str) or not (drafter in DRAFTERS or NAME_RE.match(drafter)):
+        if not isinstance(drafter, str) or not (drafter in DRAFTERS or NAME_RE.fullmatch(drafter)):
             raise TunedSettingsError(f"drafter must be {', '.join(DRAFTERS)} or a draft model's store name, "
                                      f"got {drafter!r}")
         try:

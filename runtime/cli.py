@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -182,17 +183,60 @@ def _warn(message: str) -> None:
 
 # ---- shared options ----
 
+class _Finite(click.ParamType):
+    """A float that is a number: NaN and infinity are refused here, with the option's name (the C sampler refuses
+    them too, but only once the model is loaded)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = _Finite()
+CHAT_MAX_TOKENS, GENERATE_MAX_TOKENS = 1024, 256
+
+
+def _utf8(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A text argument as typed: the shell's bytes, which Python decodes with surrogateescape. Refused (usage error)
+    unless they are UTF-8, the only text the tokenizers take."""
+    if value is not None and (bad := _bad_utf8(value)):
+        raise click.BadParameter(f"not valid UTF-8 ({bad}); Sparrow reads text as UTF-8", ctx, param)
+    return value
+
+
+def _bad_utf8(text: str) -> str | None:
+    """None when text encodes as UTF-8; else where it does not, e.g. "byte 0xff at character 2"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"character U+{c:04X}"
+        return f"{what} at character {e.start}"
+    return None
+
+
 def _model_options(f: Callable) -> Callable:
     chat = SamplerParams.chat()  # the library's sampling defaults for chat and generate
     options = [
-        click.option("--temperature", type=float, default=chat.temperature, show_default=True,
+        click.option("--temperature", type=FINITE, default=chat.temperature, show_default=True,
                      help="0 = greedy. Small models answer best cool (SmolLM2's card recommends 0.2)."),
         click.option("--top-k", type=int, default=chat.top_k, show_default=True),
-        click.option("--top-p", type=float, default=chat.top_p, show_default=True),
-        click.option("--min-p", type=float, default=chat.min_p, show_default=True),
-        click.option("--repeat-penalty", type=float, default=chat.repeat_penalty, show_default=True, help="1 = off."),
-        click.option("--seed", type=int, default=None, help="Sampling seed (default: random)."),
-        click.option("--max-tokens", type=int, default=None, help="Most tokens per answer (chat 1024, generate 256)."),
+        click.option("--top-p", type=FINITE, default=chat.top_p, show_default=True),
+        click.option("--min-p", type=FINITE, default=chat.min_p, show_default=True),
+        click.option("--repeat-penalty", type=FINITE, default=chat.repeat_penalty, show_default=True,
+                     help="1 = off."),
+        click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None,
+                     help="Sampling seed, 0 to 2^64-1 (default: random)."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+                     help=f"Most tokens per answer, at least 1 (default: chat {CHAT_MAX_TOKENS}, generate "
+                     f"{GENERATE_MAX_TOKENS})."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads (default: the model's tuned setting, else physical cores)."),
         click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True,
@@ -220,7 +264,7 @@ CHAT_HELP = "/reset starts a new conversation, /exit quits (or Ctrl-D); Ctrl-C s
 
 @click.command()
 @click.argument("model", required=False)
-@click.option("--system", help="A system prompt.")
+@click.option("--system", callback=_utf8, help="A system prompt.")
 @click.option("--stats", is_flag=True, help="After each answer, print token counts and speed.")
 @click.option("--draft", default=None, help=DRAFT_HELP)
 @_model_options
@@ -233,6 +277,9 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 come as surrogates (refused below), not errors
+        sys.stdin.reconfigure(errors="surrogateescape")
+    max_tokens = max_tokens if max_tokens is not None else CHAT_MAX_TOKENS
     store = Store()
     name, backend, settings = open_model(model, n_ctx=n_ctx, threads=threads, draft=draft, store=store,
                                          progress=True, warn=_warn)
@@ -251,6 +298,10 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
             except KeyboardInterrupt:
                 click.echo("\n(Ctrl-C: type /exit or press Ctrl-D to quit)", err=True)
                 continue
+            except UnicodeDecodeError as e:  # a stdin that could not be reconfigured above
+                click.echo(f"[not sent: that line is not valid UTF-8 ({e.reason}); the conversation is kept, type it "
+                           "again]", err=True)
+                continue
             text = line.strip()
             if not text:
                 continue
@@ -260,11 +311,15 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
                 conversation.reset()
                 click.echo("(new conversation)", err=True)
                 continue
+            if bad := _bad_utf8(text):
+                click.echo(f"[not sent: that line is not valid UTF-8 ({bad}); the conversation is kept, type it "
+                           "again]", err=True)
+                continue
             if text.startswith("/") and " " not in text:
                 click.echo(f"unknown command {text}. {CHAT_HELP}", err=True)
                 continue
             spec_before = copy.deepcopy(backend.stats) if hasattr(backend, "stats") else None
-            answer = conversation.send(text, max_tokens=max_tokens or 1024, params=params)
+            answer = conversation.send(text, max_tokens=max_tokens, params=params)
             try:
                 for piece in answer:
                     sys.stdout.write(piece)
@@ -289,7 +344,7 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
                 if spec_before is not None:  # this answer's steps only; its speed is the line above
                     click.echo(f"[speculative: {backend.summary(since=spec_before, speed=False)}]", err=True)
             if conversation.last_stats.stop_reason == "max_tokens":
-                click.echo(f"[stopped at --max-tokens {max_tokens or 1024}]", err=True)
+                click.echo(f"[stopped at --max-tokens {max_tokens}]", err=True)
             if conversation.last_stats.stop_reason == "context_full":
                 click.echo(f"[context full: the answer was cut off at {backend.n_ctx} tokens. Type /reset to start "
                            "a new conversation, or restart with a larger --ctx]", err=True)
@@ -299,11 +354,22 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
 
 # ---- generate ----
 
+def _read_stdin() -> str:
+    """The prompt from stdin, which must be UTF-8 (read as bytes: a text stream would raise, or smuggle surrogates)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise click.ClickException(f"stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                                   "Sparrow reads text as UTF-8") from None
+
+
 @click.command()
-@click.argument("prompt", required=False)
+@click.argument("prompt", required=False, callback=_utf8)
 @click.option("-m", "--model", help="A store name or a file path (default: the default model).")
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--system", help="A system prompt (with --chat).")
+@click.option("--system", callback=_utf8, help="A system prompt (with --chat).")
 @click.option("--parse-special/--no-parse-special", default=True, show_default=True,
               help="Read special-token markup in a raw PROMPT (e.g. <|im_start|>) as the special tokens, as llama.cpp "
               "does; --no-parse-special tokenizes it as ordinary characters. Not with --chat.")
@@ -324,12 +390,12 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
         raise click.UsageError("--no-parse-special is for a raw prompt; --chat renders the prompt with the model's "
                                "chat template")
     if prompt is None or prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _read_stdin()
     store = Store()
     name, backend, settings = open_model(model, n_ctx=n_ctx, threads=threads, draft=draft, store=store,
                                          progress=not as_json, warn=_warn)
     params = _sampler_params(**sampling)
-    max_tokens = max_tokens or 256
+    max_tokens = max_tokens if max_tokens is not None else GENERATE_MAX_TOKENS
     try:
         if as_chat:
             conversation = Chat(backend, system=system)
@@ -337,6 +403,8 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
             tokens = conversation.prompt_tokens()
         else:
             tokens = backend.tokenize(prompt, add_special=True, parse_special=parse_special)
+        if not tokens:  # an empty prompt, and a model that adds no BOS token to start from
+            raise click.UsageError("the prompt is empty: give PROMPT, or text on stdin")
         show_stats, stats = stats, GenerationStats()
         pieces = []
         try:

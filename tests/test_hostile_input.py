@@ -5,8 +5,10 @@ usage error, exit 2), never a traceback, a hang or a full disk, and nothing that
 - a fetched file can never be stored as manifest.json (13.5);
 - a manifest's paths and name are confined to the model's folder; its size is checked on every use, its sha256 by
   `models info --verify` (13.6); broken manifests are listed with the reason and removable;
+- --max-tokens, --seed and the sampling floats are checked by the CLI (13.10 and the tracebacks list);
 - store names are checked with fullmatch: 'mine\\n' is not a name (13.11);
-- SPARROW_HOME that is a file, URL paths that climb or hold %00, and a mistyped path taken for a hub repository.
+- text that is not UTF-8 (argv, stdin, a chat line), an empty prompt, SPARROW_MEMORY_LIMIT that is not a number,
+  SPARROW_HOME that is a file, URL paths that climb or hold %00, and a mistyped path taken for a hub repository.
 
 Nothing here reaches the internet: pip runs against an empty folder and the hub is a local fixture or a closed port.
 """
@@ -26,6 +28,8 @@ from conftest import package_root
 from fixtures.store_fixtures import HubFixture, tiny_gguf
 from sparrow.cli import sparrow
 from sparrow.runtime.store import NAME_RE, Store
+
+QUICK = ["--draft", "none", "--temperature", "0", "--max-tokens", "2"]
 
 
 @pytest.fixture(autouse=True)
@@ -242,7 +246,59 @@ def test_store_name_with_a_trailing_newline_is_refused(home, tiny):
         Store().save_tuned("tiny\n", {})
 
 
+# ---- 13.10 and sampling options: checked by the CLI ----
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("option", [["--max-tokens", "0"], ["--max-tokens", "-1"], ["--seed", "-1"],
+                                    ["--seed", str(2**64)], ["--temperature", "nan"], ["--temperature", "inf"],
+                                    ["--top-p", "nan"], ["--repeat-penalty", "-inf"]])
+def test_bad_sampling_options_are_usage_errors(home, smollm_path, command, option):
+    args = ["generate", "-m", str(smollm_path), *QUICK, *option, "hi"] if command == "generate" else \
+        ["chat", str(smollm_path), *QUICK, *option]
+    out = one_clear_line(run(*args, input="hi\n/exit\n"), 2)
+    assert f"Invalid value for '{option[0]}'" in out, out
+
+
+def test_max_tokens_one_is_the_least(home, smollm_path):
+    r = run("generate", "-m", str(smollm_path), *QUICK[:-1], "1", "--json", "The capital of France is")
+    assert r.exit_code == 0 and len(json.loads(r.output)["tokens"]) == 1, r.output
+
+
+# ---- text that is not UTF-8, empty prompts ----
+
+def test_text_that_is_not_utf8(home, smollm_path):
+    model = ["-m", str(smollm_path), *QUICK]
+    out = one_clear_line(run("generate", *model, "hi\udcff"), 2)  # argv: Python decodes bytes with surrogateescape
+    assert "not valid UTF-8 (byte 0xff at character 2)" in out
+    out = one_clear_line(run("generate", *model, "--chat", "--system", "\udcfe", "hi"), 2)
+    assert "'--system'" in out and "byte 0xfe" in out
+    out = one_clear_line(run("generate", *model, input=b"hi \xc3\x28"))
+    assert "stdin is not valid UTF-8 (byte 0xc3 at offset 3)" in out
+    out = one_clear_line(run("chat", str(smollm_path), "--system", "\udcff"), 2)
+    assert "not valid UTF-8" in out
+
+
+def test_chat_line_that_is_not_utf8_is_not_sent_and_the_chat_goes_on(home, smollm_path):
+    r = run("chat", str(smollm_path), *QUICK, "--stats", input=b"caf\xe9?\nSay hi.\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert "[not sent: that line is not valid UTF-8 (byte 0xe9 at character 3); the conversation is kept" in r.output
+    assert r.output.count(" generated; first token after") == 1, r.output  # the next line was answered
+
+
+def test_empty_prompt(home, smollm_path):
+    for args, stdin in ((["", ], None), ([], "")):
+        out = one_clear_line(run("generate", "-m", str(smollm_path), *QUICK, *args, input=stdin), 2)
+        assert "the prompt is empty" in out
+
+
 # ---- environment ----
+
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "-1"])
+def test_memory_limit_that_is_not_a_number(home, smollm_path, monkeypatch, value):
+    monkeypatch.setenv("SPARROW_MEMORY_LIMIT", value)
+    out = one_clear_line(run("generate", "-m", str(smollm_path), *QUICK, "hi"))
+    assert f"SPARROW_MEMORY_LIMIT={value!r} is not a number of bytes" in out
+
 
 def test_sparrow_home_that_is_a_file(tmp_path, tiny, smollm_path, monkeypatch):
     home = tmp_path / "store"

@@ -1,19 +1,28 @@
 """Will a model fit: the memory it needs (weights + one session's KV cache and scratch) against what is free."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..routing import GGUFHeader
-from .errors import InsufficientMemoryError
+from .errors import InsufficientMemoryError, StoreError
 
 
 def available_memory() -> int:
-    """Bytes of memory free for a model: SPARROW_MEMORY_LIMIT if set, else psutil's available memory."""
+    """Bytes of memory free for a model: SPARROW_MEMORY_LIMIT if set (a number of bytes, e.g. 8000000000 or 8e9;
+    StoreError for anything else, NaN, infinity or a negative number included), else psutil's available memory."""
     limit = os.environ.get("SPARROW_MEMORY_LIMIT")
     if limit:
-        return int(float(limit))
+        try:
+            value = float(limit)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0:
+            raise StoreError(f"SPARROW_MEMORY_LIMIT={limit[:80]!r} is not a number of bytes: set it to one, e.g. "
+                             "8000000000 or 8e9, or unset it to use the memory that is free")
+        return int(value)
     import psutil
 
     return int(psutil.virtual_memory().available)

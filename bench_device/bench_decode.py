@@ -4,10 +4,11 @@ Each engine lives in its own worker process (so its peak RSS is its own); the pa
 so drift of the machine does not bias the ratio. Threads are pinned to the same count for both. Before timing, each
 engine's outputs are checked against an oracle: llama.cpp, or, when Sparrow runs alone, Sparrow's scalar reference
 kernels (a worker started with SPARROW_FORCE_SCALAR=1). Both are fed the first engine's greedy continuation of the
-prompt (teacher forcing) and their logits at every step compared with the bounds of tests/test_llama_parity.py:
-normalized MSE < 1e-2, and wherever the top-1 tokens differ they must be a near tie in the oracle's logits
-(gap < 0.5): engines that quantize activations differently may break a tie differently, nothing else. The report
-names the oracle and gives the NMSE, the forks and how many greedy tokens agree outright.
+prompt (teacher forcing) and their logits at every step compared: normalized MSE < 1e-2 against llama.cpp, < 3e-3
+against the scalar kernels (nmse_bound), and wherever the top-1 tokens differ they must be a near tie in the
+oracle's logits (gap < 0.5): engines that round differently may break a tie differently, nothing else. The first
+step where Sparrow's own greedy continuation leaves the oracle's must be such a tie too. The report names the oracle
+and gives the NMSE, the forks, how many greedy tokens agree outright and the first fork's gap.
 
     python -m sparrow.bench_device.bench_decode MODEL.gguf --threads 2 --repeats 5 --out result.json
 
@@ -205,8 +206,17 @@ def summary(xs: list[float]) -> dict:
 
 
 SCALAR_ORACLE = "sparrow-scalar"
-NMSE_MAX = 1e-2   # logits vs the oracle's, as tests/test_llama_parity.py bounds Sparrow vs llama.cpp
+NMSE_MAX = 1e-2   # logits vs llama.cpp's (measured 1.1e-3 on SmolLM2 and the tiny test llamas)
+# Logits vs Sparrow's scalar kernels: the same forward code, and kernels that agree to ~2e-7 of a row's magnitude,
+# but an activation that rounds across an 8-bit step on one tier and not the other moves by a whole step, and such
+# steps grow through the layers. Measured over 16 steps: 4e-15 (tiny Q4_1 llama), 6e-11 (tiny F32 llama), 1.4e-6
+# (blockffn-tiny), 1.1e-3 (SmolLM2-135M, 30 layers: already 3.7e-4 on its first token).
+SCALAR_NMSE_MAX = 3e-3
 TIE_GAP = 0.5     # a top-1 difference must be a near tie in the oracle's logits
+
+
+def nmse_bound(oracle: str) -> float:
+    return SCALAR_NMSE_MAX if oracle == SCALAR_ORACLE else NMSE_MAX
 STEPS_PER_REPEAT = 3  # decode, prefill, ttft; plus one per batch size
 
 
@@ -275,7 +285,7 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
                      for o in outs.values())
         cont = outs[engine_names[0]]
         ref_rows = ask(oracle, "logits", cont)
-        checks = {}
+        checks, bound = {}, nmse_bound(oracle)
         for name in engine_names:
             if name == oracle:
                 continue
@@ -283,9 +293,19 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
             if name == engine_names[0] and rows.argmax(-1).tolist() != cont:
                 raise RuntimeError(f"{name}: teacher-forced logits do not reproduce its own greedy continuation")
             checks[name] = compare_logits(rows, ref_rows)
-            if checks[name]["nmse"] >= NMSE_MAX or checks[name]["max_fork_gap"] >= TIE_GAP:
+            if checks[name]["nmse"] >= bound or checks[name]["max_fork_gap"] >= TIE_GAP:
                 raise RuntimeError(f"{name} disagrees with the oracle ({oracle}): {checks[name]} (bounds: NMSE < "
-                                   f"{NMSE_MAX}, top-1 forks only at near ties, gap < {TIE_GAP}); greedy {outs}")
+                                   f"{bound}, top-1 forks only at near ties, gap < {TIE_GAP}); greedy {outs}")
+        # The first step where the greedy continuations part: up to it they share their tokens, so the oracle's
+        # teacher-forced row there is its own greedy step, and the two tokens must be a near tie in it.
+        step = next((i for i, (a, b) in enumerate(zip(outs[oracle], cont)) if a != b), None)
+        first_fork = None
+        if step is not None:
+            first_fork = {"step": step, "gap": float(ref_rows[step].max() - ref_rows[step, cont[step]])}
+            if first_fork["gap"] >= TIE_GAP:
+                raise RuntimeError(f"{engine_names[0]}'s greedy continuation leaves the oracle's ({oracle}) at step "
+                                   f"{step} where the oracle's top token leads by {first_fork['gap']:.3f} (a near "
+                                   f"tie is < {TIE_GAP}); greedy {outs}")
         if oracle == SCALAR_ORACLE:  # it is not timed: stop it now, so it holds no memory while the others run
             ask(SCALAR_ORACLE, "stop")
             proc, _ = engines.pop(SCALAR_ORACLE)
@@ -320,7 +340,7 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
         report = {"schema": "sparrow.bench_decode/1", "model": os.path.basename(model), "threads": threads,
                   "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
                   "prompt_tokens": n_prompt, "decode_tokens": decode_tokens, "repeats": repeats,
-                  "greedy_agreement_tokens": agree, "greedy_checked_tokens": n_check,
+                  "greedy_agreement_tokens": agree, "greedy_checked_tokens": n_check, "greedy_first_fork": first_fork,
                   "oracle": oracle, "oracle_checks": checks, "engines": {}}
         for name in engines:
             r = res[name]

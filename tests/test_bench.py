@@ -131,11 +131,14 @@ def test_report_schema(report, tmp_path):
         assert b["kind"] == "dram" and b["bandwidth_gb_s"] == bw["threads"]["1"]["median"]
     assert e["bandwidth_bound_tok_s"] == pytest.approx(b["bandwidth_gb_s"] * 1e9 / b["bytes_per_token"])
     assert ("over_bound" in b) == (e["fraction_of_bound"] > 1)
-    # Sparrow alone: its greedy continuation was checked against the scalar reference kernels
+    # Sparrow alone: its greedy continuation was checked against the scalar reference kernels. On this tiny F32 model
+    # the SIMD and scalar tiers agree to float32 rounding (measured 6e-11; the bench's own bound, 3e-3, is for models
+    # deep enough that activation rounding grows through the layers, see bench_decode.SCALAR_NMSE_MAX)
     assert r["oracle"]["engine"] == "sparrow-scalar" and "SPARROW_FORCE_SCALAR=1" in r["oracle"]["description"]
+    assert f"NMSE < {bench_decode.SCALAR_NMSE_MAX:g}" in r["oracle"]["criterion"]
     c = r["oracle"]["checks"]["sparrow"]
-    assert c["positions"] == 16 and 0 <= c["nmse"] < 1e-2 and c["max_fork_gap"] < 0.5
-    assert 0 <= r["oracle"]["agreement_tokens"] <= r["oracle"]["checked_tokens"] == 16
+    assert c["positions"] == 16 and 0 <= c["nmse"] < 1e-9 and c["top1_forks"] == 0
+    assert r["oracle"]["agreement_tokens"] == r["oracle"]["checked_tokens"] == 16 and r["oracle"]["first_fork"] is None
     e = r["engines"]["sparrow"]
     for key in ("decode_tok_s", "prefill_tok_s", "ttft_ms"):
         s = e[key]
@@ -500,8 +503,13 @@ def test_report_side_by_side_with_llama_cpp(tiny):
     pytest.importorskip("llama_cpp")
     r = run_suite(tiny, "tiny", quick=True, threads=1)
     assert r["llama_cpp"] == "ran", r["notes"]
-    assert list(r["engines"]) == ["sparrow", "llama.cpp"] and r["oracle"]["agreement_tokens"] >= 8
-    assert r["oracle"]["engine"] == "llama.cpp" and r["engines"]["llama.cpp"]["ttft_ms"]["median"] > 0
-    assert list(r["oracle"]["checks"]) == ["sparrow"] and r["oracle"]["checks"]["sparrow"]["nmse"] < 1e-2
+    assert list(r["engines"]) == ["sparrow", "llama.cpp"]
+    o = r["oracle"]
+    # the greedy continuations agree until a near tie of llama.cpp's logits, if they part at all (measured: 16 of 16)
+    fork = o["first_fork"]
+    assert (fork is None) == (o["agreement_tokens"] == o["checked_tokens"] == 16), o
+    assert fork is None or (fork["step"] == o["agreement_tokens"] and 0 <= fork["gap"] < TIE_GAP), o
+    assert o["engine"] == "llama.cpp" and r["engines"]["llama.cpp"]["ttft_ms"]["median"] > 0
+    assert list(o["checks"]) == ["sparrow"] and o["checks"]["sparrow"]["nmse"] < 1e-2  # measured 1.1e-3
     assert r["ratio_sparrow_over_llama_cpp"]["decode"] > 0 and r["ratio_sparrow_over_llama_cpp"]["ttft"] > 0
     assert validate(json.loads(json.dumps({**r, "plots": {}}))) == []

@@ -99,10 +99,25 @@ def test_token_recycling_state_is_kept_between_sessions(pulled):
 
 @pytest.mark.llama_cpp
 def test_chat_api_reuses_the_kv_cache_on_every_backend(smollm_path):
+    """Each backend evaluates only the new part of the conversation on the second turn (and Sparrow answers exactly as
+    from an empty cache); and the two give the same greedy answers: the same prompt tokens each turn, and the same
+    tokens generated, or a first difference at a near tie of llama.cpp's logits (gap < 0.5, as
+    tests/test_llama_parity.py allows; measured: identical)."""
     from sparrow.runtime.backends import Chat, LlamaCppBackend, NativeBackend
 
+    turns: dict[str, list[tuple[list[int], list[int]]]] = {}  # backend -> (prompt tokens, generated tokens) per turn
     for cls in (NativeBackend, LlamaCppBackend):
         backend = cls(smollm_path, n_ctx=512)
+        steps = turns.setdefault(cls.name, [])
+        generate = backend.generate_tokens
+
+        def recorded(prompt_tokens, _generate=generate, _steps=steps, **kw):
+            _steps.append((list(prompt_tokens), []))
+            for t in _generate(prompt_tokens, **kw):
+                _steps[-1][1].append(t)
+                yield t
+
+        backend.generate_tokens = recorded
         try:
             chat = Chat(backend)
             first = "".join(chat.send("Name a fruit.", max_tokens=12, params=SamplerParams.greedy()))
@@ -113,8 +128,36 @@ def test_chat_api_reuses_the_kv_cache_on_every_backend(smollm_path):
             assert backend.n_evaluated - before == chat.last_stats.evaluated_tokens + chat.last_stats.generated_tokens
             assert chat.last_stats.evaluated_tokens == chat.last_stats.prompt_tokens - cached, cls.__name__
             assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+            if cls is NativeBackend:  # its logits do not depend on how the prompt is split into batches (llama.cpp's
+                prompt, answer = steps[1]  # do: its answer from an empty cache parts from this one at a near tie)
+                backend.reset()
+                assert list(generate(prompt, max_tokens=12, params=SamplerParams.greedy())) == answer
+            if cls is LlamaCppBackend:
+                fork = _first_fork(turns["native"], steps)
+                if fork is not None:  # llama.cpp's logits where the answers part: the two tokens must be a near tie
+                    prefix, ours, theirs = fork
+                    backend.llm.reset()
+                    backend.llm.eval(prefix)
+                    row = np.ctypeslib.as_array(backend.llm._ctx.get_logits(), shape=(backend.llm.n_vocab(),))
+                    gap = float(row[theirs] - row[ours])
+                    assert 0 <= gap < 0.5, f"the backends' greedy answers part at a gap of {gap:.3f}: {turns}"
         finally:
             backend.close()
+    assert len(turns["native"]) == len(turns["llama.cpp"]) == 2
+
+
+def _first_fork(ours: list[tuple[list[int], list[int]]], theirs: list[tuple[list[int], list[int]]]):
+    """Where two backends' turns first differ: None when identical, else (llama.cpp's context at that step, our token,
+    its token); a turn that ended earlier counts as choosing its end-of-turn token (2, <|im_end|>, for SmolLM2). The
+    prompts must be equal up to the first differing answer."""
+    for (p_ours, g_ours), (p_theirs, g_theirs) in zip(ours, theirs):
+        assert p_ours == p_theirs, "the backends' prompts differ"
+        if g_ours == g_theirs:
+            continue
+        j = next((i for i, (a, b) in enumerate(zip(g_ours, g_theirs)) if a != b), min(len(g_ours), len(g_theirs)))
+        pick = lambda g: g[j] if j < len(g) else 2  # noqa: E731
+        return p_theirs + g_theirs[:j], pick(g_ours), pick(g_theirs)
+    return None
 
 
 CHAT_MARKUP = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"

@@ -155,8 +155,8 @@ def _first_fork(ours: list[tuple[list[int], list[int]]], theirs: list[tuple[list
         if g_ours == g_theirs:
             continue
         j = next((i for i, (a, b) in enumerate(zip(g_ours, g_theirs)) if a != b), min(len(g_ours), len(g_theirs)))
-        pick = lambda g: g[j] if j < len(g) else 2  # noqa: E731
-        return p_theirs + g_theirs[:j], pick(g_ours), pick(g_theirs)
+        ours_j, theirs_j = (g[j] if j < len(g) else 2 for g in (g_ours, g_theirs))
+        return p_theirs + g_theirs[:j], ours_j, theirs_j
     return None
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import package_root
 from tiny_llama import TinyConfig, write_tiny_llama
@@ -132,3 +133,30 @@ def test_special_files_are_refused(tmp_path, special):
         special = str(tmp_path / "m.gguf")
     with pytest.raises(SparrowError, match="not a regular file"):
         Model(special)
+
+
+# ---------------------------------------------------------------- what the fuzzers found (tests/fuzz_regressions)
+
+def test_fuzz_regression_inputs_are_kept():
+    """Each saved crash input of tools/fuzz.sh (replayed by it before fuzzing) has its Python reproduction below."""
+    saved = sorted(p.relative_to(REGRESSIONS).as_posix() for p in REGRESSIONS.glob("*/*"))
+    assert saved == sorted(FUZZ_FINDINGS), "a crash input without a test here, or a test without its input"
+
+
+FUZZ_FINDINGS = {
+    "sampler/tiny-repeat-penalty-nan-probs": "a repeat penalty near 0 turned a logit into +inf: NaN probabilities",
+}
+
+
+@pytest.mark.parametrize("penalty", [1e-38, 1e-45, 3e38])
+def test_extreme_repeat_penalty_keeps_a_distribution(penalty):
+    """fuzz_sampler: repeat_penalty 1e-31 divided a positive logit to +inf, so the softmax computed inf - inf and
+    every probability was NaN (sample() then returned an arbitrary token)."""
+    logits = np.linspace(-30, 30, 51).astype(np.float32)
+    s = _sparrow.Sampler(51, temperature=1.5, top_k=15, top_p=1.0, min_p=0.0, repeat_penalty=penalty,
+                         repeat_last_n=5)
+    for t in (21, 20, 3, 49, 50):
+        s.accept(t)
+    ids, probs = s.candidates(logits)
+    assert np.all(np.isfinite(probs)) and np.all(probs >= 0) and abs(float(probs.sum()) - 1) < 1e-5, probs
+    assert s.sample(logits) in set(ids.tolist())

@@ -22,6 +22,7 @@
 #include "common.h"
 #include "sampler.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -170,7 +171,9 @@ static sp_status sampler_filter(sp_sampler *s, const float *logits /* [V] */, in
             const int32_t t = s->history[h];
             if (s->seen[t]) continue;
             s->seen[t] = 1;
-            l[t] = l[t] > 0.0f ? l[t] / p->repeat_penalty : l[t] * p->repeat_penalty;
+            const float x = l[t] > 0.0f ? l[t] / p->repeat_penalty : l[t] * p->repeat_penalty;
+            /* a finite logit stays finite: a penalty near 0 would make +inf, and inf - inf a NaN in the softmax */
+            l[t] = l[t] == -INFINITY ? x : fmaxf(-FLT_MAX, fminf(FLT_MAX, x));
         }
         for (int32_t h = 0; h < s->n_history; h++) s->seen[s->history[h]] = 0;
     }

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 from conftest import package_root
 
-TIMEOUT_S = 60
+TIMEOUT_S = 150  # generous: the suite also runs against an ASan build on a loaded machine
 
 # Shared by every child: a thread that records how it ended, and a join that reports a hang.
 PRELUDE = """
@@ -34,7 +34,7 @@ def run(fn):
     return th
 
 def join(th):
-    th.join(20)
+    th.join(90)
     assert not th.is_alive(), "the worker thread hangs"
 """
 
@@ -133,7 +133,7 @@ def test_two_threads_in_eval_on_one_session_get_a_clear_error(smollm_path):
 def test_model_close_while_its_session_evaluates_keeps_the_weights(smollm_path):
     out = _child("""
         m = Model(path)
-        toks = m.tokenize("The old lighthouse keeper looked out at the sea " * 8)[:64]
+        toks = m.tokenize("The old lighthouse keeper looked out at the sea " * 8)[:16]
         s = m.session(n_ctx=1024, n_batch=64, n_threads=2)
         ref = s.eval(toks).copy()
         n = [0]

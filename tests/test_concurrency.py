@@ -43,7 +43,7 @@ def _child(script: str, model_path) -> str:
     code = PRELUDE + textwrap.dedent(script)
     try:
         r = subprocess.run([sys.executable, "-c", code, str(model_path)], cwd=package_root(), capture_output=True,
-                           text=True, timeout=TIMEOUT_S)
+                           text=True, timeout=TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the child hung (killed after {TIMEOUT_S} s); output: {e.stdout!r} {e.stderr!r}")
     assert r.returncode == 0, f"child exit {r.returncode} (negative: killed by that signal)\n{r.stdout}\n{r.stderr}"

@@ -20,9 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
-import gguf  # noqa: E402
-import gguf_corpus  # noqa: E402
-from tiny_llama import TinyConfig, vocab, write_tiny_llama  # noqa: E402
+import gguf
+import gguf_corpus
+from tiny_llama import TinyConfig, vocab, write_tiny_llama
 
 Q = gguf.GGMLQuantizationType
 SMOLLM = Path(os.environ.get("SPARROW_TEST_CACHE", REPO / "tests" / ".cache")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,7 +117,7 @@ def vocabularies(data: Path, seeds: Path) -> None:
 
 
 def models(data: Path, seeds: Path) -> None:
-    small = dict(n_embd=32, n_layer=2, n_head=4, n_head_kv=2, n_ff=64)
+    small = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_head_kv": 2, "n_ff": 64}
     for name, wtype, tied in (("f32", Q.F32, True), ("q4_0", Q.Q4_0, False), ("q8_0", Q.Q8_0, True),
                               ("f16", Q.F16, False)):
         write_tiny_llama(data / f"model-llama-{name}.gguf", TinyConfig(**small, wtype=wtype, tied=tied, seed=3))

@@ -10,8 +10,8 @@ What is searched (small on purpose: about a minute for SmolLM2-135M on 2 cores, 
      drafted; Token Recycling: chain or tree shape, max_nodes; hybrid) and, when the store registers a draft model
      for this model, the draft model (k drafted), each from a small set of sizes (SHAPES). The baseline is measured
      again in this stage, and so is the untuned default: what `sparrow chat` runs without tuned settings (physical
-     cores and runtime.launch.default_drafter: the registry's drafter for a known model, else hybrid), so the report
-     shows what tuning gains over it.
+     cores and runtime.launch.default_drafter: the adaptive drafter), so the report shows what tuning gains over
+     it.
 
 The baseline every candidate is compared with is plain decoding (no drafter) on the physical cores: the one setting
 every model and backend can run, and the reference the greedy outputs are checked against. It is not the untuned
@@ -320,15 +320,16 @@ def thread_options(physical: int) -> list[int]:
 # The shapes tried per drafter of the registry (runtime.drafters.DRAFTERS), and for a registered draft model: (in
 # every search, added in a full search). Around the drafters' defaults (prompt lookup k=4, Token Recycling a chain of
 # 4); the wide trees of the Token Recycling paper lose on CPUs where a T-token pass costs several decode steps
-# (README, Speculative decoding), so only small fixed trees are tried, plus the hybrid drafter (chat's default) at
-# its defaults, whose wide tree the sparsity-aware planner prunes each step. A registered drafter not named here is
-# tried at its defaults.
+# (README, Speculative decoding), so only small fixed trees are tried, plus the hybrid drafter at its defaults, whose
+# wide tree the sparsity-aware planner prunes each step, and the adaptive drafter (chat's untuned default: the hybrid
+# where it measures faster than plain decoding). A registered drafter not named here is tried at its defaults.
 SHAPES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
     "prompt-lookup": ([{"k": 4}], [{"k": 8}]),
     "recycling": ([{"branching": [1], "max_nodes": 4}],
                   [{"branching": [1], "max_nodes": 2}, {"branching": [1], "max_nodes": 6},
                    {"branching": [2, 1], "max_nodes": 6}]),
     "hybrid": ([{}], []),
+    "adaptive": ([{}], []),
 }
 DRAFT_MODEL_SHAPES: tuple[list[dict[str, Any]], list[dict[str, Any]]] = (
     [{"k": 4}], [{"k": 2}, {"k": 3, "alternatives": 2}])

@@ -253,8 +253,7 @@ def _sampler_params(temperature: float, top_k: int, top_p: float, min_p: float, 
 
 
 DRAFT_HELP = (f"Speculative decoding: {known_drafters(summaries=True)}. Default: the model's tuned drafter "
-              f"(`sparrow bench --tune`), else the fastest measured for the model ({DEFAULT_DRAFTER} for models "
-              "Sparrow has not measured) on the native runtime, none elsewhere.")
+              f"(`sparrow bench --tune`), else {DEFAULT_DRAFTER} on the native runtime, none elsewhere.")
 
 
 # ---- chat ----
@@ -428,6 +427,8 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
                 out["speculative"] = backend.stats.as_dict()
                 if backend.drafter.planner is not None:
                     out["speculative"]["planner"] = backend.drafter.planner.as_dict()
+                if backend.drafter.gate is not None:
+                    out["speculative"]["gate"] = backend.drafter.gate.as_dict()
             click.echo(json.dumps(out))
         else:
             click.echo()

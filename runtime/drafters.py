@@ -6,6 +6,8 @@ Shape legend: V = vocabulary size, K = candidates kept per token, N = draft node
     recycling       Token Recycling: adjacency matrix [V, K] of the target's top-K next tokens last seen after each
                     token (refreshed from every verification), draft tree grown breadth-first from the last token
     hybrid          prompt lookup's chain merged with the recycling tree (each where it is strong)
+    adaptive        the hybrid where drafting measures faster than plain decoding, plain decoding steps elsewhere
+                    (the default: speculation never makes decoding slower)
     draft-model     a smaller model with the same vocabulary drafting a chain from its own session
 
 DRAFTERS (at the end) is the registry: each drafter's --draft name, class and the options tuned settings may set; the
@@ -13,7 +15,8 @@ store, the CLI and `sparrow bench --tune` read it. Any other name is a draft mod
 
 A drafter's life: begin(ctx, params, rng) once per generation, then per step propose(ctx, max_nodes) -> Draft and
 observe(batch, parents, logits, path) with the verification's results (logits is a view of a buffer the next step
-overwrites: copy what must outlive the call); end() after the generation, close() once.
+overwrites: copy what must outlive the call), or, on a step its gate ran plain, observe_plain(root, logits); end()
+after the generation, close() once.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import numpy as np
 
 from . import _sparrow
 from .native import Model, SamplerParams, Session
-from .planner import TreePlanner
+from .planner import DraftGate, TreePlanner
 from .tree import Draft, draw, greedy_token, penalized, target_probs
 
 
@@ -36,6 +39,7 @@ class Drafter:
 
     name = "none"
     planner: TreePlanner | None = None  # prunes each proposal (runtime.planner) unless the caller passes its own
+    gate: DraftGate | None = None       # decides whether a step drafts at all (runtime.planner), likewise
 
     def begin(self, ctx: list[int], params: SamplerParams, rng: np.random.Generator) -> None:
         pass
@@ -45,6 +49,9 @@ class Drafter:
 
     def observe(self, batch: list[int], parents: list[int], logits: np.ndarray, path: list[int]) -> None:
         pass
+
+    def observe_plain(self, root: int, logits: np.ndarray) -> None:
+        """A plain step (no draft: the gate's choice) evaluated root and got logits [V] (a view, as in observe)."""
 
     def end(self) -> None:
         pass
@@ -127,6 +134,9 @@ class Recycling(Drafter):
         rows = np.asarray(path if self.update == "path" else range(len(batch)))
         self.adj[np.asarray(batch)[rows]] = top_k_rows(logits[rows], self.k)
 
+    def observe_plain(self, root: int, logits: np.ndarray) -> None:
+        self.adj[root] = top_k_rows(logits[None, :], self.k)[0]
+
     # The adjacency matrix is what Token Recycling has learned about a model; chat keeps it in the model store
     # between sessions (runtime.launch), so a new conversation does not start cold.
 
@@ -200,9 +210,41 @@ class Hybrid(Drafter):
     def observe(self, batch: list[int], parents: list[int], logits: np.ndarray, path: list[int]) -> None:
         self.recycling.observe(batch, parents, logits, path)
 
+    def observe_plain(self, root: int, logits: np.ndarray) -> None:
+        self.recycling.observe_plain(root, logits)
+
     def end(self) -> None:
         self.lookup.end()
         self.recycling.end()
+
+
+class Adaptive(Hybrid):
+    """The hybrid drafter behind a DraftGate (runtime.planner): each step drafts only where drafting has measured
+    faster than plain decoding on this device under the actual sampling settings (where the text repeats itself,
+    mostly), and runs a plain decoding step elsewhere, probing again now and then. Drafting nothing costs what
+    plain decoding costs, so this is the default: no device makes it slower than plain decoding by more than its
+    probes. Options: the hybrid's; probe_every, max_probe_every: the gate's probe interval (plain steps) after an
+    episode of drafting that paid, and its cap after ones that did not; learn_every: Token Recycling learns from
+    plain steps' logits too, from every one whose root it has no candidates for yet and from every learn_every-th
+    of the others (one top-k of a logits row: ~35 us for V = 49152 on Zen 4, a fraction of a percent of a decode
+    step once the common tokens are known), so that a probe finds candidates, and current ones."""
+
+    name = "adaptive"
+
+    def __init__(self, n_vocab: int, *, lookup_k: int = 8, ngram: int = 3, min_ngram: int = 2, k: int = 8,
+                 branching: Sequence[int] = (4, 2, 2, 1), max_nodes: int = 24, plan: bool = True,
+                 probe_every: int = 16, max_probe_every: int = 256, learn_every: int = 4):
+        super().__init__(n_vocab, lookup_k=lookup_k, ngram=ngram, min_ngram=min_ngram, k=k, branching=branching,
+                         max_nodes=max_nodes, plan=plan)
+        self.gate = DraftGate(probe_every=probe_every, max_probe_every=max_probe_every)
+        self.learn_every = learn_every
+        self._plain = 0
+
+    def observe_plain(self, root: int, logits: np.ndarray) -> None:
+        self._plain += 1
+        if self._plain >= self.learn_every or self.recycling.adj[root, 0] < 0:
+            self._plain = 0
+            self.recycling.observe_plain(root, logits)
 
 
 def recycling_part(drafter: Drafter) -> Recycling | None:
@@ -321,6 +363,10 @@ DRAFTERS: dict[str, DrafterKind] = {
     "hybrid": DrafterKind(Hybrid, "prompt lookup + a Token Recycling tree pruned each step by the sparsity-aware "
                           "planner", {"lookup_k": int, "ngram": int, "min_ngram": int, "k": int, "branching": list,
                                       "max_nodes": int}, takes_vocab=True),
+    "adaptive": DrafterKind(Adaptive, "the hybrid where it measures faster than plain decoding, plain steps elsewhere",
+                            {"lookup_k": int, "ngram": int, "min_ngram": int, "k": int, "branching": list,
+                             "max_nodes": int, "probe_every": int, "max_probe_every": int, "learn_every": int},
+                            takes_vocab=True),
 }
 # Any other drafter name is a draft model: a store name or a GGUF file sharing the target's vocabulary.
 DRAFT_MODEL = DrafterKind(DraftModel, "a draft model sharing the vocabulary (store name or file)",

@@ -26,6 +26,11 @@ largest trees. What is verified never changes the output: greedy decoding stays 
     planner = TreePlanner()
     speculative_tokens(session, prompt, Recycling(V, branching=(4, 2, 2, 1), max_nodes=24), planner=planner)
     print(planner.summary())
+
+Above the planner, a DraftGate (the adaptive drafter's, runtime.drafters.Adaptive) decides whether to draft at all: a
+step it does not draft is a plain decoding step (one token evaluated, no draft, no tree, no planner), so drafting
+nothing costs what plain decoding costs. It drafts where drafting has measured faster than plain decoding on this
+device, under the actual sampling settings, and probes again now and then (see DraftGate).
 """
 from __future__ import annotations
 
@@ -216,3 +221,143 @@ def subtree(draft: Draft, keep: np.ndarray) -> Draft:
         parents.append(new_index[par])
     q = None if draft.q is None else draft.q[keep]
     return Draft(tokens, parents, q)
+
+
+class DraftGate:
+    """Whether a speculative step drafts at all, decided per step from what drafting has measured on this device, so
+    that speculation never makes decoding slower. A step the gate does not draft runs plain (runtime.speculative:
+    one token evaluated, sampled by the C sampler exactly as plain decoding samples).
+
+    Arms. Each step falls into an arm by the cheapest signal there is, how long a suffix of the text occurred earlier
+    in it (tracked in O(1) per token: a dict of bigrams and the current match, as prompt lookup would find it):
+    arm 0 below `arms[0]` tokens (no match), arm 1 up to `arms[1]` - 1, arm 2 from `arms[1]` on (the text is repeating
+    itself: prompt lookup's chain is likely accepted). Each arm keeps its own verdict.
+
+    Verdict. A drafting step that emitted k tokens in t seconds cost c = max(1, t / t_plain) plain steps' time
+    (t_plain: the median of the last plain steps; a drafting step evaluates at least the token a plain step does, so
+    c < 1 is noise). Each arm keeps exponentially weighted means of k and c over its drafting steps, and drafts while
+    mean k > `margin` x mean c; so an arm whose drafts are never accepted (k = 1) never drafts beyond its probes,
+    whatever the clock says. The means move slowly while the arm drafts (`alpha`: a step's k is noisy, most steps
+    accept nothing even where drafting pays, and a fast mean would stop at the first few) and fast on probes
+    (`alpha_probe`: a probe is rare, and its news is what turns drafting back on).
+
+    Probes. An arm that does not draft runs plain and, after `wait` of its plain steps, drafts one step (a probe).
+    An episode of drafting (from a probe until the arm stops) that ran faster than plain overall resets the wait to
+    `probe_every`; one that did not doubles it, up to `max_probe_every`. So text that starts repeating itself turns
+    drafting back on within a few tokens (arm 2 is rarely visited, so rarely backed off), and text where drafting
+    does not pay costs one drafting step per up to `max_probe_every` plain steps. Until `min_plain` plain steps have
+    been timed nothing is drafted. The gate learns across generations, like the planner. (The settings: driven by the
+    accepted-length distributions and step costs the hybrid drafter measured on SmolLM2 (tests/test_planner.py), the
+    gate keeps most of the hybrid's gain where drafting pays a little (chat text, greedy: 1.15x where drafting every
+    step gives 1.21x) and all of it where it pays a lot, and runs within 1% of plain decoding where drafting loses; a
+    mean as fast on drafting steps as on probes kept a tenth of the first gain.)
+    """
+
+    def __init__(self, *, probe_every: int = 16, max_probe_every: int = 256, margin: float = 1.03,
+                 alpha: float = 0.05, alpha_probe: float = 0.3, arms: tuple[int, int] = (2, 4), min_plain: int = 2,
+                 window: int = 32):
+        if not (1 <= probe_every <= max_probe_every and margin >= 1.0 and 0 < alpha <= 1 and 0 < alpha_probe <= 1
+                and 2 <= arms[0] < arms[1] and min_plain >= 1 and window >= min_plain):
+            raise ValueError("DraftGate: 1 <= probe_every <= max_probe_every, margin >= 1, 0 < alpha, alpha_probe <= 1, "
+                             "2 <= arms[0] < arms[1], 1 <= min_plain <= window")
+        self.probe_every, self.max_probe_every, self.margin = probe_every, max_probe_every, margin
+        self.alpha, self.alpha_probe, self.arms, self.min_plain = alpha, alpha_probe, arms, min_plain
+        self.plain_times: collections.deque[float] = collections.deque(maxlen=window)  # seconds per plain step
+        n = 3
+        self.on = [False] * n                  # the arm is drafting (an episode is running)
+        self.wait = [0] * n                    # the arm's plain steps left before its next probe
+        self.interval = [probe_every] * n      # the wait after an episode that did not pay
+        self.tok: list[float | None] = [None] * n  # weighted mean tokens per drafting step (None: none yet)
+        self.cost = [0.0] * n                  # ... and cost per drafting step, in plain steps' time
+        self.ep = [[0.0, 0.0, 0] for _ in range(n)]  # the episode's total tokens, total cost, steps
+        self.probes = [0] * n                  # episodes started (probes)
+        self.paid = [0] * n                    # ... that ran faster than plain
+        self.arm = 0                           # the current step's arm (set by begin / push)
+        self._unjudged = 0                     # drafting steps in a row not judged (the planner explored)
+        self._index: dict[tuple[int, int], int] = {}  # bigram -> index of the token after its latest occurrence
+        self._run = 0                          # length of the current suffix match (0: none)
+        self._next = 0                         # index of the token that followed the matched earlier occurrence
+
+    # ---- the signal: the current suffix match ----
+
+    def begin(self, ctx: list[int]) -> None:
+        """A new generation over ctx (every token so far)."""
+        index = self._index = {}
+        for i in range(2, len(ctx)):
+            index[(ctx[i - 2], ctx[i - 1])] = i
+        self._run, self.arm = 0, 0
+        if len(ctx) >= 2:
+            j = index.get((ctx[-2], ctx[-1]))
+            if j is not None:
+                self._run, self._next = 2, j
+                self.arm = 1 if 2 < self.arms[1] else 2
+
+    def push(self, ctx: list[int]) -> None:
+        """ctx has grown by one token: index the bigram it completed, extend or find the suffix match, set the arm."""
+        n = len(ctx)
+        t = ctx[-1]
+        if n >= 3:
+            self._index[(ctx[-3], ctx[-2])] = n - 1
+        if self._run and ctx[self._next] == t:
+            self._run += 1
+            self._next += 1
+        else:
+            j = self._index.get((ctx[-2], t)) if n >= 2 else None
+            self._run = 0 if j is None else 2
+            self._next = j or 0
+        self.arm = 0 if self._run < self.arms[0] else 1 if self._run < self.arms[1] else 2
+
+    # ---- the verdict ----
+
+    def drafts(self) -> bool:
+        """Whether this step (in arm self.arm) drafts."""
+        a = self.arm
+        return self.on[a] or (self.wait[a] <= 0 and len(self.plain_times) >= self.min_plain)
+
+    def plain(self, seconds: float) -> None:
+        """A plain step ran in the current arm, taking `seconds`."""
+        self.wait[self.arm] -= 1
+        self.plain_times.append(seconds)
+
+    def observe(self, arm: int, tokens: int, seconds: float, *, explored: bool = False) -> None:
+        """A drafting step in `arm` emitted `tokens` tokens in `seconds` (everything it did). explored: the planner
+        verified a size of its exploration schedule, not its choice; such a step is not judged (a probe is then
+        repeated at the arm's next step), up to 4 in a row."""
+        if explored and self._unjudged < 4:
+            self._unjudged += 1
+            return
+        self._unjudged = 0
+        times = sorted(self.plain_times)
+        c = max(1.0, seconds / times[len(times) // 2])
+        ep = self.ep[arm]
+        a = self.alpha if self.on[arm] else self.alpha_probe
+        if not self.on[arm]:  # a probe: a new episode
+            ep[:] = [0.0, 0.0, 0]
+            self.probes[arm] += 1
+        tok = self.tok[arm]
+        if tok is None:
+            self.tok[arm], self.cost[arm] = float(tokens), c
+        else:
+            self.tok[arm] = tok + a * (tokens - tok)
+            self.cost[arm] += a * (c - self.cost[arm])
+        ep[0] += tokens
+        ep[1] += c
+        ep[2] += 1
+        self.on[arm] = self.tok[arm] > self.margin * self.cost[arm]
+        if not self.on[arm]:  # the episode ends
+            if ep[0] > self.margin * ep[1]:
+                self.paid[arm] += 1
+                self.interval[arm] = self.probe_every
+            self.wait[arm] = self.interval[arm]
+            if ep[0] <= self.margin * ep[1]:
+                self.interval[arm] = min(2 * self.interval[arm], self.max_probe_every)
+
+    def summary(self) -> str:
+        names = ("no match", "short match", "repeating")
+        arms = ", ".join(f"{name}: {'drafting' if self.on[a] else 'plain'}, {self.probes[a]} probes "
+                         f"({self.paid[a]} paid)" for a, name in enumerate(names))
+        return f"gate: {arms}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"drafting": list(self.on), "probes": list(self.probes), "paid": list(self.paid),
+                "interval": list(self.interval)}

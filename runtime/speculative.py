@@ -24,6 +24,14 @@ A planner (runtime.planner.TreePlanner, given here or carried by the drafter) pr
 worth verifying; SpecStats splits the time into draft, verify (attention / FFN / LM head, from Session.timings()),
 sampling and accept.
 
+A gate (runtime.planner.DraftGate, given here or carried by the drafter: the adaptive drafter's) decides before each
+step whether to draft at all. A step it does not draft is a plain decoding step, as runtime.native.generate_tokens
+runs it: the root evaluated alone, the next token drawn by a C sampler that has seen every token so far (its own,
+never reset), no draft, no mask, no planner; the drafter only sees the logits (drafter.observe_plain: the adaptive
+drafter's Token Recycling learns from one in four); so drafting nothing costs what plain decoding costs.
+Greedy output stays exactly plain greedy decoding's, and sampling stays exact: each token, drafted or not, is drawn
+from the target's distribution given the tokens before it.
+
     with Model(path) as model, model.session(n_threads=2) as session:
         for piece in generate_speculative(model, session, "Once upon a time", drafter="recycling"):
             print(piece, end="")
@@ -42,44 +50,53 @@ from .native import Model, Sampler, SamplerParams, Session, utf8_pieces
 from .tree import Draft, draw, greedy_token, target_probs
 
 if TYPE_CHECKING:
-    from .planner import TreePlanner
+    from .planner import DraftGate, TreePlanner
 
 
 @dataclass
 class SpecStats:
-    """What speculative decoding did: steps (verification passes), draft nodes verified, draft tokens accepted,
-    tokens emitted, time split, how many tokens each step accepted, and for sparse-expert targets the expert weight
-    bytes its verification passes read."""
+    """What speculative decoding did: steps (forward passes), of which plain (no draft: the adaptive drafter's gate
+    said drafting does not pay there), draft nodes verified, draft tokens accepted, tokens emitted, time split, how
+    many tokens each drafting step accepted, and for sparse-expert targets the expert weight bytes its verification
+    passes read."""
 
-    steps: int = 0
+    steps: int = 0                   # forward passes: drafting steps + plain steps
+    plain_steps: int = 0             # steps that drafted nothing by the gate's choice (one token, plain decoding)
     drafted: int = 0                 # draft nodes evaluated (tree size summed over steps)
     accepted: int = 0                # draft tokens accepted (bonus tokens not counted)
     generated: int = 0               # tokens yielded
     prefill_s: float = 0.0
     draft_s: float = 0.0             # drafter.propose
     verify_s: float = 0.0            # the target's forward pass over the tree (wall time of session.eval)
-    verify_attention_s: float = 0.0  # ... of which the native pass spent in attention blocks,
+    verify_attention_s: float = 0.0  # ... of which the native passes spent in attention blocks,
     verify_ffn_s: float = 0.0        # ... in FFN blocks (BlockFFN: router + the union of the tree's experts),
     verify_head_s: float = 0.0       # ... in the LM head (logits for every node); the rest is binding/copy overhead
+    #                                  (these three count the plain steps' passes too, if any)
     sample_s: float = 0.0            # walking the tree: the target's choice at each node (argmax / rejection sampling)
     accept_s: float = 0.0            # KV compaction and drafter.observe (e.g. Token Recycling's top-k refresh)
-    accepted_hist: dict[int, int] = field(default_factory=dict)  # accepted draft tokens in a step -> steps
+    plain_s: float = 0.0             # plain steps: evaluating the root and sampling
+    accepted_hist: dict[int, int] = field(default_factory=dict)  # accepted draft tokens in a drafting step -> steps
     expert_bytes: float = 0.0        # sparse-expert weight bytes read by the verification passes (0: dense model)
     dense_expert_bytes_per_token: float = 0.0
 
     @property
+    def draft_steps(self) -> int:
+        """Steps that drafted (verified a draft, possibly empty)."""
+        return self.steps - self.plain_steps
+
+    @property
     def mean_accepted(self) -> float:
-        """Draft tokens accepted per step (the bonus token not counted)."""
-        return self.accepted / self.steps if self.steps else 0.0
+        """Draft tokens accepted per drafting step (the bonus token not counted)."""
+        return self.accepted / self.draft_steps if self.draft_steps else 0.0
 
     @property
     def tokens_per_step(self) -> float:
-        """Tokens each verification pass produced: accepted + the bonus token."""
+        """Tokens each forward pass produced: accepted + the bonus token (1 for a plain step)."""
         return (self.accepted + self.steps) / self.steps if self.steps else 0.0
 
     @property
     def decode_s(self) -> float:
-        return self.draft_s + self.verify_s + self.sample_s + self.accept_s
+        return self.draft_s + self.verify_s + self.sample_s + self.accept_s + self.plain_s
 
     @property
     def decode_tok_s(self) -> float:
@@ -108,12 +125,13 @@ class SpecStats:
         """One line; speed=False leaves out tok/s (for a caller that prints its own, timed end to end)."""
         hist = " ".join(f"{k}:{v}" for k, v in sorted(self.accepted_hist.items()))
         s = (f"{self.steps} steps, {self.generated} tokens, {self.tokens_per_step:.2f} tokens/step "
-             f"(mean accepted {self.mean_accepted:.2f} of {self.drafted / max(self.steps, 1):.1f} drafted)"
+             f"({self.draft_steps} drafted: mean accepted {self.mean_accepted:.2f} of "
+             f"{self.drafted / max(self.draft_steps, 1):.1f} drafted; {self.plain_steps} plain)"
              + (f", {self.decode_tok_s:.1f} tok/s" if speed else "")
-             + f"; time draft {self.draft_s:.3f} s, verify {self.verify_s:.3f} s "
-             f"(attention {self.verify_attention_s:.3f}, FFN {self.verify_ffn_s:.3f}, LM head "
-             f"{self.verify_head_s:.3f}), sampling {self.sample_s:.3f} s, accept {self.accept_s:.3f} s; "
-             f"accepted per step {hist}")
+             + f"; time draft {self.draft_s:.3f} s, verify {self.verify_s:.3f} s, sampling {self.sample_s:.3f} s, "
+             f"accept {self.accept_s:.3f} s, plain steps {self.plain_s:.3f} s (forward passes: attention "
+             f"{self.verify_attention_s:.3f}, FFN {self.verify_ffn_s:.3f}, LM head {self.verify_head_s:.3f}); "
+             f"accepted per drafting step {hist}")
         if self.expert_bytes:
             s += (f"; experts read {self.expert_bytes_per_step / 1e6:.2f} MB/step, "
                   f"{self.expert_bytes_per_token / 1e6:.2f} MB/token "
@@ -121,13 +139,15 @@ class SpecStats:
         return s
 
     def as_dict(self) -> dict[str, object]:
-        return {"steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
+        return {"steps": self.steps, "draft_steps": self.draft_steps, "plain_steps": self.plain_steps,
+                "drafted": self.drafted, "accepted": self.accepted,
                 "generated": self.generated, "mean_accepted": round(self.mean_accepted, 4),
                 "tokens_per_step": round(self.tokens_per_step, 4), "prefill_s": round(self.prefill_s, 6),
                 "draft_s": round(self.draft_s, 6), "verify_s": round(self.verify_s, 6),
                 "verify_attention_s": round(self.verify_attention_s, 6), "verify_ffn_s": round(self.verify_ffn_s, 6),
                 "verify_head_s": round(self.verify_head_s, 6), "sample_s": round(self.sample_s, 6),
-                "accept_s": round(self.accept_s, 6), "decode_tok_s": round(self.decode_tok_s, 3),
+                "accept_s": round(self.accept_s, 6), "plain_s": round(self.plain_s, 6),
+                "decode_tok_s": round(self.decode_tok_s, 3),
                 "accepted_hist": {str(k): v for k, v in sorted(self.accepted_hist.items())},
                 "expert_bytes_per_step": self.expert_bytes_per_step,
                 "expert_bytes_per_token": self.expert_bytes_per_token}
@@ -174,12 +194,13 @@ class _Scratch:
 def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: Drafter, *, max_tokens: int = 128,
                        params: SamplerParams | None = None, stats: SpecStats | None = None,
                        max_nodes: int | None = None, stop_at_eog: bool = True,
-                       planner: TreePlanner | None = None) -> Iterator[int]:
+                       planner: TreePlanner | None = None, gate: DraftGate | None = None) -> Iterator[int]:
     """Like runtime.native.generate_tokens (same tokens for greedy params; the same distribution when sampling),
     verifying the drafter's proposals. The KV cache is reused when the session already holds a prefix of the
     prompt. max_nodes caps the draft tree (default and upper bound: session.n_batch - 1). planner: a
     runtime.planner.TreePlanner that prunes each proposal to the part worth verifying (it learns across calls);
-    default: the drafter's own (drafter.planner), if any."""
+    default: the drafter's own (drafter.planner), if any. gate: a runtime.planner.DraftGate that decides per step
+    whether to draft at all (the other steps run plain); default: the drafter's own (drafter.gate), if any."""
     model = session.model
     V = model.info.n_vocab
     params = params or SamplerParams.greedy()
@@ -190,6 +211,7 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
     if not prompt:
         raise ValueError("speculative decoding needs at least one prompt token")
     planner = planner if planner is not None else drafter.planner
+    gate = gate if gate is not None else drafter.gate
     node_cap = session.n_batch - 1 if max_nodes is None else max(0, min(max_nodes, session.n_batch - 1))
     buf = _Scratch(session.n_batch, V, params)
 
@@ -200,88 +222,53 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
         session.eval(prompt[i:min(i + session.n_batch, len(prompt) - 1)], logits="none")
     stats.prefill_s += time.perf_counter() - t0
     bytes0, stats.dense_expert_bytes_per_token = _expert_bytes(session)
-    bytes_prev = bytes0
     times0 = session.timings()
 
     ctx = prompt  # every token so far; the cache holds ctx[:-1], ctx[-1] is the root
     drafter.begin(ctx, params, rng)
+    penalty = params.repeat_penalty != 1.0 and params.repeat_last_n > 0
+    if gate is not None:
+        gate.begin(ctx)
+        # Plain steps sample as generate_tokens does: with a C sampler of their own (never reset: its RNG runs on)
+        # whose repetition-penalty history is every token so far (a ring of the last repeat_last_n).
+        plain_sampler = Sampler(V, params)
+        for t in ctx[-params.repeat_last_n:] if penalty else ():
+            plain_sampler.accept(t)
+        row = buf.logits[0]  # [V]: a plain step's logits
     generated = 0
     try:
         while generated < max_tokens:
             room = session.n_ctx - session.n_past  # slots for the root and the draft nodes
             if room <= 0:
                 return
-            budget = min(node_cap, room - 1)
-            t0 = time.perf_counter()
-            draft = drafter.propose(ctx, budget) if budget > 0 else Draft()
-            if len(draft) > budget:
-                draft = Draft(draft.tokens[:budget], draft.parents[:budget],
-                              None if draft.q is None else draft.q[:budget])
-            if planner is not None:
-                plan = planner.plan(draft)
-                draft = plan.draft
-            t1 = time.perf_counter()
-            N = len(draft)
-            T = N + 1
-            parents = draft.parents
-            chain = all(par == i for i, par in enumerate(parents))
-            batch = [ctx[-1]] + draft.tokens
-            n_past0 = session.n_past
-            if chain:
-                logits = session.eval(batch, logits="all", out=buf.logits[:T])  # [T, V]
+            if gate is not None and not gate.drafts():
+                # A plain decoding step: the root alone, the next token from the C sampler.
+                t0 = time.perf_counter()
+                logits = session.eval([ctx[-1]], out=row)
+                tok = plain_sampler.sample(logits)
+                if penalty:
+                    plain_sampler.accept(tok)
+                drafter.observe_plain(ctx[-1], logits)
+                dt = time.perf_counter() - t0
+                gate.plain(dt)
+                stats.steps += 1
+                stats.plain_steps += 1
+                stats.plain_s += dt
+                emitted = [tok]
             else:
-                mask = buf.tree_mask(parents)
-                pos = (buf.depth[:T] + n_past0).tolist()
-                logits = session.eval(batch, pos=pos, mask=mask, logits="all", out=buf.logits[:T])  # [T, V]
-            t2 = time.perf_counter()
-
-            # Walk the tree from the root, the target choosing at each node.
-            children: list[list[int]] = [[] for _ in range(T)]
-            for i, par in enumerate(parents, start=1):
-                children[par].append(i)
-            path = [0]
-            emitted: list[int] = []
-            hist_base = ctx[-params.repeat_last_n:] if params.repeat_penalty != 1.0 else None
-            while True:
-                u = path[-1]
-                history = hist_base + emitted if hist_base is not None else ()
-                kids = children[u]
-                if greedy:
-                    x = greedy_token(logits[u], params, history, buf.x)
-                    nxt = next((v for v in kids if batch[v] == x), None)
-                else:
-                    x, nxt = _sample_at_node(logits[u], params, history, buf, kids, batch, draft.q, rng)
-                emitted.append(x)
-                if nxt is None:
-                    break
-                path.append(nxt)
-            n_acc = len(path) - 1
-            t25 = time.perf_counter()
-            if chain:
-                session.truncate(n_past0 + len(path))
-            else:
-                session.keep(list(range(n_past0)) + [n_past0 + i for i in path])
-            drafter.observe(batch, parents, logits, path)
-            t3 = time.perf_counter()
-            if planner is not None:  # the counters move only in verification passes: the previous reading still holds
-                bytes_now = _expert_bytes(session)[0]
-                planner.observe(plan, path, T, bytes_now - bytes_prev, t3 - t0)
-                bytes_prev = bytes_now
-
-            stats.steps += 1
-            stats.drafted += N
-            stats.accepted += n_acc
-            stats.accepted_hist[n_acc] = stats.accepted_hist.get(n_acc, 0) + 1
-            stats.draft_s += t1 - t0
-            stats.verify_s += t2 - t1
-            stats.sample_s += t25 - t2
-            stats.accept_s += t3 - t25
+                emitted = _drafting_step(session, ctx, drafter, planner, gate, min(node_cap, room - 1), params,
+                                         greedy, rng, buf, stats)
+                if gate is not None and penalty:
+                    for tok in emitted:
+                        plain_sampler.accept(tok)
             for tok in emitted:
                 if stop_at_eog and model.is_eog(tok):
                     return
                 ctx.append(tok)
                 generated += 1
                 stats.generated += 1
+                if gate is not None:
+                    gate.push(ctx)
                 yield tok
                 if generated >= max_tokens or len(ctx) - 1 >= session.n_ctx:
                     return
@@ -293,6 +280,81 @@ def speculative_tokens(session: Session, prompt_tokens: Sequence[int], drafter: 
         stats.verify_ffn_s += times1.ffn_s - times0.ffn_s
         stats.verify_head_s += times1.head_s - times0.head_s
         drafter.end()
+
+
+def _drafting_step(session: Session, ctx: list[int], drafter: Drafter, planner: TreePlanner | None,
+                   gate: DraftGate | None, budget: int, params: SamplerParams, greedy: bool, rng: np.random.Generator,
+                   buf: _Scratch, stats: SpecStats) -> list[int]:
+    """One speculative step (module docstring): draft, plan, verify the tree in one pass, walk it, keep the accepted
+    path in the KV cache, let the drafter, the planner and the gate learn. Returns the tokens it emits: the accepted
+    drafts and the bonus token."""
+    arm = gate.arm if gate is not None else 0
+    t0 = time.perf_counter()
+    bytes_prev = _expert_bytes(session)[0] if planner is not None else 0.0  # plain steps move the counters too
+    draft = drafter.propose(ctx, budget) if budget > 0 else Draft()
+    if len(draft) > budget:
+        draft = Draft(draft.tokens[:budget], draft.parents[:budget], None if draft.q is None else draft.q[:budget])
+    plan = None
+    if planner is not None:
+        plan = planner.plan(draft)
+        draft = plan.draft
+    t1 = time.perf_counter()
+    N = len(draft)
+    T = N + 1
+    parents = draft.parents
+    chain = all(par == i for i, par in enumerate(parents))
+    batch = [ctx[-1]] + draft.tokens
+    n_past0 = session.n_past
+    if chain:
+        logits = session.eval(batch, logits="all", out=buf.logits[:T])  # [T, V]
+    else:
+        mask = buf.tree_mask(parents)
+        pos = (buf.depth[:T] + n_past0).tolist()
+        logits = session.eval(batch, pos=pos, mask=mask, logits="all", out=buf.logits[:T])  # [T, V]
+    t2 = time.perf_counter()
+
+    # Walk the tree from the root, the target choosing at each node.
+    children: list[list[int]] = [[] for _ in range(T)]
+    for i, par in enumerate(parents, start=1):
+        children[par].append(i)
+    path = [0]
+    emitted: list[int] = []
+    hist_base = ctx[-params.repeat_last_n:] if params.repeat_penalty != 1.0 else None
+    while True:
+        u = path[-1]
+        history = hist_base + emitted if hist_base is not None else ()
+        kids = children[u]
+        if greedy:
+            x = greedy_token(logits[u], params, history, buf.x)
+            nxt = next((v for v in kids if batch[v] == x), None)
+        else:
+            x, nxt = _sample_at_node(logits[u], params, history, buf, kids, batch, draft.q, rng)
+        emitted.append(x)
+        if nxt is None:
+            break
+        path.append(nxt)
+    n_acc = len(path) - 1
+    t25 = time.perf_counter()
+    if chain:
+        session.truncate(n_past0 + len(path))
+    else:
+        session.keep(list(range(n_past0)) + [n_past0 + i for i in path])
+    drafter.observe(batch, parents, logits, path)
+    t3 = time.perf_counter()
+    if planner is not None:  # the counters move only in verification passes
+        planner.observe(plan, path, T, _expert_bytes(session)[0] - bytes_prev, t3 - t0)
+
+    stats.steps += 1
+    stats.drafted += N
+    stats.accepted += n_acc
+    stats.accepted_hist[n_acc] = stats.accepted_hist.get(n_acc, 0) + 1
+    stats.draft_s += t1 - t0
+    stats.verify_s += t2 - t1
+    stats.sample_s += t25 - t2
+    stats.accept_s += t3 - t25
+    if gate is not None:
+        gate.observe(arm, len(emitted), time.perf_counter() - t0, explored=plan is not None and plan.explored)
+    return emitted
 
 
 def _sample_at_node(logits: np.ndarray, params: SamplerParams, history: Sequence[int], buf: _Scratch,
@@ -389,10 +451,11 @@ class SpeculativeBackend:
 
     def summary(self, since: SpecStats | None = None, *, speed: bool = True) -> str:
         """The statistics so far (or since a copy of them taken earlier, e.g. one answer's), and what the drafter's
-        planner has learned (if it has one)."""
-        planner = self.drafter.planner
+        planner and gate have learned (if it has them)."""
+        planner, gate = self.drafter.planner, self.drafter.gate
         stats = self.stats if since is None else self.stats.since(since)
-        return stats.summary(speed=speed) + (f"; {planner.summary()}" if planner is not None else "")
+        return (stats.summary(speed=speed) + (f"; {planner.summary()}" if planner is not None else "")
+                + (f"; {gate.summary()}" if gate is not None else ""))
 
     @property
     def n_evaluated(self) -> int:

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from sparrow.cli import sparrow
 from sparrow.runtime.launch import DEFAULT_DRAFTER, open_model
-from sparrow.runtime.store import REGISTRY, SHIPPED_DIR, Store, device_fingerprint
+from sparrow.runtime.store import SHIPPED_DIR, Store, device_fingerprint
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_DIR / "blockffn-tiny.Q8_0.gguf").exists(),
                                 reason="shipped BlockFFN model not built")
@@ -28,8 +28,8 @@ def run(*args: str, input: str | None = None):
 
 def test_models_info_names_the_drafter_chat_uses_and_why(home):
     info = run("models", "info", "blockffn-tiny").output
-    drafter = REGISTRY["blockffn-tiny"].default_drafter
-    assert f"drafter:       {drafter}, the registry's choice for this model" in info
+    drafter = DEFAULT_DRAFTER  # the adaptive drafter, for every model without tuned settings
+    assert f"drafter:       {drafter}, the default without tuned settings" in info
     assert "draft model:   blockffn-tiny-draft" in info  # the registered draft model, named as what it is
     assert f"threads:       {device_fingerprint()['physical_cores']}, physical cores" in info
     data = json.loads(run("models", "info", "blockffn-tiny", "--json").output)
@@ -41,10 +41,9 @@ def test_models_info_names_the_drafter_chat_uses_and_why(home):
     finally:
         backend.close()
 
-    # a model the registry has not measured: the built-in default; a file path works too
+    # a file path gets the same default
     path = str(Store().resolve("blockffn-tiny"))
-    assert f"drafter:       {DEFAULT_DRAFTER}, the default for models Sparrow has not measured" in \
-        run("models", "info", path).output
+    assert f"drafter:       {DEFAULT_DRAFTER}, the default without tuned settings" in run("models", "info", path).output
 
 
 def test_generate_reports_the_thread_count_it_runs_with(home):
@@ -76,3 +75,18 @@ def test_an_answer_cut_by_max_tokens_says_so(home):
     assert "[stopped at --max-tokens 5]" in r.stderr and "[stopped" not in r.stdout
     r = run("chat", "blockffn-tiny", *GREEDY, "--max-tokens", "6", input="def f(x):\n/exit\n")
     assert "[stopped at --max-tokens 6]" in r.stderr
+
+
+def test_stats_say_how_many_steps_drafted_and_how_many_ran_plain(home):
+    """The default (adaptive) drafter runs plain decoding steps where drafting does not pay: --stats and --json
+    count both kinds of step, and say what the gate decided per arm."""
+    r = run("generate", "-m", "blockffn-tiny", *GREEDY, "--stats", "--max-tokens", "24", "def parse(text):")
+    m = re.search(r"\[speculative: (\d+) steps, \d+ tokens, [\d.]+ tokens/step \((\d+) drafted: .*; (\d+) plain\)",
+                  r.stderr)
+    assert m and int(m[2]) + int(m[3]) == int(m[1]) and int(m[3]) > 0, r.stderr
+    assert "gate: no match: " in r.stderr
+    out = json.loads(run("generate", "-m", "blockffn-tiny", *GREEDY, "--json", "--max-tokens", "24",
+                         "def parse(text):").output)
+    spec = out["speculative"]
+    assert out["draft"] == DEFAULT_DRAFTER and spec["plain_steps"] > 0
+    assert spec["draft_steps"] + spec["plain_steps"] == spec["steps"] and "probes" in spec["gate"]

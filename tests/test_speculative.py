@@ -1,7 +1,10 @@
 """Speculative decoding (runtime.speculative, runtime.drafters).
 
 - Greedy: the tokens equal plain greedy decoding (runtime.native.generate_tokens) exactly, for every drafter, on 52
-  prompts of SmolLM2-135M-Instruct (24 new tokens each), and with the repetition penalty on.
+  prompts of SmolLM2-135M-Instruct (24 new tokens each), and with the repetition penalty on; also for the adaptive
+  path (a gate choosing per step between drafting and a plain decoding step), and for a gate that tosses a coin.
+- Drafting that cannot pay (drafts always rejected): the adaptive path runs plain decoding steps but for its probes,
+  counted in forward passes and verified draft tokens (bench_device/bench_adaptive.py times it).
 - Sampling: the joint distribution of the first two generated tokens equals the target's (computed from the
   target's logits with the sampler pipeline), on a tiny random llama (V = 275): chi-square goodness of fit over cells
   with expected count >= 5 (the rest pooled into one cell), 3000 samples per drafter, fails when p < 1e-3. Seeds are
@@ -22,6 +25,7 @@ from reference.sampler import sampler_probs as ref_probs
 from scipy import stats as scistats
 from sparrow.runtime import Model, Sampler, SamplerParams, SparrowError, _sparrow, generate_tokens
 from sparrow.runtime.drafters import (
+    Adaptive,
     Drafter,
     DraftModel,
     Hybrid,
@@ -31,7 +35,7 @@ from sparrow.runtime.drafters import (
     recycling_part,
     top_k_rows,
 )
-from sparrow.runtime.planner import TreePlanner
+from sparrow.runtime.planner import DraftGate, TreePlanner
 from sparrow.runtime.speculative import SpecStats, generate_speculative, speculative_tokens
 from sparrow.runtime.tree import Draft, target_probs
 from tiny_llama import TinyConfig, write_tiny_llama
@@ -136,12 +140,76 @@ def test_prompt_set_is_large_enough():
     assert len(PROMPTS) >= 50
 
 
-@pytest.mark.parametrize("name", ["prompt-lookup", "recycling", "hybrid"])
+class CoinGate(DraftGate):
+    """A gate that drafts on a seeded coin toss: plain and drafting steps interleave in every pattern."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.coin = np.random.default_rng(seed)
+
+    def drafts(self) -> bool:
+        return bool(self.coin.random() < 0.5)
+
+    def observe(self, arm, tokens, seconds, *, explored=False):
+        pass
+
+
+@pytest.mark.parametrize("name", ["prompt-lookup", "recycling", "hybrid", "adaptive"])
 def test_greedy_equals_plain_decoding(smollm, plain, name):
     model, _ = smollm
-    st = run_all(smollm, plain, make_drafter(name, model))
-    print(f"{name}: {st.summary()}")
+    d = make_drafter(name, model)
+    st = run_all(smollm, plain, d)
+    print(f"{name}: {st.summary()}" + (f"; {d.gate.summary()}" if d.gate else ""))
     assert st.accepted > 0  # the drafts were verified, not bypassed
+    if name == "adaptive":  # both kinds of step ran
+        assert st.plain_steps > 0 and st.draft_steps > 0
+
+
+def test_greedy_with_a_coin_tossing_gate(smollm, plain):
+    """Plain and drafting steps interleaved at random, for a drafter with a planner (its tree pruned)."""
+    model, _ = smollm
+    st = run_all(smollm, plain, Recycling(model.info.n_vocab, branching=(2, 1), max_nodes=6, plan=True),
+                 gate=CoinGate())
+    assert 0.3 < st.plain_steps / st.steps < 0.7 and st.accepted > 0
+
+
+class Wrong(Drafter):
+    """Knows the plain continuation and drafts a chain of 4 whose first token is never the target's choice: every
+    draft is rejected, so drafting can never pay. (Past the continuation's end the target stops: nothing drafted.)"""
+
+    def __init__(self, continuation: list[int], n_prompt: int, n_vocab: int):
+        self.cont, self.n_prompt, self.V = continuation, n_prompt, n_vocab
+
+    def propose(self, ctx, max_nodes):
+        i = len(ctx) - self.n_prompt
+        return Draft.chain([(self.cont[i] + 1) % self.V] * min(4, max_nodes)) if i < len(self.cont) else Draft()
+
+
+def test_adaptive_path_runs_plain_where_drafts_are_always_rejected(smollm, plain):
+    """Issue 23's case where drafting cannot pay, measured without a clock: drafting every step verifies 4 rejected
+    draft tokens per token; behind the gate (kept across the 52 prompts, as in a chat) a step either runs plain (one
+    token evaluated, as plain decoding) or probes, and the probes thin out (16, 32, ... 256 plain steps apart). So
+    the forward passes are exactly plain decoding's, and the extra tokens they evaluate are a few percent of plain
+    decoding's. The gate's verdict does not depend on timing here: a step that accepts nothing never counts as
+    faster than a plain step."""
+    model, session = smollm
+    V = model.info.n_vocab
+    gate = DraftGate()
+    st, always = SpecStats(), SpecStats()
+    for toks, ref in plain:
+        for stats, g in ((st, gate), (always, None)):
+            session.truncate(0)
+            got = list(speculative_tokens(session, toks, Wrong(ref, len(toks), V), max_tokens=N_NEW, stats=stats,
+                                          gate=g))
+            assert got == ref
+    print(f"gated: {st.summary()}; {gate.summary()}\nalways drafting: {always.summary()}")
+    assert st.accepted == always.accepted == 0
+    n_eog = sum(len(ref) < N_NEW for _, ref in plain)  # answers that ended: a pass chose the end-of-generation token
+    assert st.steps == st.generated + n_eog == always.steps  # one forward pass per token: as plain decoding
+    assert always.drafted > 3.5 * always.steps
+    assert st.draft_steps <= 0.03 * st.steps           # the probes
+    assert st.drafted <= 0.1 * st.generated            # tokens evaluated: at most 10% more than plain decoding's
+    assert st.drafted <= 0.03 * always.drafted
 
 
 def test_greedy_recycling_chain_and_wide_trees(smollm, plain):
@@ -193,10 +261,12 @@ def test_greedy_with_repetition_penalty(smollm, plain):
     model, session = smollm
     params = SamplerParams(temperature=0.0, repeat_penalty=1.3, repeat_last_n=16)
     rec = Recycling(model.info.n_vocab)
+    adaptive, coin = Adaptive(model.info.n_vocab), PromptLookup()
+    coin.gate = CoinGate()
     for toks, _ in plain[::10]:
         session.truncate(0)
         ref = list(generate_tokens(session, toks, max_tokens=N_NEW, sampler=Sampler(model.info.n_vocab, params)))
-        for d in (rec, PromptLookup()):
+        for d in (rec, PromptLookup(), adaptive, coin):
             session.truncate(0)
             assert list(speculative_tokens(session, toks, d, max_tokens=N_NEW, params=params)) == ref
 
@@ -217,12 +287,14 @@ def test_greedy_repetition_penalty_counts_the_tokens_accepted_earlier_in_the_ste
     ref = list(generate_tokens(session, toks, max_tokens=N_NEW, sampler=Sampler(model.info.n_vocab, params)))
     session.truncate(0)
     assert ref != list(generate_tokens(session, toks, max_tokens=N_NEW))  # the penalty matters here
-    for d in (PromptLookup(), Recycling(model.info.n_vocab)):
+    coin = PromptLookup()
+    coin.gate = CoinGate(seed=3)  # plain steps between drafting steps: their tokens enter both penalty histories
+    for d in (PromptLookup(), Recycling(model.info.n_vocab), coin):
         session.truncate(0)
         st = SpecStats()
         got = list(speculative_tokens(session, toks, d, max_tokens=N_NEW, params=params, stats=st))
         assert got == ref, f"{type(d).__name__}: {model.detokenize(got)!r} != {model.detokenize(ref)!r}"
-        assert st.accepted > 0  # nodes after a step's first were judged, with the step's earlier tokens
+        assert st.accepted > 0 or d is coin  # nodes after a step's first were judged, with the step's earlier tokens
 
 
 class OracleTree(Drafter):
@@ -440,7 +512,10 @@ def test_speculative_sampling_preserves_the_target_distribution(tiny):
         "other draft model, tree": DraftModel(draft_model, k=3, n_ctx=64, n_threads=1, alternatives=2),
         "deterministic tree": Fixed([a, b] + kids_a, [0, 0, 1, 1]),
         "recycling": Recycling(target.info.n_vocab, branching=(3, 2)),
+        "adaptive": Adaptive(target.info.n_vocab),
+        "draft model, coin-tossing gate": DraftModel(draft_model, k=3, n_ctx=64, n_threads=1),
     }
+    drafters["draft model, coin-tossing gate"].gate = CoinGate(seed=1)
     with target.session(n_ctx=64, n_threads=1) as s:
         for name, d in drafters.items():
             counts: dict[tuple[int, int], int] = {}
@@ -459,6 +534,8 @@ def test_speculative_sampling_preserves_the_target_distribution(tiny):
                 assert st.accepted == st.drafted  # p == q: never rejected
             if name in ("other draft model", "other draft model, tree", "deterministic tree"):
                 assert 0 < st.accepted < st.drafted
+            if d.gate is not None:  # plain steps (sampled by the C sampler) and drafting steps both ran
+                assert 0 < st.plain_steps < st.steps
             d.close()
 
 
@@ -473,8 +550,11 @@ def test_speculative_sampling_with_a_repetition_penalty_preserves_the_target_dis
     a, b = first[0][0], next(k[0] for k in first if k[0] != first[0][0])
     kids_a = [k[1] for k in first if k[0] == a][:2]
     with target.session(n_ctx=64, n_threads=1) as s:
+        coin = Recycling(target.info.n_vocab, branching=(3, 2))
+        coin.gate = CoinGate(seed=2)
         for name, d in {"deterministic tree": Fixed([a, b] + kids_a, [0, 0, 1, 1]),
-                        "recycling": Recycling(target.info.n_vocab, branching=(3, 2))}.items():
+                        "recycling": Recycling(target.info.n_vocab, branching=(3, 2)),
+                        "recycling, coin-tossing gate": coin}.items():
             counts: dict[tuple[int, int], int] = {}
             st = SpecStats()
             for i in range(N_SAMPLES):

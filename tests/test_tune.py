@@ -189,8 +189,9 @@ def test_search_space():
     assert thread_options(16) == [1, 2, 4, 6, 8, 12, 16]
     quick = drafter_candidates(2, quick=True)
     full = drafter_candidates(2, quick=False, draft_model="tiny-draft")
-    assert {c.drafter for c in quick} == {"prompt-lookup", "recycling", "hybrid"} and len(quick) < len(full)
-    assert {c.drafter for c in full} == {"prompt-lookup", "recycling", "hybrid", "tiny-draft"}
+    assert {c.drafter for c in quick} == {"prompt-lookup", "recycling", "hybrid", "adaptive"}
+    assert len(quick) < len(full)
+    assert {c.drafter for c in full} == {"prompt-lookup", "recycling", "hybrid", "adaptive", "tiny-draft"}
     assert all(c.threads == 2 for c in full) and len(set(full)) == len(full)
 
 
@@ -276,7 +277,7 @@ def test_generate_and_chat_use_tuned_settings_unless_flags_say_otherwise(pulled_
     store = Store()
     plain, _ = generate_json()
     physical = device_fingerprint()["physical_cores"]  # untuned: the actual thread count, not 0
-    assert (plain["threads"], plain["draft"], plain["tuned"]) == (physical, "hybrid", None)
+    assert (plain["threads"], plain["draft"], plain["tuned"]) == (physical, "adaptive", None)
     store.save_tuned("tiny", make_record(sha=store.info("tiny").sha256))
 
     tuned, err = generate_json()
@@ -307,7 +308,8 @@ def test_corrupt_settings_warn_and_chat_still_runs_with_defaults(pulled_tiny):
     path.parent.mkdir(parents=True)
     path.write_text('{"schema": "sparrow.tuned/1", "settings": ')
     out, err = generate_json()
-    assert (out["threads"], out["draft"], out["tuned"]) == (device_fingerprint()["physical_cores"], "hybrid", None)
+    assert (out["threads"], out["draft"], out["tuned"]) == (device_fingerprint()["physical_cores"], "adaptive",
+                                                            None)
     assert "warning: ignoring the tuned settings" in err and "Using the defaults" in err
     assert path.exists()
     r = run("chat", "tiny", "--temperature", "0", "--max-tokens", "4", input="hi\n/exit\n")
@@ -343,11 +345,11 @@ def test_bench_tune_quick_stores_settings_that_generate_then_uses(pulled_tiny):
     labels = {c["label"] for c in rec["stages"][-1]["candidates"]}
     assert {"1t none", "1t prompt-lookup k=4", "1t recycling branching=1,max_nodes=4"} <= labels
     assert all("decode_tok_s" in c for c in rec["stages"][-1]["candidates"])  # none rejected
-    # the baseline is plain decoding, and named so; what chat runs untuned (hybrid on the physical cores) is
-    # measured beside it and marked
+    # the baseline is plain decoding, and named so; what chat runs untuned (the adaptive drafter on the physical
+    # cores) is measured beside it and marked
     physical = device_fingerprint()["physical_cores"]
-    assert f"{physical}t none (baseline)" in r.output and f"{physical}t hybrid (untuned default)" in r.output
-    assert f"{physical}t hybrid" in labels and rec["untuned_default"]["drafter"] == "hybrid"
+    assert f"{physical}t none (baseline)" in r.output and f"{physical}t adaptive (untuned default)" in r.output
+    assert f"{physical}t adaptive" in labels and rec["untuned_default"]["drafter"] == "adaptive"
     assert rec["untuned_default"]["ratio_vs_default"]["median"] > 0
     out, _ = generate_json()
     assert (out["threads"], out["draft"]) == (t.threads, t.drafter)

@@ -1,5 +1,5 @@
-"""The models Sparrow knows by name: where each comes from, its checksum and size, the drafter it runs with, and
-the folder the shipped ones live in."""
+"""The models Sparrow knows by name: where each comes from, its checksum and size, and the folder the shipped ones
+live in. (The drafter a model runs with is runtime.launch's policy: tuned on the device, else the adaptive drafter.)"""
 from __future__ import annotations
 
 import re
@@ -15,10 +15,6 @@ class KnownModel:
     sha256: str
     size: int
     description: str
-    # What chat/generate draft with when neither --draft nor tuned settings say (runtime.launch): the fastest drafter
-    # measured for this model by bench_device/bench_speculative.py on the dev machine (see README, Speculative
-    # decoding). Models the registry does not know get runtime.launch.DEFAULT_DRAFTER.
-    default_drafter: str = "hybrid"
 
 
 REGISTRY: dict[str, KnownModel] = {
@@ -34,17 +30,12 @@ REGISTRY: dict[str, KnownModel] = {
         sha256="9c9941d01ff0a29fcb1f57a5169ca3d946c2d478008bc3ac4616b2ca62aac291",
         size=4381408,
         description="BlockFFN-tiny (trained by Sparrow on Python stdlib source), Q8_0 GGUF; models/blockffn-tiny.md",
-        # A 4M-parameter model decodes in ~0.1 ms/token: a planned wide tree's Python overhead outweighs it there;
-        # prompt lookup, the cheapest drafter, measured best in each of four runs (1.59-2.15x plain dense; the
-        # recycling chain 1.44-2.00x; the draft model ~0.6-0.7x: it costs about as much as the target).
-        default_drafter="prompt-lookup",
     ),
     "blockffn-tiny-draft": KnownModel(
         source="shipped:blockffn-tiny-draft.Q8_0.gguf",
         sha256="e7e08adc7d866fd0aad52d38b0fda3e4f1c915984ab154dcfb407a53903fc5fd",
         size=886240,
         description="draft model for blockffn-tiny (same tokenizer), Q8_0 GGUF; models/blockffn-tiny-draft.md",
-        default_drafter="prompt-lookup",
     ),
 }
 

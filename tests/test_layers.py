@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 import sparrow
 
 ROOT = Path(sparrow.__file__).absolute().parent  # not resolved: a developer build links the files

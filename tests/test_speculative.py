@@ -667,7 +667,6 @@ def test_speculative_path_refuses_the_sampler_settings_plain_decoding_refuses(fl
     """Issue 13.9: the default (speculative) path validated nothing when greedy; now both paths give the same
     clear error and no output (the CLI refuses non-finite numbers itself, C the rest)."""
     from click.testing import CliRunner
-
     from sparrow.cli import sparrow
 
     results = []

@@ -134,7 +134,8 @@ SP_API sp_status sp_session_new(const sp_model *model, sp_session_params params,
 SP_API void sp_session_free(sp_session *session);
 
 /* The memory a session allocates: its KV cache (F16 keys and values: 2 x layers x n_ctx x kv heads x head_dim x 2
- * bytes), scratch for n_batch tokens and n_threads threads, statistics, and the session record. Not counted: the
+ * bytes; multi-head latent attention caches only the latent and the rope key: layers x n_ctx x (kv_lora_rank +
+ * qk_rope_head_dim) x 2 bytes), scratch for n_batch tokens and n_threads threads, statistics, and the session record. Not counted: the
  * thread pool's bookkeeping (a few hundred bytes) and its workers' stacks (reserved by the OS, barely touched). */
 typedef struct sp_session_memory {
     int32_t n_ctx;          /* KV cache capacity in tokens (an n_ctx of 0 resolved to the model's training context) */

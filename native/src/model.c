@@ -59,8 +59,9 @@ static sp_status bind_norm(const sp_gguf *g, const char *name, int64_t n, const 
 }
 
 /* The llama-style hyperparameters under `arch.` (llama, and blockffn, which shares them). */
-static sp_status load_llama_hparams(const sp_gguf *g, const char *arch, sp_hparams *hp) {
+static sp_status load_llama_hparams(const sp_gguf *g, const char *arch, sp_hparams *hp, sp_attn_kind *attn) {
     sp_status s;
+    *attn = SP_ATTN_GQA;
     char key[96];
 #define KEY(suffix) (snprintf(key, sizeof key, "%s.%s", arch, suffix), key)
 #define REQ(suffix, field, lo, hi) if ((s = get_u32_as_i32(g, KEY(suffix), &hp->field, lo, hi)) != SP_OK) return s
@@ -82,9 +83,25 @@ static sp_status load_llama_hparams(const sp_gguf *g, const char *arch, sp_hpara
         return sp_fail(SP_ERR_BAD_FORMAT, "embedding_length %d is not a multiple of head_count %d", hp->n_embd,
                        hp->n_head);
     hp->head_dim = hp->n_embd / hp->n_head;
+    /* the attention kind: absent or "gqa" = grouped-query; "mla" = multi-head latent (blockffn only) */
+    sp_gguf_str akind;
+    if (sp_gguf_find(g, KEY("attention.type"))) {
+        if ((s = sp_gguf_get_str(g, key, &akind)) != SP_OK) return s;
+        if (sp_gguf_str_eq(akind, "mla") && strcmp(arch, "blockffn") == 0) *attn = SP_ATTN_MLA;
+        else if (!sp_gguf_str_eq(akind, "gqa"))
+            return sp_fail(SP_ERR_UNSUPPORTED, "%s '%.*s' is not implemented for architecture %s (it implements gqa%s)",
+                           key, (int)SP_MIN(akind.len, 64), akind.data, arch,
+                           strcmp(arch, "blockffn") == 0 ? " and mla" : "");
+    }
+    /* RoPE covers the head (GQA) or the rope part of each head (MLA: its own dimension, checked with the ranks) */
     hp->n_rot = hp->head_dim;
-    if (sp_gguf_find(g, KEY("rope.dimension_count"))) REQ("rope.dimension_count", n_rot, 2, hp->head_dim);
+    if (sp_gguf_find(g, KEY("rope.dimension_count")))
+        REQ("rope.dimension_count", n_rot, 2, *attn == SP_ATTN_MLA ? 4096 : hp->head_dim);
     if (hp->n_rot % 2) return sp_fail(SP_ERR_BAD_FORMAT, "rope.dimension_count %d must be even", hp->n_rot);
+    if (*attn == SP_ATTN_MLA && hp->n_head_kv != hp->n_head)
+        return sp_fail(SP_ERR_BAD_FORMAT, "an MLA model has head_count_kv = head_count (%d), got %d", hp->n_head,
+                       hp->n_head_kv);
+    hp->kv_k_dim = hp->kv_v_dim = hp->n_head_kv * hp->head_dim;
     hp->n_ctx_train = 2048;
     if (sp_gguf_find(g, KEY("context_length"))) REQ("context_length", n_ctx_train, 1, 1 << 24);
 #undef REQ
@@ -141,7 +158,28 @@ static sp_status check_str(const sp_gguf *g, const char *suffix, const char *wan
 }
 
 /* BlockFFN (docs/gguf-blockffn.md): the llama keys under blockffn.*, plus experts, router norm and MiniCPM scales. */
-static sp_status load_blockffn_hparams(const sp_gguf *g, sp_hparams *hp) {
+/* Multi-head latent attention (docs/gguf-blockffn.md, MLA): the ranks and head dims; the KV cache holds one latent
+ * row (KL + DR) per token and layer. */
+static sp_status load_mla_hparams(const sp_gguf *g, sp_hparams *hp) {
+    sp_status s;
+    int32_t key_length = 0;
+    if ((s = get_u32_as_i32(g, "blockffn.attention.q_lora_rank", &hp->q_lora, 1, 1 << 16)) != SP_OK) return s;
+    if ((s = get_u32_as_i32(g, "blockffn.attention.kv_lora_rank", &hp->kv_lora, 1, 1 << 16)) != SP_OK) return s;
+    if ((s = get_u32_as_i32(g, "blockffn.attention.key_length", &key_length, 2, 1 << 16)) != SP_OK) return s;
+    if ((s = get_u32_as_i32(g, "blockffn.attention.value_length", &hp->v_dim, 1, 1 << 16)) != SP_OK) return s;
+    if (key_length <= hp->n_rot)
+        return sp_fail(SP_ERR_BAD_FORMAT, "blockffn.attention.key_length %d must exceed rope.dimension_count %d (the "
+                       "nope part of a head is their difference)", key_length, hp->n_rot);
+    hp->qk_nope = key_length - hp->n_rot;
+    if ((s = get_f32_finite(g, "attention.lora_norm_epsilon", NAN, &hp->lora_eps)) != SP_OK) return s;
+    if (!(hp->lora_eps > 0 && hp->lora_eps < 1))
+        return sp_fail(SP_ERR_BAD_FORMAT, "blockffn.attention.lora_norm_epsilon %g is not in (0, 1)", hp->lora_eps);
+    hp->kv_k_dim = hp->kv_lora + hp->n_rot;
+    hp->kv_v_dim = 0;
+    return SP_OK;
+}
+
+static sp_status load_blockffn_hparams(const sp_gguf *g, sp_hparams *hp, sp_attn_kind attn) {
     sp_status s;
     const int32_t n_ff_meta = hp->n_ff;
     if ((s = get_u32_as_i32(g, "blockffn.expert_count", &hp->n_expert, 1, 1 << 16)) != SP_OK) return s;
@@ -150,9 +188,10 @@ static sp_status load_blockffn_hparams(const sp_gguf *g, sp_hparams *hp) {
     if (n_ff_meta && n_ff_meta != hp->n_ff)
         return sp_fail(SP_ERR_BAD_FORMAT, "blockffn.feed_forward_length %d disagrees with expert_count x expert_width "
                        "= %d x %d", n_ff_meta, hp->n_expert, hp->expert_width);
-    if (hp->n_rot != hp->head_dim)
+    if (attn == SP_ATTN_GQA && hp->n_rot != hp->head_dim)
         return sp_fail(SP_ERR_BAD_FORMAT, "blockffn.rope.dimension_count %d must equal the head dimension %d",
                        hp->n_rot, hp->head_dim);
+    if (attn == SP_ATTN_MLA && (s = load_mla_hparams(g, hp)) != SP_OK) return s;
     if ((s = check_str(g, "router_activation", "relu")) != SP_OK) return s;
     if ((s = check_str(g, "expert_activation", "silu")) != SP_OK) return s;
     hp->router_norm = SP_ROUTER_NORM_SUM; /* absent key: the MiniCPMConfig default */
@@ -209,16 +248,41 @@ static sp_status load_common_weights(sp_model *m) {
 #define NORM(field, suffix)                                                    \
     snprintf(name, sizeof name, "blk.%d.%s.weight", il, suffix);             \
     if ((s = bind_norm(g, name, H, &l->field)) != SP_OK) return s;
+#define VEC(field, suffix, n)                                                  \
+    snprintf(name, sizeof name, "blk.%d.%s.weight", il, suffix);             \
+    if ((s = bind_norm(g, name, n, &l->field)) != SP_OK) return s;
+#define HEADS(field, suffix, k, n)                                             \
+    snprintf(name, sizeof name, "blk.%d.%s.weight", il, suffix);             \
+    if ((s = bind_tensor(g, name, k, n, hp->n_head, &l->field)) != SP_OK) return s;
+        l->attn = m->attn;
+        l->ffn = hp->n_expert > 0 ? SP_FFN_KIND_EXPERTS : SP_FFN_KIND_DENSE;
         NORM(attn_norm, "attn_norm");
-        MAT(wq, "attn_q", H, QD);
-        MAT(wk, "attn_k", H, KVD);
-        MAT(wv, "attn_v", H, KVD);
-        MAT(wo, "attn_output", QD, H);
+        if (l->attn == SP_ATTN_MLA) {
+            const int64_t QL = hp->q_lora, KL = hp->kv_lora, DR = hp->n_rot, DN = hp->qk_nope, DV = hp->v_dim;
+            MAT(wq_a, "attn_q_a", H, QL);
+            VEC(q_a_norm, "attn_q_a_norm", QL);
+            MAT(wq_b, "attn_q_b", QL, hp->n_head * (DN + DR));
+            MAT(wkv_a, "attn_kv_a_mqa", H, KL + DR);
+            VEC(kv_a_norm, "attn_kv_a_norm", KL);
+            HEADS(wk_b, "attn_k_b", DN, KL);
+            HEADS(wv_b, "attn_v_b", KL, DV);
+            MAT(wo, "attn_output", hp->n_head * DV, H);
+        } else {
+            MAT(wq, "attn_q", H, QD);
+            MAT(wk, "attn_k", H, KVD);
+            MAT(wv, "attn_v", H, KVD);
+            MAT(wo, "attn_output", QD, H);
+        }
         NORM(ffn_norm, "ffn_norm");
 #undef MAT
 #undef NORM
-        const sp_tensor *mats[] = {&l->wq, &l->wk, &l->wv, &l->wo};
-        for (size_t i = 0; i < sizeof mats / sizeof *mats; i++) m->act_q8 |= sp_type_traits_of(mats[i]->type).act_q8;
+#undef VEC
+#undef HEADS
+        /* inputs quantized for the whole model (c->q8): the normed residual and the attention output; MLA's inner
+         * matmuls (wq_b, wk_b, wv_b) quantize their own inputs when their type asks for it (forward.c) */
+        const sp_tensor *mats[] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->wq_a, &l->wkv_a};
+        for (size_t i = 0; i < sizeof mats / sizeof *mats; i++)
+            if (mats[i]->data) m->act_q8 |= sp_type_traits_of(mats[i]->type).act_q8;
     }
     return SP_OK;
 }
@@ -276,7 +340,10 @@ static sp_status load_blockffn_weights(sp_model *m) {
     }
     if (H % SP_QK && m->act_q8)
         return sp_fail(SP_ERR_BAD_FORMAT, "quantized weights need an embedding_length that is a multiple of 32");
-    const uint64_t want = 2 + (m->output.data != m->tok_embd.data) + (uint64_t)hp->n_layer * (8 + rms);
+    /* per layer: attn_norm, the attention's matrices and norms (GQA: q, k, v, output; MLA: q_a, q_a_norm, q_b,
+     * kv_a_mqa, kv_a_norm, k_b, v_b, output), ffn_norm, router, experts, and the router norm iff rms */
+    const uint64_t attn_tensors = m->attn == SP_ATTN_MLA ? 8 : 4;
+    const uint64_t want = 2 + (m->output.data != m->tok_embd.data) + (uint64_t)hp->n_layer * (4 + attn_tensors + rms);
     if (m->gguf->n_tensors != want)
         return sp_fail(SP_ERR_BAD_FORMAT, "the file has %llu tensors but a blockffn model with these hyperparameters "
                        "has %llu: unexpected tensors", (unsigned long long)m->gguf->n_tensors,
@@ -287,14 +354,14 @@ static sp_status load_blockffn_weights(sp_model *m) {
 /* ---- the architectures the loader implements: one entry per sp_arch in each table ---- */
 
 static sp_status load_llama(sp_model *m) {
-    sp_status s = load_llama_hparams(m->gguf, "llama", &m->hp);
+    sp_status s = load_llama_hparams(m->gguf, "llama", &m->hp, &m->attn);
     return s != SP_OK ? s : load_llama_weights(m);
 }
 
 static sp_status load_blockffn(sp_model *m) {
     sp_status s;
-    if ((s = load_llama_hparams(m->gguf, "blockffn", &m->hp)) != SP_OK) return s;
-    if ((s = load_blockffn_hparams(m->gguf, &m->hp)) != SP_OK) return s;
+    if ((s = load_llama_hparams(m->gguf, "blockffn", &m->hp, &m->attn)) != SP_OK) return s;
+    if ((s = load_blockffn_hparams(m->gguf, &m->hp, m->attn)) != SP_OK) return s;
     return load_blockffn_weights(m);
 }
 
@@ -316,7 +383,7 @@ const char *const *sp_supported_architectures(void) { return ARCH_NAMES; }
  * the file (the accumulate kernel reads it row by row). */
 static sp_status pack_weights(sp_model *m) {
     const sp_kernels *k = sp_kernels_get();
-    enum { PER_LAYER = 7 };
+    enum { PER_LAYER = 10 };
     const int64_t n_max = (int64_t)m->hp.n_layer * PER_LAYER + 1;
     sp_tensor **list = malloc((size_t)n_max * sizeof *list);
     if (!list) return sp_fail(SP_ERR_NO_MEMORY, "out of memory");
@@ -325,7 +392,9 @@ static sp_status pack_weights(sp_model *m) {
     list[n++] = &m->output;
     for (int il = 0; il < m->hp.n_layer; il++) {
         sp_layer *l = &m->layers[il];
-        sp_tensor *mats[PER_LAYER] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+        /* MLA's per-head wk_b and wv_b are read head by head (row ranges a packed layout need not keep): not packed */
+        sp_tensor *mats[PER_LAYER] = {&l->wq,     &l->wk,   &l->wv,    &l->wo,    &l->w_gate,
+                                      &l->w_up,   &l->w_down, &l->wq_a, &l->wq_b, &l->wkv_a};
         for (int i = 0; i < PER_LAYER; i++) list[n++] = mats[i];
     }
     int64_t kept = 0;
@@ -336,7 +405,7 @@ static sp_status pack_weights(sp_model *m) {
     }
     const int64_t E = m->hp.n_expert, FE = m->hp.expert_width;
     size_t up_stride = 0; /* per expert; the same for every layer (one type and shape for all experts tensors) */
-    if (m->arch == SP_ARCH_BLOCKFFN && E > 0) {
+    if (E > 0) {
         const sp_tensor *x0 = &m->layers[0].experts;
         up_stride = x0->data && k->packed_size[x0->type] ? k->packed_size[x0->type](FE, x0->k) : 0;
         for (int il = 0; il < m->hp.n_layer && up_stride; il++)

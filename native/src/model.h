@@ -22,16 +22,33 @@ typedef struct sp_tensor {
                             this when set; `data` stays valid (the file pages may have been released) */
 } sp_tensor;
 
-/* The architectures the loader implements; model.c's tables (names, loaders) hold one entry per kind. */
+/* The architectures the loader implements (general.architecture); model.c's tables (names, loaders) hold one entry
+ * per kind. Only the loader looks at it: the forward pass, the session and the statistics go by each layer's
+ * attention and FFN kind below, and "has experts" is n_expert > 0. */
 typedef enum sp_arch { SP_ARCH_LLAMA = 0, SP_ARCH_BLOCKFFN = 1, SP_ARCH_COUNT } sp_arch;
+/* Attention of a layer: grouped-query (llama; K and V cached per kv head) or multi-head latent (docs/gguf-blockffn.md,
+ * MLA; one latent row per token cached, attention computed in the absorbed form, forward.c attention_mla). */
+typedef enum sp_attn_kind { SP_ATTN_GQA = 0, SP_ATTN_MLA = 1 } sp_attn_kind;
+/* FFN of a layer: dense SwiGLU (forward.c) or BlockFFN's ReLU-routed experts (ffn_blockffn.c). */
+typedef enum sp_ffn_kind { SP_FFN_KIND_DENSE = 0, SP_FFN_KIND_EXPERTS = 1 } sp_ffn_kind;
 typedef enum sp_router_norm { SP_ROUTER_NORM_NONE = 0, SP_ROUTER_NORM_RMS = 1, SP_ROUTER_NORM_SUM = 2 } sp_router_norm;
 
 typedef struct sp_layer {
+    sp_attn_kind attn;
+    sp_ffn_kind ffn;
     const float *attn_norm;  /* [H] */
-    sp_tensor wq;            /* [NH*D, H] */
-    sp_tensor wk;            /* [NKV*D, H] */
-    sp_tensor wv;            /* [NKV*D, H] */
-    sp_tensor wo;            /* [H, NH*D] */
+    sp_tensor wq;            /* GQA: [NH*D, H] */
+    sp_tensor wk;            /* GQA: [NKV*D, H] */
+    sp_tensor wv;            /* GQA: [NKV*D, H] */
+    sp_tensor wo;            /* [H, NH*D] (MLA: [H, NH*DV]) */
+    /* MLA only (docs/gguf-blockffn.md): QL, KL = q / kv latent ranks, DN, DR = nope / rope dims, DK = DN + DR */
+    sp_tensor wq_a;          /* [QL, H] */
+    const float *q_a_norm;   /* [QL] */
+    sp_tensor wq_b;          /* [NH*DK, QL] (each head: DN nope rows, then DR rope rows as adjacent pairs) */
+    sp_tensor wkv_a;         /* [KL + DR, H] */
+    const float *kv_a_norm;  /* [KL] */
+    sp_tensor wk_b;          /* [NH*KL, DN]: head h = rows [KL h, KL h + KL), W_UK[h] transposed */
+    sp_tensor wv_b;          /* [NH*DV, KL]: head h = rows [DV h, DV h + DV), W_UV[h] */
     const float *ffn_norm;   /* [H] */
     sp_tensor w_gate;        /* [F, H] */
     sp_tensor w_up;          /* [F, H] */
@@ -48,6 +65,12 @@ typedef struct sp_layer {
 typedef struct sp_hparams {
     int32_t n_vocab, n_ctx_train, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, n_rot;
     float norm_eps, rope_base;
+    /* MLA only: q_lora QL, kv_lora KL, nope DN, v DV (DR = n_rot); the latent norms' epsilon */
+    int32_t q_lora, kv_lora, qk_nope, v_dim;
+    float lora_eps;
+    /* per token and layer in the KV cache, F16 values: keys (GQA: NKV*D; MLA: the latent and the rope key, KL + DR)
+     * and values (GQA: NKV*D; MLA: 0, the values are the latent) */
+    int32_t kv_k_dim, kv_v_dim;
     float embed_scale, residual_scale, logit_scale; /* MiniCPM scaling; 1 for llama */
     /* blockffn only */
     int32_t n_expert, expert_width;
@@ -60,6 +83,7 @@ struct sp_model {
     sp_gguf *gguf;
     sp_vocab *vocab;
     sp_hparams hp;
+    sp_attn_kind attn;        /* of every layer (a file has one kind) */
     sp_model_info info;
     char arch_name[32];
     char name[128];
@@ -87,6 +111,11 @@ typedef struct sp_scratch {
     void *xq;        /* [B, max(H, F, NH*D)] activations quantized to sp_block_q8a rows */
     float *scores;   /* [n_threads, C + B] attention scores, one row per thread */
     float *rope_cs;  /* [B, n_rot] cos/sin pairs for the batch positions */
+    /* MLA only (forward.c attention_mla) */
+    float *cq;       /* [B, QL] query latent */
+    float *qnope;    /* [NH, B, DN] each head's nope query, contiguous per head (a matmul input) */
+    float *qlat;     /* [B, NH, KL + DR] absorbed query: W_UK^T q_nope, then the rotated rope query */
+    float *olat;     /* [NH, B, KL] each head's attention-weighted sum of latents */
     /* blockffn only (ffn_blockffn.c); E = experts, FE = expert width, NT = n_threads */
     float *router;           /* [B, E] router scores after ReLU and norm */
     const float *router_set; /* testing: [T, E] scores used instead of the router's (NULL: compute them) */
@@ -126,8 +155,8 @@ struct sp_session {
     const sp_model *model;
     sp_session_params params;
     int32_t n_past;
-    sp_f16 *k_cache; /* [L, C, NKV*D] keys after RoPE, F16 */
-    sp_f16 *v_cache; /* [L, C, NKV*D] values, F16 */
+    sp_f16 *k_cache; /* [L, C, kv_k_dim] keys after RoPE (MLA: latent, then the rotated rope key), F16 */
+    sp_f16 *v_cache; /* [L, C, kv_v_dim] values, F16 (MLA: none) */
     sp_scratch s;
     sp_sparsity_acc sparsity;
     sp_synth_routing synth;

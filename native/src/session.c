@@ -1,6 +1,7 @@
 /* session.c: a conversation's state (KV cache, scratch, threads) and the public eval / rollback calls.
  *
- * Shape legend: L = layers, C = n_ctx (cache slots), KVD = kv heads x head_dim, B = n_batch. */
+ * Shape legend: L = layers, C = n_ctx (cache slots), KVD = kv heads x head_dim, B = n_batch; the KV cache holds
+ * kv_k_dim keys and kv_v_dim values per token and layer (model.h: GQA NKV*D each; MLA one latent row, no values). */
 #include "model.h"
 
 #include <math.h>
@@ -32,6 +33,10 @@ void sp_session_free(sp_session *ses) {
     free(s->xq);
     free(s->scores);
     free(s->rope_cs);
+    free(s->cq);
+    free(s->qnope);
+    free(s->qlat);
+    free(s->olat);
     free(s->router);
     free(s->tasks);
     free(s->task_tok);
@@ -79,20 +84,32 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
     const sp_hparams *hp = &m->hp;
     const uint64_t L = (uint64_t)hp->n_layer, C = (uint64_t)p->n_ctx, B = (uint64_t)p->n_batch;
     const uint64_t H = (uint64_t)hp->n_embd, F = (uint64_t)hp->n_ff;
-    const uint64_t QD = (uint64_t)hp->n_head * hp->head_dim, KVD = (uint64_t)hp->n_head_kv * hp->head_dim;
-    const uint64_t K_MAX = SP_MAX(SP_MAX(H, F), QD);
+    const bool mla = m->attn == SP_ATTN_MLA;
+    const uint64_t NH = (uint64_t)hp->n_head, KVD = (uint64_t)hp->n_head_kv * hp->head_dim;
+    /* MLA: QL, KL latent ranks, DK = nope + rope per head, DV value dim; 0 for GQA */
+    const uint64_t QL = mla ? (uint64_t)hp->q_lora : 0, KL = mla ? (uint64_t)hp->kv_lora : 0;
+    const uint64_t DN = mla ? (uint64_t)hp->qk_nope : 0, DR = (uint64_t)hp->n_rot;
+    const uint64_t QD = mla ? NH * (DN + DR) : NH * hp->head_dim, OD = mla ? NH * (uint64_t)hp->v_dim : QD;
+    /* q8a activation rows: the widest matmul input (MLA: also every head's nope query and latent sum at once) */
+    const uint64_t K_MAX = SP_MAX(SP_MAX(SP_MAX(H, F), SP_MAX(QD, OD)), SP_MAX(QL, SP_MAX(NH * DN, NH * KL)));
     z->bytes += sizeof *ses; /* the session record itself */
     const uint64_t before_kv = z->bytes;
-    ses->k_cache = take(z, (L * C * KVD + 1) / 2); /* F16: two per float */
-    ses->v_cache = take(z, (L * C * KVD + 1) / 2);
+    ses->k_cache = take(z, (L * C * (uint64_t)hp->kv_k_dim + 1) / 2); /* F16: two per float */
+    ses->v_cache = hp->kv_v_dim ? take(z, (L * C * (uint64_t)hp->kv_v_dim + 1) / 2) : NULL;
     z->kv_bytes = z->bytes - before_kv;
     sp_scratch *s = &ses->s;
     s->x = take(z, B * H);
     s->xn = take(z, B * H);
     s->q = take(z, B * QD);
-    s->k = take(z, B * KVD);
-    s->v = take(z, B * KVD);
-    s->attn = take(z, B * QD);
+    s->k = take(z, B * (mla ? KL + DR : KVD)); /* MLA: the kv_a projection (latent + rope key) */
+    s->v = mla ? NULL : take(z, B * KVD);
+    s->attn = take(z, B * OD);
+    if (mla) {
+        s->cq = take(z, B * QL);
+        s->qnope = take(z, NH * B * DN);
+        s->qlat = take(z, B * NH * (KL + DR));
+        s->olat = take(z, NH * B * KL);
+    }
     s->tmp = take(z, B * H);
     s->gate = take(z, B * F);
     s->up = take(z, B * F);
@@ -100,7 +117,7 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
     s->xq = take(z, B * (K_MAX / SP_QK + 1) * (sizeof(sp_block_q8a) / sizeof(float)));
     s->scores = take(z, (uint64_t)p->n_threads * (C + B));
     s->rope_cs = take(z, B * (uint64_t)hp->n_rot);
-    if (m->arch == SP_ARCH_BLOCKFFN) {
+    if (hp->n_expert > 0) {
         const uint64_t E = (uint64_t)hp->n_expert, FE = (uint64_t)hp->expert_width, NT = (uint64_t)p->n_threads;
         const uint64_t xrow = SP_MAX(H, H / SP_QK * (sizeof(sp_block_q8a) / sizeof(float))); /* in floats */
         s->router = take(z, B * E);
@@ -255,13 +272,15 @@ static sp_status keep_checked(sp_session *ses, const int32_t *idx, int32_t n) {
             return sp_fail(SP_ERR_INVALID_ARG, "keep: slot indices must be strictly increasing and < n_past (%d)",
                            ses->n_past);
     const sp_hparams *hp = &ses->model->hp;
-    const int64_t KVD = (int64_t)hp->n_head_kv * hp->head_dim, C = ses->params.n_ctx;
+    const int64_t KD = hp->kv_k_dim, VD = hp->kv_v_dim, C = ses->params.n_ctx;
     /* idx[i] >= i, so copying forward in order never overwrites a slot still to be read */
-    for (int il = 0; il < hp->n_layer; il++)
+    for (int64_t il = 0; il < hp->n_layer; il++)
         for (int32_t i = 0; i < n; i++) {
             if (idx[i] == i) continue;
-            memcpy(ses->k_cache + (il * C + i) * KVD, ses->k_cache + (il * C + idx[i]) * KVD, (size_t)KVD * sizeof(sp_f16));
-            memcpy(ses->v_cache + (il * C + i) * KVD, ses->v_cache + (il * C + idx[i]) * KVD, (size_t)KVD * sizeof(sp_f16));
+            memcpy(ses->k_cache + (il * C + i) * KD, ses->k_cache + (il * C + idx[i]) * KD, (size_t)KD * sizeof(sp_f16));
+            if (VD)
+                memcpy(ses->v_cache + (il * C + i) * VD, ses->v_cache + (il * C + idx[i]) * VD,
+                       (size_t)VD * sizeof(sp_f16));
         }
     ses->n_past = n;
     return SP_OK;
@@ -290,7 +309,7 @@ void sp_session_reset_timings(sp_session *ses) {
 /* ---- sparsity statistics ---- */
 
 void sp_session_reset_sparsity(sp_session *ses) {
-    if (!ses || ses->model->arch != SP_ARCH_BLOCKFFN) return;
+    if (!ses || ses->model->hp.n_expert == 0) return;
     sp_sparsity_acc *a = &ses->sparsity;
     const size_t L = (size_t)ses->model->hp.n_layer;
     memset(a->ring, 0, L * SP_CLS_RING * (size_t)a->words * sizeof *a->ring);
@@ -306,7 +325,7 @@ sp_status sp_session_get_sparsity(const sp_session *ses, int32_t layer, sp_spars
     if (!ses || !out) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_get_sparsity: NULL argument");
     memset(out, 0, sizeof *out);
     const sp_model *m = ses->model;
-    if (m->arch != SP_ARCH_BLOCKFFN) return SP_OK; /* n_expert = 0: no sparse experts */
+    if (m->hp.n_expert == 0) return SP_OK; /* no sparse experts */
     const sp_hparams *hp = &m->hp;
     if (layer < -1 || layer >= hp->n_layer)
         return sp_fail(SP_ERR_INVALID_ARG, "layer %d is out of range [-1, %d)", layer, hp->n_layer);

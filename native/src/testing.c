@@ -369,7 +369,7 @@ sp_status sp_testing_synthetic_scores(const sp_session *ses, int32_t il, const i
 }
 
 sp_status sp_testing_last_router_scores(const sp_session *ses, int32_t n_tokens, float *out) {
-    if (ses->model->arch != SP_ARCH_BLOCKFFN) return sp_fail(SP_ERR_INVALID_ARG, "the model has no BlockFFN layers");
+    if (ses->model->hp.n_expert == 0) return sp_fail(SP_ERR_INVALID_ARG, "the model has no BlockFFN layers");
     if (n_tokens < 1 || n_tokens > ses->params.n_batch)
         return sp_fail(SP_ERR_INVALID_ARG, "n_tokens must be 1..n_batch");
     memcpy(out, ses->s.router, (size_t)n_tokens * (size_t)ses->model->hp.n_expert * sizeof *out);

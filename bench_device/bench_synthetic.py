@@ -394,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       "qtype": a.type, "threads": a.threads, "routing": asdict(routing), "T": Ts,
                       "branching": a.branching, "fractions": fractions, "repeats": repeats,
                       "decode_steps": a.decode_steps, "prefix_tokens": 32,
-                      "attention": "ordinary multi-head attention (the released models use MLA)"},
+                      "attention": {s: synthetic.SHAPES[s].attention for s in shapes}},
            "records": records, "replayed": replays}
     if a.out:
         Path(a.out).write_text(json.dumps(doc, indent=1))

@@ -13,15 +13,15 @@ Shapes (SHAPES) come from the official repository github.com/thunlp/BlockFFN, re
   num_heads (NH), num_expert (E), dim_expert (F), vocab_size (V = 122753) and scale_emb 12 / scale_depth 1.4;
   pretrain/bmt_to_hf/config.json (the HF config template of the released checkpoints) gives dim_model_base 256,
   rms_norm_eps 1e-5, rope_theta default 10000 and max_position_embeddings 4096.
+  Their attention is multi-head latent attention (`attention_type: "mla"`) with q_lora_rank 768, kv_lora_rank 256,
+  qk_nope_head_dim 128, qk_rope_head_dim 64 and v_head_dim = H / NH = 128 in all four; the shapes here are MLA with
+  exactly those dimensions (the layout of docs/gguf-blockffn.md, MLA), so the KV cache is the latent one.
 Differences, stated:
-  - Attention: those configs use MLA; Sparrow runs ordinary multi-head attention, so every shape here uses ordinary
-    MHA with the same H and NH (D = H / NH = 128 for all four, NKV = NH). Attention weights are 4 H^2 per layer
-    instead of MLA's smaller factorised projections, so these files are somewhat larger than the released models
-    (e.g. "1.2b": 1.35 B non-embedding parameters vs ~1.2 B).
   - 3B (the SFT model of the paper's speed experiments, SparseLLM/blockffn_3b_sft): its config is NOT in the
     repository. Assumed here: the HF template's H = 2304, L = 40, NH = 36 (D = 64, NKV = NH), V = 122753, and E x F
     = 4 H as in every released pre-training config (0.1b: 48 x 64 = 4 x 768, ..., 1.2b: 56 x 128 = 4 x 1792) with
-    F = 128: E = 72. About 3.1 B parameters with the untied 122753-token embeddings.
+    F = 128: E = 72, and ordinary multi-head attention (its attention is not published either). About 3.1 B
+    parameters with the untied 122753-token embeddings.
   - Vocabulary: the default is a small V (SMALL_VOCAB) so files are written quickly; the LM head then costs less
     than in the real models (122753 x H per token). `vocab="real"` writes the real V.
   - Router: "rms" norm (the released runs' norm_after_router), router weights random normal; experts stored as in
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1  # bump when the bytes a (shape, qtype, vocab, seed) produces change
+FORMAT_VERSION = 2  # bump when the bytes a (shape, qtype, vocab, seed) produces change
 REAL_VOCAB = 122753  # vocab_size of every released BlockFFN pre-training config
 SMALL_VOCAB = 4096
 QTYPES = ("Q4_0", "Q8_0")
@@ -52,7 +52,8 @@ QUANT_STD = {"Q4_0": math.sqrt((16 ** 2 - 1) / 12), "Q8_0": math.sqrt((256 ** 2 
 
 @dataclass(frozen=True)
 class Shape:
-    """One BlockFFN configuration (ordinary multi-head attention; see the module docstring for sources)."""
+    """One BlockFFN configuration (see the module docstring for sources). attention "mla" (the released models:
+    QL, KL latent ranks, DN nope and DR rope dims per head, DV = H / NH) or "mha" (kv_heads = heads)."""
 
     name: str
     hidden: int          # H
@@ -64,6 +65,11 @@ class Shape:
     vocab: int = REAL_VOCAB
     context: int = 4096
     source: str = ""
+    attention: str = "mla"
+    q_lora: int = 768    # QL
+    kv_lora: int = 256   # KL
+    qk_nope: int = 128   # DN
+    qk_rope: int = 64    # DR
 
     @property
     def head_dim(self) -> int:
@@ -79,22 +85,33 @@ class Shape:
     def n_params(self) -> dict[str, int]:
         """Parameters by part: attention, expert FFN, router, embeddings (token_embd + output)."""
         H, L, E, F, kvd = self.hidden, self.layers, self.experts, self.expert_width, self.kv_heads * self.head_dim
-        return {"attention": L * (2 * H * H + 2 * H * kvd), "experts": L * E * 2 * F * H, "router": L * E * H,
+        attn = sum(math.prod(shp) for name, shp, _ in _attention_tensors(self, "", "Q4_0") if len(shp) > 1)
+        return {"attention": L * attn, "experts": L * E * 2 * F * H, "router": L * E * H,
                 "embeddings": 2 * self.vocab * H}
+
+    def kv_bytes_per_token(self) -> dict[str, int]:
+        """F16 KV cache bytes per token over all layers: what Sparrow caches (MLA: the latent and the rope key), and
+        full per-head keys and values (NH x (DN + DR + DV) for MLA, as an expanded cache would hold them)."""
+        L, NH, D = self.layers, self.heads, self.head_dim
+        if self.attention == "mla":
+            return {"cached": L * (self.kv_lora + self.qk_rope) * 2,
+                    "full_k_v": L * NH * (self.qk_nope + self.qk_rope + D) * 2}
+        return {"cached": L * 2 * self.kv_heads * D * 2, "full_k_v": L * 2 * self.kv_heads * D * 2}
 
 
 _REPO = "github.com/thunlp/BlockFFN"
 _PRE = "pretrain/apps/dragonfly_2b/model_configs/"
 SHAPES: dict[str, Shape] = {
-    "0.1b": Shape("0.1b", 768, 16, 6, 6, 48, 64, source=f"{_REPO} {_PRE}0.1b_mla_block.json (MLA -> MHA)"),
-    "0.5b": Shape("0.5b", 1280, 27, 10, 10, 40, 128, source=f"{_REPO} {_PRE}0.5b_mla_block.json (MLA -> MHA)"),
-    "0.8b": Shape("0.8b", 1536, 32, 12, 12, 48, 128, source=f"{_REPO} {_PRE}0.8b_mla_block.json (MLA -> MHA)"),
-    "1.2b": Shape("1.2b", 1792, 35, 14, 14, 56, 128, source=f"{_REPO} {_PRE}1.2b_mla_block.json (MLA -> MHA)"),
+    "0.1b": Shape("0.1b", 768, 16, 6, 6, 48, 64, source=f"{_REPO} {_PRE}0.1b_mla_block.json"),
+    "0.5b": Shape("0.5b", 1280, 27, 10, 10, 40, 128, source=f"{_REPO} {_PRE}0.5b_mla_block.json"),
+    "0.8b": Shape("0.8b", 1536, 32, 12, 12, 48, 128, source=f"{_REPO} {_PRE}0.8b_mla_block.json"),
+    "1.2b": Shape("1.2b", 1792, 35, 14, 14, 56, 128, source=f"{_REPO} {_PRE}1.2b_mla_block.json"),
     "3b": Shape("3b", 2304, 40, 36, 36, 72, 128,
                 source=f"ASSUMED: H/L/NH/V from {_REPO} pretrain/bmt_to_hf/config.json; E x F = 4H, F = 128 as in "
-                       f"the released configs; the 3B SFT config itself is not in the repository"),
+                       f"the released configs; the 3B SFT config itself is not in the repository", attention="mha"),
     # tiny, for tests (seconds to write and run)
-    "tiny": Shape("tiny", 64, 2, 2, 2, 16, 32, vocab=300, context=512, source="test shape"),
+    "tiny": Shape("tiny", 64, 2, 2, 2, 16, 32, vocab=300, context=512, source="test shape", q_lora=64, kv_lora=32,
+                  qk_nope=32, qk_rope=16),
 }
 
 # MiniCPM scaling (both repository files above): scale_emb, scale_depth, dim_model_base
@@ -122,16 +139,27 @@ def _random_quant(rng: np.random.Generator, rows: int, k: int, qtype: str) -> np
 def _tensors(shape: Shape, qtype: str) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, numpy shape, type) of every tensor in file order; type is qtype or "F32"."""
     H, E, F, V = shape.hidden, shape.experts, shape.expert_width, shape.vocab
-    kvd = shape.kv_heads * shape.head_dim
     out = [("token_embd.weight", (V, H), qtype), ("output_norm.weight", (H,), "F32"), ("output.weight", (V, H), qtype)]
     for i in range(shape.layers):
         p = f"blk.{i}."
-        out += [(p + "attn_norm.weight", (H,), "F32"), (p + "attn_q.weight", (H, H), qtype),
-                (p + "attn_k.weight", (kvd, H), qtype), (p + "attn_v.weight", (kvd, H), qtype),
-                (p + "attn_output.weight", (H, H), qtype), (p + "ffn_norm.weight", (H,), "F32"),
-                (p + "ffn_router.weight", (E, H), "F32"), (p + "ffn_router_norm.weight", (E,), "F32"),
-                (p + "ffn_experts.weight", (E, 2 * F, H), qtype)]
+        out += [(p + "attn_norm.weight", (H,), "F32"), *_attention_tensors(shape, p, qtype),
+                (p + "ffn_norm.weight", (H,), "F32"), (p + "ffn_router.weight", (E, H), "F32"),
+                (p + "ffn_router_norm.weight", (E,), "F32"), (p + "ffn_experts.weight", (E, 2 * F, H), qtype)]
     return out
+
+
+def _attention_tensors(shape: Shape, p: str, qtype: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """One layer's attention tensors (numpy shapes): MLA's factorised projections, or MHA's q, k, v, output."""
+    H, NH, D = shape.hidden, shape.heads, shape.head_dim
+    if shape.attention == "mla":
+        QL, KL, DN, DR = shape.q_lora, shape.kv_lora, shape.qk_nope, shape.qk_rope
+        return [(p + "attn_q_a.weight", (QL, H), qtype), (p + "attn_q_a_norm.weight", (QL,), "F32"),
+                (p + "attn_q_b.weight", (NH * (DN + DR), QL), qtype), (p + "attn_kv_a_mqa.weight", (KL + DR, H), qtype),
+                (p + "attn_kv_a_norm.weight", (KL,), "F32"), (p + "attn_k_b.weight", (NH, KL, DN), qtype),
+                (p + "attn_v_b.weight", (NH, D, KL), qtype), (p + "attn_output.weight", (H, NH * D), qtype)]
+    kvd = shape.kv_heads * D
+    return [(p + "attn_q.weight", (H, H), qtype), (p + "attn_k.weight", (kvd, H), qtype),
+            (p + "attn_v.weight", (kvd, H), qtype), (p + "attn_output.weight", (H, H), qtype)]
 
 
 def _data(rng: np.random.Generator, name: str, shp: tuple[int, ...], ty: str) -> np.ndarray:
@@ -172,12 +200,21 @@ def write(shape: Shape, path: str | os.PathLike, qtype: str = "Q4_0", seed: int 
     w.add_name(f"synthetic-blockffn-{shape.name} (random weights)")
     w.add_file_type(FILE_TYPE[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    mla = shape.attention == "mla"
     for k, v in {"context_length": shape.context, "embedding_length": H, "block_count": L,
                  "feed_forward_length": shape.experts * shape.expert_width, "attention.head_count": shape.heads,
-                 "attention.head_count_kv": shape.kv_heads, "rope.dimension_count": shape.head_dim,
+                 "attention.head_count_kv": shape.heads if mla else shape.kv_heads,
+                 "rope.dimension_count": shape.qk_rope if mla else shape.head_dim,
                  "vocab_size": shape.vocab, "expert_count": shape.experts,
                  "expert_width": shape.expert_width}.items():
         w.add_uint32(f"{arch}.{k}", v)
+    if mla:
+        w.add_string(f"{arch}.attention.type", "mla")
+        for k, v in {"attention.q_lora_rank": shape.q_lora, "attention.kv_lora_rank": shape.kv_lora,
+                     "attention.key_length": shape.qk_nope + shape.qk_rope,
+                     "attention.value_length": shape.head_dim}.items():
+            w.add_uint32(f"{arch}.{k}", v)
+        w.add_float32(f"{arch}.attention.lora_norm_epsilon", 1e-6)
     for k, v in {"attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 10000.0, "router_norm_eps": 1e-5,
                  "router_norm_scale": 1.0, "embedding_scale": SCALE_EMB, "residual_scale": SCALE_DEPTH / math.sqrt(L),
                  "logit_scale": DIM_MODEL_BASE / H}.items():

@@ -55,8 +55,8 @@ def test_writer_follows_the_layout_and_caches(tmp_path):
         assert (i.architecture, i.n_embd, i.n_layer, i.n_head, i.n_head_kv, i.n_vocab) == (
             "blockffn", shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.vocab)
         assert i.n_ff == shape.experts * shape.expert_width
-        assert i.n_params == sum(shape.n_params().values()) + shape.layers * (2 * shape.hidden + shape.experts) \
-            + shape.hidden  # + the norms
+        norms = shape.layers * (2 * shape.hidden + shape.experts + shape.q_lora + shape.kv_lora) + shape.hidden
+        assert i.n_params == sum(shape.n_params().values()) + norms
         with m.session(n_ctx=64, n_threads=1) as s:
             assert np.isfinite(s.eval(list(range(3, 40)), logits="all")).all()
 
@@ -68,8 +68,13 @@ def test_released_shapes():
         assert (s.hidden, s.layers, s.heads, s.experts, s.expert_width, s.head_dim) == (H, L, NH, E, F, 128)
         assert s.experts * s.expert_width == 4 * s.hidden and s.vocab == sy.REAL_VOCAB
     assert sy.SHAPES["1.2b"].with_vocab("small").vocab == sy.SMALL_VOCAB
-    p12 = sy.SHAPES["1.2b"].n_params()
-    assert 1.3e9 < p12["attention"] + p12["experts"] + p12["router"] < 1.4e9  # MHA instead of MLA: stated
+    for name, size in {"0.1b": 0.1e9, "0.5b": 0.5e9, "0.8b": 0.8e9, "1.2b": 1.2e9}.items():
+        s = sy.SHAPES[name]
+        assert (s.attention, s.q_lora, s.kv_lora, s.qk_nope, s.qk_rope) == ("mla", 768, 256, 128, 64)
+        p = s.n_params()  # MLA as released: the non-embedding parameters are the size in the name
+        assert abs(p["attention"] + p["experts"] + p["router"] - size) < 0.05 * size + 0.02e9
+    # the figures for 1.2b: 22.4 KB of latent cache per token (F16), against 313.6 KB of full keys and values
+    assert sy.SHAPES["1.2b"].kv_bytes_per_token() == {"cached": 22400, "full_k_v": 313600}
 
 
 @pytest.mark.parametrize("tls,cls,k,seed", [(0.8, 0.7, 8, 5), (0.5, 0.2, 4, 0), (0.9, 0.9, 16, 7), (0.0, 0.0, 2, 1)])

@@ -46,6 +46,16 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# MiniCPM's SFT chat format (MiniCPM-2B-sft; the BlockFFN SFT checkpoints were tuned on it): "<用户>" before each
+# user turn, "<AI>" before each assistant turn and as the generation prompt; a system message is its content alone
+# (MiniCPM has no system role). `sparrow models pull` writes it into a converted BlockFFN checkpoint whose
+# tokenizer_config.json has no chat_template (runtime.store.checkpoint).
+MINICPM_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<用户>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<AI>' + message['content'] }}{% else %}{{ message['content'] }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<AI>' }}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class Limits:

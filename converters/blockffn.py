@@ -1,7 +1,9 @@
 """BlockFFN (MiniCPM-based, Hugging Face format) checkpoint folder -> GGUF, as specified in docs/gguf-blockffn.md.
 
 Shape legend: H = hidden, L = layers, V = vocabulary, E = experts, F = expert width, NH/NKV = heads/kv heads,
-D = head dim. Shapes in comments are numpy order ([rows, cols], row-major); GGUF's ne lists them reversed.
+D = head dim; multi-head latent attention (attention_type "mla"): QL/KL = q/kv lora ranks, DN/DR = per-head nope/rope
+dims, DK = DN + DR, DV = H / NH. Shapes in comments are numpy order ([rows, cols], row-major); GGUF's ne lists them
+reversed.
 
 Everything is checked before the output is opened (config values, every tensor's presence and shape, the
 tokenizer); the file is written to a temporary name in the destination folder and renamed into place only when
@@ -33,6 +35,7 @@ QTYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
               Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0}
 SUM_NORM_EPS = 1e-5  # hard-coded in the official BlockMLP: r / (sum(r) * norm_scale + 1e-5)
+LORA_NORM_EPS = 1e-6  # MLA's q_a_layernorm / kv_a_layernorm: MiniCPMRMSNorm's default eps (not rms_norm_eps)
 
 # Hugging Face name -> GGUF name. Per-layer names live under `model.layers.{N}.` / `blk.{N}.`.
 GLOBAL_NAMES = {
@@ -52,6 +55,17 @@ LAYER_NAMES = {
     "mlp.up_proj": "ffn_experts.weight",                    # block [E, F, H] | block_linear [E*F, H]   } merged
     "mlp.down_proj": "ffn_experts.weight",                  # block [E, H, F] | block_linear [H, E*F]   } [E, 2F, H]
 }
+# Multi-head latent attention (official MLAAttention) instead of q/k/v; o_proj as above ([H, NH*DV]).
+MLA_LAYER_NAMES = {
+    "self_attn.q_a_proj.weight": "attn_q_a.weight",                 # [QL, H]
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",       # [QL]
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",                 # [NH*DK, QL], each head's DR rope rows permuted
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",  # [KL+DR, H], the last DR rows permuted
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",     # [KL]
+    "self_attn.kv_b_proj.weight": "attn_k_b.weight",                # [NH*(DN+DV), KL] -> k_b [NH, KL, DN]  } split
+}                                                                   #                  -> v_b [NH, DV, KL]  }
+# The MLA matrices a q4_0 file stores Q8_0 (MLA's value path; the measurement is at _matrix_qtype).
+MLA_Q8_IN_Q4_0 = ("attn_kv_a_mqa.weight", "attn_v_b.weight")
 # Tensors a checkpoint may carry that the model does not use.
 IGNORED_LAYER_NAMES = ("self_attn.rotary_emb.inv_freq",)
 
@@ -83,10 +97,25 @@ class BlockFFNConfig:
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
+    attention_type: str = "vanilla"  # "vanilla" (MHA/GQA) | "mla"; the MLA dims below are 0 for "vanilla"
+    q_lora_rank: int = 0             # QL
+    kv_lora_rank: int = 0            # KL
+    qk_nope_head_dim: int = 0        # DN
+    qk_rope_head_dim: int = 0        # DR
 
     @property
     def head_dim(self) -> int:
+        """D for MHA/GQA; for MLA, DV (the value head dim, H / NH as the official MLAAttention computes it)."""
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mla(self) -> bool:
+        return self.attention_type == "mla"
+
+    @property
+    def key_length(self) -> int:
+        """MLA: DK = DN + DR, the per-head length of q and k."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
     def residual_scale(self) -> float:
@@ -139,12 +168,9 @@ def parse_config(config: dict, where: str = "config.json") -> BlockFFNConfig:
                                   f"{', '.join(map(repr, allowed))}). {what_to_do}")
         return v
 
-    attention = get("attention_type", (str,), "vanilla")
-    if attention == "mla":
-        raise ConversionError(f"{where}: attention_type 'mla' (multi-head latent attention, used by the released "
-                              f"pre-training checkpoints) is not supported yet; only 'vanilla' multi-head / "
-                              f"grouped-query attention converts today")
-    choice("attention_type", "vanilla", ("vanilla",), "Only vanilla MHA/GQA attention is supported.")
+    attention = choice("attention_type", "vanilla", ("vanilla", "mla"),
+                       "BlockFFN checkpoints use 'vanilla' (multi-head / grouped-query) or 'mla' (multi-head latent) "
+                       "attention.")
     choice("router_act", "relu", ("relu",), "BlockFFN routers use ReLU; other activations break exact sparsity.")
     choice("hidden_act", "silu", ("silu",), "The expert activation must be SiLU.")
     norm = choice("norm_after_router", "sum", ("rms", "sum", "none"), "")
@@ -162,7 +188,11 @@ def parse_config(config: dict, where: str = "config.json") -> BlockFFNConfig:
     n_head = positive_int("num_attention_heads")
     n_head_kv = positive_int("num_key_value_heads", n_head, required=False)
     hidden = positive_int("hidden_size")
-    if hidden % n_head or n_head % n_head_kv or (hidden // n_head) % 2:
+    mla = {}
+    if attention == "mla":
+        mla = _parse_mla(config, where, hidden, n_head, get)
+        n_head_kv = n_head  # MLAAttention ignores num_key_value_heads: every head has its own k and v
+    elif hidden % n_head or n_head % n_head_kv or (hidden // n_head) % 2:
         raise ConversionError(f"{where}: hidden_size {hidden}, num_attention_heads {n_head}, num_key_value_heads "
                               f"{n_head_kv} are inconsistent (need hidden % heads == 0, heads % kv_heads == 0 and an "
                               f"even head dim)")
@@ -186,8 +216,38 @@ def parse_config(config: dict, where: str = "config.json") -> BlockFFNConfig:
         scale_emb=real("scale_emb", 1.0), dim_model_base=real("dim_model_base", 1.0),
         scale_depth=real("scale_depth", 1.0),
         bos_token_id=token_id("bos_token_id", 1), eos_token_id=token_id("eos_token_id", 2),
-        pad_token_id=token_id("pad_token_id", None),
+        pad_token_id=token_id("pad_token_id", None), attention_type=attention, **mla,
     )
+
+
+def _parse_mla(config: dict, where: str, hidden: int, n_head: int, get) -> dict[str, int]:
+    """The multi-head latent attention keys of an attention_type 'mla' config. All four are required: the released
+    configs give them, and MiniCPMConfig's defaults for absent ones (64/32/768/256) are no evidence of what the
+    weights were trained with."""
+    if hidden % n_head:
+        raise ConversionError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {n_head}; "
+                              f"MLA's value head dim is hidden_size / num_attention_heads")
+    dims = {}
+    for key, what in (("q_lora_rank", "the rank of the query compression (q_a_proj)"),
+                      ("kv_lora_rank", "the rank of the key/value latent (kv_a_proj_with_mqa)"),
+                      ("qk_nope_head_dim", "the per-head query/key dims without RoPE"),
+                      ("qk_rope_head_dim", "the per-head query/key dims with RoPE")):
+        v = get(key, (int,), None)
+        if v is None or v <= 0:
+            shown = "missing" if v is None else f"{v}"
+            raise ConversionError(f"{where}: attention_type 'mla' needs {key} ({what}) as a positive integer; it is "
+                                  f"{shown}. BlockFFN's MLAAttention has no uncompressed-query (q_lora_rank 0) or "
+                                  f"RoPE-free variant")
+        dims[key] = v
+    if dims["qk_rope_head_dim"] % 2:
+        raise ConversionError(f"{where}: qk_rope_head_dim = {dims['qk_rope_head_dim']} is odd; RoPE rotates pairs "
+                              f"of dims, so it must be even")
+    v_head = get("v_head_dim", (int,), None)
+    if v_head is not None and v_head != hidden // n_head:
+        raise ConversionError(f"{where}: v_head_dim = {v_head}, but MLAAttention's value heads have hidden_size / "
+                              f"num_attention_heads = {hidden // n_head} dims (it does not read v_head_dim); the "
+                              f"config does not describe the official MLA layout")
+    return dims
 
 
 def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -199,6 +259,25 @@ def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """The inverse of permute_rope_rows: GGUF adjacent pairs back to HF rotate_half rows."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rope_tail(w: np.ndarray, n_groups: int, n_rope: int) -> np.ndarray:
+    """MLA: w [n_groups*G, K] in groups of G rows whose last n_rope rows are RoPE'd (rotate_half pairs (i, i+DR/2));
+    those rows of every group go to adjacent pairs as permute_rope_rows does, the others stay. q_b_proj: NH groups
+    of DK rows; kv_a_proj_with_mqa: 1 group of KL + DR rows."""
+    g = w.reshape(n_groups, -1, *w.shape[1:]).copy()
+    tail = g[:, g.shape[1] - n_rope:]
+    g[:, g.shape[1] - n_rope:] = permute_rope_rows(tail.reshape(-1, *w.shape[1:]), n_groups).reshape(tail.shape)
+    return g.reshape(w.shape)
+
+
+def split_kv_b(kv_b: np.ndarray, c: BlockFFNConfig) -> tuple[np.ndarray, np.ndarray]:
+    """MLA kv_b_proj [NH*(DN+DV), KL] -> (k_b [NH, KL, DN], v_b [NH, DV, KL]): head h's first DN rows are W_UK[h]
+    (k_nope = W_UK c), stored transposed so that the absorbed query q_lat = k_b[h] q_nope is a plain matmul; the
+    other DV rows are W_UV[h] (v = W_UV c). As llama.cpp's deepseek2 attn_k_b / attn_v_b."""
+    NH, DN = c.num_attention_heads, c.qk_nope_head_dim
+    kv = kv_b.reshape(NH, DN + c.head_dim, c.kv_lora_rank)
+    return np.ascontiguousarray(kv[:, :DN].transpose(0, 2, 1)), np.ascontiguousarray(kv[:, DN:])
 
 
 @dataclass
@@ -214,11 +293,25 @@ def _expected_shapes(c: BlockFFNConfig) -> tuple[dict[str, tuple], dict[str, tup
     glob = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,)}
     if not c.tie_word_embeddings:
         glob["lm_head.weight"] = (c.vocab_size, H)
+    if c.mla:
+        NH, QL, KL, DR = c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim
+        attention = {
+            "self_attn.q_a_proj.weight": (QL, H),
+            "self_attn.q_a_layernorm.weight": (QL,),
+            "self_attn.q_b_proj.weight": (NH * c.key_length, QL),
+            "self_attn.kv_a_proj_with_mqa.weight": (KL + DR, H),
+            "self_attn.kv_a_layernorm.weight": (KL,),
+            "self_attn.kv_b_proj.weight": (NH * (c.qk_nope_head_dim + D), KL),
+        }
+    else:
+        attention = {
+            "self_attn.q_proj.weight": (c.num_attention_heads * D, H),
+            "self_attn.k_proj.weight": (c.num_key_value_heads * D, H),
+            "self_attn.v_proj.weight": (c.num_key_value_heads * D, H),
+        }
     layer = {
         "input_layernorm.weight": (H,),
-        "self_attn.q_proj.weight": (c.num_attention_heads * D, H),
-        "self_attn.k_proj.weight": (c.num_key_value_heads * D, H),
-        "self_attn.v_proj.weight": (c.num_key_value_heads * D, H),
+        **attention,
         "self_attn.o_proj.weight": (H, c.num_attention_heads * D),
         "post_attention_layernorm.weight": (H,),
         "mlp.router_proj.weight": (E, H),
@@ -249,9 +342,9 @@ def _check_tensors(ckpt: SafetensorsCheckpoint, c: BlockFFNConfig) -> None:
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ConversionError(f"{ckpt.src}: tensors missing from the checkpoint: {', '.join(missing[:5])}{more}. "
-                              f"The weights are incomplete or do not match config.json (ffn_type "
-                              f"{c.ffn_type!r}, norm_after_router {c.norm_after_router!r}, "
-                              f"tie_word_embeddings {c.tie_word_embeddings}).")
+                              f"The weights are incomplete or do not match config.json (attention_type "
+                              f"{c.attention_type!r}, ffn_type {c.ffn_type!r}, norm_after_router "
+                              f"{c.norm_after_router!r}, tie_word_embeddings {c.tie_word_embeddings}).")
     for name, shape in expected.items():
         if ckpt.shape(name) != shape:
             raise ConversionError(f"{ckpt.src}: tensor {name} has shape {list(ckpt.shape(name))}, but config.json "
@@ -275,6 +368,22 @@ def _storage_type(row_len: int, qtype: gguf.GGMLQuantizationType, name: str, not
     return Q.F16
 
 
+def _matrix_qtype(name: str, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """The type of weight matrix `name` in a file of type qtype: qtype, except MLA's value path in Q4_0 files.
+
+    Measured (logits NMSE against the F32 conversion, 12 random MLA checkpoints of tests/blockffn_fixture.py with
+    H 256, 8 heads, QL 256, KL 96, DN 32, DR 16, 16 x 64 experts, means; docs/gguf-blockffn.md, "Quantization of the
+    MLA matrices"): quantizing one kind of MLA matrix to Q4_0 and nothing else costs q_a 2.3e-4, q_b 1.5e-4,
+    k_b 3.0e-4 (the score path: q and k_nope only move softmax weights), but kv_a_mqa 4.8e-3 and v_b 3.9e-3 (the
+    value path, two matrices in series where GQA has attn_v alone, 5.4e-3). The whole Q4_0 file: 0.031 with every
+    MLA matrix Q4_0 (a GQA twin: 0.030), 0.025 with kv_a_mqa and v_b Q8_0, 0.025 with all five Q8_0. So the score
+    path stays Q4_0 and the value path is Q8_0: at the released 1.2B shapes that is +2% file size and ~5% more bytes
+    read per decoded token at 80% TLS, where all five at Q8_0 would be +9% and ~22% for no further gain."""
+    if qtype == Q.Q4_0 and name.endswith(MLA_Q8_IN_Q4_0):
+        return Q.Q8_0
+    return qtype
+
+
 def _plan(ckpt: SafetensorsCheckpoint, c: BlockFFNConfig, qtype) -> tuple[list[_Planned], list[str]]:
     """Every GGUF tensor, in file order, with its shape, storage type and how to compute it."""
     H, E, F = c.hidden_size, c.num_experts, c.expert_size
@@ -282,7 +391,7 @@ def _plan(ckpt: SafetensorsCheckpoint, c: BlockFFNConfig, qtype) -> tuple[list[_
     plan: list[_Planned] = []
 
     def matrix(name: str, shape: tuple[int, ...], build) -> None:
-        plan.append(_Planned(name, shape, _storage_type(shape[-1], qtype, name, notes), build))
+        plan.append(_Planned(name, shape, _storage_type(shape[-1], _matrix_qtype(name, qtype), name, notes), build))
 
     def f32(name: str, shape: tuple[int, ...], build) -> None:
         plan.append(_Planned(name, shape, Q.F32, build))
@@ -300,12 +409,15 @@ def _plan(ckpt: SafetensorsCheckpoint, c: BlockFFNConfig, qtype) -> tuple[list[_
         g = {k: dst + v for k, v in LAYER_NAMES.items()}
         nq, nkv = c.num_attention_heads, c.num_key_value_heads
         f32(g["input_layernorm.weight"], (H,), hf(n["input_layernorm.weight"]))
-        matrix(g["self_attn.q_proj.weight"], ckpt.shape(n["self_attn.q_proj.weight"]),
-               lambda name=n["self_attn.q_proj.weight"], nq=nq: permute_rope_rows(ckpt.get(name), nq))
-        matrix(g["self_attn.k_proj.weight"], ckpt.shape(n["self_attn.k_proj.weight"]),
-               lambda name=n["self_attn.k_proj.weight"], nkv=nkv: permute_rope_rows(ckpt.get(name), nkv))
-        matrix(g["self_attn.v_proj.weight"], ckpt.shape(n["self_attn.v_proj.weight"]),
-               hf(n["self_attn.v_proj.weight"]))
+        if c.mla:
+            _plan_mla(ckpt, c, src, dst, matrix, f32)
+        else:
+            matrix(g["self_attn.q_proj.weight"], ckpt.shape(n["self_attn.q_proj.weight"]),
+                   lambda name=n["self_attn.q_proj.weight"], nq=nq: permute_rope_rows(ckpt.get(name), nq))
+            matrix(g["self_attn.k_proj.weight"], ckpt.shape(n["self_attn.k_proj.weight"]),
+                   lambda name=n["self_attn.k_proj.weight"], nkv=nkv: permute_rope_rows(ckpt.get(name), nkv))
+            matrix(g["self_attn.v_proj.weight"], ckpt.shape(n["self_attn.v_proj.weight"]),
+                   hf(n["self_attn.v_proj.weight"]))
         matrix(g["self_attn.o_proj.weight"], ckpt.shape(n["self_attn.o_proj.weight"]),
                hf(n["self_attn.o_proj.weight"]))
         f32(g["post_attention_layernorm.weight"], (H,), hf(n["post_attention_layernorm.weight"]))
@@ -315,6 +427,28 @@ def _plan(ckpt: SafetensorsCheckpoint, c: BlockFFNConfig, qtype) -> tuple[list[_
         matrix(g["mlp.up_proj"], (E, 2 * F, H),
                lambda up=n["mlp.up_proj"], down=n["mlp.down_proj"]: expert_slabs(ckpt.get(up), ckpt.get(down), c))
     return plan, notes
+
+
+def _plan_mla(ckpt: SafetensorsCheckpoint, c: BlockFFNConfig, src: str, dst: str, matrix, f32) -> None:
+    """One layer's MLA tensors (docs/gguf-blockffn.md, "Multi-head latent attention"), in the table's order."""
+    NH, QL, KL, DN, DR, DV = (c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim,
+                              c.qk_rope_head_dim, c.head_dim)
+    n = {k: src + k for k in MLA_LAYER_NAMES}
+    g = {k: dst + v for k, v in MLA_LAYER_NAMES.items()}
+
+    def hf(name: str):
+        return lambda: ckpt.get(n[name])
+
+    kv_b = n["self_attn.kv_b_proj.weight"]
+    matrix(g["self_attn.q_a_proj.weight"], (QL, c.hidden_size), hf("self_attn.q_a_proj.weight"))
+    f32(g["self_attn.q_a_layernorm.weight"], (QL,), hf("self_attn.q_a_layernorm.weight"))
+    matrix(g["self_attn.q_b_proj.weight"], (NH * c.key_length, QL),
+           lambda: permute_rope_tail(ckpt.get(n["self_attn.q_b_proj.weight"]), NH, DR))
+    matrix(g["self_attn.kv_a_proj_with_mqa.weight"], (KL + DR, c.hidden_size),
+           lambda: permute_rope_tail(ckpt.get(n["self_attn.kv_a_proj_with_mqa.weight"]), 1, DR))
+    f32(g["self_attn.kv_a_layernorm.weight"], (KL,), hf("self_attn.kv_a_layernorm.weight"))
+    matrix(dst + "attn_k_b.weight", (NH, KL, DN), lambda: split_kv_b(ckpt.get(kv_b), c)[0])
+    matrix(dst + "attn_v_b.weight", (NH, DV, KL), lambda: split_kv_b(ckpt.get(kv_b), c)[1])
 
 
 def expert_slabs(up: np.ndarray, down: np.ndarray, c: BlockFFNConfig) -> np.ndarray:
@@ -388,6 +522,11 @@ def _metadata(w: gguf.GGUFWriter, c: BlockFFNConfig, name: str, qtype) -> None:
         "expert_count": c.num_experts,
         "expert_width": c.expert_size,
     }
+    if c.mla:  # docs/gguf-blockffn.md, "Multi-head latent attention"
+        u32 |= {"attention.head_count_kv": c.num_attention_heads, "rope.dimension_count": c.qk_rope_head_dim,
+                "attention.q_lora_rank": c.q_lora_rank, "attention.kv_lora_rank": c.kv_lora_rank,
+                "attention.key_length": c.key_length, "attention.value_length": c.head_dim}
+        w.add_string(p + "attention.type", "mla")
     f32 = {
         "attention.layer_norm_rms_epsilon": c.rms_norm_eps,
         "rope.freq_base": c.rope_theta,
@@ -397,6 +536,8 @@ def _metadata(w: gguf.GGUFWriter, c: BlockFFNConfig, name: str, qtype) -> None:
         "residual_scale": c.residual_scale,
         "logit_scale": c.logit_scale,
     }
+    if c.mla:
+        f32["attention.lora_norm_epsilon"] = LORA_NORM_EPS
     for k, v in u32.items():
         w.add_uint32(p + k, v)
     for k, v in f32.items():

@@ -4,7 +4,9 @@ A checkpoint folder holds config.json (the official MiniCPM/BlockFFN keys), mode
 names, written with the `safetensors` numpy API) and a SentencePiece tokenizer.model trained here on Python standard
 library source (cached under tests/.cache, so training happens once per machine).
 
-Shape legend: H = hidden, V = vocabulary, E = experts, F = expert width, NH/NKV = heads/kv heads, D = head dim.
+Shape legend: H = hidden, V = vocabulary, E = experts, F = expert width, NH/NKV = heads/kv heads, D = head dim;
+with attention_type "mla" (the released checkpoints' multi-head latent attention): QL/KL = q/kv lora ranks,
+DN/DR = per-head nope/rope dims, DV = H / NH.
 
 Routing: the embeddings share one direction m (half their energy), and router row e leans against it by lean_e
 (spread over [0, 2 * router_lean]), so ReLU switches an expert off for a fraction of tokens that grows with its
@@ -91,6 +93,11 @@ class FixtureConfig:
     vocab_size: int | None = None        # None: the tokenizer's size; larger: padded embedding rows
     router_lean: float = 0.2             # > 0: experts off for most tokens; < 0: every expert on
     seed: int = 0
+    attention_type: str = "vanilla"      # "vanilla" (MHA/GQA) | "mla" (num_key_value_heads then unused)
+    q_lora_rank: int = 32                # MLA only: QL
+    kv_lora_rank: int = 32               # MLA only: KL
+    qk_nope_head_dim: int = 16           # MLA only: DN
+    qk_rope_head_dim: int = 8            # MLA only: DR
 
 
 def canonical_weights(cfg: FixtureConfig, vocab_size: int) -> dict[str, np.ndarray]:
@@ -117,9 +124,12 @@ def canonical_weights(cfg: FixtureConfig, vocab_size: int) -> dict[str, np.ndarr
     for l in range(cfg.num_hidden_layers):
         p = f"model.layers.{l}."
         w[p + "input_layernorm.weight"] = norm(H)
-        w[p + "self_attn.q_proj.weight"] = mat(NH * D, H, H ** -0.5)
-        w[p + "self_attn.k_proj.weight"] = mat(NKV * D, H, H ** -0.5)
-        w[p + "self_attn.v_proj.weight"] = mat(NKV * D, H, H ** -0.5)
+        if cfg.attention_type == "mla":
+            w.update(mla_weights(cfg, p, mat, norm))
+        else:
+            w[p + "self_attn.q_proj.weight"] = mat(NH * D, H, H ** -0.5)
+            w[p + "self_attn.k_proj.weight"] = mat(NKV * D, H, H ** -0.5)
+            w[p + "self_attn.v_proj.weight"] = mat(NKV * D, H, H ** -0.5)
         w[p + "self_attn.o_proj.weight"] = mat(H, NH * D, (NH * D) ** -0.5)
         w[p + "post_attention_layernorm.weight"] = norm(H)
         w[p + "mlp.router_proj.weight"] = mat(E, H, H ** -0.5) - lean[:, None] * m_hat  # [E, H]
@@ -127,6 +137,20 @@ def canonical_weights(cfg: FixtureConfig, vocab_size: int) -> dict[str, np.ndarr
         w[p + "mlp.up_proj"] = rng.standard_normal((E, F, H)) * H ** -0.5                 # [E, F, H]
         w[p + "mlp.down_proj"] = rng.standard_normal((E, H, F)) * (E * F) ** -0.5         # [E, H, F]
     return w
+
+
+def mla_weights(cfg: FixtureConfig, p: str, mat, norm) -> dict[str, np.ndarray]:
+    """One layer's MLA projections in the official MLAAttention layout (every projection keeps unit-variance
+    activations: q and c come out of RMSNorms, k_pe out of the normed block input)."""
+    H, NH = cfg.hidden_size, cfg.num_attention_heads
+    QL, KL, DN, DR, DV = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, H // NH
+    a = "self_attn."
+    return {p + a + "q_a_proj.weight": mat(QL, H, H ** -0.5),                       # [QL, H]
+            p + a + "q_a_layernorm.weight": norm(QL),
+            p + a + "q_b_proj.weight": mat(NH * (DN + DR), QL, QL ** -0.5),        # [NH*(DN+DR), QL]
+            p + a + "kv_a_proj_with_mqa.weight": mat(KL + DR, H, H ** -0.5),       # [KL+DR, H]
+            p + a + "kv_a_layernorm.weight": norm(KL),
+            p + a + "kv_b_proj.weight": mat(NH * (DN + DV), KL, KL ** -0.5)}       # [NH*(DN+DV), KL]
 
 
 def hf_layout(w: dict[str, np.ndarray], cfg: FixtureConfig) -> dict[str, np.ndarray]:
@@ -158,7 +182,15 @@ def config_json(cfg: FixtureConfig, vocab_size: int) -> dict:
         "attention_type": "vanilla", "ffn_type": cfg.ffn_type, "ffn_gated": True, "router_act": "relu",
         "expert_size": cfg.expert_size, "num_experts": cfg.num_experts,
         "norm_after_router": cfg.norm_after_router, "norm_scale": cfg.norm_scale, "block_implementation": "torch",
-    }
+    } | (mla_config(cfg) if cfg.attention_type == "mla" else {})
+
+
+def mla_config(cfg: FixtureConfig) -> dict:
+    """The keys the official bmt -> HF converter (pretrain/convert_bmt_to_hf.py) writes for an MLA model."""
+    return {"attention_type": "mla", "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
+            "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+            "v_head_dim": cfg.hidden_size // cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_attention_heads}
 
 
 def write_checkpoint(folder: Path, cfg: FixtureConfig | None = None, *, drop: tuple[str, ...] = (),

@@ -1,7 +1,8 @@
 """A numpy float64 reference of BlockFFN: the oracle for the converter and the native runtime.
 
 Shape legend: T = tokens, H = hidden, V = vocabulary, L = layers, E = experts, F = expert width,
-NH/NKV = heads/kv heads, D = head dim.
+NH/NKV = heads/kv heads, D = head dim; multi-head latent attention: QL/KL = q/kv lora ranks, DN/DR = per-head
+nope/rope dims, DK = DN + DR, DV = H / NH.
 
 Two readings of the same model:
 - `BlockFFNRef.from_hf(folder)`: the Hugging Face checkpoint as the official MiniCPM-based modeling code
@@ -14,6 +15,17 @@ Two readings of the same model:
   `from_gguf(path, runtime_rounding=True)` rounds as the runtime does: the activations entering a quantized matmul to
   8-bit blocks (reference.llama.q8a: attention projections, the experts' up rows, the head; the experts' down rows
   take float coefficients) and q, k, v after RoPE to F16 (the KV cache), so that what is left is float32 arithmetic.
+
+Multi-head latent attention (config attention_type "mla", the released checkpoints; official MLAAttention): the HF
+reading computes it as the official code does (keys and values expanded per head, rotate_half RoPE over the DR rope
+dims); the GGUF reading as docs/gguf-blockffn.md defines it, in either of its two forms (`mla_absorbed`):
+  absorbed (default, the runtime's form): scores from q_lat = k_b q_nope against the cached latent c, and
+      o = v_b (sum_s p_s c_s); with runtime_rounding the cache (c, rotated k_pe) is rounded to F16 (the query stays
+      float32, as in the runtime: there is no llama.cpp result to match, and rounding it would double the error),
+      and q_nope / sum_s p_s c_s enter k_b / v_b through q8a where those are quantized;
+  expanded: k_nope = k_b^T c and v = v_b c per head, then ordinary attention; with runtime_rounding only the cache
+      (c, k_pe) is rounded to F16 and the q_a/q_b/kv_a/output inputs to q8a (it is an oracle for the absorbed form's
+      arithmetic only at float64).
 
 The block, per layer (x [T, H]):
     x = x + s_res * attn(rmsnorm(x))                       s_res = scale_depth / sqrt(L)
@@ -38,8 +50,14 @@ from .llama import ACT_Q8_TYPES, q8a
 # MiniCPMConfig defaults for keys a config.json may leave out.
 DEFAULTS = {"num_key_value_heads": None, "norm_after_router": "sum", "norm_scale": 1.0, "rms_norm_eps": 1e-6,
             "rope_theta": 10000.0, "tie_word_embeddings": True, "scale_emb": 1.0, "dim_model_base": 1.0,
-            "scale_depth": 1.0}
+            "scale_depth": 1.0, "attention_type": "vanilla", "qk_nope_head_dim": 64, "qk_rope_head_dim": 32,
+            "q_lora_rank": 768, "kv_lora_rank": 256}
 SUM_NORM_EPS = 1e-5
+LORA_NORM_EPS = 1e-6  # MLAAttention's q_a_layernorm / kv_a_layernorm: MiniCPMRMSNorm(n) with its default eps
+
+
+def f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float64)
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:  # x [..., N] over the last axis
@@ -74,6 +92,14 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.einsum("hts,shd->thd", a, v).reshape(T, NH * D)
 
 
+def softmax_causal(s: np.ndarray) -> np.ndarray:
+    """s [..., T, T] scores -> attention weights, token t seeing tokens 0..t."""
+    T = s.shape[-1]
+    s = s + np.triu(np.full((T, T), -np.inf), k=1)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    return a / a.sum(-1, keepdims=True)
+
+
 def rope_freqs(T: int, D: int, base: float) -> np.ndarray:
     """theta [T, D/2]: position t times base^(-2i/D)."""
     return np.arange(T, dtype=np.float64)[:, None] * base ** (-np.arange(0, D, 2, dtype=np.float64) / D)
@@ -103,6 +129,27 @@ class BlockFFNRef:
         sin = np.concatenate([np.sin(theta)] * 2, axis=-1)[:, None, :]
         rotated = np.concatenate([-x[..., D // 2:], x[..., :D // 2]], axis=-1)
         return x * cos + rotated * sin
+
+    def mla(self, x: np.ndarray, p: str) -> np.ndarray:
+        """x [T, H] (normed) -> attention output [T, H], as the official MLAAttention.forward computes it."""
+        c, W, T = self.config, self.weights, x.shape[0]
+        NH, KL = c["num_attention_heads"], c["kv_lora_rank"]
+        DN, DR, DV = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["hidden_size"] // NH   # v_head_dim = H / NH
+        a = p + "self_attn."
+        cq = rmsnorm(x @ W[a + "q_a_proj.weight"].T, W[a + "q_a_layernorm.weight"], LORA_NORM_EPS)    # [T, QL]
+        q = (cq @ W[a + "q_b_proj.weight"].T).reshape(T, NH, DN + DR)
+        q_nope, q_pe = q[..., :DN], q[..., DN:]
+        compressed = x @ W[a + "kv_a_proj_with_mqa.weight"].T                                       # [T, KL + DR]
+        latent, k_pe = compressed[:, :KL], compressed[:, KL:].reshape(T, 1, DR)
+        kv = (rmsnorm(latent, W[a + "kv_a_layernorm.weight"], LORA_NORM_EPS) @ W[a + "kv_b_proj.weight"].T)
+        kv = kv.reshape(T, NH, DN + DV)
+        k_nope, v = kv[..., :DN], kv[..., DN:]
+        q_pe, k_pe = self.rope(q_pe), self.rope(k_pe)                                               # over DR dims
+        query = np.concatenate([q_nope, q_pe], axis=-1)                                             # [T, NH, DK]
+        key = np.concatenate([k_nope, np.broadcast_to(k_pe, (T, NH, DR))], axis=-1)
+        p_att = softmax_causal(np.einsum("thd,shd->hts", query, key) * (DN + DR) ** -0.5)         # [NH, T, T]
+        o = np.einsum("hts,shd->thd", p_att, v).reshape(T, NH * DV)
+        return o @ W[a + "o_proj.weight"].T
 
     def ffn(self, x: np.ndarray, p: str) -> tuple[np.ndarray, np.ndarray]:
         """x [T, H] (normed) -> (y [T, H], router scores r [T, E]); computed over all experts, as BlockMLP does."""
@@ -134,10 +181,13 @@ class BlockFFNRef:
         for l in range(L):
             p = f"model.layers.{l}."
             xn = rmsnorm(x, W[p + "input_layernorm.weight"], eps)
-            q = self.rope((xn @ W[p + "self_attn.q_proj.weight"].T).reshape(T, NH, D))   # [T, NH, D]
-            k = self.rope((xn @ W[p + "self_attn.k_proj.weight"].T).reshape(T, NKV, D))  # [T, NKV, D]
-            v = (xn @ W[p + "self_attn.v_proj.weight"].T).reshape(T, NKV, D)
-            x = x + s_res * (causal_attention(q, k, v) @ W[p + "self_attn.o_proj.weight"].T)
+            if c["attention_type"] == "mla":
+                x = x + s_res * self.mla(xn, p)
+            else:
+                q = self.rope((xn @ W[p + "self_attn.q_proj.weight"].T).reshape(T, NH, D))   # [T, NH, D]
+                k = self.rope((xn @ W[p + "self_attn.k_proj.weight"].T).reshape(T, NKV, D))  # [T, NKV, D]
+                v = (xn @ W[p + "self_attn.v_proj.weight"].T).reshape(T, NKV, D)
+                x = x + s_res * (causal_attention(q, k, v) @ W[p + "self_attn.o_proj.weight"].T)
             y, r = self.ffn(rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps), p)
             x = x + s_res * y
             routers.append(r)
@@ -152,9 +202,10 @@ class BlockFFNGGUFRef:
     weights: dict[str, np.ndarray]  # GGUF name -> float64, numpy order (GGUF ne reversed)
     q8_inputs: frozenset[str] = frozenset()  # weights whose matmul input q8a rounds (runtime_rounding=True)
     kv_f16: bool = False                     # q, k, v rounded to F16 after RoPE (runtime_rounding=True)
+    mla_absorbed: bool = True                # MLA files: the absorbed form (else the expanded one)
 
     @classmethod
-    def from_gguf(cls, path: str | Path, runtime_rounding: bool = False) -> BlockFFNGGUFRef:
+    def from_gguf(cls, path: str | Path, runtime_rounding: bool = False, mla_absorbed: bool = True) -> BlockFFNGGUFRef:
         from gguf import GGUFReader
         from gguf.quants import dequantize
 
@@ -165,7 +216,7 @@ class BlockFFNGGUFRef:
             shape = [int(d) for d in reversed(t.shape)]
             w[t.name] = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float64)
         return cls(meta, w, frozenset(t.name for t in r.tensors if runtime_rounding and t.tensor_type in ACT_Q8_TYPES),
-                   runtime_rounding)
+                   runtime_rounding, mla_absorbed)
 
     def q8(self, x: np.ndarray, name: str) -> np.ndarray:
         """x as the matmul with weight `name` sees it."""
@@ -181,6 +232,46 @@ class BlockFFNGGUFRef:
         out[..., 0::2] = x0 * cos - x1 * sin
         out[..., 1::2] = x0 * sin + x1 * cos
         return out
+
+    def gqa(self, xn: np.ndarray, p: str) -> np.ndarray:
+        """xn [T, H] (normed) -> attention output [T, H] (after attn_output): multi-head / grouped-query."""
+        m, W, T = self.meta, self.weights, xn.shape[0]
+        NH, NKV = m["attention.head_count"], m["attention.head_count_kv"]
+        D = m["embedding_length"] // NH
+        q = self.rope((self.q8(xn, p + "attn_q.weight") @ W[p + "attn_q.weight"].T).reshape(T, NH, D))
+        k = self.rope((self.q8(xn, p + "attn_k.weight") @ W[p + "attn_k.weight"].T).reshape(T, NKV, D))
+        v = (self.q8(xn, p + "attn_v.weight") @ W[p + "attn_v.weight"].T).reshape(T, NKV, D)
+        if self.kv_f16:
+            q, k, v = f16(q), f16(k), f16(v)
+        return self.q8(causal_attention(q, k, v), p + "attn_output.weight") @ W[p + "attn_output.weight"].T
+
+    def mla(self, xn: np.ndarray, p: str) -> np.ndarray:
+        """xn [T, H] (normed) -> attention output [T, H]: multi-head latent attention, docs/gguf-blockffn.md."""
+        m, W, T = self.meta, self.weights, xn.shape[0]
+        NH, KL, DK = m["attention.head_count"], m["attention.kv_lora_rank"], m["attention.key_length"]
+        DR, DV, eps = m["rope.dimension_count"], m["attention.value_length"], m["attention.lora_norm_epsilon"]
+        DN = DK - DR
+        cq = rmsnorm(self.q8(xn, p + "attn_q_a.weight") @ W[p + "attn_q_a.weight"].T, W[p + "attn_q_a_norm.weight"],
+                     eps)                                                                        # [T, QL]
+        q = (self.q8(cq, p + "attn_q_b.weight") @ W[p + "attn_q_b.weight"].T).reshape(T, NH, DK)
+        q_nope, q_pe = q[..., :DN], self.rope(q[..., DN:])                                       # [T, NH, DN|DR]
+        kv = self.q8(xn, p + "attn_kv_a_mqa.weight") @ W[p + "attn_kv_a_mqa.weight"].T            # [T, KL + DR]
+        c = rmsnorm(kv[:, :KL], W[p + "attn_kv_a_norm.weight"], eps)                              # [T, KL]
+        k_pe = self.rope(kv[:, None, KL:])[:, 0]                                                  # [T, DR]
+        if self.kv_f16:                                                                           # the F16 cache
+            c, k_pe = f16(c), f16(k_pe)
+        k_b, v_b = W[p + "attn_k_b.weight"], W[p + "attn_v_b.weight"]                            # [NH,KL,DN] [NH,DV,KL]
+        if self.mla_absorbed:
+            q_lat = np.einsum("hld,thd->thl", k_b, self.q8(q_nope, p + "attn_k_b.weight"))        # [T, NH, KL]
+            s = np.einsum("thl,sl->hts", q_lat, c) + np.einsum("thr,sr->hts", q_pe, k_pe)         # [NH, T, T]
+            o_lat = np.einsum("hts,sl->thl", softmax_causal(s / math.sqrt(DK)), c)                # [T, NH, KL]
+            o = np.einsum("hvl,thl->thv", v_b, self.q8(o_lat, p + "attn_v_b.weight"))             # [T, NH, DV]
+        else:
+            k_nope = np.einsum("hld,sl->shd", k_b, c)                                             # [T, NH, DN]
+            v = np.einsum("hvl,sl->shv", v_b, c)                                                  # [T, NH, DV]
+            s = np.einsum("thd,shd->hts", q_nope, k_nope) + np.einsum("thr,sr->hts", q_pe, k_pe)
+            o = np.einsum("hts,shv->thv", softmax_causal(s / math.sqrt(DK)), v)
+        return self.q8(o.reshape(T, NH * DV), p + "attn_output.weight") @ W[p + "attn_output.weight"].T
 
     def ffn(self, x: np.ndarray, p: str) -> tuple[np.ndarray, np.ndarray]:
         """x [T, H] -> (y [T, H], r [T, E]), visiting only the experts each token uses."""
@@ -199,21 +290,14 @@ class BlockFFNGGUFRef:
 
     def forward(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Logits [T, V] and router scores [L, T, E] for a prompt evaluated from position 0 (causal)."""
-        m, W, T = self.meta, self.weights, len(tokens)
-        NH, NKV, eps = m["attention.head_count"], m["attention.head_count_kv"], m["attention.layer_norm_rms_epsilon"]
-        D = m["embedding_length"] // NH
+        m, W = self.meta, self.weights
+        eps = m["attention.layer_norm_rms_epsilon"]
+        attention = self.mla if m.get("attention.type", "gqa") == "mla" else self.gqa
         x = W["token_embd.weight"][tokens] * m["embedding_scale"]
         routers = []
         for l in range(m["block_count"]):
             p = f"blk.{l}."
-            xn = rmsnorm(x, W[p + "attn_norm.weight"], eps)
-            q = self.rope((self.q8(xn, p + "attn_q.weight") @ W[p + "attn_q.weight"].T).reshape(T, NH, D))
-            k = self.rope((self.q8(xn, p + "attn_k.weight") @ W[p + "attn_k.weight"].T).reshape(T, NKV, D))
-            v = (self.q8(xn, p + "attn_v.weight") @ W[p + "attn_v.weight"].T).reshape(T, NKV, D)
-            if self.kv_f16:
-                q, k, v = (a.astype(np.float16).astype(np.float64) for a in (q, k, v))
-            att = self.q8(causal_attention(q, k, v), p + "attn_output.weight")
-            x = x + m["residual_scale"] * (att @ W[p + "attn_output.weight"].T)
+            x = x + m["residual_scale"] * attention(rmsnorm(x, W[p + "attn_norm.weight"], eps), p)
             y, r = self.ffn(rmsnorm(x, W[p + "ffn_norm.weight"], eps), p)
             x = x + m["residual_scale"] * y
             routers.append(r)

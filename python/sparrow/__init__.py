@@ -20,6 +20,7 @@ In the repository these live at the top level (runtime/, converters/, ...); pypr
 """
 from __future__ import annotations
 
+from .converters.store import BLOCKFFN as _BLOCKFFN
 from .runtime import (
     Model,
     ModelInfo,
@@ -34,6 +35,11 @@ from .runtime import (
 from .runtime.backends import Backend, BackendError, Chat, ContextFullError, GenerationStats, stream_text
 from .runtime.launch import RunSettings, load
 from .runtime.store import Store, StoreError
+from .runtime.store.checkpoint import register_converter as _register_converter
+
+# `sparrow models pull hf:owner/repo` converts a checkpoint with the BlockFFN converter: the runtime may not import
+# the converters (docs/architecture.md), so the package that holds both connects them.
+_register_converter(_BLOCKFFN)
 
 __all__ = ["Backend", "BackendError", "Chat", "ContextFullError", "GenerationStats", "Model", "ModelInfo",
            "RunSettings", "Sampler", "SamplerParams", "Session", "SparrowError", "Store", "StoreError", "complete",

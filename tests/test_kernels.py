@@ -304,6 +304,29 @@ def test_attention_row_kernels_equal_slot_by_slot(tier, D, ld, n):
 
 
 @pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 16, 33, 300])
+def test_softmax_exp_kernel(tier, n):
+    """exp_sum: exp(x - max) within 4 float32 ulp of float64 (the SIMD polynomials; ref is expf), exactly 0 for -inf
+    (masked slots) and for arguments far below the maximum, and the sum of what it wrote."""
+    r = rng(n + 1)
+    x = (r.standard_normal(n) * 30).astype(np.float32)
+    x[::5] = -np.inf
+    if n > 3:
+        x[3] = x.max() - 200  # underflows: e^-200 is 0 in float32
+    mx = float(np.max(x[np.isfinite(x)])) if np.isfinite(x).any() else 0.0
+    y, total = testing.exp_sum(tier, x, mx)
+    y = np.array(y, np.float32)
+    want = np.exp((x - np.float32(mx)).astype(np.float64))  # of the float32 argument, as every tier rounds it
+    assert np.all(y[x == -np.inf] == 0) and (n <= 3 or y[3] < 1e-37)
+    tiny = want < 1e-30  # the AVX2 clamp at -87: ~1e-38 where float32 itself would give a denormal or 0
+    np.testing.assert_allclose(y[~tiny], want[~tiny], rtol=4 * 2.0 ** -23, atol=0)
+    seq = np.float32(0)
+    for v in y:  # added in index order, bit for bit (kernels.h: trees and plain decoding agree)
+        seq = np.float32(seq + v)
+    assert np.float32(total) == seq
+
+
+@pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("n", [1, 7, 16, 31, 64, 100])
 def test_f16_vector_kernels(tier, n):
     """f32 -> f16 rows are bit-exact with numpy (nearest even); dot and axpy with F16 operands equal float64 sums of

@@ -663,6 +663,9 @@ NB_MODULE(_sparrow, m) {
             check(sp_testing_last_router_scores(s, n_tokens, out));
         });
     }, "session"_a, "n_tokens"_a);
+    // n_past = n with every layer's first n cache slots pseudo-random (long-context benchmarks without a prefill).
+    t.def("fill_cache", [](Session &self, int32_t n, uint64_t seed) { check(sp_testing_fill_cache(SessionUse(self), n, seed)); },
+          "session"_a, "n"_a, "seed"_a = 0);
     t.def("quantize_q8a", [](const std::string &tier, F32Vec x) {
         const int64_t k = (int64_t)x.shape(0);
         std::string out(sp_testing_q8a_size(k), '\0');
@@ -721,6 +724,13 @@ NB_MODULE(_sparrow, m) {
         check(sp_testing_attn_sum_f16(tier.c_str(), out.data(), (int64_t)out.size(), p.data(), rows.data(),
                                       (int64_t)rows.shape(1), (int64_t)rows.shape(0)));
         return out;
+    });
+    // (exp(x - mx) elementwise, their sum) by the tier's softmax kernel.
+    t.def("exp_sum", [](const std::string &tier, F32Vec x, float mx) {
+        std::vector<float> y(x.data(), x.data() + x.shape(0));
+        float sum = 0;
+        check(sp_testing_exp_sum(tier.c_str(), y.data(), (int64_t)y.size(), mx, &sum));
+        return std::make_pair(y, sum);
     });
     t.def("f32_to_f16", [](const std::string &tier, F32Vec x) {
         std::vector<uint16_t> y(x.shape(0));

@@ -102,11 +102,7 @@ static void attention(const fwd_ctx *c, int il, int ith, int nth) {
         float mx = -INFINITY;
         for (int64_t j = 0; j < P + T; j++) mx = scores[j] > mx ? scores[j] : mx;
         /* softmax, then out = sum_j p_j v_j */
-        float sum = 0;
-        for (int64_t j = 0; j < P + T; j++) {
-            scores[j] = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - mx);
-            sum += scores[j];
-        }
+        const float sum = c->k->exp_sum(scores, P + T, mx);
         const float inv = sum > 0 ? 1.0f / sum : 0.0f;
         for (int64_t j = 0; j < P + T; j++) scores[j] *= inv;
         memset(out, 0, (size_t)D * sizeof *out);
@@ -178,44 +174,55 @@ static void matmul_heads(const fwd_ctx *c, float *y, int64_t ldy, int64_t y_head
     }
 }
 
-/* Absorbed latent attention for this thread's (token, head) pairs: with the query q_lat = [W_UK^T q_nope; q_pe] and
- * cache rows [c; k_pe] (KR = KL + DR values), score = q_lat . row / sqrt(DK) over the cached slots and the batch slots
- * the mask shows; o_lat = sum_j p_j c_j (the first KL values of each row), into olat[h, t]. */
+/* Absorbed latent attention, token by token: with the query [q_lat; q_pe] (W_UK^T q_nope, KL values; the rotated
+ * rope query, DR) of each head and the cache rows c (KL, k_cache) and k_pe (DR, v_cache), score = (q_lat . c + q_pe .
+ * k_pe) / sqrt(DK) over the cached slots and the batch slots the mask shows; o_lat = sum_j p_j c_j into olat[h, t].
+ * Every head reads the same rows, so each phase is one F16 matmul or accumulation over all heads (kernels.h): a
+ * cache row is converted once for the tile of heads it serves, not once per head. Threads split the rows for the
+ * scores, the heads for the softmax and the weighted sum. */
 static void attention_mla(const fwd_ctx *c, int il, int ith, int nth) {
     const sp_session *ses = c->ses;
     const sp_hparams *hp = &ses->model->hp;
     const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, NH = hp->n_head;
-    const int64_t KL = hp->kv_lora, KR = hp->kv_k_dim;
-    const float scale = 1.0f / sqrtf((float)(hp->qk_nope + hp->n_rot));
-    const sp_f16 *kc = ses->k_cache + (int64_t)il * C * KR; /* [C, KR] */
-    float *scores = ses->s.scores + (int64_t)ith * (C + ses->params.n_batch);
-    int64_t w0, w1;
-    sp_split(T * NH, ith, nth, &w0, &w1);
-    for (int64_t w = w0; w < w1; w++) {
-        const int64_t t = w / NH, h = w % NH;
-        const float *q = ses->s.qlat + w * KR; /* w = t * NH + h */
-        c->k->attn_scores_f16(q, kc, KR, P, KR, scale, scores);
-        for (int64_t j = P; j < P + T; j++) {
-            const bool visible = c->b->mask ? c->b->mask[t * T + (j - P)] != 0 : j - P <= t;
-            scores[j] = visible ? c->k->dot_f16(q, kc + j * KR, KR) * scale : -INFINITY;
+    const int64_t KL = hp->kv_lora, DR = hp->n_rot, S = C + ses->params.n_batch;
+    const float scale = 1.0f / sqrtf((float)(hp->qk_nope + DR));
+    const sp_f16 *lat = ses->k_cache + (int64_t)il * C * KL; /* [C, KL] */
+    const sp_f16 *kpe = ses->v_cache + (int64_t)il * C * DR; /* [C, DR] */
+    float *sc = ses->s.scores, *spe = ses->s.scores + NH * S; /* [NH, S] each: one token's scores, rope parts */
+    int64_t h0, h1, j0, j1;
+    sp_split(NH, ith, nth, &h0, &h1);
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t n = P + t + 1; /* slots a causal token sees; a mask may show fewer, never more */
+        const int64_t nv = c->b->mask ? P + T : n;
+        sp_split(nv, ith, nth, &j0, &j1);
+        if (j0 < j1) {
+            c->k->matmul[SP_TYPE_F16](sc, S, lat, ses->s.qlat + t * NH * KL, KL, j0, j1, NH);
+            c->k->matmul[SP_TYPE_F16](spe, S, kpe, ses->s.qpe + t * NH * DR, DR, j0, j1, NH);
         }
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < P + T; j++) mx = scores[j] > mx ? scores[j] : mx;
-        float sum = 0;
-        for (int64_t j = 0; j < P + T; j++) {
-            scores[j] = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - mx);
-            sum += scores[j];
+        sp_pool_barrier(ses->pool);
+        for (int64_t h = h0; h < h1; h++) {
+            float *row = sc + h * S;
+            const float *pe = spe + h * S;
+            float mx = -INFINITY;
+            for (int64_t j = 0; j < nv; j++) {
+                const bool visible = j < P || (c->b->mask ? c->b->mask[t * T + (j - P)] != 0 : j - P <= t);
+                row[j] = visible ? (row[j] + pe[j]) * scale : -INFINITY;
+                mx = row[j] > mx ? row[j] : mx;
+            }
+            const float sum = c->k->exp_sum(row, nv, mx);
+            const float inv = sum > 0 ? 1.0f / sum : 0.0f;
+            for (int64_t j = 0; j < nv; j++) row[j] *= inv;
+            memset(ses->s.olat + (h * T + t) * KL, 0, (size_t)KL * sizeof(float));
         }
-        const float inv = sum > 0 ? 1.0f / sum : 0.0f;
-        for (int64_t j = 0; j < P + T; j++) scores[j] *= inv;
-        float *out = ses->s.olat + (h * T + t) * KL;
-        memset(out, 0, (size_t)KL * sizeof *out);
-        c->k->attn_sum_f16(out, scores, kc, KR, P + T, KL);
+        if (h0 < h1) /* olat[h, t] += sum_j p[h, j] c_j for this thread's heads */
+            c->k->accum[SP_TYPE_F16](ses->s.olat + (h0 * T + t) * KL, T * KL, NULL, sc + h0 * S, S, lat, nv, KL,
+                                     h1 - h0);
+        sp_pool_barrier(ses->pool); /* the next token's scores overwrite sc */
     }
 }
 
 /* Multi-head latent attention block of layer il (docs/gguf-blockffn.md, absorbed form): xn (and xq) -> attn
- * [T, NH*DV]; the batch's latent rows [c; k_pe] in the cache. QL, KL = latent ranks, DN, DR = nope and rope dims,
+ * [T, NH*DV]; the batch's latent rows c and rope keys k_pe in the cache. QL, KL = latent ranks, DN, DR = nope and rope dims,
  * DK = DN + DR, KR = KL + DR. Ends with all threads past a barrier. */
 static void attention_mla_block(const fwd_ctx *c, const sp_layer *l, int il, int ith, int nth) {
     sp_session *ses = c->ses;
@@ -225,7 +232,8 @@ static void attention_mla_block(const fwd_ctx *c, const sp_layer *l, int il, int
     const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, NH = hp->n_head;
     const int64_t QL = hp->q_lora, KL = hp->kv_lora, DN = hp->qk_nope, DR = hp->n_rot, DK = DN + DR, KR = KL + DR;
     const int64_t DV = hp->v_dim;
-    sp_f16 *slots = ses->k_cache + ((int64_t)il * C + P) * KR; /* [T, KR] this batch's cache rows */
+    sp_f16 *lat_slots = ses->k_cache + ((int64_t)il * C + P) * KL; /* [T, KL] this batch's latent rows */
+    sp_f16 *pe_slots = ses->v_cache + ((int64_t)il * C + P) * DR;  /* [T, DR] and rope keys */
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
 
@@ -233,12 +241,13 @@ static void attention_mla_block(const fwd_ctx *c, const sp_layer *l, int il, int
     sp_fwd_matmul_rows(c, s->cq, QL, &l->wq_a, s->xn, T, ith, nth);
     sp_fwd_matmul_rows(c, s->k, KR, &l->wkv_a, s->xn, T, ith, nth);
     sp_pool_barrier(pool);
-    /* normalise both latents, rotate the shared rope key, and cache [c; k_pe] at F16 */
+    /* normalise both latents, rotate the shared rope key, and cache c and k_pe at F16 */
     rope_rows(c, s->k, KR, T, 1, 0, KL, ith, nth);
     for (int64_t t = t0; t < t1; t++) {
         rmsnorm_inplace(s->cq + t * QL, l->q_a_norm, QL, hp->lora_eps);
         rmsnorm_inplace(s->k + t * KR, l->kv_a_norm, KL, hp->lora_eps);
-        c->k->f32_to_f16(slots + t * KR, s->k + t * KR, KR);
+        c->k->f32_to_f16(lat_slots + t * KL, s->k + t * KR, KL);
+        c->k->f32_to_f16(pe_slots + t * DR, s->k + t * KR + KL, DR);
     }
     sp_pool_barrier(pool); /* xq (holding xn) is free again: cq's quantized rows go there */
     quant_rows_for(c, &l->wq_b, s->cq, T, QL, ith, nth);
@@ -251,14 +260,13 @@ static void attention_mla_block(const fwd_ctx *c, const sp_layer *l, int il, int
         for (int64_t h = 0; h < NH; h++) {
             const float *qh = s->q + t * NH * DK + h * DK;
             memcpy(s->qnope + (h * T + t) * DN, qh, (size_t)DN * sizeof *qh);
-            float *pe = s->qlat + (t * NH + h) * KR + KL;
-            memcpy(pe, qh + DN, (size_t)DR * sizeof *pe);
+            memcpy(s->qpe + (t * NH + h) * DR, qh + DN, (size_t)DR * sizeof *qh);
         }
     sp_pool_barrier(pool);
     quant_rows_for(c, &l->wk_b, s->qnope, NH * T, DN, ith, nth);
     sp_pool_barrier(pool);
     /* absorb W_UK: q_lat[t, h, :KL] = k_b[h] q_nope[h, t] */
-    matmul_heads(c, s->qlat, NH * KR, KR, &l->wk_b, KL, s->qnope, T, ith, nth);
+    matmul_heads(c, s->qlat, NH * KL, KL, &l->wk_b, KL, s->qnope, T, ith, nth);
     sp_pool_barrier(pool);
     attention_mla(c, il, ith, nth);
     sp_pool_barrier(pool);

@@ -174,8 +174,8 @@ static sp_status load_mla_hparams(const sp_gguf *g, sp_hparams *hp) {
     if ((s = get_f32_finite(g, "attention.lora_norm_epsilon", NAN, &hp->lora_eps)) != SP_OK) return s;
     if (!(hp->lora_eps > 0 && hp->lora_eps < 1))
         return sp_fail(SP_ERR_BAD_FORMAT, "blockffn.attention.lora_norm_epsilon %g is not in (0, 1)", hp->lora_eps);
-    hp->kv_k_dim = hp->kv_lora + hp->n_rot;
-    hp->kv_v_dim = 0;
+    hp->kv_k_dim = hp->kv_lora; /* the latent c */
+    hp->kv_v_dim = hp->n_rot;   /* the rotated rope key (not a value: the values are the latent) */
     return SP_OK;
 }
 

@@ -68,8 +68,8 @@ typedef struct sp_hparams {
     /* MLA only: q_lora QL, kv_lora KL, nope DN, v DV (DR = n_rot); the latent norms' epsilon */
     int32_t q_lora, kv_lora, qk_nope, v_dim;
     float lora_eps;
-    /* per token and layer in the KV cache, F16 values: keys (GQA: NKV*D; MLA: the latent and the rope key, KL + DR)
-     * and values (GQA: NKV*D; MLA: 0, the values are the latent) */
+    /* per token and layer in the KV cache, F16 values: k_cache rows (GQA: keys, NKV*D; MLA: the latent c, KL) and
+     * v_cache rows (GQA: values, NKV*D; MLA: the rotated rope key, DR) */
     int32_t kv_k_dim, kv_v_dim;
     float embed_scale, residual_scale, logit_scale; /* MiniCPM scaling; 1 for llama */
     /* blockffn only */
@@ -114,7 +114,8 @@ typedef struct sp_scratch {
     /* MLA only (forward.c attention_mla) */
     float *cq;       /* [B, QL] query latent */
     float *qnope;    /* [NH, B, DN] each head's nope query, contiguous per head (a matmul input) */
-    float *qlat;     /* [B, NH, KL + DR] absorbed query: W_UK^T q_nope, then the rotated rope query */
+    float *qlat;     /* [B, NH, KL] absorbed query W_UK^T q_nope */
+    float *qpe;      /* [B, NH, DR] rotated rope query */
     float *olat;     /* [NH, B, KL] each head's attention-weighted sum of latents */
     /* blockffn only (ffn_blockffn.c); E = experts, FE = expert width, NT = n_threads */
     float *router;           /* [B, E] router scores after ReLU and norm */
@@ -155,8 +156,8 @@ struct sp_session {
     const sp_model *model;
     sp_session_params params;
     int32_t n_past;
-    sp_f16 *k_cache; /* [L, C, kv_k_dim] keys after RoPE (MLA: latent, then the rotated rope key), F16 */
-    sp_f16 *v_cache; /* [L, C, kv_v_dim] values, F16 (MLA: none) */
+    sp_f16 *k_cache; /* [L, C, kv_k_dim] keys after RoPE (MLA: the latent c), F16 */
+    sp_f16 *v_cache; /* [L, C, kv_v_dim] values (MLA: the rotated rope key k_pe), F16 */
     sp_scratch s;
     sp_sparsity_acc sparsity;
     sp_synth_routing synth;

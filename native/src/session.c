@@ -1,7 +1,7 @@
 /* session.c: a conversation's state (KV cache, scratch, threads) and the public eval / rollback calls.
  *
  * Shape legend: L = layers, C = n_ctx (cache slots), KVD = kv heads x head_dim, B = n_batch; the KV cache holds
- * kv_k_dim keys and kv_v_dim values per token and layer (model.h: GQA NKV*D each; MLA one latent row, no values). */
+ * kv_k_dim keys and kv_v_dim values per token and layer (model.h: GQA NKV*D each; MLA the latent and the rope key). */
 #include "model.h"
 
 #include <math.h>
@@ -36,6 +36,7 @@ void sp_session_free(sp_session *ses) {
     free(s->cq);
     free(s->qnope);
     free(s->qlat);
+    free(s->qpe);
     free(s->olat);
     free(s->router);
     free(s->tasks);
@@ -107,7 +108,8 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
     if (mla) {
         s->cq = take(z, B * QL);
         s->qnope = take(z, NH * B * DN);
-        s->qlat = take(z, B * NH * (KL + DR));
+        s->qlat = take(z, B * NH * KL);
+        s->qpe = take(z, B * NH * DR);
         s->olat = take(z, NH * B * KL);
     }
     s->tmp = take(z, B * H);
@@ -115,7 +117,8 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
     s->up = take(z, B * F);
     /* q8a rows: K/32 blocks of 40 bytes = 1.25 floats per element */
     s->xq = take(z, B * (K_MAX / SP_QK + 1) * (sizeof(sp_block_q8a) / sizeof(float)));
-    s->scores = take(z, (uint64_t)p->n_threads * (C + B));
+    /* per thread a row of C + B scores (GQA); MLA: one token's [NH, C + B] scores and rope parts, shared */
+    s->scores = take(z, SP_MAX((uint64_t)p->n_threads, mla ? 2 * NH : 0) * (C + B));
     s->rope_cs = take(z, B * (uint64_t)hp->n_rot);
     if (hp->n_expert > 0) {
         const uint64_t E = (uint64_t)hp->n_expert, FE = (uint64_t)hp->expert_width, NT = (uint64_t)p->n_threads;

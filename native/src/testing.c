@@ -301,6 +301,13 @@ sp_status sp_testing_f32_to_f16(const char *tier, uint16_t *y, const float *x, i
     return st;
 }
 
+sp_status sp_testing_exp_sum(const char *tier, float *x, int64_t n, float mx, float *sum) {
+    const sp_kernels *kt = NULL;
+    sp_status st = tier_of(tier, &kt);
+    if (st == SP_OK) *sum = kt->exp_sum(x, n, mx);
+    return st;
+}
+
 /* ---- one BlockFFN layer's FFN block alone ---- */
 
 int32_t sp_testing_n_expert(const sp_session *ses) { return ses->model->hp.n_expert; }
@@ -373,6 +380,24 @@ sp_status sp_testing_last_router_scores(const sp_session *ses, int32_t n_tokens,
     if (n_tokens < 1 || n_tokens > ses->params.n_batch)
         return sp_fail(SP_ERR_INVALID_ARG, "n_tokens must be 1..n_batch");
     memcpy(out, ses->s.router, (size_t)n_tokens * (size_t)ses->model->hp.n_expert * sizeof *out);
+    return SP_OK;
+}
+
+sp_status sp_testing_fill_cache(sp_session *ses, int32_t n, uint64_t seed) {
+    if (n < 0 || n > ses->params.n_ctx) return sp_fail(SP_ERR_INVALID_ARG, "n must be 0..n_ctx (%d)", ses->params.n_ctx);
+    const sp_hparams *hp = &ses->model->hp;
+    const int64_t C = ses->params.n_ctx;
+    uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (int64_t il = 0; il < hp->n_layer; il++)
+        for (int pass = 0; pass < 2; pass++) {
+            const int64_t width = pass ? hp->kv_v_dim : hp->kv_k_dim;
+            sp_f16 *base = (pass ? ses->v_cache : ses->k_cache) + il * C * width;
+            for (int64_t i = 0; i < (int64_t)n * width; i++) {
+                x ^= x << 13, x ^= x >> 7, x ^= x << 17; /* xorshift64 */
+                base[i] = sp_f32_to_f16((float)(x >> 40) / (float)(1 << 24) - 0.5f);
+            }
+        }
+    ses->n_past = n;
     return SP_OK;
 }
 

@@ -71,6 +71,8 @@ sp_status sp_testing_attn_sum_f16(const char *tier, float *out, int64_t D, const
                                   int64_t ld, int64_t n);
 /* y[n] = x[n] rounded to F16 */
 sp_status sp_testing_f32_to_f16(const char *tier, uint16_t *y, const float *x, int64_t n);
+/* x[j] = exp(x[j] - mx) in place with the tier's softmax kernel; *sum their sum. */
+sp_status sp_testing_exp_sum(const char *tier, float *x, int64_t n, float mx, float *sum);
 
 /* ---- one BlockFFN layer's FFN block alone (ffn_blockffn.c: sp_ffn_blockffn_run) ---- */
 
@@ -113,6 +115,11 @@ sp_status sp_testing_synthetic_scores(const sp_session *ses, int32_t il, const i
                                       float *out);
 /* out[n_tokens, E] = the router scores the last BlockFFN layer used in the most recent pass (session scratch). */
 sp_status sp_testing_last_router_scores(const sp_session *ses, int32_t n_tokens, float *out);
+
+/* Benchmarks of long contexts without a prefill: n_past = n, and the first n slots of every layer's KV cache filled
+ * with deterministic pseudo-random F16 values in [-0.5, 0.5) (attention then spreads over all of them). n must be in
+ * 0..n_ctx. The cache holds no real tokens afterwards: only the time of later passes means anything. */
+sp_status sp_testing_fill_cache(sp_session *ses, int32_t n, uint64_t seed);
 
 /* ---- sampler (sampler.c: sp_sampler_probs) ---- */
 

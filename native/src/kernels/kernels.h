@@ -111,6 +111,12 @@ typedef struct sp_kernels {
                             float *out);
     void (*attn_sum_f16)(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D);
     void (*f32_to_f16)(sp_f16 *y, const float *x, int64_t n);
+    /* The softmax's exponentials: x[j] = exp(x[j] - mx) for j < n (exactly 0 where x[j] is -inf: masked slots), and
+     * their sum, added in index order in every tier: masked slots add exact zeros wherever they sit, so a token's
+     * attention is bit-identical whether it is verified in a draft tree or decoded alone (greedy speculative decoding
+     * equals plain greedy decoding). mx >= every x[j] (the row's maximum). The SIMD tiers' exponentials are a
+     * polynomial within 4 ulp of exp. */
+    float (*exp_sum)(float *x, int64_t n, float mx);
 } sp_kernels;
 
 /* The kernel table for this CPU (chosen once, thread-safe). */

@@ -53,3 +53,12 @@ SP_ATTN_SLOT_BY_SLOT(ref)
 void sp_f32_to_f16_ref(sp_f16 *y, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = sp_f32_to_f16(x[i]);
 }
+
+float sp_exp_sum_ref(float *x, int64_t n, float mx) {
+    float sum = 0;
+    for (int64_t i = 0; i < n; i++) {
+        x[i] = x[i] == -INFINITY ? 0.0f : expf(x[i] - mx);
+        sum += x[i];
+    }
+    return sum;
+}

@@ -41,7 +41,8 @@
     void sp_attn_scores_f16_##tier(const float *q, const sp_f16 *k, int64_t ld, int64_t n, int64_t D, float scale, \
                                    float *out);                                                                  \
     void sp_attn_sum_f16_##tier(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D);    \
-    void sp_f32_to_f16_##tier(sp_f16 *y, const float *x, int64_t n);
+    void sp_f32_to_f16_##tier(sp_f16 *y, const float *x, int64_t n);                                            \
+    float sp_exp_sum_##tier(float *x, int64_t n, float mx);
 
 /* attn_scores_f16 / attn_sum_f16 (kernels.h) as loops over a tier's own slot kernels dot_f16 / axpy_f16, for tiers
  * without a multi-row version. */

@@ -19,6 +19,7 @@
 #include "../tiers.h"
 
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -111,6 +112,43 @@ void sp_axpy_f16_avx2(float *y, float a, const sp_f16 *x, int64_t n) {
 }
 
 SP_ATTN_SLOT_BY_SLOT(avx2)
+
+/* exp(x) for x <= 0 as in avx512.c, with 2^n built in the exponent field: x is clamped at -87 (2^-126 is the
+ * smallest normal), so arguments below give ~1e-38 instead of an underflow to 0: nothing next to the row's maximum. */
+ALWAYS_INLINE __m256 exp_nonpos_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+float sp_exp_sum_avx2(float *x, int64_t n, float mx) {
+    const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
+    float sum = 0.0f;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 live = _mm256_cmp_ps(v, ninf, _CMP_NEQ_OQ);
+        _mm256_storeu_ps(x + i, _mm256_and_ps(live, exp_nonpos_avx2(_mm256_sub_ps(v, vmx))));
+        for (int64_t j = i; j < i + 8; j++) sum += x[j]; /* in index order (kernels.h) */
+    }
+    for (; i < n; i++) {
+        x[i] = x[i] == -INFINITY ? 0.0f : expf(x[i] - mx);
+        sum += x[i];
+    }
+    return sum;
+}
 
 void sp_f32_to_f16_avx2(sp_f16 *y, const float *x, int64_t n) {
     int64_t i = 0;
@@ -656,4 +694,5 @@ void sp_kernels_fill_avx2(sp_kernels *k) {
     k->attn_scores_f16 = sp_attn_scores_f16_avx2;
     k->attn_sum_f16 = sp_attn_sum_f16_avx2;
     k->f32_to_f16 = sp_f32_to_f16_avx2;
+    k->exp_sum = sp_exp_sum_avx2;
 }

@@ -28,6 +28,7 @@
 #include "../tiers.h"
 
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -151,6 +152,38 @@ void sp_f32_to_f16_avx512(sp_f16 *y, const float *x, int64_t n) {
         const __m256i h = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i), _MM_FROUND_TO_NEAREST_INT);
         _mm256_mask_storeu_epi16((void *)(y + i), m, h);
     }
+}
+
+/* exp(x) for x <= 0 (softmax arguments): x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor polynomial to r^7
+ * (truncation below 1e-8 relative), times 2^n by vscalefps; x below -104 gives 0 (as expf underflows). */
+ALWAYS_INLINE __m512 exp_nonpos_avx512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  /* ln2 high bits: exact product */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);    /* ln2 low bits */
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+float sp_exp_sum_avx512(float *x, int64_t n, float mx) {
+    const __m512 vmx = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        const __mmask16 live = _mm512_mask_cmp_ps_mask(m, v, ninf, _CMP_NEQ_OQ);
+        _mm512_mask_storeu_ps(x + i, m, _mm512_maskz_mov_ps(live, exp_nonpos_avx512(_mm512_sub_ps(v, vmx))));
+        for (int64_t j = i; j < i + 16 && j < n; j++) sum += x[j]; /* in index order (kernels.h) */
+    }
+    return sum;
 }
 
 /* ---- quantized matmuls ----------------------------------------------------------------------------------------- */
@@ -698,5 +731,6 @@ void sp_kernels_fill_avx512(sp_kernels *k) {
     k->axpy_f16 = sp_axpy_f16_avx512;
     k->attn_scores_f16 = sp_attn_scores_f16_avx512;
     k->attn_sum_f16 = sp_attn_sum_f16_avx512;
+    k->exp_sum = sp_exp_sum_avx512;
     k->f32_to_f16 = sp_f32_to_f16_avx512;
 }

@@ -15,7 +15,8 @@ Shapes (SHAPES) come from the official repository github.com/thunlp/BlockFFN, re
   rms_norm_eps 1e-5, rope_theta default 10000 and max_position_embeddings 4096.
   Their attention is multi-head latent attention (`attention_type: "mla"`) with q_lora_rank 768, kv_lora_rank 256,
   qk_nope_head_dim 128, qk_rope_head_dim 64 and v_head_dim = H / NH = 128 in all four; the shapes here are MLA with
-  exactly those dimensions (the layout of docs/gguf-blockffn.md, MLA), so the KV cache is the latent one.
+  exactly those dimensions (the layout of docs/gguf-blockffn.md, MLA), so the KV cache is the latent one. Q4_0 files
+  store MLA's value path (attn_kv_a_mqa, attn_v_b) Q8_0, as the converter does (converters/blockffn.py).
 Differences, stated:
   - 3B (the SFT model of the paper's speed experiments, SparseLLM/blockffn_3b_sft): its config is NOT in the
     repository. Assumed here: the HF template's H = 2304, L = 40, NH = 36 (D = 64, NKV = NH), V = 122753, and E x F
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 2  # bump when the bytes a (shape, qtype, vocab, seed) produces change
+FORMAT_VERSION = 3  # bump when the bytes a (shape, qtype, vocab, seed) produces change
 REAL_VOCAB = 122753  # vocab_size of every released BlockFFN pre-training config
 SMALL_VOCAB = 4096
 QTYPES = ("Q4_0", "Q8_0")
@@ -152,11 +153,15 @@ def _attention_tensors(shape: Shape, p: str, qtype: str) -> list[tuple[str, tupl
     """One layer's attention tensors (numpy shapes): MLA's factorised projections, or MHA's q, k, v, output."""
     H, NH, D = shape.hidden, shape.heads, shape.head_dim
     if shape.attention == "mla":
+        from ..converters.blockffn import MLA_Q8_IN_Q4_0
+
         QL, KL, DN, DR = shape.q_lora, shape.kv_lora, shape.qk_nope, shape.qk_rope
+        value = "Q8_0" if qtype == "Q4_0" else qtype  # the value path of a Q4_0 file, as the converter stores it
+        assert (p + "attn_kv_a_mqa.weight").endswith(MLA_Q8_IN_Q4_0) and (p + "attn_v_b.weight").endswith(MLA_Q8_IN_Q4_0)
         return [(p + "attn_q_a.weight", (QL, H), qtype), (p + "attn_q_a_norm.weight", (QL,), "F32"),
-                (p + "attn_q_b.weight", (NH * (DN + DR), QL), qtype), (p + "attn_kv_a_mqa.weight", (KL + DR, H), qtype),
+                (p + "attn_q_b.weight", (NH * (DN + DR), QL), qtype), (p + "attn_kv_a_mqa.weight", (KL + DR, H), value),
                 (p + "attn_kv_a_norm.weight", (KL,), "F32"), (p + "attn_k_b.weight", (NH, KL, DN), qtype),
-                (p + "attn_v_b.weight", (NH, D, KL), qtype), (p + "attn_output.weight", (H, NH * D), qtype)]
+                (p + "attn_v_b.weight", (NH, D, KL), value), (p + "attn_output.weight", (H, NH * D), qtype)]
     kvd = shape.kv_heads * D
     return [(p + "attn_q.weight", (H, H), qtype), (p + "attn_k.weight", (kvd, H), qtype),
             (p + "attn_v.weight", (kvd, H), qtype), (p + "attn_output.weight", (H, H), qtype)]

@@ -114,6 +114,8 @@ class SyntheticBench:
         V = self.model.info.n_vocab
         self.prefix_tokens = rng.integers(3, V, prefix).tolist()
         self.tokens = rng.integers(3, V, 64).tolist()  # the tokens of decode runs and verification batches
+        self.n_ctx = n_ctx
+        self.single: dict = {}  # one-thread sessions for the output check, made when needed (_check)
         self.routing = None
         self.effective: dict = {}
         self.set_routing(routing)
@@ -125,17 +127,24 @@ class SyntheticBench:
         self.close()
 
     def close(self) -> None:
-        for s in self.sessions.values():
+        for s in [*self.sessions.values(), *self.single.values()]:
             s.close()
         self.model.close()
 
     def set_routing(self, routing: Routing) -> None:
         """Synthetic routing on every session, and the prefix re-evaluated under it."""
-        for s in self.sessions.values():
+        for s in [*self.sessions.values(), *self.single.values()]:
             self.effective = s.set_synthetic_routing(tls=routing.tls, cls=routing.cls, k=routing.k, seed=routing.seed)
             s.truncate(0)
             s.eval(self.prefix_tokens, logits="none")
         self.routing = routing
+
+    def _single_sessions(self) -> dict:
+        if not self.single:
+            self.single = {m: self.model.session(n_ctx=self.n_ctx, n_batch=64, n_threads=1, ffn_mode=m)
+                           for m in self.MODES}
+            self.set_routing(self.routing)
+        return self.single
 
     def routing_record(self) -> dict:
         return {"stated": asdict(self.routing), "effective": self.effective,
@@ -143,9 +152,9 @@ class SyntheticBench:
 
     # ---- one measured unit of work per kind; each leaves the session at the prefix ----
 
-    def decode(self, mode: str, steps: int) -> tuple[list[float], np.ndarray]:
+    def decode(self, mode: str, steps: int, sessions: dict | None = None) -> tuple[list[float], np.ndarray]:
         """`steps` consecutive single-token evaluations; (seconds per step, last logits [steps, V])."""
-        s, out, ts = self.sessions[mode], [], []
+        s, out, ts = (sessions or self.sessions)[mode], [], []
         for i in range(steps):
             t0 = time.perf_counter()
             out.append(s.eval([self.tokens[i % len(self.tokens)]], logits="last"))
@@ -153,9 +162,10 @@ class SyntheticBench:
         s.truncate(self.prefix)
         return ts, np.stack(out)
 
-    def verify(self, mode: str, T: int, parents: Sequence[int] | None = None) -> tuple[float, np.ndarray]:
+    def verify(self, mode: str, T: int, parents: Sequence[int] | None = None,
+               sessions: dict | None = None) -> tuple[float, np.ndarray]:
         """One pass over T tokens with all logits: a chain (parents None) or a tree; (seconds, logits [T, V])."""
-        s, toks = self.sessions[mode], self.tokens[:T]
+        s, toks = (sessions or self.sessions)[mode], self.tokens[:T]
         if parents is None:
             t0 = time.perf_counter()
             logits = s.eval(toks, logits="all")
@@ -170,19 +180,28 @@ class SyntheticBench:
 
     # ---- checked, interleaved measurements ----
 
-    @staticmethod
-    def _check(got: np.ndarray, want: np.ndarray, what: str) -> float:
-        if not (np.isfinite(got).all() and np.isfinite(want).all()):
-            raise RuntimeError(f"{what}: non-finite logits")
-        err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
-        if err > 1e-3:
-            raise RuntimeError(f"{what}: sparse output differs from dense by {err:.2e} (relative to max |logit|)")
+    def _check(self, run, mode: str, what: str) -> float:
+        """Sparse (mode) against dense logits of run(mode, sessions): at most 1e-3 of max |logit| apart with the
+        benchmark's threads; else, with one thread, at most 1e-6. Several threads add the FFN's per-thread partial
+        sums in another order on each path, and where an 8-bit activation rounding sits on a tie, that last bit flips
+        it; the random weights of a synthetic MLA model (three more quantized inputs per layer) carry such a flip to
+        ~1e-2 of the logits. With one thread the paths add in the same order, and agree (measured: bit for bit)."""
+        def rel(sessions):
+            got, want = run(mode, sessions), run("dense", sessions)
+            if not (np.isfinite(got).all() and np.isfinite(want).all()):
+                raise RuntimeError(f"{what}: non-finite logits")
+            return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
+
+        err = rel(self.sessions)
+        if err > 1e-3 and (err1 := rel(self._single_sessions())) > 1e-6:
+            raise RuntimeError(f"{what}: sparse output differs from dense by {err:.2e} (relative to max |logit|), "
+                               f"{err1:.2e} with one thread")
         return err
 
     def measure_decode(self, steps: int, repeats: int, modes: Sequence[str] = ("dense", "token")) -> dict[str, dict]:
         """Per-step decode time for each mode; outputs checked against dense first."""
-        _, want = self.decode("dense", steps)
-        errs = {m: self._check(self.decode(m, steps)[1], want, f"decode ({m})") for m in modes if m != "dense"}
+        errs = {m: self._check(lambda mode, ss: self.decode(mode, steps, ss)[1], m, f"decode ({m})") for m in modes
+                if m != "dense"}
         s = self.sessions[modes[-1]]
         s.reset_sparsity()
         self.decode(modes[-1], max(steps, 2 * self.routing.k))
@@ -199,10 +218,9 @@ class SyntheticBench:
 
     def measure_verify(self, T: int, repeats: int, parents: Sequence[int] | None = None,
                        modes: Sequence[str] = ("dense", "chunk")) -> dict[str, dict]:
-        _, want = self.verify("dense", T, parents)
         kind = "chain" if parents is None else "tree"
-        errs = {m: self._check(self.verify(m, T, parents)[1], want, f"{kind} T={T} ({m})") for m in modes
-                if m != "dense"}
+        errs = {m: self._check(lambda mode, ss: self.verify(mode, T, parents, ss)[1], m, f"{kind} T={T} ({m})")
+                for m in modes if m != "dense"}
         times = {m: [] for m in modes}
         for _ in range(repeats):
             for m in modes:

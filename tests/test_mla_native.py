@@ -201,3 +201,24 @@ def test_llama_file_claiming_mla_is_refused(tmp_path):
     w.close()
     with pytest.raises(SparrowError, match="not implemented for architecture llama"):
         Model(tmp_path / "mla.gguf")
+
+
+def test_sparse_paths_agree(tmp_path):
+    """The dense, token and chunk FFN paths on an MLA model: F32 within float summation order at any thread count; a
+    Q4_0 file with one thread bit for bit (several threads add per-thread partial sums in another order on each
+    path, and MLA's extra 8-bit activation roundings can turn that last bit into a flip)."""
+    cfg = mla_config(seed=7, **QUANTIZABLE)
+    folder = write_checkpoint(tmp_path / "ckpt", cfg)
+    for qtype in ("f32", "q4_0"):
+        path = convert(folder, tmp_path / f"{qtype}.gguf", qtype, progress=False)
+        for threads in (1, 3):
+            outs = {}
+            for mode in ("dense", "token", "chunk"):
+                with Model(path) as m, m.session(n_ctx=64, n_threads=threads, ffn_mode=mode) as s:
+                    outs[mode] = s.eval(TOKENS, logits="all")
+            base = outs["dense"]
+            for mode, out in outs.items():
+                if qtype == "f32":
+                    assert np.max(np.abs(out - base)) <= 1e-5 * np.max(np.abs(base)), (qtype, threads, mode)
+                elif threads == 1:
+                    assert np.array_equal(out, base), (qtype, threads, mode)

@@ -1,5 +1,6 @@
-/* forward.c: the transformer forward pass over a batch of T tokens: each layer's attention by its kind (grouped-query,
- * or multi-head latent in the absorbed form) and its FFN by its kind (dense SwiGLU, or BlockFFN experts).
+/* forward.c: the transformer forward pass over a batch of T tokens: each layer's attention by its kind (grouped-query
+ * here, multi-head latent in attn_mla.c) and its FFN by its kind (dense SwiGLU here, BlockFFN experts in
+ * ffn_blockffn.c).
  *
  * Shape legend: T = tokens in the batch, H = n_embd, D = head_dim, NH = heads, NKV = kv heads, QD = NH*D,
  * KVD = NKV*D, F = n_ff, V = vocabulary, C = KV cache slots, P = n_past (slots cached before this batch).
@@ -8,8 +9,9 @@
  * tokens, or (token, head) pairs) and threads meet at a barrier before a step reads what another wrote.
  * Nothing here allocates: every buffer lives in the session (model.h).
  *
- * The kinds share everything else: embeddings, norms, the output projection, residuals, and three MiniCPM scales that are 1 for llama: embeddings x embed_scale, each residual branch x residual_scale,
- * the final normalised hidden state x logit_scale. */
+ * The kinds share everything else: embeddings, norms, the output projection, residuals, and three MiniCPM scales
+ * that are 1 for llama: embeddings x embed_scale, each residual branch x residual_scale, the final normalised hidden
+ * state x logit_scale. */
 #include "forward.h"
 
 #include <math.h>
@@ -42,6 +44,15 @@ void sp_fwd_quant_rows(const fwd_ctx *c, const float *x, int64_t T, int64_t K, i
     for (int64_t t = t0; t < t1; t++) c->k->quantize_q8a((sp_block_q8a *)c->ses->s.xq + t * (K / SP_QK), x + t * K, K);
 }
 
+/* Quantize rows [0, n_rows) of x[n_rows, K] into scratch xq (this thread's share) when W takes q8 activations. */
+void sp_fwd_quant_rows_for(const fwd_ctx *c, const sp_tensor *W, const float *x, int64_t n_rows, int64_t K, int ith,
+                           int nth) {
+    if (!sp_type_traits_of(W->type).act_q8) return;
+    int64_t r0, r1;
+    sp_split(n_rows, ith, nth, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) c->k->quantize_q8a((sp_block_q8a *)c->ses->s.xq + r * (K / SP_QK), x + r * K, K);
+}
+
 /* y[t, r] (row stride ldy) = W[r] . x[t] for this thread's rows of W. x_f: float input [T, K]; the quantized copy of
  * it sits in scratch xq when the weight type takes quantized activations. */
 void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor *W, const float *x_f, int64_t T,
@@ -57,7 +68,7 @@ void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor
 /* RoPE as GGUF's llama architecture defines it: adjacent pairs (x[2i], x[2i+1]) rotate by pos * base^(-2i/n_rot), for
  * 2i < n_rot. cs[t] holds (cos, sin) per pair. Applied in place, for this thread's tokens, to the n_rot values at
  * x + t*ldx + h*head_stride + offset of each head h < n_heads (GQA: the head's first n_rot dims; MLA: its rope part). */
-static void rope_rows(const fwd_ctx *c, float *x, int64_t ldx, int64_t T, int n_heads, int64_t head_stride,
+void sp_fwd_rope_rows(const fwd_ctx *c, float *x, int64_t ldx, int64_t T, int n_heads, int64_t head_stride,
                       int64_t offset, int ith, int nth) {
     const sp_hparams *hp = &c->ses->model->hp;
     int64_t t0, t1;
@@ -127,9 +138,9 @@ static void attention_gqa(const fwd_ctx *c, const sp_layer *l, int il, int ith, 
     sp_pool_barrier(ses->pool);
     /* rotate q and k by position; store k and v in the F16 cache, and keep q at F16 precision too (scores are
      * products of F16 values, as in llama.cpp) */
-    rope_rows(c, s->q, l->wq.n, T, hp->n_head, hp->head_dim, 0, ith, nth);
-    rope_rows(c, s->k, KVD, T, hp->n_head_kv, hp->head_dim, 0, ith, nth);
-    for (int64_t t = t0; t < t1; t++) { /* the same tokens rope_rows gave this thread */
+    sp_fwd_rope_rows(c, s->q, l->wq.n, T, hp->n_head, hp->head_dim, 0, ith, nth);
+    sp_fwd_rope_rows(c, s->k, KVD, T, hp->n_head_kv, hp->head_dim, 0, ith, nth);
+    for (int64_t t = t0; t < t1; t++) { /* the same tokens sp_fwd_rope_rows gave this thread */
         for (int64_t i = 0; i < l->wq.n; i++) s->q[t * l->wq.n + i] = sp_f16_round(s->q[t * l->wq.n + i]);
         c->k->f32_to_f16(k_slots + t * KVD, s->k + t * KVD, KVD);
         c->k->f32_to_f16(v_slots + t * KVD, s->v + t * KVD, KVD);
@@ -137,144 +148,6 @@ static void attention_gqa(const fwd_ctx *c, const sp_layer *l, int il, int ith, 
     sp_pool_barrier(ses->pool);
     attention(c, il, ith, nth); /* softmax(q k^T / sqrt(D) + mask) v over cached and batch slots */
     sp_pool_barrier(ses->pool);
-}
-
-/* x[0..n) = x / rms(x) * w, in place. */
-static void rmsnorm_inplace(float *x, const float *w, int64_t n, float eps) {
-    double ss = 0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    const float scale = 1.0f / sqrtf((float)(ss / (double)n) + eps);
-    for (int64_t i = 0; i < n; i++) x[i] = x[i] * scale * w[i];
-}
-
-/* Quantize rows [0, n_rows) of x[n_rows, K] into scratch xq (this thread's share) when W takes q8 activations. */
-static void quant_rows_for(const fwd_ctx *c, const sp_tensor *W, const float *x, int64_t n_rows, int64_t K, int ith,
-                           int nth) {
-    if (!sp_type_traits_of(W->type).act_q8) return;
-    int64_t r0, r1;
-    sp_split(n_rows, ith, nth, &r0, &r1);
-    for (int64_t r = r0; r < r1; r++) c->k->quantize_q8a((sp_block_q8a *)c->ses->s.xq + r * (K / SP_QK), x + r * K, K);
-}
-
-/* One matmul per head: head h's R rows of W[NH*R, K] times its own inputs x[h] [T, K] (rows h*T .. h*T+T-1 of x_f, or
- * of scratch xq for q8 weight types) into y + h*y_head (row stride ldy). Each thread takes its share of every head's
- * rows. W is read unpacked (model.c does not pack per-head weights). */
-static void matmul_heads(const fwd_ctx *c, float *y, int64_t ldy, int64_t y_head, const sp_tensor *W, int64_t R,
-                         const float *x_f, int64_t T, int ith, int nth) {
-    const int64_t K = W->k, NH = W->n / R;
-    const int64_t per = ((R + nth - 1) / nth + 15) & ~(int64_t)15;
-    const int64_t r0 = SP_MIN(R, per * ith), r1 = SP_MIN(R, r0 + per);
-    if (r0 >= r1) return;
-    const bool q8 = sp_type_traits_of(W->type).act_q8;
-    for (int64_t h = 0; h < NH; h++) {
-        const void *x = q8 ? (const void *)((const sp_block_q8a *)c->ses->s.xq + h * T * (K / SP_QK))
-                           : (const void *)(x_f + h * T * K);
-        const uint8_t *w = (const uint8_t *)W->data + (size_t)(h * R) * W->row_size;
-        c->k->matmul[W->type](y + h * y_head, ldy, w, x, K, r0, r1, T);
-    }
-}
-
-/* Absorbed latent attention, token by token: with the query [q_lat; q_pe] (W_UK^T q_nope, KL values; the rotated
- * rope query, DR) of each head and the cache rows c (KL, k_cache) and k_pe (DR, v_cache), score = (q_lat . c + q_pe .
- * k_pe) / sqrt(DK) over the cached slots and the batch slots the mask shows; o_lat = sum_j p_j c_j into olat[h, t].
- * Every head reads the same rows, so each phase is one F16 matmul or accumulation over all heads (kernels.h): a
- * cache row is converted once for the tile of heads it serves, not once per head. Threads split the rows for the
- * scores, the heads for the softmax and the weighted sum. */
-static void attention_mla(const fwd_ctx *c, int il, int ith, int nth) {
-    const sp_session *ses = c->ses;
-    const sp_hparams *hp = &ses->model->hp;
-    const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, NH = hp->n_head;
-    const int64_t KL = hp->kv_lora, DR = hp->n_rot, S = C + ses->params.n_batch;
-    const float scale = 1.0f / sqrtf((float)(hp->qk_nope + DR));
-    const sp_f16 *lat = ses->k_cache + (int64_t)il * C * KL; /* [C, KL] */
-    const sp_f16 *kpe = ses->v_cache + (int64_t)il * C * DR; /* [C, DR] */
-    float *sc = ses->s.scores, *spe = ses->s.scores + NH * S; /* [NH, S] each: one token's scores, rope parts */
-    int64_t h0, h1, j0, j1;
-    sp_split(NH, ith, nth, &h0, &h1);
-    for (int64_t t = 0; t < T; t++) {
-        const int64_t n = P + t + 1; /* slots a causal token sees; a mask may show fewer, never more */
-        const int64_t nv = c->b->mask ? P + T : n;
-        sp_split(nv, ith, nth, &j0, &j1);
-        if (j0 < j1) {
-            c->k->matmul[SP_TYPE_F16](sc, S, lat, ses->s.qlat + t * NH * KL, KL, j0, j1, NH);
-            c->k->matmul[SP_TYPE_F16](spe, S, kpe, ses->s.qpe + t * NH * DR, DR, j0, j1, NH);
-        }
-        sp_pool_barrier(ses->pool);
-        for (int64_t h = h0; h < h1; h++) {
-            float *row = sc + h * S;
-            const float *pe = spe + h * S;
-            float mx = -INFINITY;
-            for (int64_t j = 0; j < nv; j++) {
-                const bool visible = j < P || (c->b->mask ? c->b->mask[t * T + (j - P)] != 0 : j - P <= t);
-                row[j] = visible ? (row[j] + pe[j]) * scale : -INFINITY;
-                mx = row[j] > mx ? row[j] : mx;
-            }
-            const float sum = c->k->exp_sum(row, nv, mx);
-            const float inv = sum > 0 ? 1.0f / sum : 0.0f;
-            for (int64_t j = 0; j < nv; j++) row[j] *= inv;
-            memset(ses->s.olat + (h * T + t) * KL, 0, (size_t)KL * sizeof(float));
-        }
-        if (h0 < h1) /* olat[h, t] += sum_j p[h, j] c_j for this thread's heads */
-            c->k->accum[SP_TYPE_F16](ses->s.olat + (h0 * T + t) * KL, T * KL, NULL, sc + h0 * S, S, lat, nv, KL,
-                                     h1 - h0);
-        sp_pool_barrier(ses->pool); /* the next token's scores overwrite sc */
-    }
-}
-
-/* Multi-head latent attention block of layer il (docs/gguf-blockffn.md, absorbed form): xn (and xq) -> attn
- * [T, NH*DV]; the batch's latent rows c and rope keys k_pe in the cache. QL, KL = latent ranks, DN, DR = nope and rope dims,
- * DK = DN + DR, KR = KL + DR. Ends with all threads past a barrier. */
-static void attention_mla_block(const fwd_ctx *c, const sp_layer *l, int il, int ith, int nth) {
-    sp_session *ses = c->ses;
-    const sp_hparams *hp = &ses->model->hp;
-    sp_scratch *s = &ses->s;
-    sp_pool *pool = ses->pool;
-    const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, NH = hp->n_head;
-    const int64_t QL = hp->q_lora, KL = hp->kv_lora, DN = hp->qk_nope, DR = hp->n_rot, DK = DN + DR, KR = KL + DR;
-    const int64_t DV = hp->v_dim;
-    sp_f16 *lat_slots = ses->k_cache + ((int64_t)il * C + P) * KL; /* [T, KL] this batch's latent rows */
-    sp_f16 *pe_slots = ses->v_cache + ((int64_t)il * C + P) * DR;  /* [T, DR] and rope keys */
-    int64_t t0, t1;
-    sp_split(T, ith, nth, &t0, &t1);
-
-    /* query latent cq = xn W_qa^T, and kv = xn W_kva^T = [c; k_pe] */
-    sp_fwd_matmul_rows(c, s->cq, QL, &l->wq_a, s->xn, T, ith, nth);
-    sp_fwd_matmul_rows(c, s->k, KR, &l->wkv_a, s->xn, T, ith, nth);
-    sp_pool_barrier(pool);
-    /* normalise both latents, rotate the shared rope key, and cache c and k_pe at F16 */
-    rope_rows(c, s->k, KR, T, 1, 0, KL, ith, nth);
-    for (int64_t t = t0; t < t1; t++) {
-        rmsnorm_inplace(s->cq + t * QL, l->q_a_norm, QL, hp->lora_eps);
-        rmsnorm_inplace(s->k + t * KR, l->kv_a_norm, KL, hp->lora_eps);
-        c->k->f32_to_f16(lat_slots + t * KL, s->k + t * KR, KL);
-        c->k->f32_to_f16(pe_slots + t * DR, s->k + t * KR + KL, DR);
-    }
-    sp_pool_barrier(pool); /* xq (holding xn) is free again: cq's quantized rows go there */
-    quant_rows_for(c, &l->wq_b, s->cq, T, QL, ith, nth);
-    sp_pool_barrier(pool);
-    /* q = cq W_qb^T [T, NH, DK]: rotate each head's rope part; the nope parts go head-major for the absorption */
-    sp_fwd_matmul_rows(c, s->q, NH * DK, &l->wq_b, s->cq, T, ith, nth);
-    sp_pool_barrier(pool);
-    rope_rows(c, s->q, NH * DK, T, (int)NH, DK, DN, ith, nth);
-    for (int64_t t = t0; t < t1; t++)
-        for (int64_t h = 0; h < NH; h++) {
-            const float *qh = s->q + t * NH * DK + h * DK;
-            memcpy(s->qnope + (h * T + t) * DN, qh, (size_t)DN * sizeof *qh);
-            memcpy(s->qpe + (t * NH + h) * DR, qh + DN, (size_t)DR * sizeof *qh);
-        }
-    sp_pool_barrier(pool);
-    quant_rows_for(c, &l->wk_b, s->qnope, NH * T, DN, ith, nth);
-    sp_pool_barrier(pool);
-    /* absorb W_UK: q_lat[t, h, :KL] = k_b[h] q_nope[h, t] */
-    matmul_heads(c, s->qlat, NH * KL, KL, &l->wk_b, KL, s->qnope, T, ith, nth);
-    sp_pool_barrier(pool);
-    attention_mla(c, il, ith, nth);
-    sp_pool_barrier(pool);
-    /* apply W_UV after the weighted sum: attn[t, h] = v_b[h] o_lat[h, t] */
-    quant_rows_for(c, &l->wv_b, s->olat, NH * T, KL, ith, nth);
-    sp_pool_barrier(pool);
-    matmul_heads(c, s->attn, NH * DV, DV, &l->wv_b, DV, s->olat, T, ith, nth);
-    sp_pool_barrier(pool);
 }
 
 /* x[t] += a * y[t] for this thread's tokens. */
@@ -352,11 +225,11 @@ static void forward_worker(void *ctx, int ith, int nth) {
         /* 2-4. attention block: xn = rmsnorm(x) -> attn (the heads' outputs, concatenated) */
         sp_fwd_rmsnorm_quant_rows(c, s->xn, s->x, l->attn_norm, 1.0f, T, H, c->q8, ith, nth);
         sp_pool_barrier(pool);
-        if (l->attn == SP_ATTN_MLA) attention_mla_block(c, l, il, ith, nth);
+        if (l->attn == SP_ATTN_MLA) sp_attn_mla(c, il, ith, nth);
         else attention_gqa(c, l, il, ith, nth);
 
         /* 5. output projection; residual add; then the FFN block's rmsnorm */
-        quant_rows_for(c, &l->wo, s->attn, T, l->wo.k, ith, nth);
+        sp_fwd_quant_rows_for(c, &l->wo, s->attn, T, l->wo.k, ith, nth);
         sp_pool_barrier(pool);
         sp_fwd_matmul_rows(c, s->tmp, H, &l->wo, s->attn, T, ith, nth);
         sp_pool_barrier(pool);

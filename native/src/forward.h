@@ -21,6 +21,18 @@ void sp_fwd_quant_rows(const fwd_ctx *c, const float *x, int64_t T, int64_t K, i
 void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor *W, const float *x_f, int64_t T,
                         int ith, int nth);
 
+/* Quantize rows [0, n_rows) of x[n_rows, K] into scratch xq (this thread's share) when W takes q8 activations. */
+void sp_fwd_quant_rows_for(const fwd_ctx *c, const sp_tensor *W, const float *x, int64_t n_rows, int64_t K, int ith,
+                           int nth);
+/* RoPE (adjacent pairs, GGUF's llama convention) in place on this thread's tokens: the n_rot values at
+ * x + t*ldx + h*head_stride + offset of each head h < n_heads. */
+void sp_fwd_rope_rows(const fwd_ctx *c, float *x, int64_t ldx, int64_t T, int n_heads, int64_t head_stride,
+                      int64_t offset, int ith, int nth);
+
+/* The multi-head latent attention block of layer il (attn_mla.c): reads scratch xn [T, H] (and xq), writes scratch
+ * attn [T, NH*DV] and the batch's latent rows in the cache; ends with all threads past a barrier. */
+void sp_attn_mla(const fwd_ctx *c, int il, int ith, int nth);
+
 /* The BlockFFN FFN block of layer il: reads scratch xn [T, H] (and xq), writes scratch tmp [T, H]; ends with all
  * threads past a barrier. See ffn_blockffn.c. */
 void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth);

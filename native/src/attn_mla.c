@@ -1,0 +1,143 @@
+/* attn_mla.c: multi-head latent attention (docs/gguf-blockffn.md, MLA), the released BlockFFN checkpoints' attention,
+ * in the absorbed form with a latent KV cache.
+ *
+ * Shape legend: T = tokens in the batch, H = n_embd, NH = heads, QL / KL = q / kv latent ranks, DN / DR = nope / rope
+ * dims of a head, DK = DN + DR, KR = KL + DR, DV = value dim, C = KV cache slots, P = n_past, S = C + n_batch.
+ *
+ * Per token and layer the cache holds only the normalised latent c (KL values, k_cache) and the rotated rope key k_pe
+ * (DR values, v_cache), F16. The key expansion W_UK is folded into the query (q_lat = W_UK^T q_nope, one matmul per
+ * head), scores are q_lat . c + q_pe . k_pe, and the value expansion W_UV is applied after the weighted sum of
+ * latents. All pool threads run sp_attn_mla at once (forward.c's worker); nothing here allocates. */
+#include "forward.h"
+
+#include <math.h>
+#include <string.h>
+
+/* x[0..n) = x / rms(x) * w, in place. */
+static void rmsnorm_inplace(float *x, const float *w, int64_t n, float eps) {
+    double ss = 0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float scale = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+    for (int64_t i = 0; i < n; i++) x[i] = x[i] * scale * w[i];
+}
+
+/* One matmul per head: head h's R rows of W[NH*R, K] times its own inputs x[h] [T, K] (rows h*T .. h*T+T-1 of x_f, or
+ * of scratch xq for q8 weight types) into y + h*y_head (row stride ldy). Each thread takes its share of every head's
+ * rows. W is read unpacked (model.c does not pack per-head weights). */
+static void matmul_heads(const fwd_ctx *c, float *y, int64_t ldy, int64_t y_head, const sp_tensor *W, int64_t R,
+                         const float *x_f, int64_t T, int ith, int nth) {
+    const int64_t K = W->k, NH = W->n / R;
+    const int64_t per = ((R + nth - 1) / nth + 15) & ~(int64_t)15;
+    const int64_t r0 = SP_MIN(R, per * ith), r1 = SP_MIN(R, r0 + per);
+    if (r0 >= r1) return;
+    const bool q8 = sp_type_traits_of(W->type).act_q8;
+    for (int64_t h = 0; h < NH; h++) {
+        const void *x = q8 ? (const void *)((const sp_block_q8a *)c->ses->s.xq + h * T * (K / SP_QK))
+                           : (const void *)(x_f + h * T * K);
+        const uint8_t *w = (const uint8_t *)W->data + (size_t)(h * R) * W->row_size;
+        c->k->matmul[W->type](y + h * y_head, ldy, w, x, K, r0, r1, T);
+    }
+}
+
+/* Absorbed latent attention, token by token: with the query [q_lat; q_pe] (W_UK^T q_nope, KL values; the rotated
+ * rope query, DR) of each head and the cache rows c (KL, k_cache) and k_pe (DR, v_cache), score = (q_lat . c + q_pe .
+ * k_pe) / sqrt(DK) over the cached slots and the batch slots the mask shows; o_lat = sum_j p_j c_j into olat[h, t].
+ * Every head reads the same rows, so each phase is one F16 matmul or accumulation over all heads (kernels.h): a
+ * cache row is converted once for the tile of heads it serves, not once per head. Threads split the rows for the
+ * scores, the heads for the softmax and the weighted sum. */
+static void attention_mla(const fwd_ctx *c, int il, int ith, int nth) {
+    const sp_session *ses = c->ses;
+    const sp_hparams *hp = &ses->model->hp;
+    const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, NH = hp->n_head;
+    const int64_t KL = hp->kv_lora, DR = hp->n_rot, S = C + ses->params.n_batch;
+    const float scale = 1.0f / sqrtf((float)(hp->qk_nope + DR));
+    const sp_f16 *lat = ses->k_cache + (int64_t)il * C * KL; /* [C, KL] */
+    const sp_f16 *kpe = ses->v_cache + (int64_t)il * C * DR; /* [C, DR] */
+    float *sc = ses->s.scores, *spe = ses->s.scores + NH * S; /* [NH, S] each: one token's scores, rope parts */
+    int64_t h0, h1, j0, j1;
+    sp_split(NH, ith, nth, &h0, &h1);
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t n = P + t + 1; /* slots a causal token sees; a mask may show fewer, never more */
+        const int64_t nv = c->b->mask ? P + T : n;
+        sp_split(nv, ith, nth, &j0, &j1);
+        if (j0 < j1) {
+            c->k->matmul[SP_TYPE_F16](sc, S, lat, ses->s.qlat + t * NH * KL, KL, j0, j1, NH);
+            c->k->matmul[SP_TYPE_F16](spe, S, kpe, ses->s.qpe + t * NH * DR, DR, j0, j1, NH);
+        }
+        sp_pool_barrier(ses->pool);
+        for (int64_t h = h0; h < h1; h++) {
+            float *row = sc + h * S;
+            const float *pe = spe + h * S;
+            float mx = -INFINITY;
+            for (int64_t j = 0; j < nv; j++) {
+                const bool visible = j < P || (c->b->mask ? c->b->mask[t * T + (j - P)] != 0 : j - P <= t);
+                row[j] = visible ? (row[j] + pe[j]) * scale : -INFINITY;
+                mx = row[j] > mx ? row[j] : mx;
+            }
+            const float sum = c->k->exp_sum(row, nv, mx);
+            const float inv = sum > 0 ? 1.0f / sum : 0.0f;
+            for (int64_t j = 0; j < nv; j++) row[j] *= inv;
+            memset(ses->s.olat + (h * T + t) * KL, 0, (size_t)KL * sizeof(float));
+        }
+        if (h0 < h1) /* olat[h, t] += sum_j p[h, j] c_j for this thread's heads */
+            c->k->accum[SP_TYPE_F16](ses->s.olat + (h0 * T + t) * KL, T * KL, NULL, sc + h0 * S, S, lat, nv, KL,
+                                     h1 - h0);
+        sp_pool_barrier(ses->pool); /* the next token's scores overwrite sc */
+    }
+}
+
+/* The MLA block of layer il: xn (and xq) -> attn [T, NH*DV]; the batch's latent rows c and rope keys k_pe into the
+ * cache. Ends with all threads past a barrier. */
+void sp_attn_mla(const fwd_ctx *c, int il, int ith, int nth) {
+    const sp_layer *l = &c->ses->model->layers[il];
+    sp_session *ses = c->ses;
+    const sp_hparams *hp = &ses->model->hp;
+    sp_scratch *s = &ses->s;
+    sp_pool *pool = ses->pool;
+    const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, NH = hp->n_head;
+    const int64_t QL = hp->q_lora, KL = hp->kv_lora, DN = hp->qk_nope, DR = hp->n_rot, DK = DN + DR, KR = KL + DR;
+    const int64_t DV = hp->v_dim;
+    sp_f16 *lat_slots = ses->k_cache + ((int64_t)il * C + P) * KL; /* [T, KL] this batch's latent rows */
+    sp_f16 *pe_slots = ses->v_cache + ((int64_t)il * C + P) * DR;  /* [T, DR] and rope keys */
+    int64_t t0, t1;
+    sp_split(T, ith, nth, &t0, &t1);
+
+    /* query latent cq = xn W_qa^T, and kv = xn W_kva^T = [c; k_pe] */
+    sp_fwd_matmul_rows(c, s->cq, QL, &l->wq_a, s->xn, T, ith, nth);
+    sp_fwd_matmul_rows(c, s->k, KR, &l->wkv_a, s->xn, T, ith, nth);
+    sp_pool_barrier(pool);
+    /* normalise both latents, rotate the shared rope key, and cache c and k_pe at F16 */
+    sp_fwd_rope_rows(c, s->k, KR, T, 1, 0, KL, ith, nth);
+    for (int64_t t = t0; t < t1; t++) {
+        rmsnorm_inplace(s->cq + t * QL, l->q_a_norm, QL, hp->lora_eps);
+        rmsnorm_inplace(s->k + t * KR, l->kv_a_norm, KL, hp->lora_eps);
+        c->k->f32_to_f16(lat_slots + t * KL, s->k + t * KR, KL);
+        c->k->f32_to_f16(pe_slots + t * DR, s->k + t * KR + KL, DR);
+    }
+    sp_pool_barrier(pool); /* xq (holding xn) is free again: cq's quantized rows go there */
+    sp_fwd_quant_rows_for(c, &l->wq_b, s->cq, T, QL, ith, nth);
+    sp_pool_barrier(pool);
+    /* q = cq W_qb^T [T, NH, DK]: rotate each head's rope part; the nope parts go head-major for the absorption */
+    sp_fwd_matmul_rows(c, s->q, NH * DK, &l->wq_b, s->cq, T, ith, nth);
+    sp_pool_barrier(pool);
+    sp_fwd_rope_rows(c, s->q, NH * DK, T, (int)NH, DK, DN, ith, nth);
+    for (int64_t t = t0; t < t1; t++)
+        for (int64_t h = 0; h < NH; h++) {
+            const float *qh = s->q + t * NH * DK + h * DK;
+            memcpy(s->qnope + (h * T + t) * DN, qh, (size_t)DN * sizeof *qh);
+            memcpy(s->qpe + (t * NH + h) * DR, qh + DN, (size_t)DR * sizeof *qh);
+        }
+    sp_pool_barrier(pool);
+    sp_fwd_quant_rows_for(c, &l->wk_b, s->qnope, NH * T, DN, ith, nth);
+    sp_pool_barrier(pool);
+    /* absorb W_UK: q_lat[t, h, :KL] = k_b[h] q_nope[h, t] */
+    matmul_heads(c, s->qlat, NH * KL, KL, &l->wk_b, KL, s->qnope, T, ith, nth);
+    sp_pool_barrier(pool);
+    attention_mla(c, il, ith, nth);
+    sp_pool_barrier(pool);
+    /* apply W_UV after the weighted sum: attn[t, h] = v_b[h] o_lat[h, t] */
+    sp_fwd_quant_rows_for(c, &l->wv_b, s->olat, NH * T, KL, ith, nth);
+    sp_pool_barrier(pool);
+    matmul_heads(c, s->attn, NH * DV, DV, &l->wv_b, DV, s->olat, T, ith, nth);
+    sp_pool_barrier(pool);
+}

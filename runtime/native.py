@@ -64,7 +64,9 @@ class SparsityStats:
 @dataclass(frozen=True)
 class Timings:
     """Where the forward passes' wall time went (sp_timings), summed since the session began or reset_timings():
-    embeddings, attention blocks (norms, projections, attention, residuals), FFN blocks, LM head."""
+    embeddings, attention blocks (norms, projections, attention, residuals), FFN blocks, LM head; and the BlockFFN
+    blocks' phases within ffn_s (router, planning, expert units -- of which thread 0's own up and down shares --, the
+    sum of the threads' partial outputs)."""
 
     n_evals: int
     n_tokens: int
@@ -72,6 +74,12 @@ class Timings:
     attention_s: float
     ffn_s: float
     head_s: float
+    ffn_router_s: float = 0.0
+    ffn_plan_s: float = 0.0
+    ffn_experts_s: float = 0.0
+    ffn_up_s: float = 0.0
+    ffn_down_s: float = 0.0
+    ffn_reduce_s: float = 0.0
 
     @property
     def total_s(self) -> float:

@@ -279,6 +279,38 @@ def test_accum_tiers_match_ref(wtype, T, F, H, scatter):
         assert np.all(np.abs(got - ref) <= 1e-5 * mag + 1e-30), tier
 
 
+@pytest.mark.parametrize("T,F,H,f0,f1", [(1, 16, 64, 0, 16), (1, 128, 1280, 64, 128), (3, 40, 96, 16, 40),
+                                         (8, 48, 256, 0, 48), (13, 7, 2048, 0, 7), (20, 64, 128, 32, 48)])
+@pytest.mark.parametrize("scatter", [False, True])
+def test_accum_packed_down_matches_ref(T, F, H, f0, f1, scatter):
+    """The "down" streaming layout (kernels.h pack_down / accum_packed), where a tier has it: equals ref's accum
+    over the same row range within accum's bound."""
+    rng = np.random.default_rng(T * 1000 + F + H + f0)
+    d = rng.standard_normal((F, H)).astype(np.float32)
+    raw = b"".join(testing.quantize(int(Q.Q4_0), row) for row in d)
+    ldc = F + 3
+    c = rng.standard_normal((T, ldc)).astype(np.float32)
+    rows = T + 5 if scatter else T
+    y = rng.standard_normal((rows, H)).astype(np.float32)
+    idx = list(rng.permutation(rows)[:T].astype(np.int32)) if scatter else []
+    raw_rows = raw[f0 * (H // 32) * 18:f1 * (H // 32) * 18]
+    ref = testing.accum("ref", int(Q.Q4_0), raw_rows, f1 - f0, H, np.ascontiguousarray(c[:, f0:]), y, idx)
+    deq = np.stack([testing.dequantize(int(Q.Q4_0), testing.quantize(int(Q.Q4_0), row), H) for row in d])
+    mag = np.abs(y) + 0.0
+    mag[idx if scatter else slice(0, T)] += np.abs(c[:, f0:f1]) @ np.abs(deq[f0:f1])
+    ran = 0
+    for tier in testing.tiers():
+        try:
+            got = testing.accum_packed(tier, int(Q.Q4_0), raw, F, H, c, y, idx, f0, f1)
+        except SparrowError as e:
+            assert "UNSUPPORTED" in str(e)
+            continue
+        ran += 1
+        assert np.all(np.abs(got - ref) <= 1e-5 * mag + 1e-30), tier
+    if "avx512" in testing.tiers():
+        assert ran
+
+
 @pytest.mark.parametrize("wtype", [Q.F32, Q.F16, Q.BF16], ids=lambda t: t.name)
 def test_accum_float_rows_not_multiple_of_32(wtype):
     rng = np.random.default_rng(1)

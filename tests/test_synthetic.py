@@ -209,3 +209,25 @@ def test_tree_shapes_and_replayed_speculation(tmp_path, monkeypatch):
         bs.replayed_speculation("tiny", {3: 1}, 6, (2, 2, 1))
     with pytest.raises(ValueError, match="accepted_hist"):
         bs.replayed_speculation("tiny", {}, 4)
+
+
+def test_down_streaming_layout_equals_the_file_view_and_ffn_phases_are_timed(model, monkeypatch):
+    """Experts' down halves repacked at load into the tier's streaming layout (the default where the tier has one)
+    give the logits of the file view (SPARROW_EXPERT_DOWN_PACK=0): the same sums, rounded in another order. And the
+    BlockFFN phases of Session.timings() are filled in and lie within ffn_s."""
+    toks = [5, 77, 12, 250, 31, 9, 140, 66]
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("SPARROW_EXPERT_DOWN_PACK", flag)
+        with Model(model.path) as m:
+            for mode in ("dense", "token", "chunk"):
+                with session(m, mode) as s:
+                    s.eval(list(range(20, 36)), logits="none")
+                    out[(flag, mode)] = np.concatenate([s.eval(toks, logits="all"), s.eval([3], logits="last")[None]])
+                    tm = s.timings()
+                    parts = [tm.ffn_router_s, tm.ffn_plan_s, tm.ffn_experts_s, tm.ffn_reduce_s]
+                    assert all(p > 0 for p in parts) and sum(parts) <= tm.ffn_s
+                    assert 0 < tm.ffn_up_s + tm.ffn_down_s <= tm.ffn_experts_s
+    for mode in ("dense", "token", "chunk"):
+        want = out[("0", mode)]
+        np.testing.assert_allclose(out[("1", mode)], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -203,6 +203,13 @@ typedef struct sp_timings {
     double attention_s;    /* norms, q/k/v/o projections, RoPE, KV cache writes, attention, residual */
     double ffn_s;          /* FFN blocks (BlockFFN: router, expert selection, experts) */
     double head_s;         /* final norm and LM head (only rows whose logits were asked for) */
+    /* BlockFFN layers' part of ffn_s by phase (thread 0's clock, each phase ending at a barrier but the two shares) */
+    double ffn_router_s;   /* router matmul */
+    double ffn_plan_s;     /* scores -> task list, sparsity counters (thread 0 alone) */
+    double ffn_experts_s;  /* the expert units, until the last thread is done; of it, thread 0's own time in: */
+    double ffn_up_s;       /*   the up matmuls and r * silu */
+    double ffn_down_s;     /*   accumulating the down halves */
+    double ffn_reduce_s;   /* summing the threads' partial outputs */
 } sp_timings;
 SP_API sp_status sp_session_get_timings(const sp_session *session, sp_timings *out);
 SP_API void sp_session_reset_timings(sp_session *session);

@@ -446,6 +446,12 @@ NB_MODULE(_sparrow, m) {
             d["attention_s"] = tm.attention_s;
             d["ffn_s"] = tm.ffn_s;
             d["head_s"] = tm.head_s;
+            d["ffn_router_s"] = tm.ffn_router_s;
+            d["ffn_plan_s"] = tm.ffn_plan_s;
+            d["ffn_experts_s"] = tm.ffn_experts_s;
+            d["ffn_up_s"] = tm.ffn_up_s;
+            d["ffn_down_s"] = tm.ffn_down_s;
+            d["ffn_reduce_s"] = tm.ffn_reduce_s;
             return d;
         })
         .def("reset_timings", [](Session &self) { sp_session_reset_timings(SessionUse(self)); })
@@ -594,6 +600,21 @@ NB_MODULE(_sparrow, m) {
                                    (int64_t)c.shape(1), out, (int64_t)R, idx.empty() ? nullptr : idx.data()));
         });
     }, "tier"_a, "type"_a, "d"_a, "F"_a, "H"_a, "c"_a, "y"_a, "idx"_a = std::vector<int32_t>());
+    // The same with D repacked into the tier's "down" streaming layout and its accum_packed kernel, over rows
+    // [f0, f1) of D (f1 = -1: F; f0 a multiple of 16). SparrowError (SP_ERR_UNSUPPORTED) where the tier has none.
+    t.def("accum_packed", [](const std::string &tier, uint32_t type, nb::bytes d, int64_t F, int64_t H, F32Rows c,
+                             F32Rows y, std::vector<int32_t> idx, int64_t f0, int64_t f1) {
+        const size_t T = c.shape(0), R = y.shape(0);
+        if ((int64_t)y.shape(1) != H || (!idx.empty() && idx.size() != T))
+            throw SparrowError("SP_ERR_INVALID_ARG: shapes do not match");
+        return new_f32({R, y.shape(1)}, [&](float *out) {
+            std::memcpy(out, y.data(), R * y.shape(1) * sizeof(float));
+            check(sp_testing_accum_packed(tier.c_str(), type, d.c_str(), d.size(), F, H, c.data(), (int64_t)T,
+                                          (int64_t)c.shape(1), out, (int64_t)R, idx.empty() ? nullptr : idx.data(),
+                                          f0, f1));
+        });
+    }, "tier"_a, "type"_a, "d"_a, "F"_a, "H"_a, "c"_a, "y"_a, "idx"_a = std::vector<int32_t>(), "f0"_a = 0,
+       "f1"_a = -1);
     // Run one BlockFFN layer's FFN block alone: xn [T, H], router scores r [T, E] (None: computed by the router),
     // mode (sp_ffn_mode). Returns y [T, H] (before the residual scale).
     t.def("ffn_run", [](Session &self, int32_t il, F32Rows xn, std::optional<F32Rows> r, int mode) {

@@ -15,6 +15,8 @@
  * share of the (task, slice) units and for each: gathers the task's activation rows (when not all T), computes
  * h = U_e[slice] x (kernel matmul), c = r * silu(h), then y += c @ D_e^T[slice] (kernel accum) into its own partial
  * output (thread 0: s->tmp). Partials are summed into tmp at the end. Threads meet at 4 barriers per layer.
+ * The down half is read in the tier's streaming layout (kernels.h accum_packed) when the model packed it at load.
+ * Thread 0 adds each phase's time to the session's timings (ffn_router_s .. ffn_reduce_s).
  * Thread 0 also updates the session's sparsity counters (TLS, CLS-k ring, bytes read).
  * With synthetic routing on (routing_synth.c) the router matmul still runs and its scores are then replaced.
  */
@@ -125,6 +127,13 @@ static void plan_tasks(const fwd_ctx *c, int il) {
     count_sparsity(ses, il, s->router, T, slab * (uint64_t)n_tasks);
 }
 
+/* Add the time since *clk to *acc and restart the clock. */
+static inline void lap_s(double *clk, double *acc) {
+    const double now = sp_now_s();
+    *acc += now - *clk;
+    *clk = now;
+}
+
 /* silu(z) = z / (1 + exp(-z)) */
 static inline float silu(float z) { return z / (1.0f + expf(-z)); }
 
@@ -144,14 +153,19 @@ void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth) {
     uint8_t *xg = (uint8_t *)s->xg + (size_t)ith * (size_t)B * xrow;        /* [B] gathered rows */
     float *h = s->hbuf + (int64_t)ith * B * FE;                             /* [B, FE] */
 
+    sp_timings *tm = ith == 0 ? &ses->times : NULL; /* thread 0 times the phases (forward.c's convention) */
+    double clk = tm ? sp_now_s() : 0.0, t_up = 0.0, t_down = 0.0;
+
     /* 1. router logits [T, E] = x @ router^T (split by expert rows); zero this thread's partial output */
     if (!s->router_set) sp_fwd_matmul_rows(c, s->router, E, &l->router, s->xn, T, ith, nth);
     memset(y, 0, (size_t)(T * H) * sizeof *y);
     sp_pool_barrier(ses->pool);
+    if (tm) lap_s(&clk, &tm->ffn_router_s);
 
     /* 2. thread 0: relu + norm, the task list, sparsity counters */
     if (ith == 0) plan_tasks(c, il);
     sp_pool_barrier(ses->pool);
+    if (tm) lap_s(&clk, &tm->ffn_plan_s);
 
     /* 3. this thread's (task, row slice) units: h = U x, c = r silu(h), y += c D^T */
     const int64_t n_slices = SP_MAX(1, SP_MIN(nth, FE / SLICE_MIN));
@@ -175,6 +189,7 @@ void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth) {
             x = xg;
         }
         const uint8_t *slab = (const uint8_t *)X->data + (size_t)tk->e * 2 * (size_t)FE * X->row_size;
+        const double u_clk = tm ? sp_now_s() : 0.0;
         if (l->experts_up_packed) /* h[i, f] = U_e[f] . x[i] */
             c->k->matmul_packed[X->type](h, FE, l->experts_up_packed + (size_t)tk->e * l->experts_up_stride, x, H,
                                          f0, f1, tk->n);
@@ -184,9 +199,26 @@ void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth) {
             const float r = s->router[(idx ? idx[i] : i) * E + tk->e];
             for (int64_t f = f0; f < f1; f++) h[i * FE + f] = r * silu(h[i * FE + f]);
         }
-        c->k->accum[X->type](y, H, idx, h + f0, FE, slab + (size_t)(FE + f0) * X->row_size, f1 - f0, H, tk->n);
+        const double d_clk = tm ? sp_now_s() : 0.0;
+        if (l->experts_down_packed) /* the down half in the streaming layout: rows f0.. start a 16-row group */
+            c->k->accum_packed[X->type](y, H, idx, h + f0, FE,
+                                        l->experts_down_packed + (size_t)tk->e * l->experts_up_stride +
+                                            c->k->packed_down_size[X->type](f0, H),
+                                        f1 - f0, H, tk->n);
+        else
+            c->k->accum[X->type](y, H, idx, h + f0, FE, slab + (size_t)(FE + f0) * X->row_size, f1 - f0, H, tk->n);
+        if (tm) {
+            const double now = sp_now_s();
+            t_up += d_clk - u_clk;
+            t_down += now - d_clk;
+        }
     }
     sp_pool_barrier(ses->pool);
+    if (tm) {
+        lap_s(&clk, &tm->ffn_experts_s);
+        tm->ffn_up_s += t_up;
+        tm->ffn_down_s += t_down;
+    }
 
     /* 4. tmp += the other threads' partials, for this thread's tokens */
     if (nth > 1) {
@@ -198,6 +230,7 @@ void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth) {
         }
         sp_pool_barrier(ses->pool);
     }
+    if (tm) lap_s(&clk, &tm->ffn_reduce_s);
 }
 
 /* ---- testing hook ---- */

@@ -379,8 +379,9 @@ const char *const *sp_supported_architectures(void) { return ARCH_NAMES; }
  * that are only read packed are released (MADV_DONTNEED: a private read-only file mapping reloads them from the file
  * if ever touched again), one tensor at a time, so peak memory stays near the file size. The kernels table must be
  * the one sp_forward uses (sp_kernels_get). BlockFFN experts: the up half of every expert (FE rows, read by a matmul)
- * is packed as its own block, so the decode step streams it as fast as a dense weight; the down half stays a view of
- * the file (the accumulate kernel reads it row by row). */
+ * is packed as its own block, so the decode step streams it as fast as a dense weight; the down half follows it in
+ * the tier's "down" streaming layout (kernels.h pack_down) where the tier has one, else stays a view of the file
+ * (the accumulate kernel reads it row by row). */
 static sp_status pack_weights(sp_model *m) {
     const sp_kernels *k = sp_kernels_get();
     enum { PER_LAYER = 10 };
@@ -404,13 +405,18 @@ static sp_status pack_weights(sp_model *m) {
         if (size) list[kept++] = list[i], total += size; /* sizes are multiples of 64 */
     }
     const int64_t E = m->hp.n_expert, FE = m->hp.expert_width;
-    size_t up_stride = 0; /* per expert; the same for every layer (one type and shape for all experts tensors) */
+    size_t up_stride = 0, down_size = 0; /* per expert; the same for every layer (one type and shape for all) */
     if (E > 0) {
         const sp_tensor *x0 = &m->layers[0].experts;
         up_stride = x0->data && k->packed_size[x0->type] ? k->packed_size[x0->type](FE, x0->k) : 0;
         for (int il = 0; il < m->hp.n_layer && up_stride; il++)
             if (m->layers[il].experts.type != x0->type || m->layers[il].experts.k != x0->k) up_stride = 0;
-        total += up_stride * (size_t)E * (size_t)m->hp.n_layer;
+        /* the down half too, right after the up half of the same expert, when the tier streams it packed
+         * (SPARROW_EXPERT_DOWN_PACK=0 keeps it a view of the file: the before/after benchmark's baseline) */
+        const char *env = getenv("SPARROW_EXPERT_DOWN_PACK");
+        down_size = up_stride && k->packed_down_size[x0->type] && !(env && env[0] == '0')
+                        ? k->packed_down_size[x0->type](FE, x0->k) : 0;
+        total += (up_stride + down_size) * (size_t)E * (size_t)m->hp.n_layer;
     }
     if (!total) {
         free(list);
@@ -444,14 +450,19 @@ static sp_status pack_weights(sp_model *m) {
         sp_layer *l = &m->layers[il];
         const sp_tensor *X = &l->experts;
         l->experts_up_packed = (uint8_t *)m->packed + off;
-        l->experts_up_stride = up_stride;
+        l->experts_up_stride = up_stride + down_size;
+        l->experts_down_packed = down_size ? l->experts_up_packed + up_stride : NULL;
         for (int64_t e = 0; e < E; e++) {
             const uint8_t *up = (const uint8_t *)X->data + (size_t)e * 2 * (size_t)FE * X->row_size;
             k->pack[X->type]((uint8_t *)m->packed + off, up, FE, X->k);
             off += up_stride;
-            if (m->gguf->mapped) { /* the up rows are only read packed from now on */
+            if (down_size) {
+                k->pack_down[X->type]((uint8_t *)m->packed + off, up + (size_t)FE * X->row_size, FE, X->k);
+                off += down_size;
+            }
+            if (m->gguf->mapped) { /* the up rows (and down rows when packed) are only read packed from now on */
                 const uintptr_t a = ((uintptr_t)up + page - 1) & ~(page - 1);
-                const uintptr_t b = ((uintptr_t)up + (size_t)FE * X->row_size) & ~(page - 1);
+                const uintptr_t b = ((uintptr_t)up + (size_t)(down_size ? 2 : 1) * FE * X->row_size) & ~(page - 1);
                 if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
             }
         }

@@ -60,6 +60,9 @@ typedef struct sp_layer {
     const uint8_t *experts_up_packed; /* or NULL: expert e's up rows in the kernel tier's packed layout, at
                                          experts_up_packed + e * experts_up_stride (load-time repacking) */
     size_t experts_up_stride;
+    const uint8_t *experts_down_packed; /* or NULL: expert e's down rows in the tier's "down" streaming layout
+                                           (kernels.h pack_down), at experts_down_packed + e * experts_up_stride:
+                                           each expert's packed up and down halves are adjacent, one stream */
 } sp_layer;
 
 typedef struct sp_hparams {

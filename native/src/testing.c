@@ -156,6 +156,30 @@ sp_status sp_testing_accum(const char *tier, uint32_t type, const void *d, size_
     return SP_OK;
 }
 
+sp_status sp_testing_accum_packed(const char *tier, uint32_t type, const void *d, size_t d_size, int64_t F, int64_t H,
+                                  const float *c, int64_t T, int64_t ldc, float *y, int64_t R, const int32_t *idx,
+                                  int64_t f0, int64_t f1) {
+    const sp_kernels *kt = NULL;
+    sp_type ty = SP_TYPE_F32;
+    sp_status st = tier_of(tier, &kt);
+    if (st == SP_OK) st = type_of(type, &ty);
+    if (st != SP_OK) return st;
+    if (f1 < 0) f1 = F;
+    if (F < 0 || H < 0 || H % sp_type_traits_of(ty).block_size || (int64_t)d_size != F * (int64_t)sp_row_size(ty, H) ||
+        ldc < F || (!idx && R < T) || f0 < 0 || f0 > f1 || f1 > F || f0 % 16)
+        return sp_fail(SP_ERR_INVALID_ARG, "shapes do not match");
+    for (int64_t t = 0; idx && t < T; t++)
+        if (idx[t] < 0 || idx[t] >= R) return sp_fail(SP_ERR_INVALID_ARG, "idx out of range");
+    const size_t size = kt->packed_down_size[ty] ? kt->packed_down_size[ty](F, H) : 0;
+    if (!size || !kt->accum_packed[ty]) return sp_fail(SP_ERR_UNSUPPORTED, "this tier does not pack this type");
+    void *p = alloc64(size);
+    if (!p) return sp_fail(SP_ERR_NO_MEMORY, "pack: out of memory");
+    kt->pack_down[ty](p, d, F, H);
+    kt->accum_packed[ty](y, H, idx, c + f0, ldc, (const uint8_t *)p + kt->packed_down_size[ty](f0, H), f1 - f0, H, T);
+    free(p);
+    return SP_OK;
+}
+
 sp_status sp_testing_pack_rows(const char *tier, int32_t *out) {
     const sp_kernels *kt = NULL;
     sp_status st = tier_of(tier, &kt);
@@ -391,10 +415,12 @@ sp_status sp_testing_fill_cache(sp_session *ses, int32_t n, uint64_t seed) {
     for (int64_t il = 0; il < hp->n_layer; il++)
         for (int pass = 0; pass < 2; pass++) {
             const int64_t width = pass ? hp->kv_v_dim : hp->kv_k_dim;
-            sp_f16 *base = (pass ? ses->v_cache : ses->k_cache) + il * C * width;
+            uint8_t *base = (uint8_t *)(pass ? ses->v_cache : ses->k_cache) + (size_t)(il * C * width) * ses->kv_elem;
             for (int64_t i = 0; i < (int64_t)n * width; i++) {
                 x ^= x << 13, x ^= x >> 7, x ^= x << 17; /* xorshift64 */
-                base[i] = sp_f32_to_f16((float)(x >> 40) / (float)(1 << 24) - 0.5f);
+                const float v = (float)(x >> 40) / (float)(1 << 24) - 0.5f;
+                if (ses->kv_elem == 2) ((sp_f16 *)base)[i] = sp_f32_to_f16(v);
+                else ((float *)base)[i] = v;
             }
         }
     ses->n_past = n;

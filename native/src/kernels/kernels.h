@@ -99,6 +99,14 @@ typedef struct sp_kernels {
     void (*pack[SP_TYPE_COUNT])(void *dst, const void *src, int64_t N, int64_t K);
     sp_matmul_fn matmul_packed[SP_TYPE_COUNT];
     sp_accum_fn accum[SP_TYPE_COUNT];                   /* by weight type; NULL for unsupported */
+    /* Optional load-time repacking of an accumulated weight D[F, H] (a BlockFFN expert's down half) into the tier's
+     * streaming layout (kernels/pack.c, "down" layout): groups of 16 rows, each a sequence of column blocks, so
+     * accum_packed reads the weight strictly in order. packed_down_size(F, H) is the bytes of rows [0, F) and also
+     * the offset of row F's group (F a multiple of 16); 0 = not packed. accum_packed has accum's semantics with
+     * d = the packed bytes of a group-aligned row range. */
+    size_t (*packed_down_size[SP_TYPE_COUNT])(int64_t F, int64_t H);
+    void (*pack_down[SP_TYPE_COUNT])(void *dst, const void *src, int64_t F, int64_t H);
+    sp_accum_fn accum_packed[SP_TYPE_COUNT];
     float (*dot_f32)(const float *a, const float *b, int64_t n);
     void (*axpy_f32)(float *y, float a, const float *x, int64_t n); /* y += a*x */
     /* the F16 KV cache: scores q.k and weighted sums of v, and rows written into it (round to nearest even) */

@@ -13,6 +13,14 @@
  *   m       [nb][RG] f16          block mins (Q4_1 only)
  *   padding to 64 bytes.
  * The bytes are GGUF's, reordered: 18/20/34 bytes per row and block as in the file, plus padding.
+ *
+ * "Down" layout (accum_packed; Q4_0 rows D[F, H] a BlockFFN expert's down half, nb = H/32, RG = SP_DOWN_RG = 16):
+ * G = ceil(F/16) groups of 16 rows, each nb * 288 bytes rounded up to 64; within group g, for b = 0..nb-1 in order:
+ *   quants  [16][16] bytes        row gRG+l's qs of block b (GGUF nibble order), rows >= F zero
+ *   d       [16] f16              those blocks' scales (0 for rows >= F)
+ * The accumulate kernel visits block column b of all 16 rows while a 32-column tile of y stays in registers, so it
+ * reads the group front to back: one sequential stream per expert slice instead of 16 rows read 18 bytes at a time
+ * with a row's stride between them. Bytes per row are GGUF's 18 per block, plus padding to 64 per group.
  */
 #include "tiers.h"
 
@@ -58,6 +66,31 @@ void sp_pack_rg(sp_type type, void *dst, const void *src, int64_t N, int64_t K, 
                 }
                 memcpy(&d[b * rg + l], blk, 2);
                 if (type == SP_TYPE_Q4_1) memcpy(&m[b * rg + l], blk + 2, 2);
+            }
+        }
+    }
+}
+
+static size_t down_group_bytes(int64_t H) { return ((size_t)(H / SP_QK) * (SP_DOWN_RG * 18) + 63) / 64 * 64; }
+
+size_t sp_packed_down_size_q4_0(int64_t F, int64_t H) {
+    if (F <= 0 || H <= 0 || H % SP_QK) return 0;
+    return (size_t)((F + SP_DOWN_RG - 1) / SP_DOWN_RG) * down_group_bytes(H);
+}
+
+void sp_pack_down_q4_0(void *dst, const void *src, int64_t F, int64_t H) {
+    const int64_t nb = H / SP_QK, G = (F + SP_DOWN_RG - 1) / SP_DOWN_RG;
+    const size_t gbytes = down_group_bytes(H), row_bytes = (size_t)nb * sizeof(sp_block_q4_0);
+    for (int64_t g = 0; g < G; g++) {
+        uint8_t *base = (uint8_t *)dst + (size_t)g * gbytes;
+        memset(base, 0, gbytes);
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *col = base + (size_t)b * (SP_DOWN_RG * 18); /* [16][16] quants, then [16] f16 scales */
+            for (int l = 0; l < SP_DOWN_RG && g * SP_DOWN_RG + l < F; l++) {
+                const sp_block_q4_0 *blk =
+                    (const sp_block_q4_0 *)((const uint8_t *)src + (size_t)(g * SP_DOWN_RG + l) * row_bytes) + b;
+                memcpy(col + (size_t)l * 16, blk->qs, 16);
+                memcpy(col + SP_DOWN_RG * 16 + (size_t)l * 2, &blk->d, 2);
             }
         }
     }

@@ -60,6 +60,10 @@
 size_t sp_packed_group_bytes(sp_type type, int64_t K, int rg);
 size_t sp_packed_size_rg(sp_type type, int64_t N, int64_t K, int rg); /* 0 for types that do not pack */
 void sp_pack_rg(sp_type type, void *dst, const void *src, int64_t N, int64_t K, int rg, bool q8_unsigned);
+/* pack.c: the "down" streaming layout of Q4_0 rows D[F, H] for accum_packed (layout there). */
+enum { SP_DOWN_RG = 16 };
+size_t sp_packed_down_size_q4_0(int64_t F, int64_t H);
+void sp_pack_down_q4_0(void *dst, const void *src, int64_t F, int64_t H);
 
 SP_DECLARE_TIER(ref)
 #if defined(SP_HAVE_X86)

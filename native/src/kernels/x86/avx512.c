@@ -701,6 +701,84 @@ ACCUM_AVX512(q4_0, A_Q4_0)
 ACCUM_AVX512(q4_1, A_Q4_1)
 ACCUM_AVX512(q8_0, A_Q8_0)
 
+/* ---- accum_packed: y[idx[t]] += c[t] @ D with D in the "down" streaming layout (kernels/pack.c) ----------------
+ * For each group of 16 rows and each block column b (288 bytes: 16 rows' quants, then their 16 scales): the 32-column
+ * tile of y for up to 8 tokens is loaded into zmm accumulators, the 16 products a[t, l] = c[t, f] * d[f, b] are
+ * formed as one vector per token and kept in a small buffer, and each row's 32 nibbles are unpacked once (q - 8 as
+ * float) and applied to the tile's tokens with FMAs broadcasting a[t, l]. The weight is read front to back; the
+ * group 512 bytes ahead is prefetched. Rounding: (c*d) rounded once, then fused with q - 8 (exact), where the
+ * unpacked kernel rounds c*((q-8)*d); both within accum's bound. */
+ALWAYS_INLINE void accum_down_tile(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
+                                   const uint8_t *col, int64_t j0, int nrows, int NT) {
+    const __mmask16 rm = nrows >= 16 ? 0xffff : (__mmask16)((1u << nrows) - 1);
+    const __m512 dsc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(col + 256)));
+    _Alignas(64) float a[TT][16];
+    float *yr[TT];
+    __m512 acc[TT][2];
+    _Pragma("GCC unroll 16")
+    for (int t = 0; t < NT; t++) {
+        _mm512_store_ps(a[t], _mm512_mul_ps(_mm512_maskz_loadu_ps(rm, c + t * ldc), dsc));
+        yr[t] = y + (idx ? idx[t] : t) * ldy + j0;
+        acc[t][0] = _mm512_loadu_ps(yr[t]);
+        acc[t][1] = _mm512_loadu_ps(yr[t] + 16);
+    }
+    const __m128i lo4 = _mm_set1_epi8(0x0f), k8 = _mm_set1_epi8(8);
+    _Pragma("GCC unroll 16")
+    for (int l = 0; l < 16; l++) {
+        if (l >= nrows) break;
+        const __m128i v = _mm_load_si128((const __m128i *)(col + 16 * l));
+        const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, lo4), k8);
+        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), lo4), k8);
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi));
+        _Pragma("GCC unroll 16")
+        for (int t = 0; t < NT; t++) {
+            const __m512 al = _mm512_set1_ps(a[t][l]);
+            acc[t][0] = _mm512_fmadd_ps(al, w0, acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(al, w1, acc[t][1]);
+        }
+    }
+    _Pragma("GCC unroll 16")
+    for (int t = 0; t < NT; t++) {
+        _mm512_storeu_ps(yr[t], acc[t][0]);
+        _mm512_storeu_ps(yr[t] + 16, acc[t][1]);
+    }
+}
+
+static void accum_packed_q4_0(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc, const void *dv,
+                              int64_t F, int64_t H, int64_t T) {
+    const int64_t nb = H / SP_QK, G = (F + SP_DOWN_RG - 1) / SP_DOWN_RG;
+    const size_t gbytes = sp_packed_down_size_q4_0(SP_DOWN_RG, H), cbytes = SP_DOWN_RG * 18;
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *base = (const uint8_t *)dv + (size_t)g * gbytes;
+        const int nrows = (int)SP_MIN_I(SP_DOWN_RG, F - g * SP_DOWN_RG);
+        const float *cg = c + g * SP_DOWN_RG;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *col = base + (size_t)b * cbytes;
+            _mm_prefetch((const char *)col + 512, _MM_HINT_T0);
+            _mm_prefetch((const char *)col + 576, _MM_HINT_T0);
+            _mm_prefetch((const char *)col + 640, _MM_HINT_T0);
+            _mm_prefetch((const char *)col + 704, _MM_HINT_T0);
+            _mm_prefetch((const char *)col + 768, _MM_HINT_T0);
+            for (int64_t t0 = 0; t0 < T; t0 += TT) {
+                const int nt = (int)SP_MIN_I(TT, T - t0);
+                float *yt = idx ? y : y + t0 * ldy;
+                const int32_t *it = idx ? idx + t0 : NULL;
+                const float *ct = cg + t0 * ldc;
+                switch (nt) { /* constant NT: the accumulators stay in registers */
+                case 1: accum_down_tile(yt, ldy, it, ct, ldc, col, b * SP_QK, nrows, 1); break;
+                case 2: accum_down_tile(yt, ldy, it, ct, ldc, col, b * SP_QK, nrows, 2); break;
+                case 3: accum_down_tile(yt, ldy, it, ct, ldc, col, b * SP_QK, nrows, 3); break;
+                case 4: accum_down_tile(yt, ldy, it, ct, ldc, col, b * SP_QK, nrows, 4); break;
+                case 5: accum_down_tile(yt, ldy, it, ct, ldc, col, b * SP_QK, nrows, 5); break;
+                case 6: accum_down_tile(yt, ldy, it, ct, ldc, col, b * SP_QK, nrows, 6); break;
+                case 7: accum_down_tile(yt, ldy, it, ct, ldc, col, b * SP_QK, nrows, 7); break;
+                default: accum_down_tile(yt, ldy, it, ct, ldc, col, b * SP_QK, nrows, 8); break;
+                }
+            }
+        }
+    }
+}
+
 void sp_kernels_fill_avx512(sp_kernels *k) {
     k->accum[SP_TYPE_F32] = sp_accum_f32_avx512;
     k->accum[SP_TYPE_F16] = sp_accum_f16_avx512;
@@ -708,6 +786,9 @@ void sp_kernels_fill_avx512(sp_kernels *k) {
     k->accum[SP_TYPE_Q4_0] = sp_accum_q4_0_avx512;
     k->accum[SP_TYPE_Q4_1] = sp_accum_q4_1_avx512;
     k->accum[SP_TYPE_Q8_0] = sp_accum_q8_0_avx512;
+    k->packed_down_size[SP_TYPE_Q4_0] = sp_packed_down_size_q4_0;
+    k->pack_down[SP_TYPE_Q4_0] = sp_pack_down_q4_0;
+    k->accum_packed[SP_TYPE_Q4_0] = accum_packed_q4_0;
     k->quantize_q8a = sp_quantize_q8a_avx512;
     k->matmul[SP_TYPE_Q4_0] = sp_matmul_q4_0_avx512;
     k->matmul[SP_TYPE_Q4_1] = sp_matmul_q4_1_avx512;

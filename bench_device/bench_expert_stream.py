@@ -1,0 +1,250 @@
+"""BlockFFN decode against its byte bound, per phase, before/after the down-half streaming layout (issue 21).
+
+Shape legend: T = tokens in one pass (1 = decode; 8 = a chunk verified at once), E = experts, V = vocabulary.
+
+Everything here is SYNTHETIC (bench_device/synthetic.py: the released shapes with random Q4_0 weights; the routing is
+the native synthetic-routing switch at TLS 80% / CLS-8 70%). Two copies of one model are loaded side by side:
+  - before: SPARROW_EXPERT_DOWN_PACK=0 at load -- each expert's down half stays a view of the file and the accumulate
+    kernel reads it a 32-column piece of one row at a time (16..64 rows interleaved, a row's stride apart);
+  - after: the default -- the down half is repacked at load right after the expert's packed up half, in the tier's
+    "down" streaming layout (kernels/pack.c), and accum_packed reads it front to back.
+For each copy three sessions (dense, token, chunk), 2 threads: the pool's worker is created while the process is
+pinned to the second CPU and the calling thread is then pinned to the first (both threads pinned, one per core).
+Timings alternate (before/after x mode, repeated), reported as medians with min/max over single steps.
+
+Bytes per token by phase are the weights each phase reads (the file's tensor sizes; packed copies are the same bytes
+plus padding): attention (norms, MLA projections; the latent KV cache read of the 32-token prefix is left out, it is
+< 1%), router (F32), experts (dense: all; token: the session's own expert-byte counter; chunk: the union's bytes of an
+8-token pass over 8), LM head (the last row's logits only). The bound is the native probe's read bandwidth with the
+same threads (pinned, 1 GiB per thread: DRAM); fraction of bound = (bytes per token / bandwidth) / time per token.
+Per phase, time comes from Session.timings() (thread 0's clock, each phase ending at a barrier; the experts' up and
+down shares are thread 0's own time inside the expert units).
+
+    python -m sparrow.bench_device.bench_expert_stream --out bench_device/results/expert_stream_zen4_2t.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..runtime import Model, _sparrow
+from . import profile, synthetic
+
+SCHEMA = "sparrow.bench.expert_stream/1"
+VARIANTS = ("before", "after")
+MODES = ("dense", "token", "chunk")
+PHASES = ("attention", "router", "experts", "head")
+
+
+def _stats(xs: Sequence[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def phase_bytes(path: Path) -> dict:
+    """Weight bytes per phase of the whole model (one pass reads each once): attention, router, experts, head."""
+    out = dict.fromkeys(PHASES, 0)
+    for t in gguf.GGUFReader(str(path)).tensors:
+        n = int(t.n_bytes)
+        if t.name == "output.weight" or t.name == "output_norm.weight":
+            out["head"] += n
+        elif t.name == "token_embd.weight":
+            continue  # one row per token
+        elif "ffn_router" in t.name:
+            out["router"] += n
+        elif "ffn_experts" in t.name:
+            out["experts"] += n
+        else:
+            out["attention"] += n
+    return out
+
+
+class Copy:
+    """One loaded copy of the model (variant before/after) and its three sessions, the prefix evaluated."""
+
+    def __init__(self, path: Path, variant: str, threads: int, prefix: list[int], cpus: list[int] | None):
+        os.environ["SPARROW_EXPERT_DOWN_PACK"] = "0" if variant == "before" else "1"
+        self.model = Model(path)
+        del os.environ["SPARROW_EXPERT_DOWN_PACK"]
+        if cpus:
+            os.sched_setaffinity(0, {cpus[-1]})  # the pool's workers inherit this thread's affinity
+        self.sessions = {m: self.model.session(n_ctx=256, n_batch=64, n_threads=threads, ffn_mode=m) for m in MODES}
+        if cpus:
+            os.sched_setaffinity(0, {cpus[0]})
+        self.prefix = prefix
+        for s in self.sessions.values():
+            s.set_synthetic_routing(tls=0.8, cls=0.7, k=8, seed=0)
+            s.eval(prefix, logits="none")
+
+    def close(self) -> None:
+        for s in self.sessions.values():
+            s.close()
+        self.model.close()
+
+
+def run_steps(s, tokens: list[int], prefix: int, T: int, steps: int) -> tuple[list[float], dict, np.ndarray]:
+    """`steps` passes of T tokens (T = 1: consecutive decode steps; T > 1: one chunk pass each, rolled back);
+    (seconds per pass, timings delta, last logits)."""
+    s.reset_timings()
+    ts, out = [], []
+    for i in range(steps):
+        toks = [tokens[(i + j) % len(tokens)] for j in range(T)] if T > 1 else [tokens[i % len(tokens)]]
+        t0 = time.perf_counter()
+        out.append(s.eval(toks, logits="last"))
+        ts.append(time.perf_counter() - t0)
+        if T > 1:
+            s.truncate(prefix)
+    s.truncate(prefix)
+    return ts, asdict(s.timings()), np.stack(out)
+
+
+def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: int, bandwidth: float,
+                cpus: list[int] | None, progress: bool = True) -> list[dict]:
+    sh = synthetic.SHAPES[shape].with_vocab("small")
+    path = synthetic.ensure(sh, "Q4_0", 0, progress=progress)
+    pb = phase_bytes(path)
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(3, 4096, 32).tolist()
+    tokens = rng.integers(3, 4096, 64).tolist()
+    copies = {v: Copy(path, v, threads, prefix, cpus) for v in VARIANTS}
+    try:
+        # checks, with one thread (several threads add partial sums in another order per path, and an 8-bit
+        # activation rounding on a tie can flip: bench_synthetic's _check): each variant's sparse decode and chunk
+        # outputs equal its dense ones within 1e-6 of max |logit|; before vs after is recorded (other rounding)
+        outs = {}
+        for v, c in copies.items():
+            ones = {m: c.model.session(n_ctx=256, n_batch=64, n_threads=1, ffn_mode=m) for m in MODES}
+            try:
+                for s1 in ones.values():
+                    s1.set_synthetic_routing(tls=0.8, cls=0.7, k=8, seed=0)
+                    s1.eval(prefix, logits="none")
+                for T in (1, chunk):
+                    want = run_steps(ones["dense"], tokens, 32, T, 4)[2]
+                    outs[(v, T)] = want
+                    for m in ("token", "chunk"):
+                        got = run_steps(ones[m], tokens, 32, T, 4)[2]
+                        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+                        if err > 1e-6:
+                            raise RuntimeError(f"{shape} {v} T={T}: {m} differs from dense by {err:.2e}")
+            finally:
+                for s1 in ones.values():
+                    s1.close()
+        a, b = outs[("before", 1)], outs[("after", 1)]
+        before_after_err = float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+        # expert bytes per token: token path (counter over 2k decode steps), chunk path (one chunk pass / chunk)
+        s = copies["after"].sessions["token"]
+        s.reset_sparsity()
+        run_steps(s, tokens, 32, 1, 16)
+        token_expert = s.sparsity().expert_bytes_per_token
+        s = copies["after"].sessions["chunk"]
+        s.reset_sparsity()
+        run_steps(s, tokens, 32, chunk, 1)
+        chunk_expert = s.sparsity().expert_bytes_per_token
+        configs = [("dense", 1, pb["experts"]), ("token", 1, token_expert), ("chunk", chunk, chunk_expert)]
+        times = {(v, m): [] for v in VARIANTS for m, _, _ in configs}
+        tims = {(v, m): [] for v in VARIANTS for m, _, _ in configs}
+        for _ in range(repeats):
+            for m, T, _ in configs:
+                for v in VARIANTS:
+                    ts, tm, _ = run_steps(copies[v].sessions[m], tokens, 32, T, steps if T == 1 else max(4, steps // 4))
+                    times[(v, m)] += ts
+                    tims[(v, m)].append(tm)
+        records = []
+        for m, T, expert_b in configs:
+            per_pass = {"attention": pb["attention"], "router": pb["router"], "experts": expert_b * T,
+                        "head": pb["head"]}
+            total = sum(per_pass.values())
+            for v in VARIANTS:
+                st = _stats(times[(v, m)])
+                keys = ("attention_s", "ffn_s", "head_s", "ffn_router_s", "ffn_plan_s", "ffn_experts_s",
+                        "ffn_up_s", "ffn_down_s", "ffn_reduce_s", "embed_s")
+                n_ev = sum(t["n_evals"] for t in tims[(v, m)])
+                phase_s = {k: sum(t[k] for t in tims[(v, m)]) / n_ev for k in keys}
+                bound_s = total / (bandwidth * 1e9)
+                per_phase = {}
+                for ph, sec in (("attention", phase_s["attention_s"]), ("router", phase_s["ffn_router_s"]),
+                                ("experts", phase_s["ffn_experts_s"]), ("head", phase_s["head_s"])):
+                    per_phase[ph] = {"bytes_per_pass": per_pass[ph], "bytes_per_token": per_pass[ph] / T,
+                                     "s_per_pass": sec,
+                                     "fraction_of_bound": (per_pass[ph] / (bandwidth * 1e9)) / sec if sec else None}
+                records.append({
+                    "synthetic": True, "shape": shape, "qtype": "Q4_0", "variant": v, "mode": m, "T": T,
+                    "threads": threads, "pinned": bool(cpus),
+                    "routing": {"tls": 0.8, "cls": 0.7, "k": 8, "seed": 0},
+                    "s_per_pass": st, "tok_s": T / st["median"],
+                    "bytes_per_pass": total, "bytes_per_token": total / T,
+                    "bound_s_per_pass": bound_s, "fraction_of_bound": bound_s / st["median"],
+                    "phase_s_per_pass": phase_s, "phases": per_phase,
+                    "before_after_rel_err": before_after_err})
+        return records
+    finally:
+        for c in copies.values():
+            c.close()
+
+
+def print_table(records: Sequence[dict]) -> None:
+    print(f"{'shape':5} {'mode':6} {'T':>2} {'MB/tok':>7} | {'before ms':>9} {'frac':>5} | {'after ms':>9} {'frac':>5} | "
+          f"{'speedup':>7} | after per phase: attn / router / experts (up, down) / head ms, experts frac")
+    by = {(r["shape"], r["mode"], r["variant"]): r for r in records}
+    for (shape, mode, v), r in by.items():
+        if v != "after":
+            continue
+        b = by[(shape, mode, "before")]
+        p = r["phase_s_per_pass"]
+        print(f"{shape:5} {mode:6} {r['T']:>2} {r['bytes_per_token'] / 1e6:7.1f} | "
+              f"{b['s_per_pass']['median'] * 1e3:9.2f} {b['fraction_of_bound']:5.2f} | "
+              f"{r['s_per_pass']['median'] * 1e3:9.2f} {r['fraction_of_bound']:5.2f} | "
+              f"{b['s_per_pass']['median'] / r['s_per_pass']['median']:7.2f} | "
+              f"{p['attention_s'] * 1e3:.2f} / {p['ffn_router_s'] * 1e3:.2f} / {p['ffn_experts_s'] * 1e3:.2f} "
+              f"({p['ffn_up_s'] * 1e3:.2f}, {p['ffn_down_s'] * 1e3:.2f}) / {p['head_s'] * 1e3:.2f}, "
+              f"{r['phases']['experts']['fraction_of_bound']:.2f} (before "
+              f"{b['phases']['experts']['fraction_of_bound']:.2f})")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.2b"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--bw-mb", type=int, default=1024, help="probe buffer per thread (MB)")
+    ap.add_argument("--out")
+    a = ap.parse_args(argv)
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = None if a.no_pin or len(allowed) < a.threads else allowed[:a.threads]
+    bw = _sparrow.bench_read_bandwidth(a.threads, a.bw_mb << 20, 5, True)
+    bandwidth = statistics.median(bw["gb_s"])
+    print(f"read bandwidth (native probe, {a.threads} threads pinned, {a.bw_mb} MB each): {bandwidth:.1f} GB/s "
+          f"(min {min(bw['gb_s']):.1f}, max {max(bw['gb_s']):.1f})", file=sys.stderr)
+    records = []
+    for shape in a.shapes:
+        records += bench_shape(shape, threads=a.threads, steps=a.steps, repeats=a.repeats, chunk=a.chunk,
+                               bandwidth=bandwidth, cpus=cpus)
+    if cpus:
+        os.sched_setaffinity(0, set(allowed))
+    print_table(records)
+    doc = {"schema": SCHEMA, "synthetic": True, "cpu": profile.cpu_model(), "machine": platform.machine(),
+           "tier": _sparrow.kernel_tier() if hasattr(_sparrow, "kernel_tier") else None,
+           "threads": a.threads, "pinned": bool(cpus), "load_avg": [round(x, 2) for x in os.getloadavg()],
+           "bandwidth": {"gb_s": bandwidth, "runs": bw["gb_s"], "method": "native sp_bench_read_bandwidth, "
+                         f"{a.threads} threads pinned, {a.bw_mb} MB per thread, 5 passes, median"},
+           "records": records}
+    if a.out:
+        Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -47,6 +47,16 @@ def _ffn_mode(name: str) -> int:
     return int(FFN_MODES[name])
 
 
+# sp_kv_type by name: the KV cache's element type ("f32": multi-head latent attention only).
+KV_TYPES = {"f16": 0, "f32": 1}
+
+
+def _kv_type(name: str) -> int:
+    if name not in KV_TYPES:
+        raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, not {name!r}")
+    return KV_TYPES[name]
+
+
 @dataclass(frozen=True)
 class SparsityStats:
     """Sparse-expert statistics (sp_sparsity_stats): TLS = fraction of (token, expert) pairs off; cls[k] = fraction
@@ -168,24 +178,28 @@ class Model:
         raw = self._m.meta_str(key)
         return None if raw is None else raw.decode("utf-8", errors="replace")
 
-    def session(self, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0, ffn_mode: str = "auto") -> Session:
-        return Session(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, ffn_mode=ffn_mode)
+    def session(self, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0, ffn_mode: str = "auto",
+                kv_type: str = "f16") -> Session:
+        return Session(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, ffn_mode=ffn_mode, kv_type=kv_type)
 
     def session_memory(self, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0,
-                       ffn_mode: str = "auto") -> SessionMemory:
+                       ffn_mode: str = "auto", kv_type: str = "f16") -> SessionMemory:
         """What session() with these arguments would allocate, computed by the C library without allocating it
         (the same sizing code as the session's, so it is exact)."""
-        return SessionMemory(**self._m.session_memory(n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode)))
+        return SessionMemory(**self._m.session_memory(n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode),
+                                                      _kv_type(kv_type)))
 
 
 class Session:
     """KV cache + scratch + threads for one conversation over a Model. Not for concurrent use."""
 
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0,
-                 ffn_mode: str = "auto"):
-        """ffn_mode (sparse-expert models only): "auto", "dense", "token" or "chunk" (see sp_ffn_mode)."""
+                 ffn_mode: str = "auto", kv_type: str = "f16"):
+        """ffn_mode (sparse-expert models only): "auto", "dense", "token" or "chunk" (see sp_ffn_mode). kv_type: the
+        KV cache's element type, "f16" (default) or "f32" (unrounded, twice the memory; multi-head latent attention
+        only, see sp_kv_type)."""
         self.model = model
-        self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode))
+        self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode), _kv_type(kv_type))
         self.n_batch = n_batch
         self.tokens: list[int] = []  # what the KV cache holds, in order
         self.n_evaluated = 0  # tokens run through the forward pass over this session's life (shows KV cache reuse)

@@ -60,6 +60,15 @@ def test_f32_logits_match_hf_reference(tmp_path, seed, ffn_type, tied):
         print(f"nmse {nmse(ours, rounded):.1e} vs the runtime's rounding, {nmse(ours, ref):.1e} vs the checkpoint")
         assert nmse(ours, rounded) < 1e-9
         assert nmse(ours, ref) < 2e-5
+    # with an F32 latent cache nothing is rounded: float32 arithmetic against the float64 checkpoint
+    with Model(path) as m:
+        with m.session(n_ctx=64, n_threads=2, kv_type="f32") as s:
+            batch = s.eval(TOKENS, logits="all")
+        with m.session(n_ctx=64, n_threads=1, kv_type="f32") as s:
+            single = np.concatenate([s.eval([t], logits="all") for t in TOKENS])
+    for ours in (batch, single):
+        print(f"F32 cache: nmse {nmse(ours, ref):.1e} vs the checkpoint")
+        assert nmse(ours, ref) < 1e-6
 
 
 @pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0"])
@@ -93,20 +102,35 @@ def test_batches_over_a_growing_cache_match_one_pass(tmp_path):
 
 
 def test_latent_cache_size(tmp_path):
-    """Per token and layer the cache holds KL + DR F16 values, not NH * (DK + DV) keys and values."""
+    """Per token and layer the cache holds KL + DR F16 values, not NH * (DK + DV) keys and values; F32 on request."""
     cfg = mla_config()
     _, path = build(tmp_path, cfg)
-    with Model(path) as m, m.session(n_ctx=96, n_threads=1) as s:
-        mem = s.memory()
-    per_token_layer = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
-    assert mem.kv_cache_bytes == cfg.num_hidden_layers * 96 * per_token_layer
+    per_token_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    for kv_type, size in (("f16", 2), ("f32", 4)):
+        with Model(path) as m, m.session(n_ctx=96, n_threads=1, kv_type=kv_type) as s:
+            mem = s.memory()
+            assert m.session_memory(n_ctx=96, n_threads=1, kv_type=kv_type) == mem
+        assert mem.kv_cache_bytes == cfg.num_hidden_layers * 96 * per_token_layer * size
 
 
-def test_truncate_and_keep(tmp_path):
+def test_f32_cache_is_refused_for_grouped_query_attention(tmp_path):
+    _, path = build(tmp_path, FixtureConfig())
+    with Model(path) as m:
+        with pytest.raises(SparrowError, match="F32 KV cache is implemented for multi-head latent attention only"):
+            m.session(n_ctx=16, kv_type="f32")
+        with pytest.raises(ValueError, match="kv_type must be one of f16, f32"):
+            m.session(n_ctx=16, kv_type="q8")
+        from sparrow.runtime import _sparrow
+        with pytest.raises(SparrowError, match="kv_type must be"):
+            _sparrow.Session(m._m, 16, 8, 1, 0, 7)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "f32"])
+def test_truncate_and_keep(tmp_path, kv_type):
     """Rollback and compaction move latent rows: the logits after them are those of the kept tokens alone."""
     _, path = build(tmp_path, mla_config(seed=6))
     prefix, junk, tail = TOKENS[:6], TOKENS[6:10], TOKENS[10:14]
-    with Model(path) as m, m.session(n_ctx=64, n_threads=2) as s:
+    with Model(path) as m, m.session(n_ctx=64, n_threads=2, kv_type=kv_type) as s:
         want = s.eval(prefix + tail, logits="all")[len(prefix):]
         s.truncate(0)
         s.eval(prefix + junk, logits="none")

@@ -122,11 +122,17 @@ typedef enum sp_ffn_mode {
                                  tokens that use it */
 } sp_ffn_mode;
 
+/* Element type of the KV cache. F16 (the default, as llama.cpp's) halves its memory and the bytes attention reads;
+ * F32 keeps what the model computed unrounded (twice the memory), for checking against float references. F32 is
+ * implemented for multi-head latent attention; a grouped-query model refuses it (SP_ERR_UNSUPPORTED). */
+typedef enum sp_kv_type { SP_KV_F16 = 0, SP_KV_F32 = 1 } sp_kv_type;
+
 typedef struct sp_session_params {
     int32_t n_ctx;      /* KV cache capacity in tokens (default 2048; 0 = model's training context) */
     int32_t n_batch;    /* max tokens per sp_eval call (default 64) */
     int32_t n_threads;  /* worker threads incl. the caller (default: physical cores) */
     sp_ffn_mode ffn_mode; /* sparse-expert FFN execution (default SP_FFN_AUTO) */
+    sp_kv_type kv_type;   /* KV cache element type (default SP_KV_F16) */
 } sp_session_params;
 
 SP_API sp_session_params sp_session_default_params(void);
@@ -135,7 +141,7 @@ SP_API void sp_session_free(sp_session *session);
 
 /* The memory a session allocates: its KV cache (F16 keys and values: 2 x layers x n_ctx x kv heads x head_dim x 2
  * bytes; multi-head latent attention caches only the latent and the rope key: layers x n_ctx x (kv_lora_rank +
- * qk_rope_head_dim) x 2 bytes), scratch for n_batch tokens and n_threads threads, statistics, and the session record. Not counted: the
+ * qk_rope_head_dim) x 2 bytes, x 4 bytes with SP_KV_F32), scratch for n_batch tokens and n_threads threads, statistics, and the session record. Not counted: the
  * thread pool's bookkeeping (a few hundred bytes) and its workers' stacks (reserved by the OS, barely touched). */
 typedef struct sp_session_memory {
     int32_t n_ctx;          /* KV cache capacity in tokens (an n_ctx of 0 resolved to the model's training context) */

@@ -119,9 +119,10 @@ struct ModelUse {
 
 // n_ctx None: the library default; n_batch / n_threads 0 or None: default. Other values go to C to be checked.
 sp_session_params session_params(std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
-                                 std::optional<int32_t> n_threads, int32_t ffn_mode) {
+                                 std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type) {
     sp_session_params p = sp_session_default_params();
     p.ffn_mode = (sp_ffn_mode)ffn_mode;
+    p.kv_type = (sp_kv_type)kv_type;
     if (n_ctx) p.n_ctx = *n_ctx;
     if (n_batch && *n_batch != 0) p.n_batch = *n_batch;
     if (n_threads && *n_threads != 0) p.n_threads = *n_threads;
@@ -142,10 +143,10 @@ struct Session {
     nb::object model_ref;  // keeps the Python Model alive while the session lives
     int32_t n_vocab = 0;
     Session(nb::object model_obj, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
-            std::optional<int32_t> n_threads, int32_t ffn_mode) {
+            std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type) {
         Model &mo = nb::cast<Model &>(model_obj);
         sp_model *m = mo.acquire();  // held until the session is freed
-        sp_status st = sp_session_new(m, session_params(n_ctx, n_batch, n_threads, ffn_mode), &s);
+        sp_status st = sp_session_new(m, session_params(n_ctx, n_batch, n_threads, ffn_mode, kv_type), &s);
         if (st != SP_OK) {
             mo.release();
             check(st);
@@ -408,17 +409,19 @@ NB_MODULE(_sparrow, m) {
         .def("is_eog", [](Model &self, int32_t token) { return sp_token_is_eog(ModelUse(self), token); })
         // session_memory(...) -> dict of sp_session_memory: what a Session with these arguments would allocate
         .def("session_memory", [](Model &self, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
-                                  std::optional<int32_t> n_threads, int32_t ffn_mode) {
+                                  std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type) {
             sp_session_memory mem;
-            check(sp_session_memory_estimate(ModelUse(self), session_params(n_ctx, n_batch, n_threads, ffn_mode), &mem));
+            check(sp_session_memory_estimate(ModelUse(self),
+                                             session_params(n_ctx, n_batch, n_threads, ffn_mode, kv_type), &mem));
             return memory_dict(mem);
         }, "n_ctx"_a = nb::none(), "n_batch"_a = nb::none(), "n_threads"_a = nb::none(),
-           "ffn_mode"_a = (int32_t)SP_FFN_AUTO);
+           "ffn_mode"_a = (int32_t)SP_FFN_AUTO, "kv_type"_a = (int32_t)SP_KV_F16);
 
     nb::class_<Session>(m, "Session")
-        .def(nb::init<nb::object, std::optional<int32_t>, std::optional<int32_t>, std::optional<int32_t>, int32_t>(),
+        .def(nb::init<nb::object, std::optional<int32_t>, std::optional<int32_t>, std::optional<int32_t>, int32_t,
+                      int32_t>(),
              "model"_a, "n_ctx"_a = nb::none(), "n_batch"_a = nb::none(), "n_threads"_a = nb::none(),
-             "ffn_mode"_a = (int32_t)SP_FFN_AUTO)
+             "ffn_mode"_a = (int32_t)SP_FFN_AUTO, "kv_type"_a = (int32_t)SP_KV_F16)
         // sparsity(layer=-1) -> dict of sp_sparsity_stats (cls as {k: value} for k = 2..16); None without experts
         .def("sparsity", [](Session &self, int32_t layer) -> nb::object {
             sp_sparsity_stats st;

@@ -5,7 +5,7 @@
  * dims of a head, DK = DN + DR, KR = KL + DR, DV = value dim, C = KV cache slots, P = n_past, S = C + n_batch.
  *
  * Per token and layer the cache holds only the normalised latent c (KL values, k_cache) and the rotated rope key k_pe
- * (DR values, v_cache), F16. The key expansion W_UK is folded into the query (q_lat = W_UK^T q_nope, one matmul per
+ * (DR values, v_cache), F16 (or F32: sp_session_params.kv_type). The key expansion W_UK is folded into the query (q_lat = W_UK^T q_nope, one matmul per
  * head), scores are q_lat . c + q_pe . k_pe, and the value expansion W_UV is applied after the weighted sum of
  * latents. All pool threads run sp_attn_mla at once (forward.c's worker); nothing here allocates. */
 #include "forward.h"
@@ -51,8 +51,10 @@ static void attention_mla(const fwd_ctx *c, int il, int ith, int nth) {
     const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, NH = hp->n_head;
     const int64_t KL = hp->kv_lora, DR = hp->n_rot, S = C + ses->params.n_batch;
     const float scale = 1.0f / sqrtf((float)(hp->qk_nope + DR));
-    const sp_f16 *lat = ses->k_cache + (int64_t)il * C * KL; /* [C, KL] */
-    const sp_f16 *kpe = ses->v_cache + (int64_t)il * C * DR; /* [C, DR] */
+    const size_t es = ses->kv_elem;
+    const sp_type ct = es == 4 ? SP_TYPE_F32 : SP_TYPE_F16; /* the cache rows are weights of this type to the kernels */
+    const uint8_t *lat = (const uint8_t *)ses->k_cache + (size_t)il * (size_t)C * (size_t)KL * es; /* [C, KL] */
+    const uint8_t *kpe = (const uint8_t *)ses->v_cache + (size_t)il * (size_t)C * (size_t)DR * es; /* [C, DR] */
     float *sc = ses->s.scores, *spe = ses->s.scores + NH * S; /* [NH, S] each: one token's scores, rope parts */
     int64_t h0, h1, j0, j1;
     sp_split(NH, ith, nth, &h0, &h1);
@@ -61,8 +63,8 @@ static void attention_mla(const fwd_ctx *c, int il, int ith, int nth) {
         const int64_t nv = c->b->mask ? P + T : n;
         sp_split(nv, ith, nth, &j0, &j1);
         if (j0 < j1) {
-            c->k->matmul[SP_TYPE_F16](sc, S, lat, ses->s.qlat + t * NH * KL, KL, j0, j1, NH);
-            c->k->matmul[SP_TYPE_F16](spe, S, kpe, ses->s.qpe + t * NH * DR, DR, j0, j1, NH);
+            c->k->matmul[ct](sc, S, lat, ses->s.qlat + t * NH * KL, KL, j0, j1, NH);
+            c->k->matmul[ct](spe, S, kpe, ses->s.qpe + t * NH * DR, DR, j0, j1, NH);
         }
         sp_pool_barrier(ses->pool);
         for (int64_t h = h0; h < h1; h++) {
@@ -80,7 +82,7 @@ static void attention_mla(const fwd_ctx *c, int il, int ith, int nth) {
             memset(ses->s.olat + (h * T + t) * KL, 0, (size_t)KL * sizeof(float));
         }
         if (h0 < h1) /* olat[h, t] += sum_j p[h, j] c_j for this thread's heads */
-            c->k->accum[SP_TYPE_F16](ses->s.olat + (h0 * T + t) * KL, T * KL, NULL, sc + h0 * S, S, lat, nv, KL,
+            c->k->accum[ct](ses->s.olat + (h0 * T + t) * KL, T * KL, NULL, sc + h0 * S, S, lat, nv, KL,
                                      h1 - h0);
         sp_pool_barrier(ses->pool); /* the next token's scores overwrite sc */
     }
@@ -97,8 +99,9 @@ void sp_attn_mla(const fwd_ctx *c, int il, int ith, int nth) {
     const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, NH = hp->n_head;
     const int64_t QL = hp->q_lora, KL = hp->kv_lora, DN = hp->qk_nope, DR = hp->n_rot, DK = DN + DR, KR = KL + DR;
     const int64_t DV = hp->v_dim;
-    sp_f16 *lat_slots = ses->k_cache + ((int64_t)il * C + P) * KL; /* [T, KL] this batch's latent rows */
-    sp_f16 *pe_slots = ses->v_cache + ((int64_t)il * C + P) * DR;  /* [T, DR] and rope keys */
+    const size_t es = ses->kv_elem;
+    uint8_t *lat_slots = (uint8_t *)ses->k_cache + ((size_t)il * (size_t)C + (size_t)P) * (size_t)KL * es; /* [T, KL] */
+    uint8_t *pe_slots = (uint8_t *)ses->v_cache + ((size_t)il * (size_t)C + (size_t)P) * (size_t)DR * es;  /* [T, DR] */
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
 
@@ -106,13 +109,18 @@ void sp_attn_mla(const fwd_ctx *c, int il, int ith, int nth) {
     sp_fwd_matmul_rows(c, s->cq, QL, &l->wq_a, s->xn, T, ith, nth);
     sp_fwd_matmul_rows(c, s->k, KR, &l->wkv_a, s->xn, T, ith, nth);
     sp_pool_barrier(pool);
-    /* normalise both latents, rotate the shared rope key, and cache c and k_pe at F16 */
+    /* normalise both latents, rotate the shared rope key, and cache c and k_pe (F16, or F32) */
     sp_fwd_rope_rows(c, s->k, KR, T, 1, 0, KL, ith, nth);
     for (int64_t t = t0; t < t1; t++) {
         rmsnorm_inplace(s->cq + t * QL, l->q_a_norm, QL, hp->lora_eps);
         rmsnorm_inplace(s->k + t * KR, l->kv_a_norm, KL, hp->lora_eps);
-        c->k->f32_to_f16(lat_slots + t * KL, s->k + t * KR, KL);
-        c->k->f32_to_f16(pe_slots + t * DR, s->k + t * KR + KL, DR);
+        if (es == 2) {
+            c->k->f32_to_f16((sp_f16 *)lat_slots + t * KL, s->k + t * KR, KL);
+            c->k->f32_to_f16((sp_f16 *)pe_slots + t * DR, s->k + t * KR + KL, DR);
+        } else {
+            memcpy((float *)lat_slots + t * KL, s->k + t * KR, (size_t)KL * sizeof(float));
+            memcpy((float *)pe_slots + t * DR, s->k + t * KR + KL, (size_t)DR * sizeof(float));
+        }
     }
     sp_pool_barrier(pool); /* xq (holding xn) is free again: cq's quantized rows go there */
     sp_fwd_quant_rows_for(c, &l->wq_b, s->cq, T, QL, ith, nth);

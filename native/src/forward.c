@@ -95,8 +95,8 @@ static void attention(const fwd_ctx *c, int il, int ith, int nth) {
     const int64_t QD = (int64_t)hp->n_head * D, KVD = (int64_t)hp->n_head_kv * D;
     const int group = hp->n_head / hp->n_head_kv;
     const float scale = 1.0f / sqrtf((float)D);
-    const sp_f16 *kc = ses->k_cache + (int64_t)il * C * KVD; /* [C, KVD] */
-    const sp_f16 *vc = ses->v_cache + (int64_t)il * C * KVD;
+    const sp_f16 *kc = (const sp_f16 *)ses->k_cache + (int64_t)il * C * KVD; /* [C, KVD] */
+    const sp_f16 *vc = (const sp_f16 *)ses->v_cache + (int64_t)il * C * KVD;
     float *scores = ses->s.scores + (int64_t)ith * (C + ses->params.n_batch); /* [P + T] */
     int64_t w0, w1;
     sp_split(T * hp->n_head, ith, nth, &w0, &w1);
@@ -128,8 +128,8 @@ static void attention_gqa(const fwd_ctx *c, const sp_layer *l, int il, int ith, 
     const sp_hparams *hp = &ses->model->hp;
     sp_scratch *s = &ses->s;
     const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, KVD = hp->kv_k_dim;
-    sp_f16 *k_slots = ses->k_cache + ((int64_t)il * C + P) * KVD; /* [T, KVD] this batch's cache slots */
-    sp_f16 *v_slots = ses->v_cache + ((int64_t)il * C + P) * KVD;
+    sp_f16 *k_slots = (sp_f16 *)ses->k_cache + ((int64_t)il * C + P) * KVD; /* [T, KVD] this batch's cache slots */
+    sp_f16 *v_slots = (sp_f16 *)ses->v_cache + ((int64_t)il * C + P) * KVD;
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
     sp_fwd_matmul_rows(c, s->q, l->wq.n, &l->wq, s->xn, T, ith, nth);

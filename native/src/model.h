@@ -159,8 +159,9 @@ struct sp_session {
     const sp_model *model;
     sp_session_params params;
     int32_t n_past;
-    sp_f16 *k_cache; /* [L, C, kv_k_dim] keys after RoPE (MLA: the latent c), F16 */
-    sp_f16 *v_cache; /* [L, C, kv_v_dim] values (MLA: the rotated rope key k_pe), F16 */
+    void *k_cache;   /* [L, C, kv_k_dim] keys after RoPE (MLA: the latent c), in params.kv_type (GQA: always F16) */
+    void *v_cache;   /* [L, C, kv_v_dim] values (MLA: the rotated rope key k_pe), likewise */
+    size_t kv_elem;  /* bytes per cache value: 2 (F16) or 4 (F32) */
     sp_scratch s;
     sp_sparsity_acc sparsity;
     sp_synth_routing synth;

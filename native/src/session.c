@@ -11,7 +11,8 @@
 struct sp_ffn_task { int32_t e, n, tok; }; /* see ffn_blockffn.c; only its size matters here */
 
 sp_session_params sp_session_default_params(void) {
-    sp_session_params p = {.n_ctx = 2048, .n_batch = 64, .n_threads = sp_physical_cores(), .ffn_mode = SP_FFN_AUTO};
+    sp_session_params p = {.n_ctx = 2048, .n_batch = 64, .n_threads = sp_physical_cores(), .ffn_mode = SP_FFN_AUTO,
+                           .kv_type = SP_KV_F16};
     return p;
 }
 
@@ -95,8 +96,10 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
     const uint64_t K_MAX = SP_MAX(SP_MAX(SP_MAX(H, F), SP_MAX(QD, OD)), SP_MAX(QL, SP_MAX(NH * DN, NH * KL)));
     z->bytes += sizeof *ses; /* the session record itself */
     const uint64_t before_kv = z->bytes;
-    ses->k_cache = take(z, (L * C * (uint64_t)hp->kv_k_dim + 1) / 2); /* F16: two per float */
-    ses->v_cache = hp->kv_v_dim ? take(z, (L * C * (uint64_t)hp->kv_v_dim + 1) / 2) : NULL;
+    const uint64_t per_float = p->kv_type == SP_KV_F32 ? 1 : 2; /* cache values per float of take() */
+    ses->kv_elem = sizeof(float) / per_float;
+    ses->k_cache = take(z, (L * C * (uint64_t)hp->kv_k_dim + per_float - 1) / per_float);
+    ses->v_cache = hp->kv_v_dim ? take(z, (L * C * (uint64_t)hp->kv_v_dim + per_float - 1) / per_float) : NULL;
     z->kv_bytes = z->bytes - before_kv;
     sp_scratch *s = &ses->s;
     s->x = take(z, B * H);
@@ -151,6 +154,11 @@ static sp_status check_params(const sp_model *m, sp_session_params *p) {
         return sp_fail(SP_ERR_INVALID_ARG, "n_batch must be 1..4096, got %d", p->n_batch);
     if (p->n_threads < 1 || p->n_threads > 512)
         return sp_fail(SP_ERR_INVALID_ARG, "n_threads must be 1..512, got %d", p->n_threads);
+    if (p->kv_type != SP_KV_F16 && p->kv_type != SP_KV_F32)
+        return sp_fail(SP_ERR_INVALID_ARG, "kv_type must be SP_KV_F16 or SP_KV_F32, got %d", (int)p->kv_type);
+    if (p->kv_type == SP_KV_F32 && m->attn != SP_ATTN_MLA)
+        return sp_fail(SP_ERR_UNSUPPORTED, "an F32 KV cache is implemented for multi-head latent attention only; this "
+                       "model's attention is grouped-query (use the default F16 cache)");
     if (p->ffn_mode < SP_FFN_AUTO || p->ffn_mode > SP_FFN_SPARSE_CHUNK)
         return sp_fail(SP_ERR_INVALID_ARG,
                        "ffn_mode must be one of SP_FFN_AUTO/DENSE/SPARSE_TOKEN/SPARSE_CHUNK, got %d", (int)p->ffn_mode);
@@ -275,15 +283,15 @@ static sp_status keep_checked(sp_session *ses, const int32_t *idx, int32_t n) {
             return sp_fail(SP_ERR_INVALID_ARG, "keep: slot indices must be strictly increasing and < n_past (%d)",
                            ses->n_past);
     const sp_hparams *hp = &ses->model->hp;
-    const int64_t KD = hp->kv_k_dim, VD = hp->kv_v_dim, C = ses->params.n_ctx;
+    const size_t KD = (size_t)hp->kv_k_dim * ses->kv_elem, VD = (size_t)hp->kv_v_dim * ses->kv_elem; /* row bytes */
+    const size_t C = (size_t)ses->params.n_ctx;
+    uint8_t *kc = ses->k_cache, *vc = ses->v_cache;
     /* idx[i] >= i, so copying forward in order never overwrites a slot still to be read */
-    for (int64_t il = 0; il < hp->n_layer; il++)
+    for (size_t il = 0; il < (size_t)hp->n_layer; il++)
         for (int32_t i = 0; i < n; i++) {
             if (idx[i] == i) continue;
-            memcpy(ses->k_cache + (il * C + i) * KD, ses->k_cache + (il * C + idx[i]) * KD, (size_t)KD * sizeof(sp_f16));
-            if (VD)
-                memcpy(ses->v_cache + (il * C + i) * VD, ses->v_cache + (il * C + idx[i]) * VD,
-                       (size_t)VD * sizeof(sp_f16));
+            memcpy(kc + (il * C + (size_t)i) * KD, kc + (il * C + (size_t)idx[i]) * KD, KD);
+            if (VD) memcpy(vc + (il * C + (size_t)i) * VD, vc + (il * C + (size_t)idx[i]) * VD, VD);
         }
     ses->n_past = n;
     return SP_OK;

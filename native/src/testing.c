@@ -415,10 +415,12 @@ sp_status sp_testing_fill_cache(sp_session *ses, int32_t n, uint64_t seed) {
     for (int64_t il = 0; il < hp->n_layer; il++)
         for (int pass = 0; pass < 2; pass++) {
             const int64_t width = pass ? hp->kv_v_dim : hp->kv_k_dim;
-            sp_f16 *base = (pass ? ses->v_cache : ses->k_cache) + il * C * width;
+            uint8_t *base = (uint8_t *)(pass ? ses->v_cache : ses->k_cache) + (size_t)(il * C * width) * ses->kv_elem;
             for (int64_t i = 0; i < (int64_t)n * width; i++) {
                 x ^= x << 13, x ^= x >> 7, x ^= x << 17; /* xorshift64 */
-                base[i] = sp_f32_to_f16((float)(x >> 40) / (float)(1 << 24) - 0.5f);
+                const float v = (float)(x >> 40) / (float)(1 << 24) - 0.5f;
+                if (ses->kv_elem == 2) ((sp_f16 *)base)[i] = sp_f32_to_f16(v);
+                else ((float *)base)[i] = v;
             }
         }
     ses->n_past = n;

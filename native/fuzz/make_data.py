@@ -5,7 +5,7 @@
 OUT_DIR/data: what the targets load at start-up: vocab-*.gguf (fuzz_tokenize: byte-level BPE under every
 pre-tokenizer kind, from SmolLM2's vocabulary when tests/.cache holds it, else a small hand-made one; SentencePiece
 with and without the space prefix) and model-*.gguf (fuzz_eval: tiny random llama models of several weight types, and
-a tiny BlockFFN model when the converter and sentencepiece can be imported).
+tiny BlockFFN models, grouped-query and MLA, when the converter and sentencepiece can be imported).
 OUT_DIR/seeds/<target>: starting inputs: the negative GGUF corpus of tests/gguf_corpus.py and small valid files for
 fuzz_load and fuzz_vocab, texts for fuzz_tokenize, a few programs for fuzz_sampler and fuzz_eval.
 Uses the tests' own builders (tests/tiny_llama.py, tests/gguf_corpus.py, tests/blockffn_fixture.py)."""
@@ -136,6 +136,16 @@ def models(data: Path, seeds: Path) -> None:
         folder = write_checkpoint(Path(tmp) / "ckpt", cfg)
         for q in ("f32", "q4_0"):
             convert(folder, data / f"model-blockffn-{q}.gguf", q, overwrite=True, progress=False)
+        # multi-head latent attention (the released checkpoints' attention), matmul rows multiples of 32 so that q4_0
+        # quantizes them; a one-layer file seeds fuzz_load with the MLA metadata and tensors
+        mla = {"attention_type": "mla", "hidden_size": 64, "num_attention_heads": 2, "q_lora_rank": 32,
+               "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16}
+        folder = write_checkpoint(Path(tmp) / "mla", FixtureConfig(num_experts=8, expert_size=16, seed=6, **mla))
+        for q in ("f32", "q4_0"):
+            convert(folder, data / f"model-blockffn-mla-{q}.gguf", q, overwrite=True, progress=False)
+        folder = write_checkpoint(Path(tmp) / "mla1", FixtureConfig(num_experts=4, expert_size=16, seed=7,
+                                                                    num_hidden_layers=1, **mla))
+        convert(folder, seeds / "load" / "blockffn-mla-q8_0.gguf", "q8_0", overwrite=True, progress=False)
 
 
 def corpora(seeds: Path) -> None:

@@ -11,7 +11,8 @@
  *     expert's slab is read once for all of them (weights stationary).
  *   - SPARSE_TOKEN: one task per active (token, expert) pair: a slab is read once per token that uses it.
  *   - DENSE: one task per expert with all T tokens, scores of 0 included (the baseline that ignores sparsity).
- * Each task is cut into row slices of the expert (so two threads can share one expert); thread p takes a contiguous
+ * Each task is cut into row slices of the expert (so two threads can share one expert) unless the tasks split evenly
+ * over the threads (then a unit is a whole expert: one stream); thread p takes a contiguous
  * share of the (task, slice) units and for each: gathers the task's activation rows (when not all T), computes
  * h = U_e[slice] x (kernel matmul), c = r * silu(h), then y += c @ D_e^T[slice] (kernel accum) into its own partial
  * output (thread 0: s->tmp). Partials are summed into tmp at the end. Threads meet at 4 barriers per layer.
@@ -168,7 +169,9 @@ void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth) {
     if (tm) lap_s(&clk, &tm->ffn_plan_s);
 
     /* 3. this thread's (task, row slice) units: h = U x, c = r silu(h), y += c D^T */
-    const int64_t n_slices = SP_MAX(1, SP_MIN(nth, FE / SLICE_MIN));
+    /* whole experts when the tasks split evenly over the threads (each unit then reads one expert's packed up and
+     * down halves, adjacent in memory, as one stream); else row slices, so that no thread waits for another */
+    const int64_t n_slices = s->n_tasks % nth == 0 ? 1 : SP_MAX(1, SP_MIN(nth, FE / SLICE_MIN));
     const int64_t per = ((FE + n_slices - 1) / n_slices + SLICE_MIN - 1) / SLICE_MIN * SLICE_MIN;
     int64_t u0, u1;
     sp_split((int64_t)s->n_tasks * n_slices, ith, nth, &u0, &u1);

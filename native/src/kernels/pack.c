@@ -16,7 +16,9 @@
  *
  * "Down" layout (accum_packed; Q4_0 rows D[F, H] a BlockFFN expert's down half, nb = H/32, RG = SP_DOWN_RG = 16):
  * G = ceil(F/16) groups of 16 rows, each nb * 288 bytes rounded up to 64; within group g, for b = 0..nb-1 in order:
- *   quants  [16][16] bytes        row gRG+l's qs of block b (GGUF nibble order), rows >= F zero
+ *   quants  [16][2] uint64        row gRG+l's block b: qword h (elements 16h .. 16h+15) holds element 16h + i as
+ *                                 nibble (i >> 1) of its dword (i & 1), stored q ^ 8 (so that the nibble read as a
+ *                                 signed 4-bit number is q - 8); rows >= F zero
  *   d       [16] f16              those blocks' scales (0 for rows >= F)
  * The accumulate kernel visits block column b of all 16 rows while a 32-column tile of y stays in registers, so it
  * reads the group front to back: one sequential stream per expert slice instead of 16 rows read 18 bytes at a time
@@ -89,7 +91,15 @@ void sp_pack_down_q4_0(void *dst, const void *src, int64_t F, int64_t H) {
             for (int l = 0; l < SP_DOWN_RG && g * SP_DOWN_RG + l < F; l++) {
                 const sp_block_q4_0 *blk =
                     (const sp_block_q4_0 *)((const uint8_t *)src + (size_t)(g * SP_DOWN_RG + l) * row_bytes) + b;
-                memcpy(col + (size_t)l * 16, blk->qs, 16);
+                for (int h = 0; h < 2; h++) {
+                    uint32_t dw[2] = {0, 0};
+                    for (int i = 0; i < 16; i++) {
+                        const int j = 16 * h + i; /* element j: low nibble of qs[j] or high nibble of qs[j - 16] */
+                        const uint32_t q = (uint32_t)(j < 16 ? blk->qs[j] & 0x0f : blk->qs[j - 16] >> 4) ^ 8u;
+                        dw[i & 1] |= q << (4 * (i >> 1));
+                    }
+                    memcpy(col + (size_t)l * 16 + 8 * h, dw, 8);
+                }
                 memcpy(col + SP_DOWN_RG * 16 + (size_t)l * 2, &blk->d, 2);
             }
         }

@@ -231,3 +231,16 @@ def test_down_streaming_layout_equals_the_file_view_and_ffn_phases_are_timed(mod
     for mode in ("dense", "token", "chunk"):
         want = out[("0", mode)]
         np.testing.assert_allclose(out[("1", mode)], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_one_thread_paths_are_bit_identical_with_the_down_streaming_layout(model):
+    """With one thread the token, chunk and dense paths add each expert's terms in the same order whatever the batch
+    (the prefix is a 16-token batch, decode steps single tokens): their logits are equal, not only close."""
+    out = {}
+    for mode in ("dense", "token", "chunk"):
+        with model.session(n_ctx=256, n_batch=64, n_threads=1, ffn_mode=mode) as s:
+            s.set_synthetic_routing(tls=0.8, cls=0.7, k=8, seed=5)
+            s.eval(list(range(20, 36)), logits="none")
+            out[mode] = np.stack([s.eval([t], logits="last") for t in (5, 77, 12, 250)])
+    np.testing.assert_array_equal(out["token"], out["dense"])
+    np.testing.assert_array_equal(out["chunk"], out["dense"])

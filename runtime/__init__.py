@@ -9,6 +9,8 @@ if _dev_build:
     __path__.insert(0, _os.path.abspath(_dev_build))  # type: ignore[name-defined]
 
 from .native import (
+    Generator,
+    GeneratorStats,
     Model,
     ModelInfo,
     Sampler,
@@ -20,5 +22,5 @@ from .native import (
     generate_tokens,
 )
 
-__all__ = ["Model", "ModelInfo", "Sampler", "SamplerParams", "Session", "SparrowError", "complete", "generate",
-           "generate_tokens"]
+__all__ = ["Generator", "GeneratorStats", "Model", "ModelInfo", "Sampler", "SamplerParams", "Session", "SparrowError",
+           "complete", "generate", "generate_tokens"]

@@ -292,6 +292,15 @@ class Session:
         if n != self.n_past or n != len(self.tokens):
             self.truncate(n)
 
+    def generate(self, prompt_tokens: Sequence[int], *, params: SamplerParams | None = None, max_tokens: int = 128,
+                 drafter: str = "none", stop: Sequence[str | bytes] = (), **drafter_options: int) -> Iterator[int]:
+        """Generate with the C generator (Generator: the loop, the sampler and the drafter in libsparrow), yielding
+        each token; default greedy. drafter: "none" or "prompt-lookup" (options ngram, min_ngram, draft_k)."""
+        with Generator(self, params=params, max_tokens=max_tokens, drafter=drafter, stop=stop,
+                       **drafter_options) as gen:
+            gen.start(prompt_tokens)
+            yield from gen
+
     # ---- for benchmarks and tests: synthetic routing and the binding's test hooks (not the stable C API) ----
 
     def set_synthetic_routing(self, *, tls: float, cls: float, k: int = 8, seed: int = 0) -> dict[str, float | int]:
@@ -337,6 +346,121 @@ class Sampler:
 
     def reset(self) -> None:
         self._s.reset()
+
+
+# ---- the C generator (sp_generator): generation and speculative decoding inside libsparrow ----
+
+# The drafters the C generator implements, by the names runtime.drafters uses (sp_drafter_kind).
+C_DRAFTERS = {"none": 0, "prompt-lookup": 1}
+# sp_gen_stop: why a generation ended.
+STOP_REASONS = {0: "running", 1: "eog", 2: "max_tokens", 3: "stop_string", 4: "context_full", 5: "callback"}
+
+
+@dataclass(frozen=True)
+class GeneratorStats:
+    """What a Generator did since it was created (sp_generator_stats): forward passes after the prompt, draft tokens
+    verified and accepted, tokens returned, prompt tokens evaluated, and the time in the forward passes and in the C
+    loop around them (drafting, sampling, acceptance, rollback)."""
+
+    steps: int
+    drafted: int
+    accepted: int
+    tokens: int
+    prompt_tokens: int
+    eval_s: float
+    loop_s: float
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
+
+
+class Generator:
+    """The decode loop of libsparrow (sp_generator) over a Session: a sampler, stop conditions (end of generation,
+    max_tokens, stop strings, a full context) and a drafter ("none" or "prompt-lookup": ngram..min_ngram-token
+    matches, draft_k tokens per step), verified speculatively in C. Greedy output equals generate_tokens'; sampled
+    output has the sampler's distribution (without a drafter, the same tokens for the same seed).
+
+        with Generator(session, params=SamplerParams.greedy(), drafter="prompt-lookup") as gen:
+            tokens = gen.generate(prompt_tokens)          # or: gen.start(prompt_tokens); for tok in gen: ...
+            print(gen.stop_reason, gen.stats())
+
+    Each start() restarts the sampler from its seed; the KV cache keeps the prefix this generator left there."""
+
+    def __init__(self, session: Session, *, params: SamplerParams | None = None, max_tokens: int = 128,
+                 drafter: str = "none", ngram: int = 3, min_ngram: int = 2, draft_k: int = 4,
+                 stop: Sequence[str | bytes] = (), stop_at_eog: bool = True):
+        if drafter not in C_DRAFTERS:
+            raise ValueError(f"the C generator's drafter must be one of {', '.join(C_DRAFTERS)}, not {drafter!r}")
+        self.session = session
+        self.params = params or SamplerParams.greedy()
+        stops = [x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in stop]
+        self._g = _sparrow.Generator(session._s, **asdict(self.params), max_tokens=max_tokens,
+                                     stop_at_eog=stop_at_eog, drafter=C_DRAFTERS[drafter], ngram=ngram,
+                                     min_ngram=min_ngram, draft_k=draft_k, stop=stops)
+        self.stop_reason: str | None = None  # why the last generation ended ("eog", "max_tokens", ...), None while on
+
+    def close(self) -> None:
+        self._g.close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _sync(self) -> None:
+        """Session.tokens = what the KV cache holds (the generator evaluated and rolled back in C)."""
+        self.session.tokens = self._g.context()[:self.session.n_past]
+
+    def start(self, prompt_tokens: Sequence[int]) -> None:
+        """Begin a generation (the prompt evaluated but its last token, which the first step evaluates)."""
+        self.stop_reason = None
+        before = self._g.stats()["prompt_tokens"]
+        try:
+            self._g.start(list(prompt_tokens))
+        finally:
+            self._sync()
+        self.session.n_evaluated += self._g.stats()["prompt_tokens"] - before
+
+    def next(self) -> int | None:
+        """The next token, or None once the generation has ended (stop_reason says why)."""
+        tok, why = self._g.next()
+        if tok < 0:
+            self.stop_reason = STOP_REASONS[why]
+            self._sync()
+            return None
+        return tok
+
+    def __iter__(self) -> Iterator[int]:
+        try:
+            while (tok := self.next()) is not None:
+                yield tok
+        finally:
+            self._sync()
+
+    def generate(self, prompt_tokens: Sequence[int] | None = None,
+                 callback: Callable[[int], bool | None] | None = None) -> list[int]:
+        """Start (when given a prompt) and run to the end in C; callback(token) returning False stops it (an
+        exception raised in it stops it too and is raised here). Returns the tokens."""
+        if prompt_tokens is not None:
+            self.start(prompt_tokens)
+        try:
+            tokens, why = self._g.generate(callback)
+        finally:
+            self._sync()
+        self.stop_reason = STOP_REASONS[why]
+        return tokens
+
+    def stats(self) -> GeneratorStats:
+        return GeneratorStats(**self._g.stats())
+
+    def reset_stats(self) -> None:
+        self._g.reset_stats()
+
+    def context(self) -> list[int]:
+        """Every token of the generation so far: the prompt, then the generated ones."""
+        return self._g.context()
 
 
 def generate_tokens(session: Session, prompt_tokens: Sequence[int], *, max_tokens: int = 128,

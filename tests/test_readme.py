@@ -13,9 +13,10 @@ new block is never skipped by accident):
     - the working folder holds what the snippets name as local input: BlockFFN-3B-SFT/, a tiny random BlockFFN
       checkpoint in the released layout (tests/blockffn_fixture.py).
   Running a block on its own (-k) first runs the blocks above it.
-- The ```c block is a whole program: compiled with gcc against the header and the shared library installed with the
+- The ```c blocks are whole programs: compiled with gcc against the header and the shared library installed with the
   package (sparrow/runtime/include, sparrow/runtime/lib; with SPARROW_BUILD_DIR, native/include and the build folder)
-  and run on the SmolLM2 GGUF; the token it prints is checked against the Python API's greedy choice.
+  and run on the SmolLM2 GGUF. The C API's: the token it prints is checked against the Python API's greedy choice;
+  the generator's (sp_generator): the text it prints against plain greedy decoding's, up to its stop string.
 - ```sh blocks are commands for a shell and are not run here.
 
 Figures. tools/check_readme_figures.py checks every figure against the results file it comes from and that the
@@ -123,7 +124,7 @@ def _native_paths() -> tuple[Path, Path]:
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_c_block_compiles_and_runs(tmp_path, smollm_path):
-    (line, code), = blocks("c")
+    (line, code), = [b for b in blocks("c") if "sp_generator" not in b[1]]
     include, lib = _native_paths()
     assert (include / "sparrow.h").is_file() and list(lib.glob("libsparrow.*")), (include, lib)
     src, exe = tmp_path / "app.c", tmp_path / "app"
@@ -144,6 +145,33 @@ def test_c_block_compiles_and_runs(tmp_path, smollm_path):
     assert (int(m.group(1)), m.group(2)) == (len(tokens), expected)
     bad = subprocess.run([str(exe), str(tmp_path / "missing.gguf")], capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and "error:" in bad.stderr  # the error branch reports and returns
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_c_generator_block_compiles_and_prints_plain_greedy_text(tmp_path, smollm_path):
+    (line, code), = [b for b in blocks("c") if "sp_generator" in b[1]]
+    include, lib = _native_paths()
+    src, exe = tmp_path / "gen.c", tmp_path / "gen"
+    src.write_text(code, encoding="utf-8")
+    cc = subprocess.run(["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", str(src), f"-I{include}", f"-L{lib}",
+                         "-lsparrow", f"-Wl,-rpath,{lib}", "-o", str(exe)], capture_output=True, text=True, check=False)
+    assert cc.returncode == 0, f"README.md:{line}: the C block does not compile:\n{cc.stderr}"
+    r = subprocess.run([str(exe), str(smollm_path)], capture_output=True, timeout=300, check=False)
+    assert r.returncode == 0, f"README.md:{line}: the C block failed:\n{r.stdout}\n{r.stderr}"
+    text, stats = r.stdout.rsplit(b"\n[stop ", 1)
+    m = re.match(rb"(\d+): (\d+) tokens, (\d+) steps, (\d+) drafted, (\d+) accepted", stats)
+    assert m, stats
+    literal = code.split("const char *prompt =")[1].split(";")[0]  # adjacent C string literals
+    prompt = "".join(re.findall(r'"(.*?)"', literal)).encode().decode("unicode_escape")
+    with sparrow.Model(smollm_path) as model, model.session(n_ctx=256) as s:
+        tokens = model.tokenize(prompt, parse_special=True)
+        pieces = [model.token_bytes(t) for t in sparrow.runtime.generate_tokens(s, tokens, max_tokens=32)]
+    # plain greedy decoding's text up to the token that completes the stop string "\n\n"
+    end = next((i + 1 for i in range(len(pieces)) if b"\n\n" in b"".join(pieces[:i + 1])), len(pieces))
+    assert text == b"".join(pieces[:end]) and int(m.group(2)) == end, (text, pieces)
+    assert int(m.group(4)) >= int(m.group(5))  # drafted >= accepted
+    bad = subprocess.run([str(exe), str(tmp_path / "missing.gguf")], capture_output=True, text=True, check=False)
+    assert bad.returncode == 1 and "error:" in bad.stderr
 
 
 def test_figures_match_their_results_files():

@@ -254,6 +254,85 @@ SP_API void sp_sampler_reset(sp_sampler *sampler);  /* forget history, reseed */
 #define SP_TOP_K_MAX 256
 SP_API sp_status sp_top_k(const float *x, int32_t n, int32_t k, int32_t *idx_out);
 
+/* ---- generator: the decode loop, with speculative decoding, inside the library ----
+ * A generator runs generation over one session: prompt tokens in (sp_generator_start), tokens out, pulled one at a
+ * time (sp_generate_next) or pushed to a callback that may stop it (sp_generate). It owns a sampler and, optionally, a
+ * drafter; with a drafter each step verifies the drafted chain in one sp_eval and rolls the KV cache back
+ * (sp_session_truncate) past the rejected part. Greedy output is exactly plain greedy decoding's (sp_sampler_sample
+ * after each single-token sp_eval); sampled output has exactly the sampler's distribution (speculative sampling: a
+ * drafted token d is accepted with probability p(d) under the sampler's distribution, with the repetition history of
+ * the tokens accepted before it; on rejection the token is drawn from p with d removed, renormalised).
+ * Without a drafter and with the same seed, the tokens are exactly plain sampling's.
+ * The generator allocates everything at creation; a step allocates nothing. It owns the session's KV cache while it
+ * generates: a call that finds the cache changed by someone else fails (start again). One thread at a time per
+ * generator (a second is refused with SP_ERR_INVALID_ARG, "in use by another thread"). Free it before its session. */
+typedef enum sp_drafter_kind {
+    SP_DRAFTER_NONE = 0,           /* plain decoding: one token per forward pass */
+    SP_DRAFTER_PROMPT_LOOKUP = 1,  /* the continuation of the latest earlier occurrence of the context's last n tokens,
+                                      n from ngram down to min_ngram, up to draft_k tokens (a chain) */
+} sp_drafter_kind;
+
+#define SP_GEN_MAX_STOP 8        /* stop strings per generator */
+#define SP_GEN_MAX_STOP_LEN 64   /* bytes per stop string */
+
+typedef struct sp_generator_params {
+    sp_sampler_params sampler;   /* default sp_sampler_default_params(); temperature <= 0: greedy */
+    int32_t max_tokens;          /* tokens per generation, >= 0 (default 128) */
+    bool stop_at_eog;            /* end at an end-of-generation token, which is not returned (default true) */
+    sp_drafter_kind drafter;     /* default SP_DRAFTER_NONE */
+    int32_t ngram, min_ngram;    /* prompt lookup: 1 <= min_ngram <= ngram <= 16 (default 3, 2) */
+    int32_t draft_k;             /* prompt lookup: tokens drafted per step, 1..n_batch - 1 (default 4) */
+    int32_t n_stop;              /* stop strings in stop[], 0..SP_GEN_MAX_STOP (default 0) */
+    const char *stop[SP_GEN_MAX_STOP]; /* NUL-terminated, 1..SP_GEN_MAX_STOP_LEN bytes each, copied at creation.
+                                      Generation ends after the token whose text completes one (that token is
+                                      returned: the text holds the stop string; the app trims it). Token text as
+                                      sp_token_to_piece with render_special = false. */
+} sp_generator_params;
+
+/* Why a generation ended (SP_GEN_RUNNING while it has not). */
+typedef enum sp_gen_stop {
+    SP_GEN_RUNNING = 0,
+    SP_GEN_EOG = 1,           /* an end-of-generation token (not returned) */
+    SP_GEN_MAX_TOKENS = 2,    /* max_tokens returned */
+    SP_GEN_STOP_STRING = 3,   /* the text returned so far ends with a stop string */
+    SP_GEN_CONTEXT_FULL = 4,  /* the KV cache has no room for another token */
+    SP_GEN_CALLBACK = 5,      /* sp_generate's callback returned false */
+} sp_gen_stop;
+
+typedef struct sp_generator_stats {
+    int64_t steps;       /* forward passes after the prompt (one per step: plain, or verifying a draft) */
+    int64_t drafted;     /* draft tokens verified */
+    int64_t accepted;    /* draft tokens accepted */
+    int64_t tokens;      /* tokens returned */
+    int64_t prompt_tokens; /* prompt tokens evaluated (a prefix reused from the cache is not counted) */
+    double eval_s;       /* wall time in sp_eval for the steps */
+    double loop_s;       /* wall time of the steps outside sp_eval: drafting, sampling, acceptance, rollback */
+} sp_generator_stats;
+
+typedef struct sp_generator sp_generator;
+/* Called with each token as it is generated; return false to stop (SP_GEN_CALLBACK). */
+typedef bool (*sp_token_callback)(int32_t token, void *user_data);
+
+SP_API sp_generator_params sp_generator_default_params(void);
+/* The session must outlive the generator. Fails (nothing allocated) on NULL arguments or bad params. */
+SP_API sp_status sp_generator_new(sp_session *session, const sp_generator_params *params, sp_generator **out);
+SP_API void sp_generator_free(sp_generator *gen);  /* NULL is allowed */
+/* Begin a generation: the cache keeps the longest prefix of the prompt this generator left there (never the last
+ * prompt token) and the rest of the prompt but its last token is evaluated; the sampler restarts from its seed and
+ * sees the prompt (repetition penalty). n_prompt >= 1; a prompt longer than n_ctx fails with SP_ERR_CONTEXT_FULL. */
+SP_API sp_status sp_generator_start(sp_generator *gen, const int32_t *prompt, int32_t n_prompt);
+/* The next token: SP_OK with *token >= 0 and *stop == SP_GEN_RUNNING, or, once the generation has ended, SP_OK with
+ * *token = -1 and *stop the reason (again on every later call). stop may be NULL. */
+SP_API sp_status sp_generate_next(sp_generator *gen, int32_t *token, sp_gen_stop *stop);
+/* Run the generation to its end, passing each token to cb (NULL: none); *stop (may be NULL) receives the reason. */
+SP_API sp_status sp_generate(sp_generator *gen, sp_token_callback cb, void *user_data, sp_gen_stop *stop);
+SP_API sp_status sp_generator_get_stats(const sp_generator *gen, sp_generator_stats *out); /* since creation */
+SP_API void sp_generator_reset_stats(sp_generator *gen);
+/* Every token of the current generation so far (prompt, then generated: also tokens decided in the last step but not
+ * yet returned); the KV cache holds the first sp_session_n_past(session) of them. *tokens stays valid until the next
+ * call on the generator. Returns the count (0 before the first start or on NULL). */
+SP_API int32_t sp_generator_context(const sp_generator *gen, const int32_t **tokens);
+
 /* ---- benchmarking: memory read bandwidth (the roofline of decoding) ----
  * n_threads threads each read a private buffer of bytes_per_thread bytes (allocated and written by that thread, so
  * its pages are local to it), sequentially with 64-byte vector loads, summing it. All threads start a pass together;

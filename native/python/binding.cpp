@@ -235,6 +235,124 @@ struct Sampler {
 
 using F32Rows = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 
+// sp_generator over a Session. Every call holds a use of its Session (so the session cannot be freed, nor used by
+// another thread, while the generator runs on it) and of the generator itself (a second thread is refused; close()
+// during a call frees the generator when the call returns).
+struct Generator {
+    sp_generator *g = nullptr;
+    Session *ses = nullptr;
+    nb::object ses_ref;  // keeps the Python Session alive while the generator lives
+    Generator(nb::object session_obj, float temperature, int32_t top_k, float top_p, float min_p,
+              float repeat_penalty, int32_t repeat_last_n, uint64_t seed, int32_t max_tokens, bool stop_at_eog,
+              int32_t drafter, int32_t ngram, int32_t min_ngram, int32_t draft_k, std::vector<nb::bytes> stop) {
+        Session &so = nb::cast<Session &>(session_obj);
+        sp_generator_params p = sp_generator_default_params();
+        p.sampler.temperature = temperature;
+        p.sampler.top_k = top_k;
+        p.sampler.top_p = top_p;
+        p.sampler.min_p = min_p;
+        p.sampler.repeat_penalty = repeat_penalty;
+        p.sampler.repeat_last_n = repeat_last_n;
+        p.sampler.seed = seed;
+        p.max_tokens = max_tokens;
+        p.stop_at_eog = stop_at_eog;
+        p.drafter = (sp_drafter_kind)drafter;
+        p.ngram = ngram;
+        p.min_ngram = min_ngram;
+        p.draft_k = draft_k;
+        if (stop.size() > SP_GEN_MAX_STOP)
+            throw SparrowError("SP_ERR_INVALID_ARG: generator: at most " + std::to_string(SP_GEN_MAX_STOP) +
+                               " stop strings");
+        std::vector<std::string> copies;
+        for (auto &b : stop) {
+            std::string c(b.c_str(), b.size());
+            if (c.find('\0') != std::string::npos)
+                throw SparrowError("SP_ERR_INVALID_ARG: generator: a stop string contains a NUL byte");
+            copies.push_back(c);
+        }
+        p.n_stop = (int32_t)copies.size();
+        for (size_t i = 0; i < copies.size(); i++) p.stop[i] = copies[i].c_str();
+        SessionUse s(so);
+        check(sp_generator_new(s, &p, &g));
+        ses = &so;
+        ses_ref = session_obj;
+    }
+    ~Generator() { close(); }
+    void close() {
+        sp_generator *dead = nullptr;
+        {
+            std::lock_guard<std::mutex> l(mu);
+            closed = true;
+            if (!busy) std::swap(dead, g);
+        }
+        sp_generator_free(dead);
+    }
+    sp_generator *acquire() {
+        std::lock_guard<std::mutex> l(mu);
+        if (closed || !g) throw SparrowError("SP_ERR_INVALID_ARG: the generator is closed");
+        if (busy)
+            throw SparrowError("SP_ERR_INVALID_ARG: the generator is in use by another thread (one call at a time "
+                               "per generator: give each thread its own session and generator)");
+        busy = true;
+        return g;
+    }
+    void release() {
+        sp_generator *dead = nullptr;
+        {
+            std::lock_guard<std::mutex> l(mu);
+            busy = false;
+            if (closed) std::swap(dead, g);
+        }
+        sp_generator_free(dead);
+    }
+    std::mutex mu;
+    bool busy = false;
+    bool closed = false;
+};
+
+// One call's use of a Generator and of its Session (taken in that order, given back in reverse).
+struct GeneratorUse {
+    Generator &gen;
+    sp_generator *g;
+    std::optional<SessionUse> s;
+    explicit GeneratorUse(Generator &x) : gen(x), g(x.acquire()) {
+        try {
+            s.emplace(*x.ses);
+        } catch (...) {
+            x.release();
+            throw;
+        }
+    }
+    ~GeneratorUse() {
+        s.reset();
+        gen.release();
+    }
+    GeneratorUse(const GeneratorUse &) = delete;
+    GeneratorUse &operator=(const GeneratorUse &) = delete;
+};
+
+// sp_generate's callback: the Python callable, called with the GIL (a Python exception stops the generation and is
+// raised once sp_generate has returned).
+struct PyCallback {
+    nb::object fn;
+    std::vector<int32_t> tokens;
+    std::exception_ptr error;
+    static bool call(int32_t token, void *user) {
+        PyCallback *self = (PyCallback *)user;
+        self->tokens.push_back(token);
+        if (!self->fn.is_valid() || self->fn.is_none()) return true;
+        nb::gil_scoped_acquire g;
+        try {
+            nb::object r = self->fn(token);
+            return r.is_none() || nb::cast<bool>(r);
+        } catch (...) {
+            self->error = std::current_exception();
+            return false;
+        }
+    }
+};
+
+
 // (status name, message) of a validator's result: ("SP_OK", "") when valid.
 nb::tuple status_pair(sp_status s) {
     return nb::make_tuple(sp_status_string(s), lossy_str(s == SP_OK ? "" : sp_last_error()));
@@ -520,6 +638,76 @@ NB_MODULE(_sparrow, m) {
             if (logits == "last") return nb::cast(F32Array(out, {(size_t)self.n_vocab}, owner));
             return nb::cast(F32Array(out, {T, (size_t)self.n_vocab}, owner));
         }, "tokens"_a, "pos"_a = nb::none(), "mask"_a = nb::none(), "logits"_a = "last", "out"_a.noconvert() = nb::none());
+
+    // Generator(session, sampler params..., max_tokens, stop_at_eog, drafter, ngram, min_ngram, draft_k, stop): sp_generator
+    const sp_generator_params gd = sp_generator_default_params();
+    nb::class_<Generator>(m, "Generator")
+        .def(nb::init<nb::object, float, int32_t, float, float, float, int32_t, uint64_t, int32_t, bool, int32_t,
+                      int32_t, int32_t, int32_t, std::vector<nb::bytes>>(),
+             "session"_a, "temperature"_a = gd.sampler.temperature, "top_k"_a = gd.sampler.top_k,
+             "top_p"_a = gd.sampler.top_p, "min_p"_a = gd.sampler.min_p, "repeat_penalty"_a = gd.sampler.repeat_penalty,
+             "repeat_last_n"_a = gd.sampler.repeat_last_n, "seed"_a = gd.sampler.seed, "max_tokens"_a = gd.max_tokens,
+             "stop_at_eog"_a = gd.stop_at_eog, "drafter"_a = (int32_t)gd.drafter, "ngram"_a = gd.ngram,
+             "min_ngram"_a = gd.min_ngram, "draft_k"_a = gd.draft_k, "stop"_a = std::vector<nb::bytes>())
+        .def("close", &Generator::close)
+        .def_prop_ro("closed", [](Generator &self) { return self.closed; })
+        .def("start", [](Generator &self, std::vector<int32_t> prompt) {
+            GeneratorUse u(self);
+            sp_status st;
+            {
+                nb::gil_scoped_release r;
+                st = sp_generator_start(u.g, prompt.data(), (int32_t)prompt.size());
+            }
+            check(st);
+        }, "prompt"_a)
+        // next() -> (token, stop): token -1 and the reason (sp_gen_stop) once the generation has ended
+        .def("next", [](Generator &self) {
+            GeneratorUse u(self);
+            int32_t tok = -1;
+            sp_gen_stop why = SP_GEN_RUNNING;
+            sp_status st;
+            {
+                nb::gil_scoped_release r;
+                st = sp_generate_next(u.g, &tok, &why);
+            }
+            check(st);
+            return std::make_pair(tok, (int)why);
+        })
+        // generate(callback=None) -> (tokens, stop): to the end, callback(token) -> False stops it
+        .def("generate", [](Generator &self, nb::object callback) {
+            GeneratorUse u(self);
+            PyCallback cb{callback, {}, nullptr};
+            sp_gen_stop why = SP_GEN_RUNNING;
+            sp_status st;
+            {
+                nb::gil_scoped_release r;
+                st = sp_generate(u.g, PyCallback::call, &cb, &why);
+            }
+            if (cb.error) std::rethrow_exception(cb.error);
+            check(st);
+            return std::make_pair(cb.tokens, (int)why);
+        }, "callback"_a = nb::none())
+        .def("stats", [](Generator &self) {
+            GeneratorUse u(self);
+            sp_generator_stats st;
+            check(sp_generator_get_stats(u.g, &st));
+            nb::dict d;
+            d["steps"] = st.steps;
+            d["drafted"] = st.drafted;
+            d["accepted"] = st.accepted;
+            d["tokens"] = st.tokens;
+            d["prompt_tokens"] = st.prompt_tokens;
+            d["eval_s"] = st.eval_s;
+            d["loop_s"] = st.loop_s;
+            return d;
+        })
+        .def("reset_stats", [](Generator &self) { sp_generator_reset_stats(GeneratorUse(self).g); })
+        .def("context", [](Generator &self) {
+            GeneratorUse u(self);
+            const int32_t *t = nullptr;
+            const int32_t n = sp_generator_context(u.g, &t);
+            return std::vector<int32_t>(t, t + n);
+        });
 
     const sp_sampler_params sd = sp_sampler_default_params();
     nb::class_<Sampler>(m, "Sampler")

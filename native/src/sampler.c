@@ -375,6 +375,8 @@ sp_status sp_top_k(const float *x, int32_t n, int32_t k, int32_t *idx_out) {
     return SP_OK;
 }
 
+double sp_sampler_uniform(sp_sampler *s) { return rng_uniform(s->rng); }
+
 /* Tokens outside [0, V) are ignored: they cannot be penalised. */
 void sp_sampler_accept(sp_sampler *s, int32_t token) {
     if (!s || token < 0 || token >= s->n_vocab || s->params.repeat_last_n == 0) return;

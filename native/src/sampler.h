@@ -10,4 +10,7 @@
  * does not touch the random state. */
 sp_status sp_sampler_probs(sp_sampler *sampler, const float *logits /* [V] */, float *probs /* [V] */);
 
+/* A uniform draw in [0, 1) from the sampler's random state (speculative sampling's acceptance tests, generate.c). */
+double sp_sampler_uniform(sp_sampler *sampler);
+
 #endif

@@ -1,0 +1,435 @@
+/* generate.c: the decode loop inside the library (sp_generator): sampler, stop conditions and a drafter, with
+ * speculative verification of drafted chains. The same rules as runtime/speculative.py (its docstring).
+ *
+ * Shape legend: V = vocabulary size, K = draft tokens per step (draft_k, <= n_batch - 1), T = K + 1 verified tokens,
+ * C = n_ctx.
+ *
+ * One step (the KV cache holds every token of the generation but the last one, the "root"):
+ *   draft  = prompt lookup over ctx (a chain d_1 .. d_N, N <= K, N <= room - 1)
+ *   logits = sp_eval([root, d_1 .. d_N], all rows)                       [T, V]: ONE forward pass
+ *   walk:  at row i the target chooses; while it chooses d_{i+1} (greedy: its argmax; sampling: d accepted with
+ *          probability p(d), else the token drawn from p without d), go on; the first other choice (or the choice
+ *          after the last draft) is the bonus token. The sampler's repetition history takes each token as it is
+ *          chosen, so row i's distribution is the one plain decoding would see there.
+ *   sp_session_truncate(n_past0 + 1 + accepted): the cache keeps the root and the accepted drafts.
+ * Without a draft the step is plain decoding: sp_eval(root), sp_sampler_sample.
+ * Every buffer is allocated in sp_generator_new; a step allocates nothing. */
+#include "model.h"
+#include "sampler.h"
+
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { SP_GEN_MAX_NGRAM = 16 };
+
+struct sp_generator {
+    sp_session *ses;
+    const sp_model *model;
+    sp_generator_params p;
+    char stop[SP_GEN_MAX_STOP][SP_GEN_MAX_STOP_LEN + 1]; /* copies of the stop strings */
+    size_t stop_len[SP_GEN_MAX_STOP];
+    int32_t V, n_ctx, K;       /* K: draft tokens per step at most (0: no drafter) */
+    sp_sampler *sampler;
+    float *logits;             /* [T, V] */
+    int32_t *ids;              /* [V] the sampler's candidates at a row */
+    float *probs;              /* [V] */
+    int32_t *batch;            /* [T] */
+    int32_t *ctx;              /* [C + 2] prompt, then every token decided (the cache holds ctx[0 .. n_past)) */
+    int32_t ctx_len;           /* tokens in ctx */
+    int32_t q_next;            /* ctx[q_next .. ctx_len): decided, not yet returned */
+    int32_t n_gen;             /* tokens returned in this generation */
+    int32_t n_past_left;       /* the session's n_past when the generator last touched it (-1: never) */
+    bool started, failed;
+    sp_gen_stop done;          /* SP_GEN_RUNNING, or why the generation ended */
+    sp_gen_stop pending;       /* the reason to end with at the next call (after returning a token) */
+    char *tail;                /* [tail_cap] the last bytes of the generated text (stop strings) */
+    size_t tail_len, tail_cap;
+    sp_generator_stats stats;
+    _Atomic int busy;          /* a thread is inside a call */
+};
+
+sp_generator_params sp_generator_default_params(void) {
+    sp_generator_params p;
+    memset(&p, 0, sizeof p);
+    p.sampler = sp_sampler_default_params();
+    p.max_tokens = 128;
+    p.stop_at_eog = true;
+    p.drafter = SP_DRAFTER_NONE;
+    p.ngram = 3;
+    p.min_ngram = 2;
+    p.draft_k = 4;
+    return p;
+}
+
+void sp_generator_free(sp_generator *g) {
+    if (!g) return;
+    sp_sampler_free(g->sampler);
+    free(g->logits);
+    free(g->ids);
+    free(g->probs);
+    free(g->batch);
+    free(g->ctx);
+    free(g->tail);
+    free(g);
+}
+
+static sp_status check_params(const sp_session *ses, const sp_generator_params *p) {
+    if (p->max_tokens < 0) return sp_fail(SP_ERR_INVALID_ARG, "generator: max_tokens must be >= 0 (got %d)", p->max_tokens);
+    if (p->drafter != SP_DRAFTER_NONE && p->drafter != SP_DRAFTER_PROMPT_LOOKUP)
+        return sp_fail(SP_ERR_INVALID_ARG, "generator: drafter must be SP_DRAFTER_NONE or SP_DRAFTER_PROMPT_LOOKUP "
+                       "(got %d)", (int)p->drafter);
+    if (p->drafter == SP_DRAFTER_PROMPT_LOOKUP) {
+        if (!(1 <= p->min_ngram && p->min_ngram <= p->ngram && p->ngram <= SP_GEN_MAX_NGRAM))
+            return sp_fail(SP_ERR_INVALID_ARG, "generator: prompt lookup needs 1 <= min_ngram <= ngram <= %d (got "
+                           "min_ngram %d, ngram %d)", SP_GEN_MAX_NGRAM, p->min_ngram, p->ngram);
+        const int32_t nb = ses->params.n_batch;
+        if (nb < 2)
+            return sp_fail(SP_ERR_INVALID_ARG, "generator: prompt lookup verifies a draft with its root in one batch: "
+                           "the session's n_batch must be >= 2 (got %d)", nb);
+        if (p->draft_k < 1 || p->draft_k > nb - 1)
+            return sp_fail(SP_ERR_INVALID_ARG, "generator: draft_k must be 1..n_batch - 1 = %d (got %d)", nb - 1,
+                           p->draft_k);
+    }
+    if (p->n_stop < 0 || p->n_stop > SP_GEN_MAX_STOP)
+        return sp_fail(SP_ERR_INVALID_ARG, "generator: n_stop must be 0..%d (got %d)", SP_GEN_MAX_STOP, p->n_stop);
+    for (int32_t i = 0; i < p->n_stop; i++) {
+        if (!p->stop[i]) return sp_fail(SP_ERR_INVALID_ARG, "generator: stop[%d] is NULL", i);
+        const size_t n = strnlen(p->stop[i], SP_GEN_MAX_STOP_LEN + 1);
+        if (n == 0 || n > SP_GEN_MAX_STOP_LEN)
+            return sp_fail(SP_ERR_INVALID_ARG, "generator: stop[%d] must be 1..%d bytes (got %s)", i,
+                           SP_GEN_MAX_STOP_LEN, n == 0 ? "an empty string" : "a longer one");
+    }
+    return SP_OK;
+}
+
+sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, sp_generator **out) {
+    sp_clear_error();
+    if (!out) return sp_fail(SP_ERR_INVALID_ARG, "sp_generator_new: out is NULL");
+    *out = NULL;
+    if (!ses || !params) return sp_fail(SP_ERR_INVALID_ARG, "sp_generator_new: NULL argument");
+    sp_status st = check_params(ses, params);
+    if (st != SP_OK) return st;
+    sp_generator *g = calloc(1, sizeof *g);
+    if (!g) return sp_fail(SP_ERR_NO_MEMORY, "generator: out of memory");
+    g->ses = ses;
+    g->model = ses->model;
+    g->p = *params;
+    g->V = g->model->hp.n_vocab;
+    g->n_ctx = ses->params.n_ctx;
+    g->K = params->drafter == SP_DRAFTER_NONE ? 0 : params->draft_k;
+    g->n_past_left = -1;
+    g->done = SP_GEN_RUNNING;
+    for (int32_t i = 0; i < params->n_stop; i++) {
+        g->stop_len[i] = strlen(params->stop[i]);
+        memcpy(g->stop[i], params->stop[i], g->stop_len[i] + 1);
+        g->p.stop[i] = g->stop[i];
+    }
+    for (int32_t i = params->n_stop; i < SP_GEN_MAX_STOP; i++) g->p.stop[i] = NULL;
+    st = sp_sampler_new(params->sampler, g->V, &g->sampler);
+    if (st != SP_OK) {
+        sp_generator_free(g);
+        return st;
+    }
+    const size_t T = (size_t)g->K + 1, V = (size_t)g->V;
+    g->logits = malloc(T * V * sizeof *g->logits);
+    g->ids = malloc(V * sizeof *g->ids);
+    g->probs = malloc(V * sizeof *g->probs);
+    g->batch = malloc(T * sizeof *g->batch);
+    g->ctx = malloc(((size_t)g->n_ctx + 2) * sizeof *g->ctx);
+    if (params->n_stop > 0) {
+        /* room for the longest token's text after the last SP_GEN_MAX_STOP_LEN - 1 bytes */
+        size_t longest = 0;
+        for (int32_t t = 0; t < g->V; t++) {
+            size_t n = 0;
+            sp_token_to_piece(g->model, t, false, NULL, 0, &n);
+            if (n > longest) longest = n;
+        }
+        sp_clear_error();
+        g->tail_cap = SP_GEN_MAX_STOP_LEN + longest;
+        g->tail = malloc(g->tail_cap);
+    }
+    if (!g->logits || !g->ids || !g->probs || !g->batch || !g->ctx || (params->n_stop > 0 && !g->tail)) {
+        sp_generator_free(g);
+        return sp_fail(SP_ERR_NO_MEMORY, "generator: out of memory (n_vocab %d, n_ctx %d)", (int)V, g->n_ctx);
+    }
+    *out = g;
+    return SP_OK;
+}
+
+/* One call at a time per generator. */
+static sp_status enter(sp_generator *g, const char *what) {
+    if (atomic_exchange_explicit(&g->busy, 1, memory_order_acquire))
+        return sp_fail(SP_ERR_INVALID_ARG, "%s: the generator is in use by another thread (one call at a time per "
+                       "generator: give each thread its own session and generator)", what);
+    return SP_OK;
+}
+
+static sp_status leave(sp_generator *g, sp_status st) {
+    atomic_store_explicit(&g->busy, 0, memory_order_release);
+    return st;
+}
+
+/* ---- start ---- */
+
+static sp_status start_checked(sp_generator *g, const int32_t *prompt, int32_t n) {
+    if (!prompt || n < 1) return sp_fail(SP_ERR_INVALID_ARG, "sp_generator_start: the prompt needs at least one token");
+    for (int32_t i = 0; i < n; i++)
+        if (prompt[i] < 0 || prompt[i] >= g->V)
+            return sp_fail(SP_ERR_INVALID_ARG, "sp_generator_start: prompt token %d at index %d is outside the "
+                           "vocabulary [0, %d)", prompt[i], i, g->V);
+    if (n > g->n_ctx)
+        return sp_fail(SP_ERR_CONTEXT_FULL, "sp_generator_start: the prompt has %d tokens, the context holds %d", n,
+                       g->n_ctx);
+    sp_session *ses = g->ses;
+    /* Reuse the prefix this generator left in the cache (never the last prompt token: it is the first root). */
+    const int32_t cached = sp_session_n_past(ses);
+    int32_t common = 0;
+    if (g->started && cached == g->n_past_left && cached <= g->ctx_len) {
+        const int32_t lim = SP_MIN(cached, n - 1);
+        while (common < lim && g->ctx[common] == prompt[common]) common++;
+    }
+    g->started = false;  /* until the prompt is in */
+    g->n_past_left = -1;
+    sp_status st = sp_session_truncate(ses, common);
+    if (st != SP_OK) return st;
+    const int32_t nb = ses->params.n_batch;
+    for (int32_t i = common; i < n - 1; i += nb) {
+        sp_batch b = {.tokens = prompt + i, .n_tokens = SP_MIN(nb, n - 1 - i)};
+        st = sp_eval(ses, &b);
+        if (st != SP_OK) return st;
+    }
+    g->stats.prompt_tokens += n - 1 - common;
+    memcpy(g->ctx, prompt, (size_t)n * sizeof *prompt);
+    g->ctx_len = n;
+    g->q_next = n;
+    g->n_gen = 0;
+    g->tail_len = 0;
+    g->done = g->pending = SP_GEN_RUNNING;
+    g->failed = false;
+    sp_sampler_reset(g->sampler);  /* from its seed, with the prompt as its history */
+    for (int32_t i = 0; i < n; i++) sp_sampler_accept(g->sampler, prompt[i]);
+    g->n_past_left = sp_session_n_past(ses);
+    g->started = true;
+    return SP_OK;
+}
+
+sp_status sp_generator_start(sp_generator *g, const int32_t *prompt, int32_t n_prompt) {
+    sp_clear_error();
+    if (!g) return sp_fail(SP_ERR_INVALID_ARG, "sp_generator_start: generator is NULL");
+    sp_status st = enter(g, "sp_generator_start");
+    return st != SP_OK ? st : leave(g, start_checked(g, prompt, n_prompt));
+}
+
+/* ---- one step ---- */
+
+/* Prompt lookup: the latest earlier occurrence of ctx's last n tokens (n = ngram .. min_ngram), and the up to k
+ * tokens after it, into out. Returns how many. */
+static int32_t prompt_lookup(const int32_t *ctx, int32_t L, int32_t ngram, int32_t min_ngram, int32_t k, int32_t *out) {
+    for (int32_t n = SP_MIN(ngram, L - 1); n >= min_ngram; n--) {
+        const int32_t *tail = ctx + L - n;
+        for (int32_t j = L - n - 1; j >= 0; j--) {
+            if (ctx[j] != tail[0] || memcmp(ctx + j, tail, (size_t)n * sizeof *ctx) != 0) continue;
+            const int32_t from = j + n, m = SP_MIN(k, L - from);
+            memcpy(out, ctx + from, (size_t)m * sizeof *out);
+            return m;
+        }
+    }
+    return 0;
+}
+
+/* The target's choice at one row given draft token d: *accepted when it is d, else *x is the token it chose. */
+static sp_status choose(sp_generator *g, const float *row, int32_t d, bool *accepted, int32_t *x) {
+    int32_t K = 0;
+    sp_status st = sp_sampler_candidates(g->sampler, row, g->V, g->ids, g->probs, &K);
+    if (st != SP_OK) return st;
+    if (K == 1) {  /* greedy, or a single survivor: no draw */
+        *accepted = g->ids[0] == d;
+        *x = g->ids[0];
+        return SP_OK;
+    }
+    double pd = 0.0, rest = 0.0;
+    for (int32_t i = 0; i < K; i++) {
+        if (g->ids[i] == d) pd = g->probs[i];
+        else rest += g->probs[i];
+    }
+    if (pd > 0.0 && sp_sampler_uniform(g->sampler) * (pd + rest) < pd) {  /* accept with probability p(d) */
+        *accepted = true;
+        *x = d;
+        return SP_OK;
+    }
+    /* rejected: draw from p with d removed, renormalised */
+    *accepted = false;
+    const double u = sp_sampler_uniform(g->sampler) * rest;
+    double cum = 0.0;
+    int32_t last = -1;
+    for (int32_t i = 0; i < K; i++) {
+        if (g->ids[i] == d || g->probs[i] <= 0.0f) continue;
+        cum += g->probs[i];
+        last = i;
+        if (u < cum) break;
+    }
+    if (last < 0) return sp_fail(SP_ERR_INTERNAL, "generator: no token left after rejecting the draft");
+    *x = g->ids[last];  /* also the fallback when rounding leaves u >= the summed mass */
+    return SP_OK;
+}
+
+static sp_status step(sp_generator *g) {
+    sp_session *ses = g->ses;
+    const double t0 = sp_now_s();
+    const int32_t n_past0 = sp_session_n_past(ses);
+    if (n_past0 != g->n_past_left || n_past0 != g->ctx_len - 1)
+        return sp_fail(SP_ERR_INVALID_ARG, "generator: the session's KV cache was changed outside the generator "
+                       "(n_past %d, expected %d): start the generation again", n_past0, g->ctx_len - 1);
+    const int32_t room = g->n_ctx - n_past0;  /* slots for the root and the drafts */
+    const int32_t budget = SP_MIN(g->K, room - 1);
+    int32_t N = 0;
+    if (budget > 0) N = prompt_lookup(g->ctx, g->ctx_len, g->p.ngram, g->p.min_ngram, budget, g->batch + 1);
+    g->batch[0] = g->ctx[g->ctx_len - 1];
+    const int32_t T = N + 1;
+    sp_batch b = {.tokens = g->batch, .n_tokens = T, .logits = g->logits, .logits_last_only = N == 0};
+    const double t1 = sp_now_s();
+    sp_status st = sp_eval(ses, &b);
+    const double t2 = sp_now_s();
+    if (st != SP_OK) return st;  /* nothing changed */
+    const size_t V = (size_t)g->V;
+    int32_t n_acc = 0;
+    for (int32_t i = 0;; i++) {
+        const float *row = g->logits + (size_t)i * V;
+        int32_t x;
+        bool acc = false;
+        if (i < N) st = choose(g, row, g->batch[i + 1], &acc, &x);
+        else st = sp_sampler_sample(g->sampler, row, &x);
+        if (st != SP_OK) {
+            g->failed = true;
+            sp_session_truncate(ses, n_past0);
+            g->n_past_left = n_past0;
+            return st;
+        }
+        sp_sampler_accept(g->sampler, x);
+        g->ctx[g->ctx_len++] = x;
+        if (!acc) break;
+        n_acc++;
+    }
+    if (N > 0) {
+        st = sp_session_truncate(ses, n_past0 + 1 + n_acc);
+        if (st != SP_OK) {
+            g->failed = true;
+            return st;
+        }
+    }
+    g->n_past_left = sp_session_n_past(ses);
+    g->stats.steps++;
+    g->stats.drafted += N;
+    g->stats.accepted += n_acc;
+    g->stats.eval_s += t2 - t1;
+    g->stats.loop_s += (t1 - t0) + (sp_now_s() - t2);
+    return SP_OK;
+}
+
+/* Append a returned token's text to the tail and say whether the text now ends with a stop string (checked only where
+ * a match ends inside the new bytes). */
+static bool stop_string_hit(sp_generator *g, int32_t token) {
+    if (g->p.n_stop == 0) return false;
+    const size_t old = g->tail_len;
+    size_t n = 0;
+    if (sp_token_to_piece(g->model, token, false, g->tail + old, g->tail_cap - old, &n) != SP_OK) n = 0;
+    sp_clear_error();
+    const size_t len = old + n;
+    bool hit = false;
+    for (int32_t s = 0; s < g->p.n_stop && !hit && n > 0; s++) {
+        const size_t sl = g->stop_len[s];
+        if (sl > len) continue;
+        for (size_t at = old + 1 > sl ? old + 1 - sl : 0; at + sl <= len; at++)
+            if (memcmp(g->tail + at, g->stop[s], sl) == 0) {
+                hit = true;
+                break;
+            }
+    }
+    /* keep the last SP_GEN_MAX_STOP_LEN - 1 bytes: a later match can start there at the earliest */
+    const size_t keep = SP_MIN(len, (size_t)SP_GEN_MAX_STOP_LEN - 1);
+    memmove(g->tail, g->tail + len - keep, keep);
+    g->tail_len = keep;
+    return hit;
+}
+
+static sp_status next_checked(sp_generator *g, int32_t *token, sp_gen_stop *stop) {
+    *token = -1;
+    if (!g->started) return sp_fail(SP_ERR_INVALID_ARG, "generator: no generation started (sp_generator_start)");
+    if (g->failed) return sp_fail(SP_ERR_INVALID_ARG, "generator: the generation failed earlier: start it again");
+    if (g->done == SP_GEN_RUNNING && g->pending != SP_GEN_RUNNING) g->done = g->pending;
+    if (g->done == SP_GEN_RUNNING && g->n_gen >= g->p.max_tokens) g->done = SP_GEN_MAX_TOKENS;
+    if (g->done == SP_GEN_RUNNING && g->q_next == g->ctx_len) {
+        if (g->n_ctx - sp_session_n_past(g->ses) <= 0) {
+            g->done = SP_GEN_CONTEXT_FULL;
+        } else {
+            sp_status st = step(g);
+            if (st != SP_OK) return st;
+        }
+    }
+    if (g->done != SP_GEN_RUNNING) {
+        *stop = g->done;
+        return SP_OK;
+    }
+    const int32_t tok = g->ctx[g->q_next++];
+    if (g->p.stop_at_eog && sp_token_is_eog(g->model, tok)) {
+        g->done = SP_GEN_EOG;
+        *stop = g->done;
+        return SP_OK;
+    }
+    g->n_gen++;
+    g->stats.tokens++;
+    if (stop_string_hit(g, tok)) g->pending = SP_GEN_STOP_STRING;
+    else if (g->n_gen >= g->p.max_tokens) g->pending = SP_GEN_MAX_TOKENS;
+    else if (g->q_next - 1 >= g->n_ctx) g->pending = SP_GEN_CONTEXT_FULL;
+    *token = tok;
+    *stop = SP_GEN_RUNNING;
+    return SP_OK;
+}
+
+sp_status sp_generate_next(sp_generator *g, int32_t *token, sp_gen_stop *stop) {
+    sp_clear_error();
+    if (!g || !token) return sp_fail(SP_ERR_INVALID_ARG, "sp_generate_next: NULL argument");
+    sp_gen_stop dummy;
+    sp_status st = enter(g, "sp_generate_next");
+    return st != SP_OK ? st : leave(g, next_checked(g, token, stop ? stop : &dummy));
+}
+
+sp_status sp_generate(sp_generator *g, sp_token_callback cb, void *user_data, sp_gen_stop *stop) {
+    sp_clear_error();
+    if (!g) return sp_fail(SP_ERR_INVALID_ARG, "sp_generate: generator is NULL");
+    sp_status st = enter(g, "sp_generate");
+    if (st != SP_OK) return st;
+    sp_gen_stop why = SP_GEN_RUNNING;
+    for (;;) {
+        int32_t tok;
+        st = next_checked(g, &tok, &why);
+        if (st != SP_OK || why != SP_GEN_RUNNING) break;
+        if (cb && !cb(tok, user_data)) {
+            g->done = why = SP_GEN_CALLBACK;
+            break;
+        }
+    }
+    if (stop) *stop = why;
+    return leave(g, st);
+}
+
+sp_status sp_generator_get_stats(const sp_generator *g, sp_generator_stats *out) {
+    sp_clear_error();
+    if (!g || !out) return sp_fail(SP_ERR_INVALID_ARG, "sp_generator_get_stats: NULL argument");
+    *out = g->stats;
+    return SP_OK;
+}
+
+void sp_generator_reset_stats(sp_generator *g) {
+    if (g) memset(&g->stats, 0, sizeof g->stats);
+}
+
+int32_t sp_generator_context(const sp_generator *g, const int32_t **tokens) {
+    if (!g || !g->started) {
+        if (tokens) *tokens = NULL;
+        return 0;
+    }
+    if (tokens) *tokens = g->ctx;
+    return g->ctx_len;
+}

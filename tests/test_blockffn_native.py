@@ -279,8 +279,9 @@ def test_accum_tiers_match_ref(wtype, T, F, H, scatter):
         assert np.all(np.abs(got - ref) <= 1e-5 * mag + 1e-30), tier
 
 
-@pytest.mark.parametrize("T,F,H,f0,f1", [(1, 16, 64, 0, 16), (1, 128, 1280, 64, 128), (3, 40, 96, 16, 40),
-                                         (8, 48, 256, 0, 48), (13, 7, 2048, 0, 7), (20, 64, 128, 32, 48)])
+@pytest.mark.parametrize("T,F,H,f0,f1", [(1, 16, 64, 0, 16), (1, 128, 1280, 64, 128), (1, 40, 96, 16, 40),
+                                         (3, 40, 96, 16, 40), (8, 48, 256, 0, 48), (13, 7, 2048, 0, 7),
+                                         (20, 64, 128, 32, 48)])
 @pytest.mark.parametrize("scatter", [False, True])
 def test_accum_packed_down_matches_ref(T, F, H, f0, f1, scatter):
     """The "down" streaming layout (kernels.h pack_down / accum_packed), where a tier has it: equals ref's accum

@@ -752,6 +752,40 @@ ALWAYS_INLINE void accum_down_tile(float *y, int64_t ldy, const int32_t *idx, co
     }
 }
 
+/* One token, two column blocks at once: four independent accumulator chains where one block has two, so the core does
+ * not wait on FMA latency; each column still sums the rows in order with the same products as accum_down_tile, so
+ * the result is the same bit for bit. */
+ALWAYS_INLINE void accum_down_pair1(float *yr, const float *c, const uint8_t *col, int nrows) {
+    const __mmask16 rm = nrows >= 16 ? 0xffff : (__mmask16)((1u << nrows) - 1);
+    const uint8_t *col2 = col + SP_DOWN_RG * 18;
+    const __m512 cv = _mm512_maskz_loadu_ps(rm, c);
+    _Alignas(64) float a[2][16];
+    _mm512_store_ps(a[0], _mm512_mul_ps(cv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(col + 256)))));
+    _mm512_store_ps(a[1], _mm512_mul_ps(cv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(col2 + 256)))));
+    const __m512i sh = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+    const __m512 tab = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    __m512 acc0 = _mm512_loadu_ps(yr), acc1 = _mm512_loadu_ps(yr + 16), acc2 = _mm512_loadu_ps(yr + 32),
+           acc3 = _mm512_loadu_ps(yr + 48);
+    _Pragma("GCC unroll 16")
+    for (int l = 0; l < 16; l++) {
+        if (l >= nrows) break;
+        int64_t q[4];
+        memcpy(&q[0], col + 16 * l, 8);
+        memcpy(&q[1], col + 16 * l + 8, 8);
+        memcpy(&q[2], col2 + 16 * l, 8);
+        memcpy(&q[3], col2 + 16 * l + 8, 8);
+        const __m512 a0 = _mm512_set1_ps(a[0][l]), a1 = _mm512_set1_ps(a[1][l]);
+        acc0 = _mm512_fmadd_ps(a0, _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(q[0]), sh), tab), acc0);
+        acc1 = _mm512_fmadd_ps(a0, _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(q[1]), sh), tab), acc1);
+        acc2 = _mm512_fmadd_ps(a1, _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(q[2]), sh), tab), acc2);
+        acc3 = _mm512_fmadd_ps(a1, _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(q[3]), sh), tab), acc3);
+    }
+    _mm512_storeu_ps(yr, acc0);
+    _mm512_storeu_ps(yr + 16, acc1);
+    _mm512_storeu_ps(yr + 32, acc2);
+    _mm512_storeu_ps(yr + 48, acc3);
+}
+
 static void accum_packed_q4_0(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc, const void *dv,
                               int64_t F, int64_t H, int64_t T) {
     const int64_t nb = H / SP_QK, G = (F + SP_DOWN_RG - 1) / SP_DOWN_RG;
@@ -760,6 +794,16 @@ static void accum_packed_q4_0(float *y, int64_t ldy, const int32_t *idx, const f
         const uint8_t *base = (const uint8_t *)dv + (size_t)g * gbytes;
         const int nrows = (int)SP_MIN_I(SP_DOWN_RG, F - g * SP_DOWN_RG);
         const float *cg = c + g * SP_DOWN_RG;
+        if (T == 1) { /* decode: two column blocks per pass (the last one alone when nb is odd) */
+            float *yr = y + (idx ? idx[0] : 0) * ldy;
+            for (int64_t b = 0; b < nb; b += 2) {
+                const uint8_t *col = base + (size_t)b * cbytes;
+                for (int k = 0; k < 10; k++) _mm_prefetch((const char *)col + 576 + 64 * k, _MM_HINT_T0);
+                if (b + 1 < nb) accum_down_pair1(yr + b * SP_QK, cg, col, nrows);
+                else accum_down_tile(yr, ldy, NULL, cg, ldc, col, b * SP_QK, nrows, 1);
+            }
+            continue;
+        }
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *col = base + (size_t)b * cbytes;
             _mm_prefetch((const char *)col + 512, _MM_HINT_T0);

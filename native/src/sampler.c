@@ -156,13 +156,58 @@ static sp_status sampler_filter(sp_sampler *s, const float *logits /* [V] */, in
     float *l = s->logits;
     sp_cand *c = s->cand;
 
-    /* Copy the logits, refusing NaN and +inf (-inf is a mask and allowed). */
-    for (int32_t i = 0; i < V; i++) {
-        const float x = logits[i];
-        if (isnan(x) || x == INFINITY)
-            return sp_fail(SP_ERR_INVALID_ARG, "sampler: logits[%d] is %s; logits must be finite or -inf", i,
-                           isnan(x) ? "NaN" : "+inf");
-        l[i] = x;
+    /* Greedy without a penalty to apply: the argmax of the caller's logits in one pass (the check below folded in,
+     * nothing copied), ties -> the lowest id. */
+    if (p->temperature <= 0.0f && !(p->repeat_penalty != 1.0f && s->n_history > 0)) {
+        float m[8];
+        int bad[8] = {0};
+        for (int j = 0; j < 8; j++) m[j] = -INFINITY;
+        int32_t i = 0;
+        for (; i + 8 <= V; i += 8)
+            for (int j = 0; j < 8; j++) {
+                const float x = logits[i + j];
+                bad[j] |= !(x < INFINITY);
+                m[j] = x > m[j] ? x : m[j];
+            }
+        for (; i < V; i++) {
+            bad[0] |= !(logits[i] < INFINITY);
+            m[0] = logits[i] > m[0] ? logits[i] : m[0];
+        }
+        if (bad[0] | bad[1] | bad[2] | bad[3] | bad[4] | bad[5] | bad[6] | bad[7])
+            for (i = 0; i < V; i++)
+                if (!(logits[i] < INFINITY))
+                    return sp_fail(SP_ERR_INVALID_ARG, "sampler: logits[%d] is %s; logits must be finite or -inf", i,
+                                   isnan(logits[i]) ? "NaN" : "+inf");
+        float mx = m[0];
+        for (int j = 1; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
+        int32_t best = 0;
+        while (best < V - 1 && logits[best] != mx) best++;
+        c[0] = (sp_cand){1.0f, best};
+        *n_out = 1;
+        *mass = 1.0;
+        return SP_OK;
+    }
+
+    /* Copy the logits, refusing NaN and +inf (-inf is a mask and allowed): a branch-free check over 8 lanes (the
+     * compiler vectorizes it), the offending index looked for only on failure. */
+    {
+        int bad[8] = {0};
+        int32_t i = 0;
+        for (; i + 8 <= V; i += 8)
+            for (int j = 0; j < 8; j++) {
+                const float x = logits[i + j];
+                bad[j] |= !(x < INFINITY);
+                l[i + j] = x;
+            }
+        for (; i < V; i++) {
+            bad[0] |= !(logits[i] < INFINITY);
+            l[i] = logits[i];
+        }
+        if (bad[0] | bad[1] | bad[2] | bad[3] | bad[4] | bad[5] | bad[6] | bad[7])
+            for (i = 0; i < V; i++)
+                if (!(logits[i] < INFINITY))
+                    return sp_fail(SP_ERR_INVALID_ARG, "sampler: logits[%d] is %s; logits must be finite or -inf", i,
+                                   isnan(logits[i]) ? "NaN" : "+inf");
     }
 
     /* 1. Repetition penalty, once per distinct token of the history. */
@@ -180,9 +225,17 @@ static sp_status sampler_filter(sp_sampler *s, const float *logits /* [V] */, in
 
     /* 2. Greedy: argmax, ties -> lowest id. */
     if (p->temperature <= 0.0f) {
+        /* the largest value (8 independent lanes, no loop-carried load), then its first index */
+        float m[8];
+        for (int j = 0; j < 8; j++) m[j] = -INFINITY;
+        int32_t i = 0;
+        for (; i + 8 <= V; i += 8)
+            for (int j = 0; j < 8; j++) m[j] = l[i + j] > m[j] ? l[i + j] : m[j];
+        for (; i < V; i++) m[0] = l[i] > m[0] ? l[i] : m[0];
+        float mx = m[0];
+        for (int j = 1; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
         int32_t best = 0;
-        for (int32_t i = 1; i < V; i++)
-            if (l[i] > l[best]) best = i;
+        while (best < V - 1 && l[best] != mx) best++;
         c[0] = (sp_cand){1.0f, best};
         *n_out = 1;
         *mass = 1.0;

@@ -235,6 +235,14 @@ FIGURES: list[Figure] = [
     Figure("the native probe's read bandwidth with both threads pinned: {:.1f} GB/s", "expert_stream",
            ("bandwidth/gb_s",)),
     *[expert_stream_row(shape, mode) for shape in ("0.5b", "1.2b") for mode in ("dense", "token", "chunk")],
+    Figure("token-sparse decode is {:.2f}x (0.5b) and {:.2f}x (1.2b) as fast as dense for {:.2f}x and {:.2f}x fewer "
+           "bytes", "expert_stream",
+           tuple((lambda d, sh=sh, k=k: rec(shape=sh, mode="dense", variant="after")(d)[k]
+                  / rec(shape=sh, mode="token", variant="after")(d)[k] if k == "bytes_per_token" else
+                  rec(shape=sh, mode="dense", variant="after")(d)["s_per_pass"]["median"]
+                  / rec(shape=sh, mode="token", variant="after")(d)["s_per_pass"]["median"])
+                 for k, sh in (("s", "0.5b"), ("s", "1.2b"), ("bytes_per_token", "0.5b"),
+                               ("bytes_per_token", "1.2b")))),
     Figure("thread 0 spent {:.2f} ms in the down halves with the experts in the caches and {:.2f} ms with them coming "
            "from DRAM, against {:.2f} ms and {:.2f} ms in the up halves", "expert_stream",
            tuple((lambda d, w=w, k=k: rec(shape="0.5b", mode="dense", variant="after")(d)["expert_halves"][w][k])

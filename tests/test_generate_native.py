@@ -394,3 +394,20 @@ def test_c_example_generates_plain_greedy_text(tmp_path, smollm, smollm_path):
     print(stats.decode())
     bad = subprocess.run([str(exe), str(tmp_path / "missing.gguf"), "hi"], capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and "error:" in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.parametrize("which", ["smollm", "blockffn-tiny"])
+def test_c_api_null_arguments_push_pull_and_a_second_thread(tmp_path, smollm_path, which):
+    """tests/native/generator_threads.c: NULL arguments, push = pull, a second host thread refused while the
+    generator is inside its callback, the KV cache rolled back behind its back (its docstring)."""
+    include, lib = _native_paths()
+    exe = tmp_path / "generator_threads"
+    cc = subprocess.run(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror",
+                         str(ROOT / "tests" / "native" / "generator_threads.c"), f"-I{include}", f"-L{lib}",
+                         "-lsparrow", "-lpthread", f"-Wl,-rpath,{lib}", "-o", str(exe)],
+                        capture_output=True, text=True, check=False)
+    assert cc.returncode == 0, cc.stderr
+    model = smollm_path if which == "smollm" else TINY_BLOCKFFN
+    r = subprocess.run([str(exe), str(model)], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -411,3 +411,20 @@ def test_c_api_null_arguments_push_pull_and_a_second_thread(tmp_path, smollm_pat
     model = smollm_path if which == "smollm" else TINY_BLOCKFFN
     r = subprocess.run([str(exe), str(model)], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""), reason="the sanitizers bring their own allocator")
+def test_a_generation_allocates_nothing(tmp_path, smollm_path):
+    """tests/native/generator_allocs.c counts every allocation, in every thread, from sp_generator_start to the end
+    of a generation (greedy and sampled, prompt lookup, stop strings)."""
+    include, lib = _native_paths()
+    exe = tmp_path / "generator_allocs"
+    cc = subprocess.run(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror",
+                         str(ROOT / "tests" / "native" / "generator_allocs.c"), f"-I{include}", f"-L{lib}",
+                         "-lsparrow", f"-Wl,-rpath,{lib}", "-o", str(exe)], capture_output=True, text=True, check=False)
+    assert cc.returncode == 0, cc.stderr
+    for model in (smollm_path, TINY_BLOCKFFN):
+        r = subprocess.run([str(exe), str(model)], capture_output=True, text=True, timeout=300, check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "allocations: greedy 0 (48 tokens), sampled 0 (48 tokens)" in r.stdout, r.stdout

@@ -335,10 +335,10 @@ def test_bad_arguments_are_clear_errors(smollm):
     g2.close()
 
 
-def test_two_threads_on_one_generator_get_a_clear_error(smollm):
-    model, session = smollm
-    toks = model.tokenize(PROMPTS[0], parse_special=True)
-    started, errors = threading.Event(), []
+def test_two_threads_on_one_generator_get_a_clear_error(smollm, smollm_plain):
+    _model, session = smollm
+    toks, ref = smollm_plain[0]
+    started, errors, result = threading.Event(), [], []
 
     def slow(t):
         started.set()
@@ -346,7 +346,7 @@ def test_two_threads_on_one_generator_get_a_clear_error(smollm):
 
     session.truncate(0)
     with Generator(session, max_tokens=12, drafter="prompt-lookup", stop_at_eog=False) as gen:
-        th = threading.Thread(target=lambda: gen.generate(toks, callback=slow))
+        th = threading.Thread(target=lambda: result.append(gen.generate(toks, callback=slow)))
         th.start()
         assert started.wait(60)
         for call in (gen.next, lambda: gen.start(toks), gen.generate, gen.stats, lambda: session.eval([1]),
@@ -357,8 +357,8 @@ def test_two_threads_on_one_generator_get_a_clear_error(smollm):
                 errors.append(str(e))
         th.join()
         assert len(errors) == 6 and all("in use by another thread" in e for e in errors), errors
-        assert gen.stop_reason is None or gen.stop_reason == "max_tokens"
-        assert len(gen.context()) == len(toks) + 12 or gen.stats().tokens == 12
+        # the generation went on unharmed
+        assert result == [ref[:12]] and gen.stop_reason == "max_tokens"
 
 
 # ---- the C example ----

@@ -277,9 +277,10 @@ def test_bad_logits_raise(bad, words, temperature):
     assert 0 <= s.sample(x) < 100  # the sampler survives
 
 
-def test_all_masked_raises_and_wrong_length_raises():
-    s = sp.Sampler(10)
-    with pytest.raises(sp.SparrowError, match="-inf"):
+@pytest.mark.parametrize("temperature", [0.0, 0.8])  # greedy takes its own one-pass path
+def test_all_masked_raises_and_wrong_length_raises(temperature):
+    s = sp.Sampler(10, temperature=temperature)
+    with pytest.raises(sp.SparrowError, match="every logit is -inf"):
         s.sample(np.full(10, -np.inf, np.float32))
     with pytest.raises(sp.SparrowError, match="n_vocab"):
         s.sample(np.zeros(11, np.float32))

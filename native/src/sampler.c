@@ -180,6 +180,7 @@ static sp_status sampler_filter(sp_sampler *s, const float *logits /* [V] */, in
                                    isnan(logits[i]) ? "NaN" : "+inf");
         float mx = m[0];
         for (int j = 1; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
+        if (mx == -INFINITY) return sp_fail(SP_ERR_INVALID_ARG, "sampler: every logit is -inf, nothing to sample");
         int32_t best = 0;
         while (best < V - 1 && logits[best] != mx) best++;
         c[0] = (sp_cand){1.0f, best};
@@ -234,6 +235,7 @@ static sp_status sampler_filter(sp_sampler *s, const float *logits /* [V] */, in
         for (; i < V; i++) m[0] = l[i] > m[0] ? l[i] : m[0];
         float mx = m[0];
         for (int j = 1; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
+        if (mx == -INFINITY) return sp_fail(SP_ERR_INVALID_ARG, "sampler: every logit is -inf, nothing to sample");
         int32_t best = 0;
         while (best < V - 1 && l[best] != mx) best++;
         c[0] = (sp_cand){1.0f, best};

@@ -97,6 +97,8 @@ def models_info(model: str, as_json: bool, verify: bool) -> None:
     elif header:
         data.update({"architecture": header.architecture, "quantization": header.quantization,
                      "size": path.stat().st_size})
+    if header and header.attention():
+        data["attention"] = header.attention()
     data["backend"] = {"name": route.backend, "reason": route.reason, "available": route.available,
                        "problem": route.problem}
     tuned, warning = store.load_tuned(manifest.name, sha256=manifest.sha256) if manifest else (None, None)
@@ -117,6 +119,12 @@ def models_info(model: str, as_json: bool, verify: bool) -> None:
         click.echo(f"sha256:        {manifest.sha256}" + ("  (verified: the file matches)" if verify else ""))
     click.echo(f"architecture:  {data.get('architecture')}")
     click.echo(f"quantization:  {data.get('quantization')}")
+    if "attention" in data:
+        att = data["attention"]
+        kind = {"mla": "multi-head latent (the cache holds one latent row per token)", "gqa": "grouped-query",
+                "mha": "multi-head"}[att["kind"]]
+        click.echo(f"attention:     {kind}; KV cache {fmt_bytes(att['kv_bytes_per_token'])} per token (F16), "
+                   f"{fmt_bytes(att['kv_bytes_per_token'] * 4096)} for 4096 tokens")
     if manifest:
         click.echo(f"source:        {manifest.source}")
         click.echo(f"pulled:        {manifest.created}")

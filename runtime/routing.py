@@ -70,6 +70,19 @@ class GGUFHeader:
         value = self.metadata.get(f"{self.architecture}.{key}", default)
         return int(value) if isinstance(value, (int, float)) else default
 
+    def attention(self) -> dict | None:
+        """The attention kind and the F16 KV cache bytes per token over all layers, from the metadata (the sizes
+        the native runtime allocates: grouped-query keys and values, or MLA's latent and rope key); None when the
+        metadata does not say."""
+        L, NH = self.arch_int("block_count"), self.arch_int("attention.head_count")
+        if L <= 0 or NH <= 0:
+            return None
+        if self.metadata.get(f"{self.architecture}.attention.type") == "mla":
+            per_layer = self.arch_int("attention.kv_lora_rank") + self.arch_int("rope.dimension_count")
+            return {"kind": "mla", "kv_bytes_per_token": L * per_layer * 2}
+        H, NKV = self.arch_int("embedding_length"), self.arch_int("attention.head_count_kv", NH)
+        return {"kind": "gqa" if NKV < NH else "mha", "kv_bytes_per_token": L * 2 * NKV * (H // NH) * 2}
+
 
 class _Cursor:
     def __init__(self, buf: memoryview | mmap.mmap, size: int):

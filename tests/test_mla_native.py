@@ -246,3 +246,27 @@ def test_sparse_paths_agree(tmp_path):
                     assert np.max(np.abs(out - base)) <= 1e-5 * np.max(np.abs(base)), (qtype, threads, mode)
                 elif threads == 1:
                     assert np.array_equal(out, base), (qtype, threads, mode)
+
+
+def test_models_info_reports_attention_and_kv_bytes(tmp_path, home):
+    """`sparrow models info` names the attention kind and the KV cache per token, read from the metadata, and that is
+    what the C library allocates (an MLA, a grouped-query BlockFFN and a llama file)."""
+    import json
+
+    from click.testing import CliRunner
+    from sparrow.cli import sparrow
+    from sparrow.runtime.routing import read_gguf_header
+    from tiny_llama import TinyConfig, write_tiny_llama
+
+    files = {"mla": build(tmp_path / "a", mla_config())[1], "gqa": build(tmp_path / "b", FixtureConfig())[1],
+             "llama": write_tiny_llama(tmp_path / "llama.gguf", TinyConfig())}
+    for kind, path in files.items():
+        r = CliRunner().invoke(sparrow, ["models", "info", str(path), "--json"], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        att = json.loads(r.output)["attention"]
+        assert att["kind"] == {"mla": "mla", "gqa": "gqa", "llama": "gqa"}[kind]
+        with Model(path) as m:
+            assert att["kv_bytes_per_token"] * 96 == m.session_memory(n_ctx=96, n_threads=1).kv_cache_bytes
+        assert read_gguf_header(path).attention() == att
+        text = CliRunner().invoke(sparrow, ["models", "info", str(path)], catch_exceptions=False).output
+        assert "attention:     " in text and "per token (F16)" in text

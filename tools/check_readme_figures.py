@@ -50,6 +50,7 @@ SOURCES = {
     "spec": Source("bench_device/results/speculative_zen4_2t.json", "Zen 4"),
     "spec_mla": Source("bench_device/results/speculative_mla_zen4_2t.json", "Zen 4"),  # (b) on the MLA shapes
     "mla": Source("bench_device/results/mla_synthetic_zen4_2t.json", "Zen 4"),
+    "generate": Source("bench_device/results/generate_smollm2_zen4_2t.json", "Zen 4"),
     "adaptive": Source("bench_device/results/adaptive_smollm2_zen4_2t.json", "Zen 4"),
     "tune": Source("bench_device/results/tune_smollm2_quick_zen4_loaded.json", "Zen 4"),
     "expert_stream": Source("bench_device/results/expert_stream_mla_0.5b_1.2b_q4_0_zen4_2t.json", "Zen 4"),
@@ -248,6 +249,13 @@ FIGURES: list[Figure] = [
            tuple((lambda d, w=w, k=k: rec(shape="0.5b", mode="dense", variant="after")(d)["expert_halves"][w][k])
                  for k, w in (("down_ms_per_layer", "cached"), ("down_ms_per_layer", "dram"),
                               ("up_ms_per_layer", "cached"), ("up_ms_per_layer", "dram")))),
+    # ---- the C generator: bench_generate ----
+    Figure("plain decoding through C runs at {:.2f}x the Python loop (median per prompt), prompt lookup through C at "
+           "{:.2f}x\n(in Python {:.2f}x), and the C loop's own time per step outside the forward pass is {:.1f} us plain, "
+           "{:.1f} us\nwith prompt lookup", "generate",
+           ("engines/C plain/ratio_vs_python_plain/median", "engines/C lookup/ratio_vs_python_plain/median",
+            "engines/python lookup/ratio_vs_python_plain/median", "engines/C plain/loop_us_per_step/median",
+            "engines/C lookup/loop_us_per_step/median")),
     # ---- multi-head latent attention: bench_mla ----
     *[Figure(f"| {shape} ({layers} layers) | {{:.1f}} KB | {{:.1f}} KB | {{:.1f}}x | {{:.1f}} MiB |", "mla",
              (lambda d, s=shape: mla_kv(s)(d)["cached_bytes_per_token"] / 1e3,

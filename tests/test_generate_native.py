@@ -22,12 +22,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import sparrow
 from sparrow.runtime import Generator, Model, Sampler, SamplerParams, SparrowError, _sparrow, generate_tokens
-from sparrow.runtime.tree import target_probs
-from test_speculative import PROMPTS, chi_square_p
+from test_readme import _native_paths
+from test_speculative import PROMPTS, chi_square_p, two_token_distribution
 from tiny_llama import TinyConfig, write_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,20 +140,6 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("gen")
     with Model(write_tiny_llama(d / "target.gguf", TinyConfig(n_embd=64, n_layer=2))) as m:
         yield m
-
-
-def two_token_distribution(model: Model, prompt: list[int], params: SamplerParams) -> dict[tuple[int, int], float]:
-    V = model.info.n_vocab
-    x, buf = np.empty(V, np.float32), np.empty(V)
-    with model.session(n_ctx=64, n_threads=1) as s:
-        p1 = target_probs(s.prefill(prompt), params, prompt, x, buf).copy()
-        out = {}
-        for t1 in np.flatnonzero(p1):
-            s.truncate(len(prompt))
-            p2 = target_probs(s.eval([int(t1)]), params, prompt + [int(t1)], x, buf)
-            for t2 in np.flatnonzero(p2):
-                out[(int(t1), int(t2))] = p1[t1] * p2[t2]
-    return out
 
 
 def lookup_prompt(model: Model, params: SamplerParams) -> list[int]:
@@ -362,14 +346,6 @@ def test_two_threads_on_one_generator_get_a_clear_error(smollm, smollm_plain):
 
 
 # ---- the C example ----
-
-def _native_paths() -> tuple[Path, Path]:
-    build = os.environ.get("SPARROW_BUILD_DIR")
-    if build:
-        return ROOT / "native" / "include", Path(build)
-    runtime = Path(sparrow.runtime.__file__).parent
-    return runtime / "include", runtime / "lib"
-
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_c_example_generates_plain_greedy_text(tmp_path, smollm, smollm_path):

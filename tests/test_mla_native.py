@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 from blockffn_fixture import FixtureConfig, write_checkpoint
@@ -207,24 +206,9 @@ def test_llama_file_claiming_mla_is_refused(tmp_path):
     """MLA is read only for blockffn files; a llama file asking for it gets a clear error."""
     from tiny_llama import TinyConfig, write_tiny_llama
 
-    src = write_tiny_llama(tmp_path / "llama.gguf", TinyConfig())
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(tmp_path / "mla.gguf"), "llama")
-    for key, field in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = gguf.GGUFValueType(field.types[0])
-        w.add_key_value(key, field.contents(), vtype,
-                        gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None)
-    w.add_string("llama.attention.type", "mla")
-    for t in r.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_tiny_llama(tmp_path / "mla.gguf", TinyConfig(), overrides={"llama.attention.type": "mla"})
     with pytest.raises(SparrowError, match="not implemented for architecture llama"):
-        Model(tmp_path / "mla.gguf")
+        Model(path)
 
 
 def test_sparse_paths_agree(tmp_path):

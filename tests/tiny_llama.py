@@ -55,6 +55,8 @@ def write_tiny_llama(path: Path, cfg: TinyConfig, *, overrides: dict | None = No
     for key, value in meta.items():
         if isinstance(value, float):
             w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
         else:
             w.add_uint32(key, value)
     w.add_tokenizer_model("llama")

@@ -27,8 +27,8 @@ static void rmsnorm_inplace(float *x, const float *w, int64_t n, float eps) {
 static void matmul_heads(const fwd_ctx *c, float *y, int64_t ldy, int64_t y_head, const sp_tensor *W, int64_t R,
                          const float *x_f, int64_t T, int ith, int nth) {
     const int64_t K = W->k, NH = W->n / R;
-    const int64_t per = ((R + nth - 1) / nth + 15) & ~(int64_t)15;
-    const int64_t r0 = SP_MIN(R, per * ith), r1 = SP_MIN(R, r0 + per);
+    int64_t r0, r1;
+    sp_fwd_row_share(R, ith, nth, &r0, &r1);
     if (r0 >= r1) return;
     const bool q8 = sp_type_traits_of(W->type).act_q8;
     for (int64_t h = 0; h < NH; h++) {
@@ -123,8 +123,7 @@ void sp_attn_mla(const fwd_ctx *c, int il, int ith, int nth) {
         }
     }
     sp_pool_barrier(pool); /* xq (holding xn) is free again: cq's quantized rows go there */
-    sp_fwd_quant_rows_for(c, &l->wq_b, s->cq, T, QL, ith, nth);
-    sp_pool_barrier(pool);
+    if (sp_fwd_quant_rows_for(c, &l->wq_b, s->cq, T, QL, ith, nth)) sp_pool_barrier(pool);
     /* q = cq W_qb^T [T, NH, DK]: rotate each head's rope part; the nope parts go head-major for the absorption */
     sp_fwd_matmul_rows(c, s->q, NH * DK, &l->wq_b, s->cq, T, ith, nth);
     sp_pool_barrier(pool);
@@ -136,16 +135,13 @@ void sp_attn_mla(const fwd_ctx *c, int il, int ith, int nth) {
             memcpy(s->qpe + (t * NH + h) * DR, qh + DN, (size_t)DR * sizeof *qh);
         }
     sp_pool_barrier(pool);
-    sp_fwd_quant_rows_for(c, &l->wk_b, s->qnope, NH * T, DN, ith, nth);
-    sp_pool_barrier(pool);
+    if (sp_fwd_quant_rows_for(c, &l->wk_b, s->qnope, NH * T, DN, ith, nth)) sp_pool_barrier(pool);
     /* absorb W_UK: q_lat[t, h, :KL] = k_b[h] q_nope[h, t] */
     matmul_heads(c, s->qlat, NH * KL, KL, &l->wk_b, KL, s->qnope, T, ith, nth);
     sp_pool_barrier(pool);
-    attention_mla(c, il, ith, nth);
-    sp_pool_barrier(pool);
+    attention_mla(c, il, ith, nth); /* ends past a barrier */
     /* apply W_UV after the weighted sum: attn[t, h] = v_b[h] o_lat[h, t] */
-    sp_fwd_quant_rows_for(c, &l->wv_b, s->olat, NH * T, KL, ith, nth);
-    sp_pool_barrier(pool);
+    if (sp_fwd_quant_rows_for(c, &l->wv_b, s->olat, NH * T, KL, ith, nth)) sp_pool_barrier(pool);
     matmul_heads(c, s->attn, NH * DV, DV, &l->wv_b, DV, s->olat, T, ith, nth);
     sp_pool_barrier(pool);
 }

@@ -3,6 +3,7 @@
 #define SP_COMMON_H
 
 #include "sparrow.h"
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -23,6 +24,20 @@ static inline bool sp_mul_ok(uint64_t a, uint64_t b, uint64_t *out) {
 }
 static inline bool sp_add_ok(uint64_t a, uint64_t b, uint64_t *out) {
     return !__builtin_add_overflow(a, b, out);
+}
+
+/* One call at a time on an object (a session, a generator): sp_claim takes its busy flag for this call, refusing
+ * with a clear error ("WHAT: the OBJECT is in use by another thread (one call at a time per OBJECT: ADVICE)") while
+ * another thread holds it; sp_release gives it back and passes the call's status through. */
+static inline sp_status sp_claim(_Atomic int *busy, const char *what, const char *object, const char *advice) {
+    if (atomic_exchange_explicit(busy, 1, memory_order_acquire))
+        return sp_fail(SP_ERR_INVALID_ARG, "%s: the %s is in use by another thread (one call at a time per %s: %s)",
+                       what, object, object, advice);
+    return SP_OK;
+}
+static inline sp_status sp_release(_Atomic int *busy, sp_status st) {
+    atomic_store_explicit(busy, 0, memory_order_release);
+    return st;
 }
 
 /* Monotonic wall clock in seconds (clock.c). */

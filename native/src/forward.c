@@ -36,29 +36,22 @@ void sp_fwd_rmsnorm_quant_rows(const fwd_ctx *c, float *out, const float *x, con
     }
 }
 
-/* Quantize rows t of x[T, K] to xq for this thread's tokens. */
-void sp_fwd_quant_rows(const fwd_ctx *c, const float *x, int64_t T, int64_t K, int ith, int nth) {
-    if (!c->q8) return;
-    int64_t t0, t1;
-    sp_split(T, ith, nth, &t0, &t1);
-    for (int64_t t = t0; t < t1; t++) c->k->quantize_q8a((sp_block_q8a *)c->ses->s.xq + t * (K / SP_QK), x + t * K, K);
-}
-
 /* Quantize rows [0, n_rows) of x[n_rows, K] into scratch xq (this thread's share) when W takes q8 activations. */
-void sp_fwd_quant_rows_for(const fwd_ctx *c, const sp_tensor *W, const float *x, int64_t n_rows, int64_t K, int ith,
+bool sp_fwd_quant_rows_for(const fwd_ctx *c, const sp_tensor *W, const float *x, int64_t n_rows, int64_t K, int ith,
                            int nth) {
-    if (!sp_type_traits_of(W->type).act_q8) return;
+    if (!sp_type_traits_of(W->type).act_q8) return false;
     int64_t r0, r1;
     sp_split(n_rows, ith, nth, &r0, &r1);
     for (int64_t r = r0; r < r1; r++) c->k->quantize_q8a((sp_block_q8a *)c->ses->s.xq + r * (K / SP_QK), x + r * K, K);
+    return true;
 }
 
 /* y[t, r] (row stride ldy) = W[r] . x[t] for this thread's rows of W. x_f: float input [T, K]; the quantized copy of
  * it sits in scratch xq when the weight type takes quantized activations. */
 void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor *W, const float *x_f, int64_t T,
                         int ith, int nth) {
-    const int64_t per = ((W->n + nth - 1) / nth + 15) & ~(int64_t)15; /* multiples of 16 rows per thread */
-    const int64_t r0 = SP_MIN(W->n, per * ith), r1 = SP_MIN(W->n, r0 + per);
+    int64_t r0, r1;
+    sp_fwd_row_share(W->n, ith, nth, &r0, &r1);
     if (r0 >= r1) return;
     const void *x = sp_type_traits_of(W->type).act_q8 ? c->ses->s.xq : (const void *)x_f;
     if (W->packed) c->k->matmul_packed[W->type](y, ldy, W->packed, x, W->k, r0, r1, T); /* packed at load */
@@ -229,8 +222,7 @@ static void forward_worker(void *ctx, int ith, int nth) {
         else attention_gqa(c, l, il, ith, nth);
 
         /* 5. output projection; residual add; then the FFN block's rmsnorm */
-        sp_fwd_quant_rows_for(c, &l->wo, s->attn, T, l->wo.k, ith, nth);
-        sp_pool_barrier(pool);
+        if (sp_fwd_quant_rows_for(c, &l->wo, s->attn, T, l->wo.k, ith, nth)) sp_pool_barrier(pool);
         sp_fwd_matmul_rows(c, s->tmp, H, &l->wo, s->attn, T, ith, nth);
         sp_pool_barrier(pool);
         add_rows(s->x, hp->residual_scale, s->tmp, T, H, ith, nth);

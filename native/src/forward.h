@@ -15,14 +15,19 @@ typedef struct fwd_ctx {
 /* out[t] = x[t] / rms(x[t]) * w * post for this thread's tokens; quantize each row into scratch xq when `quant`. */
 void sp_fwd_rmsnorm_quant_rows(const fwd_ctx *c, float *out, const float *x, const float *w, float post, int64_t T,
                                int64_t H, bool quant, int ith, int nth);
-/* Quantize rows of x[T, K] into scratch xq for this thread's tokens (no-op when the model needs no q8 activations). */
-void sp_fwd_quant_rows(const fwd_ctx *c, const float *x, int64_t T, int64_t K, int ith, int nth);
+/* This thread's share [r0, r1) of a matmul's N weight rows: multiples of 16 rows (the packed layouts' row groups). */
+static inline void sp_fwd_row_share(int64_t N, int ith, int nth, int64_t *r0, int64_t *r1) {
+    const int64_t per = ((N + nth - 1) / nth + 15) & ~(int64_t)15;
+    *r0 = SP_MIN(N, per * ith);
+    *r1 = SP_MIN(N, *r0 + per);
+}
 /* y[t, r] (row stride ldy) = W[r] . x[t] for this thread's share of W's rows; reads scratch xq for q8 weight types. */
 void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor *W, const float *x_f, int64_t T,
                         int ith, int nth);
 
-/* Quantize rows [0, n_rows) of x[n_rows, K] into scratch xq (this thread's share) when W takes q8 activations. */
-void sp_fwd_quant_rows_for(const fwd_ctx *c, const sp_tensor *W, const float *x, int64_t n_rows, int64_t K, int ith,
+/* Quantize rows [0, n_rows) of x[n_rows, K] into scratch xq (this thread's share) when W takes q8 activations;
+ * returns whether it did (all threads get the same answer: a barrier after it is needed only then). */
+bool sp_fwd_quant_rows_for(const fwd_ctx *c, const sp_tensor *W, const float *x, int64_t n_rows, int64_t K, int ith,
                            int nth);
 /* RoPE (adjacent pairs, GGUF's llama convention) in place on this thread's tokens: the n_rot values at
  * x + t*ldx + h*head_stride + offset of each head h < n_heads. */

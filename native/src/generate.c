@@ -159,16 +159,10 @@ sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, s
 
 /* One call at a time per generator. */
 static sp_status enter(sp_generator *g, const char *what) {
-    if (atomic_exchange_explicit(&g->busy, 1, memory_order_acquire))
-        return sp_fail(SP_ERR_INVALID_ARG, "%s: the generator is in use by another thread (one call at a time per "
-                       "generator: give each thread its own session and generator)", what);
-    return SP_OK;
+    return sp_claim(&g->busy, what, "generator", "give each thread its own session and generator");
 }
 
-static sp_status leave(sp_generator *g, sp_status st) {
-    atomic_store_explicit(&g->busy, 0, memory_order_release);
-    return st;
-}
+static sp_status leave(sp_generator *g, sp_status st) { return sp_release(&g->busy, st); }
 
 /* ---- start ---- */
 

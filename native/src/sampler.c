@@ -148,6 +148,50 @@ static double nucleus_floor(const sp_cand *c /* [K] */, int32_t K, double target
 
 /* ---- the pipeline ---- */
 
+/* One pass over x[0..V), branch-free over 8 independent lanes (the compiler vectorizes it; the call sites' constant
+ * NULLs select the variant): NaN and +inf refused (-inf is a mask and allowed), the offending index looked for only
+ * on failure; x copied to copy and its largest value put in *mx, each when not NULL. */
+static inline __attribute__((always_inline)) sp_status scan_logits(const float *x, int32_t V, float *copy,
+                                                                  float *mx) {
+    float m[8];
+    int bad[8] = {0};
+    for (int j = 0; j < 8; j++) m[j] = -INFINITY;
+    int32_t i = 0;
+    for (; i + 8 <= V; i += 8)
+        for (int j = 0; j < 8; j++) {
+            const float v = x[i + j];
+            bad[j] |= !(v < INFINITY);
+            if (mx) m[j] = v > m[j] ? v : m[j];
+            if (copy) copy[i + j] = v;
+        }
+    for (; i < V; i++) {
+        bad[0] |= !(x[i] < INFINITY);
+        if (mx) m[0] = x[i] > m[0] ? x[i] : m[0];
+        if (copy) copy[i] = x[i];
+    }
+    if (bad[0] | bad[1] | bad[2] | bad[3] | bad[4] | bad[5] | bad[6] | bad[7])
+        for (i = 0; i < V; i++)
+            if (!(x[i] < INFINITY))
+                return sp_fail(SP_ERR_INVALID_ARG, "sampler: logits[%d] is %s; logits must be finite or -inf", i,
+                               isnan(x[i]) ? "NaN" : "+inf");
+    if (mx) {
+        *mx = m[0];
+        for (int j = 1; j < 8; j++) *mx = m[j] > *mx ? m[j] : *mx;
+    }
+    return SP_OK;
+}
+
+/* Greedy's answer: the first token whose logit is mx (ties -> the lowest id), alone with probability 1. */
+static sp_status pick_argmax(const float *x, int32_t V, float mx, sp_cand *c, int32_t *n_out, double *mass) {
+    if (mx == -INFINITY) return sp_fail(SP_ERR_INVALID_ARG, "sampler: every logit is -inf, nothing to sample");
+    int32_t best = 0;
+    while (best < V - 1 && x[best] != mx) best++;
+    c[0] = (sp_cand){1.0f, best};
+    *n_out = 1;
+    *mass = 1.0;
+    return SP_OK;
+}
+
 /* Steps 1-6: leaves the kept candidates in s->cand[0..*n_out) with unnormalised probabilities in .v and their total
  * in *mass. Greedy leaves the argmax alone with probability 1. */
 static sp_status sampler_filter(sp_sampler *s, const float *logits /* [V] */, int32_t *n_out, double *mass) {
@@ -156,60 +200,16 @@ static sp_status sampler_filter(sp_sampler *s, const float *logits /* [V] */, in
     float *l = s->logits;
     sp_cand *c = s->cand;
 
-    /* Greedy without a penalty to apply: the argmax of the caller's logits in one pass (the check below folded in,
-     * nothing copied), ties -> the lowest id. */
+    /* Greedy without a penalty to apply: the argmax of the caller's logits in one checked pass, nothing copied. */
     if (p->temperature <= 0.0f && !(p->repeat_penalty != 1.0f && s->n_history > 0)) {
-        float m[8];
-        int bad[8] = {0};
-        for (int j = 0; j < 8; j++) m[j] = -INFINITY;
-        int32_t i = 0;
-        for (; i + 8 <= V; i += 8)
-            for (int j = 0; j < 8; j++) {
-                const float x = logits[i + j];
-                bad[j] |= !(x < INFINITY);
-                m[j] = x > m[j] ? x : m[j];
-            }
-        for (; i < V; i++) {
-            bad[0] |= !(logits[i] < INFINITY);
-            m[0] = logits[i] > m[0] ? logits[i] : m[0];
-        }
-        if (bad[0] | bad[1] | bad[2] | bad[3] | bad[4] | bad[5] | bad[6] | bad[7])
-            for (i = 0; i < V; i++)
-                if (!(logits[i] < INFINITY))
-                    return sp_fail(SP_ERR_INVALID_ARG, "sampler: logits[%d] is %s; logits must be finite or -inf", i,
-                                   isnan(logits[i]) ? "NaN" : "+inf");
-        float mx = m[0];
-        for (int j = 1; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
-        if (mx == -INFINITY) return sp_fail(SP_ERR_INVALID_ARG, "sampler: every logit is -inf, nothing to sample");
-        int32_t best = 0;
-        while (best < V - 1 && logits[best] != mx) best++;
-        c[0] = (sp_cand){1.0f, best};
-        *n_out = 1;
-        *mass = 1.0;
-        return SP_OK;
+        float mx = -INFINITY;
+        sp_status st = scan_logits(logits, V, NULL, &mx);
+        return st != SP_OK ? st : pick_argmax(logits, V, mx, c, n_out, mass);
     }
 
-    /* Copy the logits, refusing NaN and +inf (-inf is a mask and allowed): a branch-free check over 8 lanes (the
-     * compiler vectorizes it), the offending index looked for only on failure. */
-    {
-        int bad[8] = {0};
-        int32_t i = 0;
-        for (; i + 8 <= V; i += 8)
-            for (int j = 0; j < 8; j++) {
-                const float x = logits[i + j];
-                bad[j] |= !(x < INFINITY);
-                l[i + j] = x;
-            }
-        for (; i < V; i++) {
-            bad[0] |= !(logits[i] < INFINITY);
-            l[i] = logits[i];
-        }
-        if (bad[0] | bad[1] | bad[2] | bad[3] | bad[4] | bad[5] | bad[6] | bad[7])
-            for (i = 0; i < V; i++)
-                if (!(logits[i] < INFINITY))
-                    return sp_fail(SP_ERR_INVALID_ARG, "sampler: logits[%d] is %s; logits must be finite or -inf", i,
-                                   isnan(logits[i]) ? "NaN" : "+inf");
-    }
+    /* Copy the logits, refusing NaN and +inf (-inf is a mask and allowed). */
+    sp_status st = scan_logits(logits, V, l, NULL);
+    if (st != SP_OK) return st;
 
     /* 1. Repetition penalty, once per distinct token of the history. */
     if (p->repeat_penalty != 1.0f && s->n_history > 0) {
@@ -224,24 +224,11 @@ static sp_status sampler_filter(sp_sampler *s, const float *logits /* [V] */, in
         for (int32_t h = 0; h < s->n_history; h++) s->seen[s->history[h]] = 0;
     }
 
-    /* 2. Greedy: argmax, ties -> lowest id. */
+    /* 2. Greedy: argmax, ties -> lowest id (the penalised copy holds no NaN or +inf). */
     if (p->temperature <= 0.0f) {
-        /* the largest value (8 independent lanes, no loop-carried load), then its first index */
-        float m[8];
-        for (int j = 0; j < 8; j++) m[j] = -INFINITY;
-        int32_t i = 0;
-        for (; i + 8 <= V; i += 8)
-            for (int j = 0; j < 8; j++) m[j] = l[i + j] > m[j] ? l[i + j] : m[j];
-        for (; i < V; i++) m[0] = l[i] > m[0] ? l[i] : m[0];
-        float mx = m[0];
-        for (int j = 1; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
-        if (mx == -INFINITY) return sp_fail(SP_ERR_INVALID_ARG, "sampler: every logit is -inf, nothing to sample");
-        int32_t best = 0;
-        while (best < V - 1 && l[best] != mx) best++;
-        c[0] = (sp_cand){1.0f, best};
-        *n_out = 1;
-        *mass = 1.0;
-        return SP_OK;
+        float mx = -INFINITY;
+        if ((st = scan_logits(l, V, NULL, &mx)) != SP_OK) return st;
+        return pick_argmax(l, V, mx, c, n_out, mass);
     }
 
     /* 3. Top-k. */

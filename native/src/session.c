@@ -221,16 +221,10 @@ sp_status sp_session_get_memory(const sp_session *ses, sp_session_memory *out) {
  * enter() claims the session for this call (refusing it, with a clear error, while another thread holds it);
  * leave() gives it back. */
 static sp_status enter(sp_session *ses, const char *what) {
-    if (atomic_exchange_explicit(&ses->busy, 1, memory_order_acquire))
-        return sp_fail(SP_ERR_INVALID_ARG, "%s: the session is in use by another thread (one call at a time per "
-                       "session: give each thread its own session)", what);
-    return SP_OK;
+    return sp_claim(&ses->busy, what, "session", "give each thread its own session");
 }
 
-static sp_status leave(sp_session *ses, sp_status st) {
-    atomic_store_explicit(&ses->busy, 0, memory_order_release);
-    return st;
-}
+static sp_status leave(sp_session *ses, sp_status st) { return sp_release(&ses->busy, st); }
 
 /* sp_eval with the session claimed by this thread. */
 static sp_status eval_checked(sp_session *ses, const sp_batch *b) {

@@ -1,0 +1,27 @@
+package dev.sparrow;
+
+/**
+ * The drafter a generator speculates with: sp_drafter_kind, with its C values. A new kind in sparrow.h is one entry
+ * here (plus, if it has settings, their fields in Generator.Params and in the JNI shim's field table).
+ */
+public enum Drafter {
+    /** Plain decoding: one token per forward pass. */
+    NONE(0),
+    /** Drafts the continuation of an earlier occurrence of the context's last n-gram (ngram, minNgram, draftK). */
+    PROMPT_LOOKUP(1);
+
+    /** The sp_drafter_kind value. */
+    public final int value;
+
+    Drafter(int value) {
+        this.value = value;
+    }
+
+    /** The kind with this C value (used by the JNI shim for the defaults). */
+    public static Drafter fromValue(int value) {
+        for (Drafter d : values()) {
+            if (d.value == value) return d;
+        }
+        throw new IllegalArgumentException("unknown sp_drafter_kind " + value);
+    }
+}

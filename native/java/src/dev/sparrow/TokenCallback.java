@@ -1,0 +1,7 @@
+package dev.sparrow;
+
+/** Receives each generated token from Generator.generate; return false to stop (StopReason.CALLBACK). */
+@FunctionalInterface
+public interface TokenCallback {
+    boolean onToken(int token);
+}

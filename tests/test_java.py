@@ -83,7 +83,8 @@ def run(tmp_path_factory, smollm_path):
                          str(ROOT / "tests" / "java" / "SparrowJavaTest.java")], capture_output=True, text=True,
                         check=False)
     assert cc.returncode == 0, cc.stderr
-    r = subprocess.run([java, "-Xcheck:jni", f"-Djava.library.path={libdir}", "-cp", f"{jar}{os.pathsep}{classes}",
+    # --enable-native-access: JDK 24+ warns about System.loadLibrary without it (JDK 17 accepts it silently)
+    r = subprocess.run([java, "-Xcheck:jni", "--enable-native-access=ALL-UNNAMED", f"-Djava.library.path={libdir}", "-cp", f"{jar}{os.pathsep}{classes}",
                         "SparrowJavaTest", str(work / "input.txt")], capture_output=True, timeout=300, check=False)
     out, err = r.stdout.decode("utf-8"), r.stderr.decode("utf-8", "replace")
     by_kind: dict[str, list[list[str]]] = {}
@@ -104,7 +105,9 @@ def assert_check(run, name: str):
 
 def test_jvm_exits_cleanly_without_jni_warnings(run):
     assert run["rc"] == 0 and run["stdout"].rstrip().endswith("done"), run["stderr"][-5000:]
-    warnings = [line for line in run["stderr"].splitlines() if "WARNING" in line]
+    # HotSpot's JNI checker prints "WARNING in native method: ..." to stdout; the JVM's other warnings go to stderr
+    lines = run["stdout"].splitlines() + run["stderr"].splitlines()
+    warnings = [line for line in lines if "WARNING" in line]
     assert not warnings, "\n".join(warnings)
 
 
@@ -191,3 +194,38 @@ def test_jar_holds_the_api():
                 "SparrowException"):
         assert f"dev/sparrow/{cls}.class" in names
     assert re.search(r"dev/sparrow/Generator\$Params\.class", "\n".join(names))
+
+
+def readme_example() -> str:
+    """The Java program of README.md's "Java and Android" section (written by a shell heredoc)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Java and Android\n", 1)[1].split("\n## ", 1)[0]
+    m = re.search(r"^cat > Example\.java <<'EOF'\n(.*?)^EOF$", section, flags=re.MULTILINE | re.DOTALL)
+    assert m, "README.md: no Example.java heredoc in the Java and Android section"
+    return m.group(1)
+
+
+def test_readme_java_example_prints_plain_greedy_text(tmp_path, smollm_path):
+    javac, java = _need_jdk()
+    libdir, jar = java_paths()
+    code = readme_example()
+    (tmp_path / "Example.java").write_text(code, encoding="utf-8")
+    cc = subprocess.run([javac, "-encoding", "UTF-8", "-cp", str(jar), "Example.java"], cwd=tmp_path,
+                        capture_output=True, text=True, check=False)
+    assert cc.returncode == 0, cc.stderr
+    r = subprocess.run([java, "-Xcheck:jni", "--enable-native-access=ALL-UNNAMED", "-Dfile.encoding=UTF-8",
+                        "-Dsun.stdout.encoding=UTF-8", "-cp", f"{jar}{os.pathsep}.", f"-Djava.library.path={libdir}",
+                        "Example", str(smollm_path)], cwd=tmp_path, capture_output=True, timeout=120, check=False)
+    out = r.stdout.decode("utf-8")
+    assert r.returncode == 0 and "WARNING" not in out + r.stderr.decode("utf-8", "replace"), (out, r.stderr)
+    text, stats = out.rsplit("\n[", 1)
+    prompt = re.search(r'model\.tokenize\("(.*?)", true\)', code).group(1)
+    max_tokens = int(re.search(r"maxTokens\((\d+)\)", code).group(1))
+    with Model(smollm_path) as model, model.session(n_ctx=1024, n_threads=2) as s:
+        toks = model.tokenize(prompt, add_special=True, parse_special=False)
+        pieces = [model.token_bytes(t) for t in generate_tokens(s, toks, max_tokens=max_tokens)]
+    end = next((i + 1 for i in range(len(pieces)) if b"\n\n" in b"".join(pieces[:i + 1])), len(pieces))
+    assert text.encode() == b"".join(pieces[:end])
+    why = "STOP_STRING" if b"\n\n" in b"".join(pieces[:end]) else "MAX_TOKENS" if end == max_tokens else "EOG"
+    assert re.match(rf"{why}: {end} tokens, \d+ of \d+ drafted accepted\]", stats), stats
+    print(out)

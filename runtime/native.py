@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from os import PathLike
@@ -351,7 +352,7 @@ class Sampler:
 # ---- the C generator (sp_generator): generation and speculative decoding inside libsparrow ----
 
 # The drafters the C generator implements, by the names runtime.drafters uses (sp_drafter_kind).
-C_DRAFTERS = {"none": 0, "prompt-lookup": 1}
+C_DRAFTERS = {"none": 0, "prompt-lookup": 1, "recycling": 2, "hybrid": 3, "draft-model": 4}
 # sp_gen_stop: why a generation ended.
 STOP_REASONS = {0: "running", 1: "eog", 2: "max_tokens", 3: "stop_string", 4: "context_full", 5: "callback"}
 
@@ -369,6 +370,7 @@ class GeneratorStats:
     prompt_tokens: int
     eval_s: float
     loop_s: float
+    draft_eval_s: float = 0.0  # of loop_s: the draft model's forward passes (draft-model drafter)
 
     @property
     def tokens_per_step(self) -> float:
@@ -377,9 +379,13 @@ class GeneratorStats:
 
 class Generator:
     """The decode loop of libsparrow (sp_generator) over a Session: a sampler, stop conditions (end of generation,
-    max_tokens, stop strings, a full context) and a drafter ("none" or "prompt-lookup": ngram..min_ngram-token
-    matches, draft_k tokens per step), verified speculatively in C. Greedy output equals generate_tokens'; sampled
-    output has the sampler's distribution (without a drafter, the same tokens for the same seed).
+    max_tokens, stop strings, a full context) and a drafter, verified speculatively in C (sparrow.h,
+    sp_drafter_kind): "none"; "prompt-lookup" (ngram..min_ngram-token matches, draft_k tokens per step);
+    "recycling" (Token Recycling: recycling_k candidates kept per token, a tree of branching[depth] children per node,
+    max_nodes nodes); "hybrid" (the lookup's chain of draft_k, then the recycling tree merged in); "draft-model"
+    (draft_session, a session of a model with the same vocabulary, drafts a greedy chain of draft_k). Greedy output
+    equals generate_tokens'; sampled output has the sampler's distribution (without a drafter, the same tokens for the
+    same seed). Token Recycling's matrix persists across generations: save_drafter / load_drafter (.npy).
 
         with Generator(session, params=SamplerParams.greedy(), drafter="prompt-lookup") as gen:
             tokens = gen.generate(prompt_tokens)          # or: gen.start(prompt_tokens); for tok in gen: ...
@@ -388,16 +394,22 @@ class Generator:
     Each start() restarts the sampler from its seed; the KV cache keeps the prefix this generator left there."""
 
     def __init__(self, session: Session, *, params: SamplerParams | None = None, max_tokens: int = 128,
-                 drafter: str = "none", ngram: int = 3, min_ngram: int = 2, draft_k: int = 4,
+                 drafter: str = "none", ngram: int = 3, min_ngram: int = 2, draft_k: int = 4, recycling_k: int = 8,
+                 branching: Sequence[int] = (1,), max_nodes: int = 4, draft_session: Session | None = None,
                  stop: Sequence[str | bytes] = (), stop_at_eog: bool = True):
         if drafter not in C_DRAFTERS:
             raise ValueError(f"the C generator's drafter must be one of {', '.join(C_DRAFTERS)}, not {drafter!r}")
+        if (drafter == "draft-model") != (draft_session is not None):
+            raise ValueError("draft_session goes with drafter='draft-model' (and only with it)")
         self.session = session
+        self.draft_session = draft_session
         self.params = params or SamplerParams.greedy()
         stops = [x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in stop]
         self._g = _sparrow.Generator(session._s, **asdict(self.params), max_tokens=max_tokens,
                                      stop_at_eog=stop_at_eog, drafter=C_DRAFTERS[drafter], ngram=ngram,
-                                     min_ngram=min_ngram, draft_k=draft_k, stop=stops)
+                                     min_ngram=min_ngram, draft_k=draft_k, stop=stops, recycling_k=recycling_k,
+                                     branching=list(branching), max_nodes=max_nodes,
+                                     draft_session=None if draft_session is None else draft_session._s)
         self.stop_reason: str | None = None  # why the last generation ended ("eog", "max_tokens", ...), None while on
 
     def close(self) -> None:
@@ -410,8 +422,11 @@ class Generator:
         self.close()
 
     def _sync(self) -> None:
-        """Session.tokens = what the KV cache holds (the generator evaluated and rolled back in C)."""
+        """Session.tokens = what the KV cache holds (the generator evaluated and rolled back in C); the draft
+        session's cache holds what the C drafter put there, unknown here (-1: no prefix of it is reused)."""
         self.session.tokens = self._g.context()[:self.session.n_past]
+        if self.draft_session is not None:
+            self.draft_session.tokens = [-1] * self.draft_session.n_past
 
     def start(self, prompt_tokens: Sequence[int]) -> None:
         """Begin a generation (the prompt evaluated but its last token, which the first step evaluates)."""
@@ -461,6 +476,15 @@ class Generator:
     def context(self) -> list[int]:
         """Every token of the generation so far: the prompt, then the generated ones."""
         return self._g.context()
+
+    def save_drafter(self, path: str | PathLike) -> None:
+        """Write Token Recycling's matrix (recycling, hybrid) to path as .npy, atomically."""
+        self._g.save_drafter(os.fspath(path))
+
+    def load_drafter(self, path: str | PathLike) -> None:
+        """Take Token Recycling's matrix from a .npy file (this generator's or runtime.drafters.Recycling's), after
+        validating all of it; SparrowError (nothing changed) when it does not fit."""
+        self._g.load_drafter(os.fspath(path))
 
 
 def generate_tokens(session: Session, prompt_tokens: Sequence[int], *, max_tokens: int = 128,

@@ -65,8 +65,8 @@ def blockffn_plain(blockffn):
     return plain_greedy(*blockffn)
 
 
-def check_identity(model, session, plain, drafter):
-    with Generator(session, max_tokens=N_NEW, drafter=drafter) as gen:
+def check_identity(model, session, plain, drafter, **options):
+    with Generator(session, max_tokens=N_NEW, drafter=drafter, **options) as gen:
         for i, (toks, ref) in enumerate(plain):
             session.truncate(0)
             got = gen.generate(toks)
@@ -284,7 +284,7 @@ def test_bad_arguments_are_clear_errors(smollm):
         with pytest.raises(SparrowError, match=msg):
             _sparrow.Generator(session._s, **kw)
     with pytest.raises(ValueError, match="drafter"):
-        Generator(session, drafter="recycling")
+        Generator(session, drafter="adaptive")  # the gate lives in Python (runtime.planner)
     with model.session(n_ctx=64, n_batch=1, n_threads=1) as one:
         with pytest.raises(SparrowError, match="n_batch must be >= 2"):
             Generator(one, drafter="prompt-lookup")

@@ -257,23 +257,37 @@ SP_API sp_status sp_top_k(const float *x, int32_t n, int32_t k, int32_t *idx_out
 /* ---- generator: the decode loop, with speculative decoding, inside the library ----
  * A generator runs generation over one session: prompt tokens in (sp_generator_start), tokens out, pulled one at a
  * time (sp_generate_next) or pushed to a callback that may stop it (sp_generate). It owns a sampler and, optionally, a
- * drafter; with a drafter each step verifies the drafted chain in one sp_eval and rolls the KV cache back
- * (sp_session_truncate) past the rejected part. Greedy output is exactly plain greedy decoding's (sp_sampler_sample
- * after each single-token sp_eval); sampled output has exactly the sampler's distribution (speculative sampling: a
- * drafted token d is accepted with probability p(d) under the sampler's distribution, with the repetition history of
- * the tokens accepted before it; on rejection the token is drawn from p with d removed, renormalised).
+ * drafter; with a drafter each step verifies the drafted tokens (a chain, or a tree: ancestor mask and depth
+ * positions) in one sp_eval and keeps only the accepted path in the KV cache (sp_session_truncate / sp_session_keep).
+ * Greedy output is exactly plain greedy decoding's (sp_sampler_sample after each single-token sp_eval); sampled output
+ * has exactly the sampler's distribution (speculative sampling by recursive rejection: at a node, each drafted child
+ * token c is accepted with its probability under the sampler's distribution, with the repetition history of the path
+ * so far, renormalised over what earlier rejected siblings left; when none is, the token is drawn from the rest).
  * Without a drafter and with the same seed, the tokens are exactly plain sampling's.
  * The generator allocates everything at creation; a step allocates nothing. It owns the session's KV cache while it
- * generates: a call that finds the cache changed by someone else fails (start again). One thread at a time per
- * generator (a second is refused with SP_ERR_INVALID_ARG, "in use by another thread"). Free it before its session. */
+ * generates (and the draft session's, for a draft model): a call that finds the cache changed by someone else fails
+ * (start again). One thread at a time per generator (a second is refused with SP_ERR_INVALID_ARG, "in use by another
+ * thread"). Free it before its sessions. */
 typedef enum sp_drafter_kind {
     SP_DRAFTER_NONE = 0,           /* plain decoding: one token per forward pass */
     SP_DRAFTER_PROMPT_LOOKUP = 1,  /* the continuation of the latest earlier occurrence of the context's last n tokens,
                                       n from ngram down to min_ngram, up to draft_k tokens (a chain) */
+    SP_DRAFTER_RECYCLING = 2,      /* Token Recycling (Luo et al. 2024): for each token the recycling_k tokens the model
+                                      ranked highest after it when last verified (an adjacency matrix [V, recycling_k],
+                                      learned from every verified row, kept across generations, saved and loaded with
+                                      sp_generator_save_drafter / _load_drafter); the draft tree grows breadth-first
+                                      from the last token, a node at depth d getting branching[d] children (the last
+                                      entry repeats), up to max_nodes nodes */
+    SP_DRAFTER_HYBRID = 3,         /* prompt lookup's chain (draft_k tokens) first, then the recycling tree merged into
+                                      it where both propose the same token under the same parent */
+    SP_DRAFTER_DRAFT_MODEL = 4,    /* draft_session's model (same vocabulary) drafts a chain of draft_k tokens, each
+                                      its own argmax; its session follows the context (only unseen tokens evaluated) */
 } sp_drafter_kind;
 
 #define SP_GEN_MAX_STOP 8        /* stop strings per generator */
 #define SP_GEN_MAX_STOP_LEN 64   /* bytes per stop string */
+#define SP_GEN_MAX_DEPTH 16      /* entries of branching[] */
+#define SP_GEN_MAX_RECYCLING_K 32
 
 typedef struct sp_generator_params {
     sp_sampler_params sampler;   /* default sp_sampler_default_params(); temperature <= 0: greedy */
@@ -281,7 +295,15 @@ typedef struct sp_generator_params {
     bool stop_at_eog;            /* end at an end-of-generation token, which is not returned (default true) */
     sp_drafter_kind drafter;     /* default SP_DRAFTER_NONE */
     int32_t ngram, min_ngram;    /* prompt lookup: 1 <= min_ngram <= ngram <= 16 (default 3, 2) */
-    int32_t draft_k;             /* prompt lookup: tokens drafted per step, 1..n_batch - 1 (default 4) */
+    int32_t draft_k;             /* prompt lookup, hybrid (its lookup chain), draft model: tokens drafted per step,
+                                    1..n_batch - 1 (default 4) */
+    int32_t recycling_k;         /* recycling, hybrid: candidates kept per token, 1..SP_GEN_MAX_RECYCLING_K (default 8) */
+    int32_t n_branching;         /* entries of branching[], 1..SP_GEN_MAX_DEPTH (default 1) */
+    int32_t branching[SP_GEN_MAX_DEPTH]; /* children per node by depth, each 1..recycling_k (default {1}: a chain) */
+    int32_t max_nodes;           /* recycling, hybrid: nodes of the recycling tree, 1..n_batch - 1 (default 4); the
+                                    hybrid's whole tree is capped at n_batch - 1 */
+    sp_session *draft_session;   /* draft model: a session of a model with the target's vocabulary (not the target's
+                                    session); it must outlive the generator and is used by it alone */
     int32_t n_stop;              /* stop strings in stop[], 0..SP_GEN_MAX_STOP (default 0) */
     const char *stop[SP_GEN_MAX_STOP]; /* NUL-terminated, 1..SP_GEN_MAX_STOP_LEN bytes each, copied at creation.
                                       Generation ends after the token whose text completes one (that token is
@@ -307,6 +329,7 @@ typedef struct sp_generator_stats {
     int64_t prompt_tokens; /* prompt tokens evaluated (a prefix reused from the cache is not counted) */
     double eval_s;       /* wall time in sp_eval for the steps */
     double loop_s;       /* wall time of the steps outside sp_eval: drafting, sampling, acceptance, rollback */
+    double draft_eval_s; /* of loop_s: the draft model's sp_eval calls (draft model drafter) */
 } sp_generator_stats;
 
 typedef struct sp_generator sp_generator;
@@ -332,6 +355,12 @@ SP_API void sp_generator_reset_stats(sp_generator *gen);
  * yet returned); the KV cache holds the first sp_session_n_past(session) of them. *tokens stays valid until the next
  * call on the generator. Returns the count (0 before the first start or on NULL). */
 SP_API int32_t sp_generator_context(const sp_generator *gen, const int32_t **tokens);
+/* Token Recycling's adjacency matrix (recycling and hybrid drafters) to / from a file: a NumPy .npy file of int32
+ * [n_vocab, recycling_k] (-1: no candidate yet), the format runtime/drafters.py writes. Save writes a temporary file
+ * beside path and renames it over path. Load validates everything (format, shape, every id in [-1, n_vocab)) before
+ * taking anything: on any error the matrix is left as it was. Other drafters: SP_ERR_INVALID_ARG. */
+SP_API sp_status sp_generator_save_drafter(const sp_generator *gen, const char *path);
+SP_API sp_status sp_generator_load_drafter(sp_generator *gen, const char *path);
 
 /* ---- benchmarking: memory read bandwidth (the roofline of decoding) ----
  * n_threads threads each read a private buffer of bytes_per_thread bytes (allocated and written by that thread, so

@@ -240,11 +240,12 @@ using F32Rows = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::
 // during a call frees the generator when the call returns).
 struct Generator {
     sp_generator *g = nullptr;
-    Session *ses = nullptr;
-    nb::object ses_ref;  // keeps the Python Session alive while the generator lives
+    Session *ses = nullptr, *dses = nullptr;
+    nb::object ses_ref, dses_ref;  // keep the Python Sessions (target, draft) alive while the generator lives
     Generator(nb::object session_obj, float temperature, int32_t top_k, float top_p, float min_p,
               float repeat_penalty, int32_t repeat_last_n, uint64_t seed, int32_t max_tokens, bool stop_at_eog,
-              int32_t drafter, int32_t ngram, int32_t min_ngram, int32_t draft_k, std::vector<nb::bytes> stop) {
+              int32_t drafter, int32_t ngram, int32_t min_ngram, int32_t draft_k, std::vector<nb::bytes> stop,
+              int32_t recycling_k, std::vector<int32_t> branching, int32_t max_nodes, nb::object draft_obj) {
         Session &so = nb::cast<Session &>(session_obj);
         sp_generator_params p = sp_generator_default_params();
         p.sampler.temperature = temperature;
@@ -260,6 +261,13 @@ struct Generator {
         p.ngram = ngram;
         p.min_ngram = min_ngram;
         p.draft_k = draft_k;
+        p.recycling_k = recycling_k;
+        if (branching.empty() || branching.size() > SP_GEN_MAX_DEPTH)
+            throw SparrowError("SP_ERR_INVALID_ARG: generator: branching needs 1.." + std::to_string(SP_GEN_MAX_DEPTH) +
+                               " entries");
+        p.n_branching = (int32_t)branching.size();
+        std::copy(branching.begin(), branching.end(), p.branching);
+        p.max_nodes = max_nodes;
         if (stop.size() > SP_GEN_MAX_STOP)
             throw SparrowError("SP_ERR_INVALID_ARG: generator: at most " + std::to_string(SP_GEN_MAX_STOP) +
                                " stop strings");
@@ -272,10 +280,18 @@ struct Generator {
         }
         p.n_stop = (int32_t)copies.size();
         for (size_t i = 0; i < copies.size(); i++) p.stop[i] = copies[i].c_str();
+        Session *dso = draft_obj.is_none() ? nullptr : &nb::cast<Session &>(draft_obj);
         SessionUse s(so);
+        std::optional<SessionUse> ds;
+        if (dso && dso != &so) ds.emplace(*dso);  // the same session twice: sp_generator_new refuses it
+        p.draft_session = dso ? (dso == &so ? (sp_session *)s : (sp_session *)*ds) : nullptr;
         check(sp_generator_new(s, &p, &g));
         ses = &so;
         ses_ref = session_obj;
+        if (dso) {
+            dses = dso;
+            dses_ref = draft_obj;
+        }
     }
     ~Generator() { close(); }
     void close() {
@@ -314,16 +330,19 @@ struct Generator {
 struct GeneratorUse {
     Generator &gen;
     sp_generator *g;
-    std::optional<SessionUse> s;
+    std::optional<SessionUse> s, ds;
     explicit GeneratorUse(Generator &x) : gen(x), g(x.acquire()) {
         try {
             s.emplace(*x.ses);
+            if (x.dses) ds.emplace(*x.dses);
         } catch (...) {
+            s.reset();
             x.release();
             throw;
         }
     }
     ~GeneratorUse() {
+        ds.reset();
         s.reset();
         gen.release();
     }
@@ -643,12 +662,14 @@ NB_MODULE(_sparrow, m) {
     const sp_generator_params gd = sp_generator_default_params();
     nb::class_<Generator>(m, "Generator")
         .def(nb::init<nb::object, float, int32_t, float, float, float, int32_t, uint64_t, int32_t, bool, int32_t,
-                      int32_t, int32_t, int32_t, std::vector<nb::bytes>>(),
+                      int32_t, int32_t, int32_t, std::vector<nb::bytes>, int32_t, std::vector<int32_t>, int32_t, nb::object>(),
              "session"_a, "temperature"_a = gd.sampler.temperature, "top_k"_a = gd.sampler.top_k,
              "top_p"_a = gd.sampler.top_p, "min_p"_a = gd.sampler.min_p, "repeat_penalty"_a = gd.sampler.repeat_penalty,
              "repeat_last_n"_a = gd.sampler.repeat_last_n, "seed"_a = gd.sampler.seed, "max_tokens"_a = gd.max_tokens,
              "stop_at_eog"_a = gd.stop_at_eog, "drafter"_a = (int32_t)gd.drafter, "ngram"_a = gd.ngram,
-             "min_ngram"_a = gd.min_ngram, "draft_k"_a = gd.draft_k, "stop"_a = std::vector<nb::bytes>())
+             "min_ngram"_a = gd.min_ngram, "draft_k"_a = gd.draft_k, "stop"_a = std::vector<nb::bytes>(),
+             "recycling_k"_a = gd.recycling_k, "branching"_a = std::vector<int32_t>(1, gd.branching[0]),
+             "max_nodes"_a = gd.max_nodes, "draft_session"_a = nb::none())
         .def("close", &Generator::close)
         .def_prop_ro("closed", [](Generator &self) { return self.closed; })
         .def("start", [](Generator &self, std::vector<int32_t> prompt) {
@@ -699,8 +720,17 @@ NB_MODULE(_sparrow, m) {
             d["prompt_tokens"] = st.prompt_tokens;
             d["eval_s"] = st.eval_s;
             d["loop_s"] = st.loop_s;
+            d["draft_eval_s"] = st.draft_eval_s;
             return d;
         })
+        .def("save_drafter", [](Generator &self, const std::string &path) {
+            GeneratorUse u(self);
+            check(sp_generator_save_drafter(u.g, path.c_str()));
+        }, "path"_a)
+        .def("load_drafter", [](Generator &self, const std::string &path) {
+            GeneratorUse u(self);
+            check(sp_generator_load_drafter(u.g, path.c_str()));
+        }, "path"_a)
         .def("reset_stats", [](Generator &self) { sp_generator_reset_stats(GeneratorUse(self).g); })
         .def("context", [](Generator &self) {
             GeneratorUse u(self);

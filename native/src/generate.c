@@ -1,19 +1,22 @@
 /* generate.c: the decode loop inside the library (sp_generator): sampler, stop conditions and a drafter, with
  * speculative verification of drafted chains. The same rules as runtime/speculative.py (its docstring).
  *
- * Shape legend: V = vocabulary size, K = draft tokens per step (draft_k, <= n_batch - 1), T = K + 1 verified tokens,
- * C = n_ctx.
+ * Shape legend: V = vocabulary size, K = draft nodes per step at most (<= n_batch - 1), N = nodes drafted this step,
+ * T = N + 1 verified tokens, C = n_ctx.
  *
  * One step (the KV cache holds every token of the generation but the last one, the "root"):
- *   draft  = prompt lookup over ctx (a chain d_1 .. d_N, N <= K, N <= room - 1)
+ *   draft  = the drafter's tree below the root (draft.c): nodes 1..N, node i's parent par[i-1] < i (0 = the root)
  *   logits = sp_eval([root, d_1 .. d_N], all rows)                       [T, V]: ONE forward pass
- *   walk:  at row i the target chooses; while it chooses d_{i+1} (greedy: its argmax; sampling: d accepted with
- *          probability p(d), else the token drawn from p without d), go on; the first other choice (or the choice
- *          after the last draft) is the bonus token. The sampler's repetition history takes each token as it is
- *          chosen, so row i's distribution is the one plain decoding would see there.
- *   sp_session_truncate(n_past0 + 1 + accepted): the cache keeps the root and the accepted drafts.
+ *            a tree (not a chain) gets the ancestor-or-self mask and positions n_past0 + depth
+ *   walk:  from the root, the target chooses at each node u from row u (greedy: its argmax; sampling: recursive
+ *          rejection over u's children, sparrow.h); if a child holds the choice, go there, else the choice is the
+ *          bonus token. The sampler's repetition history takes each token as it is chosen, so row u's distribution
+ *          is the one plain decoding would see there.
+ *   the cache keeps the root and the accepted path: sp_session_truncate when the path is nodes 1, 2, .. in batch
+ *   order (any chain), else sp_session_keep; the drafter observes every row (Token Recycling's matrix).
  * Without a draft the step is plain decoding: sp_eval(root), sp_sampler_sample.
  * Every buffer is allocated in sp_generator_new; a step allocates nothing. */
+#include "draft.h"
 #include "model.h"
 #include "sampler.h"
 
@@ -29,12 +32,18 @@ struct sp_generator {
     sp_generator_params p;
     char stop[SP_GEN_MAX_STOP][SP_GEN_MAX_STOP_LEN + 1]; /* copies of the stop strings */
     size_t stop_len[SP_GEN_MAX_STOP];
-    int32_t V, n_ctx, K;       /* K: draft tokens per step at most (0: no drafter) */
+    int32_t V, n_ctx, K;       /* K: draft nodes per step at most (0: no drafter) */
     sp_sampler *sampler;
-    float *logits;             /* [T, V] */
+    sp_drafter d;
+    float *logits;             /* [K + 1, V] */
     int32_t *ids;              /* [V] the sampler's candidates at a row */
     float *probs;              /* [V] */
-    int32_t *batch;            /* [T] */
+    int32_t *batch;            /* [K + 1] the root, then the draft's tokens */
+    int32_t *par;              /* [K] the draft's parents */
+    int32_t *pos, *depth;      /* [K + 1] a tree's positions and node depths */
+    uint8_t *mask;             /* [(K + 1)^2] a tree's ancestor-or-self mask */
+    int32_t *kids, *path;      /* [K + 1] a node's children; the accepted path (batch indices, the root first) */
+    int32_t *keep;             /* [C] cache slots to keep after a tree */
     int32_t *ctx;              /* [C + 2] prompt, then every token decided (the cache holds ctx[0 .. n_past)) */
     int32_t ctx_len;           /* tokens in ctx */
     int32_t q_next;            /* ctx[q_next .. ctx_len): decided, not yet returned */
@@ -59,12 +68,24 @@ sp_generator_params sp_generator_default_params(void) {
     p.ngram = 3;
     p.min_ngram = 2;
     p.draft_k = 4;
+    p.recycling_k = 8;
+    p.n_branching = 1;
+    p.branching[0] = 1;
+    p.max_nodes = 4;
     return p;
 }
 
 void sp_generator_free(sp_generator *g) {
     if (!g) return;
     sp_sampler_free(g->sampler);
+    sp_drafter_free(&g->d);
+    free(g->par);
+    free(g->pos);
+    free(g->depth);
+    free(g->mask);
+    free(g->kids);
+    free(g->path);
+    free(g->keep);
     free(g->logits);
     free(g->ids);
     free(g->probs);
@@ -76,20 +97,36 @@ void sp_generator_free(sp_generator *g) {
 
 static sp_status check_params(const sp_session *ses, const sp_generator_params *p) {
     if (p->max_tokens < 0) return sp_fail(SP_ERR_INVALID_ARG, "generator: max_tokens must be >= 0 (got %d)", p->max_tokens);
-    if (p->drafter != SP_DRAFTER_NONE && p->drafter != SP_DRAFTER_PROMPT_LOOKUP)
-        return sp_fail(SP_ERR_INVALID_ARG, "generator: drafter must be SP_DRAFTER_NONE or SP_DRAFTER_PROMPT_LOOKUP "
-                       "(got %d)", (int)p->drafter);
-    if (p->drafter == SP_DRAFTER_PROMPT_LOOKUP) {
-        if (!(1 <= p->min_ngram && p->min_ngram <= p->ngram && p->ngram <= SP_GEN_MAX_NGRAM))
-            return sp_fail(SP_ERR_INVALID_ARG, "generator: prompt lookup needs 1 <= min_ngram <= ngram <= %d (got "
-                           "min_ngram %d, ngram %d)", SP_GEN_MAX_NGRAM, p->min_ngram, p->ngram);
-        const int32_t nb = ses->params.n_batch;
-        if (nb < 2)
-            return sp_fail(SP_ERR_INVALID_ARG, "generator: prompt lookup verifies a draft with its root in one batch: "
-                           "the session's n_batch must be >= 2 (got %d)", nb);
-        if (p->draft_k < 1 || p->draft_k > nb - 1)
-            return sp_fail(SP_ERR_INVALID_ARG, "generator: draft_k must be 1..n_batch - 1 = %d (got %d)", nb - 1,
-                           p->draft_k);
+    const sp_drafter_kind k = p->drafter;
+    if (k < SP_DRAFTER_NONE || k > SP_DRAFTER_DRAFT_MODEL)
+        return sp_fail(SP_ERR_INVALID_ARG, "generator: drafter must be SP_DRAFTER_NONE .. SP_DRAFTER_DRAFT_MODEL "
+                       "(0..4, got %d)", (int)k);
+    const int32_t nb = ses->params.n_batch, V = ses->model->hp.n_vocab;
+    if (k != SP_DRAFTER_NONE && nb < 2)
+        return sp_fail(SP_ERR_INVALID_ARG, "generator: a drafter's tokens are verified with their root in one batch: "
+                       "the session's n_batch must be >= 2 (got %d)", nb);
+    if ((k == SP_DRAFTER_PROMPT_LOOKUP || k == SP_DRAFTER_HYBRID) &&
+        !(1 <= p->min_ngram && p->min_ngram <= p->ngram && p->ngram <= SP_GEN_MAX_NGRAM))
+        return sp_fail(SP_ERR_INVALID_ARG, "generator: prompt lookup needs 1 <= min_ngram <= ngram <= %d (got "
+                       "min_ngram %d, ngram %d)", SP_GEN_MAX_NGRAM, p->min_ngram, p->ngram);
+    if ((k == SP_DRAFTER_PROMPT_LOOKUP || k == SP_DRAFTER_HYBRID || k == SP_DRAFTER_DRAFT_MODEL) &&
+        (p->draft_k < 1 || p->draft_k > nb - 1))
+        return sp_fail(SP_ERR_INVALID_ARG, "generator: draft_k must be 1..n_batch - 1 = %d (got %d)", nb - 1,
+                       p->draft_k);
+    if (k == SP_DRAFTER_RECYCLING || k == SP_DRAFTER_HYBRID) {
+        if (p->recycling_k < 1 || p->recycling_k > SP_MIN(SP_GEN_MAX_RECYCLING_K, V))
+            return sp_fail(SP_ERR_INVALID_ARG, "generator: recycling_k must be 1..%d (got %d)",
+                           SP_MIN(SP_GEN_MAX_RECYCLING_K, V), p->recycling_k);
+        if (p->n_branching < 1 || p->n_branching > SP_GEN_MAX_DEPTH)
+            return sp_fail(SP_ERR_INVALID_ARG, "generator: n_branching must be 1..%d (got %d)", SP_GEN_MAX_DEPTH,
+                           p->n_branching);
+        for (int32_t i = 0; i < p->n_branching; i++)
+            if (p->branching[i] < 1 || p->branching[i] > p->recycling_k)
+                return sp_fail(SP_ERR_INVALID_ARG, "generator: branching[%d] must be 1..recycling_k = %d (got %d)", i,
+                               p->recycling_k, p->branching[i]);
+        if (p->max_nodes < 1 || p->max_nodes > nb - 1)
+            return sp_fail(SP_ERR_INVALID_ARG, "generator: max_nodes must be 1..n_batch - 1 = %d (got %d)", nb - 1,
+                           p->max_nodes);
     }
     if (p->n_stop < 0 || p->n_stop > SP_GEN_MAX_STOP)
         return sp_fail(SP_ERR_INVALID_ARG, "generator: n_stop must be 0..%d (got %d)", SP_GEN_MAX_STOP, p->n_stop);
@@ -101,6 +138,17 @@ static sp_status check_params(const sp_session *ses, const sp_generator_params *
                            SP_GEN_MAX_STOP_LEN, n == 0 ? "an empty string" : "a longer one");
     }
     return SP_OK;
+}
+
+/* Draft nodes per step at most. */
+static int32_t max_draft_nodes(const sp_generator_params *p, int32_t n_batch) {
+    switch (p->drafter) {
+    case SP_DRAFTER_PROMPT_LOOKUP:
+    case SP_DRAFTER_DRAFT_MODEL: return p->draft_k;
+    case SP_DRAFTER_RECYCLING: return p->max_nodes;
+    case SP_DRAFTER_HYBRID: return n_batch - 1;
+    default: return 0;
+    }
 }
 
 sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, sp_generator **out) {
@@ -117,7 +165,7 @@ sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, s
     g->p = *params;
     g->V = g->model->hp.n_vocab;
     g->n_ctx = ses->params.n_ctx;
-    g->K = params->drafter == SP_DRAFTER_NONE ? 0 : params->draft_k;
+    g->K = max_draft_nodes(params, ses->params.n_batch);
     g->n_past_left = -1;
     g->done = SP_GEN_RUNNING;
     for (int32_t i = 0; i < params->n_stop; i++) {
@@ -127,6 +175,7 @@ sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, s
     }
     for (int32_t i = params->n_stop; i < SP_GEN_MAX_STOP; i++) g->p.stop[i] = NULL;
     st = sp_sampler_new(params->sampler, g->V, &g->sampler);
+    if (st == SP_OK) st = sp_drafter_init(&g->d, params, ses);
     if (st != SP_OK) {
         sp_generator_free(g);
         return st;
@@ -136,6 +185,13 @@ sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, s
     g->ids = malloc(V * sizeof *g->ids);
     g->probs = malloc(V * sizeof *g->probs);
     g->batch = malloc(T * sizeof *g->batch);
+    g->par = malloc(T * sizeof *g->par);
+    g->pos = malloc(T * sizeof *g->pos);
+    g->depth = malloc(T * sizeof *g->depth);
+    g->mask = malloc(T * T);
+    g->kids = malloc(T * sizeof *g->kids);
+    g->path = malloc(T * sizeof *g->path);
+    g->keep = malloc((size_t)g->n_ctx * sizeof *g->keep);
     g->ctx = malloc(((size_t)g->n_ctx + 2) * sizeof *g->ctx);
     if (params->n_stop > 0) {
         /* room for the longest token's text after the last SP_GEN_MAX_STOP_LEN - 1 bytes */
@@ -149,7 +205,8 @@ sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, s
         g->tail_cap = SP_GEN_MAX_STOP_LEN + longest;
         g->tail = malloc(g->tail_cap);
     }
-    if (!g->logits || !g->ids || !g->probs || !g->batch || !g->ctx || (params->n_stop > 0 && !g->tail)) {
+    if (!g->logits || !g->ids || !g->probs || !g->batch || !g->par || !g->pos || !g->depth || !g->mask || !g->kids ||
+        !g->path || !g->keep || !g->ctx || (params->n_stop > 0 && !g->tail)) {
         sp_generator_free(g);
         return sp_fail(SP_ERR_NO_MEMORY, "generator: out of memory (n_vocab %d, n_ctx %d)", (int)V, g->n_ctx);
     }
@@ -217,60 +274,76 @@ sp_status sp_generator_start(sp_generator *g, const int32_t *prompt, int32_t n_p
 
 /* ---- one step ---- */
 
-/* Prompt lookup: the latest earlier occurrence of ctx's last n tokens (n = ngram .. min_ngram), and the up to k
- * tokens after it, into out. Returns how many. */
-static int32_t prompt_lookup(const int32_t *ctx, int32_t L, int32_t ngram, int32_t min_ngram, int32_t k, int32_t *out) {
-    for (int32_t n = SP_MIN(ngram, L - 1); n >= min_ngram; n--) {
-        const int32_t *tail = ctx + L - n;
-        for (int32_t j = L - n - 1; j >= 0; j--) {
-            if (ctx[j] != tail[0] || memcmp(ctx + j, tail, (size_t)n * sizeof *ctx) != 0) continue;
-            const int32_t from = j + n, m = SP_MIN(k, L - from);
-            memcpy(out, ctx + from, (size_t)m * sizeof *out);
-            return m;
-        }
-    }
-    return 0;
-}
-
-/* The target's choice at one row given draft token d: *accepted when it is d, else *x is the token it chose. */
-static sp_status choose(sp_generator *g, const float *row, int32_t d, bool *accepted, int32_t *x) {
+/* The target's choice at node u's row given its children kids[0..nk) (batch indices): *x the token, *child the child
+ * holding it or -1. Greedy (or a single survivor): the argmax. Sampling: recursive rejection, each child's token
+ * accepted with its probability under what the earlier rejected siblings left (they drop out, the rest renormalised);
+ * when none is, the token is drawn from the rest. For one child: accepted with probability p(d), else drawn from p
+ * without d. */
+static sp_status choose(sp_generator *g, const float *row, const int32_t *kids, int32_t nk, int32_t *x,
+                        int32_t *child) {
     int32_t K = 0;
+    *child = -1;
     sp_status st = sp_sampler_candidates(g->sampler, row, g->V, g->ids, g->probs, &K);
     if (st != SP_OK) return st;
     if (K == 1) {  /* greedy, or a single survivor: no draw */
-        *accepted = g->ids[0] == d;
         *x = g->ids[0];
+        for (int32_t j = 0; j < nk && *child < 0; j++)
+            if (g->batch[kids[j]] == *x) *child = kids[j];
         return SP_OK;
     }
-    double pd = 0.0, rest = 0.0;
-    for (int32_t i = 0; i < K; i++) {
-        if (g->ids[i] == d) pd = g->probs[i];
-        else rest += g->probs[i];
+    double mass = 0.0;
+    for (int32_t i = 0; i < K; i++) mass += g->probs[i];
+    for (int32_t j = 0; j < nk && mass > 0.0; j++) {
+        const int32_t d = g->batch[kids[j]];
+        int32_t i = 0;
+        while (i < K && g->ids[i] != d) i++;
+        if (i == K || g->probs[i] <= 0.0f) continue;  /* probability 0 (or a sibling's token, rejected): never taken */
+        if (sp_sampler_uniform(g->sampler) * mass < g->probs[i]) {
+            *x = d;
+            *child = kids[j];
+            return SP_OK;
+        }
+        mass -= g->probs[i];
+        g->probs[i] = 0.0f;
+        if (mass <= 1e-12) {  /* rounding: recount what is left */
+            mass = 0.0;
+            for (int32_t r = 0; r < K; r++) mass += g->probs[r];
+        }
     }
-    if (pd > 0.0 && sp_sampler_uniform(g->sampler) * (pd + rest) < pd) {  /* accept with probability p(d) */
-        *accepted = true;
-        *x = d;
-        return SP_OK;
-    }
-    /* rejected: draw from p with d removed, renormalised */
-    *accepted = false;
-    const double u = sp_sampler_uniform(g->sampler) * rest;
+    /* every child rejected: draw from what is left */
+    const double u = sp_sampler_uniform(g->sampler) * mass;
     double cum = 0.0;
     int32_t last = -1;
     for (int32_t i = 0; i < K; i++) {
-        if (g->ids[i] == d || g->probs[i] <= 0.0f) continue;
+        if (g->probs[i] <= 0.0f) continue;
         cum += g->probs[i];
         last = i;
         if (u < cum) break;
     }
-    if (last < 0) return sp_fail(SP_ERR_INTERNAL, "generator: no token left after rejecting the draft");
+    if (last < 0) return sp_fail(SP_ERR_INTERNAL, "generator: no token left after rejecting the drafts");
     *x = g->ids[last];  /* also the fallback when rounding leaves u >= the summed mass */
     return SP_OK;
 }
 
+/* The mask and positions of a tree (node i's parent par[i-1]) of T tokens over n_past0 cached ones. */
+static void tree_mask(sp_generator *g, int32_t T, int32_t n_past0) {
+    uint8_t *m = g->mask;
+    memset(m, 0, (size_t)T * (size_t)T);
+    m[0] = 1;
+    g->depth[0] = 0;
+    g->pos[0] = n_past0;
+    for (int32_t i = 1; i < T; i++) {
+        const int32_t p = g->par[i - 1];
+        memcpy(m + (size_t)i * T, m + (size_t)p * T, (size_t)i);
+        m[(size_t)i * T + i] = 1;
+        g->depth[i] = g->depth[p] + 1;
+        g->pos[i] = n_past0 + g->depth[i];
+    }
+}
+
 static sp_status step(sp_generator *g) {
     sp_session *ses = g->ses;
-    const double t0 = sp_now_s();
+    const double t0 = sp_now_s(), draft0 = g->d.draft_eval_s;
     const int32_t n_past0 = sp_session_n_past(ses);
     if (n_past0 != g->n_past_left || n_past0 != g->ctx_len - 1)
         return sp_fail(SP_ERR_INVALID_ARG, "generator: the session's KV cache was changed outside the generator "
@@ -278,21 +351,29 @@ static sp_status step(sp_generator *g) {
     const int32_t room = g->n_ctx - n_past0;  /* slots for the root and the drafts */
     const int32_t budget = SP_MIN(g->K, room - 1);
     int32_t N = 0;
-    if (budget > 0) N = prompt_lookup(g->ctx, g->ctx_len, g->p.ngram, g->p.min_ngram, budget, g->batch + 1);
+    sp_status st = sp_drafter_propose(&g->d, g->ctx, g->ctx_len, budget, g->batch + 1, g->par, &N);
+    g->stats.draft_eval_s += g->d.draft_eval_s - draft0;
+    if (st != SP_OK) return st;  /* the target's cache is untouched */
     g->batch[0] = g->ctx[g->ctx_len - 1];
     const int32_t T = N + 1;
-    sp_batch b = {.tokens = g->batch, .n_tokens = T, .logits = g->logits, .logits_last_only = N == 0};
+    bool is_chain = true;
+    for (int32_t i = 0; i < N; i++) is_chain = is_chain && g->par[i] == i;
+    if (!is_chain) tree_mask(g, T, n_past0);
+    sp_batch b = {.tokens = g->batch, .n_tokens = T, .logits = g->logits, .logits_last_only = N == 0,
+                  .pos = is_chain ? NULL : g->pos, .mask = is_chain ? NULL : g->mask};
     const double t1 = sp_now_s();
-    sp_status st = sp_eval(ses, &b);
+    st = sp_eval(ses, &b);
     const double t2 = sp_now_s();
     if (st != SP_OK) return st;  /* nothing changed */
     const size_t V = (size_t)g->V;
-    int32_t n_acc = 0;
-    for (int32_t i = 0;; i++) {
-        const float *row = g->logits + (size_t)i * V;
-        int32_t x;
-        bool acc = false;
-        if (i < N) st = choose(g, row, g->batch[i + 1], &acc, &x);
+    int32_t n_path = 1, u = 0;
+    g->path[0] = 0;
+    for (;;) {
+        const float *row = g->logits + (size_t)u * V;
+        int32_t nk = 0, x, child = -1;
+        for (int32_t v = u + 1; v < T; v++)
+            if (g->par[v - 1] == u) g->kids[nk++] = v;
+        if (nk > 0) st = choose(g, row, g->kids, nk, &x, &child);
         else st = sp_sampler_sample(g->sampler, row, &x);
         if (st != SP_OK) {
             g->failed = true;
@@ -302,20 +383,29 @@ static sp_status step(sp_generator *g) {
         }
         sp_sampler_accept(g->sampler, x);
         g->ctx[g->ctx_len++] = x;
-        if (!acc) break;
-        n_acc++;
+        if (child < 0) break;
+        g->path[n_path++] = u = child;
     }
     if (N > 0) {
-        st = sp_session_truncate(ses, n_past0 + 1 + n_acc);
+        bool prefix = true;  /* the path is batch slots 0, 1, .., n_path - 1 */
+        for (int32_t j = 0; j < n_path; j++) prefix = prefix && g->path[j] == j;
+        if (prefix) {
+            st = sp_session_truncate(ses, n_past0 + n_path);
+        } else {
+            for (int32_t i = 0; i < n_past0; i++) g->keep[i] = i;
+            for (int32_t j = 0; j < n_path; j++) g->keep[n_past0 + j] = n_past0 + g->path[j];
+            st = sp_session_keep(ses, g->keep, n_past0 + n_path);
+        }
         if (st != SP_OK) {
             g->failed = true;
             return st;
         }
     }
+    sp_drafter_observe(&g->d, g->batch, T, g->logits);
     g->n_past_left = sp_session_n_past(ses);
     g->stats.steps++;
     g->stats.drafted += N;
-    g->stats.accepted += n_acc;
+    g->stats.accepted += n_path - 1;
     g->stats.eval_s += t2 - t1;
     g->stats.loop_s += (t1 - t0) + (sp_now_s() - t2);
     return SP_OK;
@@ -426,4 +516,35 @@ int32_t sp_generator_context(const sp_generator *g, const int32_t **tokens) {
     }
     if (tokens) *tokens = g->ctx;
     return g->ctx_len;
+}
+
+/* ---- the drafter's state ---- */
+
+static sp_status state_check(const sp_generator *g, const char *path, const char *what) {
+    if (!path || !*path) return sp_fail(SP_ERR_INVALID_ARG, "%s: the path is empty", what);
+    if (!sp_drafter_has_state(&g->d))
+        return sp_fail(SP_ERR_INVALID_ARG, "%s: only the recycling and hybrid drafters have a state (Token Recycling's "
+                       "matrix)", what);
+    return SP_OK;
+}
+
+sp_status sp_generator_save_drafter(const sp_generator *gen, const char *path) {
+    sp_clear_error();
+    if (!gen) return sp_fail(SP_ERR_INVALID_ARG, "sp_generator_save_drafter: generator is NULL");
+    sp_generator *g = (sp_generator *)gen;  /* for the claim only: nothing else is written */
+    sp_status st = enter(g, "sp_generator_save_drafter");
+    if (st != SP_OK) return st;
+    st = state_check(g, path, "sp_generator_save_drafter");
+    if (st == SP_OK) st = sp_drafter_save(&g->d, path);
+    return leave(g, st);
+}
+
+sp_status sp_generator_load_drafter(sp_generator *g, const char *path) {
+    sp_clear_error();
+    if (!g) return sp_fail(SP_ERR_INVALID_ARG, "sp_generator_load_drafter: generator is NULL");
+    sp_status st = enter(g, "sp_generator_load_drafter");
+    if (st != SP_OK) return st;
+    st = state_check(g, path, "sp_generator_load_drafter");
+    if (st == SP_OK) st = sp_drafter_load(&g->d, path);
+    return leave(g, st);
 }

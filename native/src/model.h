@@ -169,6 +169,7 @@ struct sp_session {
     sp_session_memory memory; /* what sp_session_new allocated (session.c sizes it) */
     sp_pool *pool;
     _Atomic int busy; /* 1 while a thread is inside sp_eval / truncate / keep: a second thread is refused */
+    uint64_t n_changes; /* calls of sp_eval / truncate / keep so far (written by the claiming thread) */
 };
 
 /* Forward pass over one batch (validated by the caller). Never allocates. */

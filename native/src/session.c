@@ -224,7 +224,12 @@ static sp_status enter(sp_session *ses, const char *what) {
     return sp_claim(&ses->busy, what, "session", "give each thread its own session");
 }
 
-static sp_status leave(sp_session *ses, sp_status st) { return sp_release(&ses->busy, st); }
+/* Every call that may change the cache counts as a change (the generator's draft model drafter trusts its record of
+ * the draft session's cache only while this count is what it left). */
+static sp_status leave(sp_session *ses, sp_status st) {
+    ses->n_changes++;
+    return sp_release(&ses->busy, st);
+}
 
 /* sp_eval with the session claimed by this thread. */
 static sp_status eval_checked(sp_session *ses, const sp_batch *b) {

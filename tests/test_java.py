@@ -2,8 +2,12 @@
 
 tests/java/SparrowJavaTest.java is compiled with javac against the jar and run once per module with
 `java -Xcheck:jni`, on the shipped blockffn-tiny and on SmolLM2-135M-Instruct; this file checks what it printed:
-- greedy identity: on the 52 prompts of tests/test_speculative.py (16 new tokens each), the Java Generator's tokens,
-  with Drafter.NONE and Drafter.PROMPT_LOOKUP, equal plain greedy decoding's (runtime.native.generate_tokens);
+- greedy identity: on the 52 prompts of tests/test_speculative.py (16 new tokens each), the Java Generator's tokens
+  equal plain greedy decoding's (runtime.native.generate_tokens), with every drafter on the tiny model (Token
+  Recycling and the hybrid with trees, a draft model whose session was closed while the generator holds it) and
+  with NONE and PROMPT_LOOKUP on SmolLM2; each drafter did draft and have tokens accepted;
+- Token Recycling's matrix saved from Java is a .npy int32 [n_vocab, 8], loads into another generator; a bad file
+  and a generator without recycling are refused;
 - Model.tokenize(text, true) equals the Python tokenizer's with parse_special=False (chat markup stays characters);
   the model info equals Python's;
 - "héllo 👋 世界" tokenized and detokenized in Java comes back equal, and so does a streaming decode of the token pieces
@@ -34,6 +38,10 @@ from test_speculative import PROMPTS
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "blockffn-tiny.Q8_0.gguf"
 N_NEW = 16
+# Drafters run on every prompt, per model: all on the tiny model (DRAFT_MODEL drafts with a second session of the
+# same weights); on SmolLM2 plain decoding and prompt lookup, to keep the run short.
+DRAFTERS = {"tiny": ["NONE", "PROMPT_LOOKUP", "RECYCLING", "HYBRID", "DRAFT_MODEL"],
+            "smollm": ["NONE", "PROMPT_LOOKUP"]}
 EMOJI = "héllo 👋 世界"
 
 
@@ -74,7 +82,8 @@ def run(tmp_path_factory, smollm_path):
     work = tmp_path_factory.mktemp("java")
     models = {"tiny": TINY, "smollm": smollm_path}
     ref = {key: plain_greedy(path) for key, path in models.items()}
-    lines = [f"ntokens {N_NEW}"] + [f"model {k} {p}" for k, p in models.items()]
+    lines = [f"ntokens {N_NEW}", f"workdir {work}"] + [f"model {k} {p}" for k, p in models.items()]
+    lines += [f"drafters {k} " + " ".join(names) for k, names in DRAFTERS.items()]
     lines += ["text " + t.encode().hex() for t in PROMPTS]
     lines += [f"prompt {k} " + " ".join(map(str, toks)) for k, pairs in ref.items() for toks, _ in pairs]
     (work / "input.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -111,8 +120,7 @@ def test_jvm_exits_cleanly_without_jni_warnings(run):
     assert not warnings, "\n".join(warnings)
 
 
-@pytest.mark.parametrize("drafter", ["NONE", "PROMPT_LOOKUP"])
-@pytest.mark.parametrize("key", ["tiny", "smollm"])
+@pytest.mark.parametrize(("key", "drafter"), [(k, d) for k, names in DRAFTERS.items() for d in names])
 def test_greedy_equals_plain_decoding(run, key, drafter):
     ref = run["ref"][key]
     assert len(ref) >= 50
@@ -128,8 +136,21 @@ def test_greedy_equals_plain_decoding(run, key, drafter):
     assert tokens == sum(len(e) for _, e in ref)
     if drafter == "NONE":
         assert drafted == 0
-    elif key == "smollm":
-        assert 0 < accepted <= drafted and steps < tokens  # prompt lookup did speculate
+    else:
+        assert 0 < accepted <= drafted and steps < tokens  # it did speculate
+    print(f"{key} {drafter}: {steps} steps, {drafted} drafted, {accepted} accepted, {tokens} tokens")
+
+
+@pytest.mark.parametrize("key", [k for k, names in DRAFTERS.items() if "RECYCLING" in names])
+def test_recycling_matrix_saved_and_loaded(run, key):
+    import numpy as np
+
+    assert_check(run, f"drafter_file_{key}")
+    (path,), = run["lines"]["npy"]
+    matrix = np.load(path)
+    with Model(run["models"][key]) as model:
+        assert matrix.dtype == np.int32 and matrix.shape == (model.info.n_vocab, 8)
+    assert (matrix >= 0).any() and matrix.min() >= -1 and matrix.max() < matrix.shape[0]
 
 
 @pytest.mark.parametrize("key", ["tiny", "smollm"])

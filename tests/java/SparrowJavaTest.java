@@ -19,10 +19,11 @@ import java.util.concurrent.atomic.AtomicReference;
 
 /**
  * The Java binding driven by tests/test_java.py. Input file (one item a line):
- *   model KEY PATH | ntokens N | prompt KEY TOKEN... | text HEX(UTF-8)
+ *   model KEY PATH | drafters KEY DRAFTER... | ntokens N | workdir PATH | prompt KEY TOKEN... | text HEX(UTF-8)
  * Output (stdout), checked by the Python side:
  *   info KEY n_vocab n_ctx_train HEX(name)
  *   gen KEY DRAFTER INDEX STOP TOKEN...   greedy tokens of each prompt, per drafter
+ *   npy PATH                              Token Recycling's matrix as saved
  *   stats KEY DRAFTER steps drafted accepted tokens
  *   tok KEY INDEX TOKEN...                Model.tokenize(text, true) of each text
  *   badpath STATUS HEX(getMessage(): "STATUS: message") HEX(path)
@@ -33,6 +34,8 @@ public final class SparrowJavaTest {
     static final Map<String, String> models = new LinkedHashMap<>();
     static final Map<String, List<int[]>> prompts = new LinkedHashMap<>();
     static final List<String> texts = new ArrayList<>();
+    static final Map<String, List<String>> drafters = new LinkedHashMap<>();
+    static String workdir;
     static int nTokens = 16;
 
     interface Check {
@@ -105,6 +108,8 @@ public final class SparrowJavaTest {
             String[] f = line.trim().split(" ");
             if (f[0].equals("model")) models.put(f[1], f[2]);
             else if (f[0].equals("ntokens")) nTokens = Integer.parseInt(f[1]);
+            else if (f[0].equals("workdir")) workdir = f[1];
+            else if (f[0].equals("drafters")) drafters.put(f[1], java.util.Arrays.asList(f).subList(2, f.length));
             else if (f[0].equals("text")) texts.add(new String(unhex(f[1]), StandardCharsets.UTF_8));
             else if (f[0].equals("prompt")) {
                 int[] t = new int[f.length - 2];
@@ -139,8 +144,10 @@ public final class SparrowJavaTest {
             System.out.println("info " + key + " " + model.nVocab() + " " + model.nCtxTrain() + " "
                     + hex(model.name().getBytes(StandardCharsets.UTF_8)) + " " + info.architecture);
             for (int i = 0; i < texts.size(); i++) System.out.println("tok " + key + " " + i + join(model.tokenize(texts.get(i), true)));
-            for (Drafter d : Drafter.values()) {
-                try (Generator gen = new Generator(session, greedy(d))) {
+            for (String d : drafters.get(key)) {
+                Session draft = d.equals("DRAFT_MODEL") ? new Session(model, sessionParams()) : null;
+                try (Generator gen = new Generator(session, drafterParams(d, draft))) {
+                    if (draft != null) draft.close();  // the generator keeps it until it closes
                     List<int[]> ps = prompts.get(key);
                     for (int i = 0; i < ps.size(); i++) {
                         session.truncate(0);
@@ -150,8 +157,43 @@ public final class SparrowJavaTest {
                     Generator.Stats s = gen.stats();
                     System.out.println("stats " + key + " " + d + " " + s.steps + " " + s.drafted + " " + s.accepted
                             + " " + s.tokens);
+                    if (d.equals("RECYCLING")) check("drafter_file_" + key, () -> drafterFile(gen, session));
                 }
             }
+        }
+    }
+
+    /** Greedy params for a drafter by name (trees for the recycling ones; a draft model of the same weights). */
+    static Generator.Params drafterParams(String name, Session draft) {
+        Drafter d = Drafter.valueOf(name);
+        switch (d) {
+            case RECYCLING:
+                return greedy(d).recycling(8, 8, 2, 2, 1);
+            case HYBRID:
+                return greedy(d).recycling(8, 6, 2, 1).drafter(Drafter.HYBRID);
+            case DRAFT_MODEL:
+                return greedy(d).draftModel(draft, 4);
+            default:
+                return greedy(d);
+        }
+    }
+
+    /** Token Recycling's matrix saved, loaded into another generator; bad files and other drafters refused. */
+    static void drafterFile(Generator gen, Session session) throws Exception {
+        String path = workdir + "/recycling.npy";
+        gen.saveDrafter(path);
+        System.out.println("npy " + path);
+        try (Generator other = new Generator(session, drafterParams("RECYCLING", null));
+             Generator plain = new Generator(session, greedy(Drafter.NONE))) {
+            other.loadDrafter(path);
+            try {
+                other.loadDrafter(workdir + "/input.txt");
+                throw new AssertionError("a text file loaded as a matrix");
+            } catch (SparrowException e) {
+                require(!e.status().equals("SP_OK"), e.toString());
+            }
+            expectInvalid("saveDrafter without recycling", () -> plain.saveDrafter(workdir + "/none.npy"));
+            require(!Files.exists(Paths.get(workdir, "none.npy")), "a file written for a generator without recycling");
         }
     }
 

@@ -212,8 +212,41 @@ static bool generator_fields(JNIEnv *env, jobject obj, sp_generator_params *p, b
         {"ngram", 'I', &p->ngram},
         {"minNgram", 'I', &p->min_ngram},
         {"draftK", 'I', &p->draft_k},
+        {"recyclingK", 'I', &p->recycling_k},
+        {"maxNodes", 'I', &p->max_nodes},
     };
     return fields_copy(env, obj, f, COUNT(f), to_java);
+}
+
+/* Params.branching (int[]) <-> branching[0 .. n_branching). */
+static bool generator_branching(JNIEnv *env, jobject obj, sp_generator_params *p, bool to_java) {
+    jclass cls = (*env)->GetObjectClass(env, obj);
+    if (!cls) return false;
+    jfieldID id = (*env)->GetFieldID(env, cls, "branching", "[I");
+    (*env)->DeleteLocalRef(env, cls);
+    if (!id) return false;
+    if (to_java) {
+        jintArray a = ints_new(env, p->branching, p->n_branching > 0 ? (size_t)p->n_branching : 0);
+        if (!a) return false;
+        (*env)->SetObjectField(env, obj, id, a);
+        (*env)->DeleteLocalRef(env, a);
+        return true;
+    }
+    jintArray a = (jintArray)(*env)->GetObjectField(env, obj, id);
+    if (!a) {
+        throw_sparrow(env, "SP_ERR_INVALID_ARG", "Generator.Params.branching is null");
+        return false;
+    }
+    jsize n = (*env)->GetArrayLength(env, a);
+    bool ok = n <= SP_GEN_MAX_DEPTH;
+    if (!ok) throw_sparrow(env, "SP_ERR_INVALID_ARG", "Generator.Params.branching: more than SP_GEN_MAX_DEPTH entries");
+    else {
+        (*env)->GetIntArrayRegion(env, a, 0, n, (jint *)p->branching);
+        ok = !(*env)->ExceptionCheck(env);
+        p->n_branching = n;  /* 0 is the library's to refuse */
+    }
+    (*env)->DeleteLocalRef(env, a);
+    return ok;
 }
 
 /* Params.drafter <-> sp_drafter_kind, through the enum's value field and Drafter.fromValue. */
@@ -464,14 +497,18 @@ JNIEXPORT void JNICALL Java_dev_sparrow_Native_sessionTruncate(JNIEnv *env, jcla
 
 JNIEXPORT void JNICALL Java_dev_sparrow_Native_generatorDefaults(JNIEnv *env, jclass cls, jobject out) {
     sp_generator_params p = sp_generator_default_params();
-    if (generator_fields(env, out, &p, true)) generator_drafter(env, out, &p, true);
+    if (generator_fields(env, out, &p, true) && generator_branching(env, out, &p, true))
+        generator_drafter(env, out, &p, true);
 }
 
 JNIEXPORT jlong JNICALL Java_dev_sparrow_Native_generatorNew(JNIEnv *env, jclass cls, jlong session, jobject params,
-                                                             jobjectArray stops) {
+                                                             jobjectArray stops, jlong draft_session) {
     if (!handle_ok(env, session)) return 0;
     sp_generator_params p = sp_generator_default_params();
-    if (!generator_fields(env, params, &p, false) || !generator_drafter(env, params, &p, false)) return 0;
+    if (!generator_fields(env, params, &p, false) || !generator_branching(env, params, &p, false) ||
+        !generator_drafter(env, params, &p, false))
+        return 0;
+    p.draft_session = H(sp_session, draft_session);  /* 0: none */
     jsize n_stop = stops ? (*env)->GetArrayLength(env, stops) : 0;
     if (n_stop > SP_GEN_MAX_STOP) {
         throw_sparrow(env, "SP_ERR_INVALID_ARG", "Generator.Params.stop: more stop strings than SP_GEN_MAX_STOP (8)");
@@ -578,7 +615,7 @@ JNIEXPORT void JNICALL Java_dev_sparrow_Native_generatorStats(JNIEnv *env, jclas
     jfield f[] = {
         {"steps", 'J', &s.steps},   {"drafted", 'J', &s.drafted},         {"accepted", 'J', &s.accepted},
         {"tokens", 'J', &s.tokens}, {"promptTokens", 'J', &s.prompt_tokens}, {"evalSeconds", 'D', &s.eval_s},
-        {"loopSeconds", 'D', &s.loop_s},
+        {"loopSeconds", 'D', &s.loop_s}, {"draftEvalSeconds", 'D', &s.draft_eval_s},
     };
     fields_copy(env, out, f, COUNT(f), true);
 }
@@ -592,4 +629,29 @@ JNIEXPORT jintArray JNICALL Java_dev_sparrow_Native_generatorContext(JNIEnv *env
     const int32_t *toks = NULL;
     int32_t n = sp_generator_context(H(sp_generator, h), &toks);
     return ints_new(env, toks, n > 0 ? (size_t)n : 0);
+}
+
+/* Token Recycling's matrix to / from a .npy file. */
+static void drafter_file(JNIEnv *env, jlong h, jbyteArray path, bool save) {
+    if (!handle_ok(env, h)) return;
+    size_t n;
+    char *cpath = bytes_get(env, path, &n);
+    if (!cpath) return;
+    if (memchr(cpath, '\0', n)) {
+        free(cpath);
+        throw_sparrow(env, "SP_ERR_INVALID_ARG", "Generator: the drafter file path contains a NUL character");
+        return;
+    }
+    sp_generator *g = H(sp_generator, h);
+    sp_status st = save ? sp_generator_save_drafter(g, cpath) : sp_generator_load_drafter(g, cpath);
+    free(cpath);
+    if (st != SP_OK) throw_status(env, st);
+}
+
+JNIEXPORT void JNICALL Java_dev_sparrow_Native_generatorSaveDrafter(JNIEnv *env, jclass cls, jlong h, jbyteArray path) {
+    drafter_file(env, h, path, true);
+}
+
+JNIEXPORT void JNICALL Java_dev_sparrow_Native_generatorLoadDrafter(JNIEnv *env, jclass cls, jlong h, jbyteArray path) {
+    drafter_file(env, h, path, false);
 }

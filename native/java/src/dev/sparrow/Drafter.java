@@ -8,7 +8,14 @@ public enum Drafter {
     /** Plain decoding: one token per forward pass. */
     NONE(0),
     /** Drafts the continuation of an earlier occurrence of the context's last n-gram (ngram, minNgram, draftK). */
-    PROMPT_LOOKUP(1);
+    PROMPT_LOOKUP(1),
+    /** Token Recycling: a tree from each token's recyclingK best followers when last verified (branching, maxNodes);
+     *  the matrix is kept across generations (Generator.saveDrafter / loadDrafter). */
+    RECYCLING(2),
+    /** Prompt lookup's chain (draftK) merged with the recycling tree. */
+    HYBRID(3),
+    /** A draft model (draftSession: a session of a model with the same vocabulary) drafts draftK tokens greedily. */
+    DRAFT_MODEL(4);
 
     /** The sp_drafter_kind value. */
     public final int value;

@@ -36,6 +36,13 @@ public final class Generator extends NativeResource {
         /** PROMPT_LOOKUP: n-gram lengths tried, from ngram down to minNgram (1 &lt;= minNgram &lt;= ngram &lt;= 16),
          *  and tokens drafted per step (1 .. nBatch - 1). */
         public int ngram, minNgram, draftK;
+        /** RECYCLING, HYBRID: candidates kept per token (1..32), children per node by depth (1..16 entries, each
+         *  1..recyclingK, the last repeating; {1}: a chain), and nodes of the recycling tree (1 .. nBatch - 1). */
+        public int recyclingK, maxNodes;
+        public int[] branching;
+        /** DRAFT_MODEL: a session of a model with the target's vocabulary, not the target's session; the generator
+         *  keeps it allocated until the generator closes, and nothing else should use it meanwhile. */
+        public Session draftSession;
         /** Stop strings (at most 8, 1..64 UTF-8 bytes each): generation ends after the token that completes one. */
         public final List<String> stop = new ArrayList<>();
 
@@ -59,6 +66,19 @@ public final class Generator extends NativeResource {
             this.draftK = draftK;
             return this;
         }
+        public Params recycling(int recyclingK, int maxNodes, int... branching) {
+            drafter = Drafter.RECYCLING;
+            this.recyclingK = recyclingK;
+            this.maxNodes = maxNodes;
+            this.branching = branching.clone();
+            return this;
+        }
+        public Params draftModel(Session draftSession, int draftK) {
+            drafter = Drafter.DRAFT_MODEL;
+            this.draftSession = draftSession;
+            this.draftK = draftK;
+            return this;
+        }
         public Params stop(String s) { stop.add(s); return this; }
     }
 
@@ -66,6 +86,8 @@ public final class Generator extends NativeResource {
     public static final class Stats {
         public long steps, drafted, accepted, tokens, promptTokens;
         public double evalSeconds, loopSeconds;
+        /** Of loopSeconds: the draft model's forward passes (DRAFT_MODEL). */
+        public double draftEvalSeconds;
 
         Stats() {}
 
@@ -73,28 +95,38 @@ public final class Generator extends NativeResource {
         public String toString() {
             return "Stats{steps=" + steps + ", drafted=" + drafted + ", accepted=" + accepted + ", tokens=" + tokens
                     + ", promptTokens=" + promptTokens + ", evalSeconds=" + evalSeconds + ", loopSeconds="
-                    + loopSeconds + "}";
+                    + loopSeconds + ", draftEvalSeconds=" + draftEvalSeconds + "}";
         }
     }
 
     private volatile StopReason stop = StopReason.RUNNING;
 
-    /** Fails with SparrowException (nothing allocated) on bad params. */
+    /** Fails with SparrowException (nothing allocated) on bad params. The params are copied: later changes to them
+     *  do not reach this generator. */
     public Generator(Session session, Params params) {
-        super("Generator", open(session, params), session);
+        this(session, params, params.draftSession);  // read once: the reference taken is the one released
     }
 
-    private static long open(Session session, Params params) {
-        if (params == null) throw new NullPointerException("params");
+    private Generator(Session session, Params params, Session draft) {
+        super("Generator", open(session, params, draft), session, draft);
+    }
+
+    private static long open(Session session, Params params, Session draft) {
         byte[][] stops = new byte[params.stop.size()][];
         for (int i = 0; i < stops.length; i++) {
             stops[i] = params.stop.get(i).getBytes(StandardCharsets.UTF_8);
         }
         long s = session.acquire();
         try {
-            long h = Native.generatorNew(s, params, stops);
-            session.retain();
-            return h;
+            long d = draft != null ? draft.acquire() : 0;
+            try {
+                long h = Native.generatorNew(s, params, stops, d);
+                session.retain();
+                if (draft != null) draft.retain();
+                return h;
+            } finally {
+                if (draft != null) draft.release();
+            }
         } finally {
             session.release();
         }
@@ -170,6 +202,28 @@ public final class Generator extends NativeResource {
         long h = acquire();
         try {
             Native.generatorResetStats(h);
+        } finally {
+            release();
+        }
+    }
+
+    /** Writes Token Recycling's matrix (RECYCLING, HYBRID) to a .npy file (int32 [nVocab, recyclingK]). */
+    public void saveDrafter(String path) {
+        byte[] p = path.getBytes(StandardCharsets.UTF_8);
+        long h = acquire();
+        try {
+            Native.generatorSaveDrafter(h, p);
+        } finally {
+            release();
+        }
+    }
+
+    /** Reads a matrix saveDrafter (or runtime/drafters.py) wrote; a bad file leaves the current one unchanged. */
+    public void loadDrafter(String path) {
+        byte[] p = path.getBytes(StandardCharsets.UTF_8);
+        long h = acquire();
+        try {
+            Native.generatorLoadDrafter(h, p);
         } finally {
             release();
         }

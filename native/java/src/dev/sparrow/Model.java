@@ -38,7 +38,7 @@ public final class Model extends NativeResource {
     private final Info info = new Info();
 
     private Model(long handle) {
-        super("Model", handle, null);
+        super("Model", handle);
         Native.modelInfo(handle, info);
         info.architecture = utf8(Native.modelString(handle, 0));
         info.name = utf8(Native.modelString(handle, 1));
@@ -90,8 +90,8 @@ public final class Model extends NativeResource {
 
     /**
      * The tokens of text. addSpecial prepends BOS when the vocabulary asks for it. Control-token markup in the text
-     * ("&lt;|im_start|&gt;") is tokenized as plain characters, never turned into control tokens (parse_special = false):
-     * user text cannot forge them.
+     * ("&lt;|im_start|&gt;") is tokenized as plain characters, never turned into control tokens
+     * (parse_special = false): user text cannot forge them.
      */
     public int[] tokenize(String text, boolean addSpecial) {
         byte[] bytes = text.getBytes(StandardCharsets.UTF_8);

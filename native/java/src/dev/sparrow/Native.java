@@ -40,7 +40,7 @@ final class Native {
     static native void sessionTruncate(long session, int n);
 
     static native void generatorDefaults(Generator.Params out);
-    static native long generatorNew(long session, Generator.Params params, byte[][] stopUtf8);
+    static native long generatorNew(long session, Generator.Params params, byte[][] stopUtf8, long draftSession);
     static native void generatorFree(long generator);
     static native void generatorStart(long generator, int[] prompt);
     /** The next token (>= 0), or -(sp_gen_stop) once the generation has ended. */
@@ -50,4 +50,6 @@ final class Native {
     static native void generatorStats(long generator, Generator.Stats out);
     static native void generatorResetStats(long generator);
     static native int[] generatorContext(long generator);
+    static native void generatorSaveDrafter(long generator, byte[] pathUtf8);
+    static native void generatorLoadDrafter(long generator, byte[] pathUtf8);
 }

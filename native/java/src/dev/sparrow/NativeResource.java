@@ -11,22 +11,22 @@ import java.util.concurrent.locks.ReentrantReadWriteLock;
  * closed; every later call throws IllegalStateException.
  *
  * <p>Closing never frees memory still in use: a model stays allocated until its sessions are closed, a session until
- * its generators are (each holds a reference to its parent). So a model may be closed before its sessions; it just
- * cannot be used any more, and its memory goes with the last session.
+ * its generators are (each holds a reference to its parents: a generator also to its draft model's session). So a
+ * model may be closed before its sessions; it just cannot be used any more, and its memory goes with the last session.
  */
 abstract class NativeResource implements AutoCloseable {
     private final ReentrantReadWriteLock lock = new ReentrantReadWriteLock();
-    private final NativeResource parent;
+    private final NativeResource[] parents;
     private final String kind;
     private boolean closed;  // guarded by lock
     private long handle;     // guarded by this
     private int refs = 1;    // itself until closed, plus each open dependent; guarded by this
 
-    /** Takes one reference on parent, which the caller took with retain() while creating the handle. */
-    NativeResource(String kind, long handle, NativeResource parent) {
+    /** Owns one reference on each parent, which the caller took with retain() while creating the handle. */
+    NativeResource(String kind, long handle, NativeResource... parents) {
         this.kind = kind;
         this.handle = handle;
-        this.parent = parent;
+        this.parents = parents;
     }
 
     /** Frees the native handle; called once, when closed and no dependent is left. */
@@ -86,6 +86,8 @@ abstract class NativeResource implements AutoCloseable {
             handle = 0;
         }
         free(h);  // closed, so no call holds it; no dependent left, so none uses it
-        if (parent != null) parent.unref();
+        for (NativeResource p : parents) {
+            if (p != null) p.unref();
+        }
     }
 }

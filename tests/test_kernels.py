@@ -304,6 +304,26 @@ def test_attention_row_kernels_equal_slot_by_slot(tier, D, ld, n):
 
 
 @pytest.mark.parametrize("tier", TIERS)
+def test_first_above_kernel(tier):
+    """first_above: the index of the first element above the threshold, or n; NaN never above, -inf never; a hit in
+    every position of the vector blocks and the tail (the top-k scan of Token Recycling relies on it)."""
+    r = rng(5)
+    for n in [0, 1, 15, 16, 17, 31, 32, 63, 64, 65, 200, 1000]:
+        x = r.standard_normal(n).astype(np.float32)
+        x[::7] = np.nan
+        x[3::11] = -np.inf
+        for t in [-np.inf, -1.0, 0.5, 2.0, np.inf]:
+            hits = np.flatnonzero(x > np.float32(t))
+            assert testing.first_above(tier, x, t) == (hits[0] if hits.size else n), (tier, n, t)
+        for at in range(n):  # exactly one element above: found wherever it sits
+            y = np.zeros(n, np.float32)
+            y[at] = 1.0
+            assert testing.first_above(tier, y, 0.5) == at, (tier, n, at)
+            y[at] = 0.5  # equal is not above
+            assert testing.first_above(tier, y, 0.5) == n
+
+
+@pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 16, 33, 300])
 def test_softmax_exp_kernel(tier, n):
     """exp_sum: exp(x - max) within 4 float32 ulp of float64 (the SIMD polynomials; ref is expf), exactly 0 for -inf

@@ -974,6 +974,11 @@ NB_MODULE(_sparrow, m) {
         check(sp_testing_exp_sum(tier.c_str(), y.data(), (int64_t)y.size(), mx, &sum));
         return std::make_pair(y, sum);
     });
+    t.def("first_above", [](const std::string &tier, F32Vec x, float t) {
+        int64_t i = -1;
+        check(sp_testing_first_above(tier.c_str(), x.data(), (int64_t)x.shape(0), t, &i));
+        return i;
+    });
     t.def("f32_to_f16", [](const std::string &tier, F32Vec x) {
         std::vector<uint16_t> y(x.shape(0));
         check(sp_testing_f32_to_f16(tier.c_str(), y.data(), x.data(), (int64_t)y.size()));

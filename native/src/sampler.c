@@ -20,6 +20,7 @@
  * Random numbers: xoshiro256** seeded through splitmix64, so a seed gives the same tokens on every platform.
  */
 #include "common.h"
+#include "kernels/kernels.h"
 #include "sampler.h"
 
 #include <float.h>
@@ -104,25 +105,14 @@ static void heap_sift_down(sp_cand *h, int32_t n, int32_t i) {
 static void top_k_select(sp_cand *c /* [k] */, const float *l /* [V] */, int32_t V, int32_t k) {
     for (int32_t i = 0; i < k; i++) c[i] = (sp_cand){l[i], i};
     for (int32_t i = k / 2 - 1; i >= 0; i--) heap_sift_down(c, k, i);
-    int32_t i = k;
-    /* Blocks of 32 checked against the root branch-free first (the compiler vectorizes it): once the heap holds
-     * large values, almost no block has an entrant, so the scan runs at vector speed. */
-    for (; i + 32 <= V; i += 32) {
-        const float t = c[0].v;
-        int hit = 0;
-        for (int j = 0; j < 32; j++) hit |= l[i + j] > t;
-        if (!hit) continue;
-        for (int32_t j = i; j < i + 32; j++)
-            if (l[j] > c[0].v) {
-                c[0] = (sp_cand){l[j], j};
-                heap_sift_down(c, k, 0);
-            }
+    /* The next entrant found by the kernel tier's vector scan: once the heap holds large values, entrants are rare. */
+    const sp_kernels *kt = sp_kernels_get();
+    for (int32_t i = k; i < V; i++) {
+        i += (int32_t)kt->first_above(l + i, V - i, c[0].v);
+        if (i >= V) break;
+        c[0] = (sp_cand){l[i], i};
+        heap_sift_down(c, k, 0);
     }
-    for (; i < V; i++)
-        if (l[i] > c[0].v) {
-            c[0] = (sp_cand){l[i], i};
-            heap_sift_down(c, k, 0);
-        }
 }
 
 /* Keep the candidates with v >= t, in order; returns how many. */

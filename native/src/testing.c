@@ -325,6 +325,13 @@ sp_status sp_testing_f32_to_f16(const char *tier, uint16_t *y, const float *x, i
     return st;
 }
 
+sp_status sp_testing_first_above(const char *tier, const float *x, int64_t n, float t, int64_t *out) {
+    const sp_kernels *kt = NULL;
+    sp_status st = tier_of(tier, &kt);
+    if (st == SP_OK) *out = kt->first_above(x, n, t);
+    return st;
+}
+
 sp_status sp_testing_exp_sum(const char *tier, float *x, int64_t n, float mx, float *sum) {
     const sp_kernels *kt = NULL;
     sp_status st = tier_of(tier, &kt);

@@ -78,6 +78,8 @@ sp_status sp_testing_attn_sum_f16(const char *tier, float *out, int64_t D, const
 sp_status sp_testing_f32_to_f16(const char *tier, uint16_t *y, const float *x, int64_t n);
 /* x[j] = exp(x[j] - mx) in place with the tier's softmax kernel; *sum their sum. */
 sp_status sp_testing_exp_sum(const char *tier, float *x, int64_t n, float mx, float *sum);
+/* *out = the index of the first x[i] > t, or n (the tier's first_above). */
+sp_status sp_testing_first_above(const char *tier, const float *x, int64_t n, float t, int64_t *out);
 
 /* ---- one BlockFFN layer's FFN block alone (ffn_blockffn.c: sp_ffn_blockffn_run) ---- */
 

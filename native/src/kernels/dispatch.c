@@ -99,6 +99,7 @@ static void fill_ref(sp_kernels *k) {
     k->attn_sum_f16 = sp_attn_sum_f16_ref;
     k->f32_to_f16 = sp_f32_to_f16_ref;
     k->exp_sum = sp_exp_sum_ref;
+    k->first_above = sp_first_above_ref;
 }
 
 static void append_feature(const char *name, bool on) {

@@ -125,6 +125,9 @@ typedef struct sp_kernels {
      * equals plain greedy decoding). mx >= every x[j] (the row's maximum). The SIMD tiers' exponentials are a
      * polynomial within 4 ulp of exp. */
     float (*exp_sum)(float *x, int64_t n, float mx);
+    /* The index of the first x[i] > t (i < n), or n when there is none (NaN is never above). The top-k scan of
+     * Token Recycling's candidate refresh (sampler.c, sp_top_k): once the k kept are large, it skips the rest. */
+    int64_t (*first_above)(const float *x, int64_t n, float t);
 } sp_kernels;
 
 /* The kernel table for this CPU (chosen once, thread-safe). */

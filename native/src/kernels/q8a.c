@@ -54,6 +54,12 @@ void sp_f32_to_f16_ref(sp_f16 *y, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = sp_f32_to_f16(x[i]);
 }
 
+int64_t sp_first_above_ref(const float *x, int64_t n, float t) {
+    int64_t i = 0;
+    while (i < n && !(x[i] > t)) i++;
+    return i;
+}
+
 float sp_exp_sum_ref(float *x, int64_t n, float mx) {
     float sum = 0;
     for (int64_t i = 0; i < n; i++) {

@@ -133,6 +133,21 @@ ALWAYS_INLINE __m256 exp_nonpos_avx2(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+int64_t sp_first_above_avx2(const float *x, int64_t n, float t) {
+    const __m256 vt = _mm256_set1_ps(t);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) { /* four vectors per test: the common case is no hit at all */
+        const uint32_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vt, _CMP_GT_OQ)) |
+                           (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i + 8), vt, _CMP_GT_OQ)) << 8 |
+                           (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i + 16), vt, _CMP_GT_OQ)) << 16 |
+                           (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i + 24), vt, _CMP_GT_OQ)) << 24;
+        if (m) return i + __builtin_ctz(m);
+    }
+    for (; i < n; i++)
+        if (x[i] > t) return i;
+    return n;
+}
+
 float sp_exp_sum_avx2(float *x, int64_t n, float mx) {
     const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
     float sum = 0.0f;
@@ -695,4 +710,5 @@ void sp_kernels_fill_avx2(sp_kernels *k) {
     k->attn_sum_f16 = sp_attn_sum_f16_avx2;
     k->f32_to_f16 = sp_f32_to_f16_avx2;
     k->exp_sum = sp_exp_sum_avx2;
+    k->first_above = sp_first_above_avx2;
 }

@@ -173,6 +173,25 @@ ALWAYS_INLINE __m512 exp_nonpos_avx512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+int64_t sp_first_above_avx512(const float *x, int64_t n, float t) {
+    const __m512 vt = _mm512_set1_ps(t);
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) { /* four vectors per test: the common case is no hit at all */
+        const __mmask16 m0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), vt, _CMP_GT_OQ);
+        const __mmask16 m1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i + 16), vt, _CMP_GT_OQ);
+        const __mmask16 m2 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i + 32), vt, _CMP_GT_OQ);
+        const __mmask16 m3 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i + 48), vt, _CMP_GT_OQ);
+        const uint64_t m = (uint64_t)m0 | (uint64_t)m1 << 16 | (uint64_t)m2 << 32 | (uint64_t)m3 << 48;
+        if (m) return i + __builtin_ctzll(m);
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 live = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __mmask16 m = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, x + i), vt, _CMP_GT_OQ);
+        if (m) return i + __builtin_ctz(m);
+    }
+    return n;
+}
+
 float sp_exp_sum_avx512(float *x, int64_t n, float mx) {
     const __m512 vmx = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
     float sum = 0.0f;
@@ -865,5 +884,6 @@ void sp_kernels_fill_avx512(sp_kernels *k) {
     k->attn_scores_f16 = sp_attn_scores_f16_avx512;
     k->attn_sum_f16 = sp_attn_sum_f16_avx512;
     k->exp_sum = sp_exp_sum_avx512;
+    k->first_above = sp_first_above_avx512;
     k->f32_to_f16 = sp_f32_to_f16_avx512;
 }

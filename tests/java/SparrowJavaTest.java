@@ -352,6 +352,24 @@ public final class SparrowJavaTest {
             });
             require(inside.get() instanceof IllegalStateException, "close inside the callback: " + inside.get());
             require(!gen.isClosed(), "closed from inside");
+            gen.start(prompt);  // the generator from inside its own callback: refused by the library
+            try {
+                gen.generate(t -> gen.next() >= 0);
+                throw new AssertionError("next() inside the callback was accepted");
+            } catch (SparrowException e) {
+                require(e.status().equals("SP_ERR_INVALID_ARG"), e.toString());
+            }
+            gen.start(prompt);  // the session's cache changed behind the generator's back: an error, or nothing
+            try {
+                gen.generate(t -> {
+                    session.truncate(0);
+                    return true;
+                });
+            } catch (SparrowException e) {
+                // the generator noticed
+            }
+            session.truncate(0);
+            require(pull(gen, prompt).length > 0, "the generator after a failed generation");
         }
     }
 

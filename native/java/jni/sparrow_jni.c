@@ -270,15 +270,15 @@ static bool generator_drafter(JNIEnv *env, jobject obj, sp_generator_params *p, 
             if (d) (*env)->DeleteLocalRef(env, d);
         }
     } else {
-        jobject d = (*env)->GetObjectField(env, obj, id);
         jfieldID vid = (*env)->GetFieldID(env, dcls, "value", "I");
-        if (!d) {
+        jobject d = vid ? (*env)->GetObjectField(env, obj, id) : NULL;
+        if (vid && !d) {
             throw_sparrow(env, "SP_ERR_INVALID_ARG", "Generator.Params.drafter is null (Drafter.NONE for none)");
-        } else if (vid) {
+        } else if (d) {
             p->drafter = (sp_drafter_kind)(*env)->GetIntField(env, d, vid);
+            (*env)->DeleteLocalRef(env, d);
             ok = true;
         }
-        if (d) (*env)->DeleteLocalRef(env, d);
     }
     (*env)->DeleteLocalRef(env, dcls);
     return ok;

@@ -352,7 +352,7 @@ class Sampler:
 # ---- the C generator (sp_generator): generation and speculative decoding inside libsparrow ----
 
 # The drafters the C generator implements, by the names runtime.drafters uses (sp_drafter_kind).
-C_DRAFTERS = {"none": 0, "prompt-lookup": 1, "recycling": 2, "hybrid": 3, "draft-model": 4}
+C_DRAFTERS = {"none": 0, "prompt-lookup": 1, "recycling": 2, "hybrid": 3, "draft-model": 4, "adaptive": 5}
 # sp_gen_stop: why a generation ended.
 STOP_REASONS = {0: "running", 1: "eog", 2: "max_tokens", 3: "stop_string", 4: "context_full", 5: "callback"}
 
@@ -371,6 +371,7 @@ class GeneratorStats:
     eval_s: float
     loop_s: float
     draft_eval_s: float = 0.0  # of loop_s: the draft model's forward passes (draft-model drafter)
+    plain_steps: int = 0       # of steps: those the adaptive drafter's gate ran plain (no draft)
 
     @property
     def tokens_per_step(self) -> float:
@@ -382,8 +383,11 @@ class Generator:
     max_tokens, stop strings, a full context) and a drafter, verified speculatively in C (sparrow.h,
     sp_drafter_kind): "none"; "prompt-lookup" (ngram..min_ngram-token matches, draft_k tokens per step);
     "recycling" (Token Recycling: recycling_k candidates kept per token, a tree of branching[depth] children per node,
-    max_nodes nodes); "hybrid" (the lookup's chain of draft_k, then the recycling tree merged in); "draft-model"
-    (draft_session, a session of a model with the same vocabulary, drafts a greedy chain of draft_k). Greedy output
+    max_nodes nodes); "hybrid" (the lookup's chain of draft_k, then the recycling tree merged in); "adaptive" (the
+    hybrid pruned by the planner behind the draft gate: plain steps where drafting does not pay; probe_every,
+    max_probe_every, learn_every); "draft-model" (draft_session, a session of a model with the same vocabulary,
+    drafts a greedy chain of draft_k). plan: prune recycling / hybrid trees with the sparsity-aware planner. Options
+    left None take the C library's tuned defaults for the drafter (sp_generator_default_params_for). Greedy output
     equals generate_tokens'; sampled output has the sampler's distribution (without a drafter, the same tokens for the
     same seed). Token Recycling's matrix persists across generations: save_drafter / load_drafter (.npy).
 
@@ -394,11 +398,18 @@ class Generator:
     Each start() restarts the sampler from its seed; the KV cache keeps the prefix this generator left there."""
 
     def __init__(self, session: Session, *, params: SamplerParams | None = None, max_tokens: int = 128,
-                 drafter: str = "none", ngram: int = 3, min_ngram: int = 2, draft_k: int = 4, recycling_k: int = 8,
-                 branching: Sequence[int] = (1,), max_nodes: int = 4, draft_session: Session | None = None,
-                 stop: Sequence[str | bytes] = (), stop_at_eog: bool = True):
+                 drafter: str = "none", ngram: int | None = None, min_ngram: int | None = None,
+                 draft_k: int | None = None, recycling_k: int | None = None, branching: Sequence[int] | None = None,
+                 max_nodes: int | None = None, plan: bool | None = None, probe_every: int | None = None,
+                 max_probe_every: int | None = None, learn_every: int | None = None,
+                 draft_session: Session | None = None, stop: Sequence[str | bytes] = (), stop_at_eog: bool = True):
         if drafter not in C_DRAFTERS:
             raise ValueError(f"the C generator's drafter must be one of {', '.join(C_DRAFTERS)}, not {drafter!r}")
+        given = {"ngram": ngram, "min_ngram": min_ngram, "draft_k": draft_k, "recycling_k": recycling_k,
+                 "branching": None if branching is None else list(branching), "max_nodes": max_nodes, "plan": plan,
+                 "probe_every": probe_every, "max_probe_every": max_probe_every, "learn_every": learn_every}
+        options = _sparrow.generator_defaults(C_DRAFTERS[drafter])
+        options.update({k: v for k, v in given.items() if v is not None})
         if (drafter == "draft-model") != (draft_session is not None):
             raise ValueError("draft_session goes with drafter='draft-model' (and only with it)")
         self.session = session
@@ -406,9 +417,7 @@ class Generator:
         self.params = params or SamplerParams.greedy()
         stops = [x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in stop]
         self._g = _sparrow.Generator(session._s, **asdict(self.params), max_tokens=max_tokens,
-                                     stop_at_eog=stop_at_eog, drafter=C_DRAFTERS[drafter], ngram=ngram,
-                                     min_ngram=min_ngram, draft_k=draft_k, stop=stops, recycling_k=recycling_k,
-                                     branching=list(branching), max_nodes=max_nodes,
+                                     stop_at_eog=stop_at_eog, drafter=C_DRAFTERS[drafter], stop=stops, **options,
                                      draft_session=None if draft_session is None else draft_session._s)
         self.stop_reason: str | None = None  # why the last generation ended ("eog", "max_tokens", ...), None while on
 

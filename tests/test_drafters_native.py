@@ -32,14 +32,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_DRAFT = ROOT / "models" / "blockffn-tiny-draft.Q8_0.gguf"
 
 TREE = {"drafter": "recycling", "branching": (2, 2, 1), "max_nodes": 8}
-HYBRID = {"drafter": "hybrid", "draft_k": 8, "branching": (4, 2, 2, 1), "max_nodes": 12}
-DRAFTERS = {"recycling-chain": {"drafter": "recycling"}, "recycling-tree": TREE, "hybrid": HYBRID}
+HYBRID = {"drafter": "hybrid", "draft_k": 8, "branching": (4, 2, 2, 1), "max_nodes": 12, "plan": False}
+DRAFTERS = {"recycling-chain": {"drafter": "recycling"}, "recycling-tree": TREE, "hybrid": HYBRID,
+            "hybrid-planned": {"drafter": "hybrid"}, "adaptive": {"drafter": "adaptive"}}
 
 
 @pytest.mark.parametrize("name", list(DRAFTERS))
 def test_greedy_equals_plain_decoding_smollm(smollm, smollm_plain, name):
     st = check_identity(*smollm, smollm_plain, **DRAFTERS[name])
     assert 0 < st.accepted < st.drafted and st.steps < st.tokens
+    assert (st.plain_steps > 0) == (name == "adaptive")  # only the gate runs plain steps
     print(f"{name}: {st}")
 
 
@@ -236,9 +238,9 @@ def test_damaged_state_files_are_clear_errors_and_change_nothing(smollm, tmp_pat
             gen.save_drafter(tmp_path / "no-such-dir" / "x.npy")
     with Generator(session) as plain, Generator(session, drafter="prompt-lookup") as lookup:
         for g in (plain, lookup):
-            with pytest.raises(SparrowError, match="only the recycling and hybrid"):
+            with pytest.raises(SparrowError, match="only the recycling, hybrid and adaptive"):
                 g.save_drafter(tmp_path / "x.npy")
-            with pytest.raises(SparrowError, match="only the recycling and hybrid"):
+            with pytest.raises(SparrowError, match="only the recycling, hybrid and adaptive"):
                 g.load_drafter(tmp_path / "good.npy")
 
 

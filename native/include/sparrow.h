@@ -282,6 +282,11 @@ typedef enum sp_drafter_kind {
                                       it where both propose the same token under the same parent */
     SP_DRAFTER_DRAFT_MODEL = 4,    /* draft_session's model (same vocabulary) drafts a chain of draft_k tokens, each
                                       its own argmax; its session follows the context (only unseen tokens evaluated) */
+    SP_DRAFTER_ADAPTIVE = 5,       /* the hybrid, its tree pruned each step by the planner, behind a gate that drafts
+                                      only where drafting has measured faster than plain decoding on this device and
+                                      runs plain decoding steps elsewhere (probing again now and then): speculation
+                                      that never makes decoding slower. Token Recycling also learns from plain steps
+                                      (every learn_every-th, and every one whose token it has no candidates for). */
 } sp_drafter_kind;
 
 #define SP_GEN_MAX_STOP 8        /* stop strings per generator */
@@ -302,6 +307,13 @@ typedef struct sp_generator_params {
     int32_t branching[SP_GEN_MAX_DEPTH]; /* children per node by depth, each 1..recycling_k (default {1}: a chain) */
     int32_t max_nodes;           /* recycling, hybrid: nodes of the recycling tree, 1..n_batch - 1 (default 4); the
                                     hybrid's whole tree is capped at n_batch - 1 */
+    bool plan;                   /* recycling, hybrid: prune each step's tree with the sparsity-aware planner, which
+                                    learns per-node acceptance and the step's cost (per token and per expert byte) on
+                                    this device and keeps the part maximising tokens per second (default false;
+                                    always on for adaptive) */
+    int32_t probe_every;         /* adaptive: plain steps before a probe after drafting paid (default 16), */
+    int32_t max_probe_every;     /* ... its cap, doubled to after drafting did not pay (default 256), */
+    int32_t learn_every;         /* ... Token Recycling learns from every learn_every-th plain step (default 4) */
     sp_session *draft_session;   /* draft model: a session of a model with the target's vocabulary (not the target's
                                     session); it must outlive the generator and is used by it alone */
     int32_t n_stop;              /* stop strings in stop[], 0..SP_GEN_MAX_STOP (default 0) */
@@ -330,6 +342,7 @@ typedef struct sp_generator_stats {
     double eval_s;       /* wall time in sp_eval for the steps */
     double loop_s;       /* wall time of the steps outside sp_eval: drafting, sampling, acceptance, rollback */
     double draft_eval_s; /* of loop_s: the draft model's sp_eval calls (draft model drafter) */
+    int64_t plain_steps; /* of steps: those the adaptive drafter's gate ran plain (no draft) */
 } sp_generator_stats;
 
 typedef struct sp_generator sp_generator;
@@ -337,6 +350,10 @@ typedef struct sp_generator sp_generator;
 typedef bool (*sp_token_callback)(int32_t token, void *user_data);
 
 SP_API sp_generator_params sp_generator_default_params(void);
+/* The defaults with a drafter and its tuned settings (measured on SmolLM2-135M, 2 threads): prompt lookup 3..2-grams,
+ * 4 tokens; recycling a chain of 4 (k 8); hybrid and adaptive a lookup chain of 8 and a (4, 2, 2, 1) recycling tree of
+ * 24 nodes, pruned by the planner; a draft model 4 tokens. Fit for sessions with the default n_batch (64). */
+SP_API sp_generator_params sp_generator_default_params_for(sp_drafter_kind drafter);
 /* The session must outlive the generator. Fails (nothing allocated) on NULL arguments or bad params. */
 SP_API sp_status sp_generator_new(sp_session *session, const sp_generator_params *params, sp_generator **out);
 SP_API void sp_generator_free(sp_generator *gen);  /* NULL is allowed */

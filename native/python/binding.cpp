@@ -245,7 +245,8 @@ struct Generator {
     Generator(nb::object session_obj, float temperature, int32_t top_k, float top_p, float min_p,
               float repeat_penalty, int32_t repeat_last_n, uint64_t seed, int32_t max_tokens, bool stop_at_eog,
               int32_t drafter, int32_t ngram, int32_t min_ngram, int32_t draft_k, std::vector<nb::bytes> stop,
-              int32_t recycling_k, std::vector<int32_t> branching, int32_t max_nodes, nb::object draft_obj) {
+              int32_t recycling_k, std::vector<int32_t> branching, int32_t max_nodes, nb::object draft_obj, bool plan,
+              int32_t probe_every, int32_t max_probe_every, int32_t learn_every) {
         Session &so = nb::cast<Session &>(session_obj);
         sp_generator_params p = sp_generator_default_params();
         p.sampler.temperature = temperature;
@@ -268,6 +269,10 @@ struct Generator {
         p.n_branching = (int32_t)branching.size();
         std::copy(branching.begin(), branching.end(), p.branching);
         p.max_nodes = max_nodes;
+        p.plan = plan;
+        p.probe_every = probe_every;
+        p.max_probe_every = max_probe_every;
+        p.learn_every = learn_every;
         if (stop.size() > SP_GEN_MAX_STOP)
             throw SparrowError("SP_ERR_INVALID_ARG: generator: at most " + std::to_string(SP_GEN_MAX_STOP) +
                                " stop strings");
@@ -658,18 +663,39 @@ NB_MODULE(_sparrow, m) {
             return nb::cast(F32Array(out, {T, (size_t)self.n_vocab}, owner));
         }, "tokens"_a, "pos"_a = nb::none(), "mask"_a = nb::none(), "logits"_a = "last", "out"_a.noconvert() = nb::none());
 
-    // Generator(session, sampler params..., max_tokens, stop_at_eog, drafter, ngram, min_ngram, draft_k, stop): sp_generator
+    // The drafter options of sp_generator_default_params_for(kind), by Generator keyword.
+    m.def("generator_defaults", [](int32_t kind) {
+        if (kind < SP_DRAFTER_NONE || kind > SP_DRAFTER_ADAPTIVE)
+            throw SparrowError("SP_ERR_INVALID_ARG: unknown drafter kind " + std::to_string(kind));
+        const sp_generator_params p = sp_generator_default_params_for((sp_drafter_kind)kind);
+        nb::dict d;
+        d["ngram"] = p.ngram;
+        d["min_ngram"] = p.min_ngram;
+        d["draft_k"] = p.draft_k;
+        d["recycling_k"] = p.recycling_k;
+        d["branching"] = std::vector<int32_t>(p.branching, p.branching + p.n_branching);
+        d["max_nodes"] = p.max_nodes;
+        d["plan"] = p.plan;
+        d["probe_every"] = p.probe_every;
+        d["max_probe_every"] = p.max_probe_every;
+        d["learn_every"] = p.learn_every;
+        return d;
+    }, "kind"_a);
+    // Generator(session, sampler params..., max_tokens, stop_at_eog, drafter, ngram, min_ngram, draft_k, stop, ...)
     const sp_generator_params gd = sp_generator_default_params();
     nb::class_<Generator>(m, "Generator")
         .def(nb::init<nb::object, float, int32_t, float, float, float, int32_t, uint64_t, int32_t, bool, int32_t,
-                      int32_t, int32_t, int32_t, std::vector<nb::bytes>, int32_t, std::vector<int32_t>, int32_t, nb::object>(),
+                      int32_t, int32_t, int32_t, std::vector<nb::bytes>, int32_t, std::vector<int32_t>, int32_t, nb::object, bool, int32_t,
+                      int32_t, int32_t>(),
              "session"_a, "temperature"_a = gd.sampler.temperature, "top_k"_a = gd.sampler.top_k,
              "top_p"_a = gd.sampler.top_p, "min_p"_a = gd.sampler.min_p, "repeat_penalty"_a = gd.sampler.repeat_penalty,
              "repeat_last_n"_a = gd.sampler.repeat_last_n, "seed"_a = gd.sampler.seed, "max_tokens"_a = gd.max_tokens,
              "stop_at_eog"_a = gd.stop_at_eog, "drafter"_a = (int32_t)gd.drafter, "ngram"_a = gd.ngram,
              "min_ngram"_a = gd.min_ngram, "draft_k"_a = gd.draft_k, "stop"_a = std::vector<nb::bytes>(),
              "recycling_k"_a = gd.recycling_k, "branching"_a = std::vector<int32_t>(1, gd.branching[0]),
-             "max_nodes"_a = gd.max_nodes, "draft_session"_a = nb::none())
+             "max_nodes"_a = gd.max_nodes, "draft_session"_a = nb::none(), "plan"_a = gd.plan,
+             "probe_every"_a = gd.probe_every, "max_probe_every"_a = gd.max_probe_every,
+             "learn_every"_a = gd.learn_every)
         .def("close", &Generator::close)
         .def_prop_ro("closed", [](Generator &self) { return self.closed; })
         .def("start", [](Generator &self, std::vector<int32_t> prompt) {
@@ -721,6 +747,7 @@ NB_MODULE(_sparrow, m) {
             d["eval_s"] = st.eval_s;
             d["loop_s"] = st.loop_s;
             d["draft_eval_s"] = st.draft_eval_s;
+            d["plain_steps"] = st.plain_steps;
             return d;
         })
         .def("save_drafter", [](Generator &self, const std::string &path) {

@@ -6,7 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static bool uses_recycling(sp_drafter_kind k) { return k == SP_DRAFTER_RECYCLING || k == SP_DRAFTER_HYBRID; }
+static bool uses_recycling(sp_drafter_kind k) {
+    return k == SP_DRAFTER_RECYCLING || k == SP_DRAFTER_HYBRID || k == SP_DRAFTER_ADAPTIVE;
+}
 
 void sp_drafter_free(sp_drafter *d) {
     if (!d) return;
@@ -192,6 +194,7 @@ sp_status sp_drafter_propose(sp_drafter *d, const int32_t *ctx, int32_t L, int32
         *n = recycling_tree(d, ctx[L - 1], SP_MIN(d->tree_nodes, budget), tok, par);
         return SP_OK;
     case SP_DRAFTER_HYBRID:
+    case SP_DRAFTER_ADAPTIVE:
         *n = hybrid(d, ctx, L, budget, tok, par);
         return SP_OK;
     case SP_DRAFTER_DRAFT_MODEL:

@@ -18,6 +18,7 @@
  * Every buffer is allocated in sp_generator_new; a step allocates nothing. */
 #include "draft.h"
 #include "model.h"
+#include "plan.h"
 #include "sampler.h"
 
 #include <stdatomic.h>
@@ -44,6 +45,11 @@ struct sp_generator {
     uint8_t *mask;             /* [(K + 1)^2] a tree's ancestor-or-self mask */
     int32_t *kids, *path;      /* [K + 1] a node's children; the accepted path (batch indices, the root first) */
     int32_t *keep;             /* [C] cache slots to keep after a tree */
+    bool *accepted;            /* [K] the planner's view of the path: node i accepted */
+    bool use_plan, use_gate;
+    sp_planner pl;             /* prunes each tree (plan or adaptive) */
+    sp_gate gate;              /* adaptive: draft or run plain, per step */
+    int32_t plain_learn;       /* adaptive: plain steps since Token Recycling last learned from one */
     int32_t *ctx;              /* [C + 2] prompt, then every token decided (the cache holds ctx[0 .. n_past)) */
     int32_t ctx_len;           /* tokens in ctx */
     int32_t q_next;            /* ctx[q_next .. ctx_len): decided, not yet returned */
@@ -72,6 +78,23 @@ sp_generator_params sp_generator_default_params(void) {
     p.n_branching = 1;
     p.branching[0] = 1;
     p.max_nodes = 4;
+    p.probe_every = 16;
+    p.max_probe_every = 256;
+    p.learn_every = 4;
+    return p;
+}
+
+sp_generator_params sp_generator_default_params_for(sp_drafter_kind drafter) {
+    sp_generator_params p = sp_generator_default_params();
+    p.drafter = drafter;
+    if (drafter == SP_DRAFTER_HYBRID || drafter == SP_DRAFTER_ADAPTIVE) {
+        p.draft_k = 8;
+        p.n_branching = 4;
+        const int32_t b[4] = {4, 2, 2, 1};
+        memcpy(p.branching, b, sizeof b);
+        p.max_nodes = 24;
+        p.plan = true;
+    }
     return p;
 }
 
@@ -79,6 +102,9 @@ void sp_generator_free(sp_generator *g) {
     if (!g) return;
     sp_sampler_free(g->sampler);
     sp_drafter_free(&g->d);
+    sp_planner_free(&g->pl);
+    sp_gate_free(&g->gate);
+    free(g->accepted);
     free(g->par);
     free(g->pos);
     free(g->depth);
@@ -98,22 +124,28 @@ void sp_generator_free(sp_generator *g) {
 static sp_status check_params(const sp_session *ses, const sp_generator_params *p) {
     if (p->max_tokens < 0) return sp_fail(SP_ERR_INVALID_ARG, "generator: max_tokens must be >= 0 (got %d)", p->max_tokens);
     const sp_drafter_kind k = p->drafter;
-    if (k < SP_DRAFTER_NONE || k > SP_DRAFTER_DRAFT_MODEL)
-        return sp_fail(SP_ERR_INVALID_ARG, "generator: drafter must be SP_DRAFTER_NONE .. SP_DRAFTER_DRAFT_MODEL "
-                       "(0..4, got %d)", (int)k);
+    if (k < SP_DRAFTER_NONE || k > SP_DRAFTER_ADAPTIVE)
+        return sp_fail(SP_ERR_INVALID_ARG, "generator: drafter must be SP_DRAFTER_NONE .. SP_DRAFTER_ADAPTIVE "
+                       "(0..5, got %d)", (int)k);
+    const bool hybrid = k == SP_DRAFTER_HYBRID || k == SP_DRAFTER_ADAPTIVE;
+    if (k == SP_DRAFTER_ADAPTIVE &&
+        !(1 <= p->probe_every && p->probe_every <= p->max_probe_every && p->learn_every >= 1))
+        return sp_fail(SP_ERR_INVALID_ARG, "generator: the adaptive drafter needs 1 <= probe_every <= "
+                       "max_probe_every and learn_every >= 1 (got %d, %d, %d)", p->probe_every, p->max_probe_every,
+                       p->learn_every);
     const int32_t nb = ses->params.n_batch, V = ses->model->hp.n_vocab;
     if (k != SP_DRAFTER_NONE && nb < 2)
         return sp_fail(SP_ERR_INVALID_ARG, "generator: a drafter's tokens are verified with their root in one batch: "
                        "the session's n_batch must be >= 2 (got %d)", nb);
-    if ((k == SP_DRAFTER_PROMPT_LOOKUP || k == SP_DRAFTER_HYBRID) &&
+    if ((k == SP_DRAFTER_PROMPT_LOOKUP || hybrid) &&
         !(1 <= p->min_ngram && p->min_ngram <= p->ngram && p->ngram <= SP_GEN_MAX_NGRAM))
         return sp_fail(SP_ERR_INVALID_ARG, "generator: prompt lookup needs 1 <= min_ngram <= ngram <= %d (got "
                        "min_ngram %d, ngram %d)", SP_GEN_MAX_NGRAM, p->min_ngram, p->ngram);
-    if ((k == SP_DRAFTER_PROMPT_LOOKUP || k == SP_DRAFTER_HYBRID || k == SP_DRAFTER_DRAFT_MODEL) &&
+    if ((k == SP_DRAFTER_PROMPT_LOOKUP || hybrid || k == SP_DRAFTER_DRAFT_MODEL) &&
         (p->draft_k < 1 || p->draft_k > nb - 1))
         return sp_fail(SP_ERR_INVALID_ARG, "generator: draft_k must be 1..n_batch - 1 = %d (got %d)", nb - 1,
                        p->draft_k);
-    if (k == SP_DRAFTER_RECYCLING || k == SP_DRAFTER_HYBRID) {
+    if (k == SP_DRAFTER_RECYCLING || hybrid) {
         if (p->recycling_k < 1 || p->recycling_k > SP_MIN(SP_GEN_MAX_RECYCLING_K, V))
             return sp_fail(SP_ERR_INVALID_ARG, "generator: recycling_k must be 1..%d (got %d)",
                            SP_MIN(SP_GEN_MAX_RECYCLING_K, V), p->recycling_k);
@@ -146,7 +178,8 @@ static int32_t max_draft_nodes(const sp_generator_params *p, int32_t n_batch) {
     case SP_DRAFTER_PROMPT_LOOKUP:
     case SP_DRAFTER_DRAFT_MODEL: return p->draft_k;
     case SP_DRAFTER_RECYCLING: return p->max_nodes;
-    case SP_DRAFTER_HYBRID: return n_batch - 1;
+    case SP_DRAFTER_HYBRID:
+    case SP_DRAFTER_ADAPTIVE: return n_batch - 1;
     default: return 0;
     }
 }
@@ -176,6 +209,12 @@ sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, s
     for (int32_t i = params->n_stop; i < SP_GEN_MAX_STOP; i++) g->p.stop[i] = NULL;
     st = sp_sampler_new(params->sampler, g->V, &g->sampler);
     if (st == SP_OK) st = sp_drafter_init(&g->d, params, ses);
+    g->use_gate = params->drafter == SP_DRAFTER_ADAPTIVE;
+    g->use_plan = g->use_gate || (params->plan && (params->drafter == SP_DRAFTER_RECYCLING ||
+                                                   params->drafter == SP_DRAFTER_HYBRID));
+    if (st == SP_OK && g->use_plan) st = sp_planner_init(&g->pl, g->K + 1);
+    if (st == SP_OK && g->use_gate) st = sp_gate_init(&g->gate, g->n_ctx, params->probe_every,
+                                                       params->max_probe_every);
     if (st != SP_OK) {
         sp_generator_free(g);
         return st;
@@ -192,6 +231,7 @@ sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, s
     g->kids = malloc(T * sizeof *g->kids);
     g->path = malloc(T * sizeof *g->path);
     g->keep = malloc((size_t)g->n_ctx * sizeof *g->keep);
+    g->accepted = malloc(T * sizeof *g->accepted);
     g->ctx = malloc(((size_t)g->n_ctx + 2) * sizeof *g->ctx);
     if (params->n_stop > 0) {
         /* room for the longest token's text after the last SP_GEN_MAX_STOP_LEN - 1 bytes */
@@ -206,7 +246,7 @@ sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, s
         g->tail = malloc(g->tail_cap);
     }
     if (!g->logits || !g->ids || !g->probs || !g->batch || !g->par || !g->pos || !g->depth || !g->mask || !g->kids ||
-        !g->path || !g->keep || !g->ctx || (params->n_stop > 0 && !g->tail)) {
+        !g->path || !g->keep || !g->accepted || !g->ctx || (params->n_stop > 0 && !g->tail)) {
         sp_generator_free(g);
         return sp_fail(SP_ERR_NO_MEMORY, "generator: out of memory (n_vocab %d, n_ctx %d)", (int)V, g->n_ctx);
     }
@@ -260,6 +300,7 @@ static sp_status start_checked(sp_generator *g, const int32_t *prompt, int32_t n
     g->failed = false;
     sp_sampler_reset(g->sampler);  /* from its seed, with the prompt as its history */
     for (int32_t i = 0; i < n; i++) sp_sampler_accept(g->sampler, prompt[i]);
+    if (g->use_gate) sp_gate_begin(&g->gate, g->ctx, g->ctx_len);
     g->n_past_left = sp_session_n_past(ses);
     g->started = true;
     return SP_OK;
@@ -341,6 +382,54 @@ static void tree_mask(sp_generator *g, int32_t T, int32_t n_past0) {
     }
 }
 
+/* Expert weight bytes the session's passes have read so far (0 for a model without sparse experts). */
+static double expert_bytes(const sp_session *ses) {
+    if (ses->model->hp.n_expert == 0 || !ses->sparsity.bytes) return 0.0;
+    double b = 0.0;
+    for (int32_t l = 0; l < ses->model->hp.n_layer; l++) b += (double)ses->sparsity.bytes[l];
+    return b;
+}
+
+/* Append a decided token to the context (and the gate's suffix match). */
+static void push_token(sp_generator *g, int32_t x) {
+    sp_sampler_accept(g->sampler, x);
+    g->ctx[g->ctx_len++] = x;
+    if (g->use_gate) sp_gate_push(&g->gate, g->ctx, g->ctx_len);
+}
+
+/* The adaptive drafter's plain step (its gate's choice): exactly plain decoding's; Token Recycling learns from every
+ * learn_every-th one and from every one whose root it has no candidates for. */
+static sp_status plain_step(sp_generator *g, double t0) {
+    sp_session *ses = g->ses;
+    const int32_t n_past0 = sp_session_n_past(ses), root = g->ctx[g->ctx_len - 1];
+    sp_batch b = {.tokens = &g->ctx[g->ctx_len - 1], .n_tokens = 1, .logits = g->logits, .logits_last_only = true};
+    const double t1 = sp_now_s();
+    sp_status st = sp_eval(ses, &b);
+    const double t2 = sp_now_s();
+    if (st != SP_OK) return st;
+    int32_t x;
+    st = sp_sampler_sample(g->sampler, g->logits, &x);
+    if (st != SP_OK) {
+        g->failed = true;
+        sp_session_truncate(ses, n_past0);
+        g->n_past_left = n_past0;
+        return st;
+    }
+    push_token(g, x);
+    if (++g->plain_learn >= g->p.learn_every || g->d.adj[(size_t)root * (size_t)g->d.R] < 0) {
+        g->plain_learn = 0;
+        sp_drafter_observe(&g->d, &root, 1, g->logits);
+    }
+    const double t3 = sp_now_s();
+    sp_gate_plain(&g->gate, t3 - t0);
+    g->n_past_left = sp_session_n_past(ses);
+    g->stats.steps++;
+    g->stats.plain_steps++;
+    g->stats.eval_s += t2 - t1;
+    g->stats.loop_s += (t1 - t0) + (t3 - t2);
+    return SP_OK;
+}
+
 static sp_status step(sp_generator *g) {
     sp_session *ses = g->ses;
     const double t0 = sp_now_s(), draft0 = g->d.draft_eval_s;
@@ -348,12 +437,16 @@ static sp_status step(sp_generator *g) {
     if (n_past0 != g->n_past_left || n_past0 != g->ctx_len - 1)
         return sp_fail(SP_ERR_INVALID_ARG, "generator: the session's KV cache was changed outside the generator "
                        "(n_past %d, expected %d): start the generation again", n_past0, g->ctx_len - 1);
+    if (g->use_gate && !sp_gate_drafts(&g->gate)) return plain_step(g, t0);
+    const int32_t arm = g->use_gate ? g->gate.arm : 0;
+    const double bytes0 = g->use_plan ? expert_bytes(ses) : 0.0;
     const int32_t room = g->n_ctx - n_past0;  /* slots for the root and the drafts */
     const int32_t budget = SP_MIN(g->K, room - 1);
     int32_t N = 0;
     sp_status st = sp_drafter_propose(&g->d, g->ctx, g->ctx_len, budget, g->batch + 1, g->par, &N);
     g->stats.draft_eval_s += g->d.draft_eval_s - draft0;
     if (st != SP_OK) return st;  /* the target's cache is untouched */
+    if (g->use_plan) sp_planner_plan(&g->pl, g->batch + 1, g->par, &N);
     g->batch[0] = g->ctx[g->ctx_len - 1];
     const int32_t T = N + 1;
     bool is_chain = true;
@@ -381,8 +474,7 @@ static sp_status step(sp_generator *g) {
             g->n_past_left = n_past0;
             return st;
         }
-        sp_sampler_accept(g->sampler, x);
-        g->ctx[g->ctx_len++] = x;
+        push_token(g, x);
         if (child < 0) break;
         g->path[n_path++] = u = child;
     }
@@ -402,6 +494,13 @@ static sp_status step(sp_generator *g) {
         }
     }
     sp_drafter_observe(&g->d, g->batch, T, g->logits);
+    const double t3 = sp_now_s();
+    if (g->use_plan) {
+        for (int32_t i = 0; i < N; i++) g->accepted[i] = false;
+        for (int32_t j = 1; j < n_path; j++) g->accepted[g->path[j] - 1] = true;
+        sp_planner_observe(&g->pl, g->par, g->accepted, T, expert_bytes(ses) - bytes0, t3 - t0);
+    }
+    if (g->use_gate) sp_gate_observe(&g->gate, arm, n_path, sp_now_s() - t0, g->use_plan && g->pl.explored);
     g->n_past_left = sp_session_n_past(ses);
     g->stats.steps++;
     g->stats.drafted += N;
@@ -523,7 +622,7 @@ int32_t sp_generator_context(const sp_generator *g, const int32_t **tokens) {
 static sp_status state_check(const sp_generator *g, const char *path, const char *what) {
     if (!path || !*path) return sp_fail(SP_ERR_INVALID_ARG, "%s: the path is empty", what);
     if (!sp_drafter_has_state(&g->d))
-        return sp_fail(SP_ERR_INVALID_ARG, "%s: only the recycling and hybrid drafters have a state (Token Recycling's "
+        return sp_fail(SP_ERR_INVALID_ARG, "%s: only the recycling, hybrid and adaptive drafters have a state (Token Recycling's "
                        "matrix)", what);
     return SP_OK;
 }

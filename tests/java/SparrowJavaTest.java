@@ -173,6 +173,8 @@ public final class SparrowJavaTest {
                 return greedy(d).recycling(8, 6, 2, 1).drafter(Drafter.HYBRID);
             case DRAFT_MODEL:
                 return greedy(d).draftModel(draft, 4);
+            case ADAPTIVE:  // the tuned defaults (a lookup chain and a planned recycling tree behind the gate)
+                return Generator.Params.forDrafter(d).temperature(0).maxTokens(nTokens);
             default:
                 return greedy(d);
         }

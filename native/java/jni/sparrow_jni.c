@@ -214,6 +214,10 @@ static bool generator_fields(JNIEnv *env, jobject obj, sp_generator_params *p, b
         {"draftK", 'I', &p->draft_k},
         {"recyclingK", 'I', &p->recycling_k},
         {"maxNodes", 'I', &p->max_nodes},
+        {"plan", 'Z', &p->plan},
+        {"probeEvery", 'I', &p->probe_every},
+        {"maxProbeEvery", 'I', &p->max_probe_every},
+        {"learnEvery", 'I', &p->learn_every},
     };
     return fields_copy(env, obj, f, COUNT(f), to_java);
 }
@@ -495,8 +499,10 @@ JNIEXPORT void JNICALL Java_dev_sparrow_Native_sessionTruncate(JNIEnv *env, jcla
 
 /* ---- generator ---- */
 
-JNIEXPORT void JNICALL Java_dev_sparrow_Native_generatorDefaults(JNIEnv *env, jclass cls, jobject out) {
-    sp_generator_params p = sp_generator_default_params();
+JNIEXPORT void JNICALL Java_dev_sparrow_Native_generatorDefaults(JNIEnv *env, jclass cls, jobject out,
+                                                                 jint drafter) {
+    sp_generator_params p =
+        drafter < 0 ? sp_generator_default_params() : sp_generator_default_params_for((sp_drafter_kind)drafter);
     if (generator_fields(env, out, &p, true) && generator_branching(env, out, &p, true))
         generator_drafter(env, out, &p, true);
 }
@@ -616,6 +622,7 @@ JNIEXPORT void JNICALL Java_dev_sparrow_Native_generatorStats(JNIEnv *env, jclas
         {"steps", 'J', &s.steps},   {"drafted", 'J', &s.drafted},         {"accepted", 'J', &s.accepted},
         {"tokens", 'J', &s.tokens}, {"promptTokens", 'J', &s.prompt_tokens}, {"evalSeconds", 'D', &s.eval_s},
         {"loopSeconds", 'D', &s.loop_s}, {"draftEvalSeconds", 'D', &s.draft_eval_s},
+        {"plainSteps", 'J', &s.plain_steps},
     };
     fields_copy(env, out, f, COUNT(f), true);
 }

@@ -15,7 +15,10 @@ public enum Drafter {
     /** Prompt lookup's chain (draftK) merged with the recycling tree. */
     HYBRID(3),
     /** A draft model (draftSession: a session of a model with the same vocabulary) drafts draftK tokens greedily. */
-    DRAFT_MODEL(4);
+    DRAFT_MODEL(4),
+    /** The hybrid, its tree pruned by the planner, behind a gate that drafts only where drafting measured faster than
+     *  plain decoding on this device (probeEvery, maxProbeEvery, learnEvery). */
+    ADAPTIVE(5);
 
     /** The sp_drafter_kind value. */
     public final int value;

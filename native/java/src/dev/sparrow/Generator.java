@@ -40,6 +40,11 @@ public final class Generator extends NativeResource {
          *  1..recyclingK, the last repeating; {1}: a chain), and nodes of the recycling tree (1 .. nBatch - 1). */
         public int recyclingK, maxNodes;
         public int[] branching;
+        /** RECYCLING, HYBRID: prune each step's tree with the sparsity-aware planner (always on for ADAPTIVE). */
+        public boolean plan;
+        /** ADAPTIVE: plain steps before a probe after drafting paid, its cap, and how often Token Recycling learns
+         *  from plain steps. */
+        public int probeEvery, maxProbeEvery, learnEvery;
         /** DRAFT_MODEL: a session of a model with the target's vocabulary, not the target's session; the generator
          *  keeps it allocated until the generator closes, and nothing else should use it meanwhile. */
         public Session draftSession;
@@ -47,7 +52,14 @@ public final class Generator extends NativeResource {
         public final List<String> stop = new ArrayList<>();
 
         public Params() {
-            Native.generatorDefaults(this);
+            Native.generatorDefaults(this, -1);
+        }
+
+        /** The defaults with a drafter and its tuned settings (sp_generator_default_params_for). */
+        public static Params forDrafter(Drafter drafter) {
+            Params p = new Params();
+            Native.generatorDefaults(p, drafter.value);
+            return p;
         }
 
         public Params maxTokens(int n) { maxTokens = n; return this; }
@@ -88,6 +100,8 @@ public final class Generator extends NativeResource {
         public double evalSeconds, loopSeconds;
         /** Of loopSeconds: the draft model's forward passes (DRAFT_MODEL). */
         public double draftEvalSeconds;
+        /** Of steps: those the ADAPTIVE gate ran plain (no draft). */
+        public long plainSteps;
 
         Stats() {}
 
@@ -95,7 +109,7 @@ public final class Generator extends NativeResource {
         public String toString() {
             return "Stats{steps=" + steps + ", drafted=" + drafted + ", accepted=" + accepted + ", tokens=" + tokens
                     + ", promptTokens=" + promptTokens + ", evalSeconds=" + evalSeconds + ", loopSeconds="
-                    + loopSeconds + ", draftEvalSeconds=" + draftEvalSeconds + "}";
+                    + loopSeconds + ", draftEvalSeconds=" + draftEvalSeconds + ", plainSteps=" + plainSteps + "}";
         }
     }
 

@@ -39,7 +39,8 @@ final class Native {
     static native int sessionNPast(long session);
     static native void sessionTruncate(long session, int n);
 
-    static native void generatorDefaults(Generator.Params out);
+    /** drafter: -1 for sp_generator_default_params(), else sp_generator_default_params_for(drafter). */
+    static native void generatorDefaults(Generator.Params out, int drafter);
     static native long generatorNew(long session, Generator.Params params, byte[][] stopUtf8, long draftSession);
     static native void generatorFree(long generator);
     static native void generatorStart(long generator, int[] prompt);

@@ -437,10 +437,13 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
                 out["sparsity"] = dataclasses.asdict(sparsity)
             if hasattr(backend, "stats"):
                 out["speculative"] = backend.stats.as_dict()
-                if backend.drafter.planner is not None:
-                    out["speculative"]["planner"] = backend.drafter.planner.as_dict()
-                if backend.drafter.gate is not None:
-                    out["speculative"]["gate"] = backend.drafter.gate.as_dict()
+                drafter = getattr(backend, "drafter", None)  # the Python loop's (the C generator's live in C)
+                if drafter is not None and drafter.planner is not None:
+                    out["speculative"]["planner"] = drafter.planner.as_dict()
+                if drafter is not None and drafter.gate is not None:
+                    out["speculative"]["gate"] = drafter.gate.as_dict()
+                if hasattr(backend, "learned"):  # the C generator's planner and gate
+                    out["speculative"].update(backend.learned())
             click.echo(json.dumps(out))
         else:
             click.echo()

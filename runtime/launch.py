@@ -98,12 +98,15 @@ def drafter_source(store: Store, draft: str) -> str:
 
 def with_drafter(backend: Backend, settings: RunSettings, store: Store, *, n_ctx: int, name: str,
                  warn: Warn = _warn) -> Backend:
-    """The backend itself for draft "none", else one that decodes speculatively with that drafter. For a model in
+    """The backend itself for draft "none", else one that decodes speculatively with that drafter: in libsparrow's
+    generator (runtime.speculative.NativeSpeculativeBackend) for every built-in drafter and draft model, in the Python
+    loop (SpeculativeBackend) only for options the C generator lacks (a draft model's `alternatives`). For a model in
     the store, Token Recycling starts from what it learned in earlier sessions and saves it on close."""
     draft = settings.draft
     if draft == "none":
         return backend
-    from .speculative import SpeculativeBackend
+    from .native import SparrowError
+    from .speculative import NativeSpeculativeBackend, SpeculativeBackend
 
     tuned = settings.tuned is not None and draft == settings.tuned.drafter
     if backend.name != "native":
@@ -115,8 +118,11 @@ def with_drafter(backend: Backend, settings: RunSettings, store: Store, *, n_ctx
         backend.close()
         raise BackendError(f"--draft needs the native runtime; this model runs on {backend.name}")
     try:
-        drafter = make_drafter(drafter_source(store, draft), backend.model, n_threads=settings.threads, n_ctx=n_ctx,
-                               **settings.draft_options)
+        source = drafter_source(store, draft)
+        spec = native_speculative(backend, source, settings, n_ctx=n_ctx)
+        if spec is None:
+            spec = SpeculativeBackend(backend, make_drafter(source, backend.model, n_threads=settings.threads,
+                                                            n_ctx=n_ctx, **settings.draft_options))
     except BaseException as e:
         if tuned and isinstance(e, (ValueError, StoreError)):
             warn(f"warning: the tuned drafter {draft} cannot be used ({e}); decoding without a drafter. "
@@ -126,9 +132,8 @@ def with_drafter(backend: Backend, settings: RunSettings, store: Store, *, n_ctx
         if isinstance(e, ValueError):
             raise BackendError(str(e)) from None
         raise
-    spec = SpeculativeBackend(backend, drafter)
-    rec = recycling_part(drafter)
-    if rec is not None and store.get(name) is not None:
+    rec = spec if isinstance(spec, NativeSpeculativeBackend) else recycling_part(spec.drafter)
+    if rec is not None and getattr(rec, "has_state", True) and store.get(name) is not None:
         state = store.recycling_state_path(name)
         if state.exists() and (why := rec.load_state(state)):
             warn(f"warning: the saved Token Recycling state is not used: {why}")
@@ -136,10 +141,33 @@ def with_drafter(backend: Backend, settings: RunSettings, store: Store, *, n_ctx
         def save() -> None:
             try:
                 rec.save_state(state)
-            except OSError as e:
+            except (OSError, SparrowError) as e:
                 warn(f"warning: could not save the Token Recycling state to {state}: {e}")
         spec.on_close = save
     return spec
+
+
+def native_speculative(backend: Backend, source: str, settings: RunSettings, *, n_ctx: int):
+    """The C generator's speculative backend for a drafter source (drafter_source: a registry name or a draft model's
+    file) with the settings' options, or None where only the Python loop has them. ValueError for a draft model
+    with another vocabulary."""
+    from .native import Model
+    from .speculative import NativeSpeculativeBackend, c_generator_options
+
+    kind = source if source in DRAFTERS else "draft-model"
+    options = c_generator_options(kind, settings.draft_options)
+    if options is None:
+        return None
+    if kind != "draft-model":
+        return NativeSpeculativeBackend(backend, kind, options, registry_options=settings.draft_options)
+    draft = Model(source)
+    if draft.info.n_vocab != backend.model.info.n_vocab:
+        n = draft.info.n_vocab
+        draft.close()
+        raise ValueError(f"the draft model {Path(source).name} has {n} tokens, the target "
+                         f"{backend.model.info.n_vocab}: a draft model must share the target's vocabulary")
+    return NativeSpeculativeBackend(backend, "draft-model", options, draft_model=draft, n_ctx=n_ctx,
+                                    n_threads=settings.threads, registry_options=settings.draft_options)
 
 
 def open_model(model: str | Path | None = None, *, n_ctx: int = 2048, threads: int | None = None,

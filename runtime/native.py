@@ -372,6 +372,46 @@ class GeneratorStats:
     loop_s: float
     draft_eval_s: float = 0.0  # of loop_s: the draft model's forward passes (draft-model drafter)
     plain_steps: int = 0       # of steps: those the adaptive drafter's gate ran plain (no draft)
+    plan_steps: int = 0        # the planner (plan, adaptive): steps planned,
+    plan_candidates: int = 0   # ... candidate nodes proposed and
+    plan_kept: int = 0         # ... kept over them; its cost model of a step:
+    cost_step_s: float = 0.0   # ... per step
+    cost_token_s: float = 0.0  # ... + per token
+    cost_expert_byte_s: float = 0.0  # ... + per expert byte read
+    gate_drafting: tuple = (False, False, False)  # the gate (adaptive) per arm (no match, short, repeating): drafting
+    gate_probes: tuple = (0, 0, 0)                # ... episodes of drafting started
+    gate_paid: tuple = (0, 0, 0)                  # ... that ran faster than plain decoding
+
+    def planner_summary(self) -> str:
+        """The planner's state in runtime.planner.TreePlanner.summary's words ("" without a planner)."""
+        if not self.plan_steps:
+            return ""
+        n = self.plan_steps
+        s = (f"planner: {n} steps, kept {self.plan_kept / n:.1f} of {self.plan_candidates / n:.1f} candidate nodes "
+             f"per step; step time = {1e3 * self.cost_step_s:.2f} ms + {1e3 * self.cost_token_s:.3f} ms/token")
+        if self.cost_expert_byte_s > 0:
+            s += f" + {1e3 * self.cost_expert_byte_s * 1e6:.3f} ms/MB of experts"
+        return s
+
+    def gate_summary(self) -> str:
+        """The gate's state in runtime.planner.DraftGate.summary's words ("" without a gate)."""
+        if not self.plain_steps and not any(self.gate_probes):
+            return ""
+        names = ("no match", "short match", "repeating")
+        return "gate: " + ", ".join(f"{name}: {'drafting' if self.gate_drafting[a] else 'plain'}, "
+                                    f"{self.gate_probes[a]} probes ({self.gate_paid[a]} paid)"
+                                    for a, name in enumerate(names))
+
+    def planner_dict(self) -> dict[str, object]:
+        n = max(self.plan_steps, 1)
+        return {"steps": self.plan_steps, "kept_per_step": self.plan_kept / n,
+                "candidates_per_step": self.plan_candidates / n,
+                "cost_s": {"per_step": self.cost_step_s, "per_token": self.cost_token_s,
+                           "per_expert_byte": self.cost_expert_byte_s}}
+
+    def gate_dict(self) -> dict[str, object]:
+        return {"drafting": list(self.gate_drafting), "probes": list(self.gate_probes),
+                "paid": list(self.gate_paid)}
 
     @property
     def tokens_per_step(self) -> float:
@@ -477,7 +517,10 @@ class Generator:
         return tokens
 
     def stats(self) -> GeneratorStats:
-        return GeneratorStats(**self._g.stats())
+        d = self._g.stats()
+        for key in ("gate_drafting", "gate_probes", "gate_paid"):
+            d[key] = tuple(d[key])
+        return GeneratorStats(**d)
 
     def reset_stats(self) -> None:
         self._g.reset_stats()

@@ -479,3 +479,196 @@ class SpeculativeBackend:
         finally:
             self.drafter.close()
             self._backend.close()
+
+
+# ---- the same, in libsparrow: the C generator with a built-in drafter ----
+
+# Registry drafter options (runtime.drafters.DRAFTERS) -> the C generator's keywords (runtime.native.Generator).
+_C_OPTION = {"ngram": "ngram", "min_ngram": "min_ngram", "lookup_k": "draft_k", "branching": "branching",
+             "max_nodes": "max_nodes", "probe_every": "probe_every", "max_probe_every": "max_probe_every",
+             "learn_every": "learn_every"}
+
+
+def c_generator_options(drafter: str, options: dict[str, object]) -> dict[str, object] | None:
+    """The C generator's keywords for a registry drafter (or "draft-model") and its options, or None when an option
+    has no C form (a draft model's `alternatives`): such a drafter runs in the Python loop."""
+    out: dict[str, object] = {}
+    for key, value in options.items():
+        if key == "k":  # the chain length of prompt lookup and draft models, the candidates per token elsewhere
+            out["draft_k" if drafter in ("prompt-lookup", "draft-model") else "recycling_k"] = value
+        elif key in _C_OPTION:
+            out[_C_OPTION[key]] = value
+        else:
+            return None
+    return out
+
+
+@dataclass
+class NativeDrafter:
+    """What NativeSpeculativeBackend drafts with, for callers that ask (`backend.drafter.name`): the registry name and
+    options (readable as attributes, e.g. `.k`); the planner and the gate live in C (no Python objects)."""
+
+    name: str
+    options: dict[str, object] = field(default_factory=dict)
+    planner: None = None
+    gate: None = None
+
+    def __getattr__(self, key: str) -> object:
+        if key != "options" and key in self.options:
+            return self.options[key]
+        raise AttributeError(key)
+
+
+class NativeSpeculativeBackend:
+    """A NativeBackend whose generate_tokens runs libsparrow's generator (runtime.native.Generator: drafting,
+    verification, acceptance, the planner and the gate all in C) with a built-in drafter: `drafter` is a C drafter
+    name (runtime.native.C_DRAFTERS), `options` its keywords (c_generator_options; registry_options: the same as the
+    registry names them, for `drafter`), `draft_model` the draft model for "draft-model" (owned: closed with this
+    backend). Everything else is delegated, so stream_text and Chat work
+    unchanged. One generator serves every call while the sampling settings stay the same; when they change, a new one
+    takes over what Token Recycling learned. stats accumulates over generations (from the C statistics: no
+    per-step histogram, and the time split is forward passes (verify_s; plain steps' included) / the draft model's
+    passes (draft_s) / the rest of the C loop (sample_s))."""
+
+    def __init__(self, backend, drafter: str, options: dict[str, object] | None = None, *,
+                 draft_model: Model | None = None, n_ctx: int = 2048, n_threads: int = 0,
+                 registry_options: dict[str, object] | None = None):
+        from .native import C_DRAFTERS
+
+        if getattr(backend, "name", None) != "native":
+            raise ValueError("speculative decoding needs the native backend")
+        if drafter not in C_DRAFTERS or drafter == "none":
+            raise ValueError(f"not a C drafter: {drafter!r}")
+        self._backend = backend
+        self.drafter_name = drafter
+        self.options = dict(options or {})
+        self.drafter = NativeDrafter(drafter, dict(registry_options or {}))
+        self.draft_model = draft_model
+        self.draft_session = draft_model.session(n_ctx=n_ctx, n_threads=n_threads) if draft_model else None
+        self.on_close: Callable[[], None] | None = None
+        self.stats = SpecStats()
+        self.state_path = None  # Token Recycling's saved matrix to start from (load_state)
+        self._gen = None
+        self._key = None
+        self._tmp = None
+        self._live = None  # (generator, its statistics at the start) during a generation
+
+    def __getattr__(self, name: str):
+        if name == "_backend":
+            raise AttributeError(name)
+        return getattr(self._backend, name)
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the drafter learns a Token Recycling matrix (saved between sessions)."""
+        return self.drafter_name in ("recycling", "hybrid", "adaptive")
+
+    def load_state(self, path) -> str | None:
+        """Start Token Recycling from the matrix saved at path (the next generator loads it). Returns None when it fits,
+        else why not (checked now, on a throwaway generator, so a bad file is reported at once)."""
+        from .native import SparrowError
+
+        try:
+            self._generator(SamplerParams.greedy(), 1).load_drafter(path)
+        except SparrowError as e:
+            return str(e)
+        return None
+
+    def save_state(self, path) -> None:
+        """Write what Token Recycling has learned to path (.npy, atomically); nothing before the first generation."""
+        if self._gen is not None:
+            from pathlib import Path
+
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._gen.save_drafter(path)
+
+    def _generator(self, params: SamplerParams, max_tokens: int):
+        import os
+        import tempfile
+
+        from .native import Generator
+
+        key = (params, max_tokens)
+        if self._gen is not None and self._key == key:
+            return self._gen
+        new = Generator(self._backend.session, params=params, max_tokens=max_tokens, drafter=self.drafter_name,
+                        draft_session=self.draft_session, **self.options)
+        old, self._gen, self._key = self._gen, new, key
+        if old is not None:
+            if self.has_state:  # what Token Recycling learned moves to the new generator
+                if self._tmp is None:
+                    self._tmp = tempfile.TemporaryDirectory(prefix="sparrow-spec-")
+                state = os.path.join(self._tmp.name, "recycling.npy")
+                old.save_drafter(state)
+                new.load_drafter(state)
+            old.close()
+        return new
+
+    def summary(self, since: SpecStats | None = None, *, speed: bool = True) -> str:
+        """The statistics so far (or since a copy taken earlier), and what the C planner and gate have learned."""
+        stats = self.stats if since is None else self.stats.since(since)
+        parts = [stats.summary(speed=speed)]
+        if self._gen is not None:
+            g = self._gen.stats()
+            parts += [s for s in (g.planner_summary(), g.gate_summary()) if s]
+        return "; ".join(parts)
+
+    def learned(self) -> dict[str, object]:
+        """The C planner's and gate's state (for --json), {} before the first generation."""
+        if self._gen is None:
+            return {}
+        g = self._gen.stats()
+        out: dict[str, object] = {}
+        if g.plan_steps:
+            out["planner"] = g.planner_dict()
+        if g.plain_steps or any(g.gate_probes):
+            out["gate"] = g.gate_dict()
+        return out
+
+    @property
+    def n_evaluated(self) -> int:
+        """Tokens of the conversation run through the model: the prompt's (counted into the session by the C
+        generator's start) and each step's root; draft nodes verified (accepted or not) are left out, as in
+        SpeculativeBackend."""
+        live = 0
+        if self._live is not None:
+            gen, before = self._live
+            live = gen.stats().steps - before.steps
+        return self._backend.n_evaluated + self.stats.steps + live
+
+    def generate_tokens(self, prompt_tokens: Sequence[int], *, max_tokens: int,
+                        params: SamplerParams) -> Iterator[int]:
+        gen = self._generator(params, max_tokens)
+        before = gen.stats()
+        self._live = (gen, before)
+        try:
+            gen.start(list(prompt_tokens))
+            yield from gen
+        finally:
+            after = gen.stats()
+            st = self.stats
+            st.steps += after.steps - before.steps
+            st.plain_steps += after.plain_steps - before.plain_steps
+            st.drafted += after.drafted - before.drafted
+            st.accepted += after.accepted - before.accepted
+            st.generated += after.tokens - before.tokens
+            st.verify_s += after.eval_s - before.eval_s
+            st.draft_s += after.draft_eval_s - before.draft_eval_s
+            st.sample_s += (after.loop_s - after.draft_eval_s) - (before.loop_s - before.draft_eval_s)
+            self._live = None
+            self._backend.session.resync()
+
+    def close(self) -> None:
+        try:
+            if self.on_close is not None:
+                self.on_close()
+        finally:
+            if self._gen is not None:
+                self._gen.close()
+            if self.draft_session is not None:
+                self.draft_session.close()
+            if self.draft_model is not None:
+                self.draft_model.close()
+            if self._tmp is not None:
+                self._tmp.cleanup()
+            self._backend.close()

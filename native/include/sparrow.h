@@ -343,6 +343,14 @@ typedef struct sp_generator_stats {
     double loop_s;       /* wall time of the steps outside sp_eval: drafting, sampling, acceptance, rollback */
     double draft_eval_s; /* of loop_s: the draft model's sp_eval calls (draft model drafter) */
     int64_t plain_steps; /* of steps: those the adaptive drafter's gate ran plain (no draft) */
+    /* the planner (plan, adaptive): steps planned, candidate nodes proposed and kept over them, and its cost model
+     * of a step: cost_step_s + cost_token_s x tokens + cost_expert_byte_s x expert bytes read (as of now) */
+    int64_t plan_steps, plan_candidates, plan_kept;
+    double cost_step_s, cost_token_s, cost_expert_byte_s;
+    /* the gate (adaptive) per arm, 0: no suffix match, 1: a short one, 2: the text repeating itself: drafting now,
+     * episodes of drafting started (probes), and those that ran faster than plain decoding (as of now) */
+    bool gate_drafting[3];
+    int64_t gate_probes[3], gate_paid[3];
 } sp_generator_stats;
 
 typedef struct sp_generator sp_generator;

@@ -748,6 +748,15 @@ NB_MODULE(_sparrow, m) {
             d["loop_s"] = st.loop_s;
             d["draft_eval_s"] = st.draft_eval_s;
             d["plain_steps"] = st.plain_steps;
+            d["plan_steps"] = st.plan_steps;
+            d["plan_candidates"] = st.plan_candidates;
+            d["plan_kept"] = st.plan_kept;
+            d["cost_step_s"] = st.cost_step_s;
+            d["cost_token_s"] = st.cost_token_s;
+            d["cost_expert_byte_s"] = st.cost_expert_byte_s;
+            d["gate_drafting"] = std::vector<bool>(st.gate_drafting, st.gate_drafting + 3);
+            d["gate_probes"] = std::vector<int64_t>(st.gate_probes, st.gate_probes + 3);
+            d["gate_paid"] = std::vector<int64_t>(st.gate_paid, st.gate_paid + 3);
             return d;
         })
         .def("save_drafter", [](Generator &self, const std::string &path) {

@@ -601,6 +601,19 @@ sp_status sp_generator_get_stats(const sp_generator *g, sp_generator_stats *out)
     sp_clear_error();
     if (!g || !out) return sp_fail(SP_ERR_INVALID_ARG, "sp_generator_get_stats: NULL argument");
     *out = g->stats;
+    if (g->use_plan) {
+        out->plan_steps = g->pl.steps;
+        out->plan_candidates = g->pl.candidates;
+        out->plan_kept = g->pl.kept;
+        out->cost_step_s = g->pl.coef[0];
+        out->cost_token_s = g->pl.coef[1];
+        out->cost_expert_byte_s = g->pl.coef[2];
+    }
+    for (int a = 0; a < 3 && g->use_gate; a++) {
+        out->gate_drafting[a] = g->gate.on[a];
+        out->gate_probes[a] = g->gate.probes[a];
+        out->gate_paid[a] = g->gate.paid[a];
+    }
     return SP_OK;
 }
 

@@ -6,6 +6,7 @@
 #   fuzz_tokenize  arbitrary bytes through both tokenizers (BPE under each pre-tokenizer, SentencePiece)
 #   fuzz_sampler   arbitrary sampler parameters and logits; sp_top_k
 #   fuzz_eval      sp_eval with random batches, positions and masks, truncate and keep, on tiny models
+#   fuzz_npy       .npy files for Token Recycling's state (sp_generator_load_drafter's reader), expected shape varied
 # Usage: tools/fuzz.sh [SECONDS per target (default 20)] [TARGET...]
 #   FUZZ_JOBS=N runs N targets at once (default 1); CC (default clang) compiles; SPARROW_BUILD_DIR (a developer
 #   build, tools/dev_build.sh) supplies the sparrow package when it is not installed (for the BlockFFN model).
@@ -17,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-20}"; shift || true
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(load vocab tokenize sampler eval)
+[[ ${#targets[@]} -gt 0 ]] || targets=(load vocab tokenize sampler eval npy)
 jobs="${FUZZ_JOBS:-1}"
 out="build/fuzz"
 cc="${CC:-clang}"

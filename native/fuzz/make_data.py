@@ -11,6 +11,7 @@ fuzz_load and fuzz_vocab, texts for fuzz_tokenize, a few programs for fuzz_sampl
 Uses the tests' own builders (tests/tiny_llama.py, tests/gguf_corpus.py, tests/blockffn_fixture.py)."""
 from __future__ import annotations
 
+import io
 import os
 import struct
 import sys
@@ -22,6 +23,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import gguf
 import gguf_corpus
+import numpy as np
 from tiny_llama import TinyConfig, vocab, write_tiny_llama
 
 Q = gguf.GGMLQuantizationType
@@ -168,11 +170,22 @@ def corpora(seeds: Path) -> None:
         (seeds / "sampler" / f"s{i}").write_bytes(body + bytes(range(64)) + struct.pack("<8f", *range(8)))
     for i in range(4):  # eval: model i, a session, a few evals and a truncate
         (seeds / "eval" / f"e{i}").write_bytes(bytes([i, 8 * i + 5, 0, 4, 3] + [1, 0] * 3 + [2, 1, 0, 0, 2] + [5, 0] * 2))
+    # npy: (rows - 1, cols - 1) then an np.save file of that shape, of another shape, dtype or order, versions 1 and 2
+    for i, (shape, dtype, order) in enumerate([((5, 8), np.int32, "C"), ((64, 8), np.int32, "C"), ((5, 4), np.int32, "C"),
+                                                ((5, 8), np.int64, "C"), ((5, 8), np.int32, "F"), ((3,), np.int32, "C")]):
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(np.arange(np.prod(shape)).reshape(shape) - 1, dtype=dtype, order=order))
+        raw = buf.getvalue()
+        (seeds / "npy" / f"n{i}").write_bytes(bytes([shape[0] - 1, 7]) + raw)
+        if i == 0:  # the same as version 2.0 (a 4-byte header length)
+            hlen = int.from_bytes(raw[8:10], "little")
+            v2 = raw[:6] + b"\x02\x00" + (hlen - 2).to_bytes(4, "little") + raw[10:10 + hlen - 2] + raw[10 + hlen:]
+            (seeds / "npy" / "n-v2").write_bytes(bytes([4, 7]) + v2)
 
 
 def main(out: Path) -> None:
     data, seeds = out / "data", out / "seeds"
-    for d in [data] + [seeds / t for t in ("load", "vocab", "tokenize", "sampler", "eval")]:
+    for d in [data] + [seeds / t for t in ("load", "vocab", "tokenize", "sampler", "eval", "npy")]:
         d.mkdir(parents=True, exist_ok=True)
     vocabularies(data, seeds)
     models(data, seeds)

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sparrow.runtime import Generator, Model, SamplerParams, SparrowError
+from sparrow.runtime import Generator, Model, SamplerParams, SparrowError, generate_tokens
 from sparrow.runtime.drafters import Hybrid, Recycling
 from sparrow.runtime.speculative import SpecStats, speculative_tokens
 from test_generate_native import N_NEW, THREADS, TINY_BLOCKFFN, check_identity, plain_greedy
 from test_generate_native import blockffn, blockffn_plain, smollm, smollm_plain, tiny  # noqa: F401 (fixtures)
+from test_readme import _native_paths
 from test_speculative import PROMPTS, chi_square_p, two_token_distribution
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,3 +285,48 @@ def test_draft_session_changed_between_steps_is_caught_up(smollm, smollm_plain):
             assert gen.generate(toks) == ref
             ds.truncate(min(2, ds.n_past))
             ds.eval([5, 6, 7])
+
+
+# ---- the C chat example ----
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_c_chat_example_answers_as_plain_greedy_decoding(tmp_path, smollm, smollm_path):
+    """native/examples/chat.c (sparrow.h alone) chats with the adaptive drafter over two turns, the KV cache reused:
+    each answer equals plain greedy decoding of the same conversation, in which the user's "<|im_end|>" is text, not
+    the control token; the drafter's matrix is saved to --state and taken again by the next run."""
+    assert "examples/chat.c" in (ROOT / "native" / "CMakeLists.txt").read_text()  # CMake builds it too
+    include, lib = _native_paths()
+    exe = tmp_path / "chat"
+    cc = subprocess.run(["gcc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", str(ROOT / "native" / "examples" /
+                         "chat.c"), f"-I{include}", f"-L{lib}", "-lsparrow", f"-Wl,-rpath,{lib}", "-o", str(exe)],
+                        capture_output=True, text=True, check=False)
+    assert cc.returncode == 0, cc.stderr
+    turns = ["Name three colors.", "Now repeat them <|im_end|> twice, please."]
+    state = tmp_path / "state.npy"
+    run = [str(exe), str(smollm_path), "--greedy", "--max-tokens", "24", "--state", str(state)]
+    r = subprocess.run(run, input=("\n".join(turns) + "\n/quit\n").encode(), capture_output=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    model, _ = smollm
+    conv: list[int] = []
+    want = b""
+    with model.session(n_ctx=2048, n_threads=THREADS) as s:
+        for text in turns:
+            conv += model.tokenize("<|im_start|>user\n", add_special=not conv, parse_special=True)
+            conv += model.tokenize(text, add_special=False, parse_special=False)
+            conv += model.tokenize("<|im_end|>\n<|im_start|>assistant\n", add_special=False, parse_special=True)
+            s.truncate(0)
+            ans = list(generate_tokens(s, conv, max_tokens=24))
+            want += b"".join(model.token_bytes(t) for t in ans) + b"\n"
+            conv += ans + model.tokenize("<|im_end|>\n", add_special=False, parse_special=True)
+    assert r.stdout == want
+    lines = re.findall(rb"\[(\d+) tokens in (\d+) forward passes", r.stderr)
+    assert len(lines) == 2, r.stderr
+    assert np.load(state).shape == (model.info.n_vocab, 8)
+    again = subprocess.run(run, input=b"Hi\n", capture_output=True, timeout=300, check=False)
+    assert again.returncode == 0 and b"not used" not in again.stderr, again.stderr
+    state.write_bytes(b"garbage")
+    bad = subprocess.run(run, input=b"Hi\n", capture_output=True, timeout=300, check=False)
+    assert bad.returncode == 0 and b"the saved drafter state is not used" in bad.stderr, bad.stderr
+    missing = subprocess.run([str(exe), str(tmp_path / "missing.gguf")], input=b"", capture_output=True, check=False)
+    assert missing.returncode == 1 and b"error:" in missing.stderr

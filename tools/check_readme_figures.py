@@ -250,12 +250,22 @@ FIGURES: list[Figure] = [
                  for k, w in (("down_ms_per_layer", "cached"), ("down_ms_per_layer", "dram"),
                               ("up_ms_per_layer", "cached"), ("up_ms_per_layer", "dram")))),
     # ---- the C generator: bench_generate ----
-    Figure("plain decoding through C runs at {:.2f}x the Python loop (median per prompt), prompt lookup through C at "
-           "{:.2f}x\n(in Python {:.2f}x), and the C loop's own time per step outside the forward pass is {:.1f} us plain, "
-           "{:.1f} us\nwith prompt lookup", "generate",
-           ("engines/C plain/ratio_vs_python_plain/median", "engines/C lookup/ratio_vs_python_plain/median",
-            "engines/python lookup/ratio_vs_python_plain/median", "engines/C plain/loop_us_per_step/median",
-            "engines/C lookup/loop_us_per_step/median")),
+    *[Figure(f"| {label} | {{:.2f}} ({{:.2f}}-{{:.2f}}) | {{:.2f}} | {{:.1f}} us |", "generate",
+             (f"modes/greedy/{e}/ratio_vs_python_plain/median", f"modes/greedy/{e}/ratio_vs_python_plain/min",
+              f"modes/greedy/{e}/ratio_vs_python_plain/max", f"modes/greedy/{e}/tokens_per_step",
+              f"modes/greedy/{e}/loop_us_per_step"))
+      for label, e in (("C plain", "C plain"), ("C prompt lookup", "C lookup"),
+                       ("C Token Recycling, chain of 4", "C recycling"), ("C hybrid, planned", "C hybrid"),
+                       ("C adaptive (the default)", "C adaptive"))],
+    Figure("| Python adaptive (chat's loop before) | {:.2f} ({:.2f}-{:.2f}) |", "generate",
+           tuple(f"modes/greedy/python adaptive/ratio_vs_python_plain/{k}" for k in ("median", "min", "max"))),
+    Figure("C plain {:.2f}x ({:.2f}-{:.2f}; its loop {:.1f} us\nper step, the sampler's pass over the 49152 logits), "
+           "Python adaptive {:.2f}x ({:.2f}-{:.2f}), C adaptive {:.2f}x ({:.2f}-{:.2f};\n{:.1f} us)", "generate",
+           (*(f"modes/sampling/C plain/ratio_vs_python_plain/{k}" for k in ("median", "min", "max")),
+            "modes/sampling/C plain/loop_us_per_step",
+            *(f"modes/sampling/python adaptive/ratio_vs_python_plain/{k}" for k in ("median", "min", "max")),
+            *(f"modes/sampling/C adaptive/ratio_vs_python_plain/{k}" for k in ("median", "min", "max")),
+            "modes/sampling/C adaptive/loop_us_per_step")),
     # ---- multi-head latent attention: bench_mla ----
     *[Figure(f"| {shape} ({layers} layers) | {{:.1f}} KB | {{:.1f}} KB | {{:.1f}}x | {{:.1f}} MiB |", "mla",
              (lambda d, s=shape: mla_kv(s)(d)["cached_bytes_per_token"] / 1e3,

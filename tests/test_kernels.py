@@ -304,6 +304,27 @@ def test_attention_row_kernels_equal_slot_by_slot(tier, D, ld, n):
 
 
 @pytest.mark.parametrize("tier", TIERS)
+def test_max_f32_kernel(tier):
+    """max_f32: the largest value and whether any is NaN or +inf (-inf allowed), at every length and position (the
+    sampler's checked pass over the logits)."""
+    r = rng(6)
+    for n in [0, 1, 7, 8, 15, 16, 17, 31, 32, 33, 100, 1000]:
+        x = r.standard_normal(n).astype(np.float32)
+        x[2::9] = -np.inf
+        mx, bad = testing.max_f32(tier, x)
+        assert not bad and (mx == (x.max() if n else -np.inf)), (tier, n)
+        for at in range(n):
+            for v in (np.nan, np.inf):
+                y = x.copy()
+                y[at] = v
+                assert testing.max_f32(tier, y)[1], (tier, n, at, v)
+            y = x.copy()
+            y[at] = 50.0
+            assert testing.max_f32(tier, y) == (50.0, False), (tier, n, at)
+    assert testing.max_f32(tier, np.full(40, -np.inf, np.float32)) == (-np.inf, False)
+
+
+@pytest.mark.parametrize("tier", TIERS)
 def test_first_above_kernel(tier):
     """first_above: the index of the first element above the threshold, or n; NaN never above, -inf never; a hit in
     every position of the vector blocks and the tail (the top-k scan of Token Recycling relies on it)."""

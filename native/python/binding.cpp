@@ -1015,6 +1015,12 @@ NB_MODULE(_sparrow, m) {
         check(sp_testing_first_above(tier.c_str(), x.data(), (int64_t)x.shape(0), t, &i));
         return i;
     });
+    t.def("max_f32", [](const std::string &tier, F32Vec x) {
+        float mx = 0;
+        bool bad = false;
+        check(sp_testing_max_f32(tier.c_str(), x.data(), (int64_t)x.shape(0), &mx, &bad));
+        return std::make_pair(mx, bad);
+    });
     t.def("f32_to_f16", [](const std::string &tier, F32Vec x) {
         std::vector<uint16_t> y(x.shape(0));
         check(sp_testing_f32_to_f16(tier.c_str(), y.data(), x.data(), (int64_t)y.size()));

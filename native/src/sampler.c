@@ -151,44 +151,25 @@ static double nucleus_floor(const sp_cand *c /* [K] */, int32_t K, double target
 
 /* ---- the pipeline ---- */
 
-/* One pass over x[0..V), branch-free over 8 independent lanes (the compiler vectorizes it; the call sites' constant
- * NULLs select the variant): NaN and +inf refused (-inf is a mask and allowed), the offending index looked for only
- * on failure; x copied to copy and its largest value put in *mx, each when not NULL. */
-static inline __attribute__((always_inline)) sp_status scan_logits(const float *x, int32_t V, float *copy,
-                                                                  float *mx) {
-    float m[8];
-    int bad[8] = {0};
-    for (int j = 0; j < 8; j++) m[j] = -INFINITY;
-    int32_t i = 0;
-    for (; i + 8 <= V; i += 8)
-        for (int j = 0; j < 8; j++) {
-            const float v = x[i + j];
-            bad[j] |= !(v < INFINITY);
-            if (mx) m[j] = v > m[j] ? v : m[j];
-            if (copy) copy[i + j] = v;
-        }
-    for (; i < V; i++) {
-        bad[0] |= !(x[i] < INFINITY);
-        if (mx) m[0] = x[i] > m[0] ? x[i] : m[0];
-        if (copy) copy[i] = x[i];
-    }
-    if (bad[0] | bad[1] | bad[2] | bad[3] | bad[4] | bad[5] | bad[6] | bad[7])
-        for (i = 0; i < V; i++)
+/* One checked pass over x[0..V) with the kernel tier's max_f32: NaN and +inf refused (-inf is a mask and allowed; the
+ * offending index looked for only on failure); the largest value into *mx. */
+static sp_status scan_logits(const float *x, int32_t V, float *mx) {
+    bool bad = false;
+    *mx = sp_kernels_get()->max_f32(x, V, &bad);
+    if (bad)
+        for (int32_t i = 0; i < V; i++)
             if (!(x[i] < INFINITY))
                 return sp_fail(SP_ERR_INVALID_ARG, "sampler: logits[%d] is %s; logits must be finite or -inf", i,
                                isnan(x[i]) ? "NaN" : "+inf");
-    if (mx) {
-        *mx = m[0];
-        for (int j = 1; j < 8; j++) *mx = m[j] > *mx ? m[j] : *mx;
-    }
     return SP_OK;
 }
 
-/* Greedy's answer: the first token whose logit is mx (ties -> the lowest id), alone with probability 1. */
+/* Greedy's answer: the first token whose logit is mx (ties -> the lowest id), alone with probability 1. Nothing is
+ * above mx, so the first element above the float just below it is the first equal to it. */
 static sp_status pick_argmax(const float *x, int32_t V, float mx, sp_cand *c, int32_t *n_out, double *mass) {
     if (mx == -INFINITY) return sp_fail(SP_ERR_INVALID_ARG, "sampler: every logit is -inf, nothing to sample");
-    int32_t best = 0;
-    while (best < V - 1 && x[best] != mx) best++;
+    int32_t best = (int32_t)sp_kernels_get()->first_above(x, V, nextafterf(mx, -INFINITY));
+    if (best >= V) best = V - 1; /* unreachable: x holds mx */
     c[0] = (sp_cand){1.0f, best};
     *n_out = 1;
     *mass = 1.0;
@@ -206,13 +187,15 @@ static sp_status sampler_filter(sp_sampler *s, const float *logits /* [V] */, in
     /* Greedy without a penalty to apply: the argmax of the caller's logits in one checked pass, nothing copied. */
     if (p->temperature <= 0.0f && !(p->repeat_penalty != 1.0f && s->n_history > 0)) {
         float mx = -INFINITY;
-        sp_status st = scan_logits(logits, V, NULL, &mx);
+        sp_status st = scan_logits(logits, V, &mx);
         return st != SP_OK ? st : pick_argmax(logits, V, mx, c, n_out, mass);
     }
 
     /* Copy the logits, refusing NaN and +inf (-inf is a mask and allowed). */
-    sp_status st = scan_logits(logits, V, l, NULL);
+    float mx0;
+    sp_status st = scan_logits(logits, V, &mx0);
     if (st != SP_OK) return st;
+    memcpy(l, logits, (size_t)V * sizeof *l);
 
     /* 1. Repetition penalty, once per distinct token of the history. */
     if (p->repeat_penalty != 1.0f && s->n_history > 0) {
@@ -230,7 +213,7 @@ static sp_status sampler_filter(sp_sampler *s, const float *logits /* [V] */, in
     /* 2. Greedy: argmax, ties -> lowest id (the penalised copy holds no NaN or +inf). */
     if (p->temperature <= 0.0f) {
         float mx = -INFINITY;
-        if ((st = scan_logits(l, V, NULL, &mx)) != SP_OK) return st;
+        if ((st = scan_logits(l, V, &mx)) != SP_OK) return st;
         return pick_argmax(l, V, mx, c, n_out, mass);
     }
 

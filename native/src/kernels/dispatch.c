@@ -100,6 +100,7 @@ static void fill_ref(sp_kernels *k) {
     k->f32_to_f16 = sp_f32_to_f16_ref;
     k->exp_sum = sp_exp_sum_ref;
     k->first_above = sp_first_above_ref;
+    k->max_f32 = sp_max_f32_ref;
 }
 
 static void append_feature(const char *name, bool on) {

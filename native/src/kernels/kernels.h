@@ -128,6 +128,9 @@ typedef struct sp_kernels {
     /* The index of the first x[i] > t (i < n), or n when there is none (NaN is never above). The top-k scan of
      * Token Recycling's candidate refresh (sampler.c, sp_top_k): once the k kept are large, it skips the rest. */
     int64_t (*first_above)(const float *x, int64_t n, float t);
+    /* The largest x[i] (-inf for n = 0; unspecified when *bad), and *bad = true when some x[i] is NaN or +inf (else
+     * left as it was): the sampler's one checked pass over the logits. */
+    float (*max_f32)(const float *x, int64_t n, bool *bad);
 } sp_kernels;
 
 /* The kernel table for this CPU (chosen once, thread-safe). */

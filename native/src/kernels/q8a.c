@@ -54,6 +54,15 @@ void sp_f32_to_f16_ref(sp_f16 *y, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = sp_f32_to_f16(x[i]);
 }
 
+float sp_max_f32_ref(const float *x, int64_t n, bool *bad) {
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        if (!(x[i] < INFINITY)) *bad = true;
+        else if (x[i] > mx) mx = x[i];
+    }
+    return mx;
+}
+
 int64_t sp_first_above_ref(const float *x, int64_t n, float t) {
     int64_t i = 0;
     while (i < n && !(x[i] > t)) i++;

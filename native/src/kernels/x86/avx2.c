@@ -133,6 +133,29 @@ ALWAYS_INLINE __m256 exp_nonpos_avx2(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+float sp_max_f32_avx2(const float *x, int64_t n, bool *bad) {
+    const __m256 inf = _mm256_set1_ps(INFINITY);
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, b = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 a = _mm256_loadu_ps(x + i), c = _mm256_loadu_ps(x + i + 8);
+        b = _mm256_or_ps(b, _mm256_or_ps(_mm256_cmp_ps(a, inf, _CMP_NLT_UQ), _mm256_cmp_ps(c, inf, _CMP_NLT_UQ)));
+        m0 = _mm256_max_ps(m0, a);
+        m1 = _mm256_max_ps(m1, c);
+    }
+    m0 = _mm256_max_ps(m0, m1);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m0);
+    float mx = lanes[0];
+    for (int j = 1; j < 8; j++) mx = lanes[j] > mx ? lanes[j] : mx;
+    if (_mm256_movemask_ps(b)) *bad = true;
+    for (; i < n; i++) {
+        if (!(x[i] < INFINITY)) *bad = true;
+        else if (x[i] > mx) mx = x[i];
+    }
+    return mx;
+}
+
 int64_t sp_first_above_avx2(const float *x, int64_t n, float t) {
     const __m256 vt = _mm256_set1_ps(t);
     int64_t i = 0;
@@ -711,4 +734,5 @@ void sp_kernels_fill_avx2(sp_kernels *k) {
     k->f32_to_f16 = sp_f32_to_f16_avx2;
     k->exp_sum = sp_exp_sum_avx2;
     k->first_above = sp_first_above_avx2;
+    k->max_f32 = sp_max_f32_avx2;
 }

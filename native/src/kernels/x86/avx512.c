@@ -173,6 +173,27 @@ ALWAYS_INLINE __m512 exp_nonpos_avx512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+float sp_max_f32_avx512(const float *x, int64_t n, bool *bad) {
+    const __m512 inf = _mm512_set1_ps(INFINITY);
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    __mmask16 b = 0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512 a = _mm512_loadu_ps(x + i), c = _mm512_loadu_ps(x + i + 16);
+        b |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ) | _mm512_cmp_ps_mask(c, inf, _CMP_NLT_UQ); /* NaN or +inf */
+        m0 = _mm512_max_ps(m0, a);
+        m1 = _mm512_max_ps(m1, c);
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 live = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 a = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, x + i);
+        b |= _mm512_mask_cmp_ps_mask(live, a, inf, _CMP_NLT_UQ);
+        m0 = _mm512_max_ps(m0, a);
+    }
+    if (b) *bad = true;
+    return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
 int64_t sp_first_above_avx512(const float *x, int64_t n, float t) {
     const __m512 vt = _mm512_set1_ps(t);
     int64_t i = 0;
@@ -885,5 +906,6 @@ void sp_kernels_fill_avx512(sp_kernels *k) {
     k->attn_sum_f16 = sp_attn_sum_f16_avx512;
     k->exp_sum = sp_exp_sum_avx512;
     k->first_above = sp_first_above_avx512;
+    k->max_f32 = sp_max_f32_avx512;
     k->f32_to_f16 = sp_f32_to_f16_avx512;
 }

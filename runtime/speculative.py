@@ -417,11 +417,25 @@ def generate_speculative(model: Model, session: Session, prompt: str | Sequence[
                          params: SamplerParams | None = None, stats: SpecStats | None = None,
                          max_nodes: int | None = None, parse_special: bool = True,
                          planner: TreePlanner | None = None) -> Iterator[str]:
-    """Stream the text of a continuation (whole UTF-8 characters), decoding speculatively. drafter: a Drafter, or
-    a name for runtime.drafters.make_drafter ("prompt-lookup", "recycling", or a draft model's GGUF path).
-    params: sampling settings (default greedy). stats: filled as generation goes."""
-    d = make_drafter(drafter, model, n_threads=0) if isinstance(drafter, str) else drafter
+    """Stream the text of a continuation (whole UTF-8 characters), decoding speculatively. drafter: a built-in
+    drafter's name ("prompt-lookup", "recycling", "hybrid", "adaptive"), decoded by libsparrow's generator, or a
+    Drafter object (or a draft model's GGUF path), decoded by the Python loop (speculative_tokens; so are max_nodes and
+    planner). params: sampling settings (default greedy). stats: filled as generation goes."""
     tokens = model.tokenize(prompt, parse_special=parse_special) if isinstance(prompt, str) else list(prompt)
+    from .native import C_DRAFTERS, Generator
+
+    if isinstance(drafter, str) and drafter in C_DRAFTERS and drafter not in ("none", "draft-model") \
+            and max_nodes is None and planner is None:
+        stats = stats if stats is not None else SpecStats()
+        with Generator(session, params=params, max_tokens=max_tokens, drafter=drafter) as gen:
+            before = gen.stats()
+            gen.start(tokens)
+            try:
+                yield from utf8_pieces(model.token_bytes, iter(gen))
+            finally:
+                add_c_stats(stats, before, gen.stats())
+        return
+    d = make_drafter(drafter, model, n_threads=0) if isinstance(drafter, str) else drafter
     try:
         yield from utf8_pieces(model.token_bytes, speculative_tokens(session, tokens, d, max_tokens=max_tokens,
                                                                      params=params, stats=stats, max_nodes=max_nodes,
@@ -501,6 +515,19 @@ def c_generator_options(drafter: str, options: dict[str, object]) -> dict[str, o
         else:
             return None
     return out
+
+
+def add_c_stats(st: SpecStats, before, after) -> None:
+    """Add what a C generator did between two of its GeneratorStats to st: forward passes (plain steps' included) as
+    verify_s, the draft model's passes as draft_s, the rest of the C loop as sample_s (no per-step histogram)."""
+    st.steps += after.steps - before.steps
+    st.plain_steps += after.plain_steps - before.plain_steps
+    st.drafted += after.drafted - before.drafted
+    st.accepted += after.accepted - before.accepted
+    st.generated += after.tokens - before.tokens
+    st.verify_s += after.eval_s - before.eval_s
+    st.draft_s += after.draft_eval_s - before.draft_eval_s
+    st.sample_s += (after.loop_s - after.draft_eval_s) - (before.loop_s - before.draft_eval_s)
 
 
 @dataclass
@@ -645,16 +672,7 @@ class NativeSpeculativeBackend:
             gen.start(list(prompt_tokens))
             yield from gen
         finally:
-            after = gen.stats()
-            st = self.stats
-            st.steps += after.steps - before.steps
-            st.plain_steps += after.plain_steps - before.plain_steps
-            st.drafted += after.drafted - before.drafted
-            st.accepted += after.accepted - before.accepted
-            st.generated += after.tokens - before.tokens
-            st.verify_s += after.eval_s - before.eval_s
-            st.draft_s += after.draft_eval_s - before.draft_eval_s
-            st.sample_s += (after.loop_s - after.draft_eval_s) - (before.loop_s - before.draft_eval_s)
+            add_c_stats(self.stats, before, gen.stats())
             self._live = None
             self._backend.session.resync()
 

@@ -128,7 +128,7 @@ def tree_state(model: Model, prompt: list[int], dist: dict, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("kw", [{"drafter": "recycling", "branching": (3, 2), "max_nodes": 9},
-                                {"drafter": "hybrid", "draft_k": 2, "branching": (3, 2), "max_nodes": 9}],
+                                {"drafter": "hybrid", "draft_k": 2, "branching": (3, 2), "max_nodes": 9, "plan": False}],
                          ids=["recycling", "hybrid"])
 @pytest.mark.parametrize("penalty", [1.0, 1.5])
 def test_sampling_through_trees_preserves_the_target_distribution(tiny, tmp_path, kw, penalty):

@@ -304,6 +304,25 @@ def test_attention_row_kernels_equal_slot_by_slot(tier, D, ld, n):
 
 
 @pytest.mark.parametrize("tier", TIERS)
+def test_round_f16_kernel(tier):
+    """round_f16: each value rounded to the nearest F16 (ties to even), as numpy's float16 conversion: normal,
+    subnormal, overflowing (to inf), infinite and NaN values, at every tail length."""
+    r = rng(7)
+    for n in [0, 1, 7, 8, 15, 16, 17, 33, 1000]:
+        x = (r.standard_normal(n) * np.exp(r.uniform(-20, 12, n))).astype(np.float32)
+        x[::11] = np.float32(6.1e-5) * r.uniform(0, 1, x[::11].size).astype(np.float32)  # subnormal F16 range
+        x[5::13] = 70000.0  # beyond F16's largest: inf
+        x[7::17] = -np.inf
+        got = np.array(testing.round_f16(tier, x), np.float32)
+        with np.errstate(over="ignore"):  # 70000 overflows F16: inf, as the kernel gives
+            want = x.astype(np.float16).astype(np.float32)
+        assert np.array_equal(got, want), (tier, n)
+    y = np.array([np.nan, 1.0], np.float32)
+    out = np.array(testing.round_f16(tier, y), np.float32)
+    assert np.isnan(out[0]) and out[1] == 1.0
+
+
+@pytest.mark.parametrize("tier", TIERS)
 def test_max_f32_kernel(tier):
     """max_f32: the largest value and whether any is NaN or +inf (-inf allowed), at every length and position (the
     sampler's checked pass over the logits)."""

@@ -1015,6 +1015,11 @@ NB_MODULE(_sparrow, m) {
         check(sp_testing_first_above(tier.c_str(), x.data(), (int64_t)x.shape(0), t, &i));
         return i;
     });
+    t.def("round_f16", [](const std::string &tier, F32Vec x) {
+        std::vector<float> y(x.data(), x.data() + x.shape(0));
+        check(sp_testing_round_f16(tier.c_str(), y.data(), (int64_t)y.size()));
+        return y;
+    });
     t.def("max_f32", [](const std::string &tier, F32Vec x) {
         float mx = 0;
         bool bad = false;

@@ -134,7 +134,7 @@ static void attention_gqa(const fwd_ctx *c, const sp_layer *l, int il, int ith, 
     sp_fwd_rope_rows(c, s->q, l->wq.n, T, hp->n_head, hp->head_dim, 0, ith, nth);
     sp_fwd_rope_rows(c, s->k, KVD, T, hp->n_head_kv, hp->head_dim, 0, ith, nth);
     for (int64_t t = t0; t < t1; t++) { /* the same tokens sp_fwd_rope_rows gave this thread */
-        for (int64_t i = 0; i < l->wq.n; i++) s->q[t * l->wq.n + i] = sp_f16_round(s->q[t * l->wq.n + i]);
+        c->k->round_f16(s->q + t * l->wq.n, l->wq.n);
         c->k->f32_to_f16(k_slots + t * KVD, s->k + t * KVD, KVD);
         c->k->f32_to_f16(v_slots + t * KVD, s->v + t * KVD, KVD);
     }

@@ -332,6 +332,13 @@ sp_status sp_testing_first_above(const char *tier, const float *x, int64_t n, fl
     return st;
 }
 
+sp_status sp_testing_round_f16(const char *tier, float *x, int64_t n) {
+    const sp_kernels *kt = NULL;
+    sp_status st = tier_of(tier, &kt);
+    if (st == SP_OK) kt->round_f16(x, n);
+    return st;
+}
+
 sp_status sp_testing_max_f32(const char *tier, const float *x, int64_t n, float *mx, bool *bad) {
     const sp_kernels *kt = NULL;
     sp_status st = tier_of(tier, &kt);

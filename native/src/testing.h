@@ -80,6 +80,8 @@ sp_status sp_testing_f32_to_f16(const char *tier, uint16_t *y, const float *x, i
 sp_status sp_testing_exp_sum(const char *tier, float *x, int64_t n, float mx, float *sum);
 /* *out = the index of the first x[i] > t, or n (the tier's first_above). */
 sp_status sp_testing_first_above(const char *tier, const float *x, int64_t n, float t, int64_t *out);
+/* x[i] = x[i] rounded to F16 in place (the tier's round_f16). */
+sp_status sp_testing_round_f16(const char *tier, float *x, int64_t n);
 /* *mx = the largest x[i], *bad = whether some x[i] is NaN or +inf (the tier's max_f32). */
 sp_status sp_testing_max_f32(const char *tier, const float *x, int64_t n, float *mx, bool *bad);
 

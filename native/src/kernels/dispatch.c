@@ -98,6 +98,7 @@ static void fill_ref(sp_kernels *k) {
     k->attn_scores_f16 = sp_attn_scores_f16_ref;
     k->attn_sum_f16 = sp_attn_sum_f16_ref;
     k->f32_to_f16 = sp_f32_to_f16_ref;
+    k->round_f16 = sp_round_f16_ref;
     k->exp_sum = sp_exp_sum_ref;
     k->first_above = sp_first_above_ref;
     k->max_f32 = sp_max_f32_ref;

@@ -119,6 +119,7 @@ typedef struct sp_kernels {
                             float *out);
     void (*attn_sum_f16)(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D);
     void (*f32_to_f16)(sp_f16 *y, const float *x, int64_t n);
+    void (*round_f16)(float *x, int64_t n); /* x[i] = sp_f16_round(x[i]) in place: the query at the cache's precision */
     /* The softmax's exponentials: x[j] = exp(x[j] - mx) for j < n (exactly 0 where x[j] is -inf: masked slots), and
      * their sum, added in index order in every tier: masked slots add exact zeros wherever they sit, so a token's
      * attention is bit-identical whether it is verified in a draft tree or decoded alone (greedy speculative decoding

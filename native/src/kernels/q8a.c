@@ -50,6 +50,10 @@ void sp_axpy_f16_ref(float *y, float a, const sp_f16 *x, int64_t n) {
 
 SP_ATTN_SLOT_BY_SLOT(ref)
 
+void sp_round_f16_ref(float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = sp_f16_round(x[i]);
+}
+
 void sp_f32_to_f16_ref(sp_f16 *y, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = sp_f32_to_f16(x[i]);
 }

@@ -42,6 +42,7 @@
                                    float *out);                                                                  \
     void sp_attn_sum_f16_##tier(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D);    \
     void sp_f32_to_f16_##tier(sp_f16 *y, const float *x, int64_t n);                                            \
+    void sp_round_f16_##tier(float *x, int64_t n);                                                              \
     float sp_exp_sum_##tier(float *x, int64_t n, float mx);                                                     \
     int64_t sp_first_above_##tier(const float *x, int64_t n, float t);                                         \
     float sp_max_f32_##tier(const float *x, int64_t n, bool *bad);

@@ -188,6 +188,13 @@ float sp_exp_sum_avx2(float *x, int64_t n, float mx) {
     return sum;
 }
 
+void sp_round_f16_avx2(float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT)));
+    for (; i < n; i++) x[i] = sp_f16_round(x[i]);
+}
+
 void sp_f32_to_f16_avx2(sp_f16 *y, const float *x, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -732,6 +739,7 @@ void sp_kernels_fill_avx2(sp_kernels *k) {
     k->attn_scores_f16 = sp_attn_scores_f16_avx2;
     k->attn_sum_f16 = sp_attn_sum_f16_avx2;
     k->f32_to_f16 = sp_f32_to_f16_avx2;
+    k->round_f16 = sp_round_f16_avx2;
     k->exp_sum = sp_exp_sum_avx2;
     k->first_above = sp_first_above_avx2;
     k->max_f32 = sp_max_f32_avx2;

@@ -146,6 +146,14 @@ void sp_attn_sum_f16_avx512(float *out, const float *p, const sp_f16 *v, int64_t
     }
 }
 
+void sp_round_f16_avx512(float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m256i h = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i), _MM_FROUND_TO_NEAREST_INT);
+        _mm512_mask_storeu_ps(x + i, m, _mm512_cvtph_ps(h));
+    }
+}
+
 void sp_f32_to_f16_avx512(sp_f16 *y, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
@@ -908,4 +916,5 @@ void sp_kernels_fill_avx512(sp_kernels *k) {
     k->first_above = sp_first_above_avx512;
     k->max_f32 = sp_max_f32_avx512;
     k->f32_to_f16 = sp_f32_to_f16_avx512;
+    k->round_f16 = sp_round_f16_avx512;
 }

@@ -284,7 +284,7 @@ def test_bad_arguments_are_clear_errors(smollm):
         with pytest.raises(SparrowError, match=msg):
             _sparrow.Generator(session._s, **kw)
     with pytest.raises(ValueError, match="drafter"):
-        Generator(session, drafter="adaptive")  # the gate lives in Python (runtime.planner)
+        Generator(session, drafter="no-such-drafter")
     with model.session(n_ctx=64, n_batch=1, n_threads=1) as one:
         with pytest.raises(SparrowError, match="n_batch must be >= 2"):
             Generator(one, drafter="prompt-lookup")

@@ -130,8 +130,8 @@ class SpecStats:
              + (f", {self.decode_tok_s:.1f} tok/s" if speed else "")
              + f"; time draft {self.draft_s:.3f} s, verify {self.verify_s:.3f} s, sampling {self.sample_s:.3f} s, "
              f"accept {self.accept_s:.3f} s, plain steps {self.plain_s:.3f} s (forward passes: attention "
-             f"{self.verify_attention_s:.3f}, FFN {self.verify_ffn_s:.3f}, LM head {self.verify_head_s:.3f}); "
-             f"accepted per drafting step {hist}")
+             f"{self.verify_attention_s:.3f}, FFN {self.verify_ffn_s:.3f}, LM head {self.verify_head_s:.3f})"
+             + (f"; accepted per drafting step {hist}" if hist else ""))
         if self.expert_bytes:
             s += (f"; experts read {self.expert_bytes_per_step / 1e6:.2f} MB/step, "
                   f"{self.expert_bytes_per_token / 1e6:.2f} MB/token "
@@ -430,10 +430,11 @@ def generate_speculative(model: Model, session: Session, prompt: str | Sequence[
         with Generator(session, params=params, max_tokens=max_tokens, drafter=drafter) as gen:
             before = gen.stats()
             gen.start(tokens)
+            times = session.timings()
             try:
                 yield from utf8_pieces(model.token_bytes, iter(gen))
             finally:
-                add_c_stats(stats, before, gen.stats())
+                add_c_stats(stats, before, gen.stats(), times, session.timings())
         return
     d = make_drafter(drafter, model, n_threads=0) if isinstance(drafter, str) else drafter
     try:
@@ -517,9 +518,14 @@ def c_generator_options(drafter: str, options: dict[str, object]) -> dict[str, o
     return out
 
 
-def add_c_stats(st: SpecStats, before, after) -> None:
+def add_c_stats(st: SpecStats, before, after, times_before=None, times_after=None) -> None:
     """Add what a C generator did between two of its GeneratorStats to st: forward passes (plain steps' included) as
-    verify_s, the draft model's passes as draft_s, the rest of the C loop as sample_s (no per-step histogram)."""
+    verify_s, the draft model's passes as draft_s, the rest of the C loop as sample_s (no per-step histogram); and,
+    given the session's Timings before and after, the passes' attention / FFN / LM head time."""
+    if times_before is not None and times_after is not None:
+        st.verify_attention_s += times_after.attention_s - times_before.attention_s
+        st.verify_ffn_s += times_after.ffn_s - times_before.ffn_s
+        st.verify_head_s += times_after.head_s - times_before.head_s
     st.steps += after.steps - before.steps
     st.plain_steps += after.plain_steps - before.plain_steps
     st.drafted += after.drafted - before.drafted
@@ -668,11 +674,14 @@ class NativeSpeculativeBackend:
         gen = self._generator(params, max_tokens)
         before = gen.stats()
         self._live = (gen, before)
+        session = self._backend.session
+        times = None
         try:
             gen.start(list(prompt_tokens))
+            times = session.timings()  # after the prompt: the decode steps' passes only
             yield from gen
         finally:
-            add_c_stats(self.stats, before, gen.stats())
+            add_c_stats(self.stats, before, gen.stats(), times, session.timings() if times is not None else None)
             self._live = None
             self._backend.session.resync()
 

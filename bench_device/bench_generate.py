@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ..runtime import Model
     from ..runtime.drafters import make_drafter
     from ..runtime.native import Generator, Sampler, SamplerParams, generate_tokens
+    from ..runtime.planner import gate_summary
     from ..runtime.speculative import speculative_tokens
 
     pinned = pin_threads(a.threads)
@@ -153,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
                     rec["loop_us_per_step"] = st.loop_s / max(st.steps, 1) * 1e6
                     rec["tokens_per_step"] = st.tokens / max(st.steps, 1)
                     rec["plain_steps_fraction"] = st.plain_steps / max(st.steps, 1)
-                    if st.gate_summary():
-                        rec["gate"] = st.gate_summary()
+                    if e == "C adaptive":
+                        rec["gate"] = gate_summary(st.gate_drafting, st.gate_probes, st.gate_paid)
                 out[e] = rec
                 lp = f"; C loop {rec['loop_us_per_step']:.1f} us/step, {rec['tokens_per_step']:.2f} tok/step" \
                     if "loop_us_per_step" in rec else ""

@@ -132,8 +132,11 @@ def with_drafter(backend: Backend, settings: RunSettings, store: Store, *, n_ctx
         if isinstance(e, ValueError):
             raise BackendError(str(e)) from None
         raise
-    rec = spec if isinstance(spec, NativeSpeculativeBackend) else recycling_part(spec.drafter)
-    if rec is not None and getattr(rec, "has_state", True) and store.get(name) is not None:
+    if isinstance(spec, NativeSpeculativeBackend):
+        rec = spec if spec.has_state else None
+    else:
+        rec = recycling_part(spec.drafter)
+    if rec is not None and store.get(name) is not None:
         state = store.recycling_state_path(name)
         if state.exists() and (why := rec.load_state(state)):
             warn(f"warning: the saved Token Recycling state is not used: {why}")

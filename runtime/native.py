@@ -382,41 +382,6 @@ class GeneratorStats:
     gate_probes: tuple = (0, 0, 0)                # ... episodes of drafting started
     gate_paid: tuple = (0, 0, 0)                  # ... that ran faster than plain decoding
 
-    def planner_summary(self) -> str:
-        """The planner's state in runtime.planner.TreePlanner.summary's words ("" without a planner)."""
-        if not self.plan_steps:
-            return ""
-        n = self.plan_steps
-        s = (f"planner: {n} steps, kept {self.plan_kept / n:.1f} of {self.plan_candidates / n:.1f} candidate nodes "
-             f"per step; step time = {1e3 * self.cost_step_s:.2f} ms + {1e3 * self.cost_token_s:.3f} ms/token")
-        if self.cost_expert_byte_s > 0:
-            s += f" + {1e3 * self.cost_expert_byte_s * 1e6:.3f} ms/MB of experts"
-        return s
-
-    def gate_summary(self) -> str:
-        """The gate's state in runtime.planner.DraftGate.summary's words ("" without a gate)."""
-        if not self.plain_steps and not any(self.gate_probes):
-            return ""
-        names = ("no match", "short match", "repeating")
-        return "gate: " + ", ".join(f"{name}: {'drafting' if self.gate_drafting[a] else 'plain'}, "
-                                    f"{self.gate_probes[a]} probes ({self.gate_paid[a]} paid)"
-                                    for a, name in enumerate(names))
-
-    def planner_dict(self) -> dict[str, object]:
-        n = max(self.plan_steps, 1)
-        return {"steps": self.plan_steps, "kept_per_step": self.plan_kept / n,
-                "candidates_per_step": self.plan_candidates / n,
-                "cost_s": {"per_step": self.cost_step_s, "per_token": self.cost_token_s,
-                           "per_expert_byte": self.cost_expert_byte_s}}
-
-    def gate_dict(self) -> dict[str, object]:
-        return {"drafting": list(self.gate_drafting), "probes": list(self.gate_probes),
-                "paid": list(self.gate_paid)}
-
-    @property
-    def tokens_per_step(self) -> float:
-        return self.tokens / self.steps if self.steps else 0.0
-
 
 class Generator:
     """The decode loop of libsparrow (sp_generator) over a Session: a sampler, stop conditions (end of generation,

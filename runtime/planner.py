@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,18 +195,26 @@ class TreePlanner:
             self.fit()
 
     def summary(self) -> str:
-        c0, c1, c2 = self.coef
-        s = (f"planner: {self.steps} steps, kept {self.kept / max(self.steps, 1):.1f} of "
-             f"{self.candidates / max(self.steps, 1):.1f} candidate nodes per step; step time = {1e3 * c0:.2f} ms + "
-             f"{1e3 * c1:.3f} ms/token")
-        if c2 > 0:
-            s += f" + {1e3 * c2 * 1e6:.3f} ms/MB of experts"
-        return s
+        return planner_summary(self.steps, self.kept, self.candidates, tuple(self.coef))
 
     def as_dict(self) -> dict[str, object]:
-        return {"steps": self.steps, "kept_per_step": self.kept / max(self.steps, 1),
-                "candidates_per_step": self.candidates / max(self.steps, 1),
-                "cost_s": {"per_step": self.coef[0], "per_token": self.coef[1], "per_expert_byte": self.coef[2]}}
+        return planner_dict(self.steps, self.kept, self.candidates, tuple(self.coef))
+
+
+# What a planner has learned, in words and as a record: TreePlanner's, and the C generator's (sp_generator_stats).
+
+def planner_summary(steps: int, kept: int, candidates: int, coef: tuple[float, float, float]) -> str:
+    c0, c1, c2 = coef
+    s = (f"planner: {steps} steps, kept {kept / max(steps, 1):.1f} of {candidates / max(steps, 1):.1f} candidate "
+         f"nodes per step; step time = {1e3 * c0:.2f} ms + {1e3 * c1:.3f} ms/token")
+    if c2 > 0:
+        s += f" + {1e3 * c2 * 1e6:.3f} ms/MB of experts"
+    return s
+
+
+def planner_dict(steps: int, kept: int, candidates: int, coef: tuple[float, float, float]) -> dict[str, object]:
+    return {"steps": steps, "kept_per_step": kept / max(steps, 1), "candidates_per_step": candidates / max(steps, 1),
+            "cost_s": {"per_step": coef[0], "per_token": coef[1], "per_expert_byte": coef[2]}}
 
 
 def subtree(draft: Draft, keep: np.ndarray) -> Draft:
@@ -353,11 +362,15 @@ class DraftGate:
                 self.interval[arm] = min(2 * self.interval[arm], self.max_probe_every)
 
     def summary(self) -> str:
-        names = ("no match", "short match", "repeating")
-        arms = ", ".join(f"{name}: {'drafting' if self.on[a] else 'plain'}, {self.probes[a]} probes "
-                         f"({self.paid[a]} paid)" for a, name in enumerate(names))
-        return f"gate: {arms}"
+        return gate_summary(self.on, self.probes, self.paid)
 
     def as_dict(self) -> dict[str, object]:
         return {"drafting": list(self.on), "probes": list(self.probes), "paid": list(self.paid),
                 "interval": list(self.interval)}
+
+
+def gate_summary(on: Sequence[bool], probes: Sequence[int], paid: Sequence[int]) -> str:
+    """A gate's verdict per arm in words: DraftGate's, and the C generator's (sp_generator_stats)."""
+    names = ("no match", "short match", "repeating")
+    return "gate: " + ", ".join(f"{name}: {'drafting' if on[a] else 'plain'}, {probes[a]} probes ({paid[a]} paid)"
+                                for a, name in enumerate(names))

@@ -47,6 +47,7 @@ import numpy as np
 
 from .drafters import Drafter, make_drafter
 from .native import Model, Sampler, SamplerParams, Session, utf8_pieces
+from .planner import gate_summary, planner_dict, planner_summary
 from .tree import Draft, draw, greedy_token, target_probs
 
 if TYPE_CHECKING:
@@ -580,7 +581,6 @@ class NativeSpeculativeBackend:
         self.draft_session = draft_model.session(n_ctx=n_ctx, n_threads=n_threads) if draft_model else None
         self.on_close: Callable[[], None] | None = None
         self.stats = SpecStats()
-        self.state_path = None  # Token Recycling's saved matrix to start from (load_state)
         self._gen = None
         self._key = None
         self._tmp = None
@@ -597,8 +597,9 @@ class NativeSpeculativeBackend:
         return self.drafter_name in ("recycling", "hybrid", "adaptive")
 
     def load_state(self, path) -> str | None:
-        """Start Token Recycling from the matrix saved at path (the next generator loads it). Returns None when it fits,
-        else why not (checked now, on a throwaway generator, so a bad file is reported at once)."""
+        """Start Token Recycling from the matrix saved at path. Returns None when it fits, else why not: it is loaded
+        now, into a generator (greedy) whose matrix the first generation's generator takes over, so a bad file is
+        reported at once."""
         from .native import SparrowError
 
         try:
@@ -641,21 +642,36 @@ class NativeSpeculativeBackend:
         """The statistics so far (or since a copy taken earlier), and what the C planner and gate have learned."""
         stats = self.stats if since is None else self.stats.since(since)
         parts = [stats.summary(speed=speed)]
-        if self._gen is not None:
-            g = self._gen.stats()
-            parts += [s for s in (g.planner_summary(), g.gate_summary()) if s]
+        learned = self._learned()
+        if "planner" in learned:
+            parts.append(planner_summary(*learned["planner"]))
+        if "gate" in learned:
+            parts.append(gate_summary(*learned["gate"]))
         return "; ".join(parts)
 
-    def learned(self) -> dict[str, object]:
-        """The C planner's and gate's state (for --json), {} before the first generation."""
+    def _learned(self) -> dict[str, tuple]:
+        """The C planner's (steps, kept, candidates, cost) and gate's (drafting, probes, paid) state, for those the
+        drafter has; {} before the first generation."""
         if self._gen is None:
             return {}
         g = self._gen.stats()
-        out: dict[str, object] = {}
+        out: dict[str, tuple] = {}
         if g.plan_steps:
-            out["planner"] = g.planner_dict()
-        if g.plain_steps or any(g.gate_probes):
-            out["gate"] = g.gate_dict()
+            out["planner"] = (g.plan_steps, g.plan_kept, g.plan_candidates,
+                              (g.cost_step_s, g.cost_token_s, g.cost_expert_byte_s))
+        if self.drafter_name == "adaptive":
+            out["gate"] = (g.gate_drafting, g.gate_probes, g.gate_paid)
+        return out
+
+    def learned(self) -> dict[str, object]:
+        """The C planner's and gate's state as records (for --json)."""
+        learned = self._learned()
+        out: dict[str, object] = {}
+        if "planner" in learned:
+            out["planner"] = planner_dict(*learned["planner"])
+        if "gate" in learned:
+            on, probes, paid = learned["gate"]
+            out["gate"] = {"drafting": list(on), "probes": list(probes), "paid": list(paid)}
         return out
 
     @property

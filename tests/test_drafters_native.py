@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sparrow.runtime import Generator, Model, SamplerParams, SparrowError, generate_tokens
+from sparrow.runtime import Generator, Model, SparrowError, generate_tokens
 from sparrow.runtime.drafters import Hybrid, Recycling
 from sparrow.runtime.speculative import SpecStats, speculative_tokens
-from test_generate_native import N_NEW, THREADS, TINY_BLOCKFFN, check_identity, plain_greedy
+from test_generate_native import N_NEW, N_SAMPLES, SAMPLE_PARAMS, THREADS, check_identity, sample_pairs
 from test_generate_native import blockffn, blockffn_plain, smollm, smollm_plain, tiny  # noqa: F401 (fixtures)
 from test_readme import _native_paths
-from test_speculative import PROMPTS, chi_square_p, two_token_distribution
+from test_speculative import chi_square_p, two_token_distribution
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DRAFT = ROOT / "models" / "blockffn-tiny-draft.Q8_0.gguf"
@@ -105,10 +105,6 @@ def test_c_drafters_propose_what_the_python_ones_do(smollm, smollm_plain, name):
 
 # ---- sampling through trees ----
 
-SAMPLE_PARAMS = SamplerParams(temperature=8.0, top_k=12, top_p=0.9, min_p=0.0, repeat_penalty=1.0)
-N_SAMPLES = 3000
-
-
 def tree_state(model: Model, prompt: list[int], dist: dict, path: Path) -> Path:
     """A Token Recycling matrix whose tree below the prompt's last token holds the target's three likeliest first
     tokens, each with the three likeliest second tokens overall as children (some right, some wrong)."""
@@ -136,18 +132,7 @@ def test_sampling_through_trees_preserves_the_target_distribution(tiny, tmp_path
     prompt = [1, 270, 261, 40, 50, 7, 9, 270, 261]  # the hybrid's lookup drafts 40, 50 (right or wrong)
     expected = two_token_distribution(tiny, prompt, params)
     state = tree_state(tiny, prompt, expected, tmp_path / "adj.npy")
-    drafted = accepted = 0
-    counts: dict[tuple[int, int], int] = {}
-    with tiny.session(n_ctx=64, n_threads=1) as s:
-        for i in range(N_SAMPLES):
-            with Generator(s, params=dataclasses.replace(params, seed=9000 + i), max_tokens=2, stop_at_eog=False,
-                           **kw) as gen:
-                gen.load_drafter(state)
-                got = tuple(gen.generate(prompt))
-                st = gen.stats()
-            drafted += st.drafted
-            accepted += st.accepted
-            counts[got] = counts.get(got, 0) + 1
+    counts, drafted, accepted = sample_pairs(tiny, prompt, params, 9000, state=state, **kw)
     pval = chi_square_p(counts, expected, N_SAMPLES)
     print(f"{kw['drafter']} penalty {penalty}: chi-square p = {pval:.3g}; drafted {drafted}, accepted {accepted}")
     assert pval > 1e-3

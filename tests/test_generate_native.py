@@ -46,12 +46,13 @@ def blockffn():
         yield m, s
 
 
-def plain_greedy(model, session):
+def plain_greedy(model, session, n_new: int = N_NEW):
+    """(prompt tokens, plain greedy continuation of n_new tokens) for each of PROMPTS: the oracle."""
     out = []
     for p in PROMPTS:
         toks = model.tokenize(p, parse_special=True)
         session.truncate(0)
-        out.append((toks, list(generate_tokens(session, toks, max_tokens=N_NEW))))
+        out.append((toks, list(generate_tokens(session, toks, max_tokens=n_new))))
     return out
 
 
@@ -161,21 +162,31 @@ def test_sampling_with_prompt_lookup_preserves_the_target_distribution(tiny, pen
     params = dataclasses.replace(SAMPLE_PARAMS, repeat_penalty=penalty, repeat_last_n=4)
     prompt = lookup_prompt(tiny, params)
     expected = two_token_distribution(tiny, prompt, params)
+    counts, drafted, accepted = sample_pairs(tiny, prompt, params, 7000, drafter="prompt-lookup")
+    pval = chi_square_p(counts, expected, N_SAMPLES)
+    print(f"penalty {penalty}: chi-square p = {pval:.3g}; drafted {drafted}, accepted {accepted}")
+    assert pval > 1e-3
+    assert 0 < accepted < drafted
+
+
+def sample_pairs(model, prompt, params, seed0, *, state=None, **options):
+    """N_SAMPLES generations of the first two tokens after prompt through the C generator with these options, seeds
+    seed0, seed0 + 1, ...; each generator new (Token Recycling's matrix loaded from state, if given). Returns the
+    counts of each pair and the draft tokens verified and accepted in all."""
     drafted = accepted = 0
     counts: dict[tuple[int, int], int] = {}
-    with tiny.session(n_ctx=64, n_threads=1) as s:
+    with model.session(n_ctx=64, n_threads=1) as s:
         for i in range(N_SAMPLES):
-            with Generator(s, params=dataclasses.replace(params, seed=7000 + i), max_tokens=2, drafter="prompt-lookup",
-                           stop_at_eog=False) as gen:
+            with Generator(s, params=dataclasses.replace(params, seed=seed0 + i), max_tokens=2, stop_at_eog=False,
+                           **options) as gen:
+                if state is not None:
+                    gen.load_drafter(state)
                 got = tuple(gen.generate(prompt))
                 st = gen.stats()
             drafted += st.drafted
             accepted += st.accepted
             counts[got] = counts.get(got, 0) + 1
-    pval = chi_square_p(counts, expected, N_SAMPLES)
-    print(f"penalty {penalty}: chi-square p = {pval:.3g}; drafted {drafted}, accepted {accepted}")
-    assert pval > 1e-3
-    assert 0 < accepted < drafted
+    return counts, drafted, accepted
 
 
 def test_a_wrong_acceptance_rule_would_fail_the_chi_square_test(tiny):

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import sparrow
 from sparrow.runtime import Model, SparrowError, generate_tokens
+from test_generate_native import plain_greedy
 from test_speculative import PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,14 +65,9 @@ def java_paths() -> tuple[Path, Path]:
     return folder, folder / "sparrow.jar"
 
 
-def plain_greedy(path: Path) -> list[tuple[list[int], list[int]]]:
+def plain_greedy_of(path: Path) -> list[tuple[list[int], list[int]]]:
     with Model(path) as model, model.session(n_ctx=512, n_threads=2) as session:
-        out = []
-        for p in PROMPTS:
-            toks = model.tokenize(p, parse_special=True)
-            session.truncate(0)
-            out.append((toks, list(generate_tokens(session, toks, max_tokens=N_NEW))))
-        return out
+        return plain_greedy(model, session, N_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +79,7 @@ def run(tmp_path_factory, smollm_path):
         f"no libsparrow_jni.so / sparrow.jar in {libdir}: build with a JDK present (SPARROW_JAVA=ON)")
     work = tmp_path_factory.mktemp("java")
     models = {"tiny": TINY, "smollm": smollm_path}
-    ref = {key: plain_greedy(path) for key, path in models.items()}
+    ref = {key: plain_greedy_of(path) for key, path in models.items()}
     lines = [f"ntokens {N_NEW}", f"workdir {work}"] + [f"model {k} {p}" for k, p in models.items()]
     lines += [f"drafters {k} " + " ".join(names) for k, names in DRAFTERS.items()]
     lines += ["text " + t.encode().hex() for t in PROMPTS]

@@ -14,7 +14,8 @@
  *          is the one plain decoding would see there.
  *   the cache keeps the root and the accepted path: sp_session_truncate when the path is nodes 1, 2, .. in batch
  *   order (any chain), else sp_session_keep; the drafter observes every row (Token Recycling's matrix).
- * Without a draft the step is plain decoding: sp_eval(root), sp_sampler_sample.
+ * Without a draft (none proposed, or the adaptive drafter's gate chose a plain step) the step is plain decoding:
+ * sp_eval(root), sp_sampler_sample.
  * Every buffer is allocated in sp_generator_new; a step allocates nothing. */
 #include "draft.h"
 #include "model.h"
@@ -382,52 +383,11 @@ static void tree_mask(sp_generator *g, int32_t T, int32_t n_past0) {
     }
 }
 
-/* Expert weight bytes the session's passes have read so far (0 for a model without sparse experts). */
-static double expert_bytes(const sp_session *ses) {
-    if (ses->model->hp.n_expert == 0 || !ses->sparsity.bytes) return 0.0;
-    double b = 0.0;
-    for (int32_t l = 0; l < ses->model->hp.n_layer; l++) b += (double)ses->sparsity.bytes[l];
-    return b;
-}
-
 /* Append a decided token to the context (and the gate's suffix match). */
 static void push_token(sp_generator *g, int32_t x) {
     sp_sampler_accept(g->sampler, x);
     g->ctx[g->ctx_len++] = x;
     if (g->use_gate) sp_gate_push(&g->gate, g->ctx, g->ctx_len);
-}
-
-/* The adaptive drafter's plain step (its gate's choice): exactly plain decoding's; Token Recycling learns from every
- * learn_every-th one and from every one whose root it has no candidates for. */
-static sp_status plain_step(sp_generator *g, double t0) {
-    sp_session *ses = g->ses;
-    const int32_t n_past0 = sp_session_n_past(ses), root = g->ctx[g->ctx_len - 1];
-    sp_batch b = {.tokens = &g->ctx[g->ctx_len - 1], .n_tokens = 1, .logits = g->logits, .logits_last_only = true};
-    const double t1 = sp_now_s();
-    sp_status st = sp_eval(ses, &b);
-    const double t2 = sp_now_s();
-    if (st != SP_OK) return st;
-    int32_t x;
-    st = sp_sampler_sample(g->sampler, g->logits, &x);
-    if (st != SP_OK) {
-        g->failed = true;
-        sp_session_truncate(ses, n_past0);
-        g->n_past_left = n_past0;
-        return st;
-    }
-    push_token(g, x);
-    if (++g->plain_learn >= g->p.learn_every || g->d.adj[(size_t)root * (size_t)g->d.R] < 0) {
-        g->plain_learn = 0;
-        sp_drafter_observe(&g->d, &root, 1, g->logits);
-    }
-    const double t3 = sp_now_s();
-    sp_gate_plain(&g->gate, t3 - t0);
-    g->n_past_left = sp_session_n_past(ses);
-    g->stats.steps++;
-    g->stats.plain_steps++;
-    g->stats.eval_s += t2 - t1;
-    g->stats.loop_s += (t1 - t0) + (t3 - t2);
-    return SP_OK;
 }
 
 static sp_status step(sp_generator *g) {
@@ -437,16 +397,17 @@ static sp_status step(sp_generator *g) {
     if (n_past0 != g->n_past_left || n_past0 != g->ctx_len - 1)
         return sp_fail(SP_ERR_INVALID_ARG, "generator: the session's KV cache was changed outside the generator "
                        "(n_past %d, expected %d): start the generation again", n_past0, g->ctx_len - 1);
-    if (g->use_gate && !sp_gate_drafts(&g->gate)) return plain_step(g, t0);
+    /* the adaptive drafter's gate may choose a plain decoding step: no draft, no planner */
+    const bool plain = g->use_gate && !sp_gate_drafts(&g->gate), plan = g->use_plan && !plain;
     const int32_t arm = g->use_gate ? g->gate.arm : 0;
-    const double bytes0 = g->use_plan ? expert_bytes(ses) : 0.0;
+    const double bytes0 = plan ? sp_session_expert_bytes(ses) : 0.0;
     const int32_t room = g->n_ctx - n_past0;  /* slots for the root and the drafts */
-    const int32_t budget = SP_MIN(g->K, room - 1);
+    const int32_t budget = plain ? 0 : SP_MIN(g->K, room - 1);
     int32_t N = 0;
     sp_status st = sp_drafter_propose(&g->d, g->ctx, g->ctx_len, budget, g->batch + 1, g->par, &N);
     g->stats.draft_eval_s += g->d.draft_eval_s - draft0;
     if (st != SP_OK) return st;  /* the target's cache is untouched */
-    if (g->use_plan) sp_planner_plan(&g->pl, g->batch + 1, g->par, &N);
+    if (plan) sp_planner_plan(&g->pl, g->batch + 1, g->par, &N);
     g->batch[0] = g->ctx[g->ctx_len - 1];
     const int32_t T = N + 1;
     bool is_chain = true;
@@ -493,16 +454,25 @@ static sp_status step(sp_generator *g) {
             return st;
         }
     }
-    sp_drafter_observe(&g->d, g->batch, T, g->logits);
+    /* Token Recycling learns from every verified row; on the gate's plain steps from every learn_every-th one, and
+     * from every one whose root it has no candidates for */
+    if (!plain) {
+        sp_drafter_observe(&g->d, g->batch, T, g->logits);
+    } else if (++g->plain_learn >= g->p.learn_every || g->d.adj[(size_t)g->batch[0] * (size_t)g->d.R] < 0) {
+        g->plain_learn = 0;
+        sp_drafter_observe(&g->d, g->batch, 1, g->logits);
+    }
     const double t3 = sp_now_s();
-    if (g->use_plan) {
+    if (plan) {
         for (int32_t i = 0; i < N; i++) g->accepted[i] = false;
         for (int32_t j = 1; j < n_path; j++) g->accepted[g->path[j] - 1] = true;
-        sp_planner_observe(&g->pl, g->par, g->accepted, T, expert_bytes(ses) - bytes0, t3 - t0);
+        sp_planner_observe(&g->pl, g->par, g->accepted, T, sp_session_expert_bytes(ses) - bytes0, t3 - t0);
     }
-    if (g->use_gate) sp_gate_observe(&g->gate, arm, n_path, sp_now_s() - t0, g->use_plan && g->pl.explored);
+    if (plain) sp_gate_plain(&g->gate, t3 - t0);
+    else if (g->use_gate) sp_gate_observe(&g->gate, arm, n_path, sp_now_s() - t0, plan && g->pl.explored);
     g->n_past_left = sp_session_n_past(ses);
     g->stats.steps++;
+    g->stats.plain_steps += plain;
     g->stats.drafted += N;
     g->stats.accepted += n_path - 1;
     g->stats.eval_s += t2 - t1;

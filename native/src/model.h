@@ -172,6 +172,9 @@ struct sp_session {
     uint64_t n_changes; /* calls of sp_eval / truncate / keep so far (written by the claiming thread) */
 };
 
+/* Expert weight bytes the session's passes have read so far, all layers (0 for a model without sparse experts). */
+double sp_session_expert_bytes(const sp_session *ses);
+
 /* Forward pass over one batch (validated by the caller). Never allocates. */
 void sp_forward(sp_session *ses, const sp_batch *batch);
 

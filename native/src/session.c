@@ -330,6 +330,13 @@ void sp_session_reset_sparsity(sp_session *ses) {
     memset(a->bytes, 0, L * sizeof *a->bytes);
 }
 
+double sp_session_expert_bytes(const sp_session *ses) {
+    if (ses->model->hp.n_expert == 0) return 0.0;
+    double bytes = 0.0;
+    for (int32_t il = 0; il < ses->model->hp.n_layer; il++) bytes += (double)ses->sparsity.bytes[il];
+    return bytes;
+}
+
 sp_status sp_session_get_sparsity(const sp_session *ses, int32_t layer, sp_sparsity_stats *out) {
     sp_clear_error();
     if (!ses || !out) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_get_sparsity: NULL argument");

@@ -14,14 +14,7 @@
 #include <string.h>
 
 #include "sparrow.h"
-
-#define CHECK(cond)                                                                                  \
-    do {                                                                                             \
-        if (!(cond)) {                                                                               \
-            fprintf(stderr, "check failed: %s (%s:%d): %s\n", #cond, __FILE__, __LINE__, sp_last_error()); \
-            exit(1);                                                                                 \
-        }                                                                                            \
-    } while (0)
+#include "check.h"
 
 enum { N_GEN = 24, CAP = 64 };
 

@@ -16,14 +16,7 @@
 #include <string.h>
 
 #include "sparrow.h"
-
-#define CHECK(cond)                                                                                  \
-    do {                                                                                             \
-        if (!(cond)) {                                                                               \
-            fprintf(stderr, "check failed: %s (%s:%d): %s\n", #cond, __FILE__, __LINE__, sp_last_error()); \
-            exit(1);                                                                                 \
-        }                                                                                            \
-    } while (0)
+#include "check.h"
 
 enum { T = 8, STEPS = 6 };
 

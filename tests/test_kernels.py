@@ -282,25 +282,47 @@ def test_force_scalar_env_selects_ref():
 
 
 @pytest.mark.parametrize("tier", TIERS)
-@pytest.mark.parametrize("D,ld,n", [(64, 192, 7), (64, 64, 33), (48, 100, 5), (128, 128, 9), (80, 96, 1), (64, 64, 0)])
-def test_attention_row_kernels_equal_slot_by_slot(tier, D, ld, n):
-    """attn_scores_f16 / attn_sum_f16 (all cached rows of one head in one call) give bit for bit what dot_f16 and
-    axpy_f16 give slot by slot: the attention output does not depend on which path or how many slots."""
-    r = rng(D + n)
-    rows = (r.standard_normal((n, ld)) * 2).astype(np.float16).view(np.uint16)
-    q = r.standard_normal(D).astype(np.float32)
-    got = testing.attn_scores_f16(tier, q, rows, 0.125)
-    want = [np.float32(testing.dot_f16(tier, q, rows[j, :D].copy())) * np.float32(0.125) for j in range(n)]
-    assert np.array_equal(np.array(got, np.float32), np.array(want, np.float32))
-    p = r.random(n).astype(np.float32)
-    p[::3] = 0.0  # masked slots are skipped
-    start = r.standard_normal(D).astype(np.float32)
-    out = np.array(testing.attn_sum_f16(tier, start.tolist(), p.tolist(), rows), np.float32)
-    ref = start.tolist()
-    for j in range(n):
-        if p[j] != 0:
-            ref = testing.axpy_f16(tier, ref, float(p[j]), rows[j, :D].copy())
-    assert np.array_equal(out, np.array(ref, np.float32))
+@pytest.mark.parametrize("M,D,ld,n", [(3, 64, 192, 7), (24, 64, 64, 33), (5, 48, 100, 5), (1, 128, 128, 9),
+                                      (17, 80, 96, 40), (2, 64, 64, 0), (9, 1, 3, 70), (7, 8, 8, 16)])
+def test_attention_kernels_elementwise_and_near_float64(tier, M, D, ld, n):
+    """attn_scores_f16 / attn_sum_f16 with M queries at once: every element equals what the same kernel gives for its
+    query alone and its slot alone (bit for bit: a token's attention is the same in a draft tree as decoded alone),
+    the key blocks' NaN padding never shows, and the results are float64 sums within float32 summation error.
+    Rows whose p is 0 add nothing, even rows holding inf."""
+    r = rng(M * 1000 + D + n)
+    rows = (r.standard_normal((n, ld)) * 2).astype(np.float16)
+    q = r.standard_normal((M, D)).astype(np.float32)
+    keys = np.ascontiguousarray(rows[:, :D]).view(np.uint16)
+    got = testing.attn_scores_f16(tier, q, keys, 0.125)
+    assert got.shape == (M, n) and np.isfinite(got).all()
+    for m in range(M):
+        for j in {0, n // 2, n - 1} if n else ():
+            one = testing.attn_scores_f16(tier, q[m:m + 1], keys[j:j + 1], 0.125)
+            assert one[0, 0] == got[m, j], (m, j)
+    exact = q.astype(np.float64) @ rows[:, :D].astype(np.float64).T * 0.125
+    bound = 1e-6 * np.abs(q).astype(np.float64) @ np.abs(rows[:, :D].astype(np.float64)).T * 0.125 + 1e-30
+    assert (np.abs(got - exact) <= 2 * bound * max(D, 1) ** 0.5 + 1e-7).all()
+
+    p = r.random((M, n)).astype(np.float32)
+    p[:, ::3] = 0.0  # masked slots
+    if n > 3:
+        rows[3, :D] = np.inf  # a masked slot holding inf adds nothing
+    vrows = rows.view(np.uint16)
+    start = r.standard_normal((M, D)).astype(np.float32)
+    out = testing.attn_sum_f16(tier, start, p, vrows)
+    assert out.shape == (M, D) and np.isfinite(out).all()
+    for m in {0, M // 2, M - 1}:  # a query alone, and a part of D alone, give the same bits
+        alone = testing.attn_sum_f16(tier, start[m:m + 1], p[m:m + 1], vrows)
+        np.testing.assert_array_equal(alone[0], out[m])
+        if D > 16:
+            part = testing.attn_sum_f16(tier, np.ascontiguousarray(start[m:m + 1, 16:]), p[m:m + 1],
+                                        np.ascontiguousarray(vrows[:, 16:]))
+            np.testing.assert_array_equal(part[0, :D - 16], out[m, 16:])
+    with np.errstate(invalid="ignore"):  # 0 * inf where p is 0: dropped by the where
+        v64 = np.where(p[:, :, None] == 0, 0.0, p[:, :, None].astype(np.float64) * rows[None, :, :D].astype(np.float64))
+    exact = start + v64.sum(axis=1)
+    bound = 1e-6 * (np.abs(start) + np.abs(v64).sum(axis=1)) * max(n, 1) ** 0.5 + 1e-7
+    assert (np.abs(out - exact) <= bound).all()
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -367,7 +389,9 @@ def test_first_above_kernel(tier):
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 16, 33, 300])
 def test_softmax_exp_kernel(tier, n):
     """exp_sum: exp(x - max) within 4 float32 ulp of float64 (the SIMD polynomials; ref is expf), exactly 0 for -inf
-    (masked slots) and for arguments far below the maximum, and the sum of what it wrote."""
+    (masked slots) and for arguments far below the maximum, and the sum of what it wrote, exactly in units of 2^-36:
+    the same bits whatever the order and wherever exact zeros (masked slots) sit (kernels.h: trees and plain decoding
+    agree)."""
     r = rng(n + 1)
     x = (r.standard_normal(n) * 30).astype(np.float32)
     x[::5] = -np.inf
@@ -380,28 +404,51 @@ def test_softmax_exp_kernel(tier, n):
     assert np.all(y[x == -np.inf] == 0) and (n <= 3 or y[3] < 1e-37)
     tiny = want < 1e-30  # the AVX2 clamp at -87: ~1e-38 where float32 itself would give a denormal or 0
     np.testing.assert_allclose(y[~tiny], want[~tiny], rtol=4 * 2.0 ** -23, atol=0)
-    seq = np.float32(0)
-    for v in y:  # added in index order, bit for bit (kernels.h: trees and plain decoding agree)
-        seq = np.float32(seq + v)
-    assert np.float32(total) == seq
+    exact = np.float32(np.rint(np.minimum(y, 1).astype(np.float64) * 2.0**36).sum() * 2.0**-36)
+    assert np.float32(total) == exact
+    if n > 1:  # reversed, with masked slots in other places: the same exponentials and the same sum, bit for bit
+        x2 = np.concatenate([x[::-1], np.full(5, -np.inf, np.float32)])
+        y2, total2 = testing.exp_sum(tier, x2, mx)
+        np.testing.assert_array_equal(np.array(y2, np.float32)[:n], y[::-1])
+        assert np.float32(total2) == np.float32(total)
+    z = x.copy()
+    if n:
+        z[n // 2] = np.nan
+        assert np.isnan(testing.exp_sum(tier, z, mx)[1])
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("n", [0, 1, 7, 16, 33, 1536])
+def test_silu_mul_kernel(tier, n):
+    """silu_mul (SwiGLU's gate): silu(x) * m, or silu(x) * s, within 8 float32 ulp of float64 (SIMD tiers: the softmax's
+    exp polynomial), 0 far below zero, x far above; the same value for an element wherever it sits in the row (vector
+    or tail); +inf stays inf, -inf gives no finite value, NaN stays NaN."""
+    r = rng(7 + n)
+    x = (r.standard_normal(n) * 6).astype(np.float32)
+    if n > 3:
+        x[:3] = [-120.0, 95.0, 0.0]
+    m = r.standard_normal(n).astype(np.float32)
+    x64 = x.astype(np.float64)
+    silu = x64 / (1 + np.exp(-x64))
+    for got, want in ((testing.silu_mul(tier, x, m), silu * m), (testing.silu_mul(tier, x, None, 0.75), silu * 0.75)):
+        assert got.shape == (n,)
+        np.testing.assert_allclose(got, want, rtol=8 * 2.0**-23, atol=1e-30)
+    if n > 3:
+        tail = testing.silu_mul(tier, x[n // 2:].copy(), m[n // 2:].copy())  # elements move between vector and tail
+        np.testing.assert_array_equal(tail, testing.silu_mul(tier, x, m)[n // 2:])
+        odd = np.array([np.inf, -np.inf, np.nan], np.float32)
+        got = testing.silu_mul(tier, odd, None, 1.0)
+        assert got[0] == np.inf and not np.isfinite(got[1]) and np.isnan(got[2])
 
 
 @pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("n", [1, 7, 16, 31, 64, 100])
 def test_f16_vector_kernels(tier, n):
-    """f32 -> f16 rows are bit-exact with numpy (nearest even); dot and axpy with F16 operands equal float64 sums of
-    the same values within float32 summation error (1e-6 relative to sum |a b|)."""
+    """f32 -> f16 rows are bit-exact with numpy (nearest even)."""
     r = rng(40 + n)
     x = (r.standard_normal(n) * 3).astype(np.float32)
     half = np.array(testing.f32_to_f16(tier, x), dtype=np.uint16)
     np.testing.assert_array_equal(half, x.astype(np.float16).view(np.uint16))
-    a = r.standard_normal(n).astype(np.float32)
-    hv = half.view(np.float16).astype(np.float64)
-    got = testing.dot_f16(tier, a, half)
-    assert abs(got - a.astype(np.float64) @ hv) <= 1e-6 * np.abs(a @ hv.astype(np.float32)).sum() + 1e-6 * np.abs(a * hv).sum()
-    y = r.standard_normal(n).astype(np.float32)
-    out = np.array(testing.axpy_f16(tier, y.tolist(), 0.75, half))
-    np.testing.assert_allclose(out, y + 0.75 * hv, rtol=1e-6, atol=1e-6)
 
 
 # ---- packed weights (load-time repacking, kernels.h packed_size/pack/matmul_packed) ---------------------------------

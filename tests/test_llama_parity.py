@@ -142,9 +142,11 @@ def _greedy_native(model, tokens: list[int], n: int) -> list[int]:
 @pytest.mark.llama_cpp
 def test_greedy_continuations_match_llama_cpp(llm, model, smollm_path):
     """Greedy continuations agree with llama.cpp's token for token until a near tie. At the first differing step the
-    two candidates must be within 0.5 logits of each other both in llama.cpp's logits and in the exact (float64)
+    two candidates must be within 0.5 logits of each other both in Sparrow's logits and in the exact (float64)
     model's, i.e. the fork is a tie the exact function barely breaks, and rounding (activation quantization, F16
-    KV cache, summation order) decides it differently in each engine; it is not an error of either."""
+    KV cache, summation order) decides it differently in each engine; it is not an error of either. llama.cpp's own
+    gap is reported, not bounded: its rounding is not Sparrow's to check (seen: exact 0.48, Sparrow 0.04, llama.cpp
+    0.66)."""
     exact = LlamaRef.from_gguf(str(smollm_path))
     identical, forks, prefix_lengths = 0, [], []
     for prompt in PROMPTS:
@@ -160,7 +162,10 @@ def test_greedy_continuations_match_llama_cpp(llm, model, smollm_path):
         gap_llama = float(ref_logits[i][ref[i]] - ref_logits[i][ours[i]])
         row = exact.forward(tokens + ref[:i])[-1]
         gap_exact = float(abs(row[ref[i]] - row[ours[i]]))
-        forks.append((prompt, i, round(gap_llama, 3), round(gap_exact, 3)))
-        assert gap_llama < 0.5 and gap_exact < 0.5, f"{prompt!r}: fork at step {i} is not a near tie: {forks[-1]}"
+        with model.session(n_ctx=512, n_threads=2) as s:
+            mine = s.eval(tokens + ref[:i], logits="last")
+        gap_ours = float(mine[ours[i]] - mine[ref[i]])
+        forks.append((prompt, i, round(gap_ours, 3), round(gap_exact, 3), round(gap_llama, 3)))
+        assert gap_ours < 0.5 and gap_exact < 0.5, f"{prompt!r}: fork at step {i} is not a near tie: {forks[-1]}"
     print(f"identical {identical}/{len(PROMPTS)}, mean agreeing prefix {np.mean(prefix_lengths):.1f}/{N_GEN} tokens; "
-          f"forks (prompt, step, llama.cpp gap, exact gap): {forks}")
+          f"forks (prompt, step, Sparrow gap, exact gap, llama.cpp gap): {forks}")

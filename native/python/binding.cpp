@@ -978,31 +978,33 @@ NB_MODULE(_sparrow, m) {
         return matmul_time(tier, type, false, w, N, x, reps, copies);
     }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "reps"_a, "copies"_a = 1);
     // F16 vector kernels of the KV cache: dot(a, b_f16), y + alpha*x_f16, and f32 -> f16 rows (bits as uint16).
-    t.def("dot_f16", [](const std::string &tier, F32Vec a, F16Vec b) {
-        if (a.shape(0) != b.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: length mismatch");
-        float r = 0;
-        check(sp_testing_dot_f16(tier.c_str(), a.data(), b.data(), (int64_t)a.shape(0), &r));
-        return r;
+    // attn_scores_f16(tier, q [M, D], rows f16 [n, D], scale) -> [M, n]: q[m] . rows[j] * scale (the hook lays the
+    // rows out as the key cache does)
+    t.def("attn_scores_f16", [](const std::string &tier, F32Rows q, F16Rows rows, float scale) {
+        if (q.shape(1) != rows.shape(1)) throw SparrowError("SP_ERR_INVALID_ARG: shape mismatch");
+        return new_f32({q.shape(0), rows.shape(0)}, [&](float *out) {
+            check(sp_testing_attn_scores_f16(tier.c_str(), q.data(), (int64_t)q.shape(0), (int64_t)q.shape(1),
+                                             rows.data(), (int64_t)rows.shape(0), scale, out));
+        });
     });
-    t.def("axpy_f16", [](const std::string &tier, std::vector<float> y, float alpha, F16Vec x) {
-        if (y.size() != x.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: length mismatch");
-        check(sp_testing_axpy_f16(tier.c_str(), y.data(), alpha, x.data(), (int64_t)y.size()));
-        return y;
+    // attn_sum_f16(tier, out [M, D], p [M, n], rows f16 [n, ld]) -> out + p @ rows[:, :D]
+    t.def("attn_sum_f16", [](const std::string &tier, F32Rows out, F32Rows p, F16Rows rows) {
+        if (p.shape(0) != out.shape(0) || p.shape(1) != rows.shape(0))
+            throw SparrowError("SP_ERR_INVALID_ARG: shape mismatch");
+        return new_f32({out.shape(0), out.shape(1)}, [&](float *y) {
+            std::copy(out.data(), out.data() + out.shape(0) * out.shape(1), y);
+            check(sp_testing_attn_sum_f16(tier.c_str(), y, (int64_t)out.shape(0), (int64_t)out.shape(1), p.data(),
+                                          rows.data(), (int64_t)rows.shape(1), (int64_t)rows.shape(0)));
+        });
     });
-    // attn_scores_f16(tier, q [D], rows f16 [n, ld], scale) -> [n]: q . rows[j, :D] * scale
-    t.def("attn_scores_f16", [](const std::string &tier, F32Vec q, F16Rows rows, float scale) {
-        std::vector<float> out(rows.shape(0));
-        check(sp_testing_attn_scores_f16(tier.c_str(), q.data(), (int64_t)q.shape(0), rows.data(),
-                                         (int64_t)rows.shape(1), (int64_t)rows.shape(0), scale, out.data()));
-        return out;
-    });
-    // attn_sum_f16(tier, out [D], p [n], rows f16 [n, ld]) -> out + sum_j p[j] rows[j, :D]
-    t.def("attn_sum_f16", [](const std::string &tier, std::vector<float> out, std::vector<float> p, F16Rows rows) {
-        if (p.size() != rows.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: shape mismatch");
-        check(sp_testing_attn_sum_f16(tier.c_str(), out.data(), (int64_t)out.size(), p.data(), rows.data(),
-                                      (int64_t)rows.shape(1), (int64_t)rows.shape(0)));
-        return out;
-    });
+    // silu(x) * (m if given, else s) elementwise by the tier's SwiGLU kernel.
+    t.def("silu_mul", [](const std::string &tier, F32Vec x, std::optional<F32Vec> m, float s) {
+        if (m && m->shape(0) != x.shape(0)) throw SparrowError("SP_ERR_INVALID_ARG: length mismatch");
+        return new_f32({x.shape(0)}, [&](float *y) {
+            std::copy(x.data(), x.data() + x.shape(0), y);
+            check(sp_testing_silu_mul(tier.c_str(), y, m ? m->data() : nullptr, s, (int64_t)x.shape(0)));
+        });
+    }, "tier"_a, "x"_a, "m"_a.none(), "s"_a = 1.0f);
     // (exp(x - mx) elementwise, their sum) by the tier's softmax kernel.
     t.def("exp_sum", [](const std::string &tier, F32Vec x, float mx) {
         std::vector<float> y(x.data(), x.data() + x.shape(0));

@@ -135,8 +135,6 @@ static inline void lap_s(double *clk, double *acc) {
     *clk = now;
 }
 
-/* silu(z) = z / (1 + exp(-z)) */
-static inline float silu(float z) { return z / (1.0f + expf(-z)); }
 
 void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth) {
     sp_session *ses = c->ses;
@@ -200,7 +198,7 @@ void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth) {
             c->k->matmul[X->type](h, FE, slab, x, H, f0, f1, tk->n);
         for (int32_t i = 0; i < tk->n; i++) {
             const float r = s->router[(idx ? idx[i] : i) * E + tk->e];
-            for (int64_t f = f0; f < f1; f++) h[i * FE + f] = r * silu(h[i * FE + f]);
+            c->k->silu_mul(h + i * FE + f0, NULL, r, f1 - f0); /* r silu(h) */
         }
         const double d_clk = tm ? sp_now_s() : 0.0;
         if (l->experts_down_packed) /* the down half in the streaming layout: rows f0.. start a 16-row group */

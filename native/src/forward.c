@@ -79,38 +79,90 @@ void sp_fwd_rope_rows(const fwd_ctx *c, float *x, int64_t ldx, int64_t T, int n_
     }
 }
 
-/* Attention for this thread's (token, head) pairs: token t sees cache slots [0, P) and batch slots P+j allowed by
- * the mask (causal when none). Keys and values of the batch are already in the (F16) cache. */
+/* Softmax of query row m of kv head g in the chunk starting at token tc0 (its token t = tc0 + m / G), over the n
+ * slots the chunk's scores cover: batch slots t may not see (the mask, or causal order) set to -inf, then
+ * row[j] = exp(row[j] - max) unnormalised, and inv[m] = 1 / sum (0 when nothing is visible). */
+static void softmax_row(const fwd_ctx *c, float *row, float *inv, int64_t t, int64_t n) {
+    const int64_t T = c->b->n_tokens, P = c->ses->n_past;
+    if (c->b->mask) {
+        for (int64_t j = P; j < n; j++)
+            if (!c->b->mask[t * T + (j - P)]) row[j] = -INFINITY;
+    } else {
+        for (int64_t j = P + t + 1; j < n; j++) row[j] = -INFINITY;
+    }
+    bool bad = false;
+    float mx = c->k->max_f32(row, n, &bad);
+    if (bad) { /* NaN or +inf somewhere: the largest ordered value, as a plain loop gives it */
+        mx = -INFINITY;
+        for (int64_t j = 0; j < n; j++) mx = row[j] > mx ? row[j] : mx;
+    }
+    const float sum = c->k->exp_sum(row, n, mx);
+    *inv = sum > 0 ? 1.0f / sum : 0.0f;
+}
+
+/* Grouped-query attention of the batch, in chunks of TQ = attn_tq tokens (the scores scratch holds one chunk). For
+ * kv head g its M = nt * G queries (the chunk's tokens x the group's heads, rows of qg) meet the cache in three
+ * steps, each split over the threads:
+ *   1. scores, by (kv head, key block) units: each thread's share of a head's key blocks is one kernel call, so
+ *      every key is read once for all M queries (token t sees cache slots [0, P) and the batch slots the mask, or
+ *      causal order, allows; the chunk's rows cover [0, n));
+ *   2. each query row's softmax, unnormalised (softmax_row);
+ *   3. out = inv * sum_j e_j v_j by (kv head, token, slice of D) units, the group's G heads together.
+ * When step 3 gives each (kv head, token) a thread of its own, that thread also runs step 2 for its rows (no
+ * barrier between). Each element of a score or an output is computed alike whatever T, the chunk or the split
+ * (kernels.h), so a token's attention is the same in a draft tree as decoded alone. */
 static void attention(const fwd_ctx *c, int il, int ith, int nth) {
     const sp_session *ses = c->ses;
     const sp_hparams *hp = &ses->model->hp;
     const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, D = hp->head_dim;
-    const int64_t QD = (int64_t)hp->n_head * D, KVD = (int64_t)hp->n_head_kv * D;
-    const int group = hp->n_head / hp->n_head_kv;
+    const int64_t NH = hp->n_head, NKV = hp->n_head_kv, G = NH / NKV, QD = NH * D, KVD = NKV * D;
+    const int64_t S = C + ses->params.n_batch, TQ = ses->attn_tq, CB = (C + SP_KBLK - 1) / SP_KBLK;
     const float scale = 1.0f / sqrtf((float)D);
-    const sp_f16 *kc = (const sp_f16 *)ses->k_cache + (int64_t)il * C * KVD; /* [C, KVD] */
-    const sp_f16 *vc = (const sp_f16 *)ses->v_cache + (int64_t)il * C * KVD;
-    float *scores = ses->s.scores + (int64_t)ith * (C + ses->params.n_batch); /* [P + T] */
-    int64_t w0, w1;
-    sp_split(T * hp->n_head, ith, nth, &w0, &w1);
-    for (int64_t w = w0; w < w1; w++) {
-        const int64_t t = w / hp->n_head, h = w % hp->n_head, kvh = h / group;
-        const float *q = ses->s.q + t * QD + h * D;
-        float *out = ses->s.attn + t * QD + h * D;
-        /* scores: every cached slot (one kernel call), then the batch slots the mask lets t see; -inf elsewhere */
-        c->k->attn_scores_f16(q, kc + kvh * D, KVD, P, D, scale, scores);
-        for (int64_t j = P; j < P + T; j++) {
-            const bool visible = c->b->mask ? c->b->mask[t * T + (j - P)] != 0 : j - P <= t;
-            scores[j] = visible ? c->k->dot_f16(q, kc + j * KVD + kvh * D, D) * scale : -INFINITY;
+    const sp_f16 *kc = (const sp_f16 *)ses->k_cache + sp_kcache_at(ses, il, 0, 0, 0); /* [NKV, CB, D, 16] */
+    const sp_f16 *vc = (const sp_f16 *)ses->v_cache + (int64_t)il * C * KVD;          /* [C, KVD] */
+    float *sc = ses->s.scores, *inv = ses->s.scores + NH * TQ * S; /* [NKV, TQ*G, S], [NKV, TQ*G] */
+    for (int64_t tc0 = 0; tc0 < T; tc0 += TQ) {
+        const int64_t nt = SP_MIN(TQ, T - tc0), M = nt * G;
+        const int64_t n = c->b->mask ? P + T : P + tc0 + nt;
+        /* 1. scores */
+        const int64_t nblk = (n + SP_KBLK - 1) / SP_KBLK;
+        int64_t u0, u1;
+        sp_split(NKV * nblk, ith, nth, &u0, &u1);
+        for (int64_t u = u0; u < u1;) {
+            const int64_t g = u / nblk, b0 = u % nblk, b1 = SP_MIN(nblk, b0 + (u1 - u));
+            const int64_t j0 = b0 * SP_KBLK, j1 = SP_MIN(n, b1 * SP_KBLK);
+            c->k->attn_scores_f16(ses->s.qg + (g * T * G + tc0 * G) * D, D, M, kc + (g * CB + b0) * SP_KBLK * D,
+                                  j1 - j0, D, scale, sc + g * TQ * G * S + j0, S);
+            u += b1 - b0;
         }
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < P + T; j++) mx = scores[j] > mx ? scores[j] : mx;
-        /* softmax, then out = sum_j p_j v_j */
-        const float sum = c->k->exp_sum(scores, P + T, mx);
-        const float inv = sum > 0 ? 1.0f / sum : 0.0f;
-        for (int64_t j = 0; j < P + T; j++) scores[j] *= inv;
-        memset(out, 0, (size_t)D * sizeof *out);
-        c->k->attn_sum_f16(out, scores, vc + kvh * D, KVD, P + T, D);
+        sp_pool_barrier(ses->pool);
+        /* 2. and 3. */
+        const int64_t pairs = NKV * nt;
+        int64_t nsplit = 1;
+        while (pairs * nsplit < 2 * nth && 16 * nsplit * 2 <= D) nsplit *= 2;
+        const int64_t w = (D / nsplit + 15) / 16 * 16; /* D's slice per unit: whole vectors */
+        if (nsplit > 1) {
+            int64_t r0, r1;
+            sp_split(NKV * M, ith, nth, &r0, &r1);
+            for (int64_t r = r0; r < r1; r++)
+                softmax_row(c, sc + (r / M * TQ * G + r % M) * S, inv + r / M * TQ * G + r % M, tc0 + r % M / G, n);
+            sp_pool_barrier(ses->pool);
+        }
+        sp_split(pairs * nsplit, ith, nth, &u0, &u1);
+        for (int64_t u = u0; u < u1; u++) {
+            const int64_t g = u / (nt * nsplit), tl = u / nsplit % nt, t = tc0 + tl, d0 = u % nsplit * w;
+            if (d0 >= D) continue;
+            const int64_t d1 = SP_MIN(D, d0 + w), nv = c->b->mask ? P + T : P + t + 1;
+            float *rows = sc + (g * TQ * G + tl * G) * S, *ri = inv + g * TQ * G + tl * G;
+            if (nsplit == 1)
+                for (int64_t h = 0; h < G; h++) softmax_row(c, rows + h * S, ri + h, t, n);
+            float *out = ses->s.attn + t * QD + g * G * D + d0; /* the G heads' rows, D apart */
+            for (int64_t h = 0; h < G; h++) memset(out + h * D, 0, (size_t)(d1 - d0) * sizeof *out);
+            c->k->attn_sum_f16(out, D, rows, S, G, vc + g * D + d0, KVD, nv, d1 - d0);
+            for (int64_t h = 0; h < G; h++)
+                for (int64_t i = 0; i < d1 - d0; i++) out[h * D + i] *= ri[h];
+        }
+        if (tc0 + TQ < T) sp_pool_barrier(ses->pool); /* the next chunk's scores overwrite these */
     }
 }
 
@@ -121,21 +173,31 @@ static void attention_gqa(const fwd_ctx *c, const sp_layer *l, int il, int ith, 
     const sp_hparams *hp = &ses->model->hp;
     sp_scratch *s = &ses->s;
     const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, KVD = hp->kv_k_dim;
-    sp_f16 *k_slots = (sp_f16 *)ses->k_cache + ((int64_t)il * C + P) * KVD; /* [T, KVD] this batch's cache slots */
-    sp_f16 *v_slots = (sp_f16 *)ses->v_cache + ((int64_t)il * C + P) * KVD;
+    const int64_t D = hp->head_dim, NKV = hp->n_head_kv, G = hp->n_head / NKV, QD = hp->n_head * D;
+    sp_f16 *kc = ses->k_cache;
+    sp_f16 *v_slots = (sp_f16 *)ses->v_cache + ((int64_t)il * C + P) * KVD; /* [T, KVD] this batch's cache slots */
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
-    sp_fwd_matmul_rows(c, s->q, l->wq.n, &l->wq, s->xn, T, ith, nth);
+    sp_fwd_matmul_rows(c, s->q, QD, &l->wq, s->xn, T, ith, nth);
     sp_fwd_matmul_rows(c, s->k, KVD, &l->wk, s->xn, T, ith, nth);
     sp_fwd_matmul_rows(c, s->v, KVD, &l->wv, s->xn, T, ith, nth);
     sp_pool_barrier(ses->pool);
-    /* rotate q and k by position; store k and v in the F16 cache, and keep q at F16 precision too (scores are
-     * products of F16 values, as in llama.cpp) */
-    sp_fwd_rope_rows(c, s->q, l->wq.n, T, hp->n_head, hp->head_dim, 0, ith, nth);
-    sp_fwd_rope_rows(c, s->k, KVD, T, hp->n_head_kv, hp->head_dim, 0, ith, nth);
+    /* rotate q and k by position; store k (blocked, sp_kcache_at) and v in the F16 cache, and the queries at F16
+     * precision too (scores are products of F16 values, as in llama.cpp), grouped by kv head in qg */
+    sp_fwd_rope_rows(c, s->q, QD, T, hp->n_head, D, 0, ith, nth);
+    sp_fwd_rope_rows(c, s->k, KVD, T, hp->n_head_kv, D, 0, ith, nth);
     for (int64_t t = t0; t < t1; t++) { /* the same tokens sp_fwd_rope_rows gave this thread */
-        c->k->round_f16(s->q + t * l->wq.n, l->wq.n);
-        c->k->f32_to_f16(k_slots + t * KVD, s->k + t * KVD, KVD);
+        for (int64_t g = 0; g < NKV; g++) {
+            float *qg = s->qg + (g * T * G + t * G) * D;
+            memcpy(qg, s->q + t * QD + g * G * D, (size_t)(G * D) * sizeof *qg);
+            c->k->round_f16(qg, G * D);
+        }
+        sp_f16 h[64];
+        for (int64_t i0 = 0; i0 < KVD; i0 += 64) {
+            const int64_t ni = SP_MIN(64, KVD - i0);
+            c->k->f32_to_f16(h, s->k + t * KVD + i0, ni);
+            for (int64_t i = 0; i < ni; i++) kc[sp_kcache_at(ses, il, (i0 + i) / D, P + t, (i0 + i) % D)] = h[i];
+        }
         c->k->f32_to_f16(v_slots + t * KVD, s->v + t * KVD, KVD);
     }
     sp_pool_barrier(ses->pool);
@@ -157,7 +219,7 @@ static void swiglu_quant_rows(const fwd_ctx *c, int64_t T, int64_t F, bool quant
     for (int64_t t = t0; t < t1; t++) {
         float *g = c->ses->s.gate + t * F;
         const float *u = c->ses->s.up + t * F;
-        for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        c->k->silu_mul(g, u, 1.0f, F);
         if (quant) c->k->quantize_q8a((sp_block_q8a *)c->ses->s.xq + t * (F / SP_QK), g, F);
     }
 }

@@ -104,7 +104,8 @@ struct sp_model {
 typedef struct sp_scratch {
     float *x;        /* [B, H] residual stream */
     float *xn;       /* [B, H] normalised input of a block */
-    float *q;        /* [B, NH*D] */
+    float *q;        /* [B, NH*D] (MLA: [B, NH*(DN+DR)]) */
+    float *qg;       /* GQA: [NKV, B*G, D] the rotated queries at F16 precision, grouped by kv head (G = NH/NKV) */
     float *k;        /* [B, NKV*D] keys of the batch before they go to the F16 cache */
     float *v;        /* [B, NKV*D] values likewise */
     float *attn;     /* [B, NH*D] attention output */
@@ -112,7 +113,8 @@ typedef struct sp_scratch {
     float *gate;     /* [B, F] */
     float *up;       /* [B, F] */
     void *xq;        /* [B, max(H, F, NH*D)] activations quantized to sp_block_q8a rows */
-    float *scores;   /* [n_threads, C + B] attention scores, one row per thread */
+    float *scores;   /* GQA: [NKV, TQ*G, C + B] one chunk's scores, then [NKV, TQ*G] 1/sums (TQ = attn_tq); MLA: one
+                      * token's [NH, C + B] scores and rope parts */
     float *rope_cs;  /* [B, n_rot] cos/sin pairs for the batch positions */
     /* MLA only (forward.c attention_mla) */
     float *cq;       /* [B, QL] query latent */
@@ -159,9 +161,11 @@ struct sp_session {
     const sp_model *model;
     sp_session_params params;
     int32_t n_past;
-    void *k_cache;   /* [L, C, kv_k_dim] keys after RoPE (MLA: the latent c), in params.kv_type (GQA: always F16) */
+    void *k_cache;   /* GQA: F16 keys after RoPE, [L, NKV, CB, D, SP_KBLK] (sp_kcache_at); MLA: [L, C, KL] the latent c in
+                      * params.kv_type */
     void *v_cache;   /* [L, C, kv_v_dim] values (MLA: the rotated rope key k_pe), likewise */
     size_t kv_elem;  /* bytes per cache value: 2 (F16) or 4 (F32) */
+    int32_t attn_tq; /* GQA: tokens per attention chunk (the scores scratch holds one chunk) */
     sp_scratch s;
     sp_sparsity_acc sparsity;
     sp_synth_routing synth;
@@ -171,6 +175,14 @@ struct sp_session {
     _Atomic int busy; /* 1 while a thread is inside sp_eval / truncate / keep: a second thread is refused */
     uint64_t n_changes; /* calls of sp_eval / truncate / keep so far (written by the claiming thread) */
 };
+
+/* The GQA key cache: per layer and kv head, the C slots padded to CB = ceil(C / SP_KBLK) blocks of SP_KBLK slots,
+ * each block [D][SP_KBLK] (kernels.h attn_scores_f16). The element index of (layer il, kv head g, slot j, dim d). */
+static inline size_t sp_kcache_at(const sp_session *ses, int64_t il, int64_t g, int64_t j, int64_t d) {
+    const int64_t NKV = ses->model->hp.n_head_kv, D = ses->model->hp.head_dim;
+    const int64_t CB = ((int64_t)ses->params.n_ctx + SP_KBLK - 1) / SP_KBLK;
+    return (size_t)((((il * NKV + g) * CB + j / SP_KBLK) * D + d) * SP_KBLK + j % SP_KBLK);
+}
 
 /* Expert weight bytes the session's passes have read so far, all layers (0 for a model without sparse experts). */
 double sp_session_expert_bytes(const sp_session *ses);

@@ -25,6 +25,7 @@ void sp_session_free(sp_session *ses) {
     free(s->x);
     free(s->xn);
     free(s->q);
+    free(s->qg);
     free(s->k);
     free(s->v);
     free(s->attn);
@@ -98,13 +99,15 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
     const uint64_t before_kv = z->bytes;
     const uint64_t per_float = p->kv_type == SP_KV_F32 ? 1 : 2; /* cache values per float of take() */
     ses->kv_elem = sizeof(float) / per_float;
-    ses->k_cache = take(z, (L * C * (uint64_t)hp->kv_k_dim + per_float - 1) / per_float);
+    const uint64_t CK = mla ? C : (C + SP_KBLK - 1) / SP_KBLK * SP_KBLK; /* GQA keys: whole blocks (sp_kcache_at) */
+    ses->k_cache = take(z, (L * CK * (uint64_t)hp->kv_k_dim + per_float - 1) / per_float);
     ses->v_cache = hp->kv_v_dim ? take(z, (L * C * (uint64_t)hp->kv_v_dim + per_float - 1) / per_float) : NULL;
     z->kv_bytes = z->bytes - before_kv;
     sp_scratch *s = &ses->s;
     s->x = take(z, B * H);
     s->xn = take(z, B * H);
     s->q = take(z, B * QD);
+    s->qg = mla ? NULL : take(z, B * QD);
     s->k = take(z, B * (mla ? KL + DR : KVD)); /* MLA: the kv_a projection (latent + rope key) */
     s->v = mla ? NULL : take(z, B * KVD);
     s->attn = take(z, B * OD);
@@ -120,8 +123,11 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
     s->up = take(z, B * F);
     /* q8a rows: K/32 blocks of 40 bytes = 1.25 floats per element */
     s->xq = take(z, B * (K_MAX / SP_QK + 1) * (sizeof(sp_block_q8a) / sizeof(float)));
-    /* per thread a row of C + B scores (GQA); MLA: one token's [NH, C + B] scores and rope parts, shared */
-    s->scores = take(z, SP_MAX((uint64_t)p->n_threads, mla ? 2 * NH : 0) * (C + B));
+    /* GQA: the scores of a chunk of TQ tokens, [NH * TQ] rows of C + B, and their 1/sums; TQ as many tokens as fit
+     * in 4 MiB (at least 1, at most B). MLA: one token's [NH, C + B] scores and rope parts. */
+    const uint64_t tq = SP_MIN(B, SP_MAX(1, ((uint64_t)4 << 20) / (sizeof(float) * NH * (C + B))));
+    ses->attn_tq = (int32_t)tq;
+    s->scores = take(z, mla ? 2 * NH * (C + B) : NH * tq * (C + B + 1));
     s->rope_cs = take(z, B * (uint64_t)hp->n_rot);
     if (hp->n_expert > 0) {
         const uint64_t E = (uint64_t)hp->n_expert, FE = (uint64_t)hp->expert_width, NT = (uint64_t)p->n_threads;
@@ -284,12 +290,18 @@ static sp_status keep_checked(sp_session *ses, const int32_t *idx, int32_t n) {
     const sp_hparams *hp = &ses->model->hp;
     const size_t KD = (size_t)hp->kv_k_dim * ses->kv_elem, VD = (size_t)hp->kv_v_dim * ses->kv_elem; /* row bytes */
     const size_t C = (size_t)ses->params.n_ctx;
+    const bool blocked = ses->model->attn == SP_ATTN_GQA; /* GQA keys in blocks of slots (sp_kcache_at) */
     uint8_t *kc = ses->k_cache, *vc = ses->v_cache;
+    sp_f16 *kh = ses->k_cache;
     /* idx[i] >= i, so copying forward in order never overwrites a slot still to be read */
     for (size_t il = 0; il < (size_t)hp->n_layer; il++)
         for (int32_t i = 0; i < n; i++) {
             if (idx[i] == i) continue;
-            memcpy(kc + (il * C + (size_t)i) * KD, kc + (il * C + (size_t)idx[i]) * KD, KD);
+            if (blocked)
+                for (int64_t g = 0; g < hp->n_head_kv; g++)
+                    for (int64_t d = 0; d < hp->head_dim; d++)
+                        kh[sp_kcache_at(ses, (int64_t)il, g, i, d)] = kh[sp_kcache_at(ses, (int64_t)il, g, idx[i], d)];
+            else memcpy(kc + (il * C + (size_t)i) * KD, kc + (il * C + (size_t)idx[i]) * KD, KD);
             if (VD) memcpy(vc + (il * C + (size_t)i) * VD, vc + (il * C + (size_t)idx[i]) * VD, VD);
         }
     ses->n_past = n;

@@ -284,37 +284,30 @@ sp_status sp_testing_dot_f32(const char *tier, const float *a, const float *b, i
     return st;
 }
 
-sp_status sp_testing_dot_f16(const char *tier, const float *a, const uint16_t *b, int64_t n, float *out) {
-    const sp_kernels *kt = NULL;
-    sp_status st = tier_of(tier, &kt);
-    if (st == SP_OK) *out = kt->dot_f16(a, b, n);
-    return st;
-}
-
-sp_status sp_testing_axpy_f16(const char *tier, float *y, float alpha, const uint16_t *x, int64_t n) {
-    const sp_kernels *kt = NULL;
-    sp_status st = tier_of(tier, &kt);
-    if (st == SP_OK) kt->axpy_f16(y, alpha, x, n);
-    return st;
-}
-
-sp_status sp_testing_attn_scores_f16(const char *tier, const float *q, int64_t D, const uint16_t *rows, int64_t ld,
+sp_status sp_testing_attn_scores_f16(const char *tier, const float *q, int64_t M, int64_t D, const uint16_t *rows,
                                      int64_t n, float scale, float *out) {
     const sp_kernels *kt = NULL;
     sp_status st = tier_of(tier, &kt);
     if (st != SP_OK) return st;
-    if (D > ld) return sp_fail(SP_ERR_INVALID_ARG, "rows shorter than q");
-    kt->attn_scores_f16(q, rows, ld, n, D, scale, out);
+    if (M < 0 || D < 1 || n < 0) return sp_fail(SP_ERR_INVALID_ARG, "bad shape");
+    const int64_t nblk = (n + SP_KBLK - 1) / SP_KBLK;
+    sp_f16 *k = malloc((size_t)(nblk ? nblk : 1) * SP_KBLK * (size_t)D * sizeof *k);
+    if (!k) return sp_fail(SP_ERR_NO_MEMORY, "no memory for the key blocks");
+    for (int64_t j = 0; j < nblk * SP_KBLK; j++)
+        for (int64_t d = 0; d < D; d++)
+            k[(j / SP_KBLK) * SP_KBLK * D + d * SP_KBLK + j % SP_KBLK] = j < n ? rows[j * D + d] : 0x7e00; /* NaN */
+    kt->attn_scores_f16(q, D, M, k, n, D, scale, out, n);
+    free(k);
     return SP_OK;
 }
 
-sp_status sp_testing_attn_sum_f16(const char *tier, float *out, int64_t D, const float *p, const uint16_t *rows,
-                                  int64_t ld, int64_t n) {
+sp_status sp_testing_attn_sum_f16(const char *tier, float *out, int64_t M, int64_t D, const float *p,
+                                  const uint16_t *rows, int64_t ld, int64_t n) {
     const sp_kernels *kt = NULL;
     sp_status st = tier_of(tier, &kt);
     if (st != SP_OK) return st;
-    if (D > ld) return sp_fail(SP_ERR_INVALID_ARG, "shape mismatch");
-    kt->attn_sum_f16(out, p, rows, ld, n, D);
+    if (M < 0 || D < 0 || n < 0 || D > ld) return sp_fail(SP_ERR_INVALID_ARG, "bad shape");
+    kt->attn_sum_f16(out, D, p, n, M, rows, ld, n, D);
     return SP_OK;
 }
 
@@ -346,6 +339,13 @@ sp_status sp_testing_max_f32(const char *tier, const float *x, int64_t n, float 
         *bad = false;
         *mx = kt->max_f32(x, n, bad);
     }
+    return st;
+}
+
+sp_status sp_testing_silu_mul(const char *tier, float *x, const float *m, float s, int64_t n) {
+    const sp_kernels *kt = NULL;
+    sp_status st = tier_of(tier, &kt);
+    if (st == SP_OK) kt->silu_mul(x, m, s, n);
     return st;
 }
 

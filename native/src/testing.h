@@ -65,17 +65,17 @@ sp_status sp_testing_matmul_time(const char *tier, uint32_t type, bool packed, c
 /* ---- vector kernels of the F16 KV cache (b, x, rows, y of f32_to_f16: F16 bits) ---- */
 
 sp_status sp_testing_dot_f32(const char *tier, const float *a, const float *b, int64_t n, float *out);
-sp_status sp_testing_dot_f16(const char *tier, const float *a, const uint16_t *b, int64_t n, float *out);
-/* y[n] += alpha * x[n] */
-sp_status sp_testing_axpy_f16(const char *tier, float *y, float alpha, const uint16_t *x, int64_t n);
-/* out[n] = q[D] . rows[j, :D] * scale, rows [n, ld] */
-sp_status sp_testing_attn_scores_f16(const char *tier, const float *q, int64_t D, const uint16_t *rows, int64_t ld,
+/* out[M, n] = q[M, D] . rows[j, :D] * scale with rows [n, D] given row by row: the hook lays them out as the key
+ * cache does (blocks of SP_KBLK slots, transposed), the padding of the last block NaN (it must not reach out). */
+sp_status sp_testing_attn_scores_f16(const char *tier, const float *q, int64_t M, int64_t D, const uint16_t *rows,
                                      int64_t n, float scale, float *out);
-/* out[D] += sum_j p[j] rows[j, :D], rows [n, ld] */
-sp_status sp_testing_attn_sum_f16(const char *tier, float *out, int64_t D, const float *p, const uint16_t *rows,
-                                  int64_t ld, int64_t n);
+/* out[M, D] += sum_j p[m, j] rows[j, :D], p [M, n], rows [n, ld] */
+sp_status sp_testing_attn_sum_f16(const char *tier, float *out, int64_t M, int64_t D, const float *p,
+                                  const uint16_t *rows, int64_t ld, int64_t n);
 /* y[n] = x[n] rounded to F16 */
 sp_status sp_testing_f32_to_f16(const char *tier, uint16_t *y, const float *x, int64_t n);
+/* x[i] = silu(x[i]) * (m ? m[i] : s) with the tier's kernel. */
+sp_status sp_testing_silu_mul(const char *tier, float *x, const float *m, float s, int64_t n);
 /* x[j] = exp(x[j] - mx) in place with the tier's softmax kernel; *sum their sum. */
 sp_status sp_testing_exp_sum(const char *tier, float *x, int64_t n, float mx, float *sum);
 /* *out = the index of the first x[i] > t, or n (the tier's first_above). */

@@ -93,13 +93,12 @@ static void fill_ref(sp_kernels *k) {
     k->accum[SP_TYPE_Q8_0] = sp_accum_q8_0_ref;
     k->dot_f32 = sp_dot_f32_ref;
     k->axpy_f32 = sp_axpy_f32_ref;
-    k->dot_f16 = sp_dot_f16_ref;
-    k->axpy_f16 = sp_axpy_f16_ref;
     k->attn_scores_f16 = sp_attn_scores_f16_ref;
     k->attn_sum_f16 = sp_attn_sum_f16_ref;
     k->f32_to_f16 = sp_f32_to_f16_ref;
     k->round_f16 = sp_round_f16_ref;
     k->exp_sum = sp_exp_sum_ref;
+    k->silu_mul = sp_silu_mul_ref;
     k->first_above = sp_first_above_ref;
     k->max_f32 = sp_max_f32_ref;
 }

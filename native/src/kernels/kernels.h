@@ -32,6 +32,10 @@ typedef enum sp_type {
 #define SP_QK 32 /* elements per block for Q4_0, Q4_1, Q8_0 and the activation blocks */
 
 typedef uint16_t sp_f16;  /* IEEE half bits */
+
+/* Slots per block of a kv head's key cache: a block of 16 slots of head dimension D is stored transposed, [D][16]
+ * (d-major), so the attention scores of 16 slots are one vector operation per d (attn_scores_f16). */
+#define SP_KBLK 16
 typedef uint16_t sp_bf16; /* bfloat16 bits */
 
 typedef struct {
@@ -109,23 +113,35 @@ typedef struct sp_kernels {
     sp_accum_fn accum_packed[SP_TYPE_COUNT];
     float (*dot_f32)(const float *a, const float *b, int64_t n);
     void (*axpy_f32)(float *y, float a, const float *x, int64_t n); /* y += a*x */
-    /* the F16 KV cache: scores q.k and weighted sums of v, and rows written into it (round to nearest even) */
-    float (*dot_f16)(const float *a, const sp_f16 *b, int64_t n);
-    void (*axpy_f16)(float *y, float a, const sp_f16 *x, int64_t n); /* y += a*x */
-    /* Attention over n cached F16 rows of length D (row j at base + j*ld): out[j] = scale * (q . k_j) for all j;
-     * and out[0..D) += sum_j p[j] v_j over the rows with p[j] != 0. Each score and each output element is what
-     * dot_f16/axpy_f16 give slot by slot; the SIMD tiers only read several rows per pass. */
-    void (*attn_scores_f16)(const float *q, const sp_f16 *k, int64_t ld, int64_t n, int64_t D, float scale,
-                            float *out);
-    void (*attn_sum_f16)(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D);
+    /* Attention over n slots of the F16 cache for M queries at once (query m at q + m*ldq), so the cache is read
+     * and converted once for every query that shares it (a kv head's query heads, a batch's tokens):
+     *   attn_scores_f16: out[m*ldo + j] = scale * (q_m . k_j) for m < M, j < n, the keys k in the blocked layout
+     *     (SP_KBLK below: element d of slot j at k[(j / 16) * 16 * D + d * 16 + j % 16]);
+     *   attn_sum_f16: out[m*ldo + i] += sum_j p[m*ldp + j] * v_j[i] for m < M, i < D, the values in rows (v_j at
+     *     v + j*ld), over the rows with p != 0.
+     * Each score is one chain over d in order (SIMD tiers: s = fma(q[d], k[d], s) from 0; ref: s += q[d]*k[d]), each
+     * output element one chain over j in order, rows with p == 0 skipped (they add nothing, even if they hold inf):
+     * every element depends on its own operands only -- never on M, n, a split of D or its place in a tile -- so a
+     * token's attention is bit-identical whether it is verified in a draft tree or decoded alone. */
+    void (*attn_scores_f16)(const float *q, int64_t ldq, int64_t M, const sp_f16 *k, int64_t n, int64_t D,
+                            float scale, float *out, int64_t ldo);
+    void (*attn_sum_f16)(float *out, int64_t ldo, const float *p, int64_t ldp, int64_t M, const sp_f16 *v,
+                         int64_t ld, int64_t n, int64_t D);
     void (*f32_to_f16)(sp_f16 *y, const float *x, int64_t n);
     void (*round_f16)(float *x, int64_t n); /* x[i] = sp_f16_round(x[i]) in place: the query at the cache's precision */
     /* The softmax's exponentials: x[j] = exp(x[j] - mx) for j < n (exactly 0 where x[j] is -inf: masked slots), and
-     * their sum, added in index order in every tier: masked slots add exact zeros wherever they sit, so a token's
-     * attention is bit-identical whether it is verified in a draft tree or decoded alone (greedy speculative decoding
-     * equals plain greedy decoding). mx >= every x[j] (the row's maximum). The SIMD tiers' exponentials are a
-     * polynomial within 4 ulp of exp. */
+     * their sum, computed exactly in fixed point (each term rounded to a multiple of 2^-36, then 64-bit integer adds: no
+     * overflow for any n_ctx) and returned as a float: the sum does not depend on order or on exact zeros anywhere, so a token's attention is
+     * bit-identical whether it is verified in a draft tree or decoded alone (greedy speculative decoding equals plain
+     * greedy decoding), and it vectorizes. mx >= every x[j] (the row's maximum, so the terms are <= 1 and the sum >= 1
+     * when it is among them; the rounding is then < n 2^-37 relative). NaN anywhere gives a NaN sum. The SIMD tiers'
+     * exponentials are a polynomial within 4 ulp of exp. */
     float (*exp_sum)(float *x, int64_t n, float mx);
+    /* SwiGLU's gate: x[i] = silu(x[i]) * (m ? m[i] : s), silu(z) = z / (1 + exp(-z)) (SIMD tiers: exp by the softmax
+     * polynomial, within 8 ulp of the float64 value; +inf stays inf, NaN NaN, -inf gives
+     * -inf or NaN). The dense FFN (m = up) and each expert's unit
+     * (s = its router weight). */
+    void (*silu_mul)(float *x, const float *m, float s, int64_t n);
     /* The index of the first x[i] > t (i < n), or n when there is none (NaN is never above). The top-k scan of
      * Token Recycling's candidate refresh (sampler.c, sp_top_k): once the k kept are large, it skips the rest. */
     int64_t (*first_above)(const float *x, int64_t n, float t);

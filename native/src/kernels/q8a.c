@@ -38,17 +38,26 @@ void sp_axpy_f32_ref(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-float sp_dot_f16_ref(const float *a, const sp_f16 *b, int64_t n) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += a[i] * sp_f16_to_f32(b[i]);
-    return s;
+void sp_attn_scores_f16_ref(const float *q, int64_t ldq, int64_t M, const sp_f16 *k, int64_t n, int64_t D,
+                            float scale, float *out, int64_t ldo) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < n; j++) {
+            const sp_f16 *kj = k + (j / SP_KBLK) * SP_KBLK * D + j % SP_KBLK; /* the blocked layout: stride 16 in d */
+            float s = 0.0f;
+            for (int64_t d = 0; d < D; d++) s += q[m * ldq + d] * sp_f16_to_f32(kj[d * SP_KBLK]);
+            out[m * ldo + j] = s * scale;
+        }
 }
 
-void sp_axpy_f16_ref(float *y, float a, const sp_f16 *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * sp_f16_to_f32(x[i]);
+void sp_attn_sum_f16_ref(float *out, int64_t ldo, const float *p, int64_t ldp, int64_t M, const sp_f16 *v,
+                         int64_t ld, int64_t n, int64_t D) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < n; j++) {
+            const float a = p[m * ldp + j];
+            if (a == 0.0f) continue;
+            for (int64_t i = 0; i < D; i++) out[m * ldo + i] += a * sp_f16_to_f32(v[j * ld + i]);
+        }
 }
-
-SP_ATTN_SLOT_BY_SLOT(ref)
 
 void sp_round_f16_ref(float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] = sp_f16_round(x[i]);
@@ -73,11 +82,17 @@ int64_t sp_first_above_ref(const float *x, int64_t n, float t) {
     return i;
 }
 
+void sp_silu_mul_ref(float *x, const float *m, float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = x[i] / (1.0f + expf(-x[i])) * (m ? m[i] : s);
+}
+
 float sp_exp_sum_ref(float *x, int64_t n, float mx) {
-    float sum = 0;
+    int64_t acc = 0; /* the sum in units of 2^-36 (kernels.h) */
+    bool nan = false;
     for (int64_t i = 0; i < n; i++) {
         x[i] = x[i] == -INFINITY ? 0.0f : expf(x[i] - mx);
-        sum += x[i];
+        if (x[i] != x[i]) nan = true;
+        else acc += llrintf(fminf(x[i], 1.0f) * 0x1p36f); /* terms are <= 1 when mx is the maximum */
     }
-    return sum;
+    return nan ? NAN : (float)((double)acc * 0x1p-36);
 }

@@ -36,28 +36,16 @@
                               const void *d, int64_t F, int64_t H, int64_t T);                                   \
     float sp_dot_f32_##tier(const float *a, const float *b, int64_t n);                                         \
     void sp_axpy_f32_##tier(float *y, float a, const float *x, int64_t n);                                      \
-    float sp_dot_f16_##tier(const float *a, const sp_f16 *b, int64_t n);                                        \
-    void sp_axpy_f16_##tier(float *y, float a, const sp_f16 *x, int64_t n);                                     \
-    void sp_attn_scores_f16_##tier(const float *q, const sp_f16 *k, int64_t ld, int64_t n, int64_t D, float scale, \
-                                   float *out);                                                                  \
-    void sp_attn_sum_f16_##tier(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D);    \
+    void sp_attn_scores_f16_##tier(const float *q, int64_t ldq, int64_t M, const sp_f16 *k, int64_t n, int64_t D,  \
+                                   float scale, float *out, int64_t ldo);                                        \
+    void sp_attn_sum_f16_##tier(float *out, int64_t ldo, const float *p, int64_t ldp, int64_t M, const sp_f16 *v,  \
+                                int64_t ld, int64_t n, int64_t D);                                               \
     void sp_f32_to_f16_##tier(sp_f16 *y, const float *x, int64_t n);                                            \
     void sp_round_f16_##tier(float *x, int64_t n);                                                              \
     float sp_exp_sum_##tier(float *x, int64_t n, float mx);                                                     \
+    void sp_silu_mul_##tier(float *x, const float *m, float s, int64_t n);                                      \
     int64_t sp_first_above_##tier(const float *x, int64_t n, float t);                                         \
     float sp_max_f32_##tier(const float *x, int64_t n, bool *bad);
-
-/* attn_scores_f16 / attn_sum_f16 (kernels.h) as loops over a tier's own slot kernels dot_f16 / axpy_f16, for tiers
- * without a multi-row version. */
-#define SP_ATTN_SLOT_BY_SLOT(tier)                                                                              \
-    void sp_attn_scores_f16_##tier(const float *q, const sp_f16 *k, int64_t ld, int64_t n, int64_t D, float scale, \
-                                   float *out) {                                                                 \
-        for (int64_t j = 0; j < n; j++) out[j] = sp_dot_f16_##tier(q, k + j * ld, D) * scale;                    \
-    }                                                                                                            \
-    void sp_attn_sum_f16_##tier(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D) {  \
-        for (int64_t j = 0; j < n; j++)                                                                          \
-            if (p[j] != 0.0f) sp_axpy_f16_##tier(out, p[j], v + j * ld, D);                                      \
-    }
 
 /* pack.c: the row-interleaved packed layout of Q4_0/Q4_1/Q8_0 weights with rg rows per group (layout there). */
 size_t sp_packed_group_bytes(sp_type type, int64_t K, int rg);

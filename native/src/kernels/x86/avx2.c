@@ -89,29 +89,152 @@ void sp_axpy_f32_avx2(float *y, float a, const float *x, int64_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-/* F16 vectors (the KV cache): 8 halves at a time through F16C; a masked-free scalar tail. */
-float sp_dot_f16_avx2(const float *a, const sp_f16 *b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i + 8))), s1);
+/* ---- attention over the F16 cache (kernels.h; the AVX-512 tier's comment describes the method) ------------------
+ * Scores: a 16-slot key block is two 8-lane vectors per d; 16 registers hold at most 12 accumulators, so tiles are
+ * 6 queries x 1 block, or 3 x 2 blocks when M <= 3. Weighted sums: up to 32 output elements (four vectors) per
+ * tile; a query whose p is 0 skips the row by a branch. Tails shorter than 8 go through a zero-padded copy. */
+
+static inline __m256i tail_mask8(int64_t w) { /* lanes i < w all ones */
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)w), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+static inline __m256 load_f16x8(const sp_f16 *x, int64_t w) { /* w < 8: the first w halves, the rest 0 */
+    if (w >= 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)x));
+    sp_f16 tmp[8];
+    for (int i = 0; i < 8; i++) tmp[i] = i < w ? x[i] : 0;
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp));
+}
+
+static inline void store_f32x8(float *y, __m256 v, int64_t w) { /* the first min(w, 8) lanes */
+    if (w >= 8) {
+        _mm256_storeu_ps(y, v);
+        return;
     }
-    float s = hsum8(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) s += a[i] * sp_f16_to_f32(b[i]);
-    return s;
+    _mm256_maskstore_ps(y, tail_mask8(w), v);
 }
 
-void sp_axpy_f16_avx2(float *y, float a, const sp_f16 *x, int64_t n) {
-    const __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))),
-                                                _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * sp_f16_to_f32(x[i]);
+static inline __m256 load_f32x8(const float *x, int64_t w) {
+    if (w >= 8) return _mm256_loadu_ps(x);
+    return _mm256_maskload_ps(x, tail_mask8(w));
 }
 
-SP_ATTN_SLOT_BY_SLOT(avx2)
+ALWAYS_INLINE void scores_tile(const float *q, int64_t ldq, const sp_f16 *k, int64_t D, int nkb, int last,
+                               float scale, float *out, int64_t ldo, int NT, int KB) {
+    const sp_f16 *kb[2];
+    for (int b = 0; b < KB; b++) kb[b] = k + (b < nkb ? b : 0) * SP_KBLK * D;
+    __m256 acc[12];
+    _Pragma("GCC unroll 12")
+    for (int i = 0; i < 2 * NT * KB; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        __m256 kd[4];
+        _Pragma("GCC unroll 2")
+        for (int b = 0; b < KB; b++) {
+            kd[2 * b] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kb[b] + d * SP_KBLK)));
+            kd[2 * b + 1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kb[b] + d * SP_KBLK + 8)));
+        }
+        _Pragma("GCC unroll 6")
+        for (int m = 0; m < NT; m++) {
+            const __m256 qm = _mm256_set1_ps(q[m * ldq + d]);
+            _Pragma("GCC unroll 4")
+            for (int i = 0; i < 2 * KB; i++) acc[m * 2 * KB + i] = _mm256_fmadd_ps(qm, kd[i], acc[m * 2 * KB + i]);
+        }
+    }
+    const __m256 vs = _mm256_set1_ps(scale);
+    _Pragma("GCC unroll 6")
+    for (int m = 0; m < NT; m++)
+        _Pragma("GCC unroll 2")
+        for (int b = 0; b < nkb && b < KB; b++) {
+            const int lanes = b == nkb - 1 ? last : SP_KBLK;
+            float *o = out + m * ldo + b * SP_KBLK;
+            store_f32x8(o, _mm256_mul_ps(acc[m * 2 * KB + 2 * b], vs), lanes);
+            if (lanes > 8) store_f32x8(o + 8, _mm256_mul_ps(acc[m * 2 * KB + 2 * b + 1], vs), lanes - 8);
+        }
+}
+
+#define SCORES_CASE(nt, kb) \
+    case nt: scores_tile(qt, ldq, kt, D, nkb, last, scale, ot, ldo, nt, kb); break;
+
+void sp_attn_scores_f16_avx2(const float *q, int64_t ldq, int64_t M, const sp_f16 *k, int64_t n, int64_t D,
+                             float scale, float *out, int64_t ldo) {
+    const int64_t nblk = (n + SP_KBLK - 1) / SP_KBLK;
+    const int KB = M <= 3 ? 2 : 1, MT = KB == 2 ? 3 : 6;
+    for (int64_t b = 0; b < nblk; b += KB) {
+        const int nkb = (int)(nblk - b < KB ? nblk - b : KB);
+        const int64_t left = n - (b + nkb - 1) * SP_KBLK; /* slots in the last block */
+        const int last = (int)(left < SP_KBLK ? left : SP_KBLK);
+        const sp_f16 *kt = k + b * SP_KBLK * D;
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int nt = (int)(M - m0 < MT ? M - m0 : MT);
+            const float *qt = q + m0 * ldq;
+            float *ot = out + m0 * ldo + b * SP_KBLK;
+            if (KB == 2) {
+                switch (nt) { SCORES_CASE(1, 2) SCORES_CASE(2, 2) default: SCORES_CASE(3, 2) }
+            } else {
+                switch (nt) {
+                    SCORES_CASE(1, 1) SCORES_CASE(2, 1) SCORES_CASE(3, 1) SCORES_CASE(4, 1) SCORES_CASE(5, 1)
+                    default: SCORES_CASE(6, 1)
+                }
+            }
+        }
+    }
+}
+
+/* NT queries x output elements [0, w) (w <= 8 NU) of out, all n rows in order. */
+ALWAYS_INLINE void sum_tile(float *out, int64_t ldo, const float *p, int64_t ldp, const sp_f16 *v, int64_t ld,
+                            int64_t n, int64_t w, int NT, int NU) {
+    __m256 acc[12];
+    _Pragma("GCC unroll 8")
+    for (int m = 0; m < NT; m++)
+        _Pragma("GCC unroll 4")
+        for (int u = 0; u < NU; u++) acc[m * NU + u] = load_f32x8(out + m * ldo + 8 * u, w - 8 * u);
+    for (int64_t j = 0; j < n; j++) {
+        __m256 vj[4];
+        _Pragma("GCC unroll 4")
+        for (int u = 0; u < NU; u++) vj[u] = load_f16x8(v + j * ld + 8 * u, w - 8 * u);
+        _Pragma("GCC unroll 8")
+        for (int m = 0; m < NT; m++) {
+            const float pm = p[m * ldp + j];
+            if (pm == 0.0f) continue; /* the row adds nothing */
+            const __m256 a = _mm256_set1_ps(pm);
+            _Pragma("GCC unroll 4")
+            for (int u = 0; u < NU; u++) acc[m * NU + u] = _mm256_fmadd_ps(a, vj[u], acc[m * NU + u]);
+        }
+    }
+    _Pragma("GCC unroll 8")
+    for (int m = 0; m < NT; m++)
+        _Pragma("GCC unroll 4")
+        for (int u = 0; u < NU; u++) store_f32x8(out + m * ldo + 8 * u, acc[m * NU + u], w - 8 * u);
+}
+
+#define SUM_CASE(nt, nu) \
+    case nt: sum_tile(ot, ldo, pt, ldp, v + i0, ld, n, w, nt, nu); break;
+
+void sp_attn_sum_f16_avx2(float *out, int64_t ldo, const float *p, int64_t ldp, int64_t M, const sp_f16 *v,
+                          int64_t ld, int64_t n, int64_t D) {
+    for (int64_t i0 = 0; i0 < D; i0 += 32) {
+        const int64_t w = D - i0 < 32 ? D - i0 : 32;
+        const int nu = (int)((w + 7) / 8), MT = nu == 4 ? 3 : nu == 3 ? 4 : nu == 2 ? 6 : 8;
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int nt = (int)(M - m0 < MT ? M - m0 : MT);
+            float *ot = out + m0 * ldo + i0;
+            const float *pt = p + m0 * ldp;
+            if (nu == 4) {
+                switch (nt) { SUM_CASE(1, 4) SUM_CASE(2, 4) default: SUM_CASE(3, 4) }
+            } else if (nu == 3) {
+                switch (nt) { SUM_CASE(1, 3) SUM_CASE(2, 3) SUM_CASE(3, 3) default: SUM_CASE(4, 3) }
+            } else if (nu == 2) {
+                switch (nt) {
+                    SUM_CASE(1, 2) SUM_CASE(2, 2) SUM_CASE(3, 2) SUM_CASE(4, 2) SUM_CASE(5, 2) default: SUM_CASE(6, 2)
+                }
+            } else {
+                switch (nt) {
+                    SUM_CASE(1, 1) SUM_CASE(2, 1) SUM_CASE(3, 1) SUM_CASE(4, 1) SUM_CASE(5, 1) SUM_CASE(6, 1)
+                    SUM_CASE(7, 1) default: SUM_CASE(8, 1)
+                }
+            }
+        }
+    }
+}
 
 /* exp(x) for x <= 0 as in avx512.c, with 2^n built in the exponent field: x is clamped at -87 (2^-126 is the
  * smallest normal), so arguments below give ~1e-38 instead of an underflow to 0: nothing next to the row's maximum. */
@@ -171,21 +294,40 @@ int64_t sp_first_above_avx2(const float *x, int64_t n, float t) {
     return n;
 }
 
+/* silu as in avx512.c: e = exp(-|z|), sigmoid = (z < 0 ? e : 1) / (1 + e); the tail through a mask. */
+void sp_silu_mul_avx2(float *x, const float *m, float s, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), vs = _mm256_set1_ps(s), sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256i k = tail_mask8(n - i);
+        const __m256 z = _mm256_maskload_ps(x + i, k);
+        const __m256 e = exp_nonpos_avx2(_mm256_or_ps(z, sign)); /* -|z| */
+        const __m256 neg = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ);
+        const __m256 sig = _mm256_div_ps(_mm256_blendv_ps(one, e, neg), _mm256_add_ps(one, e));
+        const __m256 f = m ? _mm256_maskload_ps(m + i, k) : vs;
+        _mm256_maskstore_ps(x + i, k, _mm256_mul_ps(_mm256_mul_ps(z, sig), f));
+    }
+}
+
 float sp_exp_sum_avx2(float *x, int64_t n, float mx) {
-    const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
-    float sum = 0.0f;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        const __m256 live = _mm256_cmp_ps(v, ninf, _CMP_NEQ_OQ);
-        _mm256_storeu_ps(x + i, _mm256_and_ps(live, exp_nonpos_avx2(_mm256_sub_ps(v, vmx))));
-        for (int64_t j = i; j < i + 8; j++) sum += x[j]; /* in index order (kernels.h) */
+    const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY), one = _mm256_set1_ps(1.0f);
+    const __m256 ulp = _mm256_set1_ps(0x1p36f);
+    int64_t acc = 0; /* the sum in units of 2^-36 (kernels.h) */
+    bool nan = false;
+    for (int64_t i = 0; i < n; i += 8) { /* the tail through a mask: every element takes the same polynomial */
+        const __m256i m = tail_mask8(n - i);
+        const __m256 v = _mm256_maskload_ps(x + i, m);
+        const __m256 d = _mm256_sub_ps(v, vmx);
+        const __m256 live = _mm256_and_ps(_mm256_cmp_ps(v, ninf, _CMP_NEQ_OQ), _mm256_castsi256_ps(m));
+        const __m256 bad = _mm256_cmp_ps(d, d, _CMP_UNORD_Q); /* NaN in: NaN out, as expf gives */
+        const __m256 e = _mm256_blendv_ps(_mm256_and_ps(live, exp_nonpos_avx2(d)), d, bad);
+        _mm256_maskstore_ps(x + i, m, e);
+        nan |= (_mm256_movemask_ps(bad) & _mm256_movemask_ps(_mm256_castsi256_ps(m))) != 0;
+        /* AVX2 has no float -> int64 conversion: each lane by cvtss2si */
+        float s[8];
+        _mm256_storeu_ps(s, _mm256_mul_ps(_mm256_min_ps(e, one), ulp));
+        for (int l = 0; l < 8; l++) acc += llrintf(s[l]);
     }
-    for (; i < n; i++) {
-        x[i] = x[i] == -INFINITY ? 0.0f : expf(x[i] - mx);
-        sum += x[i];
-    }
-    return sum;
+    return nan ? NAN : (float)((double)acc * 0x1p-36);
 }
 
 void sp_round_f16_avx2(float *x, int64_t n) {
@@ -734,13 +876,12 @@ void sp_kernels_fill_avx2(sp_kernels *k) {
     k->matmul[SP_TYPE_BF16] = sp_matmul_bf16_avx2;
     k->dot_f32 = sp_dot_f32_avx2;
     k->axpy_f32 = sp_axpy_f32_avx2;
-    k->dot_f16 = sp_dot_f16_avx2;
-    k->axpy_f16 = sp_axpy_f16_avx2;
     k->attn_scores_f16 = sp_attn_scores_f16_avx2;
     k->attn_sum_f16 = sp_attn_sum_f16_avx2;
     k->f32_to_f16 = sp_f32_to_f16_avx2;
     k->round_f16 = sp_round_f16_avx2;
     k->exp_sum = sp_exp_sum_avx2;
+    k->silu_mul = sp_silu_mul_avx2;
     k->first_above = sp_first_above_avx2;
     k->max_f32 = sp_max_f32_avx2;
 }

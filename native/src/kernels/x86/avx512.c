@@ -79,70 +79,141 @@ void sp_axpy_f32_avx512(float *y, float a, const float *x, int64_t n) {
     }
 }
 
-/* F16 vectors (the KV cache): 16 halves at a time (vcvtph2ps zmm), masked tail. */
-float sp_dot_f16_avx512(const float *a, const sp_f16 *b, int64_t n) {
-    __m512 s0 = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
-        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i),
-                             _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(b + i))), s0);
+/* ---- attention over the F16 cache (kernels.h) ---------------------------------------------------------------------
+ * Scores: the keys are stored in blocks of 16 slots transposed (kernels.h SP_KBLK), so for each d one 32-byte load
+ * and one conversion give slot d-values of 16 slots, applied with fused multiply-adds to every query of the tile
+ * (q[m][d] broadcast): acc[m] lane l = score of slot l, summed over d in order. KB key blocks at once for small
+ * tiles (M <= 4: 4 blocks, <= 8: 2), so there are enough independent chains to hide the FMA latency.
+ * Weighted sums: lanes are output elements (up to 64 in four vectors); each value row is converted once per tile of
+ * queries and applied to each query's accumulators, masked off where that query's p is 0. */
+
+/* NT queries x KB key blocks (blocks past the valid nkb repeat block 0 and are not stored; the last stored block keeps
+ * `last` lanes). */
+ALWAYS_INLINE void scores_tile(const float *q, int64_t ldq, const sp_f16 *k, int64_t D, int nkb, int last,
+                               float scale, float *out, int64_t ldo, int NT, int KB) {
+    const sp_f16 *kb[4];
+    for (int b = 0; b < KB; b++) kb[b] = k + (b < nkb ? b : 0) * SP_KBLK * D;
+    __m512 acc[16];
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < NT * KB; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        __m512 kd[4];
+        _Pragma("GCC unroll 4")
+        for (int b = 0; b < KB; b++) kd[b] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kb[b] + d * SP_KBLK)));
+        _Pragma("GCC unroll 16")
+        for (int m = 0; m < NT; m++) {
+            const __m512 qm = _mm512_set1_ps(q[m * ldq + d]);
+            _Pragma("GCC unroll 4")
+            for (int b = 0; b < KB; b++) acc[m * KB + b] = _mm512_fmadd_ps(qm, kd[b], acc[m * KB + b]);
+        }
     }
-    return _mm512_reduce_add_ps(s0);
+    const __m512 vs = _mm512_set1_ps(scale);
+    _Pragma("GCC unroll 16")
+    for (int m = 0; m < NT; m++)
+        _Pragma("GCC unroll 4")
+        for (int b = 0; b < KB; b++)
+            if (b < nkb) {
+                const __mmask16 mk = b == nkb - 1 ? (__mmask16)((1u << last) - 1) : (__mmask16)0xffff;
+                _mm512_mask_storeu_ps(out + m * ldo + b * SP_KBLK, mk, _mm512_mul_ps(acc[m * KB + b], vs));
+            }
 }
 
-void sp_axpy_f16_avx512(float *y, float a, const sp_f16 *x, int64_t n) {
-    const __m512 va = _mm512_set1_ps(a);
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
-        const __m512 xv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(x + i)));
-        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, xv, _mm512_maskz_loadu_ps(m, y + i)));
+#define SCORES_CASE(nt, kb) \
+    case nt: scores_tile(qt, ldq, kt, D, nkb, last, scale, ot, ldo, nt, kb); break;
+
+void sp_attn_scores_f16_avx512(const float *q, int64_t ldq, int64_t M, const sp_f16 *k, int64_t n, int64_t D,
+                               float scale, float *out, int64_t ldo) {
+    const int64_t nblk = (n + SP_KBLK - 1) / SP_KBLK;
+    const int KB = M <= 4 ? 4 : M <= 8 ? 2 : 1, MT = 16 / KB;
+    for (int64_t b = 0; b < nblk; b += KB) {
+        const int nkb = (int)SP_MIN_I(KB, nblk - b), last = (int)SP_MIN_I(SP_KBLK, n - (b + nkb - 1) * SP_KBLK);
+        const sp_f16 *kt = k + b * SP_KBLK * D;
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int nt = (int)SP_MIN_I(MT, M - m0);
+            const float *qt = q + m0 * ldq;
+            float *ot = out + m0 * ldo + b * SP_KBLK;
+            if (KB == 4) {
+                switch (nt) { SCORES_CASE(1, 4) SCORES_CASE(2, 4) SCORES_CASE(3, 4) default: SCORES_CASE(4, 4) }
+            } else if (KB == 2) {
+                switch (nt) {
+                    SCORES_CASE(1, 2) SCORES_CASE(2, 2) SCORES_CASE(3, 2) SCORES_CASE(4, 2)
+                    SCORES_CASE(5, 2) SCORES_CASE(6, 2) SCORES_CASE(7, 2) default: SCORES_CASE(8, 2)
+                }
+            } else {
+                switch (nt) {
+                    SCORES_CASE(1, 1) SCORES_CASE(2, 1) SCORES_CASE(3, 1) SCORES_CASE(4, 1)
+                    SCORES_CASE(5, 1) SCORES_CASE(6, 1) SCORES_CASE(7, 1) SCORES_CASE(8, 1)
+                    SCORES_CASE(9, 1) SCORES_CASE(10, 1) SCORES_CASE(11, 1) SCORES_CASE(12, 1)
+                    SCORES_CASE(13, 1) SCORES_CASE(14, 1) SCORES_CASE(15, 1) default: SCORES_CASE(16, 1)
+                }
+            }
+        }
     }
 }
 
-/* Scores: four key rows per pass (four independent accumulator chains instead of one), each accumulated and reduced
- * exactly as sp_dot_f16_avx512 does, so every score is bit-identical to the slot-by-slot kernel's. */
-void sp_attn_scores_f16_avx512(const float *q, const sp_f16 *k, int64_t ld, int64_t n, int64_t D, float scale,
-                               float *out) {
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const sp_f16 *k0 = k + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;
-        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-        for (int64_t i = 0; i < D; i += 16) {
-            const __mmask16 m = D - i >= 16 ? 0xffff : (__mmask16)((1u << (D - i)) - 1);
-            const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
-            s0 = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(k0 + i))), s0);
-            s1 = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(k1 + i))), s1);
-            s2 = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(k2 + i))), s2);
-            s3 = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const void *)(k3 + i))), s3);
-        }
-        out[j] = _mm512_reduce_add_ps(s0) * scale;
-        out[j + 1] = _mm512_reduce_add_ps(s1) * scale;
-        out[j + 2] = _mm512_reduce_add_ps(s2) * scale;
-        out[j + 3] = _mm512_reduce_add_ps(s3) * scale;
+/* NT queries x elements [i0, i0 + w) (w <= 16 NU) of the output: acc[m][u] over all n rows in order. */
+ALWAYS_INLINE void sum_tile(float *out, int64_t ldo, const float *p, int64_t ldp, const sp_f16 *v, int64_t ld,
+                            int64_t n, int64_t w, int NT, int NU) {
+    __mmask16 mu[4];
+    __m512 acc[32];
+    _Pragma("GCC unroll 4")
+    for (int u = 0; u < NU; u++) {
+        const int64_t left = w - 16 * u;
+        mu[u] = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
     }
-    for (; j < n; j++) out[j] = sp_dot_f16_avx512(q, k + j * ld, D) * scale;
+    _Pragma("GCC unroll 8")
+    for (int m = 0; m < NT; m++)
+        _Pragma("GCC unroll 4")
+        for (int u = 0; u < NU; u++) acc[m * NU + u] = _mm512_maskz_loadu_ps(mu[u], out + m * ldo + 16 * u);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        __m512 vj[4];
+        _Pragma("GCC unroll 4")
+        for (int u = 0; u < NU; u++)
+            vj[u] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mu[u], (const void *)(v + j * ld + 16 * u)));
+        _Pragma("GCC unroll 8")
+        for (int m = 0; m < NT; m++) {
+            const __m512 a = _mm512_set1_ps(p[m * ldp + j]);
+            const __mmask16 nz = _mm512_cmp_ps_mask(a, zero, _CMP_NEQ_UQ); /* p == 0: the row adds nothing */
+            _Pragma("GCC unroll 4")
+            for (int u = 0; u < NU; u++) acc[m * NU + u] = _mm512_mask3_fmadd_ps(a, vj[u], acc[m * NU + u], nz);
+        }
+    }
+    _Pragma("GCC unroll 8")
+    for (int m = 0; m < NT; m++)
+        _Pragma("GCC unroll 4")
+        for (int u = 0; u < NU; u++) _mm512_mask_storeu_ps(out + m * ldo + 16 * u, mu[u], acc[m * NU + u]);
 }
 
-/* Weighted sum of value rows: up to 64 output elements live in four registers across all rows (fused multiply-adds
- * in row order, as repeated sp_axpy_f16_avx512 calls would do them). */
-void sp_attn_sum_f16_avx512(float *out, const float *p, const sp_f16 *v, int64_t ld, int64_t n, int64_t D) {
-    for (int64_t c = 0; c < D; c += 64) {
-        __mmask16 m[4];
-        __m512 acc[4];
-        for (int u = 0; u < 4; u++) {
-            const int64_t i = c + 16 * u, left = D - i;
-            m[u] = left >= 16 ? 0xffff : (left > 0 ? (__mmask16)((1u << left) - 1) : 0);
-            acc[u] = _mm512_maskz_loadu_ps(m[u], out + (i < D ? i : 0));
+#define SUM_CASE(nt, nu) \
+    case nt: sum_tile(ot, ldo, pt, ldp, v + i0, ld, n, w, nt, nu); break;
+#define SUM_SWITCH(nu)                                                                                          \
+    switch (nt) {                                                                                               \
+        SUM_CASE(1, nu) SUM_CASE(2, nu) SUM_CASE(3, nu) SUM_CASE(4, nu) SUM_CASE(5, nu) SUM_CASE(6, nu)          \
+        SUM_CASE(7, nu) default: SUM_CASE(8, nu)                                                                 \
+    }
+
+void sp_attn_sum_f16_avx512(float *out, int64_t ldo, const float *p, int64_t ldp, int64_t M, const sp_f16 *v,
+                            int64_t ld, int64_t n, int64_t D) {
+    for (int64_t i0 = 0; i0 < D; i0 += 64) {
+        const int64_t w = SP_MIN_I(64, D - i0);
+        const int nu = (int)((w + 15) / 16), MT = nu == 4 ? 6 : 8;
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int nt = (int)SP_MIN_I(MT, M - m0);
+            float *ot = out + m0 * ldo + i0;
+            const float *pt = p + m0 * ldp;
+            if (nu == 4) {
+                switch (nt) {
+                    SUM_CASE(1, 4) SUM_CASE(2, 4) SUM_CASE(3, 4) SUM_CASE(4, 4) SUM_CASE(5, 4) default: SUM_CASE(6, 4)
+                }
+            } else if (nu == 3) {
+                SUM_SWITCH(3)
+            } else if (nu == 2) {
+                SUM_SWITCH(2)
+            } else {
+                SUM_SWITCH(1)
+            }
         }
-        for (int64_t j = 0; j < n; j++) {
-            if (p[j] == 0.0f) continue;
-            const __m512 a = _mm512_set1_ps(p[j]);
-            const sp_f16 *row = v + j * ld + c;
-            for (int u = 0; u < 4; u++)
-                if (m[u]) acc[u] = _mm512_fmadd_ps(a, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m[u], (const void *)(row + 16 * u))), acc[u]);
-        }
-        for (int u = 0; u < 4; u++)
-            if (m[u]) _mm512_mask_storeu_ps(out + c + 16 * u, m[u], acc[u]);
     }
 }
 
@@ -179,6 +250,21 @@ ALWAYS_INLINE __m512 exp_nonpos_avx512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
+}
+
+/* silu(z) = z * sigmoid(z) with e = exp(-|z|) <= 1: sigmoid is 1 / (1 + e) for z >= 0 and e / (1 + e) below. */
+void sp_silu_mul_avx512(float *x, const float *m, float s, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f), vs = _mm512_set1_ps(s);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 z = _mm512_maskz_loadu_ps(k, x + i);
+        const __m512 e = exp_nonpos_avx512(_mm512_castsi512_ps( /* -|z| */
+            _mm512_or_si512(_mm512_castps_si512(z), _mm512_set1_epi32((int32_t)0x80000000u))));
+        const __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+        const __m512 sig = _mm512_div_ps(_mm512_mask_mov_ps(one, neg, e), _mm512_add_ps(one, e));
+        const __m512 f = m ? _mm512_maskz_loadu_ps(k, m + i) : vs;
+        _mm512_mask_storeu_ps(x + i, k, _mm512_mul_ps(_mm512_mul_ps(z, sig), f));
+    }
 }
 
 float sp_max_f32_avx512(const float *x, int64_t n, bool *bad) {
@@ -222,16 +308,24 @@ int64_t sp_first_above_avx512(const float *x, int64_t n, float t) {
 }
 
 float sp_exp_sum_avx512(float *x, int64_t n, float mx) {
-    const __m512 vmx = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
-    float sum = 0.0f;
+    const __m512 vmx = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY), one = _mm512_set1_ps(1.0f);
+    const __m512 ulp = _mm512_set1_ps(0x1p36f);
+    __m512i acc = _mm512_setzero_si512(); /* the sum in units of 2^-36 (kernels.h), 8 lanes of int64 */
+    __mmask16 nan = 0;
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        const __m512 d = _mm512_sub_ps(v, vmx);
         const __mmask16 live = _mm512_mask_cmp_ps_mask(m, v, ninf, _CMP_NEQ_OQ);
-        _mm512_mask_storeu_ps(x + i, m, _mm512_maskz_mov_ps(live, exp_nonpos_avx512(_mm512_sub_ps(v, vmx))));
-        for (int64_t j = i; j < i + 16 && j < n; j++) sum += x[j]; /* in index order (kernels.h) */
+        const __mmask16 bad = _mm512_mask_cmp_ps_mask(m, d, d, _CMP_UNORD_Q); /* NaN in: NaN out, as expf gives */
+        const __m512 e = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(live, exp_nonpos_avx512(d)), bad, d);
+        _mm512_mask_storeu_ps(x + i, m, e);
+        nan |= bad;
+        const __m512 s = _mm512_mul_ps(_mm512_min_ps(e, one), ulp); /* NaN lanes are flagged above */
+        acc = _mm512_add_epi64(acc, _mm512_cvtps_epi64(_mm512_castps512_ps256(s)));
+        acc = _mm512_add_epi64(acc, _mm512_cvtps_epi64(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1))));
     }
-    return sum;
+    return nan ? NAN : (float)((double)_mm512_reduce_add_epi64(acc) * 0x1p-36);
 }
 
 /* ---- quantized matmuls ----------------------------------------------------------------------------------------- */
@@ -908,11 +1002,10 @@ void sp_kernels_fill_avx512(sp_kernels *k) {
     k->matmul[SP_TYPE_BF16] = sp_matmul_bf16_avx512;
     k->dot_f32 = sp_dot_f32_avx512;
     k->axpy_f32 = sp_axpy_f32_avx512;
-    k->dot_f16 = sp_dot_f16_avx512;
-    k->axpy_f16 = sp_axpy_f16_avx512;
     k->attn_scores_f16 = sp_attn_scores_f16_avx512;
     k->attn_sum_f16 = sp_attn_sum_f16_avx512;
     k->exp_sum = sp_exp_sum_avx512;
+    k->silu_mul = sp_silu_mul_avx512;
     k->first_above = sp_first_above_avx512;
     k->max_f32 = sp_max_f32_avx512;
     k->f32_to_f16 = sp_f32_to_f16_avx512;

@@ -18,8 +18,9 @@ unpacked kernels), asked in the same rounds, so the gain of load-time repacking 
 Measures, per engine: decode tok/s (greedy, one token per call), prefill tok/s (one batch of the prompt), time to
 first token (the prompt text tokenized, prefilled from an empty cache and the first token picked; it must be the
 engine's own greedy first token), peak RSS, energy per decoded token where RAPL counters can be read, and the cost
-of evaluating T tokens in one call relative to one token, for T = 1, 2, 4, 8, 16, 64 (the number that decides
-whether speculative decoding pays on a CPU; see DESIGN.md).
+of evaluating T tokens in one call relative to one token, for T = 1, 2, 4, 8, 16, 64 after 64 cached tokens (the
+number that decides whether speculative decoding pays on a CPU; see DESIGN.md), and for T = 1, 8 after 1024 cached
+tokens (where attention over the cache is a large share of the pass).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 64)
+LONG_CACHED, LONG_SIZES = 1024, (1, 8)  # the T-curve after a long context
 PROMPT = ("<|im_start|>user\nWrite a short story about a lighthouse keeper who finds a message in a bottle. "
           "Describe the sea, the weather, and what the message says.<|im_end|>\n<|im_start|>assistant\n")
 
@@ -171,14 +173,17 @@ def worker(engine_name: str, path: str, threads: int, n_ctx: int, conn) -> None:
             for _ in range(arg):
                 engine.eval([tok])
             conn.send((time.perf_counter() - t0) / arg)
-        elif cmd == "batch":  # seconds for one call of T tokens after the prompt, median of 5
+        elif cmd == "batch":  # seconds for one call of T tokens after `cached` tokens, median of 5
+            T, cached = arg
+            text = prompt * (cached // len(prompt) + 2)  # the prompt repeated: as many tokens as asked
             engine.reset()
-            engine.eval((prompt * 4)[:64])  # 64 cached tokens (the prompt is shorter)
+            for i in range(0, cached, 64):
+                engine.eval(text[i:min(i + 64, cached)])
             times = []
             for _ in range(5):
-                engine.reset(64)
+                engine.reset(cached)
                 t0 = time.perf_counter()
-                engine.eval((prompt * 4)[:arg])
+                engine.eval(text[cached:cached + T])
                 times.append(time.perf_counter() - t0)
             conn.send(statistics.median(times))
         elif cmd == "rss":
@@ -234,12 +239,12 @@ def compare_logits(rows, ref_rows) -> dict:
 
 def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 64,
         engine_names: tuple[str, ...] = ("sparrow", "llama.cpp"), batch_sizes: tuple[int, ...] = BATCH_SIZES,
-        n_ctx: int = 1024, progress=None, energy=None, worker_target: Callable | None = None) -> dict:
+        n_ctx: int = 2048, progress=None, energy=None, worker_target: Callable | None = None) -> dict:
     """The benchmark as a library call: engines in worker processes, asked in turn each repeat. Raises RuntimeError
     when an engine's logits along the first engine's greedy continuation disagree with the oracle's (see the module
     doc). The oracle is llama.cpp when it is among the engines, otherwise a Sparrow worker on the scalar kernels.
-    `progress(step)` is called after every measurement (repeats * engines * (STEPS_PER_REPEAT + len(batch_sizes))
-    in all).
+    `progress(step)` is called after every measurement (repeats * engines * (STEPS_PER_REPEAT + len(batch_sizes) +
+    len(LONG_SIZES)) in all).
     `energy`: a bench_device.energy.Rapl meter read around every decode measurement, or None.
     `worker_target`: the function each worker process runs (default: worker; with the spawn context it must live in
     an importable module). A worker that dies raises RuntimeError saying how: "the llama.cpp worker died (killed by
@@ -312,7 +317,8 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
             proc.join(timeout=5)
 
         res = {name: {"decode_s": [], "prefill_s": [], "ttft_s": [], "decode_j": [],
-                      "batch_s": {t: [] for t in batch_sizes}} for name in engines}
+                      "batch_s": {t: [] for t in batch_sizes}, "long_s": {t: [] for t in LONG_SIZES}}
+               for name in engines}
         n_prompt = 0
         for _ in range(repeats):
             for name in engines:  # alternate engines within every repeat
@@ -334,7 +340,11 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
                 if progress:
                     progress(1)
                 for t in batch_sizes:
-                    res[name]["batch_s"][t].append(ask(name, "batch", t))
+                    res[name]["batch_s"][t].append(ask(name, "batch", (t, 64)))
+                    if progress:
+                        progress(1)
+                for t in LONG_SIZES:
+                    res[name]["long_s"][t].append(ask(name, "batch", (t, LONG_CACHED)))
                     if progress:
                         progress(1)
         report = {"schema": "sparrow.bench_decode/1", "model": os.path.basename(model), "threads": threads,
@@ -352,6 +362,10 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
                 "peak_rss_mb": ask(name, "rss") / 2**20,
                 "batch_cost_vs_t1": {t: statistics.median(r["batch_s"][t]) / b1 for t in batch_sizes},
                 "batch_ms": {t: 1e3 * statistics.median(r["batch_s"][t]) for t in batch_sizes},
+                "long_cached_tokens": LONG_CACHED,
+                "long_cost_vs_t1": {t: statistics.median(r["long_s"][t]) / statistics.median(r["long_s"][LONG_SIZES[0]])
+                                    for t in LONG_SIZES},
+                "long_ms": {t: 1e3 * statistics.median(r["long_s"][t]) for t in LONG_SIZES},
             }
             if r["decode_j"]:  # joules of `decode_tokens` steps: the whole package, whatever else runs
                 report["engines"][name]["decode_j"] = summary(r["decode_j"])
@@ -421,6 +435,11 @@ def print_report(r: dict) -> None:
     for t in BATCH_SIZES:
         cells = [f"{e['batch_cost_vs_t1'][t]:6.2f}x ({e['batch_ms'][t]:7.2f} ms)" for e in r["engines"].values()]
         print(f"{t:>4} " + " ".join(f"{c:>22}" for c in cells))
+    if all("long_ms" in e for e in r["engines"].values()):
+        print(f"after {LONG_CACHED} cached tokens:")
+        for t in LONG_SIZES:
+            cells = [f"{e['long_cost_vs_t1'][t]:6.2f}x ({e['long_ms'][t]:7.2f} ms)" for e in r["engines"].values()]
+            print(f"{t:>4} " + " ".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":

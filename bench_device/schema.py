@@ -93,6 +93,9 @@ ENGINE = {
     "ttft_ms": Summary(),                                   # prompt text -> first token, empty cache
     "peak_rss_mb": NUM,
     "batch_ms": {"*": NUM}, "batch_cost_vs_t1": {"*": NUM},
+    # the same after a long context (attention over the cache a large share of the pass); reports from before these
+    # were measured lack them
+    "long_cached_tokens?": int, "long_ms?": {"*": NUM}, "long_cost_vs_t1?": {"*": NUM},
     "bandwidth_bound_tok_s": NUM, "fraction_of_bound": NUM, "bound": BOUND_USED,
     # joules of each decode measurement (whole package) and per token; coarse counters may read 0 for a short run
     "energy": AnyOf(({"decode_j_per_token": Summary(positive=False), "decode_j": Summary(positive=False)},

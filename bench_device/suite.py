@@ -107,7 +107,8 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
     meter, energy_why = Rapl.open(*([energy_root] if energy_root else []))
 
     def decode(names):
-        steps = cfg["repeats"] * len(names) * (bench_decode.STEPS_PER_REPEAT + len(cfg["batch_sizes"]))
+        steps = cfg["repeats"] * len(names) * (bench_decode.STEPS_PER_REPEAT + len(cfg["batch_sizes"]) +
+                                               len(bench_decode.LONG_SIZES))
         with bar(steps, "decode/prefill/TTFT (" + " vs ".join(names) + ")") as b:
             return bench_decode.run(str(model_path), threads=threads, repeats=cfg["repeats"],
                                     decode_tokens=cfg["decode_tokens"], engine_names=names,
@@ -137,6 +138,9 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
             "peak_rss_mb": e["peak_rss_mb"],
             "batch_ms": {str(t): v for t, v in e["batch_ms"].items()},
             "batch_cost_vs_t1": {str(t): v for t, v in e["batch_cost_vs_t1"].items()},
+            "long_cached_tokens": e["long_cached_tokens"],
+            "long_ms": {str(t): v for t, v in e["long_ms"].items()},
+            "long_cost_vs_t1": {str(t): v for t, v in e["long_cost_vs_t1"].items()},
             **against_bound(bound, e["decode_tok_s"]["median"]),
             "energy": ({"decode_j": e["decode_j"], "decode_j_per_token": e["decode_j_per_token"]}
                        if "decode_j" in e else f"unavailable: {energy_why}"),
@@ -307,6 +311,12 @@ def to_markdown(r: dict) -> str:
     for t in r["settings"]["batch_sizes"]:
         cells = [f"{e['batch_cost_vs_t1'][str(t)]:.2f}x ({e['batch_ms'][str(t)]:.2f} ms)"
                  for e in r["engines"].values()]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    first = next(iter(r["engines"].values()))
+    lines += ["", f"After {first['long_cached_tokens']} cached tokens:", "",
+              "| T | " + " | ".join(r["engines"]) + " |", "|---:|" + "---:|" * len(r["engines"])]
+    for t in first["long_ms"]:
+        cells = [f"{e['long_cost_vs_t1'][t]:.2f}x ({e['long_ms'][t]:.2f} ms)" for e in r["engines"].values()]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     if r["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]

@@ -44,6 +44,7 @@ class Source:
 
 SOURCES = {
     "decode": Source("bench_device/results/decode_smollm2_zen4_2t.json", "Zen 4"),
+    "tcurve": Source("bench_device/results/tcurve_smollm2_zen4_2t_before_after.json", "Zen 4"),
     "report": Source("bench_device/results/full-report/report.json", "Zen 4"),
     "ffn": Source("bench_device/results/ffn_2048x64x128_q4_0_zen4.json", "Zen 4"),
     "synthetic": Source("bench_device/results/synthetic_mla_0.5b_1.2b_q4_0_zen4.json", "Zen 4"),
@@ -226,6 +227,14 @@ FIGURES: list[Figure] = [
            "decode", ("engines/sparrow/decode_tok_s/median", "engines/llama.cpp/decode_tok_s/median",
                       "ratio_sparrow_over_llama_cpp/decode", "ratio_sparrow_over_llama_cpp/prefill",
                       "engines/sparrow/batch_cost_vs_t1/8", "engines/llama.cpp/batch_cost_vs_t1/8")),
+    Figure("after 1024 cached tokens, {:.2f}x\n(llama.cpp: {:.2f}x)", "decode",
+           ("engines/sparrow/long_cost_vs_t1/8", "engines/llama.cpp/long_cost_vs_t1/8")),
+    *[Figure(f"| {cached} | {t} | {{:.2f}} ms{' ({:.2f}x)' if t == 8 else ''} | {{:.2f}} ms"
+             f"{' ({:.2f}x)' if t == 8 else ''} | {{:.2f}} ms{' ({:.2f}x)' if t == 8 else ''} |", "tcurve",
+             tuple(f"{run}/engines/{engine}/{kind}_{what}/{t}"
+                   for run, engine in (("before", "sparrow"), ("after", "sparrow"), ("after", "llama.cpp"))
+                   for what in (("ms", "cost_vs_t1") if t == 8 else ("ms",))))
+      for cached, kind, t in ((64, "batch", 8), (64, "batch", 64), (1024, "long", 1), (1024, "long", 8))],
     Figure("memory-bandwidth bound at {:.0f} tok/s", "report", ("engines/sparrow/bandwidth_bound_tok_s",)),
     Figure("adds a median {:.2f}x on top", "spec", (C + CHY + "/ratio_vs_plain/median",)),
     Figure("sparse execution plus speculation reaches {:.1f}-{:.1f}x dense decode\n(replayed", "spec_mla",

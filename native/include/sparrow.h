@@ -54,7 +54,8 @@ SP_API const char *sp_version(void);                 /* "MAJOR.MINOR.PATCH" */
 SP_API const char *sp_last_error(void);              /* message of the last failure on this thread, "" if none */
 SP_API const char *sp_status_string(sp_status s);    /* "SP_ERR_BAD_FORMAT" etc. */
 SP_API const char *sp_cpu_features(void);            /* e.g. "avx2 fma f16c avx512f avx512bw avx512vnni" */
-SP_API const char *sp_kernel_tier(void);             /* the tier chosen at run time: "ref", "avx2", "avx512", "neon" */
+/* the tier chosen at run time: "ref", "avx2", "avx512", "neon", "dotprod" or "i8mm" */
+SP_API const char *sp_kernel_tier(void);
 
 /* ---- model ---- */
 typedef struct sp_model_params {

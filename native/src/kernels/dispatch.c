@@ -2,7 +2,10 @@
  *
  * CPU features are detected once (cpuid + xgetbv: the OS must save the AVX / AVX-512 register state), each tier's
  * table is filled once (starting from "ref"; a SIMD file overwrites the entries it implements), and sp_kernels_get()
- * returns the best tier this CPU can run: avx512 (avx512f+bw+vl+vnni) > avx2 (avx2+fma+f16c) > ref.
+ * returns the best tier this CPU can run: on x86 avx512 (avx512f+bw+vl+vnni) > avx2 (avx2+fma+f16c) > ref; on
+ * AArch64 (features from getauxval(AT_HWCAP / AT_HWCAP2), the same bits on Linux and Android) i8mm (Armv8.6 int8
+ * matrix multiply) > dotprod (Armv8.2 SDOT/UDOT) > neon (Armv8.0 Advanced SIMD, every AArch64 CPU) > ref. Each ARM
+ * tier starts from the one below it and overwrites what it does better.
  * SPARROW_FORCE_SCALAR=1 in the environment makes sp_kernels_get() return "ref" (sp_kernels_for_tier is unaffected,
  * so tests can still compare every tier).
  */
@@ -19,18 +22,24 @@ void sp_kernels_fill_avx2(sp_kernels *k);   /* x86/avx2.c */
 void sp_kernels_fill_avx512(sp_kernels *k); /* x86/avx512.c */
 #endif
 #if defined(SP_HAVE_ARM)
-/* arm/neon.c: void sp_kernels_fill_neon(sp_kernels *k); wire it up in detect() and tier_available() below. */
+#  include <sys/auxv.h>
+void sp_kernels_fill_neon(sp_kernels *k);    /* arm/neon.c */
+void sp_kernels_fill_dotprod(sp_kernels *k); /* arm/dotprod.c */
+void sp_kernels_fill_i8mm(sp_kernels *k);    /* arm/i8mm.c */
+#  define SP_HWCAP_ASIMD (1ul << 1)
+#  define SP_HWCAP_ASIMDDP (1ul << 20)
+#  define SP_HWCAP2_I8MM (1ul << 13)
 #endif
 
 typedef struct cpu_features {
     bool avx, avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512dq, avx512vnni, avx512bf16;
-    bool neon;
+    bool neon, dotprod, i8mm;
 } cpu_features;
 
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static cpu_features g_cpu;
 static char g_feature_string[160];
-static sp_kernels g_ref, g_avx2, g_avx512;
+static sp_kernels g_ref, g_avx2, g_avx512, g_neon, g_dotprod, g_i8mm;
 static const sp_kernels *g_best;
 
 #if defined(SP_HAVE_X86)
@@ -63,6 +72,15 @@ static void detect_x86(cpu_features *f) {
 }
 #endif
 
+#if defined(SP_HAVE_ARM)
+static void detect_arm(cpu_features *f) {
+    const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+    f->neon = (hw & SP_HWCAP_ASIMD) != 0;
+    f->dotprod = f->neon && (hw & SP_HWCAP_ASIMDDP) != 0;
+    f->i8mm = f->dotprod && (hw2 & SP_HWCAP2_I8MM) != 0;
+}
+#endif
+
 static bool tier_available(const char *tier) {
     if (!strcmp(tier, "ref")) return true;
 #if defined(SP_HAVE_X86)
@@ -71,6 +89,11 @@ static bool tier_available(const char *tier) {
     if (!strcmp(tier, "avx512"))
         return f->avx512f && f->avx512bw && f->avx512vl && f->avx512dq && f->avx512vnni && f->avx2 && f->fma &&
                f->f16c;
+#endif
+#if defined(SP_HAVE_ARM)
+    if (!strcmp(tier, "neon")) return g_cpu.neon;
+    if (!strcmp(tier, "dotprod")) return g_cpu.dotprod;
+    if (!strcmp(tier, "i8mm")) return g_cpu.i8mm;
 #endif
     return false;
 }
@@ -113,6 +136,9 @@ static void init_once(void) {
 #if defined(SP_HAVE_X86)
     detect_x86(&g_cpu);
 #endif
+#if defined(SP_HAVE_ARM)
+    detect_arm(&g_cpu);
+#endif
     const cpu_features *f = &g_cpu;
     append_feature("avx", f->avx);
     append_feature("avx2", f->avx2);
@@ -125,6 +151,8 @@ static void init_once(void) {
     append_feature("avx512vnni", f->avx512vnni);
     append_feature("avx512bf16", f->avx512bf16);
     append_feature("neon", f->neon);
+    append_feature("dotprod", f->dotprod);
+    append_feature("i8mm", f->i8mm);
 
     fill_ref(&g_ref);
     g_best = &g_ref;
@@ -142,6 +170,26 @@ static void init_once(void) {
         g_best = &g_avx512;
     }
 #endif
+#if defined(SP_HAVE_ARM)
+    if (tier_available("neon")) {
+        fill_ref(&g_neon);
+        sp_kernels_fill_neon(&g_neon);
+        g_neon.tier = "neon";
+        g_best = &g_neon;
+    }
+    if (tier_available("dotprod")) {
+        g_dotprod = g_neon;
+        sp_kernels_fill_dotprod(&g_dotprod);
+        g_dotprod.tier = "dotprod";
+        g_best = &g_dotprod;
+    }
+    if (tier_available("i8mm")) {
+        g_i8mm = g_dotprod;
+        sp_kernels_fill_i8mm(&g_i8mm);
+        g_i8mm.tier = "i8mm";
+        g_best = &g_i8mm;
+    }
+#endif
     const char *force = getenv("SPARROW_FORCE_SCALAR");
     if (force && force[0] && strcmp(force, "0") != 0) g_best = &g_ref;
 }
@@ -157,6 +205,9 @@ const sp_kernels *sp_kernels_for_tier(const char *tier) {
     if (!strcmp(tier, "ref")) return &g_ref;
     if (!strcmp(tier, "avx2")) return &g_avx2;
     if (!strcmp(tier, "avx512")) return &g_avx512;
+    if (!strcmp(tier, "neon")) return &g_neon;
+    if (!strcmp(tier, "dotprod")) return &g_dotprod;
+    if (!strcmp(tier, "i8mm")) return &g_i8mm;
     return NULL;
 }
 

@@ -61,8 +61,8 @@ SP_DECLARE_TIER(ref)
 SP_DECLARE_TIER(avx2)
 SP_DECLARE_TIER(avx512)
 #endif
-#if defined(SP_HAVE_ARM)
-/* arm/neon.c will declare its tier here: SP_DECLARE_TIER(neon) */
-#endif
+/* The ARM tiers (arm/neon.c, arm/dotprod.c, arm/i8mm.c) keep their functions static and fill their table entries
+ * through sp_kernels_fill_<tier> (dispatch.c): each starts from the tier below, so it defines only what it
+ * improves. */
 
 #endif

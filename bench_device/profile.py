@@ -50,16 +50,49 @@ def summary(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+# ARM cores by (CPU implementer, CPU part) of /proc/cpuinfo, which on ARM Linux and Android names no model: the cores
+# of current phones, boards and servers (the Arm Technical Reference Manuals' MIDR values).
+ARM_PARTS = {
+    (0x41, 0xD03): "Cortex-A53", (0x41, 0xD04): "Cortex-A35", (0x41, 0xD05): "Cortex-A55", (0x41, 0xD07): "Cortex-A57",
+    (0x41, 0xD08): "Cortex-A72", (0x41, 0xD09): "Cortex-A73", (0x41, 0xD0A): "Cortex-A75", (0x41, 0xD0B): "Cortex-A76",
+    (0x41, 0xD0C): "Neoverse-N1", (0x41, 0xD0D): "Cortex-A77", (0x41, 0xD40): "Neoverse-V1", (0x41, 0xD41): "Cortex-A78",
+    (0x41, 0xD44): "Cortex-X1", (0x41, 0xD46): "Cortex-A510", (0x41, 0xD47): "Cortex-A710", (0x41, 0xD48): "Cortex-X2",
+    (0x41, 0xD49): "Neoverse-N2", (0x41, 0xD4D): "Cortex-A715", (0x41, 0xD4E): "Cortex-X3", (0x41, 0xD4F): "Neoverse-V2",
+    (0x41, 0xD80): "Cortex-A520", (0x41, 0xD81): "Cortex-A720", (0x41, 0xD82): "Cortex-X4",
+}
+
+
+def arm_cpu_names(cpuinfo: str) -> str | None:
+    """The cores an ARM /proc/cpuinfo lists, by implementer and part ("4x Cortex-A55 + 4x Cortex-A76"); None when
+    it lists none. Unknown parts are given as numbers (implementer 0x51 part 0x804)."""
+    counts: dict[str, int] = {}
+    impl = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        try:
+            if key == "cpu implementer":
+                impl = int(value, 16)
+            elif key == "cpu part" and impl is not None:
+                part = int(value, 16)
+                name = ARM_PARTS.get((impl, part), f"implementer {impl:#x} part {part:#x}")
+                counts[name] = counts.get(name, 0) + 1
+        except ValueError:
+            continue
+    return " + ".join(f"{n}x {name}" for name, n in counts.items()) or None
+
+
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "processor\t: ")) and ":" in line:
-                value = line.split(":", 1)[1].strip()
-                if value and not value.isdigit():
-                    return value
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        text = ""
+    for line in text.splitlines():
+        if line.lower().startswith(("model name", "hardware", "processor\t: ")) and ":" in line:
+            value = line.split(":", 1)[1].strip()
+            if value and not value.isdigit():
+                return value
+    return arm_cpu_names(text) or platform.processor() or platform.machine()
 
 
 def caches() -> list[dict]:

@@ -513,3 +513,14 @@ def test_report_side_by_side_with_llama_cpp(tiny):
     assert list(o["checks"]) == ["sparrow"] and o["checks"]["sparrow"]["nmse"] < 1e-2  # measured 1.1e-3
     assert r["ratio_sparrow_over_llama_cpp"]["decode"] > 0 and r["ratio_sparrow_over_llama_cpp"]["ttft"] > 0
     assert validate(json.loads(json.dumps({**r, "plots": {}}))) == []
+
+
+def test_arm_cpu_names_from_cpuinfo():
+    """ARM Linux and Android name no model in /proc/cpuinfo: the cores come from implementer and part, big.LITTLE
+    clusters counted, unknown parts as numbers; an x86 cpuinfo has none."""
+    core = "processor\t: {i}\nBogoMIPS\t: 38.40\nCPU implementer\t: {impl}\nCPU architecture: 8\nCPU part\t: {part}\n\n"
+    phone = "".join(core.format(i=i, impl="0x41", part="0xd05" if i < 4 else "0xd0b") for i in range(8))
+    assert profile.arm_cpu_names(phone) == "4x Cortex-A55 + 4x Cortex-A76"
+    odd = core.format(i=0, impl="0x51", part="0x804") + core.format(i=1, impl="0x41", part="zz")
+    assert profile.arm_cpu_names(odd) == "1x implementer 0x51 part 0x804"
+    assert profile.arm_cpu_names("processor\t: 0\nmodel name\t: AMD EPYC\n") is None

@@ -31,7 +31,7 @@ import numpy as np
 from . import _sparrow
 from .native import Model, SamplerParams, Session
 from .planner import DraftGate, TreePlanner
-from .tree import Draft, draw, greedy_token, penalized, target_probs
+from .tree import Draft, TargetSampler, draw, penalized
 
 
 class Drafter:
@@ -284,10 +284,12 @@ class DraftModel(Drafter):
         self.logits = np.empty(V, dtype=np.float32)  # each draft step's logits, reused
         self.q = np.zeros((k, V), dtype=np.float64)  # [K, V] distributions the draft tokens were drawn from
         self.params = SamplerParams.greedy()
+        self.target = TargetSampler(V, self.params)  # the draft model's own processed distribution
         self.rng = np.random.default_rng(0)
 
     def begin(self, ctx: list[int], params: SamplerParams, rng: np.random.Generator) -> None:
         self.params, self.rng = params, rng
+        self.target = TargetSampler(self.model.info.n_vocab, params)
 
     def propose(self, ctx: list[int], max_nodes: int) -> Draft:
         s = self.session
@@ -304,9 +306,9 @@ class DraftModel(Drafter):
         for j in range(k):
             history = hist + tokens if penalty else ()
             if greedy:
-                t = greedy_token(logits, self.params, history, self.x)
+                t = self.target.greedy(logits, history)
             else:
-                t = draw(target_probs(logits, self.params, history, self.x, self.q[j]), self.rng)
+                t = draw(self.target.probs(logits, history, self.q[j]), self.rng)
             tokens.append(t)
             if j + 1 < k:
                 logits = s.eval([t], logits="last", out=self.logits)

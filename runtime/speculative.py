@@ -48,7 +48,7 @@ import numpy as np
 from .drafters import Drafter, make_drafter
 from .native import Model, Sampler, SamplerParams, Session, utf8_pieces
 from .planner import gate_summary, planner_dict, planner_summary
-from .tree import Draft, draw, greedy_token, target_probs
+from .tree import Draft, TargetSampler, draw
 
 if TYPE_CHECKING:
     from .planner import DraftGate, TreePlanner
@@ -170,13 +170,11 @@ class _Scratch:
         self.mask = np.zeros(n_batch * n_batch, dtype=np.uint8)  # [T, T] views of the first T*T bytes
         self.depth = np.zeros(n_batch, dtype=np.int32)            # [T]
         self.logits = np.empty((n_batch, n_vocab), dtype=np.float32)  # [T, V] views: every verification's logits
-        self.x = np.empty(n_vocab, dtype=np.float32)              # penalised logits
         self.p = np.empty(n_vocab, dtype=np.float64)              # target distribution at a node
-        # The C sampler computes the target distribution (only its K tokens of non-zero probability) far faster than
-        # the dense numpy path; its repetition-penalty history is set to each node's before use.
-        # Built for greedy decoding too: the C sampler validates the parameters exactly as plain decoding does
-        # (NaN or negative penalties, top-p > 1, ...), so the speculative path refuses what the plain one refuses.
-        self.sampler = Sampler(n_vocab, params)
+        # The C sampler gives the target's choice and distribution at each node (its repetition history set to the
+        # node's); built for greedy decoding too, so the speculative path refuses the parameters plain decoding
+        # refuses (NaN or negative penalties, top-p > 1, ...).
+        self.target = TargetSampler(n_vocab, params)
 
     def tree_mask(self, parents: Sequence[int]) -> np.ndarray:
         """[T, T] ancestor-or-self mask and node depths for a root plus nodes with these parents."""
@@ -326,7 +324,7 @@ def _drafting_step(session: Session, ctx: list[int], drafter: Drafter, planner: 
         history = hist_base + emitted if hist_base is not None else ()
         kids = children[u]
         if greedy:
-            x = greedy_token(logits[u], params, history, buf.x)
+            x = buf.target.greedy(logits[u], history)
             nxt = next((v for v in kids if batch[v] == x), None)
         else:
             x, nxt = _sample_at_node(logits[u], params, history, buf, kids, batch, draft.q, rng)
@@ -363,16 +361,12 @@ def _sample_at_node(logits: np.ndarray, params: SamplerParams, history: Sequence
                     rng: np.random.Generator) -> tuple[int, int | None]:
     """Speculative sampling at one node (params sample: temperature > 0): returns (the token the target emits here,
     the child holding it or None)."""
-    if q is None:  # point-mass children: the target distribution from the C sampler, sparse
-        if params.repeat_penalty != 1.0 and params.repeat_last_n > 0:
-            buf.sampler.reset()  # the penalty's history: this node's context (the RNG reseeding is not used here)
-            for t in history[-params.repeat_last_n:]:
-                buf.sampler.accept(t)
-        return _sample_deterministic_kids(*buf.sampler.candidates(logits), kids, batch, rng)
+    if q is None:  # point-mass children: the target distribution, sparse
+        return _sample_deterministic_kids(*buf.target.candidates(logits, history), kids, batch, rng)
     # A sampled chain: one child with draft distribution q[child - 1], against the dense target distribution.
     if len(kids) > 1:
         raise ValueError("drafts with probabilities q must be chains")
-    p = target_probs(logits, params, history, buf.x, buf.p)
+    p = buf.target.probs(logits, history, buf.p)
     if kids:
         v = kids[0]
         d = batch[v]
@@ -382,7 +376,7 @@ def _sample_at_node(logits: np.ndarray, params: SamplerParams, history: Sequence
         np.subtract(p, qv, out=p)
         np.maximum(p, 0.0, out=p)
         if p.sum() <= 0:  # p == q up to rounding: the rejection had probability ~0; fall back to p
-            p = target_probs(logits, params, history, buf.x, buf.p)
+            p = buf.target.probs(logits, history, buf.p)
     return draw(p, rng), None
 
 

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .native import SamplerParams
+from .native import Sampler, SamplerParams
 
-# ---- the target's processed distribution (mirror of native/src/sampler.c, see tests/reference/sampler.py) ----
+# ---- the target's processed distribution: the C sampler's (native/src/sampler.c, oracle tests/reference/sampler.py) ----
 
 def penalized(logits: np.ndarray, params: SamplerParams, history: Sequence[int], out: np.ndarray) -> np.ndarray:
     """logits [V] with the repetition penalty of the last repeat_last_n history tokens applied (float32, as in C),
-    written to out [V] (float32). Returns out, or logits itself when the penalty is off."""
+    written to out [V] (float32): how a drafter ranks its candidates. Returns out, or logits itself when the penalty
+    is off."""
     if params.repeat_penalty == 1.0 or params.repeat_last_n <= 0 or not history:
         return logits
     np.copyto(out, logits)
@@ -26,43 +27,35 @@ def penalized(logits: np.ndarray, params: SamplerParams, history: Sequence[int],
     return out
 
 
-def greedy_token(logits: np.ndarray, params: SamplerParams, history: Sequence[int], scratch: np.ndarray) -> int:
-    """The token the C sampler's greedy mode picks: argmax of the penalised logits, ties to the lowest id."""
-    return int(np.argmax(penalized(logits, params, history, scratch)))
+class TargetSampler:
+    """The distribution the C sampler draws from at a node (repetition penalty -> top-k -> temperature -> top-p ->
+    min-p), with the node's own repetition history: the C sampler itself (sp_sampler_candidates), its history set to
+    the node's before each use, so the speculative paths decide exactly as plain decoding does."""
 
+    def __init__(self, n_vocab: int, params: SamplerParams):
+        self.sampler = Sampler(n_vocab, params)  # validates params exactly as plain decoding does
+        self.n_last = params.repeat_last_n if params.repeat_penalty != 1.0 else 0
 
-def target_probs(logits: np.ndarray, params: SamplerParams, history: Sequence[int], scratch: np.ndarray,
-                 out: np.ndarray) -> np.ndarray:
-    """The distribution the C sampler draws from for these logits, into out [V] float64: repetition penalty ->
-    top-k -> temperature softmax -> top-p -> min-p -> renormalise; ties in the order go to the lower id."""
-    x = penalized(logits, params, history, scratch)
-    V = x.shape[0]
-    out.fill(0.0)
-    if params.temperature <= 0:
-        out[int(np.argmax(x))] = 1.0
+    def candidates(self, logits: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32 [K], probabilities float32 [K]) of the K tokens of non-zero probability."""
+        if self.n_last > 0:
+            self.sampler.reset()
+            for t in history[-self.n_last:]:
+                self.sampler.accept(t)
+        return self.sampler.candidates(logits)
+
+    def greedy(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        """The token greedy decoding picks (params with temperature <= 0): the penalised argmax, ties to the lowest
+        id."""
+        ids, _ = self.candidates(logits, history)
+        return int(ids[0])
+
+    def probs(self, logits: np.ndarray, history: Sequence[int], out: np.ndarray) -> np.ndarray:
+        """The distribution, dense, into out [V] (float64)."""
+        ids, p = self.candidates(logits, history)
+        out.fill(0.0)
+        out[ids] = p
         return out
-    k = params.top_k
-    if 0 < k < V:
-        part = np.argpartition(-x, k - 1)[:k]
-        thr = x[part].min()
-        above = np.nonzero(x > thr)[0]
-        ties = np.nonzero(x == thr)[0][: k - above.size]  # ties at the boundary: the lowest ids, as in C
-        cand = np.concatenate([above, ties])
-    else:
-        cand = np.arange(V)
-    order = cand[np.lexsort((cand, -x[cand].astype(np.float64)))]  # [K] largest first, ties -> lower id
-    lk = x[order].astype(np.float64)
-    p = np.exp((lk - lk[0]) / params.temperature)
-    p /= p.sum()
-    keep = p.size
-    if params.top_p < 1.0:
-        hit = np.nonzero(np.cumsum(p) >= params.top_p)[0]
-        if hit.size:
-            keep = min(keep, int(hit[0]) + 1)
-    if params.min_p > 0.0:
-        keep = min(keep, int(np.sum(p >= params.min_p * p[0])))
-    out[order[:keep]] = p[:keep] / p[:keep].sum()
-    return out
 
 
 def draw(p: np.ndarray, rng: np.random.Generator) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from reference.sampler import sampler_probs as ref_probs
 from scipy import stats as scistats
-from sparrow.runtime import Model, Sampler, SamplerParams, SparrowError, _sparrow, generate_tokens
+from sparrow.runtime import Model, Sampler, SamplerParams, SparrowError, generate_tokens
 from sparrow.runtime.drafters import (
     Adaptive,
     Drafter,
@@ -37,7 +37,7 @@ from sparrow.runtime.drafters import (
 )
 from sparrow.runtime.planner import DraftGate, TreePlanner
 from sparrow.runtime.speculative import SpecStats, generate_speculative, speculative_tokens
-from sparrow.runtime.tree import Draft, target_probs
+from sparrow.runtime.tree import Draft, TargetSampler
 from tiny_llama import TinyConfig, write_tiny_llama
 
 N_NEW = 24
@@ -414,25 +414,24 @@ def test_top_k_rows_orders_like_a_full_sort():
     {"temperature": 1.3, "top_k": 0, "top_p": 0.7, "min_p": 0.0, "repeat_penalty": 1.0},
     {"temperature": 0.5, "top_k": 5, "top_p": 1.0, "min_p": 0.2, "repeat_penalty": 0.8, "repeat_last_n": 64},
 ])
-def test_target_probs_equal_the_c_sampler(params):
+def test_target_sampler_is_the_c_sampler_with_the_nodes_history(params):
+    """TargetSampler (what the Python speculative loop and draft model decide with) gives the numpy oracle's
+    distribution for a node's own repetition history, whatever history it was used with before."""
     rng = np.random.default_rng(0)
     V = 300
     x = (rng.standard_normal(V) * 3).astype(np.float32)
     x[10:14] = x.max()  # ties at the top
     history = rng.integers(0, V, 40).tolist()
     sp = SamplerParams(**params)
-    s = Sampler(V, sp)
-    for t in history:
-        s.accept(t)
-    c = _sparrow.testing.sampler_probs(s._s, x)
-    ours = target_probs(x, sp, history, np.empty(V, np.float32), np.empty(V))
-    np.testing.assert_allclose(ours, ref_probs(x, history=history, **params), atol=1e-12)
-    np.testing.assert_allclose(ours, c, atol=1e-6)
-    ids, pr = s.candidates(x)  # the same distribution, sparse (the speculative sampling fast path reads this)
+    target = TargetSampler(V, sp)
+    target.probs(x, rng.integers(0, V, 70).tolist(), np.empty(V))  # another node's history first
+    ours = target.probs(x, history, np.empty(V))
+    want = ref_probs(x, history=history, **params)
+    np.testing.assert_allclose(ours, want, atol=1e-6)
+    ids, pr = target.candidates(x, history)  # the same distribution, sparse (the speculative sampling fast path)
     assert len(set(ids.tolist())) == len(ids) and np.all(pr > 0) and abs(float(pr.sum()) - 1) < 1e-5
-    dense = np.zeros(V)
-    dense[ids] = pr
-    np.testing.assert_allclose(dense, c, atol=1e-6)
+    greedy = TargetSampler(V, dataclasses.replace(sp, temperature=0.0))
+    assert greedy.greedy(x, history) == int(np.argmax(ref_probs(x, history=history, **{**params, "temperature": 0.0})))
 
 
 # ---- speculative sampling preserves the target distribution (tiny random llama, V = 275) ----
@@ -454,14 +453,13 @@ def tiny(tmp_path_factory):
 
 
 def two_token_distribution(model: Model, prompt: list[int], params: SamplerParams) -> dict[tuple[int, int], float]:
-    V = model.info.n_vocab
-    x, buf = np.empty(V, np.float32), np.empty(V)
+    kw = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "seed"}
     with model.session(n_ctx=64, n_threads=1) as s:
-        p1 = target_probs(s.prefill(prompt), params, prompt, x, buf).copy()
+        p1 = ref_probs(s.prefill(prompt), history=prompt, **kw)  # the numpy oracle of the sampler
         out = {}
         for t1 in np.flatnonzero(p1):
             s.truncate(len(prompt))
-            p2 = target_probs(s.eval([int(t1)]), params, prompt + [int(t1)], x, buf)
+            p2 = ref_probs(s.eval([int(t1)]), history=prompt + [int(t1)], **kw)
             for t2 in np.flatnonzero(p2):
                 out[(int(t1), int(t2))] = p1[t1] * p2[t2]
     return out

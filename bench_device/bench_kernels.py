@@ -1,4 +1,5 @@
-"""Kernel benchmark: matmul time per call for every tier and weight type on the SmolLM2-135M shapes.
+"""Kernel benchmark: matmul time per call for every tier and weight type on the SmolLM2-135M shapes, and the
+attention of one of its kv heads (3 query heads) for T tokens after 64 and 1024 cached slots.
 
 Shape legend: T = tokens per call, K = reduction length, N = weight rows.
 
@@ -8,7 +9,9 @@ they come from DRAM as in a real forward pass (--cold-mb; 0 = hot in cache). Eac
 `ref` tier before timing. Reported: median seconds per call with min/max over all repeats, the ratio to T=1 of the
 same tier, and GB/s of weight bytes read. Writes JSON (--out) and prints a table. A progress bar (stderr) counts
 the (shape, type, T) cells; the whole default run takes several minutes (over 3 on a 2-core machine), --shapes,
---types and --T choose a part of it.
+--types and --T choose a part of it. The attention rows ("attention n=64", "attention n=1024"; --no-attention skips
+them) time testing.attn_time: the scores, softmax and weighted sums as the forward pass runs them for one kv head,
+single-threaded with the cache hot, i.e. the compute a verification pass adds, not the cache's DRAM traffic.
 
 For tiers that repack quantized weights at model load (kernels.h pack/matmul_packed), the packed kernel is timed as
 its own column "<tier>+packed" in the same interleaved rounds (--no-packed to skip); its GB/s counts the same GGUF
@@ -80,6 +83,39 @@ def check(tier: str, tid: int, w: bytes, n: int, x: np.ndarray, y_ref: np.ndarra
     return err
 
 
+# Attention of one SmolLM2 kv head (3 query heads of 64) for T tokens after n cached slots, as the forward pass runs
+# it (testing.attn_time: scores, softmax, weighted sums), single-threaded, the cache hot: its compute, not DRAM.
+ATTENTION = [("attention n=64", 64, 3), ("attention n=1024", 1024, 3)]
+
+
+def attention_shapes(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    """The ATTENTION rows --shapes keeps (all without it); --types keeps them when it names F16."""
+    return [a for a in ATTENTION if (not args.shapes or any(s in a[0] for s in args.shapes))
+            and (not args.types or "F16" in args.types)]
+
+
+def attention_cells(args: argparse.Namespace, bar) -> list[dict]:
+    out = []
+    tiers = [t for t in args.tiers if t in testing.tiers()]
+    for name, n, G in attention_shapes(args):
+        for T in args.T:
+            reps = {t: max(3, min(2000, int(args.min_time / max(min(testing.attn_time(t, G, T, n, 64, 3)), 1e-7))))
+                    for t in tiers}
+            times: dict[str, list[float]] = {t: [] for t in tiers}
+            for _ in range(args.rounds):  # A B A B ...
+                for t in tiers:
+                    times[t] += testing.attn_time(t, G, T, n, 64, reps[t])
+            bar.set_postfix_str(f"{name} T={T}")
+            bar.update(1)
+            kv_bytes = (n + T) * 64 * 2 * 2
+            for t, ts in times.items():
+                med = statistics.median(ts)
+                out.append({"shape": name, "N": n, "K": 64, "type": "F16", "T": T, "tier": t, "median_s": med,
+                            "min_s": min(ts), "max_s": max(ts), "n": len(ts), "weight_bytes": kv_bytes,
+                            "gbps": kv_bytes / med / 1e9})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiers", nargs="*", default=[t for t in testing.tiers() if t != "ref"] or ["ref"],
@@ -93,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)")
     ap.add_argument("--out", default=None, help="write JSON here")
     ap.add_argument("--no-packed", action="store_true", help="do not time the packed kernels")
+    ap.add_argument("--no-attention", action="store_true", help="do not time the attention kernels")
     args = ap.parse_args(argv)
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -106,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     cells = [(name, n, k, tname) for name, n, k, types in SHAPES for tname in types
              if (not args.shapes or any(s in name for s in args.shapes)) and (not args.types or tname in args.types)]
     t_start = time.perf_counter()
-    bar = tqdm(total=len(cells) * len(args.T), desc="kernels", unit="cell", file=sys.stderr)
+    n_att = 0 if args.no_attention else len(attention_shapes(args))
+    bar = tqdm(total=(len(cells) + n_att) * len(args.T), desc="kernels", unit="cell", file=sys.stderr)
     for name, n, k, tname in cells:
         tid = TYPE_IDS[tname]
         w = make_weights(tname, n, k)
@@ -131,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
                 results.append({"shape": name, "N": n, "K": k, "type": tname, "T": T, "tier": tier,
                                 "median_s": med, "min_s": min(ts), "max_s": max(ts), "n": len(ts),
                                 "weight_bytes": len(w), "gbps": len(w) / med / 1e9})
+    if not args.no_attention:
+        results += attention_cells(args, bar)
     bar.close()
     duration = time.perf_counter() - t_start
     base = {(r["shape"], r["type"], r["tier"]): r["median_s"] for r in results if r["T"] == 1}
@@ -151,8 +191,16 @@ def main(argv: list[str] | None = None) -> None:
                     r = next((r for r in row if r["T"] == T), None)
                     cells.append(f"{r['median_s'] * 1e6:8.1f}us {r['ratio_T1']:4.2f}x {r['gbps']:4.1f}" if r else "")
                 print(f"{name:20s} {tname:5s} {tier:14s} " + " ".join(f"{c:>20s}" for c in cells))
-    print("# cell: median time per call, ratio to T=1 (same tier), GB/s of weights read")
-    print(f"# {len(cells) * len(args.T)} cells in {duration:.0f} s on {machine['cpu_model']}")
+    for name, n, _ in ATTENTION:
+        for tier in [t for t in args.tiers if t in testing.tiers()]:
+            row = {r["T"]: r for r in results if r["shape"] == name and r["tier"] == tier}
+            if row:
+                cells = [f"{row[T]['median_s'] * 1e6:8.1f}us {row[T]['ratio_T1']:4.2f}x {row[T]['gbps']:4.1f}"
+                         if T in row else "" for T in args.T]
+                print(f"{name:20s} {'F16':5s} {tier:14s} " + " ".join(f"{c:>20s}" for c in cells))
+    print("# cell: median time per call, ratio to T=1 (same tier), GB/s of weights read (attention: of the keys and "
+          "values, hot in the caches)")
+    print(f"# {len(results)} cells in {duration:.0f} s on {machine['cpu_model']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": machine, "time": time.time(), "duration_s": duration, "results": results}, f,

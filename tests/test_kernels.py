@@ -504,3 +504,14 @@ def test_non_packing_tiers_report_zero():
     for tier in TIERS:
         if testing.pack_rows(tier) == 0:
             assert testing.packed_size(tier, int(QT.Q4_0), 16, 32) == 0
+
+
+def test_attention_timing_hook():
+    """testing.attn_time (bench_kernels' attention rows): positive seconds per repeat for each tier; bad shapes are
+    refused with a clear error."""
+    for tier in TIERS:
+        s = testing.attn_time(tier, 3, 4, 40, 64, 3)
+        assert len(s) == 3 and all(0 < x < 1 for x in s)
+    for bad in ((0, 1, 10, 64), (3, 0, 10, 64), (3, 1, -1, 64), (3, 1, 10, 0)):
+        with pytest.raises(_sparrow.SparrowError, match="attn_time"):
+            testing.attn_time("ref", *bad, 2)

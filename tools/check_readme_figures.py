@@ -44,6 +44,7 @@ class Source:
 
 SOURCES = {
     "decode": Source("bench_device/results/decode_smollm2_zen4_2t.json", "Zen 4"),
+    "kernels_att": Source("bench_device/results/kernels_attention_zen4.json", "Zen 4"),
     "tcurve": Source("bench_device/results/tcurve_smollm2_zen4_2t_before_after.json", "Zen 4"),
     "report": Source("bench_device/results/full-report/report.json", "Zen 4"),
     "ffn": Source("bench_device/results/ffn_2048x64x128_q4_0_zen4.json", "Zen 4"),
@@ -227,6 +228,9 @@ FIGURES: list[Figure] = [
            "decode", ("engines/sparrow/decode_tok_s/median", "engines/llama.cpp/decode_tok_s/median",
                       "ratio_sparrow_over_llama_cpp/decode", "ratio_sparrow_over_llama_cpp/prefill",
                       "engines/sparrow/batch_cost_vs_t1/8", "engines/llama.cpp/batch_cost_vs_t1/8")),
+    Figure("takes {:.1f} us for one token and {:.1f} us for 8 on the avx512 tier", "kernels_att",
+           tuple((lambda t: lambda d: 1e6 * next(r["median_s"] for r in d["results"] if r["shape"] == "attention n=1024"
+                                                 and r["tier"] == "avx512" and r["T"] == t))(t) for t in (1, 8))),
     Figure("after 1024 cached tokens, {:.2f}x\n(llama.cpp: {:.2f}x)", "decode",
            ("engines/sparrow/long_cost_vs_t1/8", "engines/llama.cpp/long_cost_vs_t1/8")),
     *[Figure(f"| {cached} | {t} | {{:.2f}} ms{' ({:.2f}x)' if t == 8 else ''} | {{:.2f}} ms"

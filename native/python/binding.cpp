@@ -978,6 +978,12 @@ NB_MODULE(_sparrow, m) {
         return matmul_time(tier, type, false, w, N, x, reps, copies);
     }, "tier"_a, "type"_a, "w"_a, "N"_a, "x"_a, "reps"_a, "copies"_a = 1);
     // F16 vector kernels of the KV cache: dot(a, b_f16), y + alpha*x_f16, and f32 -> f16 rows (bits as uint16).
+    // attn_time(tier, G, T, n, D, reps) -> seconds [reps]: one kv head's attention for T tokens after n cached slots
+    t.def("attn_time", [](const std::string &tier, int64_t G, int64_t T, int64_t n, int64_t D, int32_t reps) {
+        std::vector<double> s((size_t)std::max(reps, 1));
+        check(sp_testing_attn_time(tier.c_str(), G, T, n, D, reps, s.data()));
+        return s;
+    });
     // attn_scores_f16(tier, q [M, D], rows f16 [n, D], scale) -> [M, n]: q[m] . rows[j] * scale (the hook lays the
     // rows out as the key cache does)
     t.def("attn_scores_f16", [](const std::string &tier, F32Rows q, F16Rows rows, float scale) {

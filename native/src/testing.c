@@ -15,6 +15,7 @@
 #include "sampler.h"
 #include "vocab.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -272,6 +273,54 @@ sp_status sp_testing_matmul_time(const char *tier, uint32_t type, bool packed, c
     free(y);
     free(base);
     free(p);
+    return st;
+}
+
+/* ---- attention of one kv head, timed ---- */
+
+sp_status sp_testing_attn_time(const char *tier, int64_t G, int64_t T, int64_t n, int64_t D, int32_t reps,
+                               double *seconds) {
+    const sp_kernels *kt = NULL;
+    sp_status st = tier_of(tier, &kt);
+    if (st != SP_OK) return st;
+    if (G < 1 || T < 1 || n < 0 || D < 1 || reps < 1 || G * T > 4096 || n + T > (1 << 20) || D > 1024)
+        return sp_fail(SP_ERR_INVALID_ARG, "attn_time: bad shape");
+    const int64_t S = n + T, M = G * T, nblk = (S + SP_KBLK - 1) / SP_KBLK;
+    sp_f16 *k = alloc64((size_t)(nblk * SP_KBLK * D) * sizeof *k), *v = alloc64((size_t)(S * D) * sizeof *v);
+    float *q = alloc64((size_t)(M * D) * sizeof *q), *sc = alloc64((size_t)(M * S) * sizeof *sc);
+    float *out = alloc64((size_t)(M * D) * sizeof *out), *inv = alloc64((size_t)M * sizeof *inv);
+    if (!k || !v || !q || !sc || !out || !inv) st = sp_fail(SP_ERR_NO_MEMORY, "attn_time: out of memory");
+    if (st == SP_OK) {
+        uint64_t x = 88172645463325252ull;
+        for (int64_t i = 0; i < nblk * SP_KBLK * D; i++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            k[i] = sp_f32_to_f16((float)(x >> 40) / (float)(1 << 24) - 0.5f);
+            if (i < S * D) v[i] = k[i];
+        }
+        for (int64_t i = 0; i < M * D; i++) q[i] = sp_f16_to_f32(k[(i * 7) % (S * D)]);
+        const float scale = 1.0f / sqrtf((float)D);
+        for (int32_t r = -1; r < reps; r++) { /* r = -1: warm-up */
+            const double t0 = sp_now_s();
+            /* as forward.c's attention() for one kv head: scores of all M queries, each row's causal softmax, then
+             * each token's G rows' weighted sum and normalisation */
+            kt->attn_scores_f16(q, D, M, k, S, D, scale, sc, S);
+            for (int64_t m = 0; m < M; m++) {
+                float *row = sc + m * S;
+                const int64_t seen = n + m / G + 1;
+                for (int64_t j = seen; j < S; j++) row[j] = -INFINITY;
+                bool bad = false;
+                const float sum = kt->exp_sum(row, S, kt->max_f32(row, S, &bad));
+                inv[m] = sum > 0 ? 1.0f / sum : 0.0f;
+            }
+            memset(out, 0, (size_t)(M * D) * sizeof *out);
+            for (int64_t t = 0; t < T; t++) {
+                kt->attn_sum_f16(out + t * G * D, D, sc + t * G * S, S, G, v, D, n + t + 1, D);
+                for (int64_t i = 0; i < G * D; i++) out[t * G * D + i] *= inv[t * G + i / D];
+            }
+            if (r >= 0) seconds[r] = sp_now_s() - t0;
+        }
+    }
+    free(k), free(v), free(q), free(sc), free(out), free(inv);
     return st;
 }
 

@@ -62,6 +62,12 @@ sp_status sp_testing_matmul_time(const char *tier, uint32_t type, bool packed, c
                                  int64_t N, const float *x, int64_t T, int64_t K, int32_t copies, int32_t reps,
                                  double *seconds);
 
+/* Benchmark hook: seconds[reps] of single-threaded attention for one kv head as the forward pass runs it: T tokens of
+ * G query heads each (M = G T queries, head dimension D) after n cached slots, causal: the scores of all M queries
+ * in one call, each row's softmax, each token's weighted sum of its visible rows. Random F16 keys and values. */
+sp_status sp_testing_attn_time(const char *tier, int64_t G, int64_t T, int64_t n, int64_t D, int32_t reps,
+                               double *seconds);
+
 /* ---- vector kernels of the F16 KV cache (b, x, rows, y of f32_to_f16: F16 bits) ---- */
 
 sp_status sp_testing_dot_f32(const char *tier, const float *a, const float *b, int64_t n, float *out);

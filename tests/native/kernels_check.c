@@ -94,14 +94,16 @@ static void check_quantize(const char *tier) {
 }
 
 static void check_matmul(const char *tier) {
-    static const int64_t SHAPES[][2] = {{1, 32}, {17, 64}, {40, 96}, {33, 576}, {64, 160}};
-    static const int64_t TS[] = {1, 2, 3, 5, 8, 13, 16};
+    /* {N, K}: K = 37 (float types only: a tail past the vectors) and 2240 (over 2048: several K chunks) */
+    static const int64_t SHAPES[][2] = {{1, 32}, {17, 64}, {40, 96}, {33, 576}, {64, 160}, {7, 37}, {5, 2240}};
+    static const int64_t TS[] = {1, 2, 3, 5, 8, 13, 16, 70}; /* 70: more than one pass of 64 tokens */
     int32_t pack_rows = 0;
     CHECK(sp_testing_pack_rows(tier, &pack_rows) == SP_OK);
     for (size_t ti = 0; ti < sizeof TYPES / sizeof TYPES[0]; ti++)
         for (size_t si = 0; si < sizeof SHAPES / sizeof SHAPES[0]; si++) {
             const uint32_t type = TYPES[ti];
             const int64_t N = SHAPES[si][0], K = SHAPES[si][1];
+            if (K % 32 && type != T_F32 && type != T_F16 && type != T_BF16) continue; /* whole quant blocks only */
             float *wf = NULL;
             size_t wsize = 0;
             uint8_t *w = weights(type, N, K, &wf, &wsize);
@@ -145,13 +147,14 @@ static void check_matmul(const char *tier) {
 }
 
 static void check_accum(const char *tier) {
-    static const int64_t SHAPES[][2] = {{16, 32}, {48, 96}, {64, 576}, {32, 160}}; /* F, H */
+    static const int64_t SHAPES[][2] = {{16, 32}, {48, 96}, {64, 576}, {32, 160}, {13, 64}, {16, 37}}; /* F, H */
     static const int64_t TS[] = {1, 3, 8, 11};
     for (size_t ti = 0; ti < sizeof TYPES / sizeof TYPES[0]; ti++)
         for (size_t si = 0; si < sizeof SHAPES / sizeof SHAPES[0]; si++)
             for (size_t tt = 0; tt < sizeof TS / sizeof TS[0]; tt++) {
                 const uint32_t type = TYPES[ti];
                 const int64_t F = SHAPES[si][0], H = SHAPES[si][1], T = TS[tt], R = T + 3, ldc = F + 5;
+                if (H % 32 && type != T_F32 && type != T_F16 && type != T_BF16) continue; /* whole quant blocks */
                 float *df = NULL;
                 size_t dsize = 0;
                 uint8_t *d = weights(type, F, H, &df, &dsize);
@@ -186,7 +189,8 @@ static void check_accum(const char *tier) {
 }
 
 static void check_attention(const char *tier) {
-    static const int64_t CASES[][3] = {{3, 64, 7}, {24, 64, 33}, {5, 48, 5}, {1, 128, 9}, {17, 80, 40}, {9, 8, 70}};
+    static const int64_t CASES[][3] = {{3, 64, 7}, {24, 64, 33}, {5, 48, 5}, {1, 128, 9}, {17, 80, 40}, {9, 8, 70},
+                                       {4, 20, 19}, {7, 57, 50}}; /* {M, D, n}: D's tails too */
     for (size_t ci = 0; ci < sizeof CASES / sizeof CASES[0]; ci++) {
         const int64_t M = CASES[ci][0], D = CASES[ci][1], n = CASES[ci][2];
         uint16_t *rows = malloc((size_t)(n * D) * sizeof *rows);

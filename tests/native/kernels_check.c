@@ -295,6 +295,16 @@ static void check_vectors(const char *tier) {
         for (int64_t i = 0; i < n; i++) b[i] = x[n - 1 - i];
         CHECK(sp_testing_exp_sum(tier, b, n, top, &sum2) == SP_OK);
         EXPECT(sum2 == sum, "exp_sum n=%lld: reversed, the sum differs", (long long)n);
+        /* a NaN maximum: -inf slots still give exactly 0 (as ref), the others NaN, the sum NaN when there are any */
+        memcpy(a, x, (size_t)n * sizeof *x);
+        CHECK(sp_testing_exp_sum(tier, a, n, NAN, &sum) == SP_OK);
+        bool live = false;
+        for (int64_t i = 0; i < n; i++) {
+            EXPECT(x[i] == -INFINITY ? a[i] == 0.0f : isnan(a[i]), "exp_sum n=%lld, NaN max: e[%lld] = %g", (long long)n,
+                   (long long)i, a[i]);
+            live |= x[i] != -INFINITY;
+        }
+        EXPECT(live ? isnan(sum) : sum == 0.0f, "exp_sum n=%lld, NaN max: sum %g", (long long)n, sum);
         /* silu_mul with a vector and with a scalar factor */
         for (int64_t i = 0; i < n; i++) x[i] = gauss() * 6.0f, b[i] = gauss();
         memcpy(a, x, (size_t)n * sizeof *x);

@@ -305,6 +305,13 @@ static void check_vectors(const char *tier) {
             live |= x[i] != -INFINITY;
         }
         EXPECT(live ? isnan(sum) : sum == 0.0f, "exp_sum n=%lld, NaN max: sum %g", (long long)n, sum);
+        if (n > 2) { /* a NaN score: NaN there and in the sum, the others as before */
+            memcpy(a, x, (size_t)n * sizeof *x);
+            a[n / 2] = NAN;
+            CHECK(sp_testing_exp_sum(tier, a, n, top, &sum) == SP_OK);
+            EXPECT(isnan(a[n / 2]) && isnan(sum), "exp_sum n=%lld: a NaN score gives e %g, sum %g", (long long)n,
+                   a[n / 2], sum);
+        }
         /* silu_mul with a vector and with a scalar factor */
         for (int64_t i = 0; i < n; i++) x[i] = gauss() * 6.0f, b[i] = gauss();
         memcpy(a, x, (size_t)n * sizeof *x);

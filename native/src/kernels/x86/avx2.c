@@ -317,7 +317,7 @@ float sp_exp_sum_avx2(float *x, int64_t n, float mx) {
         const __m256i m = tail_mask8(n - i);
         const __m256 v = _mm256_maskload_ps(x + i, m);
         const __m256 d = _mm256_sub_ps(v, vmx);
-        const __m256 live = _mm256_and_ps(_mm256_cmp_ps(v, ninf, _CMP_NEQ_OQ), _mm256_castsi256_ps(m));
+        const __m256 live = _mm256_and_ps(_mm256_cmp_ps(v, ninf, _CMP_NEQ_UQ), _mm256_castsi256_ps(m));
         const __m256 bad = _mm256_and_ps(live, _mm256_cmp_ps(d, d, _CMP_UNORD_Q)); /* NaN in: NaN out (-inf: 0) */
         const __m256 e = _mm256_blendv_ps(_mm256_and_ps(live, exp_nonpos_avx2(d)), d, bad);
         _mm256_maskstore_ps(x + i, m, e);

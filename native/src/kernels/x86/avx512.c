@@ -316,7 +316,7 @@ float sp_exp_sum_avx512(float *x, int64_t n, float mx) {
         const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
         const __m512 d = _mm512_sub_ps(v, vmx);
-        const __mmask16 live = _mm512_mask_cmp_ps_mask(m, v, ninf, _CMP_NEQ_OQ);
+        const __mmask16 live = _mm512_mask_cmp_ps_mask(m, v, ninf, _CMP_NEQ_UQ); /* NaN is live */
         const __mmask16 bad = _mm512_mask_cmp_ps_mask(live, d, d, _CMP_UNORD_Q); /* NaN in: NaN out (-inf: 0) */
         const __m512 e = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(live, exp_nonpos_avx512(d)), bad, d);
         _mm512_mask_storeu_ps(x + i, m, e);

@@ -118,8 +118,44 @@ ALWAYS_INLINE void scores_tile(const float *q, int64_t ldq, const sp_f16 *k, int
             }
 }
 
+/* One small function per tile shape (not one dispatcher with every shape inlined): compilers keep each tile's
+ * accumulators in registers, and clang with sanitizers compiles them in seconds, not tens of minutes. */
+#define SCORES_FN(nt, kb)                                                                                       \
+    static __attribute__((noinline)) void scores_##nt##_##kb(const float *qt, int64_t ldq, const sp_f16 *kt,     \
+                                                            int64_t D, int nkb, int last, float scale, float *ot, \
+                                                            int64_t ldo) {                                       \
+        scores_tile(qt, ldq, kt, D, nkb, last, scale, ot, ldo, nt, kb);                                          \
+    }
+SCORES_FN(1, 4)
+SCORES_FN(2, 4)
+SCORES_FN(3, 4)
+SCORES_FN(4, 4)
+SCORES_FN(1, 2)
+SCORES_FN(2, 2)
+SCORES_FN(3, 2)
+SCORES_FN(4, 2)
+SCORES_FN(5, 2)
+SCORES_FN(6, 2)
+SCORES_FN(7, 2)
+SCORES_FN(8, 2)
+SCORES_FN(1, 1)
+SCORES_FN(2, 1)
+SCORES_FN(3, 1)
+SCORES_FN(4, 1)
+SCORES_FN(5, 1)
+SCORES_FN(6, 1)
+SCORES_FN(7, 1)
+SCORES_FN(8, 1)
+SCORES_FN(9, 1)
+SCORES_FN(10, 1)
+SCORES_FN(11, 1)
+SCORES_FN(12, 1)
+SCORES_FN(13, 1)
+SCORES_FN(14, 1)
+SCORES_FN(15, 1)
+SCORES_FN(16, 1)
 #define SCORES_CASE(nt, kb) \
-    case nt: scores_tile(qt, ldq, kt, D, nkb, last, scale, ot, ldo, nt, kb); break;
+    case nt: scores_##nt##_##kb(qt, ldq, kt, D, nkb, last, scale, ot, ldo); break;
 
 void sp_attn_scores_f16_avx512(const float *q, int64_t ldq, int64_t M, const sp_f16 *k, int64_t n, int64_t D,
                                float scale, float *out, int64_t ldo) {
@@ -185,8 +221,43 @@ ALWAYS_INLINE void sum_tile(float *out, int64_t ldo, const float *p, int64_t ldp
         for (int u = 0; u < NU; u++) _mm512_mask_storeu_ps(out + m * ldo + 16 * u, mu[u], acc[m * NU + u]);
 }
 
+#define SUM_FN(nt, nu)                                                                                          \
+    static __attribute__((noinline)) void sum_##nt##_##nu(float *ot, int64_t ldo, const float *pt, int64_t ldp,     \
+                                                         const sp_f16 *v, int64_t ld, int64_t n, int64_t w) {        \
+        sum_tile(ot, ldo, pt, ldp, v, ld, n, w, nt, nu);                                                         \
+    }
+SUM_FN(1, 4)
+SUM_FN(2, 4)
+SUM_FN(3, 4)
+SUM_FN(4, 4)
+SUM_FN(5, 4)
+SUM_FN(6, 4)
+SUM_FN(1, 3)
+SUM_FN(2, 3)
+SUM_FN(3, 3)
+SUM_FN(4, 3)
+SUM_FN(5, 3)
+SUM_FN(6, 3)
+SUM_FN(7, 3)
+SUM_FN(8, 3)
+SUM_FN(1, 2)
+SUM_FN(2, 2)
+SUM_FN(3, 2)
+SUM_FN(4, 2)
+SUM_FN(5, 2)
+SUM_FN(6, 2)
+SUM_FN(7, 2)
+SUM_FN(8, 2)
+SUM_FN(1, 1)
+SUM_FN(2, 1)
+SUM_FN(3, 1)
+SUM_FN(4, 1)
+SUM_FN(5, 1)
+SUM_FN(6, 1)
+SUM_FN(7, 1)
+SUM_FN(8, 1)
 #define SUM_CASE(nt, nu) \
-    case nt: sum_tile(ot, ldo, pt, ldp, v + i0, ld, n, w, nt, nu); break;
+    case nt: sum_##nt##_##nu(ot, ldo, pt, ldp, v + i0, ld, n, w); break;
 #define SUM_SWITCH(nu)                                                                                          \
     switch (nt) {                                                                                               \
         SUM_CASE(1, nu) SUM_CASE(2, nu) SUM_CASE(3, nu) SUM_CASE(4, nu) SUM_CASE(5, nu) SUM_CASE(6, nu)          \

@@ -305,15 +305,7 @@ I8MM_KERNELS(q4_1, W_Q4_1, SP_TYPE_Q4_1)
 I8MM_KERNELS(q8_0, W_Q8_0, SP_TYPE_Q8_0)
 
 void sp_kernels_fill_i8mm(sp_kernels *k) {
-    /* pack_rows is one value for the whole table: a packed type of the tier below whose groups RG rows would split
-     * is no longer packed (none today: only the quantized types pack, and those are all replaced here). */
-    for (int ty = 0; ty < SP_TYPE_COUNT; ty++)
-        if (ty != SP_TYPE_Q4_0 && ty != SP_TYPE_Q4_1 && ty != SP_TYPE_Q8_0 && k->packed_size[ty] &&
-            (k->pack_rows <= 0 || RG % k->pack_rows)) {
-            k->packed_size[ty] = NULL;
-            k->pack[ty] = NULL;
-            k->matmul_packed[ty] = NULL;
-        }
+    /* pack_rows is one value for the whole table; the tiers below pack nothing (neon) or only the types set here */
     k->pack_rows = RG;
 #define SET(T, name)                                                                                            \
     k->matmul[T] = matmul_##name;                                                                                \

@@ -1,28 +1,63 @@
-"""`sparrow convert SRC OUT --type q8_0`: the click command (the lead hooks `convert_command` into the CLI group)."""
+"""`sparrow convert SRC OUT`: the click command (the lead hooks `convert_command` into the CLI group).
+
+OUT's type picks the format: OUT.gguf from a BlockFFN Hugging Face checkpoint folder (converters/blockffn.py);
+OUT.onnx from a Sparrow GGUF file (llama or blockffn: converters/onnx_export.py) or from a BlockFFN checkpoint folder
+(through a temporary F32 GGUF)."""
 from __future__ import annotations
 
+import tempfile
 import warnings
+from pathlib import Path
 
 import click
 
 from . import ConversionError
 from .blockffn import QTYPES, ConversionWarning, convert
+from .onnx_export import FFN_KINDS, WEIGHT_TYPES, export_onnx
+
+
+def to_onnx(src: str, out: str, *, weights: str, ffn: str, overwrite: bool, progress: bool) -> Path:
+    """SRC (a GGUF file or a BlockFFN checkpoint folder) -> the ONNX file OUT."""
+    if Path(src).is_dir():
+        with tempfile.TemporaryDirectory(prefix="sparrow-convert-") as tmp:
+            gguf_path = convert(src, Path(tmp) / "model.gguf", qtype="f32", progress=progress)
+            return export_onnx(gguf_path, out, weights=weights, ffn=ffn, overwrite=overwrite, progress=progress,
+                               source_name=Path(src).resolve().name)
+    if not Path(src).is_file():
+        raise ConversionError(f"{src}: no such file or folder")
+    return export_onnx(src, out, weights=weights, ffn=ffn, overwrite=overwrite, progress=progress)
 
 
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--type", "qtype", type=click.Choice(list(QTYPES), case_sensitive=False), default="q8_0",
-              show_default=True, help="Storage type of the weight matrices (norms and routers stay F32).")
+@click.option("--type", "qtype", type=click.Choice(list(QTYPES) + list(WEIGHT_TYPES[1:]), case_sensitive=False),
+              default=None, help="Storage type of the weight matrices: for .gguf f32, f16, q8_0 (default) or q4_0 "
+              "(norms and routers stay F32); for .onnx f32 (default), int8 or int4.")
+@click.option("--ffn", type=click.Choice(FFN_KINDS), default="moe", show_default=True,
+              help="ONNX, BlockFFN models: experts as onnxruntime's MoE operator (only active experts run) or as "
+              "one dense FFN (every expert runs; a baseline).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def convert_command(src: str, out: str, qtype: str, overwrite: bool, no_progress: bool) -> None:
-    """Convert the BlockFFN Hugging Face checkpoint folder SRC (config.json, model.safetensors, tokenizer.model)
-    to the GGUF file OUT."""
+def convert_command(src: str, out: str, qtype: str | None, ffn: str, overwrite: bool, no_progress: bool) -> None:
+    """Convert SRC to OUT, by OUT's type: OUT.gguf from a BlockFFN Hugging Face checkpoint folder (config.json,
+    model.safetensors, tokenizer.model); OUT.onnx from a llama or BlockFFN GGUF file or a BlockFFN checkpoint
+    folder, for the onnxruntime backend."""
+    onnx_out = out.lower().endswith(".onnx")
+    qtype = (qtype or ("f32" if onnx_out else "q8_0")).lower()
+    if onnx_out and qtype not in WEIGHT_TYPES:
+        raise click.BadParameter(f"{qtype} is a GGUF type; an ONNX export takes {', '.join(WEIGHT_TYPES)}",
+                                 param_hint="--type")
+    if not onnx_out and qtype not in QTYPES:
+        raise click.BadParameter(f"{qtype} is an ONNX type; a GGUF file takes {', '.join(QTYPES)}",
+                                 param_hint="--type")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConversionWarning)
         try:
-            path = convert(src, out, qtype=qtype.lower(), overwrite=overwrite, progress=not no_progress)
+            if onnx_out:
+                path = to_onnx(src, out, weights=qtype, ffn=ffn, overwrite=overwrite, progress=not no_progress)
+            else:
+                path = convert(src, out, qtype=qtype, overwrite=overwrite, progress=not no_progress)
         except ConversionError as e:
             raise click.ClickException(str(e)) from e
     for w in caught:

@@ -7,8 +7,9 @@
     print(chat.last_stats.decode_tok_s)
 
 NativeBackend wraps runtime.native (Model + Session); LlamaCppBackend wraps llama_cpp.Llama (optional dependency,
-imported only when a model needs it). Both keep the KV cache between calls and evaluate only the tokens after the
-longest common prefix with what the cache holds; `n_evaluated` counts tokens run through the forward pass.
+imported only when a model needs it); OnnxBackend (runtime.onnx_backend) runs Sparrow's ONNX exports with
+onnxruntime. Each keeps the KV cache between calls and evaluates only the tokens after the longest common prefix with
+what the cache holds; `n_evaluated` counts tokens run through the forward pass.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class ContextFullError(RuntimeError):
 
 @runtime_checkable
 class Backend(Protocol):
-    name: str          # "native" or "llama.cpp"
+    name: str          # "native", "llama.cpp" or "onnxruntime"
     path: str
     n_ctx: int
     n_evaluated: int   # tokens evaluated by the forward pass so far (prompt tokens reused from the cache don't count)
@@ -97,14 +98,7 @@ class NativeBackend:
 
     @functools.cached_property
     def _control_tokens(self) -> dict[str, int]:
-        # a control token renders as nothing unless asked to render special tokens
-        out = {}
-        for t in range(self.model.info.n_vocab):
-            if not self.model.token_bytes(t):
-                text = self.model.token_bytes(t, render_special=True)
-                if text:
-                    out.setdefault(text.decode("utf-8", "replace"), t)
-        return out
+        return control_tokens_of(self.model)
 
     def control_tokens(self) -> dict[str, int]:
         return self._control_tokens
@@ -128,6 +122,18 @@ class NativeBackend:
     def close(self) -> None:
         self.session.close()
         self.model.close()
+
+
+def control_tokens_of(model) -> dict[str, int]:
+    """Text of each control token -> id, for a native Model (also a vocab-only one): a control token renders as
+    nothing unless asked to render special tokens."""
+    out = {}
+    for t in range(model.info.n_vocab):
+        if not model.token_bytes(t):
+            text = model.token_bytes(t, render_special=True)
+            if text:
+                out.setdefault(text.decode("utf-8", "replace"), t)
+    return out
 
 
 class LlamaCppBackend:
@@ -220,6 +226,13 @@ def open_backend(path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, rou
     route = route or choose_backend(path)
     if not route.available:
         raise BackendError(f"cannot run {path} ({route.reason}): {route.problem}")
+    if route.backend == "onnxruntime":
+        from .onnx_backend import OnnxBackend, OnnxModelError
+
+        try:
+            return OnnxBackend(path, n_ctx=n_ctx, n_threads=n_threads)
+        except OnnxModelError as e:
+            raise BackendError(str(e)) from None
     cls = NativeBackend if route.backend == "native" else LlamaCppBackend
     return cls(path, n_ctx=n_ctx, n_threads=n_threads)
 

@@ -150,7 +150,8 @@ def _run_info(store: Store, name: str, backend: str) -> dict[str, Any]:
     if settings.draft_options:
         drafter += " (" + ", ".join(f"{k}={v}" for k, v in settings.draft_options.items()) + ")"
     if backend != "native" and settings.draft != "none":
-        drafter, why = "none", f"drafters need the native runtime; {backend} decodes plainly"
+        drafter, why = "none", (f"the default drafter needs the native runtime; {backend} decodes plainly"
+                                + (" unless asked (--draft)" if backend == "onnxruntime" else ""))
     why_threads = "tuned on this device" if settings.tuned and settings.tuned.threads == settings.threads \
         else "physical cores"
     return {"threads": settings.threads, "why_threads": why_threads, "drafter": drafter, "why_drafter": why}

@@ -5,7 +5,8 @@ and `sparrow generate` (so the Python API and the CLI choose the same threads an
 
 Settings: an explicit argument wins; else the model's tuned settings for this device (`sparrow bench --tune`, kept in
 the store); else the defaults: physical cores and DEFAULT_DRAFTER, the adaptive drafter, which measures on the device
-as it runs where drafting pays and decodes plainly elsewhere. Drafters run on the native runtime only; other backends
+as it runs where drafting pays and decodes plainly elsewhere. Drafters run on the native runtime (in libsparrow's
+generator), and on onnxruntime when asked for (--draft: the Python loop); llama.cpp and onnxruntime without --draft
 decode plainly.
 """
 from __future__ import annotations
@@ -109,6 +110,17 @@ def with_drafter(backend: Backend, settings: RunSettings, store: Store, *, n_ctx
     from .speculative import NativeSpeculativeBackend, SpeculativeBackend
 
     tuned = settings.tuned is not None and draft == settings.tuned.drafter
+    if backend.name == "onnxruntime" and not settings.default_draft and not tuned:
+        # an asked-for drafter runs in the Python loop, the tree verified through the graph's attention_bias
+        try:
+            return SpeculativeBackend(backend, make_drafter(drafter_source(store, draft), backend.model,
+                                                            n_threads=settings.threads, n_ctx=n_ctx,
+                                                            **settings.draft_options))
+        except BaseException as e:
+            backend.close()
+            if isinstance(e, ValueError):
+                raise BackendError(str(e)) from None
+            raise
     if backend.name != "native":
         if settings.default_draft:  # the default drafter is a native-runtime feature; other backends decode plainly
             return backend
@@ -116,7 +128,7 @@ def with_drafter(backend: Backend, settings: RunSettings, store: Store, *, n_ctx
             warn(f"note: the tuned drafter {draft} is left out: this model runs on {backend.name}")
             return backend
         backend.close()
-        raise BackendError(f"--draft needs the native runtime; this model runs on {backend.name}")
+        raise BackendError(f"--draft needs the native runtime or onnxruntime; this model runs on {backend.name}")
     try:
         source = drafter_source(store, draft)
         spec = native_speculative(backend, source, settings, n_ctx=n_ctx)

@@ -2,7 +2,7 @@
 
     native       GGUF files whose architecture the C runtime implements (NATIVE_ARCHITECTURES)
     llama.cpp    other GGUF architectures, through llama-cpp-python (optional extra: pip install 'sparrow[llamacpp]')
-    onnxruntime  .onnx models: not available yet (the ONNX export path does not exist); a clear error, never a stub
+    onnxruntime  .onnx models (Sparrow's exports: `sparrow convert MODEL.gguf OUT.onnx`), through onnxruntime
 
 SPARROW_BACKEND=llama.cpp forces llama-cpp-python for any GGUF (to compare the two on one model).
 
@@ -201,8 +201,9 @@ def model_format(path: str | Path) -> str:
 def choose_backend(path: str | Path, header: GGUFHeader | None = None) -> Route:
     """Decide which backend runs the model at path."""
     if model_format(path) == "onnx":
-        return Route("onnxruntime", "ONNX model", False,
-                     "the ONNX backend is not available yet in Sparrow; use a GGUF file of this model")
+        if importlib.util.find_spec("onnxruntime") is None:
+            return Route("onnxruntime", "ONNX model", False, "onnxruntime is not installed: pip install onnxruntime")
+        return Route("onnxruntime", "ONNX model, run by onnxruntime", True)
     arch = (header or read_gguf_header(path)).architecture
     forced = os.environ.get("SPARROW_BACKEND", "")
     if forced == "llama.cpp" and importlib.util.find_spec("llama_cpp") is not None:

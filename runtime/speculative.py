@@ -442,12 +442,12 @@ def generate_speculative(model: Model, session: Session, prompt: str | Sequence[
 
 
 class SpeculativeBackend:
-    """A NativeBackend whose generate_tokens decodes speculatively with a drafter (everything else delegated), so
+    """A NativeBackend (or OnnxBackend: runtime.onnx_backend) whose generate_tokens decodes speculatively with a drafter (everything else delegated), so
     runtime.backends.stream_text and Chat work unchanged. stats accumulates over generations."""
 
     def __init__(self, backend, drafter: Drafter, *, max_nodes: int | None = None):
-        if getattr(backend, "name", None) != "native":
-            raise ValueError("speculative decoding needs the native backend")
+        if getattr(backend, "name", None) not in ("native", "onnxruntime"):
+            raise ValueError("speculative decoding needs the native or the onnxruntime backend")
         self._backend = backend
         self.drafter = drafter
         self.max_nodes = max_nodes
@@ -563,8 +563,8 @@ class NativeSpeculativeBackend:
                  registry_options: dict[str, object] | None = None):
         from .native import C_DRAFTERS
 
-        if getattr(backend, "name", None) != "native":
-            raise ValueError("speculative decoding needs the native backend")
+        if getattr(backend, "name", None) not in ("native", "onnxruntime"):
+            raise ValueError("speculative decoding needs the native or the onnxruntime backend")
         if drafter not in C_DRAFTERS or drafter == "none":
             raise ValueError(f"not a C drafter: {drafter!r}")
         self._backend = backend

@@ -227,9 +227,9 @@ def test_routing(home, tmp_path, monkeypatch):
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"\x08\x07")
     r = run("models", "info", str(onnx))
-    assert "onnxruntime" in r.output and "not available yet" in r.output
+    assert "backend:       onnxruntime: ONNX model, run by onnxruntime" in r.output
     r = run("generate", "-m", str(onnx), "hi")
-    assert r.exit_code == 1 and "not available yet" in r.output
+    assert r.exit_code == 1 and "onnxruntime cannot load" in r.output
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     r = run("generate", "-m", str(other), "hi")

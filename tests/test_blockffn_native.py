@@ -10,18 +10,23 @@ tiers measure:
   of the paths test, bound 5e-7 there; incremental decode 5.9e-9, bound 2e-8). F16 files vs BlockFFNGGUFRef (same
   dequantized weights): NMSE < 5e-8 (measured 1.0e-8).
 - Q8_0 / Q4_0 files vs BlockFFNGGUFRef: activations are quantized to 8 bits per 32-element block: NMSE < 2e-4
-  (measured 5.7e-5 / 4.6e-5, that quantization itself).
-- Every file vs BlockFFNGGUFRef rounding as the runtime does (runtime_rounding: 8-bit activation blocks, F16 q/k/v):
+  (measured 5.7e-5 / 4.6e-5, that quantization itself; Q4_0 6.4e-5 with the int8 down path, whose coefficients are
+  quantized too: kernels.h accum_packed_i8).
+- Every file vs BlockFFNGGUFRef rounding as the runtime does (runtime_rounding: 8-bit activation blocks, F16 q/k/v,
+  the int8 down path's coefficients where the runtime takes it):
   float32 arithmetic is all that is left: NMSE < 1e-12 for Q8_0 / Q4_0 (measured 0.9-1.4e-15), < 1e-9 for F16
   (measured <= 5e-11). A chunk path that dropped the experts used by a single token of a batch measured 1.3e-4 (Q8_0)
   against this reference and 9e-5 (F16): within the first bound for Q8_0, caught here.
 - dense / sparse-token / sparse-chunk paths on the same file: they differ only in float summation order (which
   thread's partial a product lands in; a dense path adds exact zeros): max |difference| <= 1e-5 * max |y|.
-- SIMD accum kernels vs accum_ref: FMA rounding only: |difference| <= 1e-5 * (|y| + sum_f |c D|) elementwise.
+- SIMD accum kernels vs accum_ref: FMA rounding only: |difference| <= 1e-5 * (|y| + sum_f |c D|) elementwise; the
+  int8 down path (accum_packed_i8) within kernels.h's bound of accum_ref plus that, and within 1e-6 of the same sum of
+  its numpy spec (accum_i8_numpy).
 """
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import gguf
@@ -39,6 +44,12 @@ Q = gguf.GGMLQuantizationType
 TOKENS = [1, 5, 100, 260, 261, 7, 42, 270, 3, 99, 150, 200, 33, 17, 400, 401, 12, 9, 77, 78]
 MODES = ["dense", "token", "chunk"]
 testing = _sparrow.testing
+
+
+def runtime_down_i8() -> bool:
+    """Whether models loaded here read Q4_0 experts' down rows through the int8 down path (kernels.h accum_packed_i8:
+    the avx512 tier, unless SPARROW_EXPERT_DOWN_INT8=0), which runtime_rounding references then mirror."""
+    return _sparrow.kernel_tier() == "avx512" and os.environ.get("SPARROW_EXPERT_DOWN_INT8", "1") != "0"
 
 
 def nmse(a: np.ndarray, ref: np.ndarray) -> float:
@@ -75,7 +86,7 @@ def test_quantized_logits_match_gguf_reference(tmp_path, qtype, bound, rounded_b
     cfg = FixtureConfig(ffn_type=ffn_type, norm_after_router="rms", seed=3)
     _, path = build(tmp_path, cfg, qtype)
     ref, _ = BlockFFNGGUFRef.from_gguf(path).forward(TOKENS)
-    rounded, _ = BlockFFNGGUFRef.from_gguf(path, runtime_rounding=True).forward(TOKENS)
+    rounded, _ = BlockFFNGGUFRef.from_gguf(path, runtime_rounding=True, down_i8=runtime_down_i8()).forward(TOKENS)
     for mode in MODES:
         with Model(path) as m, m.session(n_ctx=64, n_threads=2, ffn_mode=mode) as s:
             ours = s.eval(TOKENS, logits="all")
@@ -192,7 +203,7 @@ def test_hook_router_matches_forward_scores(hook_models):
     with Model(path) as m, m.session(n_ctx=8, n_threads=2) as s:
         xn = rng.standard_normal((9, m.info.n_embd)).astype(np.float32)
         ref = BlockFFNGGUFRef.from_gguf(path)
-        y_ref, r_ref = ref.ffn(xn.astype(np.float64), "blk.0.")
+        y_ref, _ = ref.ffn(xn.astype(np.float64), "blk.0.")
         y = testing.ffn_run(s.handle, 0, xn, None, FFN_MODES["auto"])
     assert np.max(np.abs(y - y_ref)) <= 1e-5 * np.max(np.abs(y_ref))
 
@@ -310,6 +321,93 @@ def test_accum_packed_down_matches_ref(T, F, H, f0, f1, scatter):
         assert np.all(np.abs(got - ref) <= 1e-5 * mag + 1e-30), tier
     if "avx512" in testing.tiers():
         assert ran
+
+
+def accum_i8_numpy(raw: bytes, F: int, H: int, c: np.ndarray, y: np.ndarray, idx: list, f0: int, f1: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """kernels.h accum_packed_i8 as numpy (the executable spec): y [R, H] after the call, and its bound over ref's
+    accum. Per token, 16-row group and column block: a = c d (float32), s = max |a| / 127, q = rint(a * (127 / max)),
+    y += float32(sum q (w - 8)) * s, one rounding per group, groups in order."""
+    nb = H // 32
+    blocks = np.frombuffer(raw, np.uint8).reshape(F, nb, 18)
+    d = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)               # [F, nb]
+    qs = blocks[:, :, 2:].astype(np.int32)
+    w8 = np.concatenate([qs & 15, qs >> 4], axis=2) - 8                                    # [F, nb, 32]: q - 8
+    out, bound = y.copy(), np.zeros(y.shape)
+    rows = idx if idx else list(range(c.shape[0]))
+    for t, row in enumerate(rows):
+        for g in range(f0, f1, 16):
+            r = slice(g, min(g + 16, f1))
+            a = c[t, r, None].astype(np.float32) * d[r]                                     # [16, nb]
+            mx = np.abs(a).max(axis=0)
+            live = mx >= np.float32(2.0 ** -100)
+            inv = np.where(live, np.float32(127) / np.where(live, mx, 1), 0).astype(np.float32)
+            q = np.rint(a * inv).astype(np.int64)
+            s = np.where(live, mx / np.float32(127), 0).astype(np.float32)
+            isum = np.einsum("fb,fbj->bj", q, w8[r]).astype(np.float32)                      # exact: |isum| < 2^24
+            out[row] = (out[row].reshape(nb, 32) + isum * s[:, None]).reshape(H).astype(np.float32)
+            bound[row] += (mx[:, None].astype(np.float64) / 254 * np.abs(w8[r]).sum(axis=0)).reshape(H)
+    return out, bound
+
+
+@pytest.mark.parametrize("T,F,H,f0,f1", [(1, 16, 64, 0, 16), (1, 128, 1280, 64, 128), (1, 40, 96, 16, 40),
+                                         (3, 40, 96, 16, 40), (8, 48, 256, 0, 48), (13, 7, 2048, 0, 7),
+                                         (20, 64, 128, 32, 48), (9, 32, 2304, 0, 32)])
+@pytest.mark.parametrize("scatter", [False, True])
+def test_accum_packed_i8_matches_its_spec_and_ref_within_the_bound(T, F, H, f0, f1, scatter):
+    """The int8 down path (kernels.h accum_packed_i8), where a tier has it: equal to its numpy spec up to float32
+    summation rounding (one FMA per group instead of numpy's add of a rounded product), and within the stated bound of
+    ref's exact float accum. The bound is not loose: the largest error measured here is a sizeable part of it."""
+    rng = np.random.default_rng(T * 1000 + F + H + f0 + 7)
+    d = rng.standard_normal((F, H)).astype(np.float32)
+    raw = b"".join(testing.quantize(int(Q.Q4_0), row) for row in d)
+    ldc = F + 3
+    c = rng.standard_normal((T, ldc)).astype(np.float32)
+    rows = T + 5 if scatter else T
+    y = rng.standard_normal((rows, H)).astype(np.float32)
+    idx = list(rng.permutation(rows)[:T].astype(np.int32)) if scatter else []
+    raw_rows = raw[f0 * (H // 32) * 18:f1 * (H // 32) * 18]
+    ref = testing.accum("ref", int(Q.Q4_0), raw_rows, f1 - f0, H, np.ascontiguousarray(c[:, f0:]), y, idx)
+    spec, bound = accum_i8_numpy(raw, F, H, c, y, idx, f0, f1)
+    deq = np.stack([testing.dequantize(int(Q.Q4_0), testing.quantize(int(Q.Q4_0), row), H) for row in d])
+    mag = np.abs(y) + 0.0
+    mag[idx if scatter else slice(0, T)] += np.abs(c[:, f0:f1]) @ np.abs(deq[f0:f1])
+    assert np.all(np.abs(spec - ref) <= bound + 1e-5 * mag)
+    ran = 0
+    for tier in testing.tiers():
+        try:
+            got = testing.accum_packed(tier, int(Q.Q4_0), raw, F, H, c, y, idx, f0, f1, i8=True)
+        except SparrowError as e:
+            assert "UNSUPPORTED" in str(e)
+            continue
+        ran += 1
+        assert np.all(np.abs(got - spec) <= 1e-6 * mag), tier
+        err = np.abs(got - ref)
+        assert np.all(err <= bound + 1e-5 * mag), tier
+        assert np.max(err / (bound + 1e-30)) > 0.05, tier  # quantized: not the float path by mistake
+    if "avx512" in testing.tiers():
+        assert ran
+
+
+def test_accum_packed_i8_zero_tiny_and_nonfinite_activations():
+    """A group of zero coefficients adds exactly nothing (the dense path's unused experts), one below 2^-100 counts as
+    zero, and a NaN or infinite coefficient makes its columns NaN instead of a finite guess."""
+    if "avx512" not in testing.tiers():
+        pytest.skip("no tier with the int8 down path on this CPU")
+    rng = np.random.default_rng(3)
+    F, H = 32, 96
+    raw = b"".join(testing.quantize(int(Q.Q4_0), row) for row in rng.standard_normal((F, H)).astype(np.float32))
+    y = rng.standard_normal((3, H)).astype(np.float32)
+    c = np.zeros((3, F), np.float32)
+    c[1, :16] = 1e-35
+    c[2, 3] = np.nan
+    c[2, 20] = 1.0
+    got = testing.accum_packed("avx512", int(Q.Q4_0), raw, F, H, c, y, i8=True)
+    np.testing.assert_array_equal(got[0], y[0])
+    np.testing.assert_array_equal(got[1], y[1])
+    assert np.all(np.isnan(got[2]))
+    c[2, 3] = np.inf
+    assert np.all(np.isnan(testing.accum_packed("avx512", int(Q.Q4_0), raw, F, H, c, y, i8=True)[2]))
 
 
 @pytest.mark.parametrize("wtype", [Q.F32, Q.F16, Q.BF16], ids=lambda t: t.name)

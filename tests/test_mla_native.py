@@ -22,7 +22,7 @@ from blockffn_fixture import FixtureConfig, write_checkpoint
 from reference.blockffn import BlockFFNGGUFRef, BlockFFNRef
 from sparrow.converters.blockffn import convert
 from sparrow.runtime import Model, SparrowError
-from test_blockffn_native import TOKENS, nmse, rewrite
+from test_blockffn_native import TOKENS, nmse, rewrite, runtime_down_i8
 
 
 def mla_config(**kw) -> FixtureConfig:
@@ -48,7 +48,7 @@ def test_f32_logits_match_hf_reference(tmp_path, seed, ffn_type, tied):
     """One batch and token by token, against the official computation (expanded MLA, rotate-half RoPE)."""
     folder, path = build(tmp_path, mla_config(seed=seed, ffn_type=ffn_type, tie_word_embeddings=tied))
     ref, _ = BlockFFNRef.from_hf(folder).forward(TOKENS)
-    rounded, _ = BlockFFNGGUFRef.from_gguf(path, runtime_rounding=True).forward(TOKENS)
+    rounded, _ = BlockFFNGGUFRef.from_gguf(path, runtime_rounding=True, down_i8=runtime_down_i8()).forward(TOKENS)
     assert nmse(BlockFFNGGUFRef.from_gguf(path).forward(TOKENS)[0], ref) < 1e-10  # the file is the checkpoint
     with Model(path) as m:
         with m.session(n_ctx=64, n_threads=2) as s:
@@ -73,7 +73,7 @@ def test_f32_logits_match_hf_reference(tmp_path, seed, ffn_type, tied):
 @pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0"])
 def test_quantized_logits_match_gguf_reference(tmp_path, qtype):
     _, path = build(tmp_path, mla_config(seed=4, **QUANTIZABLE), qtype)
-    rounded, _ = BlockFFNGGUFRef.from_gguf(path, runtime_rounding=True).forward(TOKENS)
+    rounded, _ = BlockFFNGGUFRef.from_gguf(path, runtime_rounding=True, down_i8=runtime_down_i8()).forward(TOKENS)
     plain, _ = BlockFFNGGUFRef.from_gguf(path).forward(TOKENS)
     with Model(path) as m, m.session(n_ctx=64, n_threads=2) as s:
         ours = s.eval(TOKENS, logits="all")

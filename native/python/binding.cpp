@@ -857,10 +857,11 @@ NB_MODULE(_sparrow, m) {
                                    (int64_t)c.shape(1), out, (int64_t)R, idx.empty() ? nullptr : idx.data()));
         });
     }, "tier"_a, "type"_a, "d"_a, "F"_a, "H"_a, "c"_a, "y"_a, "idx"_a = std::vector<int32_t>());
-    // The same with D repacked into the tier's "down" streaming layout and its accum_packed kernel, over rows
-    // [f0, f1) of D (f1 = -1: F; f0 a multiple of 16). SparrowError (SP_ERR_UNSUPPORTED) where the tier has none.
+    // The same with D repacked into the tier's "down" streaming layout and its accum_packed kernel (i8: the "down
+    // int8" layout and accum_packed_i8), over rows [f0, f1) of D (f1 = -1: F; f0 a multiple of 16). SparrowError
+    // (SP_ERR_UNSUPPORTED) where the tier has none.
     t.def("accum_packed", [](const std::string &tier, uint32_t type, nb::bytes d, int64_t F, int64_t H, F32Rows c,
-                             F32Rows y, std::vector<int32_t> idx, int64_t f0, int64_t f1) {
+                             F32Rows y, std::vector<int32_t> idx, int64_t f0, int64_t f1, bool i8) {
         const size_t T = c.shape(0), R = y.shape(0);
         if ((int64_t)y.shape(1) != H || (!idx.empty() && idx.size() != T))
             throw SparrowError("SP_ERR_INVALID_ARG: shapes do not match");
@@ -868,10 +869,10 @@ NB_MODULE(_sparrow, m) {
             std::memcpy(out, y.data(), R * y.shape(1) * sizeof(float));
             check(sp_testing_accum_packed(tier.c_str(), type, d.c_str(), d.size(), F, H, c.data(), (int64_t)T,
                                           (int64_t)c.shape(1), out, (int64_t)R, idx.empty() ? nullptr : idx.data(),
-                                          f0, f1));
+                                          f0, f1, i8));
         });
     }, "tier"_a, "type"_a, "d"_a, "F"_a, "H"_a, "c"_a, "y"_a, "idx"_a = std::vector<int32_t>(), "f0"_a = 0,
-       "f1"_a = -1);
+       "f1"_a = -1, "i8"_a = false);
     // Run one BlockFFN layer's FFN block alone: xn [T, H], router scores r [T, E] (None: computed by the router),
     // mode (sp_ffn_mode). Returns y [T, H] (before the residual scale).
     t.def("ffn_run", [](Session &self, int32_t il, F32Rows xn, std::optional<F32Rows> r, int mode) {

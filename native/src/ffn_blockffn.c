@@ -16,7 +16,8 @@
  * share of the (task, slice) units and for each: gathers the task's activation rows (when not all T), computes
  * h = U_e[slice] x (kernel matmul), c = r * silu(h), then y += c @ D_e^T[slice] (kernel accum) into its own partial
  * output (thread 0: s->tmp). Partials are summed into tmp at the end. Threads meet at 4 barriers per layer.
- * The down half is read in the tier's streaming layout (kernels.h accum_packed) when the model packed it at load.
+ * The down half is read in the tier's streaming layout (kernels.h accum_packed) when the model packed it at load,
+ * in its int8 form (accum_packed_i8: c quantized per token, 16-row group and column block) where the tier has one.
  * Thread 0 adds each phase's time to the session's timings (ffn_router_s .. ffn_reduce_s).
  * Thread 0 also updates the session's sparsity counters (TLS, CLS-k ring, bytes read).
  * With synthetic routing on (routing_synth.c) the router matmul still runs and its scores are then replaced.
@@ -201,13 +202,14 @@ void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth) {
             c->k->silu_mul(h + i * FE + f0, NULL, r, f1 - f0); /* r silu(h) */
         }
         const double d_clk = tm ? sp_now_s() : 0.0;
-        if (l->experts_down_packed) /* the down half in the streaming layout: rows f0.. start a 16-row group */
-            c->k->accum_packed[X->type](y, H, idx, h + f0, FE,
-                                        l->experts_down_packed + (size_t)tk->e * l->experts_up_stride +
-                                            c->k->packed_down_size[X->type](f0, H),
-                                        f1 - f0, H, tk->n);
-        else
+        if (l->experts_down_packed) { /* the down half in the streaming layout: rows f0.. start a 16-row group */
+            const sp_accum_fn down = (l->experts_down_i8 ? c->k->accum_packed_i8 : c->k->accum_packed)[X->type];
+            down(y, H, idx, h + f0, FE,
+                 l->experts_down_packed + (size_t)tk->e * l->experts_up_stride + c->k->packed_down_size[X->type](f0, H),
+                 f1 - f0, H, tk->n);
+        } else {
             c->k->accum[X->type](y, H, idx, h + f0, FE, slab + (size_t)(FE + f0) * X->row_size, f1 - f0, H, tk->n);
+        }
         if (tm) {
             const double now = sp_now_s();
             t_up += d_clk - u_clk;

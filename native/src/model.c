@@ -406,6 +406,7 @@ static sp_status pack_weights(sp_model *m) {
     }
     const int64_t E = m->hp.n_expert, FE = m->hp.expert_width;
     size_t up_stride = 0, down_size = 0; /* per expert; the same for every layer (one type and shape for all) */
+    bool down_i8 = false;
     if (E > 0) {
         const sp_tensor *x0 = &m->layers[0].experts;
         up_stride = x0->data && k->packed_size[x0->type] ? k->packed_size[x0->type](FE, x0->k) : 0;
@@ -416,6 +417,10 @@ static sp_status pack_weights(sp_model *m) {
         const char *env = getenv("SPARROW_EXPERT_DOWN_PACK");
         down_size = up_stride && k->packed_down_size[x0->type] && !(env && env[0] == '0')
                         ? k->packed_down_size[x0->type](FE, x0->k) : 0;
+        /* in the int8 form where the tier has one (SPARROW_EXPERT_DOWN_INT8=0 keeps the float one: the benchmark's
+         * baseline and the tests' exact comparisons) */
+        const char *env8 = getenv("SPARROW_EXPERT_DOWN_INT8");
+        down_i8 = down_size && k->accum_packed_i8[x0->type] && !(env8 && env8[0] == '0');
         total += (up_stride + down_size) * (size_t)E * (size_t)m->hp.n_layer;
     }
     if (!total) {
@@ -452,12 +457,14 @@ static sp_status pack_weights(sp_model *m) {
         l->experts_up_packed = (uint8_t *)m->packed + off;
         l->experts_up_stride = up_stride + down_size;
         l->experts_down_packed = down_size ? l->experts_up_packed + up_stride : NULL;
+        l->experts_down_i8 = down_i8;
         for (int64_t e = 0; e < E; e++) {
             const uint8_t *up = (const uint8_t *)X->data + (size_t)e * 2 * (size_t)FE * X->row_size;
             k->pack[X->type]((uint8_t *)m->packed + off, up, FE, X->k);
             off += up_stride;
             if (down_size) {
-                k->pack_down[X->type]((uint8_t *)m->packed + off, up + (size_t)FE * X->row_size, FE, X->k);
+                (down_i8 ? k->pack_down_i8 : k->pack_down)[X->type]((uint8_t *)m->packed + off,
+                                                                     up + (size_t)FE * X->row_size, FE, X->k);
                 off += down_size;
             }
             if (m->gguf->mapped) { /* the up rows (and down rows when packed) are only read packed from now on */

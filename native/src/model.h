@@ -63,6 +63,8 @@ typedef struct sp_layer {
     const uint8_t *experts_down_packed; /* or NULL: expert e's down rows in the tier's "down" streaming layout
                                            (kernels.h pack_down), at experts_down_packed + e * experts_up_stride:
                                            each expert's packed up and down halves are adjacent, one stream */
+    bool experts_down_i8;          /* the down rows are in the "down int8" layout instead (kernels.h pack_down_i8),
+                                      read by accum_packed_i8 */
 } sp_layer;
 
 typedef struct sp_hparams {

@@ -159,7 +159,7 @@ sp_status sp_testing_accum(const char *tier, uint32_t type, const void *d, size_
 
 sp_status sp_testing_accum_packed(const char *tier, uint32_t type, const void *d, size_t d_size, int64_t F, int64_t H,
                                   const float *c, int64_t T, int64_t ldc, float *y, int64_t R, const int32_t *idx,
-                                  int64_t f0, int64_t f1) {
+                                  int64_t f0, int64_t f1, bool i8) {
     const sp_kernels *kt = NULL;
     sp_type ty = SP_TYPE_F32;
     sp_status st = tier_of(tier, &kt);
@@ -172,11 +172,12 @@ sp_status sp_testing_accum_packed(const char *tier, uint32_t type, const void *d
     for (int64_t t = 0; idx && t < T; t++)
         if (idx[t] < 0 || idx[t] >= R) return sp_fail(SP_ERR_INVALID_ARG, "idx out of range");
     const size_t size = kt->packed_down_size[ty] ? kt->packed_down_size[ty](F, H) : 0;
-    if (!size || !kt->accum_packed[ty]) return sp_fail(SP_ERR_UNSUPPORTED, "this tier does not pack this type");
+    const sp_accum_fn accum = i8 ? kt->accum_packed_i8[ty] : kt->accum_packed[ty];
+    if (!size || !accum) return sp_fail(SP_ERR_UNSUPPORTED, "this tier does not pack this type");
     void *p = alloc64(size);
     if (!p) return sp_fail(SP_ERR_NO_MEMORY, "pack: out of memory");
-    kt->pack_down[ty](p, d, F, H);
-    kt->accum_packed[ty](y, H, idx, c + f0, ldc, (const uint8_t *)p + kt->packed_down_size[ty](f0, H), f1 - f0, H, T);
+    (i8 ? kt->pack_down_i8 : kt->pack_down)[ty](p, d, F, H);
+    accum(y, H, idx, c + f0, ldc, (const uint8_t *)p + kt->packed_down_size[ty](f0, H), f1 - f0, H, T);
     free(p);
     return SP_OK;
 }

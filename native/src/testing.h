@@ -40,10 +40,11 @@ sp_status sp_testing_matmul(const char *tier, uint32_t type, const void *w, size
 sp_status sp_testing_accum(const char *tier, uint32_t type, const void *d, size_t d_size, int64_t F, int64_t H,
                            const float *c, int64_t T, int64_t ldc, float *y, int64_t R, const int32_t *idx);
 /* sp_testing_accum over rows [f0, f1) of D (f1 < 0: F; f0 a multiple of 16) with D repacked into the tier's "down"
- * layout and its accum_packed kernel (SP_ERR_UNSUPPORTED where the tier has none for the type). */
+ * layout and its accum_packed kernel, or (i8) the "down int8" layout and accum_packed_i8 (SP_ERR_UNSUPPORTED where the
+ * tier has none for the type). */
 sp_status sp_testing_accum_packed(const char *tier, uint32_t type, const void *d, size_t d_size, int64_t F, int64_t H,
                                   const float *c, int64_t T, int64_t ldc, float *y, int64_t R, const int32_t *idx,
-                                  int64_t f0, int64_t f1);
+                                  int64_t f0, int64_t f1, bool i8);
 /* Rows per packed row group of the tier (kernels.h: pack_rows). */
 sp_status sp_testing_pack_rows(const char *tier, int32_t *out);
 /* Bytes of W[N, K] in the tier's packed layout; 0 when the tier does not pack this type/shape. */

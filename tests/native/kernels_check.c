@@ -4,7 +4,7 @@
  *   - quantize_q8a, f32 -> f16, round_f16, first_above, max_f32: bit for bit;
  *   - matmul and accum (every weight type, packed layouts too): |y - y_ref| <= 1e-5 (|W| @ |x|) + 1e-5 elementwise
  *     (each block's integer dot product is exact in every tier; only float summation order differs); a packed matmul
- *     equals the tier's own unpacked one bit for bit;
+ *     equals the tier's own unpacked one bit for bit; accum_packed_i8 (int8 activations) within kernels.h's bound;
  *   - attention scores and sums: within float32 summation error of ref, and every element bit for bit what the same
  *     kernel gives for its query alone (a token's attention does not depend on the batch);
  *   - exp_sum, silu_mul: within 4 and 8 float32 ulp of the float64 function; exp_sum's sum order-free.
@@ -146,8 +146,33 @@ static void check_matmul(const char *tier) {
         }
 }
 
+/* accum_packed_i8's bound over ref (kernels.h), [R, H]: sum over 16-row groups g and column blocks b of
+ * max_f |c[t, f] d[f, b]| / 254 * sum_f |q[f, j] - 8|, from the dequantized Q4_0 rows df [F, H] (a reference-quantized
+ * block holds its largest |value| as q = 0, so |d| = max_j |df| / 8 and |q - 8| = |df| / |d|). */
+static float *i8_bound(const float *df, const float *c, int64_t ldc, const int32_t *idx, int64_t F, int64_t H,
+                       int64_t T, int64_t R) {
+    float *out = fvec((size_t)(R * H));
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t g = 0; g < F; g += 16)
+            for (int64_t j0 = 0; j0 < H; j0 += 32) {
+                double amax = 0, d[16] = {0};
+                for (int64_t f = g; f < F && f < g + 16; f++) {
+                    for (int64_t j = j0; j < j0 + 32; j++) d[f - g] = fmax(d[f - g], fabs((double)df[f * H + j]) / 8);
+                    amax = fmax(amax, fabs((double)c[t * ldc + f]) * d[f - g]);
+                }
+                for (int64_t j = j0; j < j0 + 32; j++) {
+                    double s = 0;
+                    for (int64_t f = g; f < F && f < g + 16; f++)
+                        if (d[f - g] > 0) s += fabs((double)df[f * H + j]) / d[f - g];
+                    out[idx[t] * H + j] += (float)(amax / 254 * s * (1 + 1e-6));
+                }
+            }
+    return out;
+}
+
 static void check_accum(const char *tier) {
-    static const int64_t SHAPES[][2] = {{16, 32}, {48, 96}, {64, 576}, {32, 160}, {13, 64}, {16, 37}}; /* F, H */
+    static const int64_t SHAPES[][2] = {{16, 32}, {48, 96}, {64, 576}, {32, 160}, {13, 64}, {16, 37},
+                                        {20, 2240}}; /* F, H */
     static const int64_t TS[] = {1, 3, 8, 11};
     for (size_t ti = 0; ti < sizeof TYPES / sizeof TYPES[0]; ti++)
         for (size_t si = 0; si < sizeof SHAPES / sizeof SHAPES[0]; si++)
@@ -178,12 +203,26 @@ static void check_accum(const char *tier) {
                 EXPECT(close_to(y, yr, bound, (size_t)(R * H), &at), "accum %s F=%lld H=%lld T=%lld: y[%zu] %g, ref %g",
                        TYPE_NAMES[ti], (long long)F, (long long)H, (long long)T, at, y[at], yr[at]);
                 memcpy(y, y0, (size_t)(R * H) * sizeof *y);
-                const sp_status st = sp_testing_accum_packed(tier, type, d, dsize, F, H, c, T, ldc, y, R, idx, 0, -1);
+                sp_status st = sp_testing_accum_packed(tier, type, d, dsize, F, H, c, T, ldc, y, R, idx, 0, -1, false);
                 if (st == SP_OK)
                     EXPECT(close_to(y, yr, bound, (size_t)(R * H), &at), "accum_packed %s F=%lld H=%lld T=%lld: y[%zu] "
                            "%g, ref %g", TYPE_NAMES[ti], (long long)F, (long long)H, (long long)T, at, y[at], yr[at]);
                 else
                     EXPECT(st == SP_ERR_UNSUPPORTED, "accum_packed %s: %s", TYPE_NAMES[ti], sp_last_error());
+                memcpy(y, y0, (size_t)(R * H) * sizeof *y);
+                st = sp_testing_accum_packed(tier, type, d, dsize, F, H, c, T, ldc, y, R, idx, 0, -1, true);
+                if (st == SP_OK) {
+                    CHECK(type == T_Q4_0);
+                    float *qb = i8_bound(df, c, ldc, idx, F, H, T, R);
+                    for (size_t i = 0; i < (size_t)(R * H); i++) qb[i] += 1e-5f * bound[i] + 1e-5f;
+                    at = 0;
+                    while (at < (size_t)(R * H) && fabsf(y[at] - yr[at]) <= qb[at]) at++;
+                    EXPECT(at == (size_t)(R * H), "accum_packed_i8 F=%lld H=%lld T=%lld: y[%zu] %g, ref %g, bound %g",
+                           (long long)F, (long long)H, (long long)T, at, y[at], yr[at], qb[at]);
+                    free(qb);
+                } else {
+                    EXPECT(st == SP_ERR_UNSUPPORTED, "accum_packed_i8 %s: %s", TYPE_NAMES[ti], sp_last_error());
+                }
                 free(d), free(df), free(c), free(y0), free(bound), free(y), free(yr);
             }
 }

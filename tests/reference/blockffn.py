@@ -15,6 +15,9 @@ Two readings of the same model:
   `from_gguf(path, runtime_rounding=True)` rounds as the runtime does: the activations entering a quantized matmul to
   8-bit blocks (reference.llama.q8a: attention projections, the experts' up rows, the head; the experts' down rows
   take float coefficients) and q, k, v after RoPE to F16 (the KV cache), so that what is left is float32 arithmetic.
+  With `down_i8=True` too (the runtime's int8 down path: Q4_0 experts on a tier with kernels.h accum_packed_i8) the
+  down rows take each token's coefficients times the rows' block scales quantized to int8 per 16-row group and column
+  block (`down_i8` below).
 
 Multi-head latent attention (config attention_type "mla", the released checkpoints; official MLAAttention): the HF
 reading computes it as the official code does (keys and values expanded per head, rotate_half RoPE over the DR rope
@@ -54,6 +57,27 @@ DEFAULTS = {"num_key_value_heads": None, "norm_after_router": "sum", "norm_scale
             "q_lora_rank": 768, "kv_lora_rank": 256}
 SUM_NORM_EPS = 1e-5
 LORA_NORM_EPS = 1e-6  # MLAAttention's q_a_layernorm / kv_a_layernorm: MiniCPMRMSNorm(n) with its default eps
+
+
+def down_i8(c: np.ndarray, down_t: np.ndarray) -> np.ndarray:
+    """c [F] @ down_t [F, H] (Q4_0 rows, dequantized) as kernels.h accum_packed_i8 computes it: per group of 16 rows and
+    block of 32 columns, a = c * d (float32; d the row's block scale, |d| = max |w| / 8 of a reference-quantized block,
+    and w / d = q - 8 -- a negative d flips a and q - 8 together), quantized with s = max |a| / 127, q = rint(a *
+    (127 / max)), and summed as s * (q . (w / d)) per group."""
+    F, H = down_t.shape
+    w = down_t.reshape(F, H // 32, 32)
+    d = np.abs(w).max(-1) / 8                                                      # [F, nb]
+    w8 = np.rint(np.divide(w, d[..., None], out=np.zeros_like(w), where=d[..., None] > 0))
+    out = np.zeros((H // 32, 32))
+    for g in range(0, F, 16):
+        a = (c[g:g + 16, None].astype(np.float32) * d[g:g + 16].astype(np.float32)).astype(np.float32)
+        mx = np.abs(a).max(0)
+        live = mx >= np.float32(2.0 ** -100)
+        inv = np.where(live, np.float32(127) / np.where(live, mx, 1), 0).astype(np.float32)
+        q = np.rint((a * inv).astype(np.float32))
+        s = np.where(live, mx / np.float32(127), 0).astype(np.float32).astype(np.float64)
+        out += s[:, None] * np.einsum("fb,fbj->bj", q, w8[g:g + 16])
+    return out.reshape(H)
 
 
 def f16(x: np.ndarray) -> np.ndarray:
@@ -203,10 +227,12 @@ class BlockFFNGGUFRef:
     q8_inputs: frozenset[str] = frozenset()  # weights whose matmul input q8a rounds (runtime_rounding=True)
     kv_f16: bool = False                     # q, k, v rounded to F16 after RoPE (runtime_rounding=True)
     mla_absorbed: bool = True                # MLA files: the absorbed form (else the expanded one)
+    down_i8: bool = False                    # Q4_0 experts' down rows as the int8 down path rounds (runtime_rounding)
 
     @classmethod
-    def from_gguf(cls, path: str | Path, runtime_rounding: bool = False, mla_absorbed: bool = True) -> BlockFFNGGUFRef:
-        from gguf import GGUFReader
+    def from_gguf(cls, path: str | Path, runtime_rounding: bool = False, mla_absorbed: bool = True,
+                  down_i8: bool = False) -> BlockFFNGGUFRef:
+        from gguf import GGMLQuantizationType, GGUFReader
         from gguf.quants import dequantize
 
         r = GGUFReader(str(path))
@@ -215,8 +241,10 @@ class BlockFFNGGUFRef:
         for t in r.tensors:
             shape = [int(d) for d in reversed(t.shape)]
             w[t.name] = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float64)
+        q4_0_experts = any(t.name.endswith("ffn_experts.weight") and t.tensor_type == GGMLQuantizationType.Q4_0
+                           for t in r.tensors)
         return cls(meta, w, frozenset(t.name for t in r.tensors if runtime_rounding and t.tensor_type in ACT_Q8_TYPES),
-                   runtime_rounding, mla_absorbed)
+                   runtime_rounding, mla_absorbed, runtime_rounding and down_i8 and q4_0_experts)
 
     def q8(self, x: np.ndarray, name: str) -> np.ndarray:
         """x as the matmul with weight `name` sees it."""
@@ -285,7 +313,8 @@ class BlockFFNGGUFRef:
         y = np.zeros_like(x)
         for t, e in zip(*np.nonzero(r)):
             up, down_t = slabs[e, :F], slabs[e, F:]                                      # [F, H] each
-            y[t] += r[t, e] * (silu(up @ xq[t]) @ down_t)
+            c = r[t, e] * silu(up @ xq[t])
+            y[t] += down_i8(c, down_t) if self.down_i8 else c @ down_t
         return y, r
 
     def forward(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -111,6 +111,18 @@ typedef struct sp_kernels {
     size_t (*packed_down_size[SP_TYPE_COUNT])(int64_t F, int64_t H);
     void (*pack_down[SP_TYPE_COUNT])(void *dst, const void *src, int64_t F, int64_t H);
     sp_accum_fn accum_packed[SP_TYPE_COUNT];
+    /* Optional int8 form of the same (x86/avx512.c): pack_down_i8 writes packed_down_size(F, H) bytes in the "down
+     * int8" layout (kernels/pack.c) and accum_packed_i8 has accum_packed's arguments, but it is not exact in float:
+     * for each token t, 16-row group g and column block b the products a[f] = c[t, f] * d[f, b] (d the row's block
+     * scale) are quantized to int8 with one scale s = max_f |a[f]| / 127 (q = nearest-even of a * (127 / max)), and
+     * y[t, j] += float(sum_f q[f] * (w[f, j] - 8)) * s (w the weight's nibble, D = (w - 8) d), the sum exact in int32,
+     * one fused multiply-add per group in order of g. Per token only its own c enters: a token's result does not depend on which tokens share the call.
+     * Bound against accum (the ref tier), elementwise:
+     *   |y - y_ref| <= sum_g max_f |a[f]| / 254 * sum_f |w[f, j] - 8|  +  1e-5 * (|y| + sum_f |c D|)
+     * A group whose max |a| is below 2^-100 counts as 0 (at most 2^-93 more per column and group); a NaN or infinite
+     * product makes its 32 columns NaN. */
+    void (*pack_down_i8[SP_TYPE_COUNT])(void *dst, const void *src, int64_t F, int64_t H);
+    sp_accum_fn accum_packed_i8[SP_TYPE_COUNT];
     float (*dot_f32)(const float *a, const float *b, int64_t n);
     void (*axpy_f32)(float *y, float a, const float *x, int64_t n); /* y += a*x */
     /* Attention over n slots of the F16 cache for M queries at once (query m at q + m*ldq), so the cache is read

@@ -23,6 +23,15 @@
  * The accumulate kernel visits block column b of all 16 rows while a 32-column tile of y stays in registers, so it
  * reads the group front to back: one sequential stream per expert slice instead of 16 rows read 18 bytes at a time
  * with a row's stride between them. Bytes per row are GGUF's 18 per block, plus padding to 64 per group.
+ *
+ * "Down int8" layout (accum_packed_i8; same D, same groups of 16 rows, same bytes per group as "down"): group g is
+ *   d       [16][nb] f16          row gRG+l's block scales in column order (0 for rows >= F), padded to 64 bytes
+ *   quants  [nb][4][16] dwords    block column b, vector k (rows 4k..4k+3 of the group), lane i: byte r holds
+ *                                 q[4k+r][32b+i] | q[4k+r][32b+16+i] << 4, q the GGUF nibble (0..15, x = (q-8)*d);
+ *                                 rows >= F zero
+ * so that v & 15 and (v >> 4) & 15 are the unsigned byte operands of vpdpbusd for columns 32b..32b+15 and
+ * 32b+16..32b+31, 4 rows per dword, and one token's 16 products c[f]*d[f, b] for 16 blocks b are one vector per row.
+ * 32nb rounded up to 64, plus 256nb, is the "down" layout's group size (288nb rounded up to 64) for every nb.
  */
 #include "tiers.h"
 
@@ -101,6 +110,28 @@ void sp_pack_down_q4_0(void *dst, const void *src, int64_t F, int64_t H) {
                     memcpy(col + (size_t)l * 16 + 8 * h, dw, 8);
                 }
                 memcpy(col + SP_DOWN_RG * 16 + (size_t)l * 2, &blk->d, 2);
+            }
+        }
+    }
+}
+
+void sp_pack_down_i8_q4_0(void *dst, const void *src, int64_t F, int64_t H) {
+    const int64_t nb = H / SP_QK, G = (F + SP_DOWN_RG - 1) / SP_DOWN_RG;
+    const size_t gbytes = down_group_bytes(H), row_bytes = (size_t)nb * sizeof(sp_block_q4_0);
+    const size_t sbytes = ((size_t)nb * SP_DOWN_RG * 2 + 63) / 64 * 64; /* the scales, padded */
+    for (int64_t g = 0; g < G; g++) {
+        uint8_t *base = (uint8_t *)dst + (size_t)g * gbytes;
+        memset(base, 0, gbytes);
+        sp_f16 *d = (sp_f16 *)base; /* [16][nb] */
+        uint8_t *quants = base + sbytes; /* [nb][4][16][4] bytes */
+        for (int l = 0; l < SP_DOWN_RG && g * SP_DOWN_RG + l < F; l++) {
+            const sp_block_q4_0 *row = (const sp_block_q4_0 *)((const uint8_t *)src + (size_t)(g * SP_DOWN_RG + l) *
+                                                                                      row_bytes);
+            for (int64_t b = 0; b < nb; b++) {
+                d[(int64_t)l * nb + b] = row[b].d;
+                uint8_t *v = quants + (size_t)b * 256 + (size_t)(l / 4) * 64 + (size_t)(l % 4); /* lane 0, byte l%4 */
+                for (int i = 0; i < 16; i++) /* GGUF: element i in the low nibble of qs[i], i+16 in the high one */
+                    v[4 * i] = row[b].qs[i];
             }
         }
     }

@@ -55,6 +55,8 @@ void sp_pack_rg(sp_type type, void *dst, const void *src, int64_t N, int64_t K, 
 enum { SP_DOWN_RG = 16 };
 size_t sp_packed_down_size_q4_0(int64_t F, int64_t H);
 void sp_pack_down_q4_0(void *dst, const void *src, int64_t F, int64_t H);
+/* pack.c: the "down int8" layout of the same rows for accum_packed_i8 (same size as "down"; layout there). */
+void sp_pack_down_i8_q4_0(void *dst, const void *src, int64_t F, int64_t H);
 
 SP_DECLARE_TIER(ref)
 #if defined(SP_HAVE_X86)

@@ -1044,6 +1044,139 @@ static void accum_packed_q4_0(float *y, int64_t ldy, const int32_t *idx, const f
     }
 }
 
+/* ---- accum_packed_i8: y[idx[t]] += c[t] @ D, D in the "down int8" layout (kernels/pack.c), VNNI ---------------
+ * The weight's scales vary along f (one per row and column block), so they are folded into the activations: for a
+ * token t and a group of 16 rows, a[f, b] = c[t, f] * d[f, b] is quantized along f, per column block b, to int8
+ * (kernels.h accum_packed_i8: scale s = max_f |a| / 127). down_i8_quant does that for 16 blocks at once (lane = b:
+ * one vector per row f, the max over f a vertical max -- on the bits of |a|, so NaN and inf win -- then 4 dwords per
+ * block holding rows 4k..4k+3's bytes, the correction -8 sum_f q, and s). Then per block b (256 bytes: 4 vectors of
+ * nibble pairs, split into w & 15 = columns 0..15 and (w >> 4) & 15 = columns 16..31, 4 rows per dword lane) and
+ * token: isum = -8 sum q + sum_k vpdpbusd(w_k, broadcast dword k of q) -- exact, |isum| <= 16 * 127 * 8 -- and
+ * y += float(isum) * s, one FMA per 16 columns, groups in order. 8 vpdpbusd do the 512 multiply-adds of a block and
+ * token that the float kernel above does with 32 FMAs after unpacking 32 nibbles to floats. */
+enum { DB = 64 }; /* column blocks quantized at a time (per token: 4 + 2 words each on the stack) */
+
+ALWAYS_INLINE void down_i8_quant(int32_t qd[4][DB], int32_t *corr, float *sc, const float *c, int nrows,
+                                 const sp_f16 *ds /* [16][nb] */, int64_t nb, int64_t b0, int n) {
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff), ff = _mm512_set1_epi32(0xff);
+    for (int i0 = 0; i0 < n; i0 += 16) {
+        const __mmask16 m = n - i0 >= 16 ? 0xffff : (__mmask16)((1u << (n - i0)) - 1);
+        __m512 a[16];
+        __m512i amax = _mm512_setzero_si512();
+        _Pragma("GCC unroll 16")
+        for (int l = 0; l < 16; l++) {
+            a[l] = l < nrows ? _mm512_mul_ps(_mm512_set1_ps(c[l]),
+                                             _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, ds + l * nb + b0 + i0)))
+                             : _mm512_setzero_ps();
+            amax = _mm512_max_epu32(amax, _mm512_and_si512(_mm512_castps_si512(a[l]), absm));
+        }
+        /* amax < 2^-100: 0; not finite: NaN */
+        const __mmask16 live = _mm512_cmpge_epu32_mask(amax, _mm512_set1_epi32(0x0d800000));
+        const __mmask16 bad = _mm512_cmpge_epu32_mask(amax, _mm512_set1_epi32(0x7f800000));
+        const __m512 mx = _mm512_castsi512_ps(amax);
+        const __m512 id = _mm512_maskz_div_ps(live & ~bad, _mm512_set1_ps(127.0f), mx);
+        const __m512 s = _mm512_mask_blend_ps(bad, _mm512_maskz_div_ps(live, mx, _mm512_set1_ps(127.0f)),
+                                              _mm512_set1_ps(NAN));
+        __m512i q[16], sum = _mm512_setzero_si512();
+        _Pragma("GCC unroll 16")
+        for (int l = 0; l < 16; l++) {
+            q[l] = _mm512_cvtps_epi32(_mm512_mul_ps(a[l], id)); /* nearest even; |q| <= 127 */
+            sum = _mm512_add_epi32(sum, q[l]);
+        }
+        _Pragma("GCC unroll 4")
+        for (int k = 0; k < 4; k++) { /* dword k of block b = the bytes of rows 4k..4k+3 */
+            __m512i v = _mm512_and_si512(q[4 * k], ff);
+            v = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(q[4 * k + 1], 8), _mm512_slli_epi32(ff, 8), 0xf8);
+            v = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(q[4 * k + 2], 16), _mm512_slli_epi32(ff, 16), 0xf8);
+            _mm512_storeu_si512(qd[k] + i0, _mm512_or_si512(v, _mm512_slli_epi32(q[4 * k + 3], 24)));
+        }
+        _mm512_storeu_si512(corr + i0, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 3)));
+        _mm512_storeu_ps(sc + i0, s);
+    }
+}
+
+ALWAYS_INLINE void accum_down_i8_tile(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
+                                      const uint8_t *base, int nrows, int64_t nb, size_t sbytes, size_t gbytes,
+                                      int64_t b0, int n, bool pf, int NT) {
+    int32_t qd[TT][4][DB], corr[TT][DB];
+    float sc[TT][DB];
+    float *yr[TT];
+    _Pragma("GCC unroll 16")
+    for (int t = 0; t < NT; t++) {
+        down_i8_quant(qd[t], corr[t], sc[t], c + t * ldc, nrows, (const sp_f16 *)base, nb, b0, n);
+        yr[t] = y + (idx ? idx[t] : t) * ldy;
+    }
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    for (int i = 0; i < n; i++) {
+        const int64_t b = b0 + i;
+        const uint8_t *qb = base + sbytes + (size_t)b * 256;
+        if (pf) { /* the quants 4 blocks ahead (in the next group after the last ones) and the next group's scales,
+                   * a line per block: the stream runs ahead across the scales, where the kernel computes */
+            const uint8_t *ahead = b + 4 < nb ? qb + 1024 : base + gbytes + sbytes + (size_t)(b + 4 - nb) * 256;
+            _Pragma("GCC unroll 4")
+            for (int k = 0; k < 4; k++) _mm_prefetch((const char *)ahead + 64 * k, _MM_HINT_T0);
+            if ((size_t)b * 64 < sbytes) _mm_prefetch((const char *)base + gbytes + (size_t)b * 64, _MM_HINT_T0);
+        }
+        __m512i w[8];
+        _Pragma("GCC unroll 4")
+        for (int k = 0; k < 4; k++) {
+            const __m512i v = _mm512_load_si512((const void *)(qb + 64 * k));
+            w[k] = _mm512_and_si512(v, lo4);
+            w[4 + k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+        }
+        const int64_t j0 = b * SP_QK;
+        _Pragma("GCC unroll 16")
+        for (int t = 0; t < NT; t++) {
+            __m512i s0 = _mm512_set1_epi32(corr[t][i]), s1 = s0;
+            _Pragma("GCC unroll 4")
+            for (int k = 0; k < 4; k++) {
+                const __m512i x = _mm512_set1_epi32(qd[t][k][i]);
+                s0 = _mm512_dpbusd_epi32(s0, w[k], x);
+                s1 = _mm512_dpbusd_epi32(s1, w[4 + k], x);
+            }
+            const __m512 sv = _mm512_set1_ps(sc[t][i]);
+            _mm512_storeu_ps(yr[t] + j0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), sv, _mm512_loadu_ps(yr[t] + j0)));
+            _mm512_storeu_ps(yr[t] + j0 + 16,
+                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), sv, _mm512_loadu_ps(yr[t] + j0 + 16)));
+        }
+    }
+}
+
+static void accum_packed_i8_q4_0(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
+                                 const void *dv, int64_t F, int64_t H, int64_t T) {
+    const int64_t nb = H / SP_QK, G = (F + SP_DOWN_RG - 1) / SP_DOWN_RG;
+    const size_t gbytes = sp_packed_down_size_q4_0(SP_DOWN_RG, H);
+    const size_t sbytes = ((size_t)nb * SP_DOWN_RG * 2 + 63) / 64 * 64; /* the group's scales, padded */
+    for (size_t o = 0; o < sbytes + 1024 && o < gbytes; o += 64) /* the first group's scales and quants */
+        _mm_prefetch((const char *)dv + o, _MM_HINT_T0);
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *base = (const uint8_t *)dv + (size_t)g * gbytes;
+        const int nrows = (int)SP_MIN_I(SP_DOWN_RG, F - g * SP_DOWN_RG);
+        for (int64_t b0 = 0; b0 < nb; b0 += DB) {
+            const int n = (int)SP_MIN_I(DB, nb - b0);
+            for (int64_t t0 = 0; t0 < T; t0 += TT) {
+                const int nt = (int)SP_MIN_I(TT, T - t0);
+                float *yt = idx ? y : y + t0 * ldy;
+                const int32_t *it = idx ? idx + t0 : NULL;
+                const float *ct = c + t0 * ldc + g * SP_DOWN_RG;
+                const bool pf = t0 == 0;
+#define TILE(NT) accum_down_i8_tile(yt, ldy, it, ct, ldc, base, nrows, nb, sbytes, gbytes, b0, n, pf, NT)
+                switch (nt) { /* constant NT: the token loops unroll */
+                case 1: TILE(1); break;
+                case 2: TILE(2); break;
+                case 3: TILE(3); break;
+                case 4: TILE(4); break;
+                case 5: TILE(5); break;
+                case 6: TILE(6); break;
+                case 7: TILE(7); break;
+                default: TILE(8); break;
+                }
+#undef TILE
+            }
+        }
+    }
+}
+
 void sp_kernels_fill_avx512(sp_kernels *k) {
     k->accum[SP_TYPE_F32] = sp_accum_f32_avx512;
     k->accum[SP_TYPE_F16] = sp_accum_f16_avx512;
@@ -1054,6 +1187,8 @@ void sp_kernels_fill_avx512(sp_kernels *k) {
     k->packed_down_size[SP_TYPE_Q4_0] = sp_packed_down_size_q4_0;
     k->pack_down[SP_TYPE_Q4_0] = sp_pack_down_q4_0;
     k->accum_packed[SP_TYPE_Q4_0] = accum_packed_q4_0;
+    k->pack_down_i8[SP_TYPE_Q4_0] = sp_pack_down_i8_q4_0;
+    k->accum_packed_i8[SP_TYPE_Q4_0] = accum_packed_i8_q4_0;
     k->quantize_q8a = sp_quantize_q8a_avx512;
     k->matmul[SP_TYPE_Q4_0] = sp_matmul_q4_0_avx512;
     k->matmul[SP_TYPE_Q4_1] = sp_matmul_q4_1_avx512;

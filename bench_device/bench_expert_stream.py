@@ -1,16 +1,18 @@
-"""BlockFFN decode against its byte bound, per phase, before/after the down-half streaming layout (issue 21).
+"""BlockFFN decode against its byte bound, per phase, with three forms of the experts' down halves (issue 21).
 
 Shape legend: T = tokens in one pass (1 = decode; 8 = a chunk verified at once), E = experts, V = vocabulary.
 
 Everything here is SYNTHETIC (bench_device/synthetic.py: the released shapes with random Q4_0 weights; the routing is
-the native synthetic-routing switch at TLS 80% / CLS-8 70%). Two copies of one model are loaded side by side:
-  - before: SPARROW_EXPERT_DOWN_PACK=0 at load -- each expert's down half stays a view of the file and the accumulate
+the native synthetic-routing switch at TLS 80% / CLS-8 70%). Three copies of one model are loaded side by side:
+  - file: SPARROW_EXPERT_DOWN_PACK=0 at load -- each expert's down half stays a view of the file and the accumulate
     kernel reads it a 32-column piece of one row at a time (16..64 rows interleaved, a row's stride apart);
-  - after: the default -- the down half is repacked at load right after the expert's packed up half, in the tier's
-    "down" streaming layout (kernels/pack.c), and accum_packed reads it front to back.
+  - float: SPARROW_EXPERT_DOWN_INT8=0 -- the down half is repacked at load right after the expert's packed up half, in
+    the tier's "down" streaming layout (kernels/pack.c), and accum_packed reads it front to back with float FMAs;
+  - int8: the default -- the same place in the "down int8" layout, and accum_packed_i8 quantizes each token's
+    coefficients (times the rows' block scales) to int8 per 16-row group and column block and sums with vpdpbusd.
 For each copy three sessions (dense, token, chunk), 2 threads: the pool's worker is created while the process is
 pinned to the second CPU and the calling thread is then pinned to the first (both threads pinned, one per core).
-Timings alternate (before/after x mode, repeated), reported as medians with min/max over single steps.
+Timings alternate (variant x mode, repeated), reported as medians with min/max over single steps.
 
 Bytes per token by phase are the weights each phase reads (the file's tensor sizes; packed copies are the same bytes
 plus padding): attention (norms, MLA projections; the latent KV cache read of the 32-token prefix is left out, it is
@@ -22,7 +24,7 @@ from the caches (layer 0 repeated) and from DRAM (all layers in turn): whether a
 Per phase, time comes from Session.timings() (thread 0's clock, each phase ending at a barrier; the experts' up and
 down shares are thread 0's own time inside the expert units).
 
-    python -m sparrow.bench_device.bench_expert_stream --out bench_device/results/expert_stream_zen4_2t.json
+    python -m sparrow.bench_device.bench_expert_stream --out bench_device/results/expert_stream_zen5_2t.json
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ from ..runtime import Model, _sparrow
 from . import profile, synthetic
 
 SCHEMA = "sparrow.bench.expert_stream/1"
-VARIANTS = ("before", "after")
+VARIANTS = ("file", "float", "int8")
+ENV = {"file": {"SPARROW_EXPERT_DOWN_PACK": "0"}, "float": {"SPARROW_EXPERT_DOWN_INT8": "0"}, "int8": {}}
 MODES = ("dense", "token", "chunk")
 PHASES = ("attention", "router", "experts", "head")
 
@@ -72,12 +75,18 @@ def phase_bytes(path: Path) -> dict:
 
 
 class Copy:
-    """One loaded copy of the model (variant before/after) and its three sessions, the prefix evaluated."""
+    """One loaded copy of the model (a variant of VARIANTS) and its three sessions, the prefix evaluated."""
 
     def __init__(self, path: Path, variant: str, threads: int, prefix: list[int], cpus: list[int] | None):
-        os.environ["SPARROW_EXPERT_DOWN_PACK"] = "0" if variant == "before" else "1"
-        self.model = Model(path)
-        del os.environ["SPARROW_EXPERT_DOWN_PACK"]
+        saved = {k: os.environ.pop(k, None) for k in ("SPARROW_EXPERT_DOWN_PACK", "SPARROW_EXPERT_DOWN_INT8")}
+        os.environ.update(ENV[variant])
+        try:
+            self.model = Model(path)
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None)
+                if v is not None:
+                    os.environ[k] = v
         if cpus:
             os.sched_setaffinity(0, {cpus[-1]})  # the pool's workers inherit this thread's affinity
         self.sessions = {m: self.model.session(n_ctx=256, n_batch=64, n_threads=threads, ffn_mode=m) for m in MODES}
@@ -144,7 +153,8 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
     try:
         # checks, with one thread (several threads add partial sums in another order per path, and an 8-bit
         # activation rounding on a tie can flip: bench_synthetic's _check): each variant's sparse decode and chunk
-        # outputs equal its dense ones within 1e-6 of max |logit|; before vs after is recorded (other rounding)
+        # outputs equal its dense ones within 1e-6 of max |logit|; file vs float and file vs int8 are recorded (float:
+        # other summation order; int8: the coefficients' 8-bit rounding)
         outs = {}
         for v, c in copies.items():
             ones = {m: c.model.session(n_ctx=256, n_batch=64, n_threads=1, ffn_mode=m) for m in MODES}
@@ -163,14 +173,15 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
             finally:
                 for s1 in ones.values():
                     s1.close()
-        a, b = outs[("before", 1)], outs[("after", 1)]
-        before_after_err = float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+        a = outs[("file", 1)]
+        rel_err = {v: float(np.max(np.abs(outs[(v, 1)] - a)) / np.max(np.abs(a))) for v in VARIANTS}
+        nmse = {v: float(np.mean((outs[(v, 1)] - a) ** 2) / np.var(a)) for v in VARIANTS}
         # expert bytes per token: token path (counter over 2k decode steps), chunk path (one chunk pass / chunk)
-        s = copies["after"].sessions["token"]
+        s = copies["int8"].sessions["token"]
         s.reset_sparsity()
         run_steps(s, tokens, 32, 1, 16)
         token_expert = s.sparsity().expert_bytes_per_token
-        s = copies["after"].sessions["chunk"]
+        s = copies["int8"].sessions["chunk"]
         s.reset_sparsity()
         run_steps(s, tokens, 32, chunk, 1)
         chunk_expert = s.sparsity().expert_bytes_per_token
@@ -210,7 +221,7 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
                     "bytes_per_pass": total, "bytes_per_token": total / T,
                     "bound_s_per_pass": bound_s, "fraction_of_bound": bound_s / st["median"],
                     "phase_s_per_pass": phase_s, "phases": per_phase,
-                    "before_after_rel_err": before_after_err, "expert_halves": halves[v]})
+                    "vs_file_max_rel_err": rel_err[v], "vs_file_logits_nmse": nmse[v], "expert_halves": halves[v]})
         return records
     finally:
         for c in copies.values():
@@ -218,22 +229,23 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
 
 
 def print_table(records: Sequence[dict]) -> None:
-    print(f"{'shape':5} {'mode':6} {'T':>2} {'MB/tok':>7} | {'before ms':>9} {'frac':>5} | {'after ms':>9} {'frac':>5} | "
-          f"{'speedup':>7} | after per phase: attn / router / experts (up, down) / head ms, experts frac")
+    print(f"{'shape':5} {'mode':6} {'T':>2} {'MB/tok':>7} | {'file ms':>8} {'frac':>5} | {'float ms':>8} {'frac':>5} | "
+          f"{'int8 ms':>8} {'frac':>5} | {'int8/fl':>7} | int8 per phase: attn / router / experts (up, down) / head ms, "
+          f"experts frac (float)")
     by = {(r["shape"], r["mode"], r["variant"]): r for r in records}
     for (shape, mode, v), r in by.items():
-        if v != "after":
+        if v != "int8":
             continue
-        b = by[(shape, mode, "before")]
+        f, fl = by[(shape, mode, "file")], by[(shape, mode, "float")]
         p = r["phase_s_per_pass"]
         print(f"{shape:5} {mode:6} {r['T']:>2} {r['bytes_per_token'] / 1e6:7.1f} | "
-              f"{b['s_per_pass']['median'] * 1e3:9.2f} {b['fraction_of_bound']:5.2f} | "
-              f"{r['s_per_pass']['median'] * 1e3:9.2f} {r['fraction_of_bound']:5.2f} | "
-              f"{b['s_per_pass']['median'] / r['s_per_pass']['median']:7.2f} | "
+              f"{f['s_per_pass']['median'] * 1e3:8.2f} {f['fraction_of_bound']:5.2f} | "
+              f"{fl['s_per_pass']['median'] * 1e3:8.2f} {fl['fraction_of_bound']:5.2f} | "
+              f"{r['s_per_pass']['median'] * 1e3:8.2f} {r['fraction_of_bound']:5.2f} | "
+              f"{fl['s_per_pass']['median'] / r['s_per_pass']['median']:7.2f} | "
               f"{p['attention_s'] * 1e3:.2f} / {p['ffn_router_s'] * 1e3:.2f} / {p['ffn_experts_s'] * 1e3:.2f} "
               f"({p['ffn_up_s'] * 1e3:.2f}, {p['ffn_down_s'] * 1e3:.2f}) / {p['head_s'] * 1e3:.2f}, "
-              f"{r['phases']['experts']['fraction_of_bound']:.2f} (before "
-              f"{b['phases']['experts']['fraction_of_bound']:.2f})")
+              f"{r['phases']['experts']['fraction_of_bound']:.2f} ({fl['phases']['experts']['fraction_of_bound']:.2f})")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -250,3 +250,19 @@ def test_one_thread_paths_are_bit_identical_with_the_down_streaming_layout(model
             out[mode] = np.stack([s.eval([t], logits="last") for t in (5, 77, 12, 250)])
     np.testing.assert_array_equal(out["token"], out["dense"])
     np.testing.assert_array_equal(out["chunk"], out["dense"])
+
+
+def test_expert_stream_bench_runs_its_three_down_forms(tmp_path, monkeypatch):
+    """bench_expert_stream on the tiny shape: a record per down-half form (file view, float streaming, int8) and path,
+    each form's sparse paths checked against its dense one before timing, float equal to the file view but for
+    summation order and int8 within the activation rounding's bound."""
+    from sparrow.bench_device import bench_expert_stream as be
+
+    monkeypatch.setenv("SPARROW_SYNTH_CACHE", str(tmp_path))
+    recs = be.bench_shape("tiny", threads=2, steps=2, repeats=1, chunk=4, bandwidth=10.0, cpus=None, progress=False)
+    assert sorted((r["variant"], r["mode"]) for r in recs) == sorted((v, m) for v in be.VARIANTS for m in be.MODES)
+    for r in recs:
+        assert r["s_per_pass"]["n"] == (2 if r["T"] == 1 else 4) and r["fraction_of_bound"] > 0
+        assert r["vs_file_logits_nmse"] < (2e-4 if r["variant"] == "int8" else 1e-10)
+    int8_differs = any(r["vs_file_logits_nmse"] > 0 for r in recs if r["variant"] == "int8")
+    assert int8_differs == (_sparrow.kernel_tier() == "avx512")  # the int8 form is in use where the tier has it

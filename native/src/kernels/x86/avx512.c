@@ -1096,8 +1096,8 @@ ALWAYS_INLINE void down_i8_quant(int32_t qd[4][DB], int32_t *corr, float *sc, co
 }
 
 ALWAYS_INLINE void accum_down_i8_tile(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
-                                      const uint8_t *base, int nrows, int64_t nb, size_t sbytes, size_t gbytes,
-                                      int64_t b0, int n, bool pf, int NT) {
+                                      const uint8_t *base, int nrows, int64_t nb, size_t sbytes, int64_t b0, int n,
+                                      bool pf, int NT) {
     int32_t qd[TT][4][DB], corr[TT][DB];
     float sc[TT][DB];
     float *yr[TT];
@@ -1110,12 +1110,10 @@ ALWAYS_INLINE void accum_down_i8_tile(float *y, int64_t ldy, const int32_t *idx,
     for (int i = 0; i < n; i++) {
         const int64_t b = b0 + i;
         const uint8_t *qb = base + sbytes + (size_t)b * 256;
-        if (pf) { /* the quants 4 blocks ahead (in the next group after the last ones) and the next group's scales,
-                   * a line per block: the stream runs ahead across the scales, where the kernel computes */
-            const uint8_t *ahead = b + 4 < nb ? qb + 1024 : base + gbytes + sbytes + (size_t)(b + 4 - nb) * 256;
+        if (pf) { /* the stream 4 KB ahead (past the group's end: the next group's scales, then quants); measured
+                   * on Zen 5 from DRAM: 1 KB ahead, or the next group's scales a line per block, were slower */
             _Pragma("GCC unroll 4")
-            for (int k = 0; k < 4; k++) _mm_prefetch((const char *)ahead + 64 * k, _MM_HINT_T0);
-            if ((size_t)b * 64 < sbytes) _mm_prefetch((const char *)base + gbytes + (size_t)b * 64, _MM_HINT_T0);
+            for (int k = 0; k < 4; k++) _mm_prefetch((const char *)qb + 4096 + 64 * k, _MM_HINT_T0);
         }
         __m512i w[8];
         _Pragma("GCC unroll 4")
@@ -1147,8 +1145,6 @@ static void accum_packed_i8_q4_0(float *y, int64_t ldy, const int32_t *idx, cons
     const int64_t nb = H / SP_QK, G = (F + SP_DOWN_RG - 1) / SP_DOWN_RG;
     const size_t gbytes = sp_packed_down_size_q4_0(SP_DOWN_RG, H);
     const size_t sbytes = ((size_t)nb * SP_DOWN_RG * 2 + 63) / 64 * 64; /* the group's scales, padded */
-    for (size_t o = 0; o < sbytes + 1024 && o < gbytes; o += 64) /* the first group's scales and quants */
-        _mm_prefetch((const char *)dv + o, _MM_HINT_T0);
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *base = (const uint8_t *)dv + (size_t)g * gbytes;
         const int nrows = (int)SP_MIN_I(SP_DOWN_RG, F - g * SP_DOWN_RG);
@@ -1160,7 +1156,7 @@ static void accum_packed_i8_q4_0(float *y, int64_t ldy, const int32_t *idx, cons
                 const int32_t *it = idx ? idx + t0 : NULL;
                 const float *ct = c + t0 * ldc + g * SP_DOWN_RG;
                 const bool pf = t0 == 0;
-#define TILE(NT) accum_down_i8_tile(yt, ldy, it, ct, ldc, base, nrows, nb, sbytes, gbytes, b0, n, pf, NT)
+#define TILE(NT) accum_down_i8_tile(yt, ldy, it, ct, ldc, base, nrows, nb, sbytes, b0, n, pf, NT)
                 switch (nt) { /* constant NT: the token loops unroll */
                 case 1: TILE(1); break;
                 case 2: TILE(2); break;

@@ -14,7 +14,13 @@ gets ordinary causal decoding:
     outputs  logits [B, T', V] float32, present.{l}.key / .value [B, NKV, S, D]
 Query t (cache slot P + t) sees key s iff s <= P + t and attention_mask[s] == 1, plus attention_bias.
 
-Layers (the function docs/gguf-blockffn.md and tests/reference/ define; RoPE on adjacent pairs as GGUF stores q/k):
+Attention is the standard Attention operator (opset 23) over the cache, RoPE the standard RotaryEmbedding (adjacent
+pairs, as GGUF stores q/k), norms RMSNormalization. Multi-head latent attention (the released BlockFFN checkpoints)
+is exported expanded: each head's key [k_nope | k_pe] (DK) and value (DV) are computed from the latent and cached
+per head (NKV = NH), so the cache is larger than the native runtime's latent one, and onnxruntime runs it as
+ordinary multi-head attention.
+
+Layers (the function docs/gguf-blockffn.md and tests/reference/ define):
     llama     x += attn(rmsnorm(x));  x += down(silu(gate(xn)) * up(xn))
     blockffn  x = embed * embedding_scale;  x += residual_scale * attn(..);  x += residual_scale * ffn(..);
               logits = rmsnorm(x) * logit_scale @ head.  The FFN (ffn="moe", the default) is onnxruntime's
@@ -53,7 +59,7 @@ from . import ConversionError
 Q = gguf.GGMLQuantizationType
 WEIGHT_TYPES = ("f32", "int8", "int4")
 FFN_KINDS = ("moe", "dense")
-OPSET = 21
+OPSET = 23  # RMSNormalization, RotaryEmbedding and Attention (with a KV cache) are standard ops
 MS_DOMAIN = "com.microsoft"
 MAX_PROTO_BYTES = 1_800_000_000  # larger models keep their initializers in OUT.data beside OUT (protobuf's 2 GB limit)
 GENAI_CONFIG = "genai_config.json"
@@ -73,6 +79,12 @@ class Shape:
     n_ctx_train: int
     eps: float
     rope_base: float
+    # multi-head latent attention (blockffn files with attention.type "mla"; docs/gguf-blockffn.md)
+    mla: bool = False
+    kv_lora: int = 0        # KL
+    key_length: int = 0     # DK = DN + DR
+    value_length: int = 0   # DV
+    lora_eps: float = 0.0
     # blockffn only
     n_expert: int = 0
     expert_width: int = 0
@@ -88,9 +100,7 @@ def _shape(fields: dict[str, object], n_vocab: int) -> Shape:
     arch = str(fields.get("general.architecture", ""))
     if arch not in ("llama", "blockffn"):
         raise ConversionError(f"ONNX export takes llama and blockffn GGUF files; this one is {arch or 'unlabelled'!r}")
-    if fields.get(f"{arch}.attention.type") == "mla":
-        raise ConversionError("ONNX export of multi-head latent attention (MLA) files is not implemented; "
-                              "export a BlockFFN file with ordinary attention, or run this one with the native runtime")
+    mla = fields.get(f"{arch}.attention.type") == "mla"
 
     def get(key: str, default: object = None) -> object:
         value = fields.get(f"{arch}.{key}", default)
@@ -104,10 +114,16 @@ def _shape(fields: dict[str, object], n_vocab: int) -> Shape:
         raise ConversionError(f"inconsistent heads: hidden {H}, heads {NH}, kv heads {NKV}")
     D = H // NH
     n_rot = int(get("rope.dimension_count", D))
-    if n_rot != D:
+    if n_rot != D and not mla:
         raise ConversionError(f"RoPE over {n_rot} of {D} head dimensions is not supported by the ONNX export")
     s = Shape(arch, int(get("block_count")), H, NH, NKV, D, n_rot, n_vocab, int(get("context_length", 4096)),
               float(get("attention.layer_norm_rms_epsilon")), float(get("rope.freq_base", 10000.0)))
+    if mla:  # the cache holds every head's key [DK] and value [DV], expanded from the latent (module docstring)
+        DK, DV = int(get("attention.key_length")), int(get("attention.value_length"))
+        if not 0 < n_rot < DK or n_rot % 2:
+            raise ConversionError(f"MLA: RoPE over {n_rot} of the key's {DK} dimensions")
+        s = Shape(**{**s.__dict__, "mla": True, "n_head_kv": NH, "kv_lora": int(get("attention.kv_lora_rank")),
+                     "key_length": DK, "value_length": DV, "lora_eps": float(get("attention.lora_norm_epsilon"))})
     if arch == "blockffn":
         s = Shape(**{**s.__dict__, "n_expert": int(get("expert_count")), "expert_width": int(get("expert_width")),
                      "router_norm": str(get("router_norm")), "router_norm_eps": float(get("router_norm_eps")),
@@ -211,9 +227,12 @@ class _Graph:
         self.inits.append(self.numpy_helper.from_array(arr, name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> str | list[str]:
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", outputs: list[str] | None = None,
+           **attrs) -> str | list[str]:
+        """A node; outputs names some of its outputs (graph outputs), "" for a generated name."""
         self.n += 1
-        outs = [f"{op_type.lower()}_{self.n}" + (f"_{i}" if n_out > 1 else "") for i in range(n_out)]
+        outs = [(outputs[i] if outputs and outputs[i] else f"{op_type.lower()}_{self.n}" + (f"_{i}" if n_out > 1
+                                                                                          else "")) for i in range(n_out)]
         self.nodes.append(self.helper.make_node(op_type, inputs, outs, name=f"{op_type}_{self.n}",
                                                 domain=domain or None, **attrs))
         return outs[0] if n_out == 1 else outs
@@ -233,9 +252,19 @@ class _Builder:
         self.i64 = lambda *v: g.const(np.array(v, dtype=np.int64))
 
     # one matmul x [..., K] @ W[N, K]^T in the chosen encoding
+    def float_note(self, what: str, K: int) -> None:
+        import warnings
+
+        from .blockffn import ConversionWarning
+
+        warnings.warn(f"{what}: rows of {K} values do not split into blocks of 32; kept float32",
+                      ConversionWarning, stacklevel=4)
+
     def linear(self, x: str, name: str, bits: int | None = None) -> str:
         g, (N, K) = self.g, self.w.shape(name)
-        if self.weights == "f32":
+        if self.weights != "f32" and K % 32:
+            self.float_note(name, K)
+        if self.weights == "f32" or K % 32:
             return g.op("MatMul", [x, g.const(self.w.f32(name).T.copy(), name)])
         bits = bits or (4 if self.weights == "int4" else 8)
         q, scales, zp = self.w.nbits(name, bits)
@@ -245,41 +274,55 @@ class _Builder:
         return g.op("MatMulNBits", inputs, domain=MS_DOMAIN,
                     K=K, N=N, bits=bits, block_size=32, accuracy_level=4)
 
-    def rmsnorm(self, x: str, weight: str | None, eps: float) -> str:
-        g = self.g
-        ms = g.op("ReduceMean", [g.op("Mul", [x, x]), self.i64(-1)], keepdims=1)
-        y = g.op("Mul", [x, g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(np.float32(eps))])])])])
-        return y if weight is None else g.op("Mul", [y, g.const(self.w.f32(weight), weight)])
+    def rmsnorm(self, x: str, weight: str, eps: float) -> str:
+        return self.g.op("RMSNormalization", [x, self.g.const(self.w.f32(weight), weight)], axis=-1, epsilon=eps)
 
-    def rope(self, x: str, n_heads: int, cos: str, sin: str) -> str:
-        """x [B, T, n_heads * D] -> [B, T, n_heads, D] rotated: pairs (2i, 2i + 1) by position * base^(-2i/D)."""
-        g, D = self.g, self.s.head_dim
-        pairs = g.op("Reshape", [x, self.i64(0, 0, n_heads, D // 2, 2)])         # [B, T, heads, D/2, 2]
-        x0, x1 = g.op("Split", [pairs, self.i64(1, 1)], n_out=2, axis=-1)       # [B, T, heads, D/2, 1] each
-        r0 = g.op("Sub", [g.op("Mul", [x0, cos]), g.op("Mul", [x1, sin])])
-        r1 = g.op("Add", [g.op("Mul", [x0, sin]), g.op("Mul", [x1, cos])])
-        return g.op("Reshape", [g.op("Concat", [r0, r1], axis=-1), self.i64(0, 0, n_heads, D)])
+    def attention_mla(self, l: int, xn: str, cos: str, sin: str, bias: str) -> str:
+        """Multi-head latent attention, expanded: each head's key [k_nope | k_pe] and value computed from the latent
+        c and cached as in GQA with NKV = NH. Returns [B, T, H]; adds present.{l}.* outputs."""
+        g, s = self.g, self.s
+        p, NH, KL, DK, DV, DR = f"blk.{l}.", s.n_head, s.kv_lora, s.key_length, s.value_length, s.n_rot
+        DN = DK - DR
+        cq = g.op("RMSNormalization", [self.linear(xn, p + "attn_q_a.weight"), g.const(
+            self.w.f32(p + "attn_q_a_norm.weight"), p + "attn_q_a_norm.weight")], axis=-1, epsilon=s.lora_eps)
+        q = g.op("Reshape", [self.linear(cq, p + "attn_q_b.weight"), self.i64(0, 0, NH, DK)])   # [B, T, NH, DK]
+        q_nope, q_pe = g.op("Split", [q, self.i64(DN, DR)], n_out=2, axis=-1)
+        q_pe = g.op("RotaryEmbedding", [g.op("Reshape", [q_pe, self.i64(0, 0, NH * DR)]), cos, sin, "position_ids"],
+                    interleaved=1, num_heads=NH)
+        q = g.op("Reshape", [g.op("Concat", [q_nope, g.op("Reshape", [q_pe, self.i64(0, 0, NH, DR)])], axis=-1),
+                             self.i64(0, 0, NH * DK)])
+        kv = self.linear(xn, p + "attn_kv_a_mqa.weight")                                      # [B, T, KL + DR]
+        c, k_pe = g.op("Split", [kv, self.i64(KL, DR)], n_out=2, axis=-1)
+        c = g.op("RMSNormalization", [c, g.const(self.w.f32(p + "attn_kv_a_norm.weight"), p + "attn_kv_a_norm.weight")],
+                 axis=-1, epsilon=s.lora_eps)                                                 # [B, T, KL]
+        k_pe = g.op("RotaryEmbedding", [k_pe, cos, sin, "position_ids"], interleaved=1, num_heads=1)  # [B, T, DR]
+        k_b, v_b = self.w.f32(p + "attn_k_b.weight"), self.w.f32(p + "attn_v_b.weight")     # [NH,KL,DN] [NH,DV,KL]
+        k_rows = k_b.transpose(0, 2, 1).reshape(NH * DN, KL)                                  # k_nope = rows @ c
+        v_rows = v_b.reshape(NH * DV, KL)
+        bits = {"int8": 8, "int4": 4}.get(self.weights)
+        k_nope = g.op("Reshape", [self.matmul_rows(c, k_rows, p + "attn_k_b", bits), self.i64(0, 0, NH, DN)])
+        k_pe = g.op("Expand", [g.op("Unsqueeze", [k_pe, self.i64(2)]), self.i64(1, 1, NH, 1)])  # [B, T, NH, DR]
+        k = g.op("Reshape", [g.op("Concat", [k_nope, k_pe], axis=-1), self.i64(0, 0, NH * DK)])
+        v = self.matmul_rows(c, v_rows, p + "attn_v_b", bits)                                 # [B, T, NH*DV]
+        o, _, _ = g.op("Attention", [q, k, v, bias, f"past_key_values.{l}.key", f"past_key_values.{l}.value"],
+                       n_out=3, outputs=["", f"present.{l}.key", f"present.{l}.value"],
+                       q_num_heads=NH, kv_num_heads=NH)                                       # [B, T, NH*DV]
+        return self.linear(o, p + "attn_output.weight")
 
     def attention(self, l: int, xn: str, cos: str, sin: str, bias: str) -> str:
         """GQA over the cache: returns the attention block's output [B, T, H]; adds present.{l}.* outputs."""
         g, s = self.g, self.s
-        p, NH, NKV, D = f"blk.{l}.", s.n_head, s.n_head_kv, s.head_dim
-        G = NH // NKV
-        q = self.rope(self.linear(xn, p + "attn_q.weight"), NH, cos, sin)                    # [B, T, NH, D]
-        k = self.rope(self.linear(xn, p + "attn_k.weight"), NKV, cos, sin)                   # [B, T, NKV, D]
-        v = g.op("Reshape", [self.linear(xn, p + "attn_v.weight"), self.i64(0, 0, NKV, D)])  # [B, T, NKV, D]
-        k_all = g.rename(g.op("Concat", [f"past_key_values.{l}.key", g.op("Transpose", [k], perm=[0, 2, 1, 3])],
-                              axis=2), f"present.{l}.key")                                    # [B, NKV, S, D]
-        v_all = g.rename(g.op("Concat", [f"past_key_values.{l}.value", g.op("Transpose", [v], perm=[0, 2, 1, 3])],
-                              axis=2), f"present.{l}.value")
-        # queries of one kv head together: [B, T, NKV, G, D] -> [B, NKV, G, T, D], against [B, NKV, 1, D, S]
-        qg = g.op("Transpose", [g.op("Reshape", [q, self.i64(0, 0, NKV, G, D)])], perm=[0, 2, 3, 1, 4])
-        qg = g.op("Mul", [qg, g.const(np.float32(1 / math.sqrt(D)))])
-        k_t = g.op("Unsqueeze", [g.op("Transpose", [k_all], perm=[0, 1, 3, 2]), self.i64(2)])
-        scores = g.op("Add", [g.op("MatMul", [qg, k_t]), bias])                            # [B, NKV, G, T, S]
-        probs = g.op("Softmax", [scores], axis=-1)
-        o = g.op("MatMul", [probs, g.op("Unsqueeze", [v_all, self.i64(2)])])                # [B, NKV, G, T, D]
-        o = g.op("Reshape", [g.op("Transpose", [o], perm=[0, 3, 1, 2, 4]), self.i64(0, 0, NH * D)])
+        p, NH, NKV = f"blk.{l}.", s.n_head, s.n_head_kv
+
+        def rope(x: str, heads: int) -> str:  # [B, T, heads * D], pairs (2i, 2i + 1) rotated
+            return g.op("RotaryEmbedding", [x, cos, sin, "position_ids"], interleaved=1, num_heads=heads)
+
+        q = rope(self.linear(xn, p + "attn_q.weight"), NH)                                   # [B, T, NH*D]
+        k = rope(self.linear(xn, p + "attn_k.weight"), NKV)                                  # [B, T, NKV*D]
+        v = self.linear(xn, p + "attn_v.weight")
+        o, _, _ = g.op("Attention", [q, k, v, bias, f"past_key_values.{l}.key", f"past_key_values.{l}.value"],
+                       n_out=3, outputs=["", f"present.{l}.key", f"present.{l}.value"],
+                       q_num_heads=NH, kv_num_heads=NKV)                                      # [B, T, NH*D]
         return self.linear(o, p + "attn_output.weight")
 
     def dense_ffn(self, l: int, xn: str) -> str:
@@ -304,16 +347,18 @@ class _Builder:
     def block_ffn(self, l: int, xn: str) -> str:
         g, s, p = self.g, self.s, f"blk.{l}."
         E, F, H = s.n_expert, s.expert_width, s.n_embd
+        bits = {"int8": 8, "int4": 4}.get(self.weights)
         r = self.router(p, xn)                                                      # [B, T, E]
         slabs = self.w.f32(p + "ffn_experts.weight")                               # [E, 2F, H]: up rows, down^T rows
         up, down_t = slabs[:, :F, :], slabs[:, F:, :]
+        down = np.ascontiguousarray(down_t.transpose(0, 2, 1))                      # [E, H, F]
         if self.ffn == "dense":
-            h = self.g.op("MatMul", [xn, g.const(up.reshape(E * F, H).T.copy(), p + "ffn_up_all")])  # [B, T, E*F]
+            up_all, down_all = up.reshape(E * F, H), down.transpose(1, 0, 2).reshape(H, E * F)
+            h = self.matmul_rows(xn, up_all, p + "ffn_up_all", bits)               # [B, T, E*F]
             h = g.op("Mul", [h, g.op("Sigmoid", [h])])
             rf = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [r, self.i64(-1)]), self.i64(1, 1, 1, F)]),
                                   self.i64(0, 0, E * F)])                           # r_e repeated F times
-            return g.op("MatMul", [g.op("Mul", [h, rf]), g.const(down_t.reshape(E * F, H).copy(),
-                                                                  p + "ffn_down_all")])
+            return self.matmul_rows(g.op("Mul", [h, rf]), down_all, p + "ffn_down_all", bits)
         # MoE: rows = B*T tokens; router_probs = log(r) (-inf where r = 0); a row with every expert off gets
         # [0, -inf, ...] (one expert, whose output the factor sum(r) = 0 then zeroes).
         x2 = g.op("Reshape", [xn, self.i64(-1, H)])
@@ -321,10 +366,42 @@ class _Builder:
         total = g.op("ReduceSum", [r2, self.i64(-1)], keepdims=1)                  # [rows, 1]
         fallback = g.const(np.array([0.0] + [-np.inf] * (E - 1), dtype=np.float32))
         logits = g.op("Where", [g.op("Greater", [total, g.const(np.float32(0))]), g.op("Log", [r2]), fallback])
-        y = g.op("MoE", [x2, logits, g.const(up.copy(), p + "ffn_up"), "", g.const(np.ascontiguousarray(
-            down_t.transpose(0, 2, 1)), p + "ffn_down")], domain=MS_DOMAIN, k=E, activation_type="silu",
-            normalize_routing_weights=0)                                             # [rows, H]
+        attrs = {"k": E, "activation_type": "silu", "normalize_routing_weights": 0}
+        if bits is not None and (H % 32 or F % 32):
+            self.float_note(p + "ffn_experts.weight", F if F % 32 else H)
+            bits = None
+        if bits is None:
+            y = g.op("MoE", [x2, logits, g.const(up.copy(), p + "ffn_up"), "", g.const(down, p + "ffn_down")],
+                     domain=MS_DOMAIN, **attrs)                                     # [rows, H]
+        else:  # QMoE: blocks of 32 along each matrix's input axis, the MatMulNBits encoding (offset 8 / 128)
+            q_up, s_up = self.quant_rows(up.reshape(E * F, H), bits)
+            q_dn, s_dn = self.quant_rows(down.reshape(E * H, F), bits)
+            y = g.op("QMoE", [x2, logits, g.const(q_up.reshape(E, F, -1), p + "ffn_up.q"),
+                              g.const(s_up.reshape(E, F, -1), p + "ffn_up.scales"), "",
+                              g.const(q_dn.reshape(E, H, -1), p + "ffn_down.q"),
+                              g.const(s_dn.reshape(E, H, -1), p + "ffn_down.scales")], domain=MS_DOMAIN,
+                     expert_weight_bits=bits, block_size=32, accuracy_level=4, **attrs)
         return g.op("Reshape", [g.op("Mul", [y, total]), g.op("Shape", [xn])])
+
+    def quant_rows(self, w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+        """Float rows [N, K] -> (q [N, K/32, 32 * bits / 8], scales [N, K/32]) as Q4_0 / Q8_0 blocks (rows that
+        came from blocks of that type along K quantize back to the same blocks)."""
+        N, K = w.shape
+        want = Q.Q8_0 if bits == 8 else Q.Q4_0
+        raw = quantize(np.ascontiguousarray(w, dtype=np.float32), want).reshape(-1)
+        return (q8_0_to_nbits if bits == 8 else q4_0_to_nbits)(raw, N, K)
+
+    def matmul_rows(self, x: str, w: np.ndarray, name: str, bits: int | None) -> str:
+        """x [..., K] @ w[N, K]^T for a weight built here (not a GGUF tensor): f32 MatMul or MatMulNBits."""
+        g, (N, K) = self.g, w.shape
+        if bits is not None and K % 32:
+            self.float_note(name, K)
+            bits = None
+        if bits is None:
+            return g.op("MatMul", [x, g.const(np.ascontiguousarray(w.T), name)])
+        q, scales = self.quant_rows(w, bits)
+        return g.op("MatMulNBits", [x, g.const(q, name + ".q"), g.const(scales, name + ".scales")],
+                    domain=MS_DOMAIN, K=K, N=N, bits=bits, block_size=32, accuracy_level=4)
 
     def build(self):
         from onnx import TensorProto, helper
@@ -337,14 +414,12 @@ class _Builder:
         x = g.op("Gather", [embd, "input_ids"], axis=0)                            # [B, T, H]
         if s.embedding_scale != 1.0:
             x = g.op("Mul", [x, g.const(np.float32(s.embedding_scale))])
-        # RoPE tables over the training context: cos/sin [n_ctx, D/2], gathered by position -> [B, T, 1, D/2, 1]
+        # RoPE tables over the training context: cos/sin [n_ctx, D/2], indexed by position_ids in RotaryEmbedding
+        R = s.n_rot  # D, or MLA's DR
         theta = np.arange(s.n_ctx_train, dtype=np.float64)[:, None] * \
-            s.rope_base ** (-np.arange(0, D, 2, dtype=np.float64) / D)
-        pos5 = self.i64(0, 0, 1, D // 2, 1)
-        cos = g.op("Reshape", [g.op("Gather", [g.const(np.cos(theta).astype(np.float32), "rope_cos"),
-                                               "position_ids"], axis=0), pos5])
-        sin = g.op("Reshape", [g.op("Gather", [g.const(np.sin(theta).astype(np.float32), "rope_sin"),
-                                               "position_ids"], axis=0), pos5])
+            s.rope_base ** (-np.arange(0, R, 2, dtype=np.float64) / R)
+        cos = g.const(np.cos(theta).astype(np.float32), "rope_cos")
+        sin = g.const(np.sin(theta).astype(np.float32), "rope_sin")
         # The mask: key s visible to query t iff s <= P + t and attention_mask[s]; then + attention_bias.
         T = g.op("Gather", [g.op("Shape", ["input_ids"]), self.i64(1)], axis=0)   # [1]
         S = g.op("Gather", [g.op("Shape", ["attention_mask"]), self.i64(1)], axis=0)
@@ -358,10 +433,10 @@ class _Builder:
         visible = g.op("And", [causal, real])                                       # [B, 1, T, S]
         bias = g.op("Add", [g.op("Where", [visible, g.const(np.float32(0)), g.const(np.float32(-np.inf))]),
                             "attention_bias"])
-        bias = g.op("Unsqueeze", [bias, self.i64(2)])                               # [B, 1, 1, T, S]
         for l in range(L):
             p = f"blk.{l}."
-            a = self.attention(l, self.rmsnorm(x, p + "attn_norm.weight", s.eps), cos, sin, bias)
+            attention = self.attention_mla if s.mla else self.attention
+            a = attention(l, self.rmsnorm(x, p + "attn_norm.weight", s.eps), cos, sin, bias)
             if s.residual_scale != 1.0:
                 a = g.op("Mul", [a, g.const(np.float32(s.residual_scale))])
             x = g.op("Add", [x, a])
@@ -393,12 +468,13 @@ class _Builder:
                   helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"]),
                   helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"])]
         outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "logits_length", s.n_vocab])]
+        dims = {"key": s.key_length, "value": s.value_length} if s.mla else {"key": D, "value": D}
         for l in range(L):
             for kv in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{l}.{kv}", f32,
-                                                            ["batch_size", NKV, "past_sequence_length", D]))
+                                                            ["batch_size", NKV, "past_sequence_length", dims[kv]]))
                 outputs.append(helper.make_tensor_value_info(f"present.{l}.{kv}", f32,
-                                                             ["batch_size", NKV, "total_sequence_length", D]))
+                                                             ["batch_size", NKV, "total_sequence_length", dims[kv]]))
         # inputs with defaults: initializers that are also graph inputs
         inputs.append(helper.make_tensor_value_info("attention_bias", f32, ["bias_batch", 1, "bias_q", "bias_k"]))
         g.const(np.zeros((1, 1, 1, 1), dtype=np.float32), "attention_bias")
@@ -507,7 +583,10 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, *, weights: str 
         bar.close()
     props = {"sparrow.vocab_gguf": base64.b64encode(vocab_gguf(reader)).decode("ascii"),
              "sparrow.source": source_name or src.name, "sparrow.architecture": s.arch, "sparrow.weights": weights,
-             "sparrow.kv": json.dumps({"layers": s.n_layer, "kv_heads": s.n_head_kv, "head_dim": s.head_dim,
+             "sparrow.kv": json.dumps({"layers": s.n_layer, "kv_heads": s.n_head_kv,
+                                       "key_dim": s.key_length if s.mla else s.head_dim,
+                                       "value_dim": s.value_length if s.mla else s.head_dim,
+                                       "attention": "mla (expanded per head)" if s.mla else "gqa",
                                        "context_length": s.n_ctx_train})}
     if s.arch == "blockffn":
         props["sparrow.experts"] = json.dumps({

@@ -76,11 +76,12 @@ class OnnxModel:
                     raise OnnxModelError(f"{self.path}: layer {l} lacks past_key_values.{l}.{kv} or present.{l}.{kv}")
         if "logits" not in outputs:
             raise OnnxModelError(f"{self.path} has no logits output")
-        past = inputs["past_key_values.0.key"].shape  # [batch, NKV, past, D]
-        if len(past) != 4 or not all(isinstance(d, int) and d > 0 for d in (past[1], past[3])):
-            raise OnnxModelError(f"{self.path}: past_key_values.0.key has shape {past}, not [batch, kv heads, past, "
-                                 "head dim]")
-        self.n_head_kv, self.head_dim = int(past[1]), int(past[3])
+        self.kv_shapes: dict[str, tuple[int, int]] = {}  # past_key_values.* -> (NKV, D)
+        for name in (f"past_key_values.{l}.{kv}" for l in range(self.n_layer) for kv in ("key", "value")):
+            past = inputs[name].shape  # [batch, NKV, past, D]
+            if len(past) != 4 or not all(isinstance(d, int) and d > 0 for d in (past[1], past[3])):
+                raise OnnxModelError(f"{self.path}: {name} has shape {past}, not [batch, kv heads, past, head dim]")
+            self.kv_shapes[name] = (int(past[1]), int(past[3]))
         self.meta_props = dict(meta)
         try:
             kv = json.loads(meta.get("sparrow.kv", "{}"))
@@ -144,9 +145,9 @@ class OnnxSession:
         self.n_batch = n_batch
         self.tokens: list[int] = []
         self.n_evaluated = 0
-        self._empty = np.zeros((1, model.n_head_kv, 0, model.head_dim), dtype=np.float32)
-        self._kv: list[np.ndarray] = [self._empty] * (2 * model.n_layer)  # [1, NKV, P, D]: key, value per layer
         self._names = [f"past_key_values.{l}.{kv}" for l in range(model.n_layer) for kv in ("key", "value")]
+        self._kv: list[np.ndarray] = [np.zeros((1, model.kv_shapes[n][0], 0, model.kv_shapes[n][1]), np.float32)
+                                      for n in self._names]  # [1, NKV, P, D]: key, value per layer
         self._outputs = ["logits"] + [f"present.{l}.{kv}" for l in range(model.n_layer) for kv in ("key", "value")]
         self._timings = Timings(0, 0, 0.0, 0.0, 0.0, 0.0)
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable

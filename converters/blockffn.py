@@ -557,12 +557,17 @@ def _parse_qtype(qtype) -> gguf.GGMLQuantizationType:
 
 
 def convert(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "q8_0",
-            overwrite: bool = False, progress: bool = True) -> Path:
+            overwrite: bool = False, progress: bool = True, draft_model: str | None = None,
+            measure_sparsity: bool = True) -> Path:
     """Convert the BlockFFN checkpoint folder `src_dir` to the GGUF file `out_path`; returns the output path.
 
-    qtype: "f32", "f16", "q8_0" or "q4_0" for the weight matrices (norms and the router stay F32). Raises
-    ConversionError (nothing written) for bad input; an existing `out_path` is replaced only with overwrite=True."""
+    qtype: "f32", "f16", "q8_0" or "q4_0" for the weight matrices (norms and the router stay F32). The file carries
+    its sparsity measured on a calibration text (converters/sparsity.py; measure_sparsity=False leaves it NaN) and
+    the paired draft model's name, if given. Raises ConversionError (nothing written) for bad input; an existing
+    `out_path` is replaced only with overwrite=True."""
     from tqdm import tqdm
+
+    from . import sparsity
 
     src, out = Path(src_dir), Path(out_path)
     q = _parse_qtype(qtype)
@@ -585,6 +590,7 @@ def convert(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str 
     # 2. Header, metadata, tensor infos.
     w = gguf.GGUFWriter(None, ARCH)
     _metadata(w, c, src.resolve().name, q)
+    sparsity.add_placeholders(w, draft_model)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -609,11 +615,16 @@ def convert(src_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str 
             w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=t.qtype)
 
     # 3. Data, into a temporary file renamed into place at the end.
-    def refuse_if_out_appeared() -> None:
+    written: list[Path] = []
+
+    def before_replace() -> None:
         if out.exists() and not overwrite:  # appeared while converting
             raise ConversionError(f"{out} appeared during the conversion; not replacing it")
+        if measure_sparsity:
+            sparsity.fill_in_place(written[0], sparsity.measure(written[0]))
 
-    with streamed_gguf(w, out, before_replace=refuse_if_out_appeared):
+    with streamed_gguf(w, out, before_replace=before_replace) as tmp:
+        written.append(tmp)
         for t in tqdm(plan, desc=f"{src.name} -> {out.name} ({q.name})", unit="tensor", disable=not progress):
             data = t.build()
             if data.shape != t.shape:

@@ -16,16 +16,26 @@ from .blockffn import QTYPES, ConversionWarning, convert
 from .onnx_export import FFN_KINDS, WEIGHT_TYPES, export_onnx
 
 
-def to_onnx(src: str, out: str, *, weights: str, ffn: str, overwrite: bool, progress: bool) -> Path:
+def to_onnx(src: str, out: str, *, weights: str, ffn: str, overwrite: bool, progress: bool,
+            draft_model: str | None = None) -> Path:
     """SRC (a GGUF file or a BlockFFN checkpoint folder) -> the ONNX file OUT."""
     if Path(src).is_dir():
         with tempfile.TemporaryDirectory(prefix="sparrow-convert-") as tmp:
-            gguf_path = convert(src, Path(tmp) / "model.gguf", qtype="f32", progress=progress)
+            gguf_path = convert(src, Path(tmp) / "model.gguf", qtype="f32", progress=progress,
+                                draft_model=draft_model)
             return export_onnx(gguf_path, out, weights=weights, ffn=ffn, overwrite=overwrite, progress=progress,
                                source_name=Path(src).resolve().name)
     if not Path(src).is_file():
         raise ConversionError(f"{src}: no such file or folder")
-    return export_onnx(src, out, weights=weights, ffn=ffn, overwrite=overwrite, progress=progress)
+    return export_onnx(src, out, weights=weights, ffn=ffn, overwrite=overwrite, progress=progress,
+                       draft_model=draft_model)
+
+
+def default_type(out: str) -> str:
+    """--type when not given: f32 for an ONNX export, the GGUF converter's own default otherwise."""
+    import inspect
+
+    return "f32" if out.lower().endswith(".onnx") else inspect.signature(convert).parameters["qtype"].default
 
 
 @click.command("convert")
@@ -37,14 +47,17 @@ def to_onnx(src: str, out: str, *, weights: str, ffn: str, overwrite: bool, prog
 @click.option("--ffn", type=click.Choice(FFN_KINDS), default="moe", show_default=True,
               help="ONNX, BlockFFN models: experts as onnxruntime's MoE operator (only active experts run) or as "
               "one dense FFN (every expert runs; a baseline).")
+@click.option("--draft-model", metavar="NAME", help="BlockFFN: the draft model this one pairs with (a store name or "
+              "file name), recorded in OUT's metadata beside the measured sparsity.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def convert_command(src: str, out: str, qtype: str | None, ffn: str, overwrite: bool, no_progress: bool) -> None:
+def convert_command(src: str, out: str, qtype: str | None, ffn: str, draft_model: str | None, overwrite: bool,
+                    no_progress: bool) -> None:
     """Convert SRC to OUT, by OUT's type: OUT.gguf from a BlockFFN Hugging Face checkpoint folder (config.json,
     model.safetensors, tokenizer.model); OUT.onnx from a llama or BlockFFN GGUF file or a BlockFFN checkpoint
     folder, for the onnxruntime backend."""
     onnx_out = out.lower().endswith(".onnx")
-    qtype = (qtype or ("f32" if onnx_out else "q8_0")).lower()
+    qtype = (qtype or default_type(out)).lower()
     if onnx_out and qtype not in WEIGHT_TYPES:
         raise click.BadParameter(f"{qtype} is a GGUF type; an ONNX export takes {', '.join(WEIGHT_TYPES)}",
                                  param_hint="--type")
@@ -55,9 +68,11 @@ def convert_command(src: str, out: str, qtype: str | None, ffn: str, overwrite: 
         warnings.simplefilter("always", ConversionWarning)
         try:
             if onnx_out:
-                path = to_onnx(src, out, weights=qtype, ffn=ffn, overwrite=overwrite, progress=not no_progress)
+                path = to_onnx(src, out, weights=qtype, ffn=ffn, overwrite=overwrite, progress=not no_progress,
+                               draft_model=draft_model)
             else:
-                path = convert(src, out, qtype=qtype, overwrite=overwrite, progress=not no_progress)
+                path = convert(src, out, qtype=qtype, overwrite=overwrite, progress=not no_progress,
+                               draft_model=draft_model)
         except ConversionError as e:
             raise click.ClickException(str(e)) from e
     for w in caught:

@@ -544,10 +544,11 @@ def genai_config(s: Shape, fields: dict[str, object], model_file: str) -> dict:
 
 def export_onnx(src: str | os.PathLike, out: str | os.PathLike, *, weights: str = "f32", ffn: str = "moe",
                 overwrite: bool = False, progress: bool = True, genai: bool = True,
-                sparsity: dict | None = None, source_name: str | None = None) -> Path:
+                draft_model: str | None = None, source_name: str | None = None) -> Path:
     """Export the GGUF file src to the ONNX file out (module docstring). weights: "f32", "int8" or "int4"; ffn
-    (BlockFFN only): "moe" or "dense". genai: write genai_config.json beside a dense (llama) export. sparsity: measured
-    figures to carry in the metadata (e.g. {"tls": .., "cls_8": .., "draft_model": ..}). The result is written to a
+    (BlockFFN only): "moe" or "dense". genai: write genai_config.json beside a dense (llama) export. A BlockFFN export
+    carries metadata "sparrow.sparsity" (converters/sparsity.py): the GGUF's measured TLS / CLS-8 (measured here when
+    it has none) and the paired draft model (the GGUF's, or draft_model). The result is written to a
     temporary name, checked with onnx.checker, and renamed into place: a failure leaves nothing behind and never
     touches an existing out. Returns out."""
     import onnx
@@ -593,8 +594,15 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, *, weights: str 
             "router_norm": s.router_norm,
             "layout": ("com.microsoft.MoE: fc1 = up [E, F, H], fc2 = down [E, H, F], router_probs = log(r)"
                        if ffn == "moe" else "dense: up [H, E*F], down [E*F, H], h scaled by r per expert")})
-    if sparsity:
-        props["sparrow.sparsity"] = json.dumps(sparsity)
+    if s.arch == "blockffn":
+        from . import sparsity as sp
+
+        carried = sp.from_fields(fields)
+        if "tls" not in carried:
+            carried |= sp.measure(src)
+        if draft_model:
+            carried["draft_model"] = draft_model
+        props["sparrow.sparsity"] = json.dumps(carried)
     onnx.helper.set_model_props(model, props)
 
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")

@@ -314,3 +314,34 @@ def test_mla_export_matches_reference(tmp_path, weights, bound):
     if weights == "f32":
         assert mine == theirs
     native.close()
+
+
+def test_sparsity_metadata_in_both_formats(tmp_path):
+    """A converted BlockFFN GGUF carries TLS / CLS-8 measured on the calibration text and the paired draft model;
+    the ONNX export carries the same figures; both equal a measurement made here with the native runtime."""
+    from blockffn_fixture import FixtureConfig, write_checkpoint
+    from sparrow.converters import sparsity
+
+    folder = write_checkpoint(tmp_path / "ckpt", FixtureConfig())
+    runner = CliRunner()
+    r = runner.invoke(sparrow, ["convert", str(folder), str(tmp_path / "m.gguf"), "--type", "f32",
+                                "--draft-model", "blockffn-tiny-draft", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(tmp_path / "m.gguf")).fields.items()
+              if k.startswith(("blockffn.sparsity", "sparrow."))}
+    carried = sparsity.from_fields(fields)
+    measured = sparsity.measure(tmp_path / "m.gguf")
+    assert carried["tokens"] == measured["tokens"] > 100
+    assert carried["tls"] == pytest.approx(measured["tls"], abs=1e-6) and 0 < carried["tls"] < 1
+    assert carried["cls_8"] == pytest.approx(measured["cls_8"], abs=1e-6) and carried["cls_8"] <= carried["tls"]
+    assert carried["draft_model"] == "blockffn-tiny-draft"
+    r = runner.invoke(sparrow, ["convert", str(folder), str(tmp_path / "m.onnx"), "--draft-model", "d.gguf",
+                                "--no-progress"])
+    assert r.exit_code == 0, r.output
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    in_onnx = json.loads(props["sparrow.sparsity"])
+    assert in_onnx["tls"] == pytest.approx(measured["tls"], abs=1e-6) and in_onnx["draft_model"] == "d.gguf"
+    # a GGUF without the keys (the shipped tiny model predates them): the export measures its source
+    in_tiny = json.loads({p.key: p.value for p in onnx.load(str(export_onnx(
+        BLOCKFFN_TINY, tmp_path / "t.onnx", progress=False))).metadata_props}["sparrow.sparsity"])
+    assert in_tiny["tls"] == pytest.approx(sparsity.measure(BLOCKFFN_TINY)["tls"], abs=1e-6)

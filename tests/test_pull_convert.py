@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from fixtures.store_fixtures import HubFixture, tiny_gguf
 from sparrow.cli import sparrow
 from sparrow.converters.blockffn import QTYPES, convert
-from sparrow.converters.cli import convert_command
+from sparrow.converters.cli import default_type
 from sparrow.converters.hf import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from sparrow.converters.store import BLOCKFFN
 from sparrow.runtime import Model, Sampler, SamplerParams, generate_tokens
@@ -184,7 +184,7 @@ def test_sharded_and_single_checkpoints_of_the_same_weights_give_the_same_file(h
 def test_default_quant_is_the_converters_default(home, hub, ckpts):
     default = inspect.signature(convert).parameters["qtype"].default
     assert default == "q8_0" == BLOCKFFN.default_quant
-    assert {p.name: p.default for p in convert_command.params}["qtype"] == default  # `sparrow convert --type`
+    assert default_type("out.gguf") == default and default_type("out.onnx") == "f32"  # `sparrow convert --type`
     assert BLOCKFFN.quants == tuple(QTYPES) and checkpoint.converter() is BLOCKFFN
     m = Store().pull(f"hf:single/{NAME}", progress=False)
     assert m.quantization == "Q8_0" and m.extra["converted"]["quant"] == "q8_0"

@@ -1,4 +1,5 @@
-"""Decode, prefill and batch-cost benchmark: Sparrow's native runtime vs llama.cpp (llama-cpp-python), same GGUF.
+"""Decode, prefill and batch-cost benchmark: Sparrow's native runtime vs llama.cpp (llama-cpp-python), same GGUF,
+and onnxruntime on an ONNX export of it (engine "onnxruntime": f32; "onnxruntime-int8", "onnxruntime-int4").
 
 Each engine lives in its own worker process (so its peak RSS is its own); the parent asks them in turn, A B A B ...,
 so drift of the machine does not bias the ratio. Threads are pinned to the same count for both. Before timing, each
@@ -12,7 +13,7 @@ and gives the NMSE, the forks, how many greedy tokens agree outright and the fir
 
     python -m sparrow.bench_device.bench_decode MODEL.gguf --threads 2 --repeats 5 --out result.json
 
---compare-repack adds a third engine, "sparrow-norepack" (Model(repack=False): weights read as file views by the
+--onnx adds the "onnxruntime" engine (--onnx int8: "onnxruntime-int8"). --compare-repack adds a third engine, "sparrow-norepack" (Model(repack=False): weights read as file views by the
 unpacked kernels), asked in the same rounds, so the gain of load-time repacking is measured side by side.
 
 Measures, per engine: decode tok/s (greedy, one token per call), prefill tok/s (one batch of the prompt), time to
@@ -116,6 +117,33 @@ class LlamaCppEngine:
         return self.np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
 
 
+class OnnxEngine(NativeEngine):
+    """onnxruntime on an ONNX export of the GGUF (converters/onnx_export.py: "onnxruntime" exports f32, the GGUF's
+    exact function; "onnxruntime-int8" / "-int4" export those weight types), written to a temporary folder when the
+    worker starts (the export's time is not measured)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str, threads: int, n_ctx: int, weights: str = "f32"):
+        import subprocess
+        import sys
+        import tempfile
+
+        from ..runtime.onnx_backend import OnnxModel
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="sparrow-bench-onnx-")
+        out = Path(self._tmp.name) / "model.onnx"
+        # exported by a process of its own (`python -m sparrow.converters`), so this worker's peak RSS is the
+        # engine's, not the export's
+        converters = __package__.rsplit(".", 1)[0] + ".converters"
+        done = subprocess.run([sys.executable, "-m", converters, path, str(out), "--type", weights, "--no-progress"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the ONNX export of {path} failed: {done.stderr.strip()[-500:]}")
+        self.model = OnnxModel(out, n_threads=threads)
+        self.session = self.model.session(n_ctx=n_ctx, n_batch=64)
+
+
 def peak_rss_bytes() -> int:
     """This process's peak RSS. VmHWM (Linux) starts afresh at exec; ru_maxrss survives exec, so a worker spawned by
     a parent that once held more memory would report the parent's peak."""
@@ -131,6 +159,8 @@ def peak_rss_bytes() -> int:
 def worker(engine_name: str, path: str, threads: int, n_ctx: int, conn) -> None:
     if engine_name.startswith("sparrow"):
         engine = NativeEngine(path, threads, n_ctx, repack=engine_name != "sparrow-norepack")
+    elif engine_name.startswith("onnxruntime"):
+        engine = OnnxEngine(path, threads, n_ctx, *engine_name.split("-")[1:])
     else:
         engine = LlamaCppEngine(path, threads, n_ctx)
     prompt = engine.tokenize(PROMPT)
@@ -398,11 +428,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     ap.add_argument("--compare-repack", action="store_true", help="also run sparrow with repack=False")
+    ap.add_argument("--onnx", nargs="?", const="f32", choices=("f32", "int8", "int4"),
+                    help="also run onnxruntime on an ONNX export of the model (weight type; default f32)")
     args = ap.parse_args(argv)
 
     from .energy import Rapl
 
-    names = ("sparrow", "llama.cpp") + (("sparrow-norepack",) if args.compare_repack else ())
+    names = ("sparrow", "llama.cpp") + (("sparrow-norepack",) if args.compare_repack else ()) + \
+        ((f"onnxruntime{'' if args.onnx == 'f32' else '-' + args.onnx}",) if args.onnx else ())
     meter, why = Rapl.open()
     if meter is None:
         print(f"energy: unavailable: {why}")

@@ -19,19 +19,20 @@ SYNTHETIC_SHAPE_NAMES = ("0.1b", "0.5b", "0.8b", "1.2b", "3b")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default="bench-report",
               show_default=True, help="Write report.json, report.md and the PNG plots here.")
 @click.option("--no-llama-cpp", is_flag=True, help="Do not run llama.cpp alongside, even if it is installed.")
+@click.option("--no-onnx", is_flag=True, help="Do not run onnxruntime alongside (on an f32 ONNX export of MODEL).")
 @click.option("--tune", is_flag=True, help="Instead of the report: search threads, drafter and draft size for MODEL "
               "on this device and store the fastest in the model store (sparrow chat/generate use them).")
 @click.option("--synthetic", "synthetic_shapes", multiple=True, metavar="SHAPE",
               type=click.Choice(["none", *SYNTHETIC_SHAPE_NAMES]),
               help="Synthetic BlockFFN shape(s) for the full run's synthetic section (repeat the option for several; "
               "default 0.5b; 'none' leaves the section out). The first use writes the file (0.5b: 310 MB).")
-def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_cpp: bool, tune: bool,
-          synthetic_shapes: tuple[str, ...]) -> None:
+def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_cpp: bool, no_onnx: bool,
+          tune: bool, synthetic_shapes: tuple[str, ...]) -> None:
     """Profile this device and benchmark MODEL on it (default: the default model, pulled if needed).
 
     Measures memory read bandwidth (the roofline), decode and prefill tok/s, time to first token, peak RSS, energy
     (RAPL, where readable), the cost of T tokens per call and the fraction of the bandwidth bound reached, side by side
-    with llama.cpp when llama-cpp-python is installed; outputs are checked against an oracle before timing. The full
+    with llama.cpp when llama-cpp-python is installed and with onnxruntime on an f32 ONNX export of MODEL; outputs are checked against an oracle before timing. The full
     run adds dense vs sparse decode of the shipped BlockFFN model (TLS, CLS-k, expert bytes), speculative decoding
     (MODEL with each drafter and llama.cpp; the BlockFFN model with its draft model) and SYNTHETIC large BlockFFN
     shapes with replayed speculation; --quick a small speculative slice."""
@@ -58,7 +59,7 @@ def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_
 
     try:
         shapes = None if not synthetic_shapes else tuple(s for s in synthetic_shapes if s != "none")
-        report = run_suite(path, name, quick=quick, threads=threads, llama_cpp=not no_llama_cpp,
+        report = run_suite(path, name, quick=quick, threads=threads, llama_cpp=not no_llama_cpp, onnx=not no_onnx,
                            echo=lambda m: click.echo(m, err=True), progressbar=progressbar, synthetic_shapes=shapes)
     except RuntimeError as e:
         raise click.ClickException(f"benchmark failed: {e}") from None

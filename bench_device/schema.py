@@ -159,6 +159,8 @@ REPORT = {
     "model": {"name": str, "path": str, "file_bytes": int, "weight_bytes_per_token": int, "tied_embeddings": bool,
               "prompt_tokens": int},
     "llama_cpp": AnyOf((Literal("ran"), Literal("not installed"), Prefix("skipped"), Prefix("failed: "))),
+    "onnxruntime?": AnyOf((Literal("ran"), Literal("not installed"), Prefix("skipped"), Prefix("failed: "),
+                           Prefix("not run ("))),
     "oracle": {"engine": str, "description": str, "criterion": str, "checked_tokens": int, "agreement_tokens": int,
                "checks": {"*": {"nmse": NUM, "positions": int, "top1_forks": int, "max_fork_gap": NUM}},
                "first_fork?": AnyOf((type(None), {"step": int, "gap": NUM}))},

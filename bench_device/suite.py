@@ -74,9 +74,24 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+def onnx_engine_status(model_path: Path, wanted: bool) -> str:
+    """Whether the onnxruntime engine (an f32 ONNX export of the model: bench_decode.OnnxEngine) runs beside the
+    others: "ran", or why not."""
+    import importlib.util
+
+    from ..runtime.routing import read_gguf_header
+
+    if not wanted:
+        return "skipped (--no-onnx)"
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return "not installed"
+    arch = read_gguf_header(model_path).architecture
+    return "ran" if arch in ("llama", "blockffn") else f"not run (no ONNX export for {arch!r})"
+
+
 def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads: int = 0, llama_cpp: bool = True,
               echo: Callable[[str], None] = print, progressbar=None, energy_root: Path | None = None,
-              synthetic_shapes: tuple[str, ...] | None = None) -> dict:
+              synthetic_shapes: tuple[str, ...] | None = None, onnx: bool = True) -> dict:
     """Run everything and return the report (a dict following SCHEMA; "plots" is filled by write_report).
     Quick: the headline decode benchmark and a small speculative slice. Full: also the sparse section (shipped
     BlockFFN model), speculation (a) and (c) and the synthetic section on `synthetic_shapes` (default
@@ -103,6 +118,9 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
     else:
         llama_status = "ran"
     engine_names = ("sparrow", "llama.cpp") if llama_status == "ran" else ("sparrow",)
+    onnx_status = onnx_engine_status(model_path, onnx)
+    if onnx_status == "ran":
+        engine_names += ("onnxruntime",)
 
     meter, energy_why = Rapl.open(*([energy_root] if energy_root else []))
 
@@ -114,14 +132,21 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
                                     decode_tokens=cfg["decode_tokens"], engine_names=names,
                                     batch_sizes=cfg["batch_sizes"], progress=b.update, energy=meter)
 
-    try:
-        dec = decode(engine_names)
-    except RuntimeError as e:
-        if len(engine_names) == 1:
-            raise
-        llama_status = f"failed: {e}"
-        notes.append(f"llama.cpp left out: {e}")
-        dec = decode(("sparrow",))
+    while True:  # an engine beside Sparrow that fails is left out, with why, and the rest run again
+        try:
+            dec = decode(engine_names)
+            break
+        except RuntimeError as e:
+            if len(engine_names) == 1:
+                raise
+            failed = next((n for n in engine_names[1:] if f"the {n} worker" in str(e) or str(e).startswith(n)),
+                          engine_names[1])
+            if failed == "onnxruntime":
+                onnx_status = f"failed: {e}"
+            else:
+                llama_status = f"failed: {e}"
+            notes.append(f"{failed} left out: {e}")
+            engine_names = tuple(n for n in engine_names if n != failed)
 
     wbytes = weight_bytes_per_token(model_path)
     bw_threads = threads if threads in bandwidth["threads"] else max(bandwidth["threads"])
@@ -183,6 +208,7 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
                   "weight_bytes_per_token": wbytes["per_token"], "tied_embeddings": wbytes["tied_embeddings"],
                   "prompt_tokens": dec["prompt_tokens"]},
         "llama_cpp": llama_status,
+        "onnxruntime": onnx_status,
         "oracle": {"engine": dec["oracle"], "description": ORACLES[dec["oracle"]],
                    "criterion": ORACLE_CRITERIA[dec["oracle"]], "checks": dec["oracle_checks"],
                    "checked_tokens": dec["greedy_checked_tokens"], "agreement_tokens": dec["greedy_agreement_tokens"],
@@ -218,6 +244,8 @@ def headline_table(r: dict) -> str:
                     + " | ".join(bound_cells(e)) + " |")
     if r["llama_cpp"] != "ran":
         rows.append(f"| llama.cpp | {r['llama_cpp']} | | | | | | |")
+    if r.get("onnxruntime", "ran") != "ran":
+        rows.append(f"| onnxruntime | {r['onnxruntime']} | | | | | | |")
     m, o = r["model"], r["oracle"]
     bw = r["bandwidth"]["threads"].get(str(t)) or {}
     return (f"{m['name']}, {t} threads, prompt {m['prompt_tokens']} tokens, "

@@ -62,6 +62,7 @@ OPSET = 23  # RMSNormalization, RotaryEmbedding and Attention (with a KV cache) 
 MS_DOMAIN = "com.microsoft"
 MAX_PROTO_BYTES = 1_800_000_000  # larger models keep their initializers in OUT.data beside OUT (protobuf's 2 GB limit)
 GENAI_CONFIG = "genai_config.json"
+MIN_POSITIONS = 32768
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,12 @@ class Shape:
     embedding_scale: float = 1.0
     residual_scale: float = 1.0
     logit_scale: float = 1.0
+
+
+def max_positions(s: Shape) -> int:
+    """Positions the RoPE tables cover: the training context, and at least MIN_POSITIONS (the native runtime, which
+    computes RoPE, runs past the training context too)."""
+    return max(s.n_ctx_train, MIN_POSITIONS)
 
 
 def _shape(fields: dict[str, object], n_vocab: int) -> Shape:
@@ -413,9 +420,9 @@ class _Builder:
         x = g.op("Gather", [embd, "input_ids"], axis=0)                            # [B, T, H]
         if s.embedding_scale != 1.0:
             x = g.op("Mul", [x, g.const(np.float32(s.embedding_scale))])
-        # RoPE tables over the training context: cos/sin [n_ctx, D/2], indexed by position_ids in RotaryEmbedding
+        # RoPE tables: cos/sin [positions, R/2], indexed by position_ids in RotaryEmbedding
         R = s.n_rot  # D, or MLA's DR
-        theta = np.arange(s.n_ctx_train, dtype=np.float64)[:, None] * \
+        theta = np.arange(max_positions(s), dtype=np.float64)[:, None] * \
             s.rope_base ** (-np.arange(0, R, 2, dtype=np.float64) / R)
         cos = g.const(np.cos(theta).astype(np.float32), "rope_cos")
         sin = g.const(np.sin(theta).astype(np.float32), "rope_sin")
@@ -587,7 +594,7 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, *, weights: str 
                                        "key_dim": s.key_length if s.mla else s.head_dim,
                                        "value_dim": s.value_length if s.mla else s.head_dim,
                                        "attention": "mla (expanded per head)" if s.mla else "gqa",
-                                       "context_length": s.n_ctx_train})}
+                                       "context_length": s.n_ctx_train, "max_positions": max_positions(s)})}
     if s.arch == "blockffn":
         props["sparrow.experts"] = json.dumps({
             "ffn": ffn, "expert_count": s.n_expert, "expert_width": s.expert_width, "router": "relu",

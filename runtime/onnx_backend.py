@@ -86,12 +86,15 @@ class OnnxModel:
         try:
             kv = json.loads(meta.get("sparrow.kv", "{}"))
             self.n_ctx_train = int(kv.get("context_length", 0))
+            self.max_positions = int(kv.get("max_positions", self.n_ctx_train))
         except (ValueError, TypeError, AttributeError):
             raise OnnxModelError(f"{self.path}: bad metadata sparrow.kv") from None
         self.vocab = _vocab_model(meta["sparrow.vocab_gguf"], self.path)
         self.info = self.vocab.info
         if self.n_ctx_train <= 0:
             self.n_ctx_train = self.info.n_ctx_train
+        if self.max_positions <= 0:
+            self.max_positions = self.n_ctx_train
 
     def close(self) -> None:
         self.vocab.close()
@@ -138,10 +141,11 @@ class OnnxSession:
     truncate, keep). Not for concurrent use."""
 
     def __init__(self, model: OnnxModel, *, n_ctx: int = 2048, n_batch: int = 64):
-        if n_ctx <= 0 or n_batch <= 0:
-            raise ValueError("n_ctx and n_batch must be positive")
+        if n_ctx < 0 or n_batch <= 0:
+            raise ValueError("n_ctx must be >= 0 (0: the model's training context) and n_batch positive")
+        n_ctx = n_ctx or model.n_ctx_train
         self.model = model
-        self.n_ctx = min(n_ctx, model.n_ctx_train) if model.n_ctx_train else n_ctx
+        self.n_ctx = min(n_ctx, model.max_positions)  # the graph's RoPE tables end there
         self.n_batch = n_batch
         self.tokens: list[int] = []
         self.n_evaluated = 0
@@ -180,8 +184,8 @@ class OnnxSession:
         if ids.min() < 0 or ids.max() >= V:
             raise ValueError(f"token ids must be in [0, {V})")
         positions = np.arange(P, P + T, dtype=np.int64) if pos is None else np.asarray(pos, dtype=np.int64)
-        if positions.shape != (T,) or (T and (positions.min() < 0 or positions.max() >= self.model.n_ctx_train)):
-            raise ValueError(f"pos must hold {T} positions in [0, {self.model.n_ctx_train})")
+        if positions.shape != (T,) or positions.min() < 0 or positions.max() >= self.model.max_positions:
+            raise ValueError(f"pos must hold {T} positions in [0, {self.model.max_positions})")
         bias = np.zeros((1, 1, 1, 1), dtype=np.float32)
         if mask is not None:
             m = np.asarray(mask)

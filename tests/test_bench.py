@@ -108,7 +108,9 @@ def test_report_schema(report, tmp_path):
     write_report(report, tmp_path)
     r = json.loads((tmp_path / "report.json").read_text())
     assert validate(r) == [] and r["schema"] == SCHEMA == "sparrow.bench/4" and r["mode"] == "quick"
-    assert r["llama_cpp"].startswith("skipped") and list(r["engines"]) == ["sparrow"]
+    assert r["llama_cpp"].startswith("skipped") and list(r["engines"]) == ["sparrow", "onnxruntime"]
+    assert r["onnxruntime"] == "ran" and "onnxruntime" in r["oracle"]["checks"]  # checked against the oracle too
+    assert r["engines"]["onnxruntime"]["decode_tok_s"]["median"] > 0
     assert r["settings"]["threads"] == 1 and r["bandwidth"]["threads"]["1"]["median"] > 0
     bw = r["bandwidth"]
     assert bw["probe"] == "native" and "sp_bench_read_bandwidth" in bw["method"]
@@ -220,7 +222,7 @@ def test_plots_draw_what_the_report_holds(report, tmp_path):
                       # records as bench_synthetic's sweep writes them: seconds per call of T tokens
                       "records": [{"shape": "0.5b", "kind": "sweep_chain8", "T": 8, "mode": "chunk",
                                    "active_fraction": a, "median_s": s} for a, s in ((0.5, 0.04), (0.1, 0.016))]}
-    assert [c["name"] for c in configurations(r)] == ["sparrow", "speculative / c / plain",
+    assert [c["name"] for c in configurations(r)] == ["sparrow", "onnxruntime", "speculative / c / plain",
                                                       "speculative / c / prompt-lookup",
                                                       "speculative / c / recycling (chain 4)", "other / 1.2b"]
     series = active_fraction_series(r)
@@ -469,7 +471,7 @@ def test_report_on_a_small_cache_with_rapl_and_a_crashing_llama_cpp(tiny, tmp_pa
     monkeypatch.setattr(profile, "caches", lambda: [{"level": 2, "type": "Unified", "size": "64K", "bytes": 64 << 10}])
     monkeypatch.setattr(suite, "llama_cpp_available", lambda: True)
     monkeypatch.setattr(bench_decode, "worker", crash_llama_cpp_worker)
-    r = run_suite(tiny, "tiny", quick=True, threads=1, energy_root=_fake_rapl(tmp_path, 7))
+    r = run_suite(tiny, "tiny", quick=True, threads=1, energy_root=_fake_rapl(tmp_path, 7), onnx=False)
     assert r["energy"]["source"] == "RAPL package-0 (intel-rapl:0), package-1 (intel-rapl:1)"
     e = r["engines"]["sparrow"]["energy"]
     assert e["decode_j"]["n"] == 3 and e["decode_j_per_token"]["median"] == 0.0  # the fake counters stand still
@@ -503,14 +505,15 @@ def test_report_side_by_side_with_llama_cpp(tiny):
     pytest.importorskip("llama_cpp")
     r = run_suite(tiny, "tiny", quick=True, threads=1)
     assert r["llama_cpp"] == "ran", r["notes"]
-    assert list(r["engines"]) == ["sparrow", "llama.cpp"]
+    assert list(r["engines"]) == ["sparrow", "llama.cpp", "onnxruntime"]  # the three side by side
     o = r["oracle"]
     # the greedy continuations agree until a near tie of llama.cpp's logits, if they part at all (measured: 16 of 16)
     fork = o["first_fork"]
     assert (fork is None) == (o["agreement_tokens"] == o["checked_tokens"] == 16), o
     assert fork is None or (fork["step"] == o["agreement_tokens"] and 0 <= fork["gap"] < TIE_GAP), o
     assert o["engine"] == "llama.cpp" and r["engines"]["llama.cpp"]["ttft_ms"]["median"] > 0
-    assert list(o["checks"]) == ["sparrow"] and o["checks"]["sparrow"]["nmse"] < 1e-2  # measured 1.1e-3
+    assert list(o["checks"]) == ["sparrow", "onnxruntime"] and o["checks"]["sparrow"]["nmse"] < 1e-2  # meas. 1.1e-3
+    assert o["checks"]["onnxruntime"]["nmse"] < 1e-2  # the f32 export: the file's exact function
     assert r["ratio_sparrow_over_llama_cpp"]["decode"] > 0 and r["ratio_sparrow_over_llama_cpp"]["ttft"] > 0
     assert validate(json.loads(json.dumps({**r, "plots": {}}))) == []
 

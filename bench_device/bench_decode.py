@@ -137,7 +137,7 @@ class OnnxEngine(NativeEngine):
         # engine's, not the export's
         converters = __package__.rsplit(".", 1)[0] + ".converters"
         done = subprocess.run([sys.executable, "-m", converters, path, str(out), "--type", weights, "--no-progress"],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"the ONNX export of {path} failed: {done.stderr.strip()[-500:]}")
         self.model = OnnxModel(out, n_threads=threads)

@@ -89,12 +89,34 @@ class OnnxModel:
             self.max_positions = int(kv.get("max_positions", self.n_ctx_train))
         except (ValueError, TypeError, AttributeError):
             raise OnnxModelError(f"{self.path}: bad metadata sparrow.kv") from None
+        self._check_genai_config()
         self.vocab = _vocab_model(meta["sparrow.vocab_gguf"], self.path)
         self.info = self.vocab.info
         if self.n_ctx_train <= 0:
             self.n_ctx_train = self.info.n_ctx_train
         if self.max_positions <= 0:
             self.max_positions = self.n_ctx_train
+
+    def _check_genai_config(self) -> None:
+        """A genai_config.json beside the file that describes it (onnxruntime-genai loads the folder by it) must
+        agree with the graph: a clear error instead of a folder that one runtime reads one way and one another."""
+        path = Path(self.path).parent / "genai_config.json"
+        if not path.is_file():
+            return
+        try:
+            decoder = json.loads(path.read_text(encoding="utf-8"))["model"]["decoder"]
+            named = decoder["filename"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise OnnxModelError(f"{path} beside the model is not a valid genai_config.json ({type(e).__name__}: "
+                                 f"{e}); fix or remove it") from None
+        if named != Path(self.path).name:
+            return
+        key = self.kv_shapes["past_key_values.0.key"]
+        graph = {"num_hidden_layers": self.n_layer, "num_key_value_heads": key[0], "head_size": key[1]}
+        wrong = [f"{k} {decoder.get(k)!r} (the graph: {v})" for k, v in graph.items() if decoder.get(k) != v]
+        if wrong:
+            raise OnnxModelError(f"{path} does not match {named}: " + ", ".join(wrong) + "; export the model again "
+                                 "or remove the file")
 
     def close(self) -> None:
         self.vocab.close()

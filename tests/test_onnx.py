@@ -259,6 +259,17 @@ def test_bad_onnx_files(tmp_path, tiny_llamas):
     onnx.save(m, bad)
     with pytest.raises(OnnxModelError, match="embedded tokenizer"):
         OnnxModel(bad)
+    # a genai_config.json beside the export that disagrees with it, or is not JSON
+    config = tmp_path / GENAI_CONFIG
+    saved = json.loads(config.read_text())
+    saved["model"]["decoder"]["num_hidden_layers"] = 7
+    config.write_text(json.dumps(saved))
+    with pytest.raises(OnnxModelError, match="num_hidden_layers 7 .the graph: 2."):
+        OnnxModel(good)
+    config.write_text("{not json")
+    with pytest.raises(OnnxModelError, match="not a valid genai_config.json"):
+        OnnxModel(good)
+    config.unlink()
     # bad requests to a session
     model = OnnxModel(good, n_threads=1)
     s = model.session(n_ctx=16)

@@ -1,8 +1,8 @@
 """`sparrow convert SRC OUT`: the click command (the lead hooks `convert_command` into the CLI group).
 
-OUT's type picks the format: OUT.gguf from a BlockFFN Hugging Face checkpoint folder (converters/blockffn.py);
-OUT.onnx from a Sparrow GGUF file (llama or blockffn: converters/onnx_export.py) or from a BlockFFN checkpoint folder
-(through a temporary F32 GGUF)."""
+OUT's type picks the format: OUT.gguf from a Hugging Face checkpoint folder, BlockFFN (converters/blockffn.py) or
+llama-family (converters/llama.py), told apart by config.json; OUT.onnx from a llama or blockffn GGUF file
+(converters/onnx_export.py) or from either kind of checkpoint folder (through a temporary F32 GGUF)."""
 from __future__ import annotations
 
 import tempfile
@@ -12,8 +12,18 @@ from pathlib import Path
 import click
 
 from . import ConversionError
+from . import llama as llama_converter
 from .blockffn import QTYPES, ConversionWarning, convert
+from .hf import load_config
 from .onnx_export import FFN_KINDS, WEIGHT_TYPES, export_onnx
+
+
+def checkpoint_to_gguf(src: str, out: str | Path, *, qtype: str, overwrite: bool = False, progress: bool = True,
+                       draft_model: str | None = None) -> Path:
+    """A Hugging Face checkpoint folder to GGUF by its config: llama-family (converters/llama.py) or BlockFFN."""
+    if llama_converter.is_llama(load_config(Path(src))):
+        return llama_converter.convert(src, out, qtype=qtype, overwrite=overwrite, progress=progress)
+    return convert(src, out, qtype=qtype, overwrite=overwrite, progress=progress, draft_model=draft_model)
 
 
 def to_onnx(src: str, out: str, *, weights: str, ffn: str, overwrite: bool, progress: bool,
@@ -21,8 +31,8 @@ def to_onnx(src: str, out: str, *, weights: str, ffn: str, overwrite: bool, prog
     """SRC (a GGUF file or a BlockFFN checkpoint folder) -> the ONNX file OUT."""
     if Path(src).is_dir():
         with tempfile.TemporaryDirectory(prefix="sparrow-convert-") as tmp:
-            gguf_path = convert(src, Path(tmp) / "model.gguf", qtype="f32", progress=progress,
-                                draft_model=draft_model)
+            gguf_path = checkpoint_to_gguf(src, Path(tmp) / "model.gguf", qtype="f32", progress=progress,
+                                           draft_model=draft_model)
             return export_onnx(gguf_path, out, weights=weights, ffn=ffn, overwrite=overwrite, progress=progress,
                                source_name=Path(src).resolve().name)
     if not Path(src).is_file():
@@ -53,9 +63,9 @@ def default_type(out: str) -> str:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def convert_command(src: str, out: str, qtype: str | None, ffn: str, draft_model: str | None, overwrite: bool,
                     no_progress: bool) -> None:
-    """Convert SRC to OUT, by OUT's type: OUT.gguf from a BlockFFN Hugging Face checkpoint folder (config.json,
-    model.safetensors, tokenizer.model); OUT.onnx from a llama or BlockFFN GGUF file or a BlockFFN checkpoint
-    folder, for the onnxruntime backend."""
+    """Convert SRC to OUT, by OUT's type: OUT.gguf from a Hugging Face checkpoint folder (config.json,
+    model.safetensors, tokenizer.model), BlockFFN or llama-family; OUT.onnx from a llama or BlockFFN GGUF file or
+    such a checkpoint folder, for the onnxruntime backend."""
     onnx_out = out.lower().endswith(".onnx")
     qtype = (qtype or default_type(out)).lower()
     if onnx_out and qtype not in WEIGHT_TYPES:
@@ -71,8 +81,8 @@ def convert_command(src: str, out: str, qtype: str | None, ffn: str, draft_model
                 path = to_onnx(src, out, weights=qtype, ffn=ffn, overwrite=overwrite, progress=not no_progress,
                                draft_model=draft_model)
             else:
-                path = convert(src, out, qtype=qtype, overwrite=overwrite, progress=not no_progress,
-                               draft_model=draft_model)
+                path = checkpoint_to_gguf(src, out, qtype=qtype, overwrite=overwrite, progress=not no_progress,
+                                          draft_model=draft_model)
         except ConversionError as e:
             raise click.ClickException(str(e)) from e
     for w in caught:

@@ -356,3 +356,81 @@ def test_sparsity_metadata_in_both_formats(tmp_path):
     in_tiny = json.loads({p.key: p.value for p in onnx.load(str(export_onnx(
         BLOCKFFN_TINY, tmp_path / "t.onnx", progress=False))).metadata_props}["sparrow.sparsity"])
     assert in_tiny["tls"] == pytest.approx(sparsity.measure(BLOCKFFN_TINY)["tls"], abs=1e-6)
+
+
+def write_hf_llama(folder: Path, *, tied: bool = False, seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+    """A tiny random llama checkpoint in Hugging Face layout with a SentencePiece tokenizer (blockffn_fixture's)."""
+    import shutil
+
+    from blockffn_fixture import tokenizer_model
+    from safetensors.numpy import save_file
+
+    from sparrow.converters.spm import load_spm
+
+    rng = np.random.default_rng(seed)
+    spm = tokenizer_model()
+    V, H, L, NH, NKV, F = 320, 64, 2, 4, 2, 96
+    V = max(V, len(load_spm(spm).tokens))
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": H,
+              "num_hidden_layers": L, "num_attention_heads": NH, "num_key_value_heads": NKV,
+              "intermediate_size": F, "vocab_size": V, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "max_position_embeddings": 256, "tie_word_embeddings": tied}
+
+    def mat(n, k):
+        return (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": mat(V, H), "model.norm.weight": (1 + 0.1 * rng.standard_normal(H)).astype(
+        np.float32)}
+    if not tied:
+        w["lm_head.weight"] = mat(V, H)
+    D = H // NH
+    for l in range(L):
+        p = f"model.layers.{l}."
+        w |= {p + "input_layernorm.weight": np.ones(H, np.float32), p + "self_attn.q_proj.weight": mat(H, H),
+              p + "self_attn.k_proj.weight": mat(NKV * D, H), p + "self_attn.v_proj.weight": mat(NKV * D, H),
+              p + "self_attn.o_proj.weight": mat(H, H), p + "post_attention_layernorm.weight": np.ones(H, np.float32),
+              p + "mlp.gate_proj.weight": mat(F, H), p + "mlp.up_proj.weight": mat(F, H),
+              p + "mlp.down_proj.weight": mat(H, F)}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(w, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(spm, folder / "tokenizer.model")
+    return config, {k: v.astype(np.float64) for k, v in w.items()}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_llama_checkpoint_to_gguf_and_onnx(tmp_path, tied):
+    """A llama-family Hugging Face checkpoint converts to GGUF (the native runtime runs it) and to ONNX (onnxruntime
+    runs it), both computing the checkpoint's own function."""
+    from reference.llama import hf_llama_forward
+
+    config, w = write_hf_llama(tmp_path / "ckpt", tied=tied)
+    runner = CliRunner()
+    r = runner.invoke(sparrow, ["convert", str(tmp_path / "ckpt"), str(tmp_path / "m.gguf"), "--type", "f32",
+                                "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(sparrow, ["convert", str(tmp_path / "ckpt"), str(tmp_path / "m.onnx"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    tokens = [1, 40, 41, 42, 100, 7, 8, 200]
+    ref = hf_llama_forward(config, w, tokens)
+    assert nmse(LlamaRef.from_gguf(str(tmp_path / "m.gguf")).forward(tokens), ref) <= 1e-9
+    onnx_logits, _ = run_graph(tmp_path / "m.onnx", tokens)
+    assert nmse(onnx_logits, ref) <= 1e-9
+    with Model(tmp_path / "m.gguf") as m, m.session(n_ctx=64, n_threads=1) as s:
+        assert nmse(s.eval(tokens, logits="all"), ref) <= 1e-4  # F32 weights, F16 KV cache
+
+
+def test_hf_llama_checkpoint_refusals(tmp_path):
+    config, _ = write_hf_llama(tmp_path / "ckpt")
+    runner = CliRunner()
+    (tmp_path / "ckpt" / "tokenizer.model").rename(tmp_path / "ckpt" / "tokenizer.json")
+    r = runner.invoke(sparrow, ["convert", str(tmp_path / "ckpt"), str(tmp_path / "m.gguf")])
+    assert r.exit_code == 1 and "byte-level BPE vocabularies are not converted here" in r.output
+    (tmp_path / "ckpt" / "tokenizer.json").rename(tmp_path / "ckpt" / "tokenizer.model")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear"}}))
+    r = runner.invoke(sparrow, ["convert", str(tmp_path / "ckpt"), str(tmp_path / "m.gguf")])
+    assert r.exit_code == 1 and "rope_scaling" in r.output
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+    r = runner.invoke(sparrow, ["convert", str(tmp_path / "ckpt"), str(tmp_path / "m.gguf")])
+    assert r.exit_code == 1 and "mlp.gate_proj.weight has shape (96, 64), config.json implies (64, 64)" in r.output
+    assert not (tmp_path / "m.gguf").exists()

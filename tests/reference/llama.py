@@ -120,3 +120,38 @@ class LlamaRef:
             x = x + self.mm(g / (1 + np.exp(-g)) * u, p + "ffn_down.weight")
         head = "output.weight" if "output.weight" in W else "token_embd.weight"
         return self.mm(self.rmsnorm(x, W["output_norm.weight"]), head)
+
+
+def hf_llama_forward(config: dict, w: dict[str, np.ndarray], tokens: list[int]) -> np.ndarray:
+    """Logits [T, V] of a Hugging Face llama checkpoint as transformers' LlamaForCausalLM defines it, on its own
+    unconverted weights (float64): RoPE in the rotate_half convention, dimension i paired with i + D/2."""
+    H, NH = config["hidden_size"], config["num_attention_heads"]
+    NKV, D, T = config.get("num_key_value_heads", NH), H // NH, len(tokens)
+    eps, base = config.get("rms_norm_eps", 1e-6), config.get("rope_theta", 10000.0)
+    theta = np.arange(T, dtype=np.float64)[:, None] * base ** (-np.arange(0, D, 2) / D)
+    cos = np.concatenate([np.cos(theta)] * 2, -1)[:, None, :]
+    sin = np.concatenate([np.sin(theta)] * 2, -1)[:, None, :]
+
+    def norm(x, g):
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * g
+
+    def rope(x):  # [T, heads, D]
+        return x * cos + np.concatenate([-x[..., D // 2:], x[..., :D // 2]], -1) * sin
+
+    x = w["model.embed_tokens.weight"][tokens]
+    mask = np.triu(np.full((T, T), -np.inf), k=1)
+    for l in range(config["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        xn = norm(x, w[p + "input_layernorm.weight"])
+        q = rope((xn @ w[p + "self_attn.q_proj.weight"].T).reshape(T, NH, D))
+        k = np.repeat(rope((xn @ w[p + "self_attn.k_proj.weight"].T).reshape(T, NKV, D)), NH // NKV, axis=1)
+        v = np.repeat((xn @ w[p + "self_attn.v_proj.weight"].T).reshape(T, NKV, D), NH // NKV, axis=1)
+        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(D) + mask
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        x = x + np.einsum("hts,shd->thd", a, v).reshape(T, H) @ w[p + "self_attn.o_proj.weight"].T
+        xn = norm(x, w[p + "post_attention_layernorm.weight"])
+        g = xn @ w[p + "mlp.gate_proj.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * (xn @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    return norm(x, w["model.norm.weight"]) @ head.T

@@ -413,14 +413,15 @@ static sp_status pack_weights(sp_model *m) {
         for (int il = 0; il < m->hp.n_layer && up_stride; il++)
             if (m->layers[il].experts.type != x0->type || m->layers[il].experts.k != x0->k) up_stride = 0;
         /* the down half too, right after the up half of the same expert, when the tier streams it packed
-         * (SPARROW_EXPERT_DOWN_PACK=0 keeps it a view of the file: the before/after benchmark's baseline) */
-        const char *env = getenv("SPARROW_EXPERT_DOWN_PACK");
-        down_size = up_stride && k->packed_down_size[x0->type] && !(env && env[0] == '0')
+         * (SPARROW_EXPERT_DOWN_PACK=0 keeps it a view of the file), in the int8 form where the tier has one
+         * (SPARROW_EXPERT_DOWN_INT8=0 keeps the float one where the tier has it, else the file view): the
+         * benchmark's baselines and the tests' exact comparisons */
+        const char *env = getenv("SPARROW_EXPERT_DOWN_PACK"), *env8 = getenv("SPARROW_EXPERT_DOWN_INT8");
+        down_i8 = k->accum_packed_i8[x0->type] && !(env8 && env8[0] == '0');
+        down_size = up_stride && k->packed_down_size[x0->type] && (down_i8 || k->accum_packed[x0->type]) &&
+                            !(env && env[0] == '0')
                         ? k->packed_down_size[x0->type](FE, x0->k) : 0;
-        /* in the int8 form where the tier has one (SPARROW_EXPERT_DOWN_INT8=0 keeps the float one: the benchmark's
-         * baseline and the tests' exact comparisons) */
-        const char *env8 = getenv("SPARROW_EXPERT_DOWN_INT8");
-        down_i8 = down_size && k->accum_packed_i8[x0->type] && !(env8 && env8[0] == '0');
+        down_i8 = down_i8 && down_size;
         total += (up_stride + down_size) * (size_t)E * (size_t)m->hp.n_layer;
     }
     if (!total) {

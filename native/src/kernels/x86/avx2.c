@@ -893,6 +893,141 @@ ACCUM_AVX2(q4_0, A_Q4_0, SP_TYPE_Q4_0)
 ACCUM_AVX2(q4_1, A_Q4_1, SP_TYPE_Q4_1)
 ACCUM_AVX2(q8_0, A_Q8_0, SP_TYPE_Q8_0)
 
+/* ---- accum_packed_i8: y[idx[t]] += c[t] @ D, D in the "down int8" layout (kernels/pack.c) ---------------------
+ * x86/avx512.c's int8 down path (the math and bound in kernels.h accum_packed_i8) with 8 lanes and no VNNI: the
+ * products a[f, b] = c[t, f] * d[f, b] are quantized 8 blocks b at a time (one ymm per row f, the max over f a
+ * vertical max on the bits of |a|); per block the 4 vectors of the layout are 8 ymm halves (columns 0..7 and 8..15
+ * in their low nibbles, 16..23 and 24..31 in the high ones) and each of the 4 column quarters sums, in int16, the
+ * vpmaddubsw(u8 w, s8 q) pair sums of the 4 row quads (<= 4 * 2 * 15 * 127 = 15240, no saturation), then vpmaddwd by
+ * 1 makes its int32 lane sums: the same exact isum = -8 sum q + sum q w as VNNI, so the result equals avx512's up to
+ * nothing (one FMA per 8 columns and group, the same order). */
+enum { DB2 = 64, DOWN_PF2 = 4096 }; /* column blocks quantized at a time; prefetch distance (avx512.c's DOWN_PF) */
+
+ALWAYS_INLINE void down_i8_quant8(int32_t qd[4][DB2], int32_t *corr, float *sc, const float *c, int nrows,
+                                  const sp_f16 *ds /* [16][nb] */, int64_t nb, int64_t b0, int n) {
+    const __m256i absm = _mm256_set1_epi32(0x7fffffff), ff = _mm256_set1_epi32(0xff);
+    for (int i0 = 0; i0 < n; i0 += 8) {
+        const int m = SP_MIN_I(8, n - i0);
+        __m256 a[16];
+        __m256i amax = _mm256_setzero_si256();
+        UNROLL
+        for (int l = 0; l < 16; l++) {
+            if (l < nrows) {
+                __m128i h = _mm_setzero_si128();
+                if (m == 8) h = _mm_loadu_si128((const __m128i *)(ds + l * nb + b0 + i0));
+                else memcpy(&h, ds + l * nb + b0 + i0, (size_t)m * sizeof(sp_f16)); /* the last blocks: zeros after */
+                a[l] = _mm256_mul_ps(_mm256_set1_ps(c[l]), _mm256_cvtph_ps(h));
+            } else {
+                a[l] = _mm256_setzero_ps();
+            }
+            amax = _mm256_max_epu32(amax, _mm256_and_si256(_mm256_castps_si256(a[l]), absm));
+        }
+        /* amax < 2^-100: 0; not finite: NaN (|a|'s bits are non-negative as int32: signed compares) */
+        const __m256i live = _mm256_cmpgt_epi32(amax, _mm256_set1_epi32(0x0d800000 - 1));
+        const __m256i bad = _mm256_cmpgt_epi32(amax, _mm256_set1_epi32(0x7f800000 - 1));
+        const __m256 mx = _mm256_castsi256_ps(amax), k127 = _mm256_set1_ps(127.0f);
+        const __m256 id = _mm256_and_ps(_mm256_castsi256_ps(_mm256_andnot_si256(bad, live)), _mm256_div_ps(k127, mx));
+        const __m256 s = _mm256_blendv_ps(_mm256_and_ps(_mm256_castsi256_ps(live), _mm256_div_ps(mx, k127)),
+                                          _mm256_set1_ps(NAN), _mm256_castsi256_ps(bad));
+        __m256i q[16], sum = _mm256_setzero_si256();
+        UNROLL
+        for (int l = 0; l < 16; l++) {
+            q[l] = _mm256_cvtps_epi32(_mm256_mul_ps(a[l], id)); /* nearest even; |q| <= 127 */
+            sum = _mm256_add_epi32(sum, q[l]);
+        }
+        UNROLL
+        for (int k = 0; k < 4; k++) { /* dword k of block b = the bytes of rows 4k..4k+3 */
+            __m256i v = _mm256_and_si256(q[4 * k], ff);
+            v = _mm256_or_si256(v, _mm256_slli_epi32(_mm256_and_si256(q[4 * k + 1], ff), 8));
+            v = _mm256_or_si256(v, _mm256_slli_epi32(_mm256_and_si256(q[4 * k + 2], ff), 16));
+            _mm256_storeu_si256((__m256i *)(qd[k] + i0), _mm256_or_si256(v, _mm256_slli_epi32(q[4 * k + 3], 24)));
+        }
+        _mm256_storeu_si256((__m256i *)(corr + i0), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum, 3)));
+        _mm256_storeu_ps(sc + i0, s);
+    }
+}
+
+ALWAYS_INLINE void accum_down_i8_tile8(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
+                                       const uint8_t *base, int nrows, int64_t nb, size_t sbytes, int64_t b0, int n,
+                                       bool pf, int NT) {
+    int32_t qd[TT][4][DB2], corr[TT][DB2];
+    float sc[TT][DB2];
+    float *yr[TT];
+    if (pf && b0 == 0) /* keep the stream going while the scales are read and the tile quantized */
+        for (size_t o = 0; o < sbytes; o += 64) _mm_prefetch((const char *)base + o + DOWN_PF2, _MM_HINT_T0);
+    UNROLL
+    for (int t = 0; t < NT; t++) {
+        down_i8_quant8(qd[t], corr[t], sc[t], c + t * ldc, nrows, (const sp_f16 *)base, nb, b0, n);
+        yr[t] = y + (idx ? idx[t] : t) * ldy;
+    }
+    const __m256i lo4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < n; i++) {
+        const int64_t b = b0 + i;
+        const uint8_t *qb = base + sbytes + (size_t)b * 256;
+        if (pf) {
+            UNROLL
+            for (int k = 0; k < 4; k++) _mm_prefetch((const char *)qb + DOWN_PF2 + 64 * k, _MM_HINT_T0);
+        }
+        __m256i w[4][4]; /* [row quad k][column quarter h]: columns 8h..8h+7 of rows 4k..4k+3, u8 */
+        UNROLL
+        for (int k = 0; k < 4; k++) {
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(qb + 64 * k));
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(qb + 64 * k + 32));
+            w[k][0] = _mm256_and_si256(v0, lo4);
+            w[k][1] = _mm256_and_si256(v1, lo4);
+            w[k][2] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), lo4);
+            w[k][3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), lo4);
+        }
+        const int64_t j0 = b * SP_QK;
+        UNROLL
+        for (int t = 0; t < NT; t++) {
+            const __m256i cr = _mm256_set1_epi32(corr[t][i]);
+            const __m256 sv = _mm256_set1_ps(sc[t][i]);
+            __m256i x[4];
+            UNROLL
+            for (int k = 0; k < 4; k++) x[k] = _mm256_set1_epi32(qd[t][k][i]);
+            UNROLL
+            for (int h = 0; h < 4; h++) {
+                __m256i p = _mm256_maddubs_epi16(w[0][h], x[0]);
+                UNROLL
+                for (int k = 1; k < 4; k++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[k][h], x[k]));
+                const __m256i is = _mm256_add_epi32(cr, _mm256_madd_epi16(p, ones));
+                float *yc = yr[t] + j0 + 8 * h;
+                _mm256_storeu_ps(yc, _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), sv, _mm256_loadu_ps(yc)));
+            }
+        }
+    }
+}
+
+static void accum_packed_i8_q4_0(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
+                                 const void *dv, int64_t F, int64_t H, int64_t T) {
+    const int64_t nb = H / SP_QK, G = (F + SP_DOWN_RG - 1) / SP_DOWN_RG;
+    const size_t gbytes = sp_packed_down_size_q4_0(SP_DOWN_RG, H);
+    const size_t sbytes = ((size_t)nb * SP_DOWN_RG * 2 + 63) / 64 * 64; /* the group's scales, padded */
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *base = (const uint8_t *)dv + (size_t)g * gbytes;
+        const int nrows = (int)SP_MIN_I(SP_DOWN_RG, F - g * SP_DOWN_RG);
+        for (int64_t b0 = 0; b0 < nb; b0 += DB2) {
+            const int n = (int)SP_MIN_I(DB2, nb - b0);
+            for (int64_t t0 = 0; t0 < T; t0 += TT) {
+                const int nt = (int)SP_MIN_I(TT, T - t0);
+                float *yt = idx ? y : y + t0 * ldy;
+                const int32_t *it = idx ? idx + t0 : NULL;
+                const float *ct = c + t0 * ldc + g * SP_DOWN_RG;
+                const bool pf = t0 == 0;
+#define TILE(NT) accum_down_i8_tile8(yt, ldy, it, ct, ldc, base, nrows, nb, sbytes, b0, n, pf, NT)
+                switch (nt) { /* constant NT: the token loops unroll */
+                case 1: TILE(1); break;
+                case 2: TILE(2); break;
+                case 3: TILE(3); break;
+                default: TILE(4); break;
+                }
+#undef TILE
+            }
+        }
+    }
+}
+
 void sp_kernels_fill_avx2(sp_kernels *k) {
     k->accum[SP_TYPE_F32] = sp_accum_f32_avx2;
     k->accum[SP_TYPE_F16] = sp_accum_f16_avx2;
@@ -927,4 +1062,7 @@ void sp_kernels_fill_avx2(sp_kernels *k) {
     k->silu_mul = sp_silu_mul_avx2;
     k->first_above = sp_first_above_avx2;
     k->max_f32 = sp_max_f32_avx2;
+    k->packed_down_size[SP_TYPE_Q4_0] = sp_packed_down_size_q4_0; /* the int8 down path only (no float "down" kernel) */
+    k->pack_down_i8[SP_TYPE_Q4_0] = sp_pack_down_i8_q4_0;
+    k->accum_packed_i8[SP_TYPE_Q4_0] = accum_packed_i8_q4_0;
 }

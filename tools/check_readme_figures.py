@@ -55,7 +55,7 @@ SOURCES = {
     "generate": Source("bench_device/results/generate_smollm2_zen4_2t.json", "Zen 4"),
     "adaptive": Source("bench_device/results/adaptive_smollm2_zen4_2t.json", "Zen 4"),
     "tune": Source("bench_device/results/tune_smollm2_quick_zen4_loaded.json", "Zen 4"),
-    "expert_stream": Source("bench_device/results/expert_stream_mla_0.5b_1.2b_q4_0_zen4_2t.json", "Zen 4"),
+    "expert_stream": Source("bench_device/results/expert_stream_mla_0.5b_1.2b_q4_0_zen5_2t.json", "Zen 5"),
     "models": Source("models/results.json", None),
     "training": Source("models/results.json", "Zen 4"),  # the training times
 }
@@ -197,13 +197,14 @@ def engine_text(name: str) -> str:
             "| {:.0f} | {:.0%} |")
 
 def expert_stream_row(shape: str, mode: str) -> Figure:
-    """One row of the README's bytes-by-phase table (bench_expert_stream): after-layout bytes per token by phase,
-    before and after time per pass and fraction of the bound, speedup, attention and experts phases' fractions."""
+    """One row of the README's bytes-by-phase table (bench_expert_stream): bytes per token by phase, time per pass and
+    fraction of the bound with the down halves read from the file, in the float streaming layout and in the int8 one,
+    int8's speedup over float, and the attention and experts phases' fractions (experts: int8, then float)."""
     def r(v: str) -> Callable[[Any], dict]:
         return rec(shape=shape, mode=mode, variant=v)
 
     def mb(ph: str) -> Callable[[Any], float]:
-        return lambda d: r("after")(d)["phases"][ph]["bytes_per_token"] / 1e6
+        return lambda d: r("int8")(d)["phases"][ph]["bytes_per_token"] / 1e6
 
     def ms(v: str) -> Callable[[Any], float]:
         return lambda d: r(v)(d)["s_per_pass"]["median"] * 1e3
@@ -215,10 +216,22 @@ def expert_stream_row(shape: str, mode: str) -> Figure:
         return lambda d: r(v)(d)["phases"][ph]["fraction_of_bound"] * 100
 
     return Figure(f"| {shape} | {mode} | {{:.1f}} / {{:.1f}} / {{:.1f}} / {{:.1f}} | {{:.1f}} ms ({{:.0f}}%) | "
-                  f"{{:.1f}} ms ({{:.0f}}%) | {{:.2f}}x | {{:.0f}}% / {{:.0f}}% (before {{:.0f}}%) |", "expert_stream",
-                  (mb("attention"), mb("router"), mb("experts"), mb("head"), ms("before"), frac("before"),
-                   ms("after"), frac("after"), lambda d: ms("before")(d) / ms("after")(d),
-                   phase_frac("after", "attention"), phase_frac("after", "experts"), phase_frac("before", "experts")))
+                  f"{{:.1f}} ms ({{:.0f}}%) | {{:.1f}} ms ({{:.0f}}%) | {{:.2f}}x | {{:.0f}}% / {{:.0f}}% "
+                  f"(float {{:.0f}}%) |", "expert_stream",
+                  (mb("attention"), mb("router"), mb("experts"), mb("head"), ms("file"), frac("file"),
+                   ms("float"), frac("float"), ms("int8"), frac("int8"), lambda d: ms("float")(d) / ms("int8")(d),
+                   phase_frac("int8", "attention"), phase_frac("int8", "experts"), phase_frac("float", "experts")))
+
+
+def attention_us(T: int) -> Callable[[Any], float]:
+    """bench_kernels' attention row (n = 1024 cached slots, avx512 tier) for T tokens, in us."""
+    return lambda d: 1e6 * next(r["median_s"] for r in d["results"]
+                                if r["shape"] == "attention n=1024" and r["tier"] == "avx512" and r["T"] == T)
+
+
+def expert_halves(variant: str, where: str, half: str) -> Callable[[Any], float]:
+    """Thread 0's ms per dense 0.5b layer in the experts' up or down halves, from the caches or DRAM."""
+    return lambda d: rec(shape="0.5b", mode="dense", variant=variant)(d)["expert_halves"][where][f"{half}_ms_per_layer"]
 
 
 FIGURES: list[Figure] = [
@@ -229,8 +242,7 @@ FIGURES: list[Figure] = [
                       "ratio_sparrow_over_llama_cpp/decode", "ratio_sparrow_over_llama_cpp/prefill",
                       "engines/sparrow/batch_cost_vs_t1/8", "engines/llama.cpp/batch_cost_vs_t1/8")),
     Figure("takes {:.1f} us for one token and {:.1f} us for 8 on the avx512 tier", "kernels_att",
-           tuple((lambda t: lambda d: 1e6 * next(r["median_s"] for r in d["results"] if r["shape"] == "attention n=1024"
-                                                 and r["tier"] == "avx512" and r["T"] == t))(t) for t in (1, 8))),
+           (attention_us(1), attention_us(8))),
     Figure("after 1024 cached tokens, {:.2f}x\n(llama.cpp: {:.2f}x)", "decode",
            ("engines/sparrow/long_cost_vs_t1/8", "engines/llama.cpp/long_cost_vs_t1/8")),
     *[Figure(f"| {cached} | {t} | {{:.2f}} ms{' ({:.2f}x)' if t == 8 else ''} | {{:.2f}} ms"
@@ -251,17 +263,21 @@ FIGURES: list[Figure] = [
     *[expert_stream_row(shape, mode) for shape in ("0.5b", "1.2b") for mode in ("dense", "token", "chunk")],
     Figure("token-sparse decode is {:.2f}x (0.5b) and {:.2f}x (1.2b) as fast as dense for {:.2f}x and {:.2f}x fewer "
            "bytes", "expert_stream",
-           tuple((lambda d, sh=sh, k=k: rec(shape=sh, mode="dense", variant="after")(d)[k]
-                  / rec(shape=sh, mode="token", variant="after")(d)[k] if k == "bytes_per_token" else
-                  rec(shape=sh, mode="dense", variant="after")(d)["s_per_pass"]["median"]
-                  / rec(shape=sh, mode="token", variant="after")(d)["s_per_pass"]["median"])
+           tuple((lambda d, sh=sh, k=k: rec(shape=sh, mode="dense", variant="int8")(d)[k]
+                  / rec(shape=sh, mode="token", variant="int8")(d)[k] if k == "bytes_per_token" else
+                  rec(shape=sh, mode="dense", variant="int8")(d)["s_per_pass"]["median"]
+                  / rec(shape=sh, mode="token", variant="int8")(d)["s_per_pass"]["median"])
                  for k, sh in (("s", "0.5b"), ("s", "1.2b"), ("bytes_per_token", "0.5b"),
                                ("bytes_per_token", "1.2b")))),
-    Figure("thread 0 spent {:.2f} ms in the down halves with the experts in the caches and {:.2f} ms with them coming "
-           "from DRAM, against {:.2f} ms and {:.2f} ms in the up halves", "expert_stream",
-           tuple((lambda d, w=w, k=k: rec(shape="0.5b", mode="dense", variant="after")(d)["expert_halves"][w][k])
-                 for k, w in (("down_ms_per_layer", "cached"), ("down_ms_per_layer", "dram"),
-                              ("up_ms_per_layer", "cached"), ("up_ms_per_layer", "dram")))),
+    Figure("thread 0 spent {:.3f} ms in the down halves with the experts in the caches and {:.3f} ms with them coming "
+           "from DRAM (float: {:.3f} ms and {:.3f} ms), against {:.3f} ms and {:.3f} ms in the up halves",
+           "expert_stream",
+           (expert_halves("int8", "cached", "down"), expert_halves("int8", "dram", "down"),
+            expert_halves("float", "cached", "down"), expert_halves("float", "dram", "down"),
+            expert_halves("int8", "cached", "up"), expert_halves("int8", "dram", "up"))),
+    Figure("logits of four decode steps move {:.1e} in NMSE from the file view's on 0.5b (float: {:.0e},", "expert_stream",
+           (lambda d: rec(shape="0.5b", mode="dense", variant="int8")(d)["vs_file_logits_nmse"],
+            lambda d: rec(shape="0.5b", mode="dense", variant="float")(d)["vs_file_logits_nmse"])),
     # ---- the C generator: bench_generate ----
     *[Figure(f"| {label} | {{:.2f}} ({{:.2f}}-{{:.2f}}) | {{:.2f}} | {{:.1f}} us |", "generate",
              (f"modes/greedy/{e}/ratio_vs_python_plain/median", f"modes/greedy/{e}/ratio_vs_python_plain/min",

@@ -111,7 +111,7 @@ typedef struct sp_kernels {
     size_t (*packed_down_size[SP_TYPE_COUNT])(int64_t F, int64_t H);
     void (*pack_down[SP_TYPE_COUNT])(void *dst, const void *src, int64_t F, int64_t H);
     sp_accum_fn accum_packed[SP_TYPE_COUNT];
-    /* Optional int8 form of the same (x86/avx512.c): pack_down_i8 writes packed_down_size(F, H) bytes in the "down
+    /* Optional int8 form of the same (x86/avx512.c, x86/avx2.c): pack_down_i8 writes packed_down_size(F, H) bytes in the "down
      * int8" layout (kernels/pack.c) and accum_packed_i8 has accum_packed's arguments, but it is not exact in float:
      * for each token t, 16-row group g and column block b the products a[f] = c[t, f] * d[f, b] (d the row's block
      * scale) are quantized to int8 with one scale s = max_f |a[f]| / 127 (q = nearest-even of a * (127 / max)), and

@@ -10,7 +10,7 @@ Shape legend: T = tokens in one pass, H = hidden, L = layers, E = experts, F = e
    for 1 - TLS of the codes. The same file is exported twice (converters/onnx_export.py): experts as onnxruntime's
    MoE operator (only the active experts run) and as a dense FFN (every expert runs). Decode (T = 1 after a 32-token
    prompt) time per token on onnxruntime, the two alternating, medians with min/max; the native runtime on the GGUF
-   (ffn auto) and its measured TLS beside them.
+   (sparse, and ffn_mode "dense") and its measured TLS beside them, and the ratio of the bytes a token reads.
 2. SmolLM2-135M-Instruct Q4_1 (the real model): decode and prefill (64 tokens) tok/s for the native runtime on the
    GGUF, onnxruntime on its f32 / int8 / int4 exports and llama.cpp on the GGUF, alternating, 2 threads each.
 
@@ -116,7 +116,8 @@ def sparsity_section(work: Path, threads: int, rounds: int, steps: int) -> dict:
     native = Model(src)
     prompt = list(range(100, 132))
     sessions = {"onnx_moe": moe.session(n_ctx=256), "onnx_dense": dense.session(n_ctx=256),
-                "native": native.session(n_ctx=256, n_threads=threads)}
+                "native": native.session(n_ctx=256, n_threads=threads),
+                "native_dense": native.session(n_ctx=256, n_threads=threads, ffn_mode="dense")}
     # the exports compute the GGUF's function: check before timing
     a = sessions["onnx_moe"].prefill(prompt)
     b = sessions["onnx_dense"].prefill(prompt)
@@ -130,8 +131,17 @@ def sparsity_section(work: Path, threads: int, rounds: int, steps: int) -> dict:
             times[k].append(_decode_ms(s, prompt, steps))
     out = {k: _stats(v) for k, v in times.items()}
     ratio = [d / m for d, m in zip(times["onnx_dense"], times["onnx_moe"])]
+    native_ratio = [d / m for d, m in zip(times["native_dense"], times["native"])]
+    # bytes a token reads (float32): every layer's attention and router, its experts (all, or the TLS share), the head
+    H, L, E, F, NKV, NH, V = 1024, 8, 64, 64, 4, 16, 4000
+    attention = (2 * H * H + 2 * NKV * (H // NH) * H + E * H) * 4
+    experts = 2 * E * F * H * 4
+    dense_bytes = L * (attention + experts) + V * H * 4
+    sparse_bytes = L * (attention + (1 - tls) * experts) + V * H * 4
     return {"model": "synthetic routed BlockFFN F32 (H 1024, L 8, E 64, F 64, GQA 16/4, V 4000)",
-            "measured_tls": tls, "decode_ms_per_token": out, "moe_speedup_over_dense": _stats(ratio)}
+            "measured_tls": tls, "decode_ms_per_token": out, "moe_speedup_over_dense": _stats(ratio),
+            "native_sparse_speedup_over_dense": _stats(native_ratio),
+            "bytes_per_token": {"dense": dense_bytes, "sparse": sparse_bytes, "ratio": dense_bytes / sparse_bytes}}
 
 
 def smollm_section(smollm: Path, work: Path, threads: int, rounds: int, steps: int) -> dict:

@@ -266,15 +266,18 @@ class _Builder:
         warnings.warn(f"{what}: rows of {K} values do not split into blocks of 32; kept float32",
                       ConversionWarning, stacklevel=4)
 
-    def linear(self, x: str, name: str, bits: int | None = None) -> str:
+    def linear(self, x: str, name: str, bits: int | None = None, scale: float = 1.0) -> str:
+        """x [..., K] @ (scale * W)^T for the GGUF matrix W [N, K] (scale: a residual scale folded into the weights,
+        one node fewer per use)."""
         g, (N, K) = self.g, self.w.shape(name)
         if self.weights != "f32" and K % 32:
             self.float_note(name, K)
         if self.weights == "f32" or K % 32:
-            return g.op("MatMul", [x, g.const(self.w.f32(name).T.copy(), name)])
+            return g.op("MatMul", [x, g.const((self.w.f32(name).T * np.float32(scale)).copy(), name)])
         bits = bits or (4 if self.weights == "int4" else 8)
         q, scales, zp = self.w.nbits(name, bits)
-        inputs = [x, g.const(q, name + ".q"), g.const(scales, name + ".scales")]
+        inputs = [x, g.const(q, name + ".q"), g.const((scales * np.float32(scale)).astype(np.float32),
+                                                       name + ".scales")]
         if zp is not None:
             inputs.append(g.const(zp, name + ".zero_points"))
         return g.op("MatMulNBits", inputs, domain=MS_DOMAIN,
@@ -283,7 +286,7 @@ class _Builder:
     def rmsnorm(self, x: str, weight: str, eps: float) -> str:
         return self.g.op("RMSNormalization", [x, self.g.const(self.w.f32(weight), weight)], axis=-1, epsilon=eps)
 
-    def attention_mla(self, l: int, xn: str, cos: str, sin: str, bias: str) -> str:
+    def attention_mla(self, l: int, xn: str, cos: str, sin: str, bias: str, scale: float = 1.0) -> str:
         """Multi-head latent attention, expanded: each head's key [k_nope | k_pe] and value computed from the latent
         c and cached as in GQA with NKV = NH. Returns [B, T, H]; adds present.{l}.* outputs."""
         g, s = self.g, self.s
@@ -313,9 +316,9 @@ class _Builder:
         o, _, _ = g.op("Attention", [q, k, v, bias, f"past_key_values.{l}.key", f"past_key_values.{l}.value"],
                        n_out=3, outputs=["", f"present.{l}.key", f"present.{l}.value"],
                        q_num_heads=NH, kv_num_heads=NH)                                       # [B, T, NH*DV]
-        return self.linear(o, p + "attn_output.weight")
+        return self.linear(o, p + "attn_output.weight", scale=scale)
 
-    def attention(self, l: int, xn: str, cos: str, sin: str, bias: str) -> str:
+    def attention(self, l: int, xn: str, cos: str, sin: str, bias: str, scale: float = 1.0) -> str:
         """GQA over the cache: returns the attention block's output [B, T, H]; adds present.{l}.* outputs."""
         g, s = self.g, self.s
         p, NH, NKV = f"blk.{l}.", s.n_head, s.n_head_kv
@@ -329,7 +332,7 @@ class _Builder:
         o, _, _ = g.op("Attention", [q, k, v, bias, f"past_key_values.{l}.key", f"past_key_values.{l}.value"],
                        n_out=3, outputs=["", f"present.{l}.key", f"present.{l}.value"],
                        q_num_heads=NH, kv_num_heads=NKV)                                      # [B, T, NH*D]
-        return self.linear(o, p + "attn_output.weight")
+        return self.linear(o, p + "attn_output.weight", scale=scale)
 
     def dense_ffn(self, l: int, xn: str) -> str:
         g, p = self.g, f"blk.{l}."
@@ -350,14 +353,14 @@ class _Builder:
                                                 g.const(np.float32(s.router_norm_eps))])])
         return r
 
-    def block_ffn(self, l: int, xn: str) -> str:
+    def block_ffn(self, l: int, xn: str, scale: float = 1.0) -> str:
         g, s, p = self.g, self.s, f"blk.{l}."
         E, F, H = s.n_expert, s.expert_width, s.n_embd
         bits = {"int8": 8, "int4": 4}.get(self.weights)
         r = self.router(p, xn)                                                      # [B, T, E]
         slabs = self.w.f32(p + "ffn_experts.weight")                               # [E, 2F, H]: up rows, down^T rows
         up, down_t = slabs[:, :F, :], slabs[:, F:, :]
-        down = np.ascontiguousarray(down_t.transpose(0, 2, 1))                      # [E, H, F]
+        down = np.ascontiguousarray(down_t.transpose(0, 2, 1)) * np.float32(scale)  # [E, H, F], residual scale in
         if self.ffn == "dense":
             up_all, down_all = up.reshape(E * F, H), down.transpose(1, 0, 2).reshape(H, E * F)
             h = self.matmul_rows(xn, up_all, p + "ffn_up_all", bits)               # [B, T, E*F]
@@ -367,9 +370,9 @@ class _Builder:
             return self.matmul_rows(g.op("Mul", [h, rf]), down_all, p + "ffn_down_all", bits)
         # MoE: rows = B*T tokens; router_probs = log(r) (-inf where r = 0); a row with every expert off gets
         # [0, -inf, ...] (one expert, whose output the factor sum(r) = 0 then zeroes).
-        x2 = g.op("Reshape", [xn, self.i64(-1, H)])
-        r2 = g.op("Reshape", [r, self.i64(-1, E)])
-        total = g.op("ReduceSum", [r2, self.i64(-1)], keepdims=1)                  # [rows, 1]
+        r2 = g.op("Reshape", [r, self.i64(-1, E)])                                 # [rows, E]
+        total3 = g.op("ReduceSum", [r, self.i64(-1)], keepdims=1)                  # [B, T, 1]
+        total = g.op("Reshape", [total3, self.i64(-1, 1)])                         # [rows, 1]
         fallback = g.const(np.array([0.0] + [-np.inf] * (E - 1), dtype=np.float32))
         logits = g.op("Where", [g.op("Greater", [total, g.const(np.float32(0))]), g.op("Log", [r2]), fallback])
         attrs = {"k": E, "activation_type": "silu", "normalize_routing_weights": 0}
@@ -377,17 +380,17 @@ class _Builder:
             self.float_note(p + "ffn_experts.weight", F if F % 32 else H)
             bits = None
         if bits is None:
-            y = g.op("MoE", [x2, logits, g.const(up.copy(), p + "ffn_up"), "", g.const(down, p + "ffn_down")],
+            y = g.op("MoE", [xn, logits, g.const(up.copy(), p + "ffn_up"), "", g.const(down, p + "ffn_down")],
                      domain=MS_DOMAIN, **attrs)                                     # [rows, H]
         else:  # QMoE: blocks of 32 along each matrix's input axis, the MatMulNBits encoding (offset 8 / 128)
             q_up, s_up = self.quant_rows(up.reshape(E * F, H), bits)
             q_dn, s_dn = self.quant_rows(down.reshape(E * H, F), bits)
-            y = g.op("QMoE", [x2, logits, g.const(q_up.reshape(E, F, -1), p + "ffn_up.q"),
+            y = g.op("QMoE", [xn, logits, g.const(q_up.reshape(E, F, -1), p + "ffn_up.q"),
                               g.const(s_up.reshape(E, F, -1), p + "ffn_up.scales"), "",
                               g.const(q_dn.reshape(E, H, -1), p + "ffn_down.q"),
                               g.const(s_dn.reshape(E, H, -1), p + "ffn_down.scales")], domain=MS_DOMAIN,
                      expert_weight_bits=bits, block_size=32, accuracy_level=4, **attrs)
-        return g.op("Reshape", [g.op("Mul", [y, total]), g.op("Shape", [xn])])
+        return g.op("Mul", [y, total3])                                             # [B, T, H] * sum(r)
 
     def quant_rows(self, w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
         """Float rows [N, K] -> (q [N, K/32, 32 * bits / 8], scales [N, K/32]) as Q4_0 / Q8_0 blocks (rows that
@@ -442,14 +445,11 @@ class _Builder:
         for l in range(L):
             p = f"blk.{l}."
             attention = self.attention_mla if s.mla else self.attention
-            a = attention(l, self.rmsnorm(x, p + "attn_norm.weight", s.eps), cos, sin, bias)
-            if s.residual_scale != 1.0:
-                a = g.op("Mul", [a, g.const(np.float32(s.residual_scale))])
+            # the residual scale is folded into attn_output's and the experts' down weights
+            a = attention(l, self.rmsnorm(x, p + "attn_norm.weight", s.eps), cos, sin, bias, s.residual_scale)
             x = g.op("Add", [x, a])
             xn = self.rmsnorm(x, p + "ffn_norm.weight", s.eps)
-            f = self.block_ffn(l, xn) if s.arch == "blockffn" else self.dense_ffn(l, xn)
-            if s.residual_scale != 1.0:
-                f = g.op("Mul", [f, g.const(np.float32(s.residual_scale))])
+            f = self.block_ffn(l, xn, s.residual_scale) if s.arch == "blockffn" else self.dense_ffn(l, xn)
             x = g.op("Add", [x, f])
             self.tick()
         # logits for the last logits_keep tokens (0: all)

@@ -33,8 +33,11 @@ Weights: "f32" (MatMul / Gemm), "int8" or "int4" (com.microsoft.MatMulNBits, blo
 int8 activations where onnxruntime has that kernel). Q4_0 and Q8_0 sources map bit for bit (Q4_0's nibble order
 repacked; int8 stores q + 128); other sources are quantized from their values: int4 asymmetric per block with integer
 zero points (a Q4_1 file's minimum is no multiple of its scale, and onnxruntime's float zero points run ~14x slower),
-int8 as Q8_0. The LM head is int8 in an int4 export too (as 4-bit llama.cpp files keep theirs at 6-8 bits). Embedding tables,
-norms, routers and the experts of a MoE export stay float32 (the MoE op takes float experts).
+int8 as Q8_0. The LM head is int8 in an int4 export too (as 4-bit llama.cpp files keep theirs at 6-8 bits). The
+experts of an int8 / int4 MoE export are com.microsoft.QMoE blocks of 32 along each matrix's input axis (the down
+halves requantized along F). Embedding tables, norms and routers stay float32; so does a matrix whose rows are not
+blocks of 32 (with a ConversionWarning).
+The residual scale (BlockFFN) is folded into attn_output's and the experts' down weights.
 
 The tokenizer travels inside the file: metadata_props["sparrow.vocab_gguf"] holds a vocab-only GGUF (every metadata
 key of the source, no tensors), base64, which the onnxruntime backend opens with the native tokenizer.

@@ -138,6 +138,35 @@ class OnnxModel:
         return OnnxSession(self, n_ctx=n_ctx, n_batch=n_batch)
 
 
+def export_info(path: str | os.PathLike) -> dict[str, object]:
+    """What the store records of a Sparrow ONNX export, from its metadata (the graph is parsed, not run):
+    architecture, weights, source, context_length, has_chat_template. OnnxModelError (saying what is wrong, not
+    naming the file) for other files."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 -- protobuf's DecodeError and onnx's own errors share no base
+        raise OnnxModelError(f"not an ONNX file ({type(e).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if "sparrow.vocab_gguf" not in props:
+        raise OnnxModelError("not a Sparrow ONNX export (no tokenizer); export one with "
+                             "`sparrow convert MODEL.gguf OUT.onnx`")
+    try:
+        kv = json.loads(props.get("sparrow.kv", "{}"))
+        context = int(kv.get("context_length", 0))
+    except (ValueError, TypeError, AttributeError):
+        raise OnnxModelError("bad metadata sparrow.kv") from None
+    vocab = _vocab_model(props["sparrow.vocab_gguf"], Path(path).name)
+    try:
+        template = vocab.meta("tokenizer.chat_template") is not None
+    finally:
+        vocab.close()
+    return {"architecture": props.get("sparrow.architecture", "unknown"), "weights": props.get("sparrow.weights",
+            "unknown"), "source": props.get("sparrow.source", ""), "context_length": context,
+            "has_chat_template": template}
+
+
 def _vocab_model(encoded: str, where: str) -> Model:
     """The native tokenizer from the base64 vocab-only GGUF a Sparrow export carries."""
     from .native import SparrowError

@@ -434,3 +434,22 @@ def test_hf_llama_checkpoint_refusals(tmp_path):
     r = runner.invoke(sparrow, ["convert", str(tmp_path / "ckpt"), str(tmp_path / "m.gguf")])
     assert r.exit_code == 1 and "mlp.gate_proj.weight has shape (96, 64), config.json implies (64, 64)" in r.output
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_store_pulls_an_export_and_chats_with_it(home, tiny_blockffn_onnx, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(sparrow, ["models", "pull", str(tiny_blockffn_onnx), "--name", "bf-onnx", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(sparrow, ["models", "info", "bf-onnx", "--json"])
+    info = json.loads(r.output)
+    assert (info["architecture"], info["quantization"], info["backend"]["name"]) == ("blockffn", "F32",
+                                                                                     "onnxruntime")
+    r = runner.invoke(sparrow, ["generate", "-m", "bf-onnx", "--max-tokens", "8", "--temperature", "0", "Hello"])
+    assert r.exit_code == 0 and r.output.strip(), r.output
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07not a model")
+    r = runner.invoke(sparrow, ["models", "pull", str(junk), "--name", "junk", "--quiet"])
+    assert r.exit_code == 1 and "not an ONNX file" in r.output and "nothing was stored" in r.output
+    assert str(junk) in r.output and "pull-" not in r.output  # names the user's file, not the staging copy
+    r = runner.invoke(sparrow, ["models", "list"])
+    assert "junk" not in r.output and "bf-onnx" in r.output

@@ -569,7 +569,15 @@ class Store:
     def _make_manifest(self, name: str, main: Path, staging: Path, source: str) -> Manifest:
         files = [ModelFile(main.relative_to(staging).as_posix(), main.stat().st_size, sha256_file(main))]
         if main.suffix.lower() == ".onnx":
-            arch, fmt, quant, extra = "onnx", "onnx", "unknown", {}
+            from ..onnx_backend import OnnxModelError, export_info
+
+            try:
+                info = export_info(main)
+            except OnnxModelError as e:
+                raise StoreError(f"{source}: {e}; nothing was stored") from None
+            arch, fmt, quant = info["architecture"], "onnx", info["weights"].upper()
+            extra = {"model_name": info["source"], "context_length": info["context_length"],
+                     "has_chat_template": info["has_chat_template"]}
         else:
             try:
                 header = read_gguf_header(main)

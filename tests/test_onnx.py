@@ -364,7 +364,6 @@ def write_hf_llama(folder: Path, *, tied: bool = False, seed: int = 0) -> tuple[
 
     from blockffn_fixture import tokenizer_model
     from safetensors.numpy import save_file
-
     from sparrow.converters.spm import load_spm
 
     rng = np.random.default_rng(seed)

@@ -901,7 +901,7 @@ ACCUM_AVX2(q8_0, A_Q8_0, SP_TYPE_Q8_0)
  * vpmaddubsw(u8 w, s8 q) pair sums of the 4 row quads (<= 4 * 2 * 15 * 127 = 15240, no saturation), then vpmaddwd by
  * 1 makes its int32 lane sums: the same exact isum = -8 sum q + sum q w as VNNI, so the result equals avx512's up to
  * nothing (one FMA per 8 columns and group, the same order). */
-enum { DB2 = 64, DOWN_PF2 = 4096 }; /* column blocks quantized at a time; prefetch distance (avx512.c's DOWN_PF) */
+enum { DB2 = 64, DOWN_PF2 = 8192 }; /* column blocks quantized at a time; prefetch distance (avx512.c's DOWN_PF) */
 
 ALWAYS_INLINE void down_i8_quant8(int32_t qd[4][DB2], int32_t *corr, float *sc, const float *c, int nrows,
                                   const sp_f16 *ds /* [16][nb] */, int64_t nb, int64_t b0, int n) {

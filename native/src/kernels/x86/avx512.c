@@ -1056,8 +1056,10 @@ static void accum_packed_q4_0(float *y, int64_t ldy, const int32_t *idx, const f
  * token that the float kernel above does with 32 FMAs after unpacking 32 nibbles to floats. */
 enum { DB = 64 }; /* column blocks quantized at a time (per token: 4 + 2 words each on the stack) */
 /* Software prefetch distance in bytes: Zen 5's hardware prefetchers alone left this stream at about 10 GB/s from DRAM
- * (one thread); 1 KB ahead was ~20% slower than 4 KB, 8 KB no better. */
-enum { DOWN_PF = 4096 };
+ * (one thread); distances timed in turn in one process, one thread, 0.5b's expert down halves from DRAM at T = 1:
+ * 2 / 4 / 6 / 8 KB / one group (11.5 KB) ahead: 4.2 / 3.7 / 3.3 / 3.0 / 2.9 us per expert (1.2b's: 6.3 / 5.6 / 5.3 /
+ * 5.4 / 5.3; T = 4: 7.2 / 6.1 / 5.7 / 5.6 / 5.6). */
+enum { DOWN_PF = 8192 };
 
 ALWAYS_INLINE void down_i8_quant(int32_t qd[4][DB], int32_t *corr, float *sc, const float *c, int nrows,
                                  const sp_f16 *ds /* [16][nb] */, int64_t nb, int64_t b0, int n) {

@@ -18,7 +18,8 @@ Bytes per token by phase are the weights each phase reads (the file's tensor siz
 plus padding): attention (norms, MLA projections; the latent KV cache read of the 32-token prefix is left out, it is
 < 1%), router (F32), experts (dense: all; token: the session's own expert-byte counter; chunk: the union's bytes of an
 8-token pass over 8), LM head (the last row's logits only). The bound is the native probe's read bandwidth with the
-same threads (pinned, 1 GiB per thread: DRAM); fraction of bound = (bytes per token / bandwidth) / time per token.
+same threads (pinned, 1 GiB per thread: DRAM), measured just before and just after each shape's timings (median of
+both: a shared machine's bandwidth drifts); fraction of bound = (bytes per token / bandwidth) / time per token.
 Also per copy: thread 0's time in the experts' up and down halves of one dense layer run alone (the testing hook),
 from the caches (layer 0 repeated) and from DRAM (all layers in turn): whether a half is bound by compute.
 Per phase, time comes from Session.timings() (thread 0's clock, each phase ending at a barrier; the experts' up and
@@ -35,7 +36,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -142,7 +143,10 @@ def expert_halves(c: Copy, layers: int, reps: int = 100) -> dict:
 
 
 def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: int, bandwidth: float,
-                cpus: list[int] | None, progress: bool = True) -> list[dict]:
+                cpus: list[int] | None, progress: bool = True,
+                probe: Callable[[], list[float]] | None = None) -> list[dict]:
+    """Records of one shape. probe (read bandwidth passes, GB/s): run just before and just after the timed steps, the
+    median of all its passes replaces `bandwidth` (a shared machine's bandwidth drifts within minutes)."""
     sh = synthetic.SHAPES[shape].with_vocab("small")
     path = synthetic.ensure(sh, "Q4_0", 0, progress=progress)
     pb = phase_bytes(path)
@@ -189,12 +193,16 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
         configs = [("dense", 1, pb["experts"]), ("token", 1, token_expert), ("chunk", chunk, chunk_expert)]
         times = {(v, m): [] for v in VARIANTS for m, _, _ in configs}
         tims = {(v, m): [] for v in VARIANTS for m, _, _ in configs}
+        bw_runs = probe() if probe else []
         for _ in range(repeats):
             for m, T, _ in configs:
                 for v in VARIANTS:
                     ts, tm, _ = run_steps(copies[v].sessions[m], tokens, 32, T, steps if T == 1 else max(4, steps // 4))
                     times[(v, m)] += ts
                     tims[(v, m)].append(tm)
+        if probe:
+            bw_runs += probe()
+            bandwidth = statistics.median(bw_runs)
         records = []
         for m, T, expert_b in configs:
             per_pass = {"attention": pb["attention"], "router": pb["router"], "experts": expert_b * T,
@@ -219,6 +227,7 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
                     "routing": {"tls": 0.8, "cls": 0.7, "k": 8, "seed": 0},
                     "s_per_pass": st, "tok_s": T / st["median"],
                     "bytes_per_pass": total, "bytes_per_token": total / T,
+                    "bandwidth_gb_s": bandwidth, "bandwidth_runs": bw_runs,
                     "bound_s_per_pass": bound_s, "fraction_of_bound": bound_s / st["median"],
                     "phase_s_per_pass": phase_s, "phases": per_phase,
                     "vs_file_max_rel_err": rel_err[v], "vs_file_logits_nmse": nmse[v], "expert_halves": halves[v]})
@@ -261,14 +270,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = ap.parse_args(argv)
     allowed = sorted(os.sched_getaffinity(0))
     cpus = None if a.no_pin or len(allowed) < a.threads else allowed[:a.threads]
-    bw = _sparrow.bench_read_bandwidth(a.threads, a.bw_mb << 20, 5, True)
-    bandwidth = statistics.median(bw["gb_s"])
-    print(f"read bandwidth (native probe, {a.threads} threads pinned, {a.bw_mb} MB each): {bandwidth:.1f} GB/s "
-          f"(min {min(bw['gb_s']):.1f}, max {max(bw['gb_s']):.1f})", file=sys.stderr)
+    def probe() -> list[float]:
+        return _sparrow.bench_read_bandwidth(a.threads, a.bw_mb << 20, 5, True)["gb_s"]
+
     records = []
     for shape in a.shapes:
         records += bench_shape(shape, threads=a.threads, steps=a.steps, repeats=a.repeats, chunk=a.chunk,
-                               bandwidth=bandwidth, cpus=cpus)
+                               bandwidth=0.0, cpus=cpus, probe=probe)
+        runs = records[-1]["bandwidth_runs"]
+        print(f"{shape}: read bandwidth (native probe, {a.threads} threads pinned, {a.bw_mb} MB each, before and after "
+              f"the timings): {statistics.median(runs):.1f} GB/s (min {min(runs):.1f}, max {max(runs):.1f})",
+              file=sys.stderr)
+    per_shape = {r["shape"]: r["bandwidth_runs"] for r in records}
     if cpus:
         os.sched_setaffinity(0, set(allowed))
     print_table(records)
@@ -281,8 +294,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     doc = {"schema": SCHEMA, "synthetic": True, "cpu": profile.cpu_model(), "machine": platform.machine(),
            "tier": _sparrow.kernel_tier() if hasattr(_sparrow, "kernel_tier") else None,
            "threads": a.threads, "pinned": bool(cpus), "load_avg": [round(x, 2) for x in os.getloadavg()],
-           "bandwidth": {"gb_s": bandwidth, "runs": bw["gb_s"], "method": "native sp_bench_read_bandwidth, "
-                         f"{a.threads} threads pinned, {a.bw_mb} MB per thread, 5 passes, median"},
+           "bandwidth": {"gb_s": statistics.median([x for runs in per_shape.values() for x in runs]),
+                         "per_shape": {sh: statistics.median(runs) for sh, runs in per_shape.items()},
+                         "method": "native sp_bench_read_bandwidth, "
+                         f"{a.threads} threads pinned, {a.bw_mb} MB per thread, 5 passes just before and 5 just after "
+                         "each shape's timings, median (records: each shape's own)"},
            "records": records}
     if a.out:
         Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")

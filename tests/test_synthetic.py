@@ -259,9 +259,12 @@ def test_expert_stream_bench_runs_its_three_down_forms(tmp_path, monkeypatch):
     from sparrow.bench_device import bench_expert_stream as be
 
     monkeypatch.setenv("SPARROW_SYNTH_CACHE", str(tmp_path))
-    recs = be.bench_shape("tiny", threads=2, steps=2, repeats=1, chunk=4, bandwidth=10.0, cpus=None, progress=False)
+    probes = iter([[10.0, 11.0], [13.0, 12.0]])  # before and after the timings: the median of all four passes
+    recs = be.bench_shape("tiny", threads=2, steps=2, repeats=1, chunk=4, bandwidth=0.0, cpus=None, progress=False,
+                          probe=lambda: next(probes))
     assert sorted((r["variant"], r["mode"]) for r in recs) == sorted((v, m) for v in be.VARIANTS for m in be.MODES)
     for r in recs:
+        assert r["bandwidth_gb_s"] == 11.5 and r["bound_s_per_pass"] == r["bytes_per_pass"] / 11.5e9
         assert r["s_per_pass"]["n"] == (2 if r["T"] == 1 else 4) and r["fraction_of_bound"] > 0
         assert r["vs_file_logits_nmse"] < (2e-4 if r["variant"] == "int8" else 1e-10)
     int8_differs = any(r["vs_file_logits_nmse"] > 0 for r in recs if r["variant"] == "int8")

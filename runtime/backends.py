@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from . import chat_template
-from .native import SamplerParams, utf8_pieces
+from .native import SamplerParams, control_tokens, utf8_pieces
 from .routing import Route, choose_backend
 
 
@@ -98,7 +98,7 @@ class NativeBackend:
 
     @functools.cached_property
     def _control_tokens(self) -> dict[str, int]:
-        return control_tokens_of(self.model)
+        return control_tokens(self.model)
 
     def control_tokens(self) -> dict[str, int]:
         return self._control_tokens
@@ -122,18 +122,6 @@ class NativeBackend:
     def close(self) -> None:
         self.session.close()
         self.model.close()
-
-
-def control_tokens_of(model) -> dict[str, int]:
-    """Text of each control token -> id, for a native Model (also a vocab-only one): a control token renders as
-    nothing unless asked to render special tokens."""
-    out = {}
-    for t in range(model.info.n_vocab):
-        if not model.token_bytes(t):
-            text = model.token_bytes(t, render_special=True)
-            if text:
-                out.setdefault(text.decode("utf-8", "replace"), t)
-    return out
 
 
 class LlamaCppBackend:

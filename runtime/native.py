@@ -538,6 +538,18 @@ def generate(model: Model, session: Session, prompt: str | Sequence[int], *, max
                                                               sampler=sampler))
 
 
+def control_tokens(model: Model) -> dict[str, int]:
+    """Text of each control token -> id, for a Model (also a vocab-only one): a control token renders as nothing
+    unless asked to render special tokens."""
+    out = {}
+    for t in range(model.info.n_vocab):
+        if not model.token_bytes(t):
+            text = model.token_bytes(t, render_special=True)
+            if text:
+                out.setdefault(text.decode("utf-8", "replace"), t)
+    return out
+
+
 def utf8_pieces(token_bytes: Callable[[int], bytes], tokens: Iterable[int]) -> Iterator[str]:
     """The text of a token stream as it comes, in whole UTF-8 characters: a character split across tokens is held
     back until it is complete; invalid bytes become U+FFFD."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .native import Model, Sampler, SamplerParams, Timings, generate_tokens
+from .native import Model, Sampler, SamplerParams, Timings, control_tokens, generate_tokens
 
 REQUIRED_INPUTS = ("input_ids", "attention_mask", "position_ids", "attention_bias", "logits_keep")
 
@@ -350,10 +350,8 @@ class OnnxBackend:
         return self.model.token_bytes(token)
 
     def control_tokens(self) -> dict[str, int]:
-        from .backends import control_tokens_of
-
         if not hasattr(self, "_controls"):
-            self._controls = control_tokens_of(self.model.vocab)
+            self._controls = control_tokens(self.model.vocab)
         return self._controls
 
     def is_eog(self, token: int) -> bool:

@@ -63,7 +63,7 @@ WEIGHT_TYPES = ("f32", "int8", "int4")
 FFN_KINDS = ("moe", "dense")
 OPSET = 23  # RMSNormalization, RotaryEmbedding and Attention (with a KV cache) are standard ops
 MS_DOMAIN = "com.microsoft"
-MAX_PROTO_BYTES = 1_800_000_000  # larger models keep their initializers in OUT.data beside OUT (protobuf's 2 GB limit)
+MAX_PROTO_BYTES = 1_800_000_000  # larger models keep their weights in OUT.data beside OUT (protobuf's 2 GB limit)
 GENAI_CONFIG = "genai_config.json"
 MIN_POSITIONS = 32768
 
@@ -560,7 +560,7 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, *, weights: str 
     carries metadata "sparrow.sparsity" (converters/sparsity.py): the GGUF's measured TLS / CLS-8 (measured here when
     it has none) and the paired draft model (the GGUF's, or draft_model). The result is written to a
     temporary name, checked with onnx.checker, and renamed into place: a failure leaves nothing behind and never
-    touches an existing out. Returns out."""
+    touches an existing out. A model over MAX_PROTO_BYTES keeps its weights in OUT.data beside OUT. Returns out."""
     import onnx
     from tqdm import tqdm
 
@@ -615,15 +615,17 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, *, weights: str 
         props["sparrow.sparsity"] = json.dumps(carried)
     onnx.helper.set_model_props(model, props)
 
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    data_tmp = tmp.with_name(tmp.name + ".data")
+    # Written into a temporary folder beside out, checked, then renamed into place: the weights' file first when the
+    # model is too large for one protobuf (OUT.data beside OUT, which onnxruntime finds by the name stored in OUT).
+    data = out.with_name(out.name + ".data")
     external = model.ByteSize() > MAX_PROTO_BYTES
-    try:
+    if external and data.exists() and not overwrite:
+        raise ConversionError(f"{data} exists; pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
+        tmp = Path(work) / out.name
         if external:
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_tmp.name, size_threshold=1024)
+                            location=data.name, size_threshold=1024)
         else:
             onnx.save_model(model, tmp)
         del model
@@ -631,17 +633,13 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, *, weights: str 
             onnx.checker.check_model(str(tmp), full_check=False)
         except onnx.checker.ValidationError as e:  # a bug here, not the user's: say so plainly
             raise ConversionError(f"the exported graph does not pass onnx.checker: {e}") from None
-        if external:
-            raise ConversionError(f"{src} exports to more than {MAX_PROTO_BYTES >> 20} MiB of ONNX; exports that "
-                                  "need external data files are not supported yet: choose int4 or int8 weights")
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        for f in Path(work).iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        if external:
+            os.replace(Path(work) / data.name, data)
         os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        data_tmp.unlink(missing_ok=True)
-        raise
     if genai and s.arch == "llama":
         _write_genai_config(out, genai_config(s, fields, out.name))
     return out

@@ -149,6 +149,9 @@ def export_info(path: str | os.PathLike) -> dict[str, object]:
     except Exception as e:  # noqa: BLE001 -- protobuf's DecodeError and onnx's own errors share no base
         raise OnnxModelError(f"not an ONNX file ({type(e).__name__})") from None
     props = {p.key: p.value for p in model.metadata_props}
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise OnnxModelError("keeps its weights in a separate file (too large for one ONNX file); the store takes "
+                             "single-file models: run it by its path, or export it with --type int8 or int4")
     if "sparrow.vocab_gguf" not in props:
         raise OnnxModelError("not a Sparrow ONNX export (no tokenizer); export one with "
                              "`sparrow convert MODEL.gguf OUT.onnx`")

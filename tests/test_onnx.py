@@ -452,3 +452,26 @@ def test_store_pulls_an_export_and_chats_with_it(home, tiny_blockffn_onnx, tmp_p
     assert str(junk) in r.output and "pull-" not in r.output  # names the user's file, not the staging copy
     r = runner.invoke(sparrow, ["models", "list"])
     assert "junk" not in r.output and "bf-onnx" in r.output
+
+
+def test_large_export_keeps_its_weights_beside_it(tmp_path, monkeypatch, home):
+    """Past protobuf's limit the weights go to OUT.data (here forced with a low threshold): onnxruntime runs it, an
+    existing OUT.data is kept without --overwrite, and the store refuses the two-file model with what to do."""
+    import sparrow.converters.onnx_export as ox
+
+    monkeypatch.setattr(ox, "MAX_PROTO_BYTES", 1 << 20)
+    (tmp_path / "bf.onnx.data").write_bytes(b"precious")
+    with pytest.raises(ConversionError, match="bf.onnx.data exists"):
+        ox.export_onnx(BLOCKFFN_TINY, tmp_path / "bf.onnx", progress=False)
+    assert (tmp_path / "bf.onnx.data").read_bytes() == b"precious" and not (tmp_path / "bf.onnx").exists()
+    out = ox.export_onnx(BLOCKFFN_TINY, tmp_path / "bf.onnx", progress=False, overwrite=True)
+    assert (tmp_path / "bf.onnx.data").stat().st_size > 10 << 20 and out.stat().st_size < 5 << 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf.onnx", "bf.onnx.data"]  # nothing else left
+    vocab = Model(BLOCKFFN_TINY, vocab_only=True)
+    prompt = vocab.tokenize("Once upon a time", add_special=True)
+    with Model(BLOCKFFN_TINY) as m, m.session(n_ctx=64, n_threads=1) as s:
+        native = list(generate_tokens(s, prompt, max_tokens=10))
+    assert list(generate_tokens(OnnxModel(out, n_threads=1).session(n_ctx=64), prompt, max_tokens=10)) == native
+    r = CliRunner().invoke(sparrow, ["models", "pull", str(out), "--name", "big", "--quiet"])
+    assert r.exit_code == 1 and "separate file" in r.output and "nothing was stored" in r.output
+    vocab.close()

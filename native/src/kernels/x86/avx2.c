@@ -903,8 +903,9 @@ ACCUM_AVX2(q8_0, A_Q8_0, SP_TYPE_Q8_0)
  * nothing (one FMA per 8 columns and group, the same order). */
 enum { DB2 = 64, DOWN_PF2 = 8192 }; /* column blocks quantized at a time; prefetch distance (avx512.c's DOWN_PF) */
 
-ALWAYS_INLINE void down_i8_quant8(int32_t qd[4][DB2], int32_t *corr, float *sc, const float *c, int nrows,
-                                  const sp_f16 *ds /* [16][nb] */, int64_t nb, int64_t b0, int n) {
+/* One call per token, 16-row group and DB2 blocks (not inlined: clang's sanitizer build of this file stays short). */
+static __attribute__((noinline)) void down_i8_quant8(int32_t qd[4][DB2], int32_t *corr, float *sc, const float *c,
+    int nrows, const sp_f16 *ds /* [16][nb] */, int64_t nb, int64_t b0, int n) {
     const __m256i absm = _mm256_set1_epi32(0x7fffffff), ff = _mm256_set1_epi32(0xff);
     for (int i0 = 0; i0 < n; i0 += 8) {
         const int m = SP_MIN_I(8, n - i0);
@@ -947,16 +948,15 @@ ALWAYS_INLINE void down_i8_quant8(int32_t qd[4][DB2], int32_t *corr, float *sc, 
     }
 }
 
-ALWAYS_INLINE void accum_down_i8_tile8(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
-                                       const uint8_t *base, int nrows, int64_t nb, size_t sbytes, int64_t b0, int n,
-                                       bool pf, int NT) {
+static void accum_down_i8_tile8(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
+                                const uint8_t *base, int nrows, int64_t nb, size_t sbytes, int64_t b0, int n,
+                                bool pf, int nt) {
     int32_t qd[TT][4][DB2], corr[TT][DB2];
     float sc[TT][DB2];
     float *yr[TT];
     if (pf && b0 == 0) /* keep the stream going while the scales are read and the tile quantized */
         for (size_t o = 0; o < sbytes; o += 64) _mm_prefetch((const char *)base + o + DOWN_PF2, _MM_HINT_T0);
-    UNROLL
-    for (int t = 0; t < NT; t++) {
+    for (int t = 0; t < nt; t++) {
         down_i8_quant8(qd[t], corr[t], sc[t], c + t * ldc, nrows, (const sp_f16 *)base, nb, b0, n);
         yr[t] = y + (idx ? idx[t] : t) * ldy;
     }
@@ -979,8 +979,7 @@ ALWAYS_INLINE void accum_down_i8_tile8(float *y, int64_t ldy, const int32_t *idx
             w[k][3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), lo4);
         }
         const int64_t j0 = b * SP_QK;
-        UNROLL
-        for (int t = 0; t < NT; t++) {
+        for (int t = 0; t < nt; t++) { /* nt at run time: per token a few vectors, nothing kept across tokens */
             const __m256i cr = _mm256_set1_epi32(corr[t][i]);
             const __m256 sv = _mm256_set1_ps(sc[t][i]);
             __m256i x[4];
@@ -1014,15 +1013,7 @@ static void accum_packed_i8_q4_0(float *y, int64_t ldy, const int32_t *idx, cons
                 float *yt = idx ? y : y + t0 * ldy;
                 const int32_t *it = idx ? idx + t0 : NULL;
                 const float *ct = c + t0 * ldc + g * SP_DOWN_RG;
-                const bool pf = t0 == 0;
-#define TILE(NT) accum_down_i8_tile8(yt, ldy, it, ct, ldc, base, nrows, nb, sbytes, b0, n, pf, NT)
-                switch (nt) { /* constant NT: the token loops unroll */
-                case 1: TILE(1); break;
-                case 2: TILE(2); break;
-                case 3: TILE(3); break;
-                default: TILE(4); break;
-                }
-#undef TILE
+                accum_down_i8_tile8(yt, ldy, it, ct, ldc, base, nrows, nb, sbytes, b0, n, t0 == 0, nt);
             }
         }
     }

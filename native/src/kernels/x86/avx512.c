@@ -1061,8 +1061,9 @@ enum { DB = 64 }; /* column blocks quantized at a time (per token: 4 + 2 words e
  * 5.4 / 5.3; T = 4: 7.2 / 6.1 / 5.7 / 5.6 / 5.6). */
 enum { DOWN_PF = 8192 };
 
-ALWAYS_INLINE void down_i8_quant(int32_t qd[4][DB], int32_t *corr, float *sc, const float *c, int nrows,
-                                 const sp_f16 *ds /* [16][nb] */, int64_t nb, int64_t b0, int n) {
+/* One call per token, 16-row group and DB blocks (not inlined: clang's sanitizer build of this file stays short). */
+static __attribute__((noinline)) void down_i8_quant(int32_t qd[4][DB], int32_t *corr, float *sc, const float *c,
+    int nrows, const sp_f16 *ds /* [16][nb] */, int64_t nb, int64_t b0, int n) {
     const __m512i absm = _mm512_set1_epi32(0x7fffffff), ff = _mm512_set1_epi32(0xff);
     for (int i0 = 0; i0 < n; i0 += 16) {
         const __mmask16 m = n - i0 >= 16 ? 0xffff : (__mmask16)((1u << (n - i0)) - 1);
@@ -1100,17 +1101,16 @@ ALWAYS_INLINE void down_i8_quant(int32_t qd[4][DB], int32_t *corr, float *sc, co
     }
 }
 
-ALWAYS_INLINE void accum_down_i8_tile(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
-                                      const uint8_t *base, int nrows, int64_t nb, size_t sbytes, int64_t b0, int n,
-                                      bool pf, int NT) {
+static void accum_down_i8_tile(float *y, int64_t ldy, const int32_t *idx, const float *c, int64_t ldc,
+                               const uint8_t *base, int nrows, int64_t nb, size_t sbytes, int64_t b0, int n,
+                               bool pf, int nt) {
     int32_t qd[TT][4][DB], corr[TT][DB];
     float sc[TT][DB];
     float *yr[TT];
     if (pf && b0 == 0) /* keep the stream going while the scales are read and the tile quantized: without this the
                         * memory idled once per group (measured on Zen 5: 21 against 26 GB/s from DRAM, one thread) */
         for (size_t o = 0; o < sbytes; o += 64) _mm_prefetch((const char *)base + o + DOWN_PF, _MM_HINT_T0);
-    _Pragma("GCC unroll 16")
-    for (int t = 0; t < NT; t++) {
+    for (int t = 0; t < nt; t++) {
         down_i8_quant(qd[t], corr[t], sc[t], c + t * ldc, nrows, (const sp_f16 *)base, nb, b0, n);
         yr[t] = y + (idx ? idx[t] : t) * ldy;
     }
@@ -1130,8 +1130,7 @@ ALWAYS_INLINE void accum_down_i8_tile(float *y, int64_t ldy, const int32_t *idx,
             w[4 + k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
         }
         const int64_t j0 = b * SP_QK;
-        _Pragma("GCC unroll 16")
-        for (int t = 0; t < NT; t++) {
+        for (int t = 0; t < nt; t++) { /* nt at run time: per token a few vectors, nothing kept across tokens */
             __m512i s0 = _mm512_set1_epi32(corr[t][i]), s1 = s0;
             _Pragma("GCC unroll 4")
             for (int k = 0; k < 4; k++) {
@@ -1162,19 +1161,7 @@ static void accum_packed_i8_q4_0(float *y, int64_t ldy, const int32_t *idx, cons
                 float *yt = idx ? y : y + t0 * ldy;
                 const int32_t *it = idx ? idx + t0 : NULL;
                 const float *ct = c + t0 * ldc + g * SP_DOWN_RG;
-                const bool pf = t0 == 0;
-#define TILE(NT) accum_down_i8_tile(yt, ldy, it, ct, ldc, base, nrows, nb, sbytes, b0, n, pf, NT)
-                switch (nt) { /* constant NT: the token loops unroll */
-                case 1: TILE(1); break;
-                case 2: TILE(2); break;
-                case 3: TILE(3); break;
-                case 4: TILE(4); break;
-                case 5: TILE(5); break;
-                case 6: TILE(6); break;
-                case 7: TILE(7); break;
-                default: TILE(8); break;
-                }
-#undef TILE
+                accum_down_i8_tile(yt, ldy, it, ct, ldc, base, nrows, nb, sbytes, b0, n, t0 == 0, nt);
             }
         }
     }

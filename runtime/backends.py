@@ -7,7 +7,7 @@
     print(chat.last_stats.decode_tok_s)
 
 NativeBackend wraps runtime.native (Model + Session); LlamaCppBackend wraps llama_cpp.Llama (optional dependency,
-imported only when a model needs it); OnnxBackend (runtime.onnx_backend) runs Sparrow's ONNX exports with
+imported only when a model needs it); OnnxBackend (over runtime.onnx_backend) runs Sparrow's ONNX exports with
 onnxruntime. Each keeps the KV cache between calls and evaluates only the tokens after the longest common prefix with
 what the cache holds; `n_evaluated` counts tokens run through the forward pass.
 """
@@ -124,6 +124,26 @@ class NativeBackend:
         self.model.close()
 
 
+class OnnxBackend(NativeBackend):
+    """Sparrow's ONNX exports run by onnxruntime (runtime.onnx_backend): an OnnxModel (its tokenizer is a native
+    vocab-only Model) and an OnnxSession with the native Session's interface, so everything else is NativeBackend's."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0):
+        from .onnx_backend import OnnxModel
+
+        self.path = str(path)
+        self.model = OnnxModel(path, n_threads=n_threads)
+        try:
+            self.session = self.model.session(n_ctx=n_ctx)
+        except BaseException:
+            self.model.close()
+            raise
+        self.n_ctx = self.session.n_ctx
+        self.n_threads = n_threads
+
+
 class LlamaCppBackend:
     """llama.cpp through llama-cpp-python, for GGUF architectures the native runtime does not implement."""
 
@@ -215,7 +235,7 @@ def open_backend(path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, rou
     if not route.available:
         raise BackendError(f"cannot run {path} ({route.reason}): {route.problem}")
     if route.backend == "onnxruntime":
-        from .onnx_backend import OnnxBackend, OnnxModelError
+        from .onnx_backend import OnnxModelError
 
         try:
             return OnnxBackend(path, n_ctx=n_ctx, n_threads=n_threads)

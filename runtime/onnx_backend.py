@@ -9,7 +9,7 @@ Shape legend: T = tokens in one pass, P = cached tokens, S = P + T, NKV = kv hea
     OnnxSession   a KV cache ([1, NKV, P, D] float32 arrays per layer) with Session's methods: eval (positions, tree
                   mask), prefill, truncate, keep, reuse_prefix, resync; runtime.native.generate_tokens and
                   runtime.speculative.speculative_tokens take it as they take a native Session
-    OnnxBackend   the Backend protocol (runtime.backends) over the two
+    (runtime.backends.OnnxBackend is NativeBackend's interface over the two)
 
 Only files with Sparrow's interface are accepted (the checks in OnnxModel say what is missing); other ONNX decoders
 (onnxruntime-genai's builder, optimum) name and shape their inputs in their own ways and carry no tokenizer.
@@ -21,12 +21,12 @@ import binascii
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .native import Model, Sampler, SamplerParams, Timings, control_tokens, generate_tokens
+from .native import Model, Session, Timings
 
 REQUIRED_INPUTS = ("input_ids", "attention_mask", "position_ids", "attention_bias", "logits_keep")
 
@@ -268,13 +268,7 @@ class OnnxSession:
             return out
         return np.ascontiguousarray(lg, dtype=np.float32)
 
-    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        if not tokens:
-            raise ValueError("prefill needs at least one token")
-        out = None
-        for i in range(0, len(tokens), self.n_batch):
-            out = self.eval(tokens[i:i + self.n_batch], logits="last")
-        return out
+    prefill = Session.prefill            # n_batch chunks through eval: the same code as the native Session's
 
     def truncate(self, n: int) -> None:
         if n < 0:
@@ -291,15 +285,7 @@ class OnnxSession:
         self._kv = [np.ascontiguousarray(kv[:, :, idx]) for kv in self._kv]
         self.tokens = [self.tokens[i] for i in idx]
 
-    def reuse_prefix(self, tokens: Sequence[int]) -> int:
-        common = 0
-        for a, b in zip(self.tokens, tokens):
-            if a != b:
-                break
-            common += 1
-        common = max(0, min(common, len(tokens) - 1))
-        self.truncate(common)
-        return common
+    reuse_prefix = Session.reuse_prefix  # keeps the longest cached prefix but the last token, through truncate
 
     def resync(self) -> None:
         """The cache and `tokens` always agree here (eval updates both after the pass): nothing to do."""
@@ -316,58 +302,3 @@ class OnnxSession:
 
     def reset_sparsity(self) -> None:
         pass
-
-
-class OnnxBackend:
-    """The Backend protocol (runtime.backends) over an exported ONNX model, run by onnxruntime."""
-
-    name = "onnxruntime"
-
-    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0):
-        self.path = str(path)
-        self.model = OnnxModel(path, n_threads=n_threads)
-        self.session = self.model.session(n_ctx=n_ctx)
-        self.n_ctx = self.session.n_ctx
-        self.n_threads = n_threads
-
-    @property
-    def n_evaluated(self) -> int:
-        return self.session.n_evaluated
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.session.tokens
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.model.meta("tokenizer.chat_template")
-
-    def special_token_text(self, which: str) -> str:
-        token = {"bos": self.model.info.bos_token, "eos": self.model.info.eos_token}[which]
-        return "" if token < 0 else self.model.token_bytes(token, render_special=True).decode("utf-8", "replace")
-
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def token_bytes(self, token: int) -> bytes:
-        return self.model.token_bytes(token)
-
-    def control_tokens(self) -> dict[str, int]:
-        if not hasattr(self, "_controls"):
-            self._controls = control_tokens(self.model.vocab)
-        return self._controls
-
-    def is_eog(self, token: int) -> bool:
-        return self.model.is_eog(token)
-
-    def generate_tokens(self, prompt_tokens: Sequence[int], *, max_tokens: int,
-                        params: SamplerParams) -> Iterator[int]:
-        sampler = Sampler(self.model.info.n_vocab, params)
-        yield from generate_tokens(self.session, list(prompt_tokens), max_tokens=max_tokens, sampler=sampler)
-
-    def reset(self) -> None:
-        self.session.truncate(0)
-
-    def close(self) -> None:
-        self.session.close()
-        self.model.close()

@@ -442,7 +442,7 @@ def generate_speculative(model: Model, session: Session, prompt: str | Sequence[
 
 
 class SpeculativeBackend:
-    """A NativeBackend (or OnnxBackend: runtime.onnx_backend) whose generate_tokens decodes speculatively with a drafter (everything else delegated), so
+    """A NativeBackend (or OnnxBackend: runtime.backends) whose generate_tokens decodes speculatively with a drafter (everything else delegated), so
     runtime.backends.stream_text and Chat work unchanged. stats accumulates over generations."""
 
     def __init__(self, backend, drafter: Drafter, *, max_nodes: int | None = None):

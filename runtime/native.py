@@ -184,11 +184,11 @@ class Model:
         return Session(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, ffn_mode=ffn_mode, kv_type=kv_type)
 
     def session_memory(self, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0,
-                       ffn_mode: str = "auto", kv_type: str = "f16") -> SessionMemory:
-        """What session() with these arguments would allocate, computed by the C library without allocating it
-        (the same sizing code as the session's, so it is exact)."""
+                       ffn_mode: str = "auto", kv_type: str = "f16", n_seq: int = 1) -> SessionMemory:
+        """What session() (n_seq > 1: BatchSession) with these arguments would allocate, computed by the C library
+        without allocating it (the same sizing code as the session's, so it is exact)."""
         return SessionMemory(**self._m.session_memory(n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode),
-                                                      _kv_type(kv_type)))
+                                                      _kv_type(kv_type), n_seq))
 
 
 class Session:
@@ -324,6 +324,73 @@ class Session:
     @property
     def handle(self) -> _sparrow.Session:
         """The binding's session object, which the `_sparrow.testing` hooks take (ffn_run, last_router_scores, ...)."""
+        return self._s
+
+
+class BatchSession:
+    """Several independent sequences over one Model (sp_session_params.n_seq), their tokens evaluated together: one
+    forward pass reads the weights once for every sequence in it. Each sequence has its own n_ctx cache slots and
+    positions and never sees another's tokens. Not for concurrent use."""
+
+    def __init__(self, model: Model, *, n_seq: int, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0,
+                 ffn_mode: str = "auto"):
+        self.model = model
+        self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode), _kv_type("f16"), n_seq)
+        self.n_seq = n_seq
+        self.n_batch = n_batch
+
+    def close(self) -> None:
+        self._s.close()
+
+    def __enter__(self) -> BatchSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def n_ctx(self) -> int:
+        """Cache slots per sequence."""
+        return self._s.n_ctx
+
+    def n_past(self, seq: int) -> int:
+        n = self._s.seq_n_past(seq)
+        if n < 0:
+            raise ValueError(f"sequence {seq} is outside [0, {self.n_seq})")
+        return n
+
+    def truncate(self, seq: int, n: int = 0) -> None:
+        """Roll sequence seq back to its first n tokens (0: free it for a new sequence)."""
+        self._s.truncate(n, seq)
+
+    def eval(self, runs: Sequence[tuple[int, Sequence[int]]], *, out: np.ndarray | None = None) -> np.ndarray:
+        """One forward pass over runs of (sequence id, tokens): each run's tokens go after what its sequence holds.
+        At most n_batch tokens in all; each sequence once. Returns [R, V] float32: the logits of each run's last
+        token, in the order given (out: a float32 C-contiguous [R, V] array to fill instead of a new one)."""
+        tokens: list[int] = []
+        seq: list[int] = []
+        for s, toks in runs:
+            tokens.extend(toks)
+            seq.extend([s] * len(toks))
+        if out is not None and not (isinstance(out, np.ndarray) and out.dtype == np.float32
+                                    and out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError("out must be a writeable float32 C-contiguous numpy array")
+        return self._s.eval(tokens, None, None, "last", out, seq)
+
+    def memory(self) -> SessionMemory:
+        return SessionMemory(**self._s.memory())
+
+    def sparsity(self, layer: int | None = None) -> SparsityStats | None:
+        d = self._s.sparsity(-1 if layer is None else layer)
+        return None if d is None else SparsityStats(**d)
+
+    def reset_sparsity(self) -> None:
+        self._s.reset_sparsity()
+
+    def timings(self) -> Timings:
+        return Timings(**self._s.timings())
+
+    def handle(self) -> _sparrow.Session:
         return self._s
 
 

@@ -134,6 +134,9 @@ typedef struct sp_session_params {
     int32_t n_threads;  /* worker threads incl. the caller (default: physical cores) */
     sp_ffn_mode ffn_mode; /* sparse-expert FFN execution (default SP_FFN_AUTO) */
     sp_kv_type kv_type;   /* KV cache element type (default SP_KV_F16) */
+    int32_t n_seq;        /* independent sequences, each with its own n_ctx cache slots (default 1; 1..256). Their
+                             tokens share one forward pass (sp_batch.seq): the weights are read once for all of them.
+                             Grouped-query attention only (SP_ERR_UNSUPPORTED for multi-head latent attention). */
 } sp_session_params;
 
 SP_API sp_session_params sp_session_default_params(void);
@@ -161,7 +164,13 @@ SP_API sp_status sp_session_get_memory(const sp_session *session, sp_session_mem
  *  mask: NULL for the usual causal mask (token i sees every cached slot and batch tokens 0..i).
  *        Otherwise a [T, T] row-major byte matrix: mask[i*T + j] != 0 means token i may attend to batch token j
  *        (a tree mask for speculative verification); token i always sees all slots cached before the batch.
- *  logits: NULL, or [T, V] floats to fill (all T rows), or when logits_last_only only the last token's row [V]. */
+ *  logits: NULL, or [T, V] floats to fill (all T rows), or when logits_last_only only the last token's row [V].
+ *  seq: NULL (every token belongs to sequence 0), or [T] sequence ids < n_seq. A sequence's tokens are one
+ *       contiguous run of the batch (each sequence at most once); everything above then holds per run: its tokens go
+ *       to that sequence's slots after its own n_past, default positions count from it, and a token attends only to
+ *       its sequence's cached slots and the batch tokens of its own run (the mask's entries between runs are
+ *       ignored). Tokens of different sequences never see each other. logits_last_only then fills [R, V]: the last
+ *       token of each of the batch's R runs, in batch order. */
 typedef struct sp_batch {
     const int32_t *tokens;  /* [T] */
     const int32_t *pos;     /* [T]; NULL = n_past, n_past+1, ... */
@@ -169,6 +178,7 @@ typedef struct sp_batch {
     int32_t n_tokens;       /* T, 1 .. n_batch */
     float *logits;          /* [T, V] or [V] or NULL */
     bool logits_last_only;
+    const int32_t *seq;     /* [T] or NULL (all sequence 0) */
 } sp_batch;
 
 SP_API sp_status sp_eval(sp_session *session, const sp_batch *batch);
@@ -179,6 +189,11 @@ SP_API sp_status sp_session_truncate(sp_session *session, int32_t n);
 /* Keep cache slots idx[0..n) (strictly increasing, each < n_past) in that order as slots 0..n, dropping the rest:
  * the accepted path of a verified draft tree. */
 SP_API sp_status sp_session_keep(sp_session *session, const int32_t *idx, int32_t n);
+/* The same for sequence seq of a multi-sequence session (sp_session_params.n_seq); the calls above are seq 0's.
+ * sp_session_seq_n_past gives -1 for a seq out of range; truncating to 0 frees the sequence for a new one. */
+SP_API int32_t sp_session_seq_n_past(const sp_session *session, int32_t seq);
+SP_API sp_status sp_session_seq_truncate(sp_session *session, int32_t seq, int32_t n);
+SP_API sp_status sp_session_seq_keep(sp_session *session, int32_t seq, const int32_t *idx, int32_t n);
 
 /* ---- sparsity statistics (models with sparse experts) ---- */
 #define SP_CLS_MAX 16

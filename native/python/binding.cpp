@@ -119,10 +119,12 @@ struct ModelUse {
 
 // n_ctx None: the library default; n_batch / n_threads 0 or None: default. Other values go to C to be checked.
 sp_session_params session_params(std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
-                                 std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type) {
+                                 std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type,
+                                 int32_t n_seq) {
     sp_session_params p = sp_session_default_params();
     p.ffn_mode = (sp_ffn_mode)ffn_mode;
     p.kv_type = (sp_kv_type)kv_type;
+    p.n_seq = n_seq;
     if (n_ctx) p.n_ctx = *n_ctx;
     if (n_batch && *n_batch != 0) p.n_batch = *n_batch;
     if (n_threads && *n_threads != 0) p.n_threads = *n_threads;
@@ -143,10 +145,10 @@ struct Session {
     nb::object model_ref;  // keeps the Python Model alive while the session lives
     int32_t n_vocab = 0;
     Session(nb::object model_obj, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
-            std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type) {
+            std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type, int32_t n_seq) {
         Model &mo = nb::cast<Model &>(model_obj);
         sp_model *m = mo.acquire();  // held until the session is freed
-        sp_status st = sp_session_new(m, session_params(n_ctx, n_batch, n_threads, ffn_mode, kv_type), &s);
+        sp_status st = sp_session_new(m, session_params(n_ctx, n_batch, n_threads, ffn_mode, kv_type, n_seq), &s);
         if (st != SP_OK) {
             mo.release();
             check(st);
@@ -551,19 +553,21 @@ NB_MODULE(_sparrow, m) {
         .def("is_eog", [](Model &self, int32_t token) { return sp_token_is_eog(ModelUse(self), token); })
         // session_memory(...) -> dict of sp_session_memory: what a Session with these arguments would allocate
         .def("session_memory", [](Model &self, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
-                                  std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type) {
+                                  std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type,
+                                  int32_t n_seq) {
             sp_session_memory mem;
             check(sp_session_memory_estimate(ModelUse(self),
-                                             session_params(n_ctx, n_batch, n_threads, ffn_mode, kv_type), &mem));
+                                             session_params(n_ctx, n_batch, n_threads, ffn_mode, kv_type, n_seq),
+                                             &mem));
             return memory_dict(mem);
         }, "n_ctx"_a = nb::none(), "n_batch"_a = nb::none(), "n_threads"_a = nb::none(),
-           "ffn_mode"_a = (int32_t)SP_FFN_AUTO, "kv_type"_a = (int32_t)SP_KV_F16);
+           "ffn_mode"_a = (int32_t)SP_FFN_AUTO, "kv_type"_a = (int32_t)SP_KV_F16, "n_seq"_a = 1);
 
     nb::class_<Session>(m, "Session")
         .def(nb::init<nb::object, std::optional<int32_t>, std::optional<int32_t>, std::optional<int32_t>, int32_t,
-                      int32_t>(),
+                      int32_t, int32_t>(),
              "model"_a, "n_ctx"_a = nb::none(), "n_batch"_a = nb::none(), "n_threads"_a = nb::none(),
-             "ffn_mode"_a = (int32_t)SP_FFN_AUTO, "kv_type"_a = (int32_t)SP_KV_F16)
+             "ffn_mode"_a = (int32_t)SP_FFN_AUTO, "kv_type"_a = (int32_t)SP_KV_F16, "n_seq"_a = 1)
         // sparsity(layer=-1) -> dict of sp_sparsity_stats (cls as {k: value} for k = 2..16); None without experts
         .def("sparsity", [](Session &self, int32_t layer) -> nb::object {
             sp_sparsity_stats st;
@@ -610,33 +614,46 @@ NB_MODULE(_sparrow, m) {
         .def_prop_ro("closed", [](Session &self) { return self.closed; })
         .def_prop_ro("n_past", [](Session &self) { return sp_session_n_past(SessionUse(self)); })
         .def_prop_ro("n_ctx", [](Session &self) { return sp_session_n_ctx(SessionUse(self)); })
-        .def("truncate", [](Session &self, int32_t n) { check(sp_session_truncate(SessionUse(self), n)); })
-        .def("keep", [](Session &self, std::vector<int32_t> idx) {
-            check(sp_session_keep(SessionUse(self), idx.data(), (int32_t)idx.size()));
-        })
-        // eval(tokens, pos=None, mask=None, logits="last"|"all"|"none", out=None) -> float32 array [V] / [T, V] / None;
-        // out: a float32 C-contiguous array of that shape to write the logits into (returned), instead of a new one
+        .def("truncate", [](Session &self, int32_t n, int32_t seq) {
+            check(sp_session_seq_truncate(SessionUse(self), seq, n));
+        }, "n"_a, "seq"_a = 0)
+        .def("keep", [](Session &self, std::vector<int32_t> idx, int32_t seq) {
+            check(sp_session_seq_keep(SessionUse(self), seq, idx.data(), (int32_t)idx.size()));
+        }, "idx"_a, "seq"_a = 0)
+        // seq_n_past(seq) -> the tokens sequence seq holds (-1 for a seq out of range)
+        .def("seq_n_past", [](Session &self, int32_t seq) { return sp_session_seq_n_past(SessionUse(self), seq); })
+        // eval(tokens, pos=None, mask=None, logits="last"|"all"|"none", out=None, seq=None) -> float32 array [V] /
+        // [T, V] / None; out: a float32 C-contiguous array of that shape to write the logits into (returned), instead
+        // of a new one. seq: a sequence id per token (runs of one sequence each): "last" then gives [R, V], the last
+        // token of each of the R runs.
         .def("eval", [](Session &self, std::vector<int32_t> tokens, std::optional<std::vector<int32_t>> pos,
                         std::optional<nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>> mask,
                         const std::string &logits,
-                        std::optional<nb::ndarray<float, nb::c_contig, nb::device::cpu>> out_arr) -> nb::object {
+                        std::optional<nb::ndarray<float, nb::c_contig, nb::device::cpu>> out_arr,
+                        std::optional<std::vector<int32_t>> seq) -> nb::object {
             SessionUse s(self);  // given back after the GIL is taken again (and on every error)
             const size_t T = tokens.size();
             if (pos && pos->size() != T) throw SparrowError("SP_ERR_INVALID_ARG: pos must have one entry per token");
+            if (seq && seq->size() != T) throw SparrowError("SP_ERR_INVALID_ARG: seq must have one entry per token");
+            size_t runs = 1;
+            if (seq)
+                for (size_t t = 1; t < T; t++) runs += (*seq)[t] != (*seq)[t - 1];
             if (mask && (mask->shape(0) != T || mask->shape(1) != T))
                 throw SparrowError("SP_ERR_INVALID_ARG: mask must have shape [T, T]");
             if (logits != "last" && logits != "all" && logits != "none")
                 throw SparrowError("SP_ERR_INVALID_ARG: logits must be 'last', 'all' or 'none'");
-            const size_t rows = logits == "all" ? T : (logits == "last" ? 1 : 0);
+            const size_t rows = logits == "all" ? T : (logits == "last" ? (seq ? runs : 1) : 0);
+            const bool per_run = seq && logits == "last";  // [R, V]
             float *given = nullptr;
             if (out_arr) {
                 auto &arr = *out_arr;
-                const bool ok = rows && (logits == "last" ? arr.ndim() == 1 && arr.shape(0) == (size_t)self.n_vocab
-                                                          : arr.ndim() == 2 && arr.shape(0) == T &&
-                                                                arr.shape(1) == (size_t)self.n_vocab);
+                const bool ok = rows && (logits == "last" && !per_run
+                                             ? arr.ndim() == 1 && arr.shape(0) == (size_t)self.n_vocab
+                                             : arr.ndim() == 2 && arr.shape(0) == rows &&
+                                                   arr.shape(1) == (size_t)self.n_vocab);
                 if (!ok)
                     throw SparrowError("SP_ERR_INVALID_ARG: out must be a float32 C-contiguous array of the logits' "
-                                       "shape ([V] for 'last', [T, V] for 'all')");
+                                       "shape ([V] for 'last', [R, V] for 'last' with seq, [T, V] for 'all')");
                 given = arr.data();
             }
             float *out = given ? given : (rows ? new float[rows * (size_t)self.n_vocab] : nullptr);
@@ -647,6 +664,7 @@ NB_MODULE(_sparrow, m) {
             b.n_tokens = (int32_t)T;
             b.logits = out;
             b.logits_last_only = logits == "last";
+            b.seq = seq ? seq->data() : nullptr;
             sp_status st;
             {
                 nb::gil_scoped_release r;
@@ -659,9 +677,10 @@ NB_MODULE(_sparrow, m) {
             if (given) return nb::cast(*out_arr);
             if (!out) return nb::none();
             nb::capsule owner(out, [](void *p) noexcept { delete[] (float *)p; });
-            if (logits == "last") return nb::cast(F32Array(out, {(size_t)self.n_vocab}, owner));
-            return nb::cast(F32Array(out, {T, (size_t)self.n_vocab}, owner));
-        }, "tokens"_a, "pos"_a = nb::none(), "mask"_a = nb::none(), "logits"_a = "last", "out"_a.noconvert() = nb::none());
+            if (logits == "last" && !per_run) return nb::cast(F32Array(out, {(size_t)self.n_vocab}, owner));
+            return nb::cast(F32Array(out, {rows, (size_t)self.n_vocab}, owner));
+        }, "tokens"_a, "pos"_a = nb::none(), "mask"_a = nb::none(), "logits"_a = "last", "out"_a.noconvert() = nb::none(),
+           "seq"_a = nb::none());
 
     // The drafter options of sp_generator_default_params_for(kind), by Generator keyword.
     m.def("generator_defaults", [](int32_t kind) {

@@ -48,7 +48,7 @@ static void matmul_heads(const fwd_ctx *c, float *y, int64_t ldy, int64_t y_head
 static void attention_mla(const fwd_ctx *c, int il, int ith, int nth) {
     const sp_session *ses = c->ses;
     const sp_hparams *hp = &ses->model->hp;
-    const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, NH = hp->n_head;
+    const int64_t T = c->b->n_tokens, P = ses->past[0], C = ses->params.n_ctx, NH = hp->n_head;
     const int64_t KL = hp->kv_lora, DR = hp->n_rot, S = C + ses->params.n_batch;
     const float scale = 1.0f / sqrtf((float)(hp->qk_nope + DR));
     const size_t es = ses->kv_elem;
@@ -96,7 +96,7 @@ void sp_attn_mla(const fwd_ctx *c, int il, int ith, int nth) {
     const sp_hparams *hp = &ses->model->hp;
     sp_scratch *s = &ses->s;
     sp_pool *pool = ses->pool;
-    const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, NH = hp->n_head;
+    const int64_t T = c->b->n_tokens, P = ses->past[0], C = ses->params.n_ctx, NH = hp->n_head;
     const int64_t QL = hp->q_lora, KL = hp->kv_lora, DN = hp->qk_nope, DR = hp->n_rot, DK = DN + DR, KR = KL + DR;
     const int64_t DV = hp->v_dim;
     const size_t es = ses->kv_elem;

@@ -96,7 +96,7 @@ static void plan_tasks(const fwd_ctx *c, int il) {
     for (int64_t t = 0; t < T; t++) {
         float *r = s->router + t * E;
         if (s->router_set) memcpy(r, s->router_set + t * E, (size_t)E * sizeof *r);
-        else if (ses->synth.on) sp_synth_routing_scores(ses, il, c->b->pos ? c->b->pos[t] : ses->n_past + t, r);
+        else if (ses->synth.on) sp_synth_routing_scores(ses, il, s->tpos[t], r);
         else router_norm_row(hp, l->router_norm, r);
     }
     sp_ffn_task *task = s->tasks;
@@ -262,6 +262,9 @@ sp_status sp_ffn_blockffn_run(sp_session *ses, int il, const float *xn, const fl
             for (int32_t t = 0; t < T; t++) k->quantize_q8a((sp_block_q8a *)s->xq + t * (H / SP_QK), xn + t * H, H);
     }
     sp_batch b = {.n_tokens = T};
+    s->runs[0] = (sp_run){.t0 = 0, .n = T, .seq = 0, .P = ses->past[0]}; /* one run of sequence 0 */
+    s->n_runs = 1;
+    for (int32_t t = 0; t < T; t++) s->trun[t] = 0, s->tpos[t] = ses->past[0] + t;
     run_ctx rc = {.c = {.ses = ses, .b = &b, .k = k, .q8 = m->act_q8}, .il = il};
     const sp_ffn_mode saved = ses->params.ffn_mode;
     ses->params.ffn_mode = mode;

@@ -3,7 +3,7 @@
  * ffn_blockffn.c).
  *
  * Shape legend: T = tokens in the batch, H = n_embd, D = head_dim, NH = heads, NKV = kv heads, QD = NH*D,
- * KVD = NKV*D, F = n_ff, V = vocabulary, C = KV cache slots, P = n_past (slots cached before this batch).
+ * KVD = NKV*D, F = n_ff, V = vocabulary, C = KV cache slots per sequence, P = n_past (a sequence's slots cached before this batch).
  *
  * All pool threads run sp_forward_worker() at once; each step splits its work by thread (rows of a weight matrix,
  * tokens, or (token, head) pairs) and threads meet at a barrier before a step reads what another wrote.
@@ -79,16 +79,23 @@ void sp_fwd_rope_rows(const fwd_ctx *c, float *x, int64_t ldx, int64_t T, int n_
     }
 }
 
-/* Softmax of query row m of kv head g in the chunk starting at token tc0 (its token t = tc0 + m / G), over the n
- * slots the chunk's scores cover: batch slots t may not see (the mask, or causal order) set to -inf, then
- * row[j] = exp(row[j] - max) unnormalised, and inv[m] = 1 / sum (0 when nothing is visible). */
-static void softmax_row(const fwd_ctx *c, float *row, float *inv, int64_t t, int64_t n) {
-    const int64_t T = c->b->n_tokens, P = c->ses->n_past;
+/* The slots token t's scores cover in the chunk of tokens ending before te: its sequence's cached slots and the batch
+ * slots of its run up to the chunk's end (all of the run with a mask). */
+static inline int64_t run_keys(const fwd_ctx *c, const sp_run *r, int64_t te) {
+    return c->b->mask ? r->P + r->n : r->P + SP_MIN(te, r->t0 + r->n) - r->t0;
+}
+
+/* Softmax of a query row of token t (of run r) over the n slots the chunk's scores cover: batch slots t may not see
+ * (the mask, or causal order) set to -inf, then row[j] = exp(row[j] - max) unnormalised, and inv = 1 / sum (0 when
+ * nothing is visible). */
+static void softmax_row(const fwd_ctx *c, float *row, float *inv, const sp_run *r, int64_t t, int64_t n) {
+    const int64_t T = c->b->n_tokens, P = r->P;
     if (c->b->mask) {
+        const uint8_t *m = c->b->mask + t * T + r->t0; /* token t's row from its run's first token */
         for (int64_t j = P; j < n; j++)
-            if (!c->b->mask[t * T + (j - P)]) row[j] = -INFINITY;
+            if (!m[j - P]) row[j] = -INFINITY;
     } else {
-        for (int64_t j = P + t + 1; j < n; j++) row[j] = -INFINITY;
+        for (int64_t j = P + (t - r->t0) + 1; j < n; j++) row[j] = -INFINITY;
     }
     bool bad = false;
     float mx = c->k->max_f32(row, n, &bad);
@@ -100,40 +107,51 @@ static void softmax_row(const fwd_ctx *c, float *row, float *inv, int64_t t, int
     *inv = sum > 0 ? 1.0f / sum : 0.0f;
 }
 
-/* Grouped-query attention of the batch, in chunks of TQ = attn_tq tokens (the scores scratch holds one chunk). For
- * kv head g its M = nt * G queries (the chunk's tokens x the group's heads, rows of qg) meet the cache in three
- * steps, each split over the threads:
- *   1. scores, by (kv head, key block) units: each thread's share of a head's key blocks is one kernel call, so
- *      every key is read once for all M queries (token t sees cache slots [0, P) and the batch slots the mask, or
- *      causal order, allows; the chunk's rows cover [0, n));
+/* Grouped-query attention of the batch, in chunks of TQ = attn_tq tokens (the scores scratch holds one chunk). Each
+ * run of the batch (one sequence: scratch runs) meets its own sequence's cache. For kv head g a run's queries in the
+ * chunk (its tokens x the group's heads, rows of qg) meet the cache in three steps, each split over the threads:
+ *   1. scores, by (run, kv head, key block) units: each thread's share of a head's key blocks is one kernel call, so
+ *      every key is read once for all the run's queries (token t sees its sequence's cached slots [0, P) and the
+ *      batch slots of its run that the mask, or causal order, allows);
  *   2. each query row's softmax, unnormalised (softmax_row);
  *   3. out = inv * sum_j e_j v_j by (kv head, token, slice of D) units, the group's G heads together.
  * When step 3 gives each (kv head, token) a thread of its own, that thread also runs step 2 for its rows (no
- * barrier between). Each element of a score or an output is computed alike whatever T, the chunk or the split
- * (kernels.h), so a token's attention is the same in a draft tree as decoded alone. */
+ * barrier between). Each element of a score or an output is computed alike whatever T, the chunk, the split or the
+ * other sequences in the batch (kernels.h), so a token's attention is the same in a draft tree or a batch of
+ * sequences as decoded alone. */
 static void attention(const fwd_ctx *c, int il, int ith, int nth) {
     const sp_session *ses = c->ses;
     const sp_hparams *hp = &ses->model->hp;
-    const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, D = hp->head_dim;
+    const sp_scratch *s = &ses->s;
+    const int64_t T = c->b->n_tokens, C = ses->params.n_ctx, D = hp->head_dim;
     const int64_t NH = hp->n_head, NKV = hp->n_head_kv, G = NH / NKV, QD = NH * D, KVD = NKV * D;
-    const int64_t S = C + ses->params.n_batch, TQ = ses->attn_tq, CB = (C + SP_KBLK - 1) / SP_KBLK;
+    const int64_t S = C + ses->params.n_batch, TQ = ses->attn_tq, CB = sp_kcache_blocks(ses);
+    const int64_t CBT = ses->params.n_seq * CB; /* key blocks per kv head, all sequences */
     const float scale = 1.0f / sqrtf((float)D);
-    const sp_f16 *kc = (const sp_f16 *)ses->k_cache + sp_kcache_at(ses, il, 0, 0, 0); /* [NKV, CB, D, 16] */
-    const sp_f16 *vc = (const sp_f16 *)ses->v_cache + (int64_t)il * C * KVD;          /* [C, KVD] */
-    float *sc = ses->s.scores, *inv = ses->s.scores + NH * TQ * S; /* [NKV, TQ*G, S], [NKV, TQ*G] */
+    const sp_f16 *kc = (const sp_f16 *)ses->k_cache + sp_kcache_at(ses, il, 0, 0, 0, 0); /* [NKV, CBT, D, 16] */
+    const sp_f16 *vc = (const sp_f16 *)ses->v_cache + sp_vcache_row(ses, il, 0, 0) * KVD; /* [n_seq * C, KVD] */
+    float *sc = s->scores, *inv = s->scores + NH * TQ * S; /* [NKV, TQ*G, S], [NKV, TQ*G] */
     for (int64_t tc0 = 0; tc0 < T; tc0 += TQ) {
-        const int64_t nt = SP_MIN(TQ, T - tc0), M = nt * G;
-        const int64_t n = c->b->mask ? P + T : P + tc0 + nt;
-        /* 1. scores */
-        const int64_t nblk = (n + SP_KBLK - 1) / SP_KBLK;
-        int64_t u0, u1;
-        sp_split(NKV * nblk, ith, nth, &u0, &u1);
-        for (int64_t u = u0; u < u1;) {
-            const int64_t g = u / nblk, b0 = u % nblk, b1 = SP_MIN(nblk, b0 + (u1 - u));
-            const int64_t j0 = b0 * SP_KBLK, j1 = SP_MIN(n, b1 * SP_KBLK);
-            c->k->attn_scores_f16(ses->s.qg + (g * T * G + tc0 * G) * D, D, M, kc + (g * CB + b0) * SP_KBLK * D,
-                                  j1 - j0, D, scale, sc + g * TQ * G * S + j0, S);
-            u += b1 - b0;
+        const int64_t nt = SP_MIN(TQ, T - tc0), M = nt * G, te = tc0 + nt;
+        /* 1. scores: the units of each run overlapping the chunk, in order */
+        const int32_t r_first = s->trun[tc0], r_last = s->trun[te - 1];
+        int64_t n_units = 0;
+        for (int32_t ri = r_first; ri <= r_last; ri++) n_units += NKV * ((run_keys(c, &s->runs[ri], te) + 15) / 16);
+        int64_t u0, u1, base = 0;
+        sp_split(n_units, ith, nth, &u0, &u1);
+        for (int32_t ri = r_first; ri <= r_last && base < u1; ri++) {
+            const sp_run *r = &s->runs[ri];
+            const int64_t n = run_keys(c, r, te), nblk = (n + SP_KBLK - 1) / SP_KBLK;
+            const int64_t ts = SP_MAX(tc0, r->t0), mr = (SP_MIN(te, r->t0 + r->n) - ts) * G; /* the run's rows */
+            for (int64_t u = SP_MAX(u0, base) - base, ue = SP_MIN(u1, base + NKV * nblk) - base; u < ue;) {
+                const int64_t g = u / nblk, b0 = u % nblk, b1 = SP_MIN(nblk, b0 + (ue - u));
+                const int64_t j0 = b0 * SP_KBLK, j1 = SP_MIN(n, b1 * SP_KBLK);
+                c->k->attn_scores_f16(s->qg + (g * T * G + ts * G) * D, D, mr,
+                                      kc + (g * CBT + r->seq * CB + b0) * SP_KBLK * D, j1 - j0, D, scale,
+                                      sc + (g * TQ * G + (ts - tc0) * G) * S + j0, S);
+                u += b1 - b0;
+            }
+            base += NKV * nblk;
         }
         sp_pool_barrier(ses->pool);
         /* 2. and 3. */
@@ -144,21 +162,26 @@ static void attention(const fwd_ctx *c, int il, int ith, int nth) {
         if (nsplit > 1) {
             int64_t r0, r1;
             sp_split(NKV * M, ith, nth, &r0, &r1);
-            for (int64_t r = r0; r < r1; r++)
-                softmax_row(c, sc + (r / M * TQ * G + r % M) * S, inv + r / M * TQ * G + r % M, tc0 + r % M / G, n);
+            for (int64_t q = r0; q < r1; q++) {
+                const int64_t t = tc0 + q % M / G;
+                const sp_run *r = &s->runs[s->trun[t]];
+                softmax_row(c, sc + (q / M * TQ * G + q % M) * S, inv + q / M * TQ * G + q % M, r, t,
+                            run_keys(c, r, te));
+            }
             sp_pool_barrier(ses->pool);
         }
         sp_split(pairs * nsplit, ith, nth, &u0, &u1);
         for (int64_t u = u0; u < u1; u++) {
             const int64_t g = u / (nt * nsplit), tl = u / nsplit % nt, t = tc0 + tl, d0 = u % nsplit * w;
             if (d0 >= D) continue;
-            const int64_t d1 = SP_MIN(D, d0 + w), nv = c->b->mask ? P + T : P + t + 1;
+            const sp_run *r = &s->runs[s->trun[t]];
+            const int64_t d1 = SP_MIN(D, d0 + w), nv = c->b->mask ? r->P + r->n : r->P + (t - r->t0) + 1;
             float *rows = sc + (g * TQ * G + tl * G) * S, *ri = inv + g * TQ * G + tl * G;
             if (nsplit == 1)
-                for (int64_t h = 0; h < G; h++) softmax_row(c, rows + h * S, ri + h, t, n);
-            float *out = ses->s.attn + t * QD + g * G * D + d0; /* the G heads' rows, D apart */
+                for (int64_t h = 0; h < G; h++) softmax_row(c, rows + h * S, ri + h, r, t, run_keys(c, r, te));
+            float *out = s->attn + t * QD + g * G * D + d0; /* the G heads' rows, D apart */
             for (int64_t h = 0; h < G; h++) memset(out + h * D, 0, (size_t)(d1 - d0) * sizeof *out);
-            c->k->attn_sum_f16(out, D, rows, S, G, vc + g * D + d0, KVD, nv, d1 - d0);
+            c->k->attn_sum_f16(out, D, rows, S, G, vc + (int64_t)r->seq * C * KVD + g * D + d0, KVD, nv, d1 - d0);
             for (int64_t h = 0; h < G; h++)
                 for (int64_t i = 0; i < d1 - d0; i++) out[h * D + i] *= ri[h];
         }
@@ -172,10 +195,9 @@ static void attention_gqa(const fwd_ctx *c, const sp_layer *l, int il, int ith, 
     sp_session *ses = c->ses;
     const sp_hparams *hp = &ses->model->hp;
     sp_scratch *s = &ses->s;
-    const int64_t T = c->b->n_tokens, P = ses->n_past, C = ses->params.n_ctx, KVD = hp->kv_k_dim;
+    const int64_t T = c->b->n_tokens, KVD = hp->kv_k_dim;
     const int64_t D = hp->head_dim, NKV = hp->n_head_kv, G = hp->n_head / NKV, QD = hp->n_head * D;
-    sp_f16 *kc = ses->k_cache;
-    sp_f16 *v_slots = (sp_f16 *)ses->v_cache + ((int64_t)il * C + P) * KVD; /* [T, KVD] this batch's cache slots */
+    sp_f16 *kc = ses->k_cache, *vc = ses->v_cache;
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
     sp_fwd_matmul_rows(c, s->q, QD, &l->wq, s->xn, T, ith, nth);
@@ -187,6 +209,8 @@ static void attention_gqa(const fwd_ctx *c, const sp_layer *l, int il, int ith, 
     sp_fwd_rope_rows(c, s->q, QD, T, hp->n_head, D, 0, ith, nth);
     sp_fwd_rope_rows(c, s->k, KVD, T, hp->n_head_kv, D, 0, ith, nth);
     for (int64_t t = t0; t < t1; t++) { /* the same tokens sp_fwd_rope_rows gave this thread */
+        const sp_run *r = &s->runs[s->trun[t]];
+        const int64_t slot = r->P + (t - r->t0); /* the token's cache slot in its sequence */
         for (int64_t g = 0; g < NKV; g++) {
             float *qg = s->qg + (g * T * G + t * G) * D;
             memcpy(qg, s->q + t * QD + g * G * D, (size_t)(G * D) * sizeof *qg);
@@ -196,9 +220,10 @@ static void attention_gqa(const fwd_ctx *c, const sp_layer *l, int il, int ith, 
         for (int64_t i0 = 0; i0 < KVD; i0 += 64) {
             const int64_t ni = SP_MIN(64, KVD - i0);
             c->k->f32_to_f16(h, s->k + t * KVD + i0, ni);
-            for (int64_t i = 0; i < ni; i++) kc[sp_kcache_at(ses, il, (i0 + i) / D, P + t, (i0 + i) % D)] = h[i];
+            for (int64_t i = 0; i < ni; i++)
+                kc[sp_kcache_at(ses, il, (i0 + i) / D, r->seq, slot, (i0 + i) % D)] = h[i];
         }
-        c->k->f32_to_f16(v_slots + t * KVD, s->v + t * KVD, KVD);
+        c->k->f32_to_f16(vc + sp_vcache_row(ses, il, r->seq, slot) * KVD, s->v + t * KVD, KVD);
     }
     sp_pool_barrier(ses->pool);
     attention(c, il, ith, nth); /* softmax(q k^T / sqrt(D) + mask) v over cached and batch slots */
@@ -252,7 +277,7 @@ static void forward_worker(void *ctx, int ith, int nth) {
     const sp_batch *b = c->b;
     sp_scratch *s = &ses->s;
     sp_pool *pool = ses->pool;
-    const int64_t T = b->n_tokens, H = hp->n_embd, P = ses->n_past;
+    const int64_t T = b->n_tokens, H = hp->n_embd;
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
     sp_timings *tm = ith == 0 ? &ses->times : NULL; /* thread 0 times the phases, each ending at a barrier */
@@ -265,7 +290,7 @@ static void forward_worker(void *ctx, int ith, int nth) {
         sp_dequantize_row(m->tok_embd.type, row, s->x + t * H, H);
         if (hp->embed_scale != 1.0f)
             for (int64_t i = 0; i < H; i++) s->x[t * H + i] *= hp->embed_scale;
-        float theta = (float)(b->pos ? b->pos[t] : P + t);
+        float theta = (float)s->tpos[t];
         for (int i = 0; i < hp->n_rot; i += 2) {
             s->rope_cs[t * hp->n_rot + i] = cosf(theta);
             s->rope_cs[t * hp->n_rot + i + 1] = sinf(theta);
@@ -302,9 +327,19 @@ static void forward_worker(void *ctx, int ith, int nth) {
 
     /* 7. final norm and LM head for the rows asked for */
     if (b->logits) {
-        const int64_t first = b->logits_last_only ? T - 1 : 0, n_out = T - first;
-        sp_fwd_rmsnorm_quant_rows(c, s->xn, s->x + first * H, m->out_norm, hp->logit_scale, n_out, H, c->q8, ith,
-                                  nth);
+        /* all rows, or the last token of each run (one run without sequence ids): gathered into tmp when several */
+        const int64_t R = s->n_runs, first = b->logits_last_only ? T - 1 : 0;
+        const int64_t n_out = b->logits_last_only ? R : T;
+        const float *xin = s->x + first * H;
+        if (b->logits_last_only && R > 1) {
+            int64_t r0, r1;
+            sp_split(R, ith, nth, &r0, &r1);
+            for (int64_t i = r0; i < r1; i++)
+                memcpy(s->tmp + i * H, s->x + (int64_t)(s->runs[i].t0 + s->runs[i].n - 1) * H, (size_t)H * sizeof *s->tmp);
+            sp_pool_barrier(pool);
+            xin = s->tmp;
+        }
+        sp_fwd_rmsnorm_quant_rows(c, s->xn, xin, m->out_norm, hp->logit_scale, n_out, H, c->q8, ith, nth);
         sp_pool_barrier(pool);
         sp_fwd_matmul_rows(c, b->logits, hp->n_vocab, &m->output, s->xn, n_out, ith, nth);
         sp_pool_barrier(pool); /* so thread 0's clock sees the whole head; sp_pool_run waits for all threads anyway */

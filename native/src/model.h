@@ -102,8 +102,17 @@ struct sp_model {
     size_t packed_bytes;
 };
 
+/* A run of a batch: its tokens [t0, t0 + n) all belong to sequence seq, which held P cached slots before the pass. */
+typedef struct sp_run {
+    int32_t t0, n, seq, P;
+} sp_run;
+
 /* Scratch for one forward pass of up to B = n_batch tokens; allocated once per session. */
 typedef struct sp_scratch {
+    sp_run *runs;    /* [B] the batch's runs of one sequence each, in batch order (session.c fills them) */
+    int32_t n_runs;
+    int32_t *trun;   /* [B] each token's run */
+    int32_t *tpos;   /* [B] each token's position (sp_batch.pos, or its sequence's n_past + its index in the run) */
     float *x;        /* [B, H] residual stream */
     float *xn;       /* [B, H] normalised input of a block */
     float *q;        /* [B, NH*D] (MLA: [B, NH*(DN+DR)]) */
@@ -162,10 +171,10 @@ typedef struct sp_synth_routing {
 struct sp_session {
     const sp_model *model;
     sp_session_params params;
-    int32_t n_past;
-    void *k_cache;   /* GQA: F16 keys after RoPE, [L, NKV, CB, D, SP_KBLK] (sp_kcache_at); MLA: [L, C, KL] the latent c in
-                      * params.kv_type */
-    void *v_cache;   /* [L, C, kv_v_dim] values (MLA: the rotated rope key k_pe), likewise */
+    int32_t *past;   /* [n_seq] cached tokens of each sequence (sp_session_n_past: past[0]) */
+    void *k_cache;   /* GQA: F16 keys after RoPE, [L, NKV, n_seq * CB, D, SP_KBLK] (sp_kcache_at); MLA: [L, C, KL] the
+                      * latent c in params.kv_type */
+    void *v_cache;   /* [L, n_seq * C, kv_v_dim] values (MLA: the rotated rope key k_pe), likewise (sp_vcache_row) */
     size_t kv_elem;  /* bytes per cache value: 2 (F16) or 4 (F32) */
     int32_t attn_tq; /* GQA: tokens per attention chunk (the scores scratch holds one chunk) */
     sp_scratch s;
@@ -178,18 +187,31 @@ struct sp_session {
     uint64_t n_changes; /* calls of sp_eval / truncate / keep so far (written by the claiming thread) */
 };
 
-/* The GQA key cache: per layer and kv head, the C slots padded to CB = ceil(C / SP_KBLK) blocks of SP_KBLK slots,
- * each block [D][SP_KBLK] (kernels.h attn_scores_f16). The element index of (layer il, kv head g, slot j, dim d). */
-static inline size_t sp_kcache_at(const sp_session *ses, int64_t il, int64_t g, int64_t j, int64_t d) {
-    const int64_t NKV = ses->model->hp.n_head_kv, D = ses->model->hp.head_dim;
-    const int64_t CB = ((int64_t)ses->params.n_ctx + SP_KBLK - 1) / SP_KBLK;
-    return (size_t)((((il * NKV + g) * CB + j / SP_KBLK) * D + d) * SP_KBLK + j % SP_KBLK);
+/* The GQA key cache: per layer and kv head, each sequence's C slots padded to CB = ceil(C / SP_KBLK) blocks of SP_KBLK
+ * slots (sequence s owns blocks s*CB .. s*CB + CB - 1), each block [D][SP_KBLK] (kernels.h attn_scores_f16). The
+ * element index of (layer il, kv head g, slot j of sequence seq, dim d). */
+static inline int64_t sp_kcache_blocks(const sp_session *ses) { /* CB */
+    return ((int64_t)ses->params.n_ctx + SP_KBLK - 1) / SP_KBLK;
+}
+static inline size_t sp_kcache_at(const sp_session *ses, int64_t il, int64_t g, int64_t seq, int64_t j, int64_t d) {
+    const int64_t NKV = ses->model->hp.n_head_kv, D = ses->model->hp.head_dim, CB = sp_kcache_blocks(ses);
+    return (size_t)((((il * NKV + g) * ses->params.n_seq * CB + seq * CB + j / SP_KBLK) * D + d) * SP_KBLK +
+                    j % SP_KBLK);
+}
+/* The value cache row (in values of kv_v_dim) of (layer il, slot j of sequence seq). */
+static inline size_t sp_vcache_row(const sp_session *ses, int64_t il, int64_t seq, int64_t j) {
+    const int64_t C = ses->params.n_ctx;
+    return (size_t)((il * ses->params.n_seq + seq) * C + j);
 }
 
 /* Expert weight bytes the session's passes have read so far, all layers (0 for a model without sparse experts). */
 double sp_session_expert_bytes(const sp_session *ses);
 
-/* Forward pass over one batch (validated by the caller). Never allocates. */
+/* Split batch b into scratch runs (one sequence each), with their tokens' run indices; checks the sequence ids and
+ * that each run fits its sequence's context. Fills neither tpos nor anything else. */
+sp_status sp_session_plan_runs(sp_session *ses, const sp_batch *b);
+
+/* Forward pass over one batch (validated by the caller, runs and tpos filled). Never allocates. */
 void sp_forward(sp_session *ses, const sp_batch *batch);
 
 #endif

@@ -12,16 +12,20 @@ struct sp_ffn_task { int32_t e, n, tok; }; /* see ffn_blockffn.c; only its size 
 
 sp_session_params sp_session_default_params(void) {
     sp_session_params p = {.n_ctx = 2048, .n_batch = 64, .n_threads = sp_physical_cores(), .ffn_mode = SP_FFN_AUTO,
-                           .kv_type = SP_KV_F16};
+                           .kv_type = SP_KV_F16, .n_seq = 1};
     return p;
 }
 
 void sp_session_free(sp_session *ses) {
     if (!ses) return;
     sp_pool_free(ses->pool);
+    free(ses->past);
     free(ses->k_cache);
     free(ses->v_cache);
     sp_scratch *s = &ses->s;
+    free(s->runs);
+    free(s->trun);
+    free(s->tpos);
     free(s->x);
     free(s->xn);
     free(s->q);
@@ -85,7 +89,7 @@ static void *take(sp_sizer *z, uint64_t n) {
  * Not counted: the thread pool's bookkeeping (a few hundred bytes) and its workers' stacks (reserved by the OS). */
 static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, const sp_session_params *p) {
     const sp_hparams *hp = &m->hp;
-    const uint64_t L = (uint64_t)hp->n_layer, C = (uint64_t)p->n_ctx, B = (uint64_t)p->n_batch;
+    const uint64_t L = (uint64_t)hp->n_layer, C = (uint64_t)p->n_ctx, B = (uint64_t)p->n_batch, NS = (uint64_t)p->n_seq;
     const uint64_t H = (uint64_t)hp->n_embd, F = (uint64_t)hp->n_ff;
     const bool mla = m->attn == SP_ATTN_MLA;
     const uint64_t NH = (uint64_t)hp->n_head, KVD = (uint64_t)hp->n_head_kv * hp->head_dim;
@@ -96,14 +100,18 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
     /* q8a activation rows: the widest matmul input (MLA: also every head's nope query and latent sum at once) */
     const uint64_t K_MAX = SP_MAX(SP_MAX(SP_MAX(H, F), SP_MAX(QD, OD)), SP_MAX(QL, SP_MAX(NH * DN, NH * KL)));
     z->bytes += sizeof *ses; /* the session record itself */
+    ses->past = take(z, NS); /* int32 */
     const uint64_t before_kv = z->bytes;
     const uint64_t per_float = p->kv_type == SP_KV_F32 ? 1 : 2; /* cache values per float of take() */
     ses->kv_elem = sizeof(float) / per_float;
     const uint64_t CK = mla ? C : (C + SP_KBLK - 1) / SP_KBLK * SP_KBLK; /* GQA keys: whole blocks (sp_kcache_at) */
-    ses->k_cache = take(z, (L * CK * (uint64_t)hp->kv_k_dim + per_float - 1) / per_float);
-    ses->v_cache = hp->kv_v_dim ? take(z, (L * C * (uint64_t)hp->kv_v_dim + per_float - 1) / per_float) : NULL;
+    ses->k_cache = take(z, (L * NS * CK * (uint64_t)hp->kv_k_dim + per_float - 1) / per_float);
+    ses->v_cache = hp->kv_v_dim ? take(z, (L * NS * C * (uint64_t)hp->kv_v_dim + per_float - 1) / per_float) : NULL;
     z->kv_bytes = z->bytes - before_kv;
     sp_scratch *s = &ses->s;
+    s->runs = take(z, B * (sizeof(sp_run) / sizeof(float)));
+    s->trun = take(z, B); /* int32 */
+    s->tpos = take(z, B); /* int32 */
     s->x = take(z, B * H);
     s->xn = take(z, B * H);
     s->q = take(z, B * QD);
@@ -165,6 +173,11 @@ static sp_status check_params(const sp_model *m, sp_session_params *p) {
     if (p->kv_type == SP_KV_F32 && m->attn != SP_ATTN_MLA)
         return sp_fail(SP_ERR_UNSUPPORTED, "an F32 KV cache is implemented for multi-head latent attention only; this "
                        "model's attention is grouped-query (use the default F16 cache)");
+    if (p->n_seq < 1 || p->n_seq > 256)
+        return sp_fail(SP_ERR_INVALID_ARG, "n_seq must be 1..256, got %d", p->n_seq);
+    if (p->n_seq > 1 && m->attn == SP_ATTN_MLA)
+        return sp_fail(SP_ERR_UNSUPPORTED, "multi-sequence sessions (n_seq %d) are implemented for grouped-query "
+                       "attention only; this model uses multi-head latent attention", p->n_seq);
     if (p->ffn_mode < SP_FFN_AUTO || p->ffn_mode > SP_FFN_SPARSE_CHUNK)
         return sp_fail(SP_ERR_INVALID_ARG,
                        "ffn_mode must be one of SP_FFN_AUTO/DENSE/SPARSE_TOKEN/SPARSE_CHUNK, got %d", (int)p->ffn_mode);
@@ -244,9 +257,8 @@ static sp_status eval_checked(sp_session *ses, const sp_batch *b) {
     if (T < 1 || T > ses->params.n_batch)
         return sp_fail(SP_ERR_INVALID_ARG, "n_tokens must be 1..n_batch (%d), got %d", ses->params.n_batch, T);
     if (!b->tokens) return sp_fail(SP_ERR_INVALID_ARG, "sp_eval: tokens is NULL");
-    if (ses->n_past + T > ses->params.n_ctx)
-        return sp_fail(SP_ERR_CONTEXT_FULL, "the context is full: %d cached + %d new tokens > n_ctx %d", ses->n_past, T,
-                       ses->params.n_ctx);
+    sp_status st = sp_session_plan_runs(ses, b);
+    if (st != SP_OK) return st;
     for (int32_t t = 0; t < T; t++) {
         if (b->tokens[t] < 0 || b->tokens[t] >= hp->n_vocab)
             return sp_fail(SP_ERR_INVALID_ARG, "token %d at index %d is outside the vocabulary [0, %d)", b->tokens[t],
@@ -254,8 +266,44 @@ static sp_status eval_checked(sp_session *ses, const sp_batch *b) {
         if (b->pos && (b->pos[t] < 0 || b->pos[t] > (1 << 24)))
             return sp_fail(SP_ERR_INVALID_ARG, "position %d at index %d is out of range", b->pos[t], t);
     }
+    const sp_scratch *s = &ses->s;
+    for (int32_t t = 0; t < T; t++) {
+        const sp_run *r = &s->runs[s->trun[t]];
+        s->tpos[t] = b->pos ? b->pos[t] : r->P + (t - r->t0);
+    }
     sp_forward(ses, b);
-    ses->n_past += T;
+    for (int32_t i = 0; i < s->n_runs; i++) ses->past[s->runs[i].seq] += s->runs[i].n;
+    return SP_OK;
+}
+
+sp_status sp_session_plan_runs(sp_session *ses, const sp_batch *b) {
+    sp_scratch *s = &ses->s;
+    const int32_t T = b->n_tokens, NS = ses->params.n_seq;
+    s->n_runs = 0;
+    for (int32_t t = 0; t < T; t++) {
+        const int32_t seq = b->seq ? b->seq[t] : 0;
+        if (seq < 0 || seq >= NS)
+            return sp_fail(SP_ERR_INVALID_ARG, "sequence id %d at index %d is outside [0, n_seq %d)", seq, t, NS);
+        if (t == 0 || seq != s->runs[s->n_runs - 1].seq) {
+            for (int32_t i = 0; i < s->n_runs; i++)
+                if (s->runs[i].seq == seq)
+                    return sp_fail(SP_ERR_INVALID_ARG, "sequence %d appears in two runs of the batch (index %d): a "
+                                   "sequence's tokens must be contiguous", seq, t);
+            s->runs[s->n_runs++] = (sp_run){.t0 = t, .n = 0, .seq = seq, .P = ses->past[seq]};
+        }
+        s->runs[s->n_runs - 1].n++;
+        s->trun[t] = s->n_runs - 1;
+    }
+    for (int32_t i = 0; i < s->n_runs; i++) {
+        const sp_run *r = &s->runs[i];
+        if (r->P + r->n > ses->params.n_ctx) {
+            if (NS == 1)
+                return sp_fail(SP_ERR_CONTEXT_FULL, "the context is full: %d cached + %d new tokens > n_ctx %d", r->P,
+                               r->n, ses->params.n_ctx);
+            return sp_fail(SP_ERR_CONTEXT_FULL, "sequence %d's context is full: %d cached + %d new tokens > n_ctx %d",
+                           r->seq, r->P, r->n, ses->params.n_ctx);
+        }
+    }
     return SP_OK;
 }
 
@@ -266,30 +314,44 @@ sp_status sp_eval(sp_session *ses, const sp_batch *b) {
     return st != SP_OK ? st : leave(ses, eval_checked(ses, b));
 }
 
-int32_t sp_session_n_past(const sp_session *ses) { return ses ? ses->n_past : 0; }
+int32_t sp_session_n_past(const sp_session *ses) { return ses ? ses->past[0] : 0; }
+int32_t sp_session_seq_n_past(const sp_session *ses, int32_t seq) {
+    return ses && seq >= 0 && seq < ses->params.n_seq ? ses->past[seq] : -1;
+}
 int32_t sp_session_n_ctx(const sp_session *ses) { return ses ? ses->params.n_ctx : 0; }
 
-sp_status sp_session_truncate(sp_session *ses, int32_t n) {
+static sp_status check_seq(const sp_session *ses, int32_t seq, const char *what) {
+    if (seq < 0 || seq >= ses->params.n_seq)
+        return sp_fail(SP_ERR_INVALID_ARG, "%s: sequence %d is outside [0, n_seq %d)", what, seq, ses->params.n_seq);
+    return SP_OK;
+}
+
+sp_status sp_session_seq_truncate(sp_session *ses, int32_t seq, int32_t n) {
     sp_clear_error();
     if (!ses) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_truncate: session is NULL");
-    sp_status st = enter(ses, "sp_session_truncate");
+    sp_status st = check_seq(ses, seq, "sp_session_truncate");
     if (st != SP_OK) return st;
-    if (n < 0 || n > ses->n_past)
-        return leave(ses, sp_fail(SP_ERR_INVALID_ARG, "truncate to %d tokens: must be 0..n_past (%d)", n, ses->n_past));
-    ses->n_past = n;
+    st = enter(ses, "sp_session_truncate");
+    if (st != SP_OK) return st;
+    if (n < 0 || n > ses->past[seq])
+        return leave(ses, sp_fail(SP_ERR_INVALID_ARG, "truncate to %d tokens: must be 0..n_past (%d)", n,
+                                  ses->past[seq]));
+    ses->past[seq] = n;
     return leave(ses, SP_OK);
 }
 
+sp_status sp_session_truncate(sp_session *ses, int32_t n) { return sp_session_seq_truncate(ses, 0, n); }
+
 /* sp_session_keep with the session claimed by this thread. */
-static sp_status keep_checked(sp_session *ses, const int32_t *idx, int32_t n) {
-    if (n < 0 || n > ses->n_past) return sp_fail(SP_ERR_INVALID_ARG, "keep %d slots: must be 0..n_past (%d)", n, ses->n_past);
+static sp_status keep_checked(sp_session *ses, int32_t seq, const int32_t *idx, int32_t n) {
+    const int32_t P = ses->past[seq];
+    if (n < 0 || n > P) return sp_fail(SP_ERR_INVALID_ARG, "keep %d slots: must be 0..n_past (%d)", n, P);
     for (int32_t i = 0; i < n; i++)
-        if (idx[i] < 0 || idx[i] >= ses->n_past || (i > 0 && idx[i] <= idx[i - 1]))
-            return sp_fail(SP_ERR_INVALID_ARG, "keep: slot indices must be strictly increasing and < n_past (%d)",
-                           ses->n_past);
+        if (idx[i] < 0 || idx[i] >= P || (i > 0 && idx[i] <= idx[i - 1]))
+            return sp_fail(SP_ERR_INVALID_ARG, "keep: slot indices must be strictly increasing and < n_past (%d)", P);
     const sp_hparams *hp = &ses->model->hp;
     const size_t KD = (size_t)hp->kv_k_dim * ses->kv_elem, VD = (size_t)hp->kv_v_dim * ses->kv_elem; /* row bytes */
-    const size_t C = (size_t)ses->params.n_ctx;
+    const size_t C = (size_t)ses->params.n_ctx; /* MLA (one sequence): rows il * C + slot */
     const bool blocked = ses->model->attn == SP_ATTN_GQA; /* GQA keys in blocks of slots (sp_kcache_at) */
     uint8_t *kc = ses->k_cache, *vc = ses->v_cache;
     sp_f16 *kh = ses->k_cache;
@@ -300,20 +362,27 @@ static sp_status keep_checked(sp_session *ses, const int32_t *idx, int32_t n) {
             if (blocked)
                 for (int64_t g = 0; g < hp->n_head_kv; g++)
                     for (int64_t d = 0; d < hp->head_dim; d++)
-                        kh[sp_kcache_at(ses, (int64_t)il, g, i, d)] = kh[sp_kcache_at(ses, (int64_t)il, g, idx[i], d)];
+                        kh[sp_kcache_at(ses, (int64_t)il, g, seq, i, d)] =
+                            kh[sp_kcache_at(ses, (int64_t)il, g, seq, idx[i], d)];
             else memcpy(kc + (il * C + (size_t)i) * KD, kc + (il * C + (size_t)idx[i]) * KD, KD);
-            if (VD) memcpy(vc + (il * C + (size_t)i) * VD, vc + (il * C + (size_t)idx[i]) * VD, VD);
+            if (VD)
+                memcpy(vc + sp_vcache_row(ses, (int64_t)il, seq, i) * VD,
+                       vc + sp_vcache_row(ses, (int64_t)il, seq, idx[i]) * VD, VD);
         }
-    ses->n_past = n;
+    ses->past[seq] = n;
     return SP_OK;
 }
 
-sp_status sp_session_keep(sp_session *ses, const int32_t *idx, int32_t n) {
+sp_status sp_session_seq_keep(sp_session *ses, int32_t seq, const int32_t *idx, int32_t n) {
     sp_clear_error();
     if (!ses || (!idx && n)) return sp_fail(SP_ERR_INVALID_ARG, "sp_session_keep: NULL argument");
-    sp_status st = enter(ses, "sp_session_keep");
-    return st != SP_OK ? st : leave(ses, keep_checked(ses, idx, n));
+    sp_status st = check_seq(ses, seq, "sp_session_keep");
+    if (st != SP_OK) return st;
+    st = enter(ses, "sp_session_keep");
+    return st != SP_OK ? st : leave(ses, keep_checked(ses, seq, idx, n));
 }
+
+sp_status sp_session_keep(sp_session *ses, const int32_t *idx, int32_t n) { return sp_session_seq_keep(ses, 0, idx, n); }
 
 /* ---- phase timings ---- */
 

@@ -497,7 +497,7 @@ sp_status sp_testing_fill_cache(sp_session *ses, int32_t n, uint64_t seed) {
                 else ((float *)base)[i] = v;
             }
         }
-    ses->n_past = n;
+    ses->past[0] = n;
     return SP_OK;
 }
 

@@ -3,6 +3,8 @@ chat and one-shot generation.
 
     sparrow chat                          # pulls the default model if needed, then chats
     sparrow generate "Once upon a time" --json
+    sparrow batch requests.jsonl -o answers.jsonl
+    sparrow serve                         # an OpenAI-compatible server on 127.0.0.1:8080
     sparrow models pull|list|info|rm|default
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -468,3 +471,101 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
     finally:
         backend.close()
 
+
+
+# ---- batch ----
+
+def _batch_sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
+                    seed: int | None) -> tuple[SamplerParams, int]:
+    """The defaults each line's sampling starts from, and the run's seed (default 0: a batch job is repeatable)."""
+    params = SamplerParams.chat(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty)
+    return params, 0 if seed is None else seed
+
+
+@click.command()
+@click.argument("input_path", metavar="IN.jsonl", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="Where the answers go (JSON lines; appended to, so a run started again finishes the job).")
+@click.option("-m", "--model", help="A store name or a GGUF file (default: the default model).")
+@click.option("--parallel", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Requests decoded together in each forward pass.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_model_options
+def batch(input_path: str, output_path: str, model: str | None, parallel: int, quiet: bool, n_ctx: int,
+          threads: int | None, max_tokens: int | None, **sampling: Any) -> None:
+    """Answer every line of IN.jsonl into OUT.jsonl, several requests at a time.
+
+    Each line: {"id": ..., "prompt": "text"} or {"id": ..., "messages": [{"role": "user", "content": "..."}]}, with
+    optional per-line max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed and stop. Each answer:
+    {"id", "line", "text", "finish_reason", "usage"}; a bad line gets {"id", "line", "error"} and the run goes on.
+    Run the same command again after an interruption (even kill -9): it finishes what is missing and writes
+    nothing twice. Repeatable: a line without a seed samples with --seed (default 0) plus its line number.
+    --ctx is per request (prompt and answer together)."""
+    from tqdm import tqdm
+
+    from .batch_job import BatchFileError, Settings, read_done, run_batch, timed_progress
+    from .batching import Engine, open_native
+
+    if Path(output_path).resolve() == Path(input_path).resolve():
+        raise click.UsageError("the output file must not be the input file")
+    try:
+        read_done(Path(output_path))  # a damaged output fails before the model loads
+    except BatchFileError as e:
+        raise click.ClickException(str(e)) from None
+    params, seed = _batch_sampling(**sampling)
+    settings = Settings(max_tokens=max_tokens or GENERATE_MAX_TOKENS, params=params, seed=seed)
+    _name, m, n_threads = open_native(model, n_ctx=n_ctx, n_seq=parallel, threads=threads)
+    try:
+        with Engine(m, n_seq=parallel, n_ctx=n_ctx, n_batch=max(64, parallel), n_threads=n_threads) as engine, \
+                tqdm(unit="rec", disable=quiet, desc="batch", dynamic_ncols=True) as bar:
+            counts = run_batch(engine, Path(input_path), Path(output_path), settings=settings,
+                               progress=timed_progress(bar))
+    except BatchFileError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        m.close()
+    if not quiet:
+        click.echo(f"{counts['total']} lines: {counts['done_before']} already answered, {counts['ok']} answered now, "
+                   f"{counts['errors']} errors; {counts['tokens']} tokens generated", err=True)
+
+
+# ---- serve ----
+
+@click.command()
+@click.option("-m", "--model", help="A store name or a GGUF file (default: the default model).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes the model to the network: set --api-key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--api-key", envvar="SPARROW_API_KEY", help="Require 'Authorization: Bearer KEY' on every request "
+              "(default: $SPARROW_API_KEY; none: no key needed).")
+@click.option("--parallel", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Requests decoded together in each forward pass.")
+@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests that may wait beyond --parallel; more get HTTP 429.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="The most tokens a request may ask for.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: the model's tuned setting, else physical cores).")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=2048, show_default=True,
+              help="Context per request in tokens (prompt and answer together).")
+def serve(model: str | None, host: str, port: int, api_key: str | None, parallel: int, max_queue: int,
+          max_tokens: int, threads: int | None, n_ctx: int) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions (both with
+    "stream": true for server-sent events) and /v1/models. Concurrent requests are decoded together."""
+    from .batching import Engine, open_native
+    from .server import Limits
+    from .server import serve as run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        _warn(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
+    name, m, n_threads = open_native(model, n_ctx=n_ctx, n_seq=parallel, threads=threads)
+    try:
+        with Engine(m, n_seq=parallel, n_ctx=n_ctx, n_batch=max(64, parallel), n_threads=n_threads) as engine:
+            _warn(f"Serving {name} on http://{host}:{port}/v1 ({parallel} parallel, {n_threads} threads); Ctrl-C stops")
+            served = Path(name).name if Path(name).expanduser().is_file() else name  # a file: its name as the id
+            run_server(engine, served, host=host, port=port, api_key=api_key,
+                       limits=Limits(max_queue=max_queue, max_tokens=max_tokens,
+                                     default_max_tokens=min(512, max_tokens)))
+    finally:
+        m.close()

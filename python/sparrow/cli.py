@@ -1,6 +1,6 @@
 """The `sparrow` command: one group over the commands each package brings (an app; nothing below imports it).
 
-    sparrow chat | generate | models ...   sparrow.runtime.cli
+    sparrow chat | generate | batch | serve | models ...   sparrow.runtime.cli
     sparrow convert                        sparrow.converters.cli
     sparrow bench [--tune]                 sparrow.bench_device.cli
 """
@@ -15,7 +15,7 @@ from .bench_device.cli import bench
 from .converters.cli import convert_command
 from .runtime.backends import BackendError
 from .runtime.chat_template import ChatTemplateError
-from .runtime.cli import chat, generate, models
+from .runtime.cli import batch, chat, generate, models, serve
 from .runtime.native import SparrowError
 from .runtime.routing import ModelFormatError
 from .runtime.store import StoreError
@@ -42,7 +42,7 @@ def sparrow() -> None:
     """Sparrow: run language models on this machine's CPU."""
 
 
-for _command in (models, chat, generate, convert_command, bench):
+for _command in (models, chat, generate, batch, serve, convert_command, bench):
     sparrow.add_command(_command)
 
 

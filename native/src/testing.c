@@ -75,7 +75,7 @@ static sp_status pack_aligned(const sp_kernels *kt, sp_type ty, const void *w, s
 /* ---- kernel tiers, types, (de)quantization ---- */
 
 int32_t sp_testing_tiers(const char **names, int32_t capacity) {
-    static const char *const all[] = {"ref", "avx2", "avx512", "neon", "dotprod", "i8mm"};
+    static const char *const all[] = {"ref", "avx2", "avx512", "amx", "neon", "dotprod", "i8mm"};
     int32_t n = 0;
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         if (sp_kernels_for_tier(all[i]) && n < capacity) names[n++] = all[i];

@@ -6,7 +6,7 @@
  * E = experts, R = rows of an accumulated output, D = head dimension, ld = row stride of cached F16 rows.
  *
  * Conventions: every function that can fail returns a status with a message for sp_last_error(). Kernel hooks take a
- * tier by name ("ref", "avx2", "avx512", "neon"; one this CPU cannot run gives SP_ERR_UNSUPPORTED) and a weight type
+ * tier by name ("ref", "avx2", "avx512", "amx", "neon"; one this CPU cannot run gives SP_ERR_UNSUPPORTED) and a weight type
  * as its ggml id; weights W[N, K] are raw rows of that type, w_size bytes (checked against N x K). Matmul hooks take
  * float activations x[T, K] and quantize them to the tier's activation blocks themselves when the type needs it.
  */

@@ -2,12 +2,16 @@
  *
  * CPU features are detected once (cpuid + xgetbv: the OS must save the AVX / AVX-512 register state), each tier's
  * table is filled once (starting from "ref"; a SIMD file overwrites the entries it implements), and sp_kernels_get()
- * returns the best tier this CPU can run: on x86 avx512 (avx512f+bw+vl+vnni) > avx2 (avx2+fma+f16c) > ref; on
+ * returns the best tier this CPU can run: on x86 amx (avx512 + AMX-TILE/AMX-INT8, the OS enabling the tile state and
+ * granting it to this process: arch_prctl(ARCH_REQ_XCOMP_PERM), asked once here) > avx512 (avx512f+bw+vl+vnni) > avx2
+ * (avx2+fma+f16c) > ref; on
  * AArch64 (features from getauxval(AT_HWCAP / AT_HWCAP2), the same bits on Linux and Android) i8mm (Armv8.6 int8
  * matrix multiply) > dotprod (Armv8.2 SDOT/UDOT) > neon (Armv8.0 Advanced SIMD, every AArch64 CPU) > ref. Each ARM
  * tier starts from the one below it and overwrites what it does better.
  * SPARROW_FORCE_SCALAR=1 in the environment makes sp_kernels_get() return "ref" (sp_kernels_for_tier is unaffected,
- * so tests can still compare every tier).
+ * so tests can still compare every tier). SPARROW_KERNEL_TIER=<name> ("avx512", "amx", ...) makes it return that tier
+ * for the whole process (forward passes included) when this CPU can run it, and is ignored otherwise (sp_kernel_tier()
+ * says which tier runs); SPARROW_FORCE_SCALAR wins over it.
  */
 #include "tiers.h"
 
@@ -20,6 +24,13 @@
 #  include <cpuid.h>
 void sp_kernels_fill_avx2(sp_kernels *k);   /* x86/avx2.c */
 void sp_kernels_fill_avx512(sp_kernels *k); /* x86/avx512.c */
+#  if defined(SP_HAVE_AMX)
+void sp_kernels_fill_amx(sp_kernels *k); /* x86/amx.c: over the avx512 table */
+#  endif
+#  if defined(__linux__)
+#    include <sys/syscall.h>
+#    include <unistd.h>
+#  endif
 #endif
 #if defined(SP_HAVE_ARM)
 #  include <sys/auxv.h>
@@ -33,14 +44,17 @@ void sp_kernels_fill_i8mm(sp_kernels *k);    /* arm/i8mm.c */
 
 typedef struct cpu_features {
     bool avx, avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512dq, avx512vnni, avx512bf16;
+    bool amx_tile, amx_int8; /* the CPU has them and the OS saves the tile state (XCR0 bits 17-18) */
+    bool amx_granted;        /* Linux gave this process the tile data (ARCH_REQ_XCOMP_PERM) */
     bool neon, dotprod, i8mm;
 } cpu_features;
 
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static cpu_features g_cpu;
 static char g_feature_string[160];
-static sp_kernels g_ref, g_avx2, g_avx512, g_neon, g_dotprod, g_i8mm;
+static sp_kernels g_ref, g_avx2, g_avx512, g_amx, g_neon, g_dotprod, g_i8mm;
 static const sp_kernels *g_best;
+static const sp_kernels *table_of(const char *tier); /* the table of an available tier, or NULL */
 
 #if defined(SP_HAVE_X86)
 static uint64_t xgetbv0(void) {
@@ -67,8 +81,16 @@ static void detect_x86(cpu_features *f) {
     f->avx512bw = f->avx512f && ((b >> 30) & 1);
     f->avx512vl = f->avx512f && ((b >> 31) & 1);
     f->avx512vnni = f->avx512f && ((c >> 11) & 1);
+    const bool os_amx = (xcr0 & 0x60000) == 0x60000; /* XTILECFG + XTILEDATA */
+    f->amx_tile = os_amx && ((d >> 24) & 1);
+    f->amx_int8 = f->amx_tile && ((d >> 25) & 1);
     __cpuid_count(7, 1, a, b, c, d);
     f->avx512bf16 = f->avx512f && ((a >> 5) & 1);
+#  if defined(SP_HAVE_AMX) && defined(__linux__) && defined(SYS_arch_prctl)
+    /* Linux >= 5.16 enables the 8 KiB tile data per process on request: ARCH_REQ_XCOMP_PERM (0x1023) for
+     * XFEATURE_XTILEDATA (18); before that (or if refused) a tile instruction would fault, so no amx tier */
+    if (f->amx_int8) f->amx_granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#  endif
 }
 #endif
 
@@ -89,6 +111,9 @@ static bool tier_available(const char *tier) {
     if (!strcmp(tier, "avx512"))
         return f->avx512f && f->avx512bw && f->avx512vl && f->avx512dq && f->avx512vnni && f->avx2 && f->fma &&
                f->f16c;
+#  if defined(SP_HAVE_AMX)
+    if (!strcmp(tier, "amx")) return tier_available("avx512") && f->amx_tile && f->amx_int8 && f->amx_granted;
+#  endif
 #endif
 #if defined(SP_HAVE_ARM)
     if (!strcmp(tier, "neon")) return g_cpu.neon;
@@ -150,6 +175,8 @@ static void init_once(void) {
     append_feature("avx512dq", f->avx512dq);
     append_feature("avx512vnni", f->avx512vnni);
     append_feature("avx512bf16", f->avx512bf16);
+    append_feature("amx_tile", f->amx_tile);
+    append_feature("amx_int8", f->amx_int8);
     append_feature("neon", f->neon);
     append_feature("dotprod", f->dotprod);
     append_feature("i8mm", f->i8mm);
@@ -169,6 +196,14 @@ static void init_once(void) {
         sp_kernels_fill_avx512(&g_avx512);
         g_best = &g_avx512;
     }
+#  if defined(SP_HAVE_AMX)
+    if (tier_available("amx")) {
+        g_amx = g_avx512;
+        sp_kernels_fill_amx(&g_amx);
+        g_amx.tier = "amx";
+        g_best = &g_amx;
+    }
+#  endif
 #endif
 #if defined(SP_HAVE_ARM)
     if (tier_available("neon")) {
@@ -190,6 +225,8 @@ static void init_once(void) {
         g_best = &g_i8mm;
     }
 #endif
+    const char *tier = getenv("SPARROW_KERNEL_TIER");
+    if (tier && tier[0] && tier_available(tier)) g_best = table_of(tier);
     const char *force = getenv("SPARROW_FORCE_SCALAR");
     if (force && force[0] && strcmp(force, "0") != 0) g_best = &g_ref;
 }
@@ -201,10 +238,15 @@ const sp_kernels *sp_kernels_get(void) {
 
 const sp_kernels *sp_kernels_for_tier(const char *tier) {
     pthread_once(&g_once, init_once);
+    return table_of(tier);
+}
+
+static const sp_kernels *table_of(const char *tier) {
     if (!tier || !tier_available(tier)) return NULL;
     if (!strcmp(tier, "ref")) return &g_ref;
     if (!strcmp(tier, "avx2")) return &g_avx2;
     if (!strcmp(tier, "avx512")) return &g_avx512;
+    if (!strcmp(tier, "amx")) return &g_amx;
     if (!strcmp(tier, "neon")) return &g_neon;
     if (!strcmp(tier, "dotprod")) return &g_dotprod;
     if (!strcmp(tier, "i8mm")) return &g_i8mm;

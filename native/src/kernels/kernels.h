@@ -7,8 +7,9 @@
  * sp_block_q8a blocks (int8 with a float scale and the block's scaled sum) once per batch; every weight block is then
  * read once and applied to all T activation rows (weights stationary), which is what makes small batches cheap.
  *
- * Tiers: *_ref (portable C, the algorithmic reference, in <type>.c / ref.c), then x86/avx2.c, x86/avx512.c, and
- * arm/neon.c, arm/dotprod.c, arm/i8mm.c. sp_kernels_get() picks the best tier for this CPU once; SPARROW_FORCE_SCALAR=1 forces "ref".
+ * Tiers: *_ref (portable C, the algorithmic reference, in <type>.c / ref.c), then x86/avx2.c, x86/avx512.c,
+ * x86/amx.c (avx512 with AMX-INT8 packed matmuls), and arm/neon.c, arm/dotprod.c, arm/i8mm.c. sp_kernels_get() picks
+ * the best tier for this CPU once; SPARROW_FORCE_SCALAR=1 forces "ref", SPARROW_KERNEL_TIER=<name> another tier.
  */
 #ifndef SP_KERNELS_H
 #define SP_KERNELS_H
@@ -91,7 +92,7 @@ typedef void (*sp_accum_fn)(float *y, int64_t ldy, const int32_t *idx, const flo
                             int64_t F, int64_t H, int64_t T);
 
 typedef struct sp_kernels {
-    const char *tier;                                   /* "ref", "avx2", "avx512", "neon", "dotprod", "i8mm" */
+    const char *tier;                            /* "ref", "avx2", "avx512", "amx", "neon", "dotprod", "i8mm" */
     void (*quantize_q8a)(sp_block_q8a *y, const float *x, int64_t k); /* one row, k % 32 == 0 */
     sp_matmul_fn matmul[SP_TYPE_COUNT];                 /* by weight type; NULL for unsupported */
     /* Optional load-time repacking of a weight W[N, K] into the tier's own layout (described at the top of its SIMD

@@ -32,7 +32,7 @@ SIMD_TIERS = [t for t in TIERS if t != "ref"]
 QUANT = [QT.Q4_0, QT.Q4_1, QT.Q8_0]
 FLOAT = [QT.F32, QT.F16, QT.BF16]
 SUPPORTED = QUANT + FLOAT
-T_VALUES = [1, 2, 3, 4, 5, 7, 8, 16, 33, 64]
+T_VALUES = [1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 32, 33, 64]  # 4, 15-17, 32: the amx tier's first tiled size and tiles
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -228,7 +228,7 @@ def test_tier_matmul_extreme_int_values(tier):
     y_ref = testing.matmul("ref", int(QT.Q8_0), data, N, x)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for qt in (QT.Q4_0, QT.Q4_1):  # all nibbles 15 / 0 against +-127
-        bs, ts = gguf.GGML_QUANT_SIZES[qt]
+        _bs, ts = gguf.GGML_QUANT_SIZES[qt]
         raw = np.full((N, K // 32, ts), 0xFF, np.uint8)
         raw[:, :, :2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
         if qt == QT.Q4_1:
@@ -259,10 +259,13 @@ def test_tiers_and_features():
         assert {"avx512f", "avx512bw", "avx512vl", "avx512vnni"} <= set(feats)
     if "avx2" in TIERS:
         assert {"avx2", "fma", "f16c"} <= set(feats)
+    if "amx" in TIERS:
+        assert {"amx_tile", "amx_int8"} <= set(feats) and "avx512" in TIERS
 
 
 def _tier_in_subprocess(env_extra: dict[str, str]) -> str:
-    env = dict(os.environ, **env_extra)
+    env = {k: v for k, v in os.environ.items() if k not in ("SPARROW_FORCE_SCALAR", "SPARROW_KERNEL_TIER")}
+    env.update(env_extra)
     code = "from sparrow.runtime import _sparrow; print(_sparrow.kernel_tier())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=package_root())
@@ -276,6 +279,15 @@ def test_force_scalar_env_selects_ref():
     assert best != "", "kernel dispatch failed: sp_kernel_tier() is empty"
     assert best == TIERS[-1], (best, TIERS)
     assert _tier_in_subprocess({"SPARROW_FORCE_SCALAR": "1"}) == "ref"
+
+
+def test_kernel_tier_env_selects_tier():
+    """SPARROW_KERNEL_TIER=<name> runs that tier for the whole process when this CPU has it; a name it cannot run (or
+    does not know) is ignored; SPARROW_FORCE_SCALAR wins over it."""
+    for tier in TIERS:
+        assert _tier_in_subprocess({"SPARROW_KERNEL_TIER": tier}) == tier
+    assert _tier_in_subprocess({"SPARROW_KERNEL_TIER": "no-such-tier"}) == TIERS[-1]
+    assert _tier_in_subprocess({"SPARROW_KERNEL_TIER": TIERS[-1], "SPARROW_FORCE_SCALAR": "1"}) == "ref"
 
 
 # ---- F16 vectors of the KV cache -------------------------------------------------------------------------------

@@ -96,7 +96,8 @@ static void check_quantize(const char *tier) {
 static void check_matmul(const char *tier) {
     /* {N, K}: K = 37 (float types only: a tail past the vectors) and 2240 (over 2048: several K chunks) */
     static const int64_t SHAPES[][2] = {{1, 32}, {17, 64}, {40, 96}, {33, 576}, {64, 160}, {7, 37}, {5, 2240}};
-    static const int64_t TS[] = {1, 2, 3, 5, 8, 13, 16, 70}; /* 70: more than one pass of 64 tokens */
+    /* 4, 15-17, 32, 64: the amx tier's first tiled size and its 16-token tiles; 70: more than one pass of 64 tokens */
+    static const int64_t TS[] = {1, 2, 3, 4, 5, 8, 13, 15, 16, 17, 32, 64, 70};
     int32_t pack_rows = 0;
     CHECK(sp_testing_pack_rows(tier, &pack_rows) == SP_OK);
     for (size_t ti = 0; ti < sizeof TYPES / sizeof TYPES[0]; ti++)
@@ -131,6 +132,13 @@ static void check_matmul(const char *tier) {
                     CHECK(sp_testing_matmul_packed(tier, type, w, wsize, N, x, T, K, 0, -1, yp) == SP_OK);
                     EXPECT(!memcmp(yp, y, (size_t)(T * N) * sizeof *y), "matmul_packed %s N=%lld K=%lld T=%lld differs "
                            "from the unpacked kernel", TYPE_NAMES[ti], (long long)N, (long long)K, (long long)T);
+                    if (!strcmp(tier, "amx")) { /* the tiles' int32 sums and the float epilogue are avx512's */
+                        float *ya = fvec((size_t)(T * N));
+                        CHECK(sp_testing_matmul_packed("avx512", type, w, wsize, N, x, T, K, 0, -1, ya) == SP_OK);
+                        EXPECT(!memcmp(yp, ya, (size_t)(T * N) * sizeof *y), "matmul_packed %s N=%lld K=%lld "
+                               "T=%lld differs from avx512's", TYPE_NAMES[ti], (long long)N, (long long)K, (long long)T);
+                        free(ya);
+                    }
                     if (pack_rows > 0 && N > pack_rows) {
                         CHECK(sp_testing_matmul_packed(tier, type, w, wsize, N, x, T, K, pack_rows, N, yp) == SP_OK);
                         for (int64_t t = 0; t < T; t++)

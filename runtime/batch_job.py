@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .batching import Engine, Request, TextModel, check_messages
+from .batching import Engine, Request, TextModel, check_messages, check_request
 from .chat_template import ChatTemplateError
-from .native import SamplerParams
+from .native import Model, SamplerParams
 
 MAX_LINE_BYTES = 1 << 20
 MAX_ID_CHARS = 256
@@ -157,18 +157,48 @@ def _lines(in_path: Path) -> Iterator[tuple[int, bytes | None]]:
                 yield n, raw
 
 
-def run_batch(engine: Engine, in_path: Path, out_path: Path, *, settings: Settings,
+@dataclass
+class Result:
+    """A finished request, as an executor reports it."""
+
+    line: int
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def engine_results(engine: Engine, requests: list[Request]) -> Iterator[Result]:
+    """Run requests (tag = line) on the engine in this process, yielding each as it finishes."""
+    for req in requests:
+        engine.submit(req)
+    texts: dict[int, list[str]] = {}
+    while engine.busy:
+        for ev in engine.step():
+            texts.setdefault(ev.request.tag, []).append(ev.text)
+            if ev.finish_reason is not None:
+                yield Result(ev.request.tag, "".join(texts.pop(ev.request.tag)), ev.finish_reason, ev.prompt_tokens,
+                             ev.completion_tokens)
+
+
+def run_batch(in_path: Path, out_path: Path, *, model: Model, n_ctx: int, settings: Settings,
+              execute: Callable[[list[Request]], Iterator[Result]],
               progress: Callable[[int, int, int], None] | None = None) -> dict[str, int]:
     """Answer every line of in_path not yet answered in out_path; returns counts (done before, ok, errors, total,
-    tokens). progress(done, total, tokens) is called as records are written."""
+    tokens). The lines are read, checked and tokenized here (model: its vocabulary and chat template); execute runs
+    the valid ones (engine_results, or ray_results on a cluster) and yields them as they finish; every record is
+    written as it comes. progress(done, total, tokens) is called as records are written."""
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
         raise BatchFileError(f"{in_path} is not a file")
     if out_path.resolve() == in_path.resolve():
         raise BatchFileError("the output file must not be the input file")
     done = read_done(out_path)
-    text = TextModel(engine.model)
-    todo: list[tuple[int, str, Request | str]] = []  # (line, id, request or error message)
+    text = TextModel(model)
+    n_vocab = model.info.n_vocab
+    requests: list[Request] = []
+    errors: list[tuple[int, str, str]] = []  # (line, id, message)
+    ids: dict[int, str] = {}
     seen: dict[str, int] = {}
     total = 0
     for line, raw in _lines(in_path):
@@ -192,17 +222,17 @@ def run_batch(engine: Engine, in_path: Path, out_path: Path, *, settings: Settin
         if problem is None and rid in seen:
             problem = f"duplicate id {rid!r} (first on line {seen[rid]})"
         seen.setdefault(rid, line)
+        ids[line] = rid
         if problem is None:
             try:
                 req = parse_line(obj, line, text, settings)
-                engine.submit(req)  # checks the prompt's length and the sampling parameters
-                todo.append((line, rid, req))
+                check_request(req, n_ctx=n_ctx, n_vocab=n_vocab)
+                requests.append(req)
                 continue
             except ValueError as e:
                 problem = str(e)
-        todo.append((line, rid, problem))
+        errors.append((line, rid, problem))
     counts = {"done_before": len(done), "ok": 0, "errors": 0, "total": total, "tokens": 0}
-    ids = {line: rid for line, rid, _ in todo}
     fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         def write(record: dict) -> None:
@@ -211,22 +241,15 @@ def run_batch(engine: Engine, in_path: Path, out_path: Path, *, settings: Settin
             if progress:
                 progress(len(done) + counts["ok"] + counts["errors"], total, counts["tokens"])
 
-        for line, rid, item in todo:
-            if isinstance(item, str):
-                counts["errors"] += 1
-                write({"id": rid, "line": line, "error": {"message": item}})
-        texts: dict[int, list[str]] = {}
-        while engine.busy:
-            for ev in engine.step():
-                line = ev.request.tag
-                texts.setdefault(line, []).append(ev.text)
-                if ev.finish_reason is None:
-                    continue
+        for line, rid, message in errors:
+            counts["errors"] += 1
+            write({"id": rid, "line": line, "error": {"message": message}})
+        if requests:
+            for r in execute(requests):
                 counts["ok"] += 1
-                counts["tokens"] += ev.completion_tokens
-                write({"id": ids[line], "line": line, "text": "".join(texts.pop(line)),
-                       "finish_reason": ev.finish_reason,
-                       "usage": {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}})
+                counts["tokens"] += r.completion_tokens
+                write({"id": ids[r.line], "line": r.line, "text": r.text, "finish_reason": r.finish_reason,
+                       "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}})
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import chat_template
 from .backends import BackendError, tokenize_segments
-from .native import BatchSession, Model, Sampler, SamplerParams, control_tokens
+from .native import BatchSession, Model, Sampler, SamplerParams, SparrowError, control_tokens
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 64  # as the C generator's (SP_GEN_MAX_STOP, SP_GEN_MAX_STOP_LEN)
 
@@ -60,6 +60,26 @@ class Event:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+def check_request(req: Request, *, n_ctx: int, n_vocab: int) -> None:
+    """ValueError unless an engine of n_ctx tokens per sequence can run req: a prompt of 1..n_ctx-1 valid tokens,
+    max_tokens >= 1, stop strings within the limits, and sampling parameters the C sampler takes."""
+    if not req.prompt:
+        raise ValueError("the prompt is empty")
+    if len(req.prompt) >= n_ctx:
+        raise ValueError(f"the prompt is {len(req.prompt)} tokens; the context holds {n_ctx} "
+                         "(prompt and answer together)")
+    if min(req.prompt) < 0 or max(req.prompt) >= n_vocab:
+        raise ValueError(f"prompt token ids must be in [0, {n_vocab})")
+    if req.max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    if len(req.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in req.stop):
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings of 1..{MAX_STOP_CHARS} characters")
+    try:
+        Sampler(n_vocab, req.params)  # bad sampling parameters fail here, not in the middle of a pass
+    except SparrowError as e:  # its message names the parameter
+        raise ValueError(str(e)) from None
 
 
 class _Live:
@@ -110,23 +130,11 @@ class Engine:
         return bool(self.waiting or self.live)
 
     def check(self, req: Request) -> None:
-        """ValueError unless the engine can run req: a prompt of 1..n_ctx-1 valid tokens, max_tokens >= 1, and
-        stop strings within the limits. submit() checks the same."""
-        if not req.prompt:
-            raise ValueError("the prompt is empty")
-        if len(req.prompt) >= self.n_ctx:
-            raise ValueError(f"the prompt is {len(req.prompt)} tokens; the context holds {self.n_ctx} "
-                             "(prompt and answer together)")
-        if min(req.prompt) < 0 or max(req.prompt) >= self.n_vocab:
-            raise ValueError(f"prompt token ids must be in [0, {self.n_vocab})")
-        if req.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if len(req.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in req.stop):
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings of 1..{MAX_STOP_CHARS} characters")
+        """ValueError unless the engine can run req (check_request); submit() checks the same."""
+        check_request(req, n_ctx=self.n_ctx, n_vocab=self.n_vocab)
 
     def submit(self, req: Request) -> None:
         self.check(req)
-        Sampler(self.n_vocab, req.params)  # bad sampling parameters fail here, not in the middle of a pass
         self.waiting.append(req)
 
     def step(self) -> list[Event]:
@@ -272,10 +280,12 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def open_native(model: str | Path | None, *, n_ctx: int, n_seq: int, threads: int | None) -> tuple[str, Model, int]:
+def open_native(model: str | Path | None, *, n_ctx: int, n_seq: int, threads: int | None,
+                vocab_only: bool = False) -> tuple[str, Model, int]:
     """Resolve MODEL as the other commands do (store name, file, or the default model, pulled if it is a known one),
     check that it and n_seq sequences of n_ctx tokens fit in memory, and load it in the native runtime, which
-    batching needs. Returns (name, model, threads)."""
+    batching needs (vocab_only: only its vocabulary and template, for a driver whose workers run it elsewhere).
+    Returns (name, model, threads)."""
     from .launch import run_settings
     from .routing import choose_backend, read_gguf_header
     from .store import REGISTRY, Store, check_memory
@@ -291,6 +301,8 @@ def open_native(model: str | Path | None, *, n_ctx: int, n_seq: int, threads: in
         raise BackendError(f"{name} runs on {route.backend} ({route.reason}); batching needs the native runtime "
                            "(a GGUF file of an architecture it implements)")
     settings = run_settings(store, name, threads=threads, warn=lambda _m: None)
+    if vocab_only:
+        return name, Model(path, vocab_only=True), settings.threads
     # n_seq caches of n_ctx tokens hold what one cache of n_seq * n_ctx does
     check_memory(path, n_ctx=n_ctx * n_seq, header=header, backend="native", n_threads=settings.threads)
     return name, Model(path), settings.threads

@@ -491,9 +491,14 @@ def _batch_sampling(temperature: float, top_k: int, top_p: float, min_p: float, 
 @click.option("--parallel", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Requests decoded together in each forward pass.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run on a Ray cluster (Ray Data over actors that each hold the model): ADDRESS of its head, or "
+              "alone to start a local one. The model file must be at the same path on every node.")
+@click.option("--ray-actors", type=click.IntRange(1), default=1, show_default=True,
+              help="With --ray: actors, each with the model and --parallel sequences.")
 @_model_options
-def batch(input_path: str, output_path: str, model: str | None, parallel: int, quiet: bool, n_ctx: int,
-          threads: int | None, max_tokens: int | None, **sampling: Any) -> None:
+def batch(input_path: str, output_path: str, model: str | None, parallel: int, quiet: bool, ray_address: str | None,
+          ray_actors: int, n_ctx: int, threads: int | None, max_tokens: int | None, **sampling: Any) -> None:
     """Answer every line of IN.jsonl into OUT.jsonl, several requests at a time.
 
     Each line: {"id": ..., "prompt": "text"} or {"id": ..., "messages": [{"role": "user", "content": "..."}]}, with
@@ -504,7 +509,7 @@ def batch(input_path: str, output_path: str, model: str | None, parallel: int, q
     --ctx is per request (prompt and answer together)."""
     from tqdm import tqdm
 
-    from .batch_job import BatchFileError, Settings, read_done, run_batch, timed_progress
+    from .batch_job import BatchFileError, Settings, engine_results, read_done, run_batch, timed_progress
     from .batching import Engine, open_native
 
     if Path(output_path).resolve() == Path(input_path).resolve():
@@ -515,12 +520,23 @@ def batch(input_path: str, output_path: str, model: str | None, parallel: int, q
         raise click.ClickException(str(e)) from None
     params, seed = _batch_sampling(**sampling)
     settings = Settings(max_tokens=max_tokens or GENERATE_MAX_TOKENS, params=params, seed=seed)
-    _name, m, n_threads = open_native(model, n_ctx=n_ctx, n_seq=parallel, threads=threads)
+    _name, m, n_threads = open_native(model, n_ctx=n_ctx, n_seq=parallel, threads=threads,
+                                      vocab_only=ray_address is not None)
     try:
-        with Engine(m, n_seq=parallel, n_ctx=n_ctx, n_batch=max(64, parallel), n_threads=n_threads) as engine, \
-                tqdm(unit="rec", disable=quiet, desc="batch", dynamic_ncols=True) as bar:
-            counts = run_batch(engine, Path(input_path), Path(output_path), settings=settings,
-                               progress=timed_progress(bar))
+        with tqdm(unit="rec", disable=quiet, desc="batch", dynamic_ncols=True) as bar:
+            if ray_address is not None:
+                from .batch_ray import ray_results
+
+                ctx = n_ctx or m.info.n_ctx_train  # --ctx 0: the model's own, as the workers' sessions resolve it
+                execute = functools.partial(ray_results, ray_address or None, m.path, n_seq=parallel, n_ctx=ctx,
+                                            n_threads=n_threads, actors=ray_actors)
+                counts = run_batch(Path(input_path), Path(output_path), model=m, n_ctx=ctx, settings=settings,
+                                   execute=execute, progress=timed_progress(bar))
+            else:
+                with Engine(m, n_seq=parallel, n_ctx=n_ctx, n_batch=max(64, parallel), n_threads=n_threads) as eng:
+                    counts = run_batch(Path(input_path), Path(output_path), model=m, n_ctx=eng.n_ctx,
+                                       settings=settings, execute=functools.partial(engine_results, eng),
+                                       progress=timed_progress(bar))
     except BatchFileError as e:
         raise click.ClickException(str(e)) from None
     finally:

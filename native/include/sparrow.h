@@ -135,8 +135,7 @@ typedef struct sp_session_params {
     sp_ffn_mode ffn_mode; /* sparse-expert FFN execution (default SP_FFN_AUTO) */
     sp_kv_type kv_type;   /* KV cache element type (default SP_KV_F16) */
     int32_t n_seq;        /* independent sequences, each with its own n_ctx cache slots (default 1; 1..256). Their
-                             tokens share one forward pass (sp_batch.seq): the weights are read once for all of them.
-                             Grouped-query attention only (SP_ERR_UNSUPPORTED for multi-head latent attention). */
+                             tokens share one forward pass (sp_batch.seq): the weights are read once for all of them. */
 } sp_session_params;
 
 SP_API sp_session_params sp_session_default_params(void);

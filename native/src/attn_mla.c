@@ -2,7 +2,7 @@
  * in the absorbed form with a latent KV cache.
  *
  * Shape legend: T = tokens in the batch, H = n_embd, NH = heads, QL / KL = q / kv latent ranks, DN / DR = nope / rope
- * dims of a head, DK = DN + DR, KR = KL + DR, DV = value dim, C = KV cache slots, P = n_past, S = C + n_batch.
+ * dims of a head, DK = DN + DR, KR = KL + DR, DV = value dim, C = KV cache slots per sequence, P = a sequence's n_past, S = C + n_batch.
  *
  * Per token and layer the cache holds only the normalised latent c (KL values, k_cache) and the rotated rope key k_pe
  * (DR values, v_cache), F16 (or F32: sp_session_params.kv_type). The key expansion W_UK is folded into the query (q_lat = W_UK^T q_nope, one matmul per
@@ -48,19 +48,21 @@ static void matmul_heads(const fwd_ctx *c, float *y, int64_t ldy, int64_t y_head
 static void attention_mla(const fwd_ctx *c, int il, int ith, int nth) {
     const sp_session *ses = c->ses;
     const sp_hparams *hp = &ses->model->hp;
-    const int64_t T = c->b->n_tokens, P = ses->past[0], C = ses->params.n_ctx, NH = hp->n_head;
+    const int64_t T = c->b->n_tokens, C = ses->params.n_ctx, NH = hp->n_head;
     const int64_t KL = hp->kv_lora, DR = hp->n_rot, S = C + ses->params.n_batch;
     const float scale = 1.0f / sqrtf((float)(hp->qk_nope + DR));
     const size_t es = ses->kv_elem;
     const sp_type ct = es == 4 ? SP_TYPE_F32 : SP_TYPE_F16; /* the cache rows are weights of this type to the kernels */
-    const uint8_t *lat = (const uint8_t *)ses->k_cache + (size_t)il * (size_t)C * (size_t)KL * es; /* [C, KL] */
-    const uint8_t *kpe = (const uint8_t *)ses->v_cache + (size_t)il * (size_t)C * (size_t)DR * es; /* [C, DR] */
     float *sc = ses->s.scores, *spe = ses->s.scores + NH * S; /* [NH, S] each: one token's scores, rope parts */
     int64_t h0, h1, j0, j1;
     sp_split(NH, ith, nth, &h0, &h1);
     for (int64_t t = 0; t < T; t++) {
-        const int64_t n = P + t + 1; /* slots a causal token sees; a mask may show fewer, never more */
-        const int64_t nv = c->b->mask ? P + T : n;
+        const sp_run *r = &ses->s.runs[ses->s.trun[t]]; /* the token's sequence: its cache rows, P of them before */
+        const int64_t P = r->P, tl = t - r->t0;
+        const uint8_t *lat = (const uint8_t *)ses->k_cache + sp_vcache_row(ses, il, r->seq, 0) * (size_t)KL * es;
+        const uint8_t *kpe = (const uint8_t *)ses->v_cache + sp_vcache_row(ses, il, r->seq, 0) * (size_t)DR * es;
+        const int64_t n = P + tl + 1; /* slots a causal token sees; a mask may show fewer, never more */
+        const int64_t nv = c->b->mask ? P + r->n : n;
         sp_split(nv, ith, nth, &j0, &j1);
         if (j0 < j1) {
             c->k->matmul[ct](sc, S, lat, ses->s.qlat + t * NH * KL, KL, j0, j1, NH);
@@ -72,7 +74,7 @@ static void attention_mla(const fwd_ctx *c, int il, int ith, int nth) {
             const float *pe = spe + h * S;
             float mx = -INFINITY;
             for (int64_t j = 0; j < nv; j++) {
-                const bool visible = j < P || (c->b->mask ? c->b->mask[t * T + (j - P)] != 0 : j - P <= t);
+                const bool visible = j < P || (c->b->mask ? c->b->mask[t * T + r->t0 + (j - P)] != 0 : j - P <= tl);
                 row[j] = visible ? (row[j] + pe[j]) * scale : -INFINITY;
                 mx = row[j] > mx ? row[j] : mx;
             }
@@ -96,12 +98,11 @@ void sp_attn_mla(const fwd_ctx *c, int il, int ith, int nth) {
     const sp_hparams *hp = &ses->model->hp;
     sp_scratch *s = &ses->s;
     sp_pool *pool = ses->pool;
-    const int64_t T = c->b->n_tokens, P = ses->past[0], C = ses->params.n_ctx, NH = hp->n_head;
+    const int64_t T = c->b->n_tokens, NH = hp->n_head;
     const int64_t QL = hp->q_lora, KL = hp->kv_lora, DN = hp->qk_nope, DR = hp->n_rot, DK = DN + DR, KR = KL + DR;
     const int64_t DV = hp->v_dim;
     const size_t es = ses->kv_elem;
-    uint8_t *lat_slots = (uint8_t *)ses->k_cache + ((size_t)il * (size_t)C + (size_t)P) * (size_t)KL * es; /* [T, KL] */
-    uint8_t *pe_slots = (uint8_t *)ses->v_cache + ((size_t)il * (size_t)C + (size_t)P) * (size_t)DR * es;  /* [T, DR] */
+    uint8_t *lat_cache = ses->k_cache, *pe_cache = ses->v_cache; /* rows sp_vcache_row: [L, n_seq, C] x KL, x DR */
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
 
@@ -114,12 +115,15 @@ void sp_attn_mla(const fwd_ctx *c, int il, int ith, int nth) {
     for (int64_t t = t0; t < t1; t++) {
         rmsnorm_inplace(s->cq + t * QL, l->q_a_norm, QL, hp->lora_eps);
         rmsnorm_inplace(s->k + t * KR, l->kv_a_norm, KL, hp->lora_eps);
+        const sp_run *r = &s->runs[s->trun[t]];
+        const size_t row = sp_vcache_row(ses, il, r->seq, r->P + (t - r->t0)); /* the token's slot in its sequence */
+        uint8_t *lat_slot = lat_cache + row * (size_t)KL * es, *pe_slot = pe_cache + row * (size_t)DR * es;
         if (es == 2) {
-            c->k->f32_to_f16((sp_f16 *)lat_slots + t * KL, s->k + t * KR, KL);
-            c->k->f32_to_f16((sp_f16 *)pe_slots + t * DR, s->k + t * KR + KL, DR);
+            c->k->f32_to_f16((sp_f16 *)lat_slot, s->k + t * KR, KL);
+            c->k->f32_to_f16((sp_f16 *)pe_slot, s->k + t * KR + KL, DR);
         } else {
-            memcpy((float *)lat_slots + t * KL, s->k + t * KR, (size_t)KL * sizeof(float));
-            memcpy((float *)pe_slots + t * DR, s->k + t * KR + KL, (size_t)DR * sizeof(float));
+            memcpy(lat_slot, s->k + t * KR, (size_t)KL * sizeof(float));
+            memcpy(pe_slot, s->k + t * KR + KL, (size_t)DR * sizeof(float));
         }
     }
     sp_pool_barrier(pool); /* xq (holding xn) is free again: cq's quantized rows go there */

@@ -198,7 +198,8 @@ static inline size_t sp_kcache_at(const sp_session *ses, int64_t il, int64_t g, 
     return (size_t)((((il * NKV + g) * ses->params.n_seq * CB + seq * CB + j / SP_KBLK) * D + d) * SP_KBLK +
                     j % SP_KBLK);
 }
-/* The value cache row (in values of kv_v_dim) of (layer il, slot j of sequence seq). */
+/* The cache row of (layer il, slot j of sequence seq): of the value cache (GQA values, MLA rope keys), and for MLA of
+ * the latent cache too; in values of the row's width. */
 static inline size_t sp_vcache_row(const sp_session *ses, int64_t il, int64_t seq, int64_t j) {
     const int64_t C = ses->params.n_ctx;
     return (size_t)((il * ses->params.n_seq + seq) * C + j);

@@ -175,9 +175,6 @@ static sp_status check_params(const sp_model *m, sp_session_params *p) {
                        "model's attention is grouped-query (use the default F16 cache)");
     if (p->n_seq < 1 || p->n_seq > 256)
         return sp_fail(SP_ERR_INVALID_ARG, "n_seq must be 1..256, got %d", p->n_seq);
-    if (p->n_seq > 1 && m->attn == SP_ATTN_MLA)
-        return sp_fail(SP_ERR_UNSUPPORTED, "multi-sequence sessions (n_seq %d) are implemented for grouped-query "
-                       "attention only; this model uses multi-head latent attention", p->n_seq);
     if (p->ffn_mode < SP_FFN_AUTO || p->ffn_mode > SP_FFN_SPARSE_CHUNK)
         return sp_fail(SP_ERR_INVALID_ARG,
                        "ffn_mode must be one of SP_FFN_AUTO/DENSE/SPARSE_TOKEN/SPARSE_CHUNK, got %d", (int)p->ffn_mode);
@@ -351,7 +348,6 @@ static sp_status keep_checked(sp_session *ses, int32_t seq, const int32_t *idx, 
             return sp_fail(SP_ERR_INVALID_ARG, "keep: slot indices must be strictly increasing and < n_past (%d)", P);
     const sp_hparams *hp = &ses->model->hp;
     const size_t KD = (size_t)hp->kv_k_dim * ses->kv_elem, VD = (size_t)hp->kv_v_dim * ses->kv_elem; /* row bytes */
-    const size_t C = (size_t)ses->params.n_ctx; /* MLA (one sequence): rows il * C + slot */
     const bool blocked = ses->model->attn == SP_ATTN_GQA; /* GQA keys in blocks of slots (sp_kcache_at) */
     uint8_t *kc = ses->k_cache, *vc = ses->v_cache;
     sp_f16 *kh = ses->k_cache;
@@ -364,7 +360,8 @@ static sp_status keep_checked(sp_session *ses, int32_t seq, const int32_t *idx, 
                     for (int64_t d = 0; d < hp->head_dim; d++)
                         kh[sp_kcache_at(ses, (int64_t)il, g, seq, i, d)] =
                             kh[sp_kcache_at(ses, (int64_t)il, g, seq, idx[i], d)];
-            else memcpy(kc + (il * C + (size_t)i) * KD, kc + (il * C + (size_t)idx[i]) * KD, KD);
+            else memcpy(kc + sp_vcache_row(ses, (int64_t)il, seq, i) * KD,
+                        kc + sp_vcache_row(ses, (int64_t)il, seq, idx[i]) * KD, KD); /* MLA latent rows */
             if (VD)
                 memcpy(vc + sp_vcache_row(ses, (int64_t)il, seq, i) * VD,
                        vc + sp_vcache_row(ses, (int64_t)il, seq, idx[i]) * VD, VD);

@@ -27,7 +27,7 @@ TIERS = testing.tiers()
 pytestmark = pytest.mark.skipif("amx" not in TIERS, reason="no amx tier here: the CPU/OS lacks AMX-INT8 tiles "
                                 f"(features: {_sparrow.cpu_features()}) or the compiler lacked -mamx-int8")
 
-T_VALUES = [1, 3, 4, 5, 8, 15, 16, 17, 31, 32, 33, 64, 70]  # 70: a second pass of 64 tokens
+T_VALUES = [1, 3, 7, 8, 11, 12, 15, 16, 17, 31, 32, 33, 64, 70]  # thresholds (Q8_0: 8, Q4: 12), tiles, passes of 64
 
 
 def weights(qt: QT, n: int, k: int, seed: int) -> bytes:
@@ -57,7 +57,7 @@ def test_amx_matmul_bit_identical_to_avx512(qt):
 
 
 def test_amx_token_results_do_not_depend_on_batch():
-    """A token's outputs are the same whether its call has 1 token (avx512 path), 4 (first tiled size) or 40."""
+    """A token's outputs are the same whether its call has 1 or 4 tokens (avx512 path), 16 or 40 (tiles)."""
     N, K = 96, 576
     for qt in (QT.Q4_1, QT.Q8_0):
         data = weights(qt, N, K, seed=7)
@@ -66,6 +66,7 @@ def test_amx_token_results_do_not_depend_on_batch():
         for t in (0, 3, 17, 39):
             np.testing.assert_array_equal(testing.matmul_packed("amx", int(qt), data, N, x[t:t + 1]), full[t:t + 1])
         np.testing.assert_array_equal(testing.matmul_packed("amx", int(qt), data, N, x[16:20]), full[16:20])
+        np.testing.assert_array_equal(testing.matmul_packed("amx", int(qt), data, N, x[8:24]), full[8:24])
 
 
 LOGITS_SCRIPT = """

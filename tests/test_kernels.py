@@ -32,7 +32,7 @@ SIMD_TIERS = [t for t in TIERS if t != "ref"]
 QUANT = [QT.Q4_0, QT.Q4_1, QT.Q8_0]
 FLOAT = [QT.F32, QT.F16, QT.BF16]
 SUPPORTED = QUANT + FLOAT
-T_VALUES = [1, 2, 3, 4, 5, 7, 8, 12, 15, 16, 17, 32, 33, 64]  # 7-8, 12, 15-17, 32: the amx tier's thresholds, tiles
+T_VALUES = [1, 2, 3, 4, 5, 7, 8, 11, 12, 16, 17, 31, 32, 33, 64]  # 11-12, 31-32: the amx tier's thresholds; 17, 33
 
 
 def rng(seed: int = 0) -> np.random.Generator:

@@ -96,9 +96,9 @@ static void check_quantize(const char *tier) {
 static void check_matmul(const char *tier) {
     /* {N, K}: K = 37 (float types only: a tail past the vectors) and 2240 (over 2048: several K chunks) */
     static const int64_t SHAPES[][2] = {{1, 32}, {17, 64}, {40, 96}, {33, 576}, {64, 160}, {7, 37}, {5, 2240}};
-    /* 7-8, 11-12: either side of the amx tier's thresholds (Q8_0, Q4); 15-17, 32, 64: its 16-token tiles; 70: more
-     * than one pass of 64 tokens */
-    static const int64_t TS[] = {1, 2, 3, 5, 7, 8, 11, 12, 13, 15, 16, 17, 32, 64, 70};
+    /* 11-12, 31-32: either side of the amx tier's thresholds (Q8_0, Q4); 13, 15-17, 33, 64: its 16-token tiles and a
+     * last partial one; 70: more than one pass of 64 tokens */
+    static const int64_t TS[] = {1, 2, 3, 5, 8, 11, 12, 13, 15, 16, 17, 31, 32, 33, 64, 70};
     int32_t pack_rows = 0;
     CHECK(sp_testing_pack_rows(tier, &pack_rows) == SP_OK);
     for (size_t ti = 0; ti < sizeof TYPES / sizeof TYPES[0]; ti++)

@@ -38,14 +38,17 @@ enum { RG = 16, KC = 64, TC = 64, AT = 16 }; /* rows per group, blocks per K chu
 
 /* Fewest tokens for which a call uses the tiles, by weight type. Each (row group, block, 16-token tile) costs a
  * fixed ~10 ns of tile loads and stores, which do not overlap the vector epilogue, whatever the tile's token count;
- * the epilogue is ~0.8 ns per token against ~2 ns per token for vpdpbusd. Measured single-threaded with the weights
- * in cache on a Sapphire-Rapids-class Xeon (KVM), SmolLM2-135M shapes (bench_device/bench_kernels.py): Q8_0 breaks
- * even at T = 6-8; Q4 pays the nibble split on top and breaks even at T = 8-12 (K = 1536: 12). */
+ * the epilogue is ~0.8 ns per token against ~2 ns per token for vpdpbusd. Measured on a Sapphire-Rapids-class Xeon
+ * (KVM, 2 threads), SmolLM2-135M: single-threaded with the weights in cache (bench_device/bench_kernels.py --cold-mb 0)
+ * Q8_0 breaks even at T = 6-8 and Q4_1 at T = 8-12, but streaming the weights from memory Q4 gains nothing below
+ * T ~ 32 (its nibbles go through a scratch copy: the whole forward pass with the amx tier was 3-7% slower at
+ * T = 12-24 and 3-10% faster at T = 32-64), while the Q8_0 vocabulary head (49152 x 576) is 1.3-1.5x faster from
+ * T = 12 (about even at 8: a forward pass with all logits was 0-3% slower there). */
 #ifndef SP_AMX_MIN_T_Q8
-#  define SP_AMX_MIN_T_Q8 8
+#  define SP_AMX_MIN_T_Q8 12
 #endif
 #ifndef SP_AMX_MIN_T_Q4
-#  define SP_AMX_MIN_T_Q4 12
+#  define SP_AMX_MIN_T_Q4 32
 #endif
 
 typedef enum { W_Q4_0, W_Q4_1, W_Q8_0 } wkind;

@@ -62,7 +62,7 @@ typedef struct {
 } tilecfg;
 static_assert(sizeof(tilecfg) == 64, "LDTILECFG operand");
 
-static sp_matmul_fn g_fallback[SP_TYPE_COUNT]; /* the avx512 tier's matmul_packed, for T < SP_AMX_MIN_T */
+static sp_matmul_fn g_fallback[SP_TYPE_COUNT]; /* the avx512 tier's matmul_packed, below the type's threshold */
 
 /* Tiles 0/1: C (rows x 16 int32), 2/3: A (rows tokens x 32 bytes), 4/5: B (8 x 64 bytes), two of each so that
  * consecutive blocks (even: 0/2/4, odd: 1/3/5) do not wait for each other. rows = min(T, 16) for the whole call. */

@@ -55,7 +55,7 @@ def report(tiny) -> dict:
 def test_profile_on_this_machine():
     p = device_profile()
     assert p["physical_cores"] >= 1 and p["logical_cores"] >= p["physical_cores"]
-    assert p["kernel_tier"] in ("ref", "avx2", "avx512")
+    assert p["kernel_tier"] in ("ref", "avx2", "avx512", "amx")
     assert isinstance(p["cpu_features"], list) and isinstance(p["cpu_model"], str) and p["cpu_model"]
     assert p["ram_total_bytes"] >= p["ram_available_bytes"] > 0
     assert all({"level", "type", "size", "bytes"} <= set(c) for c in p["caches"])

@@ -46,7 +46,7 @@ MODES = ["dense", "token", "chunk"]
 testing = _sparrow.testing
 
 
-I8_TIERS = ("avx2", "avx512")  # the tiers with kernels.h accum_packed_i8 (x86/avx2.c, x86/avx512.c)
+I8_TIERS = ("avx2", "avx512", "amx")  # the tiers with kernels.h accum_packed_i8 (x86/avx2.c, x86/avx512.c; amx: avx512's)
 
 
 def runtime_down_i8() -> bool:

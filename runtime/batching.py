@@ -114,7 +114,7 @@ class Engine:
         self.free = list(range(n_seq - 1, -1, -1))
         self.n_passes = 0
         self.n_decoded = 0  # tokens generated, all requests
-        self._out: dict[int, np.ndarray] = {}  # logits buffers by run count, reused every pass
+        self._out = np.empty((n_batch, self.n_vocab), dtype=np.float32)  # every pass's logits, reused
 
     def close(self) -> None:
         self.session.close()
@@ -169,10 +169,7 @@ class Engine:
             runs.append((lv.seq, lv.req.prompt[lv.fed:lv.fed + n]))
             fed.append((lv, n))
             room -= n
-        out = self._out.get(len(runs))
-        if out is None:
-            out = self._out[len(runs)] = np.empty((len(runs), self.n_vocab), dtype=np.float32)
-        logits = self.session.eval(runs, out=out)
+        logits = self.session.eval(runs, out=self._out[:len(runs)])  # the first rows of one buffer: contiguous
         self.n_passes += 1
         for lv, n in fed:
             lv.fed += n

@@ -58,41 +58,60 @@ class ApiError(Exception):
                                        "code": self.code}}, status_code=self.status)
 
 
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for box, item in items:
+        box.put_nowait(item)
+
+
 class EngineThread:
     """Runs the engine on a thread of its own. submit() hands a request over and returns an asyncio queue that
     receives its events (the last one has a finish_reason)."""
 
     def __init__(self, engine: Engine, limits: Limits):
         self.engine, self.limits = engine, limits
-        self.inbox: queue.Queue[tuple[Request, asyncio.Queue, asyncio.AbstractEventLoop] | None] = queue.Queue()
-        self.outboxes: dict[int, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self.inbox: queue.Queue[tuple[Request, asyncio.Queue, asyncio.AbstractEventLoop, bool] | None] = queue.Queue()
+        self.outboxes: dict[int, tuple[asyncio.Queue, asyncio.AbstractEventLoop, bool]] = {}
+        self.held: dict[int, list[str]] = {}  # the text so far of requests that do not stream
         self.pending = 0  # submitted and not finished (guarded by lock)
         self.lock = threading.Lock()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="sparrow-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, req: Request) -> asyncio.Queue:
+    def submit(self, req: Request, stream: bool) -> asyncio.Queue:
         with self.lock:
             if self.pending >= self.engine.n_seq + self.limits.max_queue:
                 raise ApiError(429, f"the server is busy ({self.pending} requests running or waiting); try again "
                                "shortly", code="rate_limit_exceeded", kind="rate_limit_error")
             self.pending += 1
         box: asyncio.Queue = asyncio.Queue()
-        self.inbox.put((req, box, asyncio.get_running_loop()))
+        self.inbox.put((req, box, asyncio.get_running_loop(), stream))
         return box
 
     def close(self) -> None:
         self.inbox.put(None)
         self.thread.join(timeout=10)
 
-    def _deliver(self, ev: Event) -> None:
-        box, loop = self.outboxes[id(ev.request)]
-        if ev.finish_reason is not None:
-            del self.outboxes[id(ev.request)]
-            with self.lock:
-                self.pending -= 1
-        loop.call_soon_threadsafe(box.put_nowait, ev)
+    def _deliver(self, events: list[Event]) -> None:
+        """Hand one step's events to their requests' queues: one wake-up of each event loop per step, and for a
+        request that does not stream only its last event (carrying the whole text). Every wake-up of the server's
+        thread takes a core from the forward pass's threads for a moment, so they are kept few."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+        for ev in events:
+            box, loop, stream = self.outboxes[id(ev.request)]
+            if not stream:
+                held = self.held.setdefault(id(ev.request), [])
+                held.append(ev.text)
+                if ev.finish_reason is None:
+                    continue
+                ev.text = "".join(self.held.pop(id(ev.request)))
+            if ev.finish_reason is not None:
+                del self.outboxes[id(ev.request)]
+                with self.lock:
+                    self.pending -= 1
+            by_loop.setdefault(loop, []).append((box, ev))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _run(self) -> None:
         try:
@@ -104,19 +123,18 @@ class EngineThread:
                 while item != ():
                     if item is None:
                         return
-                    req, box, loop = item
-                    self.outboxes[id(req)] = (box, loop)
+                    req, box, loop, stream = item
+                    self.outboxes[id(req)] = (box, loop, stream)
                     self.engine.submit(req)  # checked by the handler already
                     try:
                         item = self.inbox.get_nowait()
                     except queue.Empty:
                         item = ()
                 if self.engine.busy:
-                    for ev in self.engine.step():
-                        self._deliver(ev)
+                    self._deliver(self.engine.step())
         except BaseException as e:  # noqa: BLE001  (a failed engine fails every request that waits on it)
             self.error = e
-            for req_id, (box, loop) in list(self.outboxes.items()):
+            for box, loop, _stream in list(self.outboxes.values()):
                 loop.call_soon_threadsafe(box.put_nowait, e)
 
 
@@ -269,7 +287,7 @@ class Server:
     async def _answer(self, http: HttpRequest, body: dict, req: Request, *, chat: bool) -> Response:
         assert self.runner is not None
         try:
-            box = self.runner.submit(req)
+            box = self.runner.submit(req, bool(body.get("stream")))
         except ApiError as e:
             return e.response()
         created = int(time.time())
@@ -301,8 +319,9 @@ class Server:
 
     @staticmethod
     async def _watch_disconnect(http: HttpRequest, req: Request) -> None:
-        while not await http.is_disconnected():
-            await asyncio.sleep(0.05)
+        """Cancel req when the client goes away: with the body read, the next ASGI message is the disconnect."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
         req.cancel()
 
     async def _stream(self, http: HttpRequest, req: Request, box: asyncio.Queue, created: int,
@@ -319,8 +338,7 @@ class Server:
             data = {"id": req.tag, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
-        watcher = asyncio.ensure_future(self._watch_disconnect(http, req))
-        try:
+        try:  # a client that goes away ends this generator (GeneratorExit / CancelledError): finally cancels req
             if chat:
                 yield chunk(None, None, first=True)
             while True:
@@ -335,7 +353,6 @@ class Server:
                     break
             yield b"data: [DONE]\n\n"
         finally:  # the client went away (the response is cancelled) or the answer ended
-            watcher.cancel()
             req.cancel()
 
 

@@ -54,7 +54,8 @@ SP_API const char *sp_version(void);                 /* "MAJOR.MINOR.PATCH" */
 SP_API const char *sp_last_error(void);              /* message of the last failure on this thread, "" if none */
 SP_API const char *sp_status_string(sp_status s);    /* "SP_ERR_BAD_FORMAT" etc. */
 SP_API const char *sp_cpu_features(void);            /* e.g. "avx2 fma f16c avx512f avx512bw avx512vnni" */
-/* the tier chosen at run time: "ref", "avx2", "avx512", "neon", "dotprod" or "i8mm" */
+/* the tier chosen at run time: "ref", "avx2", "avx512", "amx", "neon", "dotprod" or "i8mm" (SPARROW_KERNEL_TIER=NAME
+ * forces one this CPU runs; SPARROW_FORCE_SCALAR=1 forces "ref") */
 SP_API const char *sp_kernel_tier(void);
 
 /* ---- model ---- */

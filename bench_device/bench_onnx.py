@@ -15,11 +15,13 @@ Shape legend: T = tokens in one pass, H = hidden, L = layers, E = experts, F = e
    GGUF, onnxruntime on its f32 / int8 / int4 exports and llama.cpp on the GGUF, alternating, 2 threads each.
 
     python -m sparrow.bench_device.bench_onnx --smollm PATH --out bench_device/results/onnx_zen5_2t.json
+    python -m sparrow.bench_device.bench_onnx --rounds 7 --out X.json    # section 1 only (~30 s)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -139,6 +141,7 @@ def sparsity_section(work: Path, threads: int, rounds: int, steps: int) -> dict:
     dense_bytes = L * (attention + experts) + V * H * 4
     sparse_bytes = L * (attention + (1 - tls) * experts) + V * H * 4
     return {"model": "synthetic routed BlockFFN F32 (H 1024, L 8, E 64, F 64, GQA 16/4, V 4000)",
+            "moe_export": json.loads(moe.meta_props.get("sparrow.experts", "{}")),
             "measured_tls": tls, "decode_ms_per_token": out, "moe_speedup_over_dense": _stats(ratio),
             "native_sparse_speedup_over_dense": _stats(native_ratio),
             "bytes_per_token": {"dense": dense_bytes, "sparse": sparse_bytes, "ratio": dense_bytes / sparse_bytes}}
@@ -199,8 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    import onnxruntime
+
     report = {"bench": "onnx", "cpu": cpu_model(), "machine": platform.machine(), "threads": args.threads,
-              "rounds": args.rounds, "steps_per_round": args.steps}
+              "rounds": args.rounds, "steps_per_round": args.steps, "onnxruntime": onnxruntime.__version__,
+              "load_average": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="sparrow-bench-onnx-") as tmp:
         report["sparsity"] = sparsity_section(Path(tmp), args.threads, args.rounds, args.steps)
         if args.smollm:

@@ -28,6 +28,9 @@ Layers (the function docs/gguf-blockffn.md and tests/reference/ define):
               gives r / sum(r), experts with r = 0 get weight 0 and are not run, tokens are grouped per expert (each
               active expert's weights are read once per pass: chunk sparsity), and the output is scaled by sum(r).
               ffn="dense" computes every expert (the baseline the sparsity is measured against).
+    Fewer nodes a layer (each costs a dispatch and a thread-pool sync a decode step): q, k and v come from one
+    matmul (a llama FFN's gate and up too), and each residual add is fused with the norm after it
+    (com.microsoft.SkipSimplifiedLayerNormalization).
 
 Weights: "f32" (MatMul / Gemm), "int8" or "int4" (com.microsoft.MatMulNBits, blocks of 32 along K, accuracy_level 4:
 int8 activations where onnxruntime has that kernel). Q4_0 and Q8_0 sources map bit for bit (Q4_0's nibble order
@@ -286,6 +289,37 @@ class _Builder:
         return g.op("MatMulNBits", inputs, domain=MS_DOMAIN,
                     K=K, N=N, bits=bits, block_size=32, accuracy_level=4)
 
+    def linear_rows(self, x: str, names: list[str], fused: str) -> str:
+        """x @ [W_1; W_2; ..]^T for GGUF matrices with the same K: their outputs side by side from one node, each
+        row encoded as linear encodes it (the same values as separate matmuls)."""
+        g, K = self.g, self.w.shape(names[0])[1]
+        N = sum(self.w.shape(n)[0] for n in names)
+        if self.weights != "f32" and K % 32:
+            for n in names:
+                self.float_note(n, K)
+        if self.weights == "f32" or K % 32:
+            return g.op("MatMul", [x, g.const(np.concatenate([self.w.f32(n) for n in names]).T.copy(), fused)])
+        bits = 4 if self.weights == "int4" else 8
+        parts = [self.w.nbits(n, bits) for n in names]
+        q = np.concatenate([pq for pq, _, _ in parts])
+        scales = np.concatenate([ps for _, ps, _ in parts]).astype(np.float32)
+        inputs = [x, g.const(q, fused + ".q"), g.const(scales, fused + ".scales")]
+        if any(zp is not None for _, _, zp in parts):  # the default zero point (8: 0x88 a byte) where a part has none
+            nz = (K // 32 + 1) // 2
+            inputs.append(g.const(np.concatenate([zp if zp is not None else np.full((pq.shape[0], nz), 0x88, np.uint8)
+                                                  for pq, _, zp in parts]), fused + ".zero_points"))
+        return g.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=K, N=N, bits=bits, block_size=32, accuracy_level=4)
+
+    def skip_rmsnorm(self, x: str, add: str, weight: str, eps: float) -> tuple[str, str]:
+        """(rmsnorm(x + add), x + add) in one node: com.microsoft.SkipSimplifiedLayerNormalization."""
+        g = self.g
+        g.n += 1
+        y, total = f"skipnorm_{g.n}", f"skipnorm_{g.n}_sum"
+        g.nodes.append(g.helper.make_node("SkipSimplifiedLayerNormalization", [x, add, g.const(self.w.f32(weight),
+                                          weight)], [y, "", "", total], name=f"SkipNorm_{g.n}", domain=MS_DOMAIN,
+                                          epsilon=eps))
+        return y, total
+
     def rmsnorm(self, x: str, weight: str, eps: float) -> str:
         return self.g.op("RMSNormalization", [x, self.g.const(self.w.f32(weight), weight)], axis=-1, epsilon=eps)
 
@@ -329,9 +363,11 @@ class _Builder:
         def rope(x: str, heads: int) -> str:  # [B, T, heads * D], pairs (2i, 2i + 1) rotated
             return g.op("RotaryEmbedding", [x, cos, sin, "position_ids"], interleaved=1, num_heads=heads)
 
-        q = rope(self.linear(xn, p + "attn_q.weight"), NH)                                   # [B, T, NH*D]
-        k = rope(self.linear(xn, p + "attn_k.weight"), NKV)                                  # [B, T, NKV*D]
-        v = self.linear(xn, p + "attn_v.weight")
+        # q, k and v from one matmul over their rows stacked (one weight stream, one node): then split
+        qkv = self.linear_rows(xn, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], p + "attn_qkv")
+        q, k, v = g.op("Split", [qkv, self.i64(NH * s.head_dim, NKV * s.head_dim, NKV * s.head_dim)], n_out=3,
+                       axis=-1)
+        q, k = rope(q, NH), rope(k, NKV)                                                     # [B, T, NH*D], [.., NKV*D]
         o, _, _ = g.op("Attention", [q, k, v, bias, f"past_key_values.{l}.key", f"past_key_values.{l}.value"],
                        n_out=3, outputs=["", f"present.{l}.key", f"present.{l}.value"],
                        q_num_heads=NH, kv_num_heads=NKV)                                      # [B, T, NH*D]
@@ -339,8 +375,10 @@ class _Builder:
 
     def dense_ffn(self, l: int, xn: str) -> str:
         g, p = self.g, f"blk.{l}."
-        gate = self.linear(xn, p + "ffn_gate.weight")
-        h = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), self.linear(xn, p + "ffn_up.weight")])
+        F = self.w.shape(p + "ffn_gate.weight")[0]
+        gate, up = g.op("Split", [self.linear_rows(xn, [p + "ffn_gate.weight", p + "ffn_up.weight"], p + "ffn_gate_up"),
+                                  self.i64(F, F)], n_out=2, axis=-1)
+        h = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         return self.linear(h, p + "ffn_down.weight")
 
     def router(self, p: str, xn: str) -> str:
@@ -372,16 +410,16 @@ class _Builder:
                                   self.i64(0, 0, E * F)])                           # r_e repeated F times
             return self.matmul_rows(g.op("Mul", [h, rf]), down_all, p + "ffn_down_all", bits)
         # MoE: rows = B*T tokens; router_probs = log(r) (-inf where r = 0); a row with every expert off gets
-        # [0, -inf, ...] (one expert, whose output the factor sum(r) = 0 then zeroes).
-        r2 = g.op("Reshape", [r, self.i64(-1, E)])                                 # [rows, E]
-        total3 = g.op("ReduceSum", [r, self.i64(-1)], keepdims=1)                  # [B, T, 1]
-        total = g.op("Reshape", [total3, self.i64(-1, 1)])                         # [rows, 1]
-        fallback = g.const(np.array([0.0] + [-np.inf] * (E - 1), dtype=np.float32))
-        logits = g.op("Where", [g.op("Greater", [total, g.const(np.float32(0))]), g.op("Log", [r2]), fallback])
-        attrs = {"k": E, "activation_type": "silu", "normalize_routing_weights": 0}
+        # [-1e30, -inf, ...] (one expert, whose output the factor sum(r) = 0 then zeroes).
+        # max(log r, [-1e30, -inf, ..]) is that row: expert 0 at -1e30 weighs exp(-1e30 - max) = 0 (not run) in any
+        # row with an expert on, as Log(0) = -inf does the others.
         if bits is not None and (H % 32 or F % 32):
             self.float_note(p + "ffn_experts.weight", F if F % 32 else H)
             bits = None
+        total3 = g.op("ReduceSum", [r, self.i64(-1)], keepdims=1)                  # [B, T, 1]
+        floor = g.const(np.array([-1e30] + [-np.inf] * (E - 1), dtype=np.float32))
+        logits = g.op("Reshape", [g.op("Max", [g.op("Log", [r]), floor]), self.i64(-1, E)])  # [rows, E]
+        attrs = {"k": E, "activation_type": "silu", "normalize_routing_weights": 0}
         if bits is None:
             y = g.op("MoE", [xn, logits, g.const(up.copy(), p + "ffn_up"), "", g.const(down, p + "ffn_down")],
                      domain=MS_DOMAIN, **attrs)                                     # [rows, H]
@@ -445,15 +483,20 @@ class _Builder:
         visible = g.op("And", [causal, real])                                       # [B, 1, T, S]
         bias = g.op("Add", [g.op("Where", [visible, g.const(np.float32(0)), g.const(np.float32(-np.inf))]),
                             "attention_bias"])
+        # Each residual add is fused with the norm after it (SkipSimplifiedLayerNormalization); the last one's
+        # norm comes after the logits_keep slice.
+        xn = self.rmsnorm(x, "blk.0.attn_norm.weight", s.eps)
         for l in range(L):
             p = f"blk.{l}."
             attention = self.attention_mla if s.mla else self.attention
             # the residual scale is folded into attn_output's and the experts' down weights
-            a = attention(l, self.rmsnorm(x, p + "attn_norm.weight", s.eps), cos, sin, bias, s.residual_scale)
-            x = g.op("Add", [x, a])
-            xn = self.rmsnorm(x, p + "ffn_norm.weight", s.eps)
+            a = attention(l, xn, cos, sin, bias, s.residual_scale)
+            xn, x = self.skip_rmsnorm(x, a, p + "ffn_norm.weight", s.eps)
             f = self.block_ffn(l, xn, s.residual_scale) if s.arch == "blockffn" else self.dense_ffn(l, xn)
-            x = g.op("Add", [x, f])
+            if l + 1 < L:
+                xn, x = self.skip_rmsnorm(x, f, f"blk.{l + 1}.attn_norm.weight", s.eps)
+            else:
+                x = g.op("Add", [x, f])
             self.tick()
         # logits for the last logits_keep tokens (0: all)
         start = g.op("Where", [g.op("Greater", ["logits_keep", zero]), g.op("Sub", [T0, "logits_keep"]), zero])

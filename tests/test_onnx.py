@@ -118,6 +118,22 @@ def test_moe_token_with_every_expert_off(tmp_path):
     assert np.isfinite(logits).all() and nmse(logits, ref) <= 1e-9
 
 
+@pytest.mark.parametrize("ffn", ["moe", "dense"])
+def test_blockffn_graph_shape(tmp_path, ffn):
+    """What keeps a decode step's fixed cost down (each node costs a dispatch and a thread-pool sync): q, k and v
+    from one matmul, each residual add fused with the norm after it, and the MoE router's log(r) with its fallback
+    for a token with every expert off in two nodes (Log, Max)."""
+    out = export_onnx(BLOCKFFN_TINY, tmp_path / "bf.onnx", ffn=ffn, progress=False)
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    L = 4
+    assert ops.count("Attention") == L and ops.count("SkipSimplifiedLayerNormalization") == 2 * L - 1
+    assert ops.count("MatMul") == L * (3 if ffn == "moe" else 5)  # qkv, attn_output, router (+ up, down)
+    assert ops.count("Add") == 2  # the attention mask's bias and the last layer's residual
+    assert ops.count("Where") == 2  # the attention mask's and logits_keep's: none per layer
+    if ffn == "moe":
+        assert ops.count("MoE") == ops.count("Log") == ops.count("Max") == L
+
+
 def test_tree_pass_equals_each_branch_alone(tiny_blockffn_onnx):
     """One pass over a draft tree (mask + depth positions through attention_bias) gives each node the logits its
     root-to-node path gets evaluated alone."""

@@ -79,6 +79,8 @@ class EngineThread:
         self.thread.start()
 
     def submit(self, req: Request, stream: bool) -> asyncio.Queue:
+        if self.error is not None or not self.thread.is_alive():
+            raise ApiError(503, f"the engine has stopped: {self.error}", kind="server_error")
         with self.lock:
             if self.pending >= self.engine.n_seq + self.limits.max_queue:
                 raise ApiError(429, f"the server is busy ({self.pending} requests running or waiting); try again "

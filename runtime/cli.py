@@ -585,3 +585,12 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, parallel
                                      default_max_tokens=min(512, max_tokens)))
     finally:
         m.close()
+
+
+# batch shares chat's sampling options but not two of their defaults: say so in its --help
+for _param in batch.params:
+    if _param.name == "seed":
+        _param.help = ("The run's sampling seed, 0 to 2^64-1: a line without its own samples with it plus its line "
+                       "number.  [default: 0]")
+    elif _param.name == "max_tokens":
+        _param.help = f"Most tokens per answer, at least 1 (default: {GENERATE_MAX_TOKENS}); a line's max_tokens wins."

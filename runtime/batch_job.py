@@ -21,7 +21,6 @@ runs beside it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .batching import Engine, Request, TextModel, check_messages, check_request
+from .batching import Engine, Request, TextModel, check_messages, check_request, integer_field, number_field
 from .chat_template import ChatTemplateError
 from .native import Model, SamplerParams
 
@@ -51,24 +50,6 @@ class Settings:
     seed: int = 0
 
 
-def _number(obj: dict, key: str, default: float, lo: float, hi: float) -> float:
-    value = obj.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{key} must be a number")
-    if not lo <= value <= hi:
-        raise ValueError(f"{key} must be in [{lo}, {hi}], got {value}")
-    return float(value)
-
-
-def _integer(obj: dict, key: str, default: int, lo: int, hi: int) -> int:
-    value = obj.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{key} must be an integer")  # noqa: TRY004  (a bad line: its error record)
-    if not lo <= value <= hi:
-        raise ValueError(f"{key} must be in [{lo}, {hi}], got {value}")
-    return value
-
-
 def parse_line(obj: Any, line: int, text: TextModel, settings: Settings) -> Request:
     """The request of one input line (already JSON-decoded); ValueError saying what is wrong with it."""
     if not isinstance(obj, dict):
@@ -80,14 +61,14 @@ def parse_line(obj: Any, line: int, text: TextModel, settings: Settings) -> Requ
         raise ValueError('give exactly one of "prompt" (text) and "messages" (a chat)')
     d = settings.params
     params = SamplerParams(
-        temperature=_number(obj, "temperature", d.temperature, 0.0, 10.0),
-        top_k=_integer(obj, "top_k", d.top_k, 0, 1 << 30),
-        top_p=_number(obj, "top_p", d.top_p, 0.0, 1.0),
-        min_p=_number(obj, "min_p", d.min_p, 0.0, 1.0),
-        repeat_penalty=_number(obj, "repeat_penalty", d.repeat_penalty, 0.0, 10.0),
+        temperature=number_field(obj, "temperature", d.temperature, 0.0, 10.0),
+        top_k=integer_field(obj, "top_k", d.top_k, 0, 1 << 30),
+        top_p=number_field(obj, "top_p", d.top_p, 0.0, 1.0),
+        min_p=number_field(obj, "min_p", d.min_p, 0.0, 1.0),
+        repeat_penalty=number_field(obj, "repeat_penalty", d.repeat_penalty, 0.0, 10.0),
         repeat_last_n=d.repeat_last_n,
-        seed=_integer(obj, "seed", (settings.seed + line) % 2**64, 0, 2**64 - 1))
-    max_tokens = _integer(obj, "max_tokens", settings.max_tokens, 1, settings.max_tokens_limit)
+        seed=integer_field(obj, "seed", (settings.seed + line) % 2**64, 0, 2**64 - 1))
+    max_tokens = integer_field(obj, "max_tokens", settings.max_tokens, 1, settings.max_tokens_limit)
     stop = obj.get("stop", [])
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -191,7 +192,7 @@ class Engine:
         self.n_decoded += 1
         lv.text += lv.decoder.decode(self.model.token_bytes(token))
         if req.stop and self._cut_at_stop(lv):
-            return self._finish(lv, "stop")
+            return self._finish(lv, "stop", cut=True)
         if len(lv.tokens) >= req.max_tokens or len(req.prompt) + len(lv.tokens) >= self.n_ctx:
             return self._finish(lv, "length")
         hold = max(map(len, req.stop)) - 1 if req.stop else 0
@@ -212,10 +213,15 @@ class Engine:
         lv.text = lv.text[:min(hits)]
         return True
 
-    def _finish(self, lv: _Live, reason: str) -> Event:
-        if reason != "stop" or not lv.req.stop or len(lv.text) == lv.sent:
-            lv.text += lv.decoder.decode(b"", final=True) if reason != "cancelled" else ""
-        piece = lv.text[lv.sent:] if reason != "cancelled" else ""
+    def _finish(self, lv: _Live, reason: str, *, cut: bool = False) -> Event:
+        """Free lv's sequence; the last event hands out the text not yet sent (none for a cancelled request). cut:
+        the text ends at a stop string, so bytes the decoder still holds lie beyond it."""
+        if reason == "cancelled":
+            piece = ""
+        else:
+            if not cut:
+                lv.text += lv.decoder.decode(b"", final=True)
+            piece = lv.text[lv.sent:]
         del self.live[lv.seq]
         self.session.truncate(lv.seq, 0)
         self.free.append(lv.seq)
@@ -260,6 +266,31 @@ class TextModel:
                                                  bos_token=self.special_token_text("bos"),
                                                  eos_token=self.special_token_text("eos"))
         return tokenize_segments(self, segments)
+
+
+def number_field(obj: dict, key: str, default: float, lo: float, hi: float) -> float:
+    """obj[key] as a finite number in [lo, hi] (default when absent or null); ValueError naming the field. The request
+    fields of `sparrow batch` lines and `sparrow serve` bodies go through here and integer_field."""
+    value = obj.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a number")
+    if not lo <= value <= hi:
+        raise ValueError(f"{key} must be in [{lo}, {hi}], got {value}")
+    return float(value)
+
+
+def integer_field(obj: dict, key: str, default: int, lo: int, hi: int) -> int:
+    """obj[key] as an integer in [lo, hi] (default when absent or null); ValueError naming the field."""
+    value = obj.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer")  # noqa: TRY004  (a bad request: its error record or 400)
+    if not lo <= value <= hi:
+        raise ValueError(f"{key} must be in [{lo}, {hi}], got {value}")
+    return value
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:

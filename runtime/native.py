@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from os import PathLike
+from typing import TypeVar
 
 import numpy as np
 
@@ -191,7 +192,62 @@ class Model:
                                                       _kv_type(kv_type), n_seq))
 
 
-class Session:
+_S = TypeVar("_S", bound="_SessionBase")
+
+
+class _SessionBase:
+    """What Session and BatchSession share: the binding's session object (self._s), closing, and the statistics of
+    the passes run on it."""
+
+    _s: _sparrow.Session
+
+    def close(self) -> None:
+        self._s.close()
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def n_ctx(self) -> int:
+        """KV cache slots (of each sequence, in a BatchSession)."""
+        return self._s.n_ctx
+
+    def memory(self) -> SessionMemory:
+        """What this session allocated when it was created (what Model.session_memory predicted)."""
+        return SessionMemory(**self._s.memory())
+
+    def sparsity(self, layer: int | None = None) -> SparsityStats | None:
+        """Expert sparsity over the tokens evaluated since the session began (or reset_sparsity()): all layers, or
+        one layer. None for models without sparse experts."""
+        d = self._s.sparsity(-1 if layer is None else layer)
+        return None if d is None else SparsityStats(**d)
+
+    def reset_sparsity(self) -> None:
+        self._s.reset_sparsity()
+
+    def timings(self) -> Timings:
+        """Forward-pass time per phase since the session began (or reset_timings())."""
+        return Timings(**self._s.timings())
+
+    def reset_timings(self) -> None:
+        self._s.reset_timings()
+
+    @property
+    def handle(self) -> _sparrow.Session:
+        """The binding's session object, which the `_sparrow.testing` hooks take (ffn_run, last_router_scores, ...)."""
+        return self._s
+
+    @staticmethod
+    def _check_out(out: np.ndarray | None) -> None:
+        if out is not None and not (isinstance(out, np.ndarray) and out.dtype == np.float32
+                                    and out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError("out must be a writeable float32 C-contiguous numpy array")
+
+
+class Session(_SessionBase):
     """KV cache + scratch + threads for one conversation over a Model. Not for concurrent use."""
 
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0,
@@ -205,35 +261,16 @@ class Session:
         self.tokens: list[int] = []  # what the KV cache holds, in order
         self.n_evaluated = 0  # tokens run through the forward pass over this session's life (shows KV cache reuse)
 
-    def close(self) -> None:
-        self._s.close()
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     @property
     def n_past(self) -> int:
         return self._s.n_past
-
-    @property
-    def n_ctx(self) -> int:
-        return self._s.n_ctx
-
-    def memory(self) -> SessionMemory:
-        """What this session allocated when it was created (what Model.session_memory predicted)."""
-        return SessionMemory(**self._s.memory())
 
     def eval(self, tokens: Sequence[int], *, pos: Sequence[int] | None = None, mask: np.ndarray | None = None,
              logits: str = "last", out: np.ndarray | None = None) -> np.ndarray | None:
         """Evaluate up to n_batch tokens in one forward pass; logits "last" -> [V], "all" -> [T, V], "none".
         out: a float32 C-contiguous array of that shape to fill and return instead of a new one (a loop that
         evaluates every step saves an allocation, and the page faults of a fresh ~1 MB buffer, per step)."""
-        if out is not None and not (isinstance(out, np.ndarray) and out.dtype == np.float32
-                                    and out.flags.c_contiguous and out.flags.writeable):
-            raise ValueError("out must be a writeable float32 C-contiguous numpy array")
+        self._check_out(out)
         out = self._s.eval(list(tokens), None if pos is None else list(pos), mask, logits, out)
         self.tokens.extend(tokens)
         self.n_evaluated += len(tokens)
@@ -252,22 +289,6 @@ class Session:
         """Keep only these KV cache slots (strictly increasing), in order: the accepted path of a verified draft tree."""
         self._s.keep(list(slots))
         self.tokens = [self.tokens[i] for i in slots]
-
-    def sparsity(self, layer: int | None = None) -> SparsityStats | None:
-        """Expert sparsity over the tokens evaluated since the session began (or reset_sparsity()): all layers, or
-        one layer. None for models without sparse experts."""
-        d = self._s.sparsity(-1 if layer is None else layer)
-        return None if d is None else SparsityStats(**d)
-
-    def reset_sparsity(self) -> None:
-        self._s.reset_sparsity()
-
-    def timings(self) -> Timings:
-        """Forward-pass time per phase since the session began (or reset_timings())."""
-        return Timings(**self._s.timings())
-
-    def reset_timings(self) -> None:
-        self._s.reset_timings()
 
     def reuse_prefix(self, tokens: Sequence[int]) -> int:
         """Keep the longest cached prefix of `tokens`, but never the last one (evaluating it again gives its logits),
@@ -321,13 +342,8 @@ class Session:
         """The effective synthetic-routing setting (as set_synthetic_routing returns it), or None when off."""
         return _sparrow.testing.synthetic_routing(self._s)
 
-    @property
-    def handle(self) -> _sparrow.Session:
-        """The binding's session object, which the `_sparrow.testing` hooks take (ffn_run, last_router_scores, ...)."""
-        return self._s
 
-
-class BatchSession:
+class BatchSession(_SessionBase):
     """Several independent sequences over one Model (sp_session_params.n_seq), their tokens evaluated together: one
     forward pass reads the weights once for every sequence in it. Each sequence has its own n_ctx cache slots and
     positions and never sees another's tokens. Not for concurrent use."""
@@ -338,20 +354,6 @@ class BatchSession:
         self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode), _kv_type("f16"), n_seq)
         self.n_seq = n_seq
         self.n_batch = n_batch
-
-    def close(self) -> None:
-        self._s.close()
-
-    def __enter__(self) -> BatchSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def n_ctx(self) -> int:
-        """Cache slots per sequence."""
-        return self._s.n_ctx
 
     def n_past(self, seq: int) -> int:
         n = self._s.seq_n_past(seq)
@@ -372,26 +374,8 @@ class BatchSession:
         for s, toks in runs:
             tokens.extend(toks)
             seq.extend([s] * len(toks))
-        if out is not None and not (isinstance(out, np.ndarray) and out.dtype == np.float32
-                                    and out.flags.c_contiguous and out.flags.writeable):
-            raise ValueError("out must be a writeable float32 C-contiguous numpy array")
+        self._check_out(out)
         return self._s.eval(tokens, None, None, "last", out, seq)
-
-    def memory(self) -> SessionMemory:
-        return SessionMemory(**self._s.memory())
-
-    def sparsity(self, layer: int | None = None) -> SparsityStats | None:
-        d = self._s.sparsity(-1 if layer is None else layer)
-        return None if d is None else SparsityStats(**d)
-
-    def reset_sparsity(self) -> None:
-        self._s.reset_sparsity()
-
-    def timings(self) -> Timings:
-        return Timings(**self._s.timings())
-
-    def handle(self) -> _sparrow.Session:
-        return self._s
 
 
 class Sampler:

@@ -20,12 +20,11 @@ import asyncio
 import contextlib
 import hmac
 import json
-import math
 import queue
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +33,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .batching import Engine, Event, Request, TextModel, check_messages
+from .batching import Engine, Event, Request, TextModel, check_messages, integer_field, number_field
 from .chat_template import ChatTemplateError
 from .native import SamplerParams
 
@@ -118,20 +117,17 @@ class EngineThread:
     def _run(self) -> None:
         try:
             while True:
-                try:
-                    item = self.inbox.get(timeout=None if not self.engine.busy else 0)
-                except queue.Empty:
-                    item = ()
-                while item != ():
+                # wait for work while idle; between passes take whatever arrived, without waiting
+                items = [] if self.engine.busy else [self.inbox.get()]
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        items.append(self.inbox.get_nowait())
+                for item in items:
                     if item is None:
                         return
                     req, box, loop, stream = item
                     self.outboxes[id(req)] = (box, loop, stream)
                     self.engine.submit(req)  # checked by the handler already
-                    try:
-                        item = self.inbox.get_nowait()
-                    except queue.Empty:
-                        item = ()
                 if self.engine.busy:
                     self._deliver(self.engine.step())
         except BaseException as e:  # noqa: BLE001  (a failed engine fails every request that waits on it)
@@ -140,26 +136,12 @@ class EngineThread:
                 loop.call_soon_threadsafe(box.put_nowait, e)
 
 
-def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ApiError(400, f"{key} must be a number", param=key)
-    if not lo <= value <= hi:
-        raise ApiError(400, f"{key} must be between {lo} and {hi}, got {value}", param=key)
-    return float(value)
-
-
-def _integer(body: dict, key: str, default: int, lo: int, hi: int) -> int:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"{key} must be an integer", param=key)
-    if not lo <= value <= hi:
-        raise ApiError(400, f"{key} must be between {lo} and {hi}, got {value}", param=key)
-    return value
+def _field(read: Callable[..., Any], body: dict, key: str, *args: Any) -> Any:
+    """A request field through batching's number_field / integer_field; its ValueError as a 400 naming the field."""
+    try:
+        return read(body, key, *args)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=key) from None
 
 
 class Server:
@@ -217,12 +199,12 @@ class Server:
 
     def _request(self, body: dict, prompt: list[int], tag: str) -> Request:
         d = SamplerParams()  # OpenAI's defaults: temperature 1, top_p 1
-        params = SamplerParams(temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                               top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        params = SamplerParams(temperature=_field(number_field, body, "temperature", 1.0, 0.0, 2.0),
+                               top_p=_field(number_field, body, "top_p", 1.0, 0.0, 1.0),
                                top_k=0, min_p=0.0, repeat_penalty=1.0, repeat_last_n=d.repeat_last_n,
-                               seed=_integer(body, "seed", secrets.randbits(63), 0, 2**63 - 1))
+                               seed=_field(integer_field, body, "seed", secrets.randbits(63), 0, 2**63 - 1))
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _integer(body, key, self.limits.default_max_tokens, 1, self.limits.max_tokens)
+        max_tokens = _field(integer_field, body, key, self.limits.default_max_tokens, 1, self.limits.max_tokens)
         stop = body.get("stop")
         stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):

@@ -89,7 +89,7 @@ def test_a_tree_mask_applies_within_each_run(model):
         pos = []
         for p in prefixes:
             pos += [len(p), len(p) + 1, len(p)]
-        logits = bs.handle().eval(trees[0] + trees[1], pos, mask, "all", None, [0, 0, 0, 1, 1, 1])
+        logits = bs.handle.eval(trees[0] + trees[1], pos, mask, "all", None, [0, 0, 0, 1, 1, 1])
     for k, (p, t) in enumerate(zip(prefixes, trees)):
         with model.session(n_ctx=64) as s:
             s.eval(p, logits="none")
@@ -108,11 +108,11 @@ def test_bad_requests_are_refused_and_change_nothing(smollm_path):
         with pytest.raises(SparrowError, match="sequence id -1"):
             bs.eval([(-1, [1])])
         with pytest.raises(SparrowError, match="contiguous"):
-            bs.handle().eval([1, 2, 3], None, None, "last", None, [0, 1, 0])
+            bs.handle.eval([1, 2, 3], None, None, "last", None, [0, 1, 0])
         with pytest.raises(SparrowError, match="sequence 0's context is full"):
             bs.eval([(1, [4]), (0, [1, 2, 3, 4, 5, 6])])
         with pytest.raises(SparrowError, match="seq must have one entry per token"):
-            bs.handle().eval([1, 2], None, None, "last", None, [0])
+            bs.handle.eval([1, 2], None, None, "last", None, [0])
         with pytest.raises(SparrowError, match="outside"):
             bs.truncate(5)
         with pytest.raises(SparrowError, match="must be 0..n_past"):

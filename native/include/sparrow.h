@@ -137,6 +137,10 @@ typedef struct sp_session_params {
     sp_kv_type kv_type;   /* KV cache element type (default SP_KV_F16) */
     int32_t n_seq;        /* independent sequences, each with its own n_ctx cache slots (default 1; 1..256). Their
                              tokens share one forward pass (sp_batch.seq): the weights are read once for all of them. */
+    int32_t device;       /* where the forward passes run: 0 the CPU (default); k = 1..sp_device_count() GPU device k
+                             (Vulkan; see "devices" below): the model's weights go to the device once, the KV cache
+                             lives there, and each sp_eval is one submission. Device sessions take n_seq 1 and
+                             grouped-query attention (else SP_ERR_UNSUPPORTED); n_threads and ffn_mode do not apply. */
 } sp_session_params;
 
 SP_API sp_session_params sp_session_default_params(void);
@@ -235,6 +239,28 @@ typedef struct sp_timings {
 } sp_timings;
 SP_API sp_status sp_session_get_timings(const sp_session *session, sp_timings *out);
 SP_API void sp_session_reset_timings(sp_session *session);
+
+/* ---- devices (GPUs through Vulkan) ----
+ * A build with the Vulkan backend (CMake SPARROW_VULKAN, on where glslc and the Vulkan headers are found) loads the
+ * Vulkan loader (libvulkan.so.1) at run time, when first asked: a build with it still runs, CPU only, where no
+ * loader or no device exists. Devices are the Vulkan 1.2 devices with buffer device addresses and a compute queue,
+ * numbered from 1 in the loader's order (0 is the CPU in sp_session_params.device). SPARROW_VULKAN_VALIDATION=1
+ * turns the Khronos validation layer on (it must be installed) and counts what it reports. */
+typedef struct sp_device_info {
+    char name[256];          /* e.g. "llvmpipe (LLVM 15.0.6, 256 bits)", "Adreno (TM) 740" */
+    char kind[16];           /* "integrated", "discrete", "virtual", "cpu" (a software device such as lavapipe), "other" */
+    char api[16];            /* "vulkan" */
+    char api_version[16];    /* the device's Vulkan version, "1.3.230" */
+    char driver[64];         /* the driver's name, e.g. "llvmpipe" */
+    uint64_t memory_bytes;   /* its largest device-local memory heap */
+} sp_device_info;
+/* Usable GPU devices (0 without the Vulkan backend, loader or device; sp_last_error() then says which). */
+SP_API int32_t sp_device_count(void);
+SP_API sp_status sp_device_get_info(int32_t device, sp_device_info *out); /* device 1..sp_device_count() */
+SP_API bool sp_device_backend_built(void);   /* whether this build has the Vulkan backend */
+/* Messages of severity error (and, in *warnings, warning) the validation layer reported since the process started;
+ * 0 unless SPARROW_VULKAN_VALIDATION=1. The last one is copied into msg (capacity bytes, NUL-terminated) when given. */
+SP_API int64_t sp_device_validation_errors(int64_t *warnings, char *msg, size_t capacity);
 
 /* ---- sampler ---- */
 /* The defaults below are sp_sampler_default_params()'s; the Python binding reports them (sampler_default_params) and

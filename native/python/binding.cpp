@@ -120,8 +120,9 @@ struct ModelUse {
 // n_ctx None: the library default; n_batch / n_threads 0 or None: default. Other values go to C to be checked.
 sp_session_params session_params(std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
                                  std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type,
-                                 int32_t n_seq) {
+                                 int32_t n_seq, int32_t device) {
     sp_session_params p = sp_session_default_params();
+    p.device = device;
     p.ffn_mode = (sp_ffn_mode)ffn_mode;
     p.kv_type = (sp_kv_type)kv_type;
     p.n_seq = n_seq;
@@ -145,10 +146,14 @@ struct Session {
     nb::object model_ref;  // keeps the Python Model alive while the session lives
     int32_t n_vocab = 0;
     Session(nb::object model_obj, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
-            std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type, int32_t n_seq) {
+            std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type, int32_t n_seq, int32_t device) {
         Model &mo = nb::cast<Model &>(model_obj);
         sp_model *m = mo.acquire();  // held until the session is freed
-        sp_status st = sp_session_new(m, session_params(n_ctx, n_batch, n_threads, ffn_mode, kv_type, n_seq), &s);
+        sp_status st;
+        {
+            nb::gil_scoped_release unlocked;  // a GPU session uploads the model's weights the first time
+            st = sp_session_new(m, session_params(n_ctx, n_batch, n_threads, ffn_mode, kv_type, n_seq, device), &s);
+        }
         if (st != SP_OK) {
             mo.release();
             check(st);
@@ -414,6 +419,42 @@ NB_MODULE(_sparrow, m) {
     m.def("version", &sp_version);
     m.def("cpu_features", &sp_cpu_features);
     m.def("kernel_tier", &sp_kernel_tier);
+    // devices() -> list of dicts (sp_device_info; index = the device number for sessions, from 1); empty without the
+    // Vulkan backend, loader or a device (device_error() then says why)
+    m.def("devices", []() {
+        nb::list out;
+        int32_t n;
+        {
+            nb::gil_scoped_release unlocked;
+            n = sp_device_count();
+        }
+        for (int32_t i = 1; i <= n; i++) {
+            sp_device_info info;
+            check(sp_device_get_info(i, &info));
+            nb::dict d;
+            d["index"] = i;
+            d["name"] = std::string(info.name);
+            d["kind"] = std::string(info.kind);
+            d["api"] = std::string(info.api);
+            d["api_version"] = std::string(info.api_version);
+            d["driver"] = std::string(info.driver);
+            d["memory_bytes"] = info.memory_bytes;
+            out.append(d);
+        }
+        return out;
+    });
+    m.def("device_error", []() {
+        nb::gil_scoped_release unlocked;
+        return sp_device_count() > 0 ? std::string() : std::string(sp_last_error());
+    });
+    m.def("device_backend_built", &sp_device_backend_built);
+    // device_validation() -> (errors, warnings, last message) the Vulkan validation layer reported (when on)
+    m.def("device_validation", []() {
+        int64_t warnings = 0;
+        char msg[1024];
+        const int64_t errors = sp_device_validation_errors(&warnings, msg, sizeof msg);
+        return nb::make_tuple(errors, warnings, std::string(msg));
+    });
     // supported_architectures() -> list of str: the GGUF architectures sp_model_load implements
     m.def("supported_architectures", []() {
         std::vector<std::string> out;
@@ -554,20 +595,21 @@ NB_MODULE(_sparrow, m) {
         // session_memory(...) -> dict of sp_session_memory: what a Session with these arguments would allocate
         .def("session_memory", [](Model &self, std::optional<int32_t> n_ctx, std::optional<int32_t> n_batch,
                                   std::optional<int32_t> n_threads, int32_t ffn_mode, int32_t kv_type,
-                                  int32_t n_seq) {
+                                  int32_t n_seq, int32_t device) {
             sp_session_memory mem;
             check(sp_session_memory_estimate(ModelUse(self),
-                                             session_params(n_ctx, n_batch, n_threads, ffn_mode, kv_type, n_seq),
+                                             session_params(n_ctx, n_batch, n_threads, ffn_mode, kv_type, n_seq,
+                                                            device),
                                              &mem));
             return memory_dict(mem);
         }, "n_ctx"_a = nb::none(), "n_batch"_a = nb::none(), "n_threads"_a = nb::none(),
-           "ffn_mode"_a = (int32_t)SP_FFN_AUTO, "kv_type"_a = (int32_t)SP_KV_F16, "n_seq"_a = 1);
+           "ffn_mode"_a = (int32_t)SP_FFN_AUTO, "kv_type"_a = (int32_t)SP_KV_F16, "n_seq"_a = 1, "device"_a = 0);
 
     nb::class_<Session>(m, "Session")
         .def(nb::init<nb::object, std::optional<int32_t>, std::optional<int32_t>, std::optional<int32_t>, int32_t,
-                      int32_t, int32_t>(),
+                      int32_t, int32_t, int32_t>(),
              "model"_a, "n_ctx"_a = nb::none(), "n_batch"_a = nb::none(), "n_threads"_a = nb::none(),
-             "ffn_mode"_a = (int32_t)SP_FFN_AUTO, "kv_type"_a = (int32_t)SP_KV_F16, "n_seq"_a = 1)
+             "ffn_mode"_a = (int32_t)SP_FFN_AUTO, "kv_type"_a = (int32_t)SP_KV_F16, "n_seq"_a = 1, "device"_a = 0)
         // sparsity(layer=-1) -> dict of sp_sparsity_stats (cls as {k: value} for k = 2..16); None without experts
         .def("sparsity", [](Session &self, int32_t layer) -> nb::object {
             sp_sparsity_stats st;

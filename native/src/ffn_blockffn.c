@@ -54,7 +54,7 @@ static void router_norm_row(const sp_hparams *hp, const float *norm_w, float *r)
 }
 
 /* Sparsity counters of layer il for the batch's T tokens (masks from r != 0). */
-static void count_sparsity(sp_session *ses, int il, const float *router, int64_t T, uint64_t bytes) {
+void sp_ffn_count_sparsity(sp_session *ses, int il, const float *router, int64_t T, uint64_t bytes) {
     sp_sparsity_acc *a = &ses->sparsity;
     const int64_t E = ses->model->hp.n_expert, W = a->words;
     uint64_t *ring = a->ring + (int64_t)il * SP_CLS_RING * W; /* [SP_CLS_RING, W] */
@@ -126,7 +126,7 @@ static void plan_tasks(const fwd_ctx *c, int il) {
         break;
     }
     s->n_tasks = n_tasks;
-    count_sparsity(ses, il, s->router, T, slab * (uint64_t)n_tasks);
+    sp_ffn_count_sparsity(ses, il, s->router, T, slab * (uint64_t)n_tasks);
 }
 
 /* Add the time since *clk to *acc and restart the clock. */

@@ -41,6 +41,9 @@ void sp_attn_mla(const fwd_ctx *c, int il, int ith, int nth);
 /* The BlockFFN FFN block of layer il: reads scratch xn [T, H] (and xq), writes scratch tmp [T, H]; ends with all
  * threads past a barrier. See ffn_blockffn.c. */
 void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth);
+/* Add layer il's batch of T tokens to the session's sparsity counters: router scores r [T, E] (active: != 0), and
+ * the expert bytes the pass read (also the GPU pass's, vulkan/vk_forward.c). */
+void sp_ffn_count_sparsity(sp_session *ses, int il, const float *r, int64_t T, uint64_t bytes);
 /* Testing/benchmark hook: run layer il's FFN block alone on xn [T, H] (NULL: reuse what scratch holds) with router
  * scores r [T, r_cols] used as given (NULL: computed from xn; r_cols must be E) in `mode`; out [T, H] (may be
  * NULL). Updates the sparsity counters like a forward pass. */

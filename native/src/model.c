@@ -3,6 +3,7 @@
  * Everything the forward pass relies on is checked here, so that a file whose metadata lies (a layer count that
  * disagrees with its tensors, shapes that disagree with the config) is rejected with a message, never run. */
 #include "model.h"
+#include "vulkan/vk.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -486,6 +487,7 @@ sp_model_params sp_model_default_params(void) {
 
 void sp_model_free(sp_model *m) {
     if (!m) return;
+    sp_vk_model_release(m);
     free(m->packed);
     free(m->layers);
     sp_vocab_free(m->vocab);

@@ -100,6 +100,8 @@ struct sp_model {
     sp_layer *layers;         /* [L] */
     void *packed;             /* one buffer holding every sp_tensor.packed (NULL when nothing is packed) */
     size_t packed_bytes;
+    struct sp_vk_model *vk;   /* the weights on GPU devices (vulkan/vk_weights.c), made by the first session on each;
+                                 the one field that changes after loading, under that file's lock */
 };
 
 /* A run of a batch: its tokens [t0, t0 + n) all belong to sequence seq, which held P cached slots before the pass. */
@@ -183,6 +185,7 @@ struct sp_session {
     sp_timings times; /* written by pool thread 0 only, between barriers */
     sp_session_memory memory; /* what sp_session_new allocated (session.c sizes it) */
     sp_pool *pool;
+    struct sp_vk_session *gpu; /* a device session's GPU state (params.device > 0; vulkan/vk_forward.c), else NULL */
     _Atomic int busy; /* 1 while a thread is inside sp_eval / truncate / keep: a second thread is refused */
     uint64_t n_changes; /* calls of sp_eval / truncate / keep so far (written by the claiming thread) */
 };

@@ -3,6 +3,7 @@
  * Shape legend: L = layers, C = n_ctx (cache slots), KVD = kv heads x head_dim, B = n_batch; the KV cache holds
  * kv_k_dim keys and kv_v_dim values per token and layer (model.h: GQA NKV*D each; MLA the latent and the rope key). */
 #include "model.h"
+#include "vulkan/vk.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -12,12 +13,13 @@ struct sp_ffn_task { int32_t e, n, tok; }; /* see ffn_blockffn.c; only its size 
 
 sp_session_params sp_session_default_params(void) {
     sp_session_params p = {.n_ctx = 2048, .n_batch = 64, .n_threads = sp_physical_cores(), .ffn_mode = SP_FFN_AUTO,
-                           .kv_type = SP_KV_F16, .n_seq = 1};
+                           .kv_type = SP_KV_F16, .n_seq = 1, .device = 0};
     return p;
 }
 
 void sp_session_free(sp_session *ses) {
     if (!ses) return;
+    sp_vk_session_free(ses->gpu);
     sp_pool_free(ses->pool);
     free(ses->past);
     free(ses->k_cache);
@@ -105,9 +107,13 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
     const uint64_t per_float = p->kv_type == SP_KV_F32 ? 1 : 2; /* cache values per float of take() */
     ses->kv_elem = sizeof(float) / per_float;
     const uint64_t CK = mla ? C : (C + SP_KBLK - 1) / SP_KBLK * SP_KBLK; /* GQA keys: whole blocks (sp_kcache_at) */
-    ses->k_cache = take(z, (L * NS * CK * (uint64_t)hp->kv_k_dim + per_float - 1) / per_float);
-    ses->v_cache = hp->kv_v_dim ? take(z, (L * NS * C * (uint64_t)hp->kv_v_dim + per_float - 1) / per_float) : NULL;
-    z->kv_bytes = z->bytes - before_kv;
+    if (p->device > 0) { /* the cache lives on the GPU (vulkan/vk_forward.c: F16 keys and values): counted, not here */
+        z->kv_bytes = 2 * L * C * KVD * 2;
+    } else {
+        ses->k_cache = take(z, (L * NS * CK * (uint64_t)hp->kv_k_dim + per_float - 1) / per_float);
+        ses->v_cache = hp->kv_v_dim ? take(z, (L * NS * C * (uint64_t)hp->kv_v_dim + per_float - 1) / per_float) : NULL;
+        z->kv_bytes = z->bytes - before_kv;
+    }
     sp_scratch *s = &ses->s;
     s->runs = take(z, B * (sizeof(sp_run) / sizeof(float)));
     s->trun = take(z, B); /* int32 */
@@ -178,6 +184,8 @@ static sp_status check_params(const sp_model *m, sp_session_params *p) {
     if (p->ffn_mode < SP_FFN_AUTO || p->ffn_mode > SP_FFN_SPARSE_CHUNK)
         return sp_fail(SP_ERR_INVALID_ARG,
                        "ffn_mode must be one of SP_FFN_AUTO/DENSE/SPARSE_TOKEN/SPARSE_CHUNK, got %d", (int)p->ffn_mode);
+    if (p->device < 0) return sp_fail(SP_ERR_INVALID_ARG, "device must be 0 (the CPU) or a GPU device 1.., got %d", p->device);
+    if (p->device > 0) return sp_vk_session_check(m, p);
     return SP_OK;
 }
 
@@ -218,6 +226,7 @@ sp_status sp_session_new(const sp_model *m, sp_session_params params, sp_session
     ses->memory = (sp_session_memory){.n_ctx = params.n_ctx, .kv_cache_bytes = (size_t)z.kv_bytes,
                                       .total_bytes = (size_t)z.bytes};
     st = sp_pool_new(params.n_threads, &ses->pool);
+    if (st == SP_OK && params.device > 0) st = sp_vk_session_new(ses, &ses->gpu);
     if (st != SP_OK) {
         sp_session_free(ses);
         return st;
@@ -268,7 +277,12 @@ static sp_status eval_checked(sp_session *ses, const sp_batch *b) {
         const sp_run *r = &s->runs[s->trun[t]];
         s->tpos[t] = b->pos ? b->pos[t] : r->P + (t - r->t0);
     }
-    sp_forward(ses, b);
+    if (ses->gpu) {
+        st = sp_vk_forward(ses, b);
+        if (st != SP_OK) return st;
+    } else {
+        sp_forward(ses, b);
+    }
     for (int32_t i = 0; i < s->n_runs; i++) ses->past[s->runs[i].seq] += s->runs[i].n;
     return SP_OK;
 }
@@ -346,6 +360,11 @@ static sp_status keep_checked(sp_session *ses, int32_t seq, const int32_t *idx, 
     for (int32_t i = 0; i < n; i++)
         if (idx[i] < 0 || idx[i] >= P || (i > 0 && idx[i] <= idx[i - 1]))
             return sp_fail(SP_ERR_INVALID_ARG, "keep: slot indices must be strictly increasing and < n_past (%d)", P);
+    if (ses->gpu) {
+        sp_status st = sp_vk_keep(ses, idx, n);
+        if (st == SP_OK) ses->past[seq] = n;
+        return st;
+    }
     const sp_hparams *hp = &ses->model->hp;
     const size_t KD = (size_t)hp->kv_k_dim * ses->kv_elem, VD = (size_t)hp->kv_v_dim * ses->kv_elem; /* row bytes */
     const bool blocked = ses->model->attn == SP_ATTN_GQA; /* GQA keys in blocks of slots (sp_kcache_at) */

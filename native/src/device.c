@@ -1,6 +1,7 @@
 /* device.c: the GPU device calls of a build without the Vulkan backend (CMake SPARROW_VULKAN off): no devices, and a
  * device session is refused with a message saying how to get one. A build with it has these in vulkan/. */
 #include "model.h"
+#include "testing.h"
 #include "vulkan/vk.h"
 
 #include <stdio.h>
@@ -36,4 +37,14 @@ void sp_vk_session_free(sp_vk_session *g) {}
 sp_status sp_vk_forward(sp_session *ses, const sp_batch *b) { return sp_fail(SP_ERR_UNSUPPORTED, "%s", no_backend); }
 sp_status sp_vk_keep(sp_session *ses, const int32_t *idx, int32_t n) { return sp_fail(SP_ERR_UNSUPPORTED, "%s", no_backend); }
 void sp_vk_model_release(sp_model *m) {}
+
+sp_status sp_testing_vk_run(int32_t device, const char *pipe, void *const *bufs, const size_t *bytes, int32_t n_bufs,
+                            const uint32_t *u, const float *f, const uint32_t *groups) {
+    return sp_fail(SP_ERR_UNSUPPORTED, "%s", no_backend);
+}
+sp_status sp_testing_vk_layout(uint32_t type, const void *w, size_t w_size, int64_t N, int64_t K, uint32_t *out,
+                               size_t *n_words, uint32_t *d_off, uint32_t *m_off) {
+    return sp_fail(SP_ERR_UNSUPPORTED, "%s", no_backend);
+}
+sp_status sp_testing_vk_rows_per_group(int32_t device, uint32_t *out) { return sp_fail(SP_ERR_UNSUPPORTED, "%s", no_backend); }
 #endif

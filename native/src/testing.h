@@ -168,4 +168,19 @@ int32_t sp_testing_vocab_eot(const sp_testing_vocab *v);
 bool sp_testing_vocab_add_bos(const sp_testing_vocab *v);
 bool sp_testing_vocab_is_eog(const sp_testing_vocab *v, int32_t token);
 
+/* ---- the Vulkan backend's shaders, one at a time (vulkan/vk_testing.c; SP_ERR_UNSUPPORTED without the backend) ---- */
+
+/* Run the compute pipeline `pipe` ("matmul_q4_0", "rmsnorm", ... : vulkan/vk.h's sp_vk_pipe names) on GPU device
+ * `device` once: bufs[i] (bytes[i] each, i < n_bufs <= 5) are copied into device buffers whose addresses fill the push
+ * constants a[i]; u[12] and f[4] the rest (shaders/common.glsl); groups[3] workgroups are dispatched; then every
+ * buffer is copied back into bufs[i]. Weights go in the GPU layout (sp_testing_vk_layout). */
+sp_status sp_testing_vk_run(int32_t device, const char *pipe, void *const *bufs, const size_t *bytes, int32_t n_bufs,
+                            const uint32_t *u, const float *f, const uint32_t *groups);
+/* W[N, K] of `type` (raw GGUF rows, w_size bytes) in the GPU layout: out[*n_words] (NULL: only sizes), the word
+ * offsets of its scales and minimums. */
+sp_status sp_testing_vk_layout(uint32_t type, const void *w, size_t w_size, int64_t N, int64_t K, uint32_t *out,
+                               size_t *n_words, uint32_t *d_off, uint32_t *m_off);
+/* The matmul rows per workgroup on a device (one per subgroup). */
+sp_status sp_testing_vk_rows_per_group(int32_t device, uint32_t *out);
+
 #endif

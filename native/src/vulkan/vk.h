@@ -107,6 +107,12 @@ typedef struct sp_vk_model {
 } sp_vk_model;
 
 sp_status sp_vk_model_get(const sp_model *m, int32_t device, sp_vk_model **out);
+/* The GPU layout (vk_weights.c): whether a type has one; its size in words for n rows of k, with the scales' and
+ * minimums' word offsets; and the conversion from GGUF rows. */
+bool sp_vk_gpu_type(sp_type t);
+size_t sp_vk_layout_words(sp_type t, int64_t n, int64_t k, uint32_t *d_off, uint32_t *m_off);
+void sp_vk_to_layout(sp_type t, const void *src, int64_t n, int64_t k, uint32_t *dst, uint32_t d_off, uint32_t m_off);
+extern const char *const sp_vk_pipe_names[SP_VK_PIPE_COUNT]; /* vk_device.c */
 #endif /* SP_HAVE_VULKAN */
 
 /* ---- the calls of the rest of the library (each also defined, refusing or doing nothing, without Vulkan) ---- */

@@ -17,6 +17,11 @@
 
 sp_vk_fns sp_vk;
 
+const char *const sp_vk_pipe_names[SP_VK_PIPE_COUNT] = {
+    "matmul_f32", "matmul_f16", "matmul_q4_0", "matmul_q4_1", "matmul_q8_0", "up_f32", "up_f16", "up_q4_0",
+    "up_q4_1", "up_q8_0", "down_f32", "down_f16", "down_q4_0", "down_q4_1", "down_q8_0", "rmsnorm", "rope",
+    "kv_store", "attention", "swiglu", "router"};
+
 enum { MAX_DEVICES = 16 };
 
 static struct {

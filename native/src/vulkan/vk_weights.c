@@ -9,12 +9,12 @@
 
 static pthread_mutex_t weights_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static bool gpu_type(sp_type t) {
+bool sp_vk_gpu_type(sp_type t) {
     return t == SP_TYPE_F32 || t == SP_TYPE_F16 || t == SP_TYPE_Q4_0 || t == SP_TYPE_Q4_1 || t == SP_TYPE_Q8_0;
 }
 
 /* The GPU layout of n rows of k elements of type t from src (GGUF layout) into dst (words); d_off/m_off set. */
-static size_t layout_words(sp_type t, int64_t n, int64_t k, uint32_t *d_off, uint32_t *m_off) {
+size_t sp_vk_layout_words(sp_type t, int64_t n, int64_t k, uint32_t *d_off, uint32_t *m_off) {
     const size_t nb = (size_t)(n * k / SP_QK);
     switch (t) {
     case SP_TYPE_F32: *d_off = *m_off = 0; return (size_t)(n * k);
@@ -25,7 +25,7 @@ static size_t layout_words(sp_type t, int64_t n, int64_t k, uint32_t *d_off, uin
     }
 }
 
-static void to_layout(sp_type t, const void *src, int64_t n, int64_t k, uint32_t *dst, uint32_t d_off, uint32_t m_off) {
+void sp_vk_to_layout(sp_type t, const void *src, int64_t n, int64_t k, uint32_t *dst, uint32_t d_off, uint32_t m_off) {
     const size_t nb = (size_t)(n * k / SP_QK);
     float *d = (float *)(dst + d_off), *m = (float *)(dst + m_off);
     if (t == SP_TYPE_F32 || t == SP_TYPE_F16) {
@@ -55,7 +55,7 @@ static void to_layout(sp_type t, const void *src, int64_t n, int64_t k, uint32_t
 /* Upload a weight (a 2-D tensor, or a norm vector as one F32 row of k). */
 static sp_status upload(sp_vk_dev *dv, sp_vk_tensor *out, sp_type t, const void *data, int64_t n, int64_t k,
                         const char *what) {
-    if (!gpu_type(t))
+    if (!sp_vk_gpu_type(t))
         return sp_fail(SP_ERR_UNSUPPORTED, "%s: tensor type %d has no GPU kernel (F32, F16, Q4_0, Q4_1, Q8_0 do)", what, (int)t);
     if (t != SP_TYPE_F32 && k % SP_QK)
         return sp_fail(SP_ERR_UNSUPPORTED, "%s: rows of %lld elements; the GPU kernels need a multiple of 32", what,
@@ -63,10 +63,10 @@ static sp_status upload(sp_vk_dev *dv, sp_vk_tensor *out, sp_type t, const void 
     out->type = t;
     out->n = n;
     out->k = k;
-    const size_t words = layout_words(t, n, k, &out->d_off, &out->m_off);
+    const size_t words = sp_vk_layout_words(t, n, k, &out->d_off, &out->m_off);
     uint32_t *host = malloc(words * 4 + 4);
     if (!host) return sp_fail(SP_ERR_NO_MEMORY, "out of memory converting %s for the GPU", what);
-    to_layout(t, data, n, k, host, out->d_off, out->m_off);
+    sp_vk_to_layout(t, data, n, k, host, out->d_off, out->m_off);
     sp_status st = sp_vk_buf_new(dv, words * 4, false, &out->b);
     if (st == SP_OK) st = sp_vk_upload(dv, &out->b, 0, host, words * 4);
     free(host);

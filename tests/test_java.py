@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import sparrow
-from sparrow.runtime import Model, SparrowError, generate_tokens
+from sparrow.runtime import Model, SparrowError, _sparrow, generate_tokens
 from test_generate_native import plain_greedy
 from test_speculative import PROMPTS
 
@@ -192,6 +192,13 @@ def test_bad_path_gives_the_c_message(run):
 def test_callbacks_stop_strings_and_bad_params(run):
     for name in ("callback_stop", "callback_throws", "stop_string", "bad_params"):
         assert_check(run, name)
+
+
+def test_gpu_session(run):
+    """Session.Params.device: the devices Java sees are Python's; on GPU device 1 (lavapipe in CI) prompt lookup's
+    greedy tokens equal plain decoding's; a device that does not exist is a SparrowException naming it."""
+    assert run["lines"]["devices"] == [[str(len(_sparrow.devices()))]]
+    assert_check(run, "gpu_session")
 
 
 def test_threads(run):

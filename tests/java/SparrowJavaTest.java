@@ -135,7 +135,33 @@ public final class SparrowJavaTest {
         check("bad_params", () -> badParams(smollm));
         check("two_threads_one_generator", () -> twoThreads(smollm, prompts.get(key).get(1)));
         check("close_while_generating", () -> closeRace(smollm, prompts.get(key).get(2)));
+        System.out.println("devices " + Session.deviceCount());
+        check("gpu_session", () -> gpuSession(models.get("tiny"), prompts.get("tiny")));
         System.out.println("done");
+    }
+
+    /** A session on GPU device 1 (when there is one): prompt lookup's greedy tokens equal plain greedy decoding's on
+     *  the same device, for the first prompts; a device that does not exist is a SparrowException. */
+    static void gpuSession(String path, List<int[]> ps) {
+        if (Session.deviceCount() > 0) {
+            require(!Session.deviceName(1).isEmpty(), "device 1 has a name");
+            try (Model model = Model.load(path); Session gpu = new Session(model, sessionParams().device(1))) {
+                for (int i = 0; i < 4; i++) {
+                    int[] plain, drafted;
+                    gpu.truncate(0);
+                    try (Generator g = new Generator(gpu, greedy(Drafter.NONE))) { plain = pull(g, ps.get(i)); }
+                    gpu.truncate(0);
+                    try (Generator g = new Generator(gpu, greedy(Drafter.PROMPT_LOOKUP))) { drafted = pull(g, ps.get(i)); }
+                    require(java.util.Arrays.equals(plain, drafted), "prompt lookup on the GPU equals plain decoding");
+                }
+            }
+        }
+        try (Model model = Model.load(path)) {
+            new Session(model, sessionParams().device(99)).close();
+            throw new AssertionError("device 99 accepted");
+        } catch (SparrowException e) {
+            require(e.getMessage().contains("device 99"), "device 99's error names it: " + e.getMessage());
+        }
     }
 
     static void greedyRuns(String key, String path) {

@@ -193,6 +193,7 @@ static bool session_params(JNIEnv *env, jobject obj, sp_session_params *p, bool 
         {"nCtx", 'I', &p->n_ctx},
         {"nBatch", 'I', &p->n_batch},
         {"nThreads", 'I', &p->n_threads},
+        {"device", 'I', &p->device},
     };
     return fields_copy(env, obj, f, COUNT(f), to_java);
 }
@@ -481,6 +482,19 @@ JNIEXPORT jlong JNICALL Java_dev_sparrow_Native_sessionNew(JNIEnv *env, jclass c
 
 JNIEXPORT void JNICALL Java_dev_sparrow_Native_sessionFree(JNIEnv *env, jclass cls, jlong h) {
     sp_session_free(H(sp_session, h));
+}
+
+/* GPU devices: their count, and one's name as UTF-8 bytes (a driver's name may hold any character) */
+JNIEXPORT jint JNICALL Java_dev_sparrow_Native_deviceCount(JNIEnv *env, jclass cls) { return sp_device_count(); }
+
+JNIEXPORT jbyteArray JNICALL Java_dev_sparrow_Native_deviceName(JNIEnv *env, jclass cls, jint device) {
+    sp_device_info info;
+    const sp_status st = sp_device_get_info(device, &info);
+    if (st != SP_OK) {
+        throw_status(env, st);
+        return NULL;
+    }
+    return bytes_new(env, info.name, strlen(info.name));
 }
 
 JNIEXPORT jint JNICALL Java_dev_sparrow_Native_sessionNCtx(JNIEnv *env, jclass cls, jlong h) {

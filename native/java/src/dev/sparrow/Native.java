@@ -32,6 +32,8 @@ final class Native {
     static native byte[] detokenize(long model, int[] tokens, boolean renderSpecial);
     static native boolean isEog(long model, int token);
 
+    static native int deviceCount();
+    static native byte[] deviceName(int device);
     static native void sessionDefaults(Session.Params out);
     static native long sessionNew(long model, Session.Params params);
     static native void sessionFree(long session);

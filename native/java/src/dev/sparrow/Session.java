@@ -14,6 +14,8 @@ public final class Session extends NativeResource {
         public int nBatch;
         /** Worker threads including the caller (default: physical cores). */
         public int nThreads;
+        /** 0: the CPU (default); k = 1..deviceCount(): GPU device k (Vulkan; one sequence, grouped-query attention). */
+        public int device;
 
         public Params() {
             Native.sessionDefaults(this);
@@ -22,6 +24,17 @@ public final class Session extends NativeResource {
         public Params nCtx(int n) { nCtx = n; return this; }
         public Params nBatch(int n) { nBatch = n; return this; }
         public Params nThreads(int n) { nThreads = n; return this; }
+        public Params device(int d) { device = d; return this; }
+    }
+
+    /** GPU devices a session can run on (numbered from 1; 0 without the Vulkan backend, loader or device). */
+    public static int deviceCount() {
+        return Native.deviceCount();
+    }
+
+    /** The name of GPU device k (1..deviceCount()). */
+    public static String deviceName(int device) {
+        return new String(Native.deviceName(device), java.nio.charset.StandardCharsets.UTF_8);
     }
 
     private final Model model;

@@ -265,6 +265,22 @@ def test_smollm2_logits_against_reference_and_cpu(dev, smollm):
     assert (gpu.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_blockffn_logits_and_router_against_reference_and_cpu(dev):
+    """The shipped BlockFFN (MiniCPM scales, ReLU + RMSNorm router, Q8_0 experts): logits against the float64 GGUF
+    reference and the CPU, and the GPU's router scores give the reference's token-level sparsity."""
+    from reference.blockffn import BlockFFNGGUFRef, tls
+
+    m = _sparrow.Model(str(TINY))
+    toks = [int(t) for t in m.tokenize(b"Once upon a time, in a small town by the sea, there lived", True, False)]
+    ref, router = BlockFFNGGUFRef.from_gguf(TINY).forward(toks)
+    cpu = np.asarray(_sparrow.Session(m, 256, 64, 2).eval(toks, logits="all"))
+    g = _sparrow.Session(m, 256, 64, 2, device=dev)
+    gpu = np.asarray(g.eval(toks, logits="all"))
+    assert nmse(gpu, ref) <= 1e-6
+    assert nmse(gpu, cpu) <= 3e-3
+    assert abs(g.sparsity(-1)["tls"] - tls(router)) <= 0.01
+
+
 def greedy(session, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
     out, rows = [], []
     logits = np.asarray(session.eval(prompt))

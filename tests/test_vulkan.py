@@ -338,6 +338,36 @@ def test_blockffn_tree_mask_keep_and_sparsity(dev):
     assert sg["expert_bytes_per_token"] > 0
 
 
+def test_sessions_on_two_threads(dev):
+    """Two threads, each opening its own GPU session on one fresh model at once (the model's weights go to the device
+    once, under a lock) and evaluating concurrently (one queue, submissions under a lock): each gets the logits a
+    lone session gets."""
+    import threading
+
+    toks = [5, 6, 7, 8, 9]
+    alone = np.asarray(_sparrow.Session(_sparrow.Model(str(TINY)), 64, 8, 1, device=dev).eval(toks, logits="all"))
+    m = _sparrow.Model(str(TINY))
+    results, errors = {}, []
+    start = threading.Barrier(2)
+
+    def work(i):
+        try:
+            start.wait()
+            s = _sparrow.Session(m, 64, 8, 1, device=dev)
+            results[i] = [np.asarray(s.eval(toks, logits="all")) for _ in range(3)]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(2):
+        np.testing.assert_array_equal(results[i][0], alone)
+
+
 def test_staged_uploads_equal_mapped_ones(dev, monkeypatch):
     """Device memory the host cannot map (a discrete GPU) takes the staging path; forced here, the logits are the
     same bits."""

@@ -81,6 +81,15 @@ sp_status sp_vk_buf_new(sp_vk_dev *d, VkDeviceSize size, bool host_visible, sp_v
 void sp_vk_buf_free(sp_vk_dev *d, sp_vk_buf *b);
 /* Copy size bytes of src into b at offset: straight into its mapping, or through a staging buffer and a copy. */
 sp_status sp_vk_upload(sp_vk_dev *d, sp_vk_buf *b, VkDeviceSize offset, const void *src, VkDeviceSize size);
+/* A command buffer recorded once, for work outside a forward pass (uploads, tests): begin opens it recording; end
+ * submits it and waits (submit) or only cleans up, and destroys it. */
+typedef struct sp_vk_oneshot {
+    VkCommandPool pool;
+    VkFence fence;
+    VkCommandBuffer cb;
+} sp_vk_oneshot;
+sp_status sp_vk_oneshot_begin(sp_vk_dev *d, sp_vk_oneshot *os);
+sp_status sp_vk_oneshot_end(sp_vk_dev *d, sp_vk_oneshot *os, bool submit);
 /* Submit a recorded command buffer and wait for it (under the queue's lock). */
 sp_status sp_vk_submit_wait(sp_vk_dev *d, VkCommandBuffer cb, VkFence fence);
 const char *sp_vk_result_str(VkResult r);

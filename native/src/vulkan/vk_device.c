@@ -340,30 +340,47 @@ sp_status sp_vk_upload(sp_vk_dev *d, sp_vk_buf *b, VkDeviceSize offset, const vo
     sp_status st = sp_vk_buf_new(d, size, true, &stage);
     if (st != SP_OK) return st;
     memcpy(stage.map, src, size);
-    VkCommandPool pool = VK_NULL_HANDLE;
-    VkFence fence = VK_NULL_HANDLE;
-    VkCommandBuffer cb;
+    sp_vk_oneshot os;
+    st = sp_vk_oneshot_begin(d, &os);
+    if (st == SP_OK) {
+        VkBufferCopy region = {.srcOffset = 0, .dstOffset = offset, .size = size};
+        sp_vk.vkCmdCopyBuffer(os.cb, stage.buf, b->buf, 1, &region);
+        st = sp_vk_oneshot_end(d, &os, true);
+    }
+    sp_vk_buf_free(d, &stage);
+    return st;
+}
+
+sp_status sp_vk_oneshot_begin(sp_vk_dev *d, sp_vk_oneshot *os) {
+    memset(os, 0, sizeof *os);
     VkCommandPoolCreateInfo pci = {.sType = VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO, .queueFamilyIndex = d->queue_family};
     VkFenceCreateInfo fci = {.sType = VK_STRUCTURE_TYPE_FENCE_CREATE_INFO};
-    VkCommandBufferAllocateInfo cai = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO,
-                                       .level = VK_COMMAND_BUFFER_LEVEL_PRIMARY, .commandBufferCount = 1};
     VkCommandBufferBeginInfo bi = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
                                    .flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT};
-    if (sp_vk.vkCreateCommandPool(d->dev, &pci, NULL, &pool) != VK_SUCCESS ||
-        sp_vk.vkCreateFence(d->dev, &fci, NULL, &fence) != VK_SUCCESS) {
-        st = sp_fail(SP_ERR_NO_MEMORY, "could not create a command pool for an upload");
-    } else {
-        cai.commandPool = pool;
-        sp_vk.vkAllocateCommandBuffers(d->dev, &cai, &cb);
-        sp_vk.vkBeginCommandBuffer(cb, &bi);
-        VkBufferCopy region = {.srcOffset = 0, .dstOffset = offset, .size = size};
-        sp_vk.vkCmdCopyBuffer(cb, stage.buf, b->buf, 1, &region);
-        sp_vk.vkEndCommandBuffer(cb);
-        st = sp_vk_submit_wait(d, cb, fence);
+    if (sp_vk.vkCreateCommandPool(d->dev, &pci, NULL, &os->pool) != VK_SUCCESS ||
+        sp_vk.vkCreateFence(d->dev, &fci, NULL, &os->fence) != VK_SUCCESS) {
+        sp_vk_oneshot_end(d, os, false);
+        return sp_fail(SP_ERR_NO_MEMORY, "could not create a command pool on %s", d->info.name);
     }
-    if (fence) sp_vk.vkDestroyFence(d->dev, fence, NULL);
-    if (pool) sp_vk.vkDestroyCommandPool(d->dev, pool, NULL);
-    sp_vk_buf_free(d, &stage);
+    VkCommandBufferAllocateInfo cai = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO, .commandPool = os->pool,
+                                       .level = VK_COMMAND_BUFFER_LEVEL_PRIMARY, .commandBufferCount = 1};
+    if (sp_vk.vkAllocateCommandBuffers(d->dev, &cai, &os->cb) != VK_SUCCESS) {
+        sp_vk_oneshot_end(d, os, false);
+        return sp_fail(SP_ERR_NO_MEMORY, "could not allocate a command buffer on %s", d->info.name);
+    }
+    sp_vk.vkBeginCommandBuffer(os->cb, &bi);
+    return SP_OK;
+}
+
+sp_status sp_vk_oneshot_end(sp_vk_dev *d, sp_vk_oneshot *os, bool submit) {
+    sp_status st = SP_OK;
+    if (submit) {
+        sp_vk.vkEndCommandBuffer(os->cb);
+        st = sp_vk_submit_wait(d, os->cb, os->fence);
+    }
+    if (os->fence) sp_vk.vkDestroyFence(d->dev, os->fence, NULL);
+    if (os->pool) sp_vk.vkDestroyCommandPool(d->dev, os->pool, NULL); /* frees its command buffer */
+    memset(os, 0, sizeof *os);
     return st;
 }
 

@@ -30,40 +30,21 @@ sp_status sp_testing_vk_run(int32_t device, const char *pipe, void *const *bufs,
             pc.a[i] = b[i].addr;
         }
     }
-    VkCommandPool pool = VK_NULL_HANDLE;
-    VkFence fence = VK_NULL_HANDLE;
-    if (st == SP_OK) {
-        VkCommandPoolCreateInfo pci = {.sType = VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO, .queueFamilyIndex = d->queue_family};
-        VkFenceCreateInfo fci = {.sType = VK_STRUCTURE_TYPE_FENCE_CREATE_INFO};
-        VkCommandBuffer cb;
-        VkCommandBufferAllocateInfo cai = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO,
-                                           .level = VK_COMMAND_BUFFER_LEVEL_PRIMARY, .commandBufferCount = 1};
-        VkCommandBufferBeginInfo bi = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
-                                       .flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT};
-        if (sp_vk.vkCreateCommandPool(d->dev, &pci, NULL, &pool) != VK_SUCCESS ||
-            sp_vk.vkCreateFence(d->dev, &fci, NULL, &fence) != VK_SUCCESS) {
-            st = sp_fail(SP_ERR_NO_MEMORY, "could not create a command pool");
-        } else {
-            cai.commandPool = pool;
-            sp_vk.vkAllocateCommandBuffers(d->dev, &cai, &cb);
-            sp_vk.vkBeginCommandBuffer(cb, &bi);
-            sp_vk.vkCmdBindPipeline(cb, VK_PIPELINE_BIND_POINT_COMPUTE, d->pipes[p]);
-            sp_vk.vkCmdPushConstants(cb, d->layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof pc, &pc);
-            sp_vk.vkCmdDispatch(cb, groups[0], groups[1], groups[2]);
-            VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT,
-                                  .dstAccessMask = VK_ACCESS_HOST_READ_BIT};
-            sp_vk.vkCmdPipelineBarrier(cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_HOST_BIT, 0, 1, &mb,
-                                       0, NULL, 0, NULL);
-            sp_vk.vkEndCommandBuffer(cb);
-            st = sp_vk_submit_wait(d, cb, fence);
-        }
+    sp_vk_oneshot os;
+    if (st == SP_OK && (st = sp_vk_oneshot_begin(d, &os)) == SP_OK) {
+        sp_vk.vkCmdBindPipeline(os.cb, VK_PIPELINE_BIND_POINT_COMPUTE, d->pipes[p]);
+        sp_vk.vkCmdPushConstants(os.cb, d->layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof pc, &pc);
+        sp_vk.vkCmdDispatch(os.cb, groups[0], groups[1], groups[2]);
+        VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT,
+                              .dstAccessMask = VK_ACCESS_HOST_READ_BIT};
+        sp_vk.vkCmdPipelineBarrier(os.cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_HOST_BIT, 0, 1, &mb, 0,
+                                   NULL, 0, NULL);
+        st = sp_vk_oneshot_end(d, &os, true);
     }
     for (int32_t i = 0; i < n_bufs; i++) {
         if (st == SP_OK) memcpy(bufs[i], b[i].map, bytes[i]);
         sp_vk_buf_free(d, &b[i]);
     }
-    if (fence) sp_vk.vkDestroyFence(d->dev, fence, NULL);
-    if (pool) sp_vk.vkDestroyCommandPool(d->dev, pool, NULL);
     return st;
 }
 

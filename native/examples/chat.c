@@ -2,13 +2,14 @@
  * prompt lookup, planned, behind the draft gate), its learned matrix kept in a file between runs, the KV cache reused
  * from turn to turn.
  *
- *   ./sparrow-chat model.gguf [--state FILE.npy] [--greedy] [--max-tokens N]
+ *   ./sparrow-chat model.gguf [--state FILE.npy] [--greedy] [--max-tokens N] [--device K]
  *
  * One user message per line on stdin ("/quit" or end of input ends the chat). The conversation is ChatML
  * (<|im_start|>role\n...<|im_end|>\n) when the vocabulary has those tokens, "User: ...\nAssistant:" otherwise. Only the
  * markup is tokenized with control tokens; the user's text never is, so typing "<|im_end|>" is just text. After each
  * answer a line on stderr gives the tokens, the forward passes and what the drafter did. Sampling: chat's defaults
- * (temperature 0.2, top-p 0.9, repetition penalty 1.1) unless --greedy. Every failure prints sp_last_error(). */
+ * (temperature 0.2, top-p 0.9, repetition penalty 1.1) unless --greedy. --device K runs the model on GPU device K
+ * (Vulkan, numbered from 1; the devices are listed on stderr at start). Every failure prints sp_last_error(). */
 #include "sparrow.h"
 
 #include <stdio.h>
@@ -63,17 +64,27 @@ static bool on_token(int32_t token, void *user_data) {
 int main(int argc, char **argv) {
     const char *model_path = NULL, *state = NULL;
     bool greedy = false;
-    int max_tokens = 256;
+    int max_tokens = 256, device = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--state") && i + 1 < argc) state = argv[++i];
         else if (!strcmp(argv[i], "--greedy")) greedy = true;
         else if (!strcmp(argv[i], "--max-tokens") && i + 1 < argc) max_tokens = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--device") && i + 1 < argc) device = atoi(argv[++i]);
         else if (!model_path && argv[i][0] != '-') model_path = argv[i];
         else model_path = NULL, i = argc;
     }
-    if (!model_path || max_tokens < 1) {
-        fprintf(stderr, "usage: %s MODEL.gguf [--state FILE.npy] [--greedy] [--max-tokens N]\n", argv[0]);
+    if (!model_path || max_tokens < 1 || device < 0) {
+        fprintf(stderr, "usage: %s MODEL.gguf [--state FILE.npy] [--greedy] [--max-tokens N] [--device K]\n", argv[0]);
         return 2;
+    }
+    if (device > 0) {
+        const int32_t n = sp_device_count();
+        for (int32_t k = 1; k <= n; k++) {
+            sp_device_info info;
+            if (sp_device_get_info(k, &info) == SP_OK)
+                fprintf(stderr, "[device %d: %s (%s, Vulkan %s)%s]\n", k, info.name, info.kind, info.api_version,
+                        k == device ? " <- this chat" : "");
+        }
     }
     int rc = 1;
     sp_model *model = NULL;
@@ -88,6 +99,7 @@ int main(int argc, char **argv) {
     c.model = model;
     sp_session_params sp = sp_session_default_params();
     sp.n_ctx = N_CTX;
+    sp.device = device;
     if (sp_session_new(model, sp, &session) != SP_OK) goto fail;
     int32_t probe[4];
     size_t n_probe = 0;

@@ -26,8 +26,11 @@ SYNTHETIC_SHAPE_NAMES = ("0.1b", "0.5b", "0.8b", "1.2b", "3b")
               type=click.Choice(["none", *SYNTHETIC_SHAPE_NAMES]),
               help="Synthetic BlockFFN shape(s) for the full run's synthetic section (repeat the option for several; "
               "default 0.5b; 'none' leaves the section out). The first use writes the file (0.5b: 310 MB).")
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|vulkan[:N]",
+              help="Also decode MODEL on this Vulkan GPU device beside the CPU (vulkan: the first; vulkan:N: device N, "
+              "from 1); marked functional only on a software device (lavapipe). The report lists the devices found.")
 def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_cpp: bool, no_onnx: bool,
-          tune: bool, synthetic_shapes: tuple[str, ...]) -> None:
+          tune: bool, synthetic_shapes: tuple[str, ...], device: str) -> None:
     """Profile this device and benchmark MODEL on it (default: the default model, pulled if needed).
 
     Measures memory read bandwidth (the roofline), decode and prefill tok/s, time to first token, peak RSS, energy
@@ -36,11 +39,12 @@ def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_
     run adds dense vs sparse decode of the shipped BlockFFN model (TLS, CLS-k, expert bytes), speculative decoding
     (MODEL with each drafter and llama.cpp; the BlockFFN model with its draft model) and SYNTHETIC large BlockFFN
     shapes with replayed speculation; --quick a small speculative slice."""
-    from .suite import headline_table, run_suite, write_report
+    from .suite import device_summary, headline_table, run_suite, write_report
 
     if (quick or tune) and synthetic_shapes:
         raise click.UsageError("--synthetic chooses the full report's synthetic shapes; --quick and --tune have no "
                                "synthetic section")
+    _check_device(device, tune)
     store = Store()
     name = model or store.default()
     if store.get(name) is None and not Path(name).expanduser().is_file() and name in REGISTRY:
@@ -60,13 +64,27 @@ def bench(model: str | None, quick: bool, threads: int, out_dir: Path, no_llama_
     try:
         shapes = None if not synthetic_shapes else tuple(s for s in synthetic_shapes if s != "none")
         report = run_suite(path, name, quick=quick, threads=threads, llama_cpp=not no_llama_cpp, onnx=not no_onnx,
-                           echo=lambda m: click.echo(m, err=True), progressbar=progressbar, synthetic_shapes=shapes)
+                           echo=lambda m: click.echo(m, err=True), progressbar=progressbar, synthetic_shapes=shapes,
+                           device=device)
     except RuntimeError as e:
         raise click.ClickException(f"benchmark failed: {e}") from None
     j, m = write_report(report, out_dir)
     click.echo(headline_table(report))
+    click.echo("\n" + "\n".join(device_summary(report)))
     pngs = [str(out_dir / f) for f in report["plots"].values() if f.endswith(".png")]
     click.echo(f"\nwrote {j}, {m}" + "".join(f", {p}" for p in pngs))
+
+
+def _check_device(device: str, tune: bool) -> None:
+    """--device: spelled right, there on this machine, and not with --tune (which tunes the CPU session)."""
+    from ..runtime.native import device_index
+
+    try:
+        index = device_index(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    if tune and index != 0:
+        raise click.UsageError("--tune searches the CPU settings (threads, drafter); --device is for the report")
 
 
 def _bench_tune(store: Store, name: str, path: Path, *, quick: bool, threads: int, progressbar) -> None:

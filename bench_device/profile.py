@@ -120,6 +120,17 @@ def runtime_features() -> dict:
         return {"cpu_features": [], "kernel_tier": "unknown", "error": str(e)}
 
 
+def gpu_devices() -> dict:
+    """The Vulkan devices the native library can run sessions on (runtime.native.devices()) and, when there are
+    none, why."""
+    try:
+        from ..runtime.native import device_error, devices
+
+        return {"devices": devices(), "error": device_error()}
+    except (ImportError, AttributeError, OSError) as e:  # the native module is not built (or predates devices)
+        return {"devices": [], "error": str(e)}
+
+
 def device_profile() -> dict:
     import psutil
 
@@ -131,6 +142,7 @@ def device_profile() -> dict:
         "logical_cores": psutil.cpu_count(logical=True) or os.cpu_count() or 1,
         **runtime_features(),
         "caches": caches(),
+        "gpu": gpu_devices(),
         "ram_total_bytes": vm.total,
         "ram_available_bytes": vm.available,
         "os": platform.platform(),

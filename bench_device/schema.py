@@ -19,7 +19,9 @@ oracle each engine was checked against, and the plots. /3 adds the sections of b
 "bound" beside every bandwidth_bound_tok_s (kind "llc" or "dram", bytes per token, working set, whether it reads
 experts sparsely, GB/s, probe bytes, the LLC size and why; "over_bound", why it can be real, wherever
 fraction_of_bound exceeds 1: validate() requires it), and "last_level_cache" and "cache_probes" (the probes with
-buffers of a cache-resident working set's size) in "bandwidth".
+buffers of a cache-resident working set's size) in "bandwidth". Later /4 reports add, optionally, the Vulkan devices
+found ("gpu" in "device") and the "gpu" section of `sparrow bench --device vulkan` (decode on a GPU device beside the
+CPU).
 """
 from __future__ import annotations
 
@@ -63,9 +65,13 @@ class Check:
 UNAVAILABLE = Prefix("unavailable: ")
 CACHE = {"level": int, "type": str, "size": str, "bytes": int}
 
+GPU_DEVICE = {"index": int, "name": str, "kind": str, "api": str, "api_version": str, "driver": str,
+              "memory_bytes": int}
+
 DEVICE = {
     "cpu_model": str, "arch": str, "physical_cores": int, "logical_cores": int, "cpu_features": [str],
     "kernel_tier": str, "caches": [CACHE],
+    "gpu?": {"devices": [GPU_DEVICE], "error": str},  # the Vulkan devices found (none: why); older reports lack it
     "ram_total_bytes": int, "ram_available_bytes": int, "os": str, "python": str,
 }
 
@@ -134,6 +140,12 @@ SPECULATIVE = {"method": str, "bound_method": str,
                "a?": {**SPEC_SECTION, "draft": str, "routing": {"tls": NUM, "cls8": NUM,
                                                                 "dense_expert_bytes_per_token": NUM}}}
 
+GPU_SECTION = {  # `sparrow bench --device vulkan[:N]` (bench_device/sections.py gpu_section)
+    "device": str, "info": GPU_DEVICE, "functional_only": bool, "label": str, "model": str, "prompt_tokens": int,
+    "tokens": int, "repeats": int, "threads": int, "greedy_agreement_tokens": int,
+    "engines": {"*": {"decode_tok_s": Summary()}}, "ratio_vs_cpu": NUM,
+}
+
 SYNTH_RECORD = {"synthetic": Literal(True), "label": Literal("SYNTHETIC"), "shape": str, "kind": str, "T": int,
                 "mode": AnyOf((Literal("dense"), Literal("token"), Literal("chunk"))),
                 "routing": {"stated": dict, "effective": dict}, "median_s": NUM, "min_s": NUM, "max_s": NUM, "n": int,
@@ -173,6 +185,7 @@ REPORT = {
     "speculative": SPECULATIVE,
     "sparse?": SPARSE,
     "synthetic?": SYNTHETIC,
+    "gpu?": GPU_SECTION,
 }
 FULL_ONLY = ("sparse",)  # a full report must hold these; and "synthetic" unless a note says why it is left out
 SYNTHETIC_LEFT_OUT = "synthetic section left out"

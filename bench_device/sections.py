@@ -6,6 +6,9 @@ synthetic, each measured, checked before timing, and rendered as a Markdown tabl
                CLS-k (k = 2..16) and expert bytes per decode token from session.sparsity().
   speculative  bench_speculative's (c) on the benchmarked model (plain, llama.cpp, each train-free drafter) and (a)
                on the shipped BlockFFN model with its draft model: tok/s, tokens per step, accepted-length histogram.
+  gpu          (`sparrow bench --device vulkan[:N]`) the model's greedy decode in a session on a Vulkan GPU device
+               beside one on the CPU, its tokens checked against the CPU's; FUNCTIONAL CHECK ONLY where the device is a
+               software renderer on the CPU (lavapipe). gpu_device_lines: the devices the report lists.
   synthetic    SYNTHETIC: bench_synthetic on released BlockFFN shapes (random weights, synthetic routing at the
                paper's TLS 80% / CLS-8 70%): decode dense vs sparse, a T=8 chain/tree, the active-fraction sweep; and
                REPLAYED: bench_speculative's (b), (a)'s accepted lengths replayed on those shapes.
@@ -441,4 +444,98 @@ def synthetic_markdown(s: dict) -> list[str]:
             lines.append(f"| {r['shape']} | {r['replayed_from']} | {r['tokens_per_step']:.2f} | "
                          f"{t['dense_decode']:.1f} | {t['sparse_decode']:.1f} | {t['sparse_speculation']:.1f} | "
                          f"{r['speedup_vs_dense_decode']['sparse_speculation']:.2f}x |")
+    return lines
+
+
+# ---- gpu: decode on a GPU device beside the CPU ----
+
+GPU_RUN = {"quick": {"tokens": 16, "repeats": 1}, "full": {"tokens": 32, "repeats": 3}}
+GPU_FUNCTIONAL = ("FUNCTIONAL CHECK ONLY: this device is a software renderer on the CPU (kind 'cpu', e.g. lavapipe); "
+                  "its speed says nothing about a GPU")
+
+
+def gpu_device_lines(found: list[dict], error: str) -> list[str]:
+    """The Vulkan devices the library found (runtime.native.devices()), one line each, or why there are none."""
+    if not found:
+        return [f"none ({error or 'the library found no Vulkan device'})"]
+    return [f"vulkan:{d['index']} {d['name']}: {d['kind']}{' (software)' if d['kind'] == 'cpu' else ''}, "
+            f"{d['api']} {d['api_version']}, driver {d['driver']}, {d['memory_bytes'] / 2**30:.1f} GiB"
+            for d in found]
+
+
+def _greedy_decode(session, prompt: list[int], tokens: int) -> tuple[list[int], float]:
+    """`tokens` greedy tokens after the prompt (the KV cache emptied first, end of generation ignored) with the C
+    generator, and the seconds the decode took (the prompt's evaluation not counted)."""
+    import time
+
+    from ..runtime import Generator
+
+    session.truncate(0)
+    with Generator(session, max_tokens=tokens, stop_at_eog=False) as gen:
+        gen.start(prompt)
+        t0 = time.perf_counter()
+        out = gen.generate()
+        return out, time.perf_counter() - t0
+
+
+def gpu_section(model_path: Path, device: str, *, threads: int, tokens: int, repeats: int,
+                prompt: str = spec.PLAIN[3], progress: Progress | None = None) -> dict:
+    """Greedy decode tok/s of the model in a session on the GPU `device` ("vulkan", "vulkan:N") beside one on the
+    CPU, alternated, `repeats` rounds of `tokens` tokens. Checked first: the device's greedy tokens equal the CPU's,
+    or part from them only at a near tie of the CPU's logits (gap < bench_decode.TIE_GAP); RuntimeError otherwise.
+    Marked functional only when the device is a software renderer (kind "cpu")."""
+    import numpy as np
+
+    from ..runtime.native import Model, device_index, devices
+    from .bench_decode import TIE_GAP
+    from .profile import summary
+
+    index = device_index(device)
+    info = devices()[index - 1]
+    name = f"vulkan:{index}"
+    tick = progress or (lambda n: None)
+    with Model(model_path) as model, model.session(n_ctx=512, n_threads=threads) as cpu, \
+            model.session(n_ctx=512, n_threads=threads, device=index) as gpu:
+        toks = model.tokenize(prompt)
+        want, _ = _greedy_decode(cpu, toks, tokens)
+        got, _ = _greedy_decode(gpu, toks, tokens)
+        agree = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
+        if agree < len(want):  # the device's token at the fork must be a near tie in the CPU's logits
+            cpu.truncate(0)
+            logits = cpu.prefill(toks + want[:agree])
+            gap = float(logits[want[agree]] - logits[got[agree]])
+            if gap >= TIE_GAP:
+                raise RuntimeError(f"{name} ({info['name']}) decodes differently from the CPU at token {agree}: "
+                                   f"{got[agree]} where the CPU's greedy token {want[agree]} leads by {gap:.2f} > "
+                                   f"{TIE_GAP}")
+        tick(1)
+        seconds: dict[str, list[float]] = {"cpu": [], name: []}
+        for _ in range(repeats):
+            for key, session in (("cpu", cpu), (name, gpu)):
+                seconds[key].append(_greedy_decode(session, toks, tokens)[1])
+            tick(1)
+    rows = {key: {"decode_tok_s": summary([tokens / s for s in xs])} for key, xs in seconds.items()}
+    ratio = float(np.median([c / g for c, g in zip(seconds["cpu"], seconds[name])]))
+    functional = info["kind"] == "cpu"
+    return {"device": name, "info": info, "functional_only": functional,
+            "label": GPU_FUNCTIONAL if functional else "measured", "model": str(model_path),
+            "prompt_tokens": len(toks), "tokens": tokens, "repeats": repeats, "threads": threads,
+            "greedy_agreement_tokens": agree, "engines": rows, "ratio_vs_cpu": ratio}
+
+
+def gpu_markdown(s: dict) -> list[str]:
+    i, agree = s["info"], s["greedy_agreement_tokens"]
+    fork = "" if agree == s["tokens"] else " (then a near tie of the CPU's logits)"
+    lines = [(f"{Path(s['model']).name} on {s['device']} ({i['name']}, {i['kind']}) beside the CPU ({s['threads']} "
+              f"threads): greedy decode, {s['repeats']} round(s) of {s['tokens']} tokens after a "
+              f"{s['prompt_tokens']}-token prompt, alternated; greedy tokens identical to the CPU's for "
+              f"{agree}/{s['tokens']}{fork}."), ""]
+    if s["functional_only"]:
+        lines += [f"**{s['label']}.**", ""]
+    lines += ["| session | decode tok/s (min-max) | x CPU (paired) |", "|---|---:|---:|"]
+    for name, r in s["engines"].items():
+        d = r["decode_tok_s"]
+        x = "1.00x" if name == "cpu" else f"{s['ratio_vs_cpu']:.3g}x" + (" (functional only)" if s["functional_only"]
+                                                                         else "")
+        lines.append(f"| {name} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {x} |")
     return lines

@@ -39,9 +39,13 @@ from .profile import (
 )
 from .schema import SCHEMA, SYNTHETIC_LEFT_OUT, check
 from .sections import (
+    GPU_RUN,
     SHIPPED_TARGET,
     bound_cells,
     bound_lines,
+    gpu_device_lines,
+    gpu_markdown,
+    gpu_section,
     no_bar,
     sparse_markdown,
     sparse_section,
@@ -91,14 +95,17 @@ def onnx_engine_status(model_path: Path, wanted: bool) -> str:
 
 def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads: int = 0, llama_cpp: bool = True,
               echo: Callable[[str], None] = print, progressbar=None, energy_root: Path | None = None,
-              synthetic_shapes: tuple[str, ...] | None = None, onnx: bool = True) -> dict:
+              synthetic_shapes: tuple[str, ...] | None = None, onnx: bool = True, device: str = "cpu") -> dict:
     """Run everything and return the report (a dict following SCHEMA; "plots" is filled by write_report).
     Quick: the headline decode benchmark and a small speculative slice. Full: also the sparse section (shipped
     BlockFFN model), speculation (a) and (c) and the synthetic section on `synthetic_shapes` (default
     SYNTHETIC_SHAPES; () leaves it out) with the replayed speculation (bench_device/sections.py).
     `progressbar(length, label)` returns a context manager with .update(n) (click.progressbar fits); None runs
-    silently. `energy_root`: where the powercap tree is (default /sys/class/powercap)."""
+    silently. `energy_root`: where the powercap tree is (default /sys/class/powercap). `device` "vulkan" or
+    "vulkan:N" adds the "gpu" section (sections.gpu_section: the model's decode on that GPU device beside the CPU)."""
     import psutil
+
+    from ..runtime.native import parse_device
 
     cfg = QUICK if quick else FULL
     threads = threads or psutil.cpu_count(logical=False) or 1
@@ -107,6 +114,12 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
 
     def bar(length: int, label: str):
         return no_bar(length, label) if progressbar is None else progressbar(length=length, label=label)
+
+    gpu = None
+    if parse_device(device) != 0:  # first: a model or device the GPU session refuses fails before the long part
+        run = GPU_RUN["quick" if quick else "full"]
+        with bar(1 + run["repeats"], f"decode on {device} beside the CPU") as b:
+            gpu = gpu_section(model_path, device, threads=threads, progress=b.update, **run)
 
     with bar(2 * threads, "memory bandwidth") as b:
         bandwidth = bandwidth_curve(threads, mb=cfg["bw_mb"], repeats=cfg["bw_repeats"], progress=lambda t: b.update(1))
@@ -180,7 +193,7 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
     else:
         energy = f"unavailable: {energy_why}"
 
-    extra = {}
+    extra = {"gpu": gpu} if gpu else {}
     if not quick:
         sp = cfg["sparse"]
         with bar(sp["n_prompts"] * (1 + sp["rounds"]) + 1, f"sparse: {SHIPPED_TARGET.name} dense vs sparse") as b:
@@ -257,6 +270,14 @@ def headline_table(r: dict) -> str:
             + "\n\n" + "\n".join(bound_lines(r["engines"])))
 
 
+def device_summary(r: dict) -> list[str]:
+    """What `sparrow bench` prints under the headline about GPU devices: those found and, with --device, the "gpu"
+    section's table."""
+    d = r["device"].get("gpu")
+    lines = [f"Vulkan devices: {line}" for line in gpu_device_lines(d["devices"], d["error"])] if d else []
+    return lines + (["", *gpu_markdown(r["gpu"])] if "gpu" in r else [])
+
+
 def cache_probe_lines(bw: dict) -> list[str]:
     """The report's bandwidth section on caches: the last-level cache and the probes with cache-sized buffers."""
     llc, probes = bw["last_level_cache"], bw["cache_probes"]
@@ -300,6 +321,8 @@ def to_markdown(r: dict) -> str:
         lines += ["## Sparse experts: dense vs sparse decode", ""] + sparse_markdown(r["sparse"]) + [""]
     if "speculative" in r:
         lines += ["## Speculative decoding", ""] + speculative_markdown(r["speculative"]) + [""]
+    if "gpu" in r:
+        lines += ["## GPU device: decode beside the CPU", ""] + gpu_markdown(r["gpu"]) + [""]
     if "synthetic" in r:
         lines += ["## SYNTHETIC large configurations (random weights, synthetic routing)", ""]
         lines += synthetic_markdown(r["synthetic"]) + [""]
@@ -316,6 +339,8 @@ def to_markdown(r: dict) -> str:
                "logical cores"),
               f"- kernel tier: {d['kernel_tier']}; SIMD features: {' '.join(d['cpu_features']) or '-'}",
               "- caches: " + ", ".join(f"L{c['level']} {c['type'].lower()} {c['size']}" for c in d["caches"]),
+              *([f"- Vulkan devices: {line}" for line in gpu_device_lines(d["gpu"]["devices"], d["gpu"]["error"])]
+                if "gpu" in d else []),
               (f"- RAM: {d['ram_total_bytes'] / 2**30:.1f} GiB total, {d['ram_available_bytes'] / 2**30:.1f} GiB "
                "available"),
               f"- OS: {d['os']}", f"- energy: {energy}", "",

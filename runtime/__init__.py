@@ -18,9 +18,10 @@ from .native import (
     Session,
     SparrowError,
     complete,
+    devices,
     generate,
     generate_tokens,
 )
 
 __all__ = ["Generator", "GeneratorStats", "Model", "ModelInfo", "Sampler", "SamplerParams", "Session", "SparrowError",
-           "complete", "generate", "generate_tokens"]
+           "complete", "devices", "generate", "generate_tokens"]

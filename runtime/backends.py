@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from . import chat_template
-from .native import SamplerParams, control_tokens, utf8_pieces
+from .native import Device, SamplerParams, control_tokens, parse_device, utf8_pieces
 from .routing import Route, choose_backend
 
 
@@ -61,18 +61,19 @@ class NativeBackend:
 
     name = "native"
 
-    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0):
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, device: Device = "cpu"):
         from .native import Model
 
         self.path = str(path)
         self.model = Model(self.path)
         try:
-            self.session = self.model.session(n_ctx=n_ctx, n_threads=n_threads)
+            self.session = self.model.session(n_ctx=n_ctx, n_threads=n_threads, device=device)
         except BaseException:
             self.model.close()
             raise
         self.n_ctx = self.session.n_ctx
         self.n_threads = n_threads  # as requested: 0 = the physical cores
+        self.device = self.session.device  # 0: the CPU, k: GPU device k (runtime.native.devices())
 
     @property
     def n_evaluated(self) -> int:
@@ -229,11 +230,14 @@ class LlamaCppBackend:
         self.llm.close()
 
 
-def open_backend(path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, route: Route | None = None) -> Backend:
-    """Open the model file at path with the backend routing chooses for it."""
+def open_backend(path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, route: Route | None = None,
+                 device: Device = "cpu") -> Backend:
+    """Open the model file at path with the backend routing chooses for it. device (runtime.native.parse_device):
+    where the native runtime runs it; the other backends run on the CPU only (BackendError for another device)."""
     route = route or choose_backend(path)
     if not route.available:
         raise BackendError(f"cannot run {path} ({route.reason}): {route.problem}")
+    check_device(route, device)
     if route.backend == "onnxruntime":
         from .onnx_backend import OnnxModelError
 
@@ -241,8 +245,17 @@ def open_backend(path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, rou
             return OnnxBackend(path, n_ctx=n_ctx, n_threads=n_threads)
         except OnnxModelError as e:
             raise BackendError(str(e)) from None
-    cls = NativeBackend if route.backend == "native" else LlamaCppBackend
-    return cls(path, n_ctx=n_ctx, n_threads=n_threads)
+    if route.backend == "native":
+        return NativeBackend(path, n_ctx=n_ctx, n_threads=n_threads, device=device)
+    return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=n_threads)
+
+
+def check_device(route: Route, device: Device) -> None:
+    """BackendError when a GPU device is asked of a backend other than the native runtime (llama.cpp and onnxruntime
+    run here on the CPU only); ValueError for a device name parse_device does not take."""
+    if parse_device(device) != 0 and route.backend != "native":
+        raise BackendError(f"device {device!r} is for Sparrow's native runtime; this model runs on {route.backend} "
+                           f"({route.reason}), which Sparrow runs on the CPU only: use device 'cpu' (the default)")
 
 
 # ---- streaming text with timing, for any backend ----

@@ -24,7 +24,7 @@ import click
 
 from .drafters import known_drafters
 from .launch import DEFAULT_DRAFTER, open_model, run_settings
-from .native import SamplerParams
+from .native import SamplerParams, parse_device
 from .routing import choose_backend, read_gguf_header
 from .store import Store, TunedSettings, fmt_bytes
 
@@ -261,6 +261,22 @@ def _model_options(f: Callable) -> Callable:
     return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
 
 
+def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--device as typed, its spelling checked now (runtime.native.parse_device); whether that device is there is
+    checked when the model opens."""
+    try:
+        parse_device(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+    return value
+
+
+DEVICE_OPTION = click.option(
+    "--device", default="cpu", show_default=True, callback=_device, metavar="cpu|vulkan[:N]",
+    help="Where the native runtime runs the model: the CPU, or a Vulkan GPU device (vulkan: the first; vulkan:N: "
+    "device N, from 1; `sparrow bench` lists them). GPU sessions take grouped-query attention models.")
+
+
 def _sampler_params(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
                     seed: int | None) -> SamplerParams:
     seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
@@ -282,9 +298,10 @@ CHAT_HELP = "/reset starts a new conversation, /exit quits (or Ctrl-D); Ctrl-C s
 @click.option("--system", callback=_utf8, help="A system prompt.")
 @click.option("--stats", is_flag=True, help="After each answer, print token counts and speed.")
 @click.option("--draft", default=None, help=DRAFT_HELP)
+@DEVICE_OPTION
 @_model_options
-def chat(model: str | None, system: str | None, stats: bool, draft: str | None, n_ctx: int, threads: int | None,
-         max_tokens: int | None, **sampling: Any) -> None:
+def chat(model: str | None, system: str | None, stats: bool, draft: str | None, device: str, n_ctx: int,
+         threads: int | None, max_tokens: int | None, **sampling: Any) -> None:
     """Chat with MODEL (a store name or a file path; default: the default model, pulled if missing)."""
     from .backends import Chat, ContextFullError
 
@@ -297,12 +314,13 @@ def chat(model: str | None, system: str | None, stats: bool, draft: str | None, 
     max_tokens = max_tokens if max_tokens is not None else CHAT_MAX_TOKENS
     store = Store()
     name, backend, settings = open_model(model, n_ctx=n_ctx, threads=threads, draft=draft, store=store,
-                                         progress=True, warn=_warn)
+                                         progress=True, warn=_warn, device=device)
     params = _sampler_params(**sampling)
     conversation = Chat(backend, system=system)
     tuned = f"; tuned: {settings.describe()}" if settings.tuned else ""
-    click.echo(f"Chatting with {name} ({backend.name} backend, {backend.n_ctx}-token context{tuned}). {CHAT_HELP}",
-               err=True)
+    where = f" on {device}" if parse_device(device) else ""
+    click.echo(f"Chatting with {name} ({backend.name} backend{where}, {backend.n_ctx}-token context{tuned}). "
+               f"{CHAT_HELP}", err=True)
     try:
         while True:
             try:
@@ -391,10 +409,11 @@ def _read_stdin() -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens and timing.")
 @click.option("--stats", is_flag=True, help="Afterwards print speed and, for sparse-expert models, expert sparsity.")
 @click.option("--draft", default=None, help=DRAFT_HELP)
+@DEVICE_OPTION
 @_model_options
 def generate(prompt: str | None, model: str | None, as_chat: bool, system: str | None, parse_special: bool,
-             as_json: bool, stats: bool, draft: str | None, n_ctx: int, threads: int | None, max_tokens: int | None,
-             **sampling: Any) -> None:
+             as_json: bool, stats: bool, draft: str | None, device: str, n_ctx: int, threads: int | None,
+             max_tokens: int | None, **sampling: Any) -> None:
     """Continue PROMPT (or stdin when PROMPT is missing or "-") and print the result as it streams.
 
     PROMPT is raw model input: chat markup in it such as <|im_start|> becomes the model's special tokens
@@ -408,7 +427,7 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
         prompt = _read_stdin()
     store = Store()
     name, backend, settings = open_model(model, n_ctx=n_ctx, threads=threads, draft=draft, store=store,
-                                         progress=not as_json, warn=_warn)
+                                         progress=not as_json, warn=_warn, device=device)
     params = _sampler_params(**sampling)
     max_tokens = max_tokens if max_tokens is not None else GENERATE_MAX_TOKENS
     try:
@@ -434,7 +453,7 @@ def generate(prompt: str | None, model: str | None, as_chat: bool, system: str |
         sparsity = session.sparsity() if show_stats and hasattr(session, "sparsity") else None
         if as_json:
             out = {"model": name, "backend": backend.name, "text": "".join(pieces), "tokens": stats.tokens,
-                   **stats.as_dict(), "threads": settings.threads,
+                   **stats.as_dict(), "threads": settings.threads, "device": device,
                    "draft": settings.draft if hasattr(backend, "stats") else "none",
                    "tuned": settings.describe() if settings.tuned else None}
             if sparsity is not None:

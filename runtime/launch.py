@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends import Backend, BackendError, open_backend
+from .backends import Backend, BackendError, check_device, open_backend
 from .drafters import DRAFTERS, UnknownDrafterError, known_drafters, make_drafter, recycling_part
+from .native import Device, device_index
 from .routing import choose_backend, read_gguf_header
 from .store import REGISTRY, Store, StoreError, TunedSettings, check_memory, device_fingerprint
 
@@ -187,12 +188,17 @@ def native_speculative(backend: Backend, source: str, settings: RunSettings, *, 
 
 def open_model(model: str | Path | None = None, *, n_ctx: int = 2048, threads: int | None = None,
                draft: str | None = None, store: Store | None = None, progress: bool = False,
-               warn: Warn = _warn) -> tuple[str, Backend, RunSettings]:
+               warn: Warn = _warn, device: Device = "cpu") -> tuple[str, Backend, RunSettings]:
     """Resolve MODEL (a store name or a file; default: the store's default model, pulled if it is a known model
-    not pulled yet), choose threads and drafter, check that it fits in memory, route and load it, and wrap it with
-    its drafter. Returns (name, backend, settings)."""
+    not pulled yet), choose threads and drafter, check that it fits in memory, route and load it on `device`
+    (runtime.native.parse_device: "cpu", "vulkan", "vulkan:N"; a GPU device for the native runtime only), and wrap
+    it with its drafter. Returns (name, backend, settings)."""
     store = store if store is not None else Store()
     name = str(model) if model is not None else store.default()
+    try:
+        device_index(device)  # a bad or missing device fails now, before a pull or a load
+    except ValueError as e:
+        raise BackendError(str(e)) from None
     if draft is not None:
         try:
             drafter_source(store, draft)  # a mistyped drafter fails now, before a pull or a load
@@ -206,14 +212,17 @@ def open_model(model: str | Path | None = None, *, n_ctx: int = 2048, threads: i
     settings = run_settings(store, name, threads=threads, draft=draft, warn=warn)
     header = read_gguf_header(path) if path.suffix.lower() != ".onnx" else None
     route = choose_backend(path, header)
+    check_device(route, device)
     if route.available:
         check_memory(path, n_ctx=n_ctx, header=header, backend=route.backend, n_threads=settings.threads)
-    backend = open_backend(path, n_ctx=n_ctx, n_threads=settings.threads, route=route)
+    backend = open_backend(path, n_ctx=n_ctx, n_threads=settings.threads, route=route, device=device)
     return name, with_drafter(backend, settings, store, n_ctx=n_ctx, name=name, warn=warn), settings
 
 
 def load(model: str | Path | None = None, *, n_ctx: int = 2048, threads: int | None = None, draft: str | None = None,
-         store: Store | None = None, progress: bool = False) -> Backend:
+         store: Store | None = None, progress: bool = False, device: Device = "cpu") -> Backend:
     """Open a model by store name or file path, exactly as `sparrow chat` would (open_model), and return its backend.
-    draft="none" decodes plainly; threads=None and draft=None take the tuned settings or the defaults."""
-    return open_model(model, n_ctx=n_ctx, threads=threads, draft=draft, store=store, progress=progress)[1]
+    draft="none" decodes plainly; threads=None and draft=None take the tuned settings or the defaults; device: "cpu",
+    "vulkan" or "vulkan:N" (runtime.native.devices())."""
+    return open_model(model, n_ctx=n_ctx, threads=threads, draft=draft, store=store, progress=progress,
+                      device=device)[1]

@@ -59,6 +59,63 @@ def _kv_type(name: str) -> int:
     return KV_TYPES[name]
 
 
+# ---- devices: where a session runs (sp_session_params.device: 0 = the CPU, k >= 1 = GPU device k) ----
+
+Device = str | int  # "cpu", "vulkan" (the first GPU device), "vulkan:N" (GPU device N, from 1), or the number itself
+
+
+def devices() -> list[dict[str, object]]:
+    """The GPU devices sessions can run on, in the library's order (sp_device_info): dicts of index (the device
+    number, from 1), name, kind ("integrated", "discrete", "virtual", "cpu": a software renderer such as lavapipe,
+    "other"), api ("vulkan"), api_version, driver and memory_bytes. Empty when the library was built without its
+    Vulkan backend or finds no loader or device: device_error() says why."""
+    return _sparrow.devices()
+
+
+def device_error() -> str:
+    """Why devices() is empty ("" when it is not, or when nothing went wrong)."""
+    return _sparrow.device_error()
+
+
+def parse_device(device: Device) -> int:
+    """The library's device number for a device: "cpu" or 0 -> 0; "vulkan" -> 1 (the first GPU device); "vulkan:N"
+    or N -> N (GPU devices count from 1). Only the spelling is checked here (device_index checks the device exists)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        if device < 0:
+            raise ValueError(f"device must be 0 (the CPU) or a GPU device number from 1, not {device}")
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'cpu' or 'vulkan:1', or a number, not {device!r}")
+    name, sep, number = device.strip().lower().partition(":")
+    if name == "cpu" and not sep:
+        return 0
+    if name == "vulkan" and not sep:
+        return 1
+    if name == "vulkan" and number.isascii() and number.isdigit() and int(number) >= 1:
+        return int(number)
+    if name == "vulkan":
+        raise ValueError(f"bad device {device!r}: Vulkan devices are numbered from 1, as in 'vulkan:1' "
+                         "(`sparrow bench` lists them)")
+    raise ValueError(f"unknown device {device!r}: use 'cpu', 'vulkan' (the first GPU device) or 'vulkan:N' (GPU "
+                     "device N, from 1)")
+
+
+def device_index(device: Device) -> int:
+    """parse_device, then check that a GPU device asked for is there: ValueError saying why it is not (no device at
+    all: the library's reason; a number past the last: the devices there are)."""
+    index = parse_device(device)
+    if index == 0:
+        return 0
+    found = devices()
+    if not found:
+        why = device_error() or "the library found no Vulkan device"
+        raise ValueError(f"device {device!r} asked for, but this machine has no Vulkan GPU device: {why}")
+    if index > len(found):
+        names = ", ".join(f"vulkan:{d['index']} ({d['name']})" for d in found)
+        raise ValueError(f"device {device!r} asked for, but there is no Vulkan device {index}; there are: {names}")
+    return index
+
+
 @dataclass(frozen=True)
 class SparsityStats:
     """Sparse-expert statistics (sp_sparsity_stats): TLS = fraction of (token, expert) pairs off; cls[k] = fraction
@@ -181,15 +238,17 @@ class Model:
         return None if raw is None else raw.decode("utf-8", errors="replace")
 
     def session(self, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0, ffn_mode: str = "auto",
-                kv_type: str = "f16") -> Session:
-        return Session(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, ffn_mode=ffn_mode, kv_type=kv_type)
+                kv_type: str = "f16", device: Device = "cpu") -> Session:
+        return Session(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, ffn_mode=ffn_mode, kv_type=kv_type,
+                       device=device)
 
     def session_memory(self, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0,
-                       ffn_mode: str = "auto", kv_type: str = "f16", n_seq: int = 1) -> SessionMemory:
+                       ffn_mode: str = "auto", kv_type: str = "f16", n_seq: int = 1,
+                       device: Device = "cpu") -> SessionMemory:
         """What session() (n_seq > 1: BatchSession) with these arguments would allocate, computed by the C library
         without allocating it (the same sizing code as the session's, so it is exact)."""
         return SessionMemory(**self._m.session_memory(n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode),
-                                                      _kv_type(kv_type), n_seq))
+                                                      _kv_type(kv_type), n_seq, device_index(device)))
 
 
 _S = TypeVar("_S", bound="_SessionBase")
@@ -251,12 +310,16 @@ class Session(_SessionBase):
     """KV cache + scratch + threads for one conversation over a Model. Not for concurrent use."""
 
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 64, n_threads: int = 0,
-                 ffn_mode: str = "auto", kv_type: str = "f16"):
+                 ffn_mode: str = "auto", kv_type: str = "f16", device: Device = "cpu"):
         """ffn_mode (sparse-expert models only): "auto", "dense", "token" or "chunk" (see sp_ffn_mode). kv_type: the
         KV cache's element type, "f16" (default) or "f32" (unrounded, twice the memory; multi-head latent attention
-        only, see sp_kv_type)."""
+        only, see sp_kv_type). device: where the forward pass runs, "cpu" (default), "vulkan" (the first GPU
+        device), "vulkan:N" or the device number (devices() lists them); a GPU session takes grouped-query attention
+        models (SparrowError, saying why, for others)."""
         self.model = model
-        self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode), _kv_type(kv_type))
+        self.device = device_index(device)  # 0: the CPU, k: GPU device k
+        self._s = _sparrow.Session(model._m, n_ctx, n_batch, n_threads, _ffn_mode(ffn_mode), _kv_type(kv_type), 1,
+                                   self.device)
         self.n_batch = n_batch
         self.tokens: list[int] = []  # what the KV cache holds, in order
         self.n_evaluated = 0  # tokens run through the forward pass over this session's life (shows KV cache reuse)

@@ -29,6 +29,7 @@ from .runtime import (
     Session,
     SparrowError,
     complete,
+    devices,
     generate,
     generate_tokens,
 )
@@ -43,4 +44,4 @@ _register_converter(_BLOCKFFN)
 
 __all__ = ["Backend", "BackendError", "Chat", "ContextFullError", "GenerationStats", "Model", "ModelInfo",
            "RunSettings", "Sampler", "SamplerParams", "Session", "SparrowError", "Store", "StoreError", "complete",
-           "generate", "generate_tokens", "load", "stream_text"]
+           "devices", "generate", "generate_tokens", "load", "stream_text"]

@@ -11,6 +11,7 @@ CPU path <= 3e-3 (the CPU's 8-bit activations: 4e-4 on SmolLM2's 8-token prompt 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -366,6 +367,35 @@ def test_sessions_on_two_threads(dev):
     assert not errors, errors
     for i in range(2):
         np.testing.assert_array_equal(results[i][0], alone)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_c_chat_example_on_the_gpu(dev, smollm, tmp_path):
+    """native/examples/chat.c --device K (sparrow.h alone: the adaptive drafter, the generator in C) on the GPU
+    answers as plain greedy decoding of the same conversation on the same device through Python; a device that does
+    not exist is a one-line error."""
+    from sparrow.runtime import Model, generate_tokens
+    from test_readme import _native_paths
+
+    include, lib = _native_paths()
+    exe = tmp_path / "chat"
+    cc = subprocess.run(["gcc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", str(REPO / "native" / "examples" /
+                         "chat.c"), f"-I{include}", f"-L{lib}", "-lsparrow", f"-Wl,-rpath,{lib}", "-o", str(exe)],
+                        capture_output=True, text=True, check=False)
+    assert cc.returncode == 0, cc.stderr
+    r = subprocess.run([str(exe), str(smollm), "--greedy", "--max-tokens", "10", "--device", str(dev)],
+                       input=b"Name three colors.\n/quit\n", capture_output=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr
+    assert b"<- this chat" in r.stderr
+    with Model(smollm) as model, model.session(n_ctx=512, device=dev) as s:
+        conv = model.tokenize("<|im_start|>user\n", parse_special=True)
+        conv += model.tokenize("Name three colors.", add_special=False, parse_special=False)
+        conv += model.tokenize("<|im_end|>\n<|im_start|>assistant\n", add_special=False, parse_special=True)
+        ans = list(generate_tokens(s, conv, max_tokens=10))
+        want = b"".join(model.token_bytes(t) for t in ans) + b"\n"
+    assert r.stdout == want
+    bad = subprocess.run([str(exe), str(smollm), "--device", "9"], input=b"hi\n", capture_output=True, check=False)
+    assert bad.returncode == 1 and b"error: device 9 does not exist" in bad.stderr
 
 
 def test_staged_uploads_equal_mapped_ones(dev, monkeypatch):

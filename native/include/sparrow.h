@@ -157,6 +157,8 @@ typedef struct sp_session_memory {
     size_t total_bytes;     /* everything: KV cache, scratch, statistics, the session record */
 } sp_session_memory;
 
+/* A device session (sp_session_params.device > 0) keeps its KV cache on the GPU: kv_cache_bytes is that cache
+ * (F16 keys and values), total_bytes what the host allocates (scratch, statistics; not the cache). */
 /* What sp_session_new(model, params) would allocate, without allocating it: the same sizing code, so it is exact.
  * Fails like sp_session_new on bad params or a vocab_only model. The model's weights are not included. */
 SP_API sp_status sp_session_memory_estimate(const sp_model *model, sp_session_params params, sp_session_memory *out);

@@ -153,7 +153,7 @@ def test_kv_store_and_attention_shaders(dev, masked):
     vc[:P] = past_v.view(np.uint32).reshape(P, KVD // 2)
     k = rng.standard_normal((Tn, KVD)).astype(np.float32)
     v = rng.standard_normal((Tn, KVD)).astype(np.float32)
-    T.vk_run(dev, "kv_store", [k, v, kc, vc], [Tn, KVD, P], [], [-(-Tn * KVD // 2 // 64), 1, 1])
+    T.vk_run(dev, "kv_store", [k, v, kc, vc], [Tn, KVD, P, KVD, KVD, KVD], [], [-(-Tn * KVD // 2 // 64), 1, 1])
     keys = kc[:P + Tn].view(np.float16).reshape(P + Tn, KVD).astype(np.float64)
     vals = vc[:P + Tn].view(np.float16).reshape(P + Tn, KVD).astype(np.float64)
     np.testing.assert_array_equal(keys[P:], f16(k))
@@ -280,6 +280,38 @@ def test_blockffn_logits_and_router_against_reference_and_cpu(dev):
     assert nmse(gpu, ref) <= 1e-6
     assert nmse(gpu, cpu) <= 3e-3
     assert abs(g.sparsity(-1)["tls"] - tls(router)) <= 0.01
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0", "q4_0"])
+def test_mla_blockffn_against_reference_cpu_tree_and_keep(dev, tmp_path, qtype):
+    """Multi-head latent attention (the released checkpoints' attention) on the GPU, on the converter's fixture at
+    ranks that quantize: logits against the float64 GGUF reference (measured ~1e-8: the F16 latent cache rounds c, as
+    on the CPU) and the CPU; a draft tree with its mask, keep(), and more tokens over the kept cache. Ranks the GPU
+    kernels do not take (nope dims of 16) are refused with the reason."""
+    from reference.blockffn import BlockFFNGGUFRef
+    from test_mla_native import QUANTIZABLE, build, mla_config
+
+    _, path = build(tmp_path, mla_config(seed=4, **QUANTIZABLE), qtype)
+    toks = [1, 5, 9, 2, 7, 3, 8, 6]
+    ref, _ = BlockFFNGGUFRef.from_gguf(path).forward(toks)
+    m = _sparrow.Model(str(path))
+    cpu, gpu = _sparrow.Session(m, 64, 16, 2), _sparrow.Session(m, 64, 16, 2, device=dev)
+    a = np.asarray(cpu.eval(toks, logits="all"))
+    b = np.asarray(gpu.eval(toks, logits="all"))
+    assert nmse(b, ref) <= 1e-6
+    assert nmse(b, a) <= (1e-10 if qtype == "f32" else 3e-3)  # F32 weights: both keep activations in float
+    tree, mask = [4, 11, 12, 13], np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], np.uint8)
+    pos = [8, 9, 9, 10]
+    a = np.asarray(cpu.eval(tree, pos=pos, mask=mask, logits="all"))
+    b = np.asarray(gpu.eval(tree, pos=pos, mask=mask, logits="all"))
+    assert nmse(b, a) <= 3e-3
+    for s in (cpu, gpu):
+        s.keep(list(range(8)) + [8, 10, 11], 0)
+    a, b = np.asarray(cpu.eval([14, 15], logits="all")), np.asarray(gpu.eval([14, 15], logits="all"))
+    assert nmse(b, a) <= 3e-3
+    _, small = build(tmp_path / "small", mla_config(seed=0))
+    with pytest.raises(_sparrow.SparrowError, match="multiples of 32"):
+        _sparrow.Session(_sparrow.Model(str(small)), 64, 16, 2, device=dev)
 
 
 def greedy(session, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
@@ -424,3 +456,21 @@ def test_bad_requests_are_clear_errors(dev):
     assert s.n_past == 16
     with pytest.raises(_sparrow.SparrowError):
         T.vk_run(dev, "no_such_pipe", [], [], [], [1, 1, 1])
+    # the CPU-side testing hooks refuse a session whose cache and router scores live on the device
+    for call in (lambda: T.fill_cache(s, 4, 1), lambda: T.set_synthetic_routing(s, 0.8, 0.5, 8, 1),
+                 lambda: T.last_router_scores(s, 1)):
+        with pytest.raises(_sparrow.SparrowError, match="GPU session"):
+            call()
+    assert s.n_past == 16
+
+
+def test_elementwise_shaders_stride_past_the_dispatch_limit(dev):
+    """More elements than the device's workgroup-count limit times 64: the grid is capped (as vk_forward.c caps it)
+    and the shader strides over the rest."""
+    n = 65535 * 64 + 1000
+    rng = np.random.default_rng(9)
+    g, u = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    out = g.copy()
+    T.vk_run(dev, "swiglu", [out, u], [n], [], [65535, 1, 1])
+    gd = g.astype(np.float64)
+    np.testing.assert_allclose(out, gd / (1 + np.exp(-gd)) * u, rtol=1e-5, atol=1e-6)

@@ -139,8 +139,8 @@ typedef struct sp_session_params {
                              tokens share one forward pass (sp_batch.seq): the weights are read once for all of them. */
     int32_t device;       /* where the forward passes run: 0 the CPU (default); k = 1..sp_device_count() GPU device k
                              (Vulkan; see "devices" below): the model's weights go to the device once, the KV cache
-                             lives there, and each sp_eval is one submission. Device sessions take n_seq 1 and
-                             grouped-query attention (else SP_ERR_UNSUPPORTED); n_threads and ffn_mode do not apply. */
+                             lives there, and each sp_eval is one submission. Device sessions take n_seq 1 and an
+                             F16 cache (else SP_ERR_UNSUPPORTED); n_threads and ffn_mode do not apply. */
 } sp_session_params;
 
 SP_API sp_session_params sp_session_default_params(void);

@@ -250,6 +250,7 @@ sp_status sp_ffn_blockffn_run(sp_session *ses, int il, const float *xn, const fl
     const sp_model *m = ses->model;
     const int64_t H = m->hp.n_embd;
     if (m->hp.n_expert == 0) return sp_fail(SP_ERR_INVALID_ARG, "the model has no BlockFFN layers");
+    if (ses->gpu) return sp_fail(SP_ERR_UNSUPPORTED, "the FFN block alone runs on the CPU only, not in a GPU session");
     if (il < 0 || il >= m->hp.n_layer) return sp_fail(SP_ERR_INVALID_ARG, "layer %d out of range", il);
     if (T < 1 || T > ses->params.n_batch) return sp_fail(SP_ERR_INVALID_ARG, "T must be 1..n_batch");
     if (mode < SP_FFN_AUTO || mode > SP_FFN_SPARSE_CHUNK) return sp_fail(SP_ERR_INVALID_ARG, "bad ffn mode");

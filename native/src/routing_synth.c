@@ -49,6 +49,7 @@ sp_status sp_session_set_synthetic_routing(sp_session *ses, const sp_synth_routi
     }
     const sp_model *m = ses->model;
     if (m->hp.n_expert == 0) return sp_fail(SP_ERR_INVALID_ARG, "synthetic routing: the model has no BlockFFN layers");
+    if (ses->gpu) return sp_fail(SP_ERR_UNSUPPORTED, "synthetic routing runs on the CPU only, not in a GPU session");
     if (!(p->tls >= 0.0 && p->tls <= 1.0)) return sp_fail(SP_ERR_INVALID_ARG, "synthetic routing: tls must be in [0, 1], got %g", p->tls);
     if (!(p->cls >= 0.0 && p->cls <= 1.0)) return sp_fail(SP_ERR_INVALID_ARG, "synthetic routing: cls must be in [0, 1], got %g", p->cls);
     if (p->k < 2 || p->k > 65536) return sp_fail(SP_ERR_INVALID_ARG, "synthetic routing: k must be 2..65536, got %d", p->k);

@@ -477,12 +477,14 @@ sp_status sp_testing_last_router_scores(const sp_session *ses, int32_t n_tokens,
     if (ses->model->hp.n_expert == 0) return sp_fail(SP_ERR_INVALID_ARG, "the model has no BlockFFN layers");
     if (n_tokens < 1 || n_tokens > ses->params.n_batch)
         return sp_fail(SP_ERR_INVALID_ARG, "n_tokens must be 1..n_batch");
+    if (ses->gpu) return sp_fail(SP_ERR_UNSUPPORTED, "a GPU session keeps its router scores on the device");
     memcpy(out, ses->s.router, (size_t)n_tokens * (size_t)ses->model->hp.n_expert * sizeof *out);
     return SP_OK;
 }
 
 sp_status sp_testing_fill_cache(sp_session *ses, int32_t n, uint64_t seed) {
     if (n < 0 || n > ses->params.n_ctx) return sp_fail(SP_ERR_INVALID_ARG, "n must be 0..n_ctx (%d)", ses->params.n_ctx);
+    if (ses->gpu) return sp_fail(SP_ERR_UNSUPPORTED, "a GPU session's cache is on the device");
     const sp_hparams *hp = &ses->model->hp;
     const int64_t C = ses->params.n_ctx;
     uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;

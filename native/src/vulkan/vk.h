@@ -39,7 +39,7 @@ typedef enum sp_vk_pipe {
     SP_VK_MATMUL_F32, SP_VK_MATMUL_F16, SP_VK_MATMUL_Q4_0, SP_VK_MATMUL_Q4_1, SP_VK_MATMUL_Q8_0,
     SP_VK_UP_F32, SP_VK_UP_F16, SP_VK_UP_Q4_0, SP_VK_UP_Q4_1, SP_VK_UP_Q8_0,
     SP_VK_DOWN_F32, SP_VK_DOWN_F16, SP_VK_DOWN_Q4_0, SP_VK_DOWN_Q4_1, SP_VK_DOWN_Q8_0,
-    SP_VK_RMSNORM, SP_VK_ROPE, SP_VK_KV_STORE, SP_VK_ATTENTION, SP_VK_SWIGLU, SP_VK_ROUTER,
+    SP_VK_RMSNORM, SP_VK_ROPE, SP_VK_KV_STORE, SP_VK_ATTENTION, SP_VK_SWIGLU, SP_VK_ROUTER, SP_VK_ATTENTION_MLA,
     SP_VK_PIPE_COUNT
 } sp_vk_pipe;
 
@@ -104,6 +104,7 @@ typedef struct sp_vk_tensor {
 
 typedef struct sp_vk_layer {
     sp_vk_tensor attn_norm, ffn_norm, wq, wk, wv, wo, w_gate, w_up, w_down, router, router_norm, experts;
+    sp_vk_tensor wq_a, q_a_norm, wq_b, wkv_a, kv_a_norm, wk_b, wv_b; /* multi-head latent attention */
 } sp_vk_layer;
 
 /* A model's weights on one device, made by the first session there and kept until the model is freed. */

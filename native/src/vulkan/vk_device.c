@@ -20,7 +20,7 @@ sp_vk_fns sp_vk;
 const char *const sp_vk_pipe_names[SP_VK_PIPE_COUNT] = {
     "matmul_f32", "matmul_f16", "matmul_q4_0", "matmul_q4_1", "matmul_q8_0", "up_f32", "up_f16", "up_q4_0",
     "up_q4_1", "up_q8_0", "down_f32", "down_f16", "down_q4_0", "down_q4_1", "down_q8_0", "rmsnorm", "rope",
-    "kv_store", "attention", "swiglu", "router"};
+    "kv_store", "attention", "swiglu", "router", "attention_mla"};
 
 enum { MAX_DEVICES = 16 };
 
@@ -113,9 +113,10 @@ static bool usable(VkPhysicalDevice pd, sp_vk_dev *d) {
     VkPhysicalDeviceDriverProperties drv = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_DRIVER_PROPERTIES, .pNext = &sub};
     VkPhysicalDeviceProperties2 p2 = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, .pNext = &drv};
     sp_vk.vkGetPhysicalDeviceProperties2(pd, &p2);
-    /* the matmuls reduce a row over a subgroup (subgroupAdd) */
+    /* the matmuls reduce a row over a subgroup (subgroupAdd), its live invocations counted by a ballot */
     if (!(sub.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) ||
-        !(sub.supportedOperations & VK_SUBGROUP_FEATURE_ARITHMETIC_BIT) || sub.subgroupSize == 0)
+        !(sub.supportedOperations & VK_SUBGROUP_FEATURE_ARITHMETIC_BIT) ||
+        !(sub.supportedOperations & VK_SUBGROUP_FEATURE_BALLOT_BIT) || sub.subgroupSize == 0)
         return false;
     memset(d, 0, sizeof *d);
     d->rows_per_group = sub.subgroupSize >= 64 ? 1 : 64 / sub.subgroupSize;
@@ -300,11 +301,19 @@ sp_status sp_vk_buf_new(sp_vk_dev *d, VkDeviceSize size, bool host_visible, sp_v
         return sp_fail(SP_ERR_NO_MEMORY, "out of GPU memory: %llu bytes on %s (%s)", (unsigned long long)size,
                        d->info.name, sp_vk_result_str(r));
     }
-    sp_vk.vkBindBufferMemory(d->dev, out->buf, out->mem, 0);
-    if (d->mem.memoryTypes[type].propertyFlags & VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT &&
-        (host_visible || !getenv("SPARROW_VULKAN_STAGING")) && /* testing: uploads through a staging copy */
+    r = sp_vk.vkBindBufferMemory(d->dev, out->buf, out->mem, 0);
+    /* mapped when the host can write it without flushes (coherent): host-visible buffers always, device buffers when
+     * their memory allows (integrated GPUs, lavapipe); others take uploads through a staging copy */
+    const VkMemoryPropertyFlags flags_of = d->mem.memoryTypes[type].propertyFlags;
+    if (r == VK_SUCCESS && (flags_of & host) == host &&
+        (host_visible || !getenv("SPARROW_VULKAN_STAGING")) && /* testing: force the staging path */
         sp_vk.vkMapMemory(d->dev, out->mem, 0, VK_WHOLE_SIZE, 0, &out->map) != VK_SUCCESS)
         out->map = NULL;
+    if (r != VK_SUCCESS || (host_visible && !out->map)) {
+        sp_vk_buf_free(d, out);
+        return sp_fail(SP_ERR_NO_MEMORY, "could not %s a %llu-byte buffer on %s (%s)", r != VK_SUCCESS ? "bind" : "map",
+                       (unsigned long long)size, d->info.name, sp_vk_result_str(r));
+    }
     VkBufferDeviceAddressInfo ai = {.sType = VK_STRUCTURE_TYPE_BUFFER_DEVICE_ADDRESS_INFO, .buffer = out->buf};
     out->addr = sp_vk.vkGetBufferDeviceAddress(d->dev, &ai);
     out->size = size;

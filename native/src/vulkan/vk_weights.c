@@ -15,7 +15,7 @@ bool sp_vk_gpu_type(sp_type t) {
 
 /* The GPU layout of n rows of k elements of type t from src (GGUF layout) into dst (words); d_off/m_off set. */
 size_t sp_vk_layout_words(sp_type t, int64_t n, int64_t k, uint32_t *d_off, uint32_t *m_off) {
-    const size_t nb = (size_t)(n * k / SP_QK);
+    const size_t nb = (size_t)(n * k / SP_QK); /* offsets wrap past 2^32 words: upload() refuses those sizes */
     switch (t) {
     case SP_TYPE_F32: *d_off = *m_off = 0; return (size_t)(n * k);
     case SP_TYPE_F16: *d_off = *m_off = 0; return (size_t)(n * k + 1) / 2;
@@ -64,6 +64,8 @@ static sp_status upload(sp_vk_dev *dv, sp_vk_tensor *out, sp_type t, const void 
     out->n = n;
     out->k = k;
     const size_t words = sp_vk_layout_words(t, n, k, &out->d_off, &out->m_off);
+    if (words > UINT32_MAX) /* the shaders index words with 32-bit integers */
+        return sp_fail(SP_ERR_UNSUPPORTED, "%s: %zu words is over the GPU kernels' 32-bit index range", what, words);
     uint32_t *host = malloc(words * 4 + 4);
     if (!host) return sp_fail(SP_ERR_NO_MEMORY, "out of memory converting %s for the GPU", what);
     sp_vk_to_layout(t, data, n, k, host, out->d_off, out->m_off);
@@ -109,9 +111,19 @@ static sp_status make_model(const sp_model *m, int32_t device, sp_vk_model **out
         sp_vk_layer *g = &vm->layers[il];
         st = upload(dv, &g->attn_norm, SP_TYPE_F32, l->attn_norm, 1, H, "attn_norm");
         if (st == SP_OK) st = upload(dv, &g->ffn_norm, SP_TYPE_F32, l->ffn_norm, 1, H, "ffn_norm");
-        if (st == SP_OK) st = upload_tensor(dv, &g->wq, &l->wq, "attn_q");
-        if (st == SP_OK) st = upload_tensor(dv, &g->wk, &l->wk, "attn_k");
-        if (st == SP_OK) st = upload_tensor(dv, &g->wv, &l->wv, "attn_v");
+        if (l->attn == SP_ATTN_MLA) {
+            if (st == SP_OK) st = upload_tensor(dv, &g->wq_a, &l->wq_a, "attn_q_a");
+            if (st == SP_OK) st = upload(dv, &g->q_a_norm, SP_TYPE_F32, l->q_a_norm, 1, hp->q_lora, "attn_q_a_norm");
+            if (st == SP_OK) st = upload_tensor(dv, &g->wq_b, &l->wq_b, "attn_q_b");
+            if (st == SP_OK) st = upload_tensor(dv, &g->wkv_a, &l->wkv_a, "attn_kv_a_mqa");
+            if (st == SP_OK) st = upload(dv, &g->kv_a_norm, SP_TYPE_F32, l->kv_a_norm, 1, hp->kv_lora, "attn_kv_a_norm");
+            if (st == SP_OK) st = upload_tensor(dv, &g->wk_b, &l->wk_b, "attn_k_b");
+            if (st == SP_OK) st = upload_tensor(dv, &g->wv_b, &l->wv_b, "attn_v_b");
+        } else {
+            if (st == SP_OK) st = upload_tensor(dv, &g->wq, &l->wq, "attn_q");
+            if (st == SP_OK) st = upload_tensor(dv, &g->wk, &l->wk, "attn_k");
+            if (st == SP_OK) st = upload_tensor(dv, &g->wv, &l->wv, "attn_v");
+        }
         if (st == SP_OK) st = upload_tensor(dv, &g->wo, &l->wo, "attn_output");
         if (st != SP_OK) break;
         if (l->ffn == SP_FFN_KIND_EXPERTS) {

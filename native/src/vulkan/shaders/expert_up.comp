@@ -8,13 +8,17 @@
 #include "common.glsl"
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
+#extension GL_KHR_shader_subgroup_ballot : require
 layout(local_size_x = 64) in;
 
 void main() {
     const uint e = gl_WorkGroupID.y, f = gl_WorkGroupID.x * pc.u[8] + gl_SubgroupID;
     const uint H = pc.u[0], T = pc.u[1], E = pc.u[2], FE = pc.u[3], nb = H / 32;
     if (f >= FE || gl_SubgroupID >= pc.u[8] || UBuf(pc.a[3]).v[e] == 0u) return; /* whole subgroups */
-    const uint lane = gl_SubgroupInvocationID, ns = min(gl_SubgroupSize, 64u); /* a subgroup wider than the workgroup holds 64 lanes */
+    /* the subgroup's live invocations, counted: a device may run a subgroup partly filled (or wider than the
+     * workgroup), so neither gl_SubgroupSize nor gl_SubgroupInvocationID is trusted for the stride */
+    const uvec4 live = subgroupBallot(true);
+    const uint lane = subgroupBallotExclusiveBitCount(live), ns = subgroupBallotBitCount(live);
     UBuf W = UBuf(pc.a[0]);
     FBuf X = FBuf(pc.a[1]), R = FBuf(pc.a[2]), Hb = FBuf(pc.a[4]);
     const uint row = e * 2 * FE + f;

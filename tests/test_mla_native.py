@@ -86,6 +86,28 @@ def test_quantized_logits_match_gguf_reference(tmp_path, qtype):
     assert nmse(ours, plain) < 2e-4 if qtype != "f16" else nmse(ours, plain) < 2e-5
 
 
+@pytest.mark.parametrize("qtype", ["f32", "q4_0"])
+def test_heads_split_over_any_thread_count(tmp_path, qtype):
+    """The per-head phase (attn_mla.c) gives each thread whole heads, from the query to its slice of the output, with
+    the per-head weights packed head by head where the tier packs the type: 4 heads on 1, 3 (2 + 1 + 1), 4 and 6
+    threads (two without a head) match the reference that rounds as the runtime does, in one batch and token by
+    token (the criteria of the two tests above)."""
+    _, path = build(tmp_path, mla_config(seed=6, **QUANTIZABLE), qtype)
+    rounded, _ = BlockFFNGGUFRef.from_gguf(path, runtime_rounding=True, down_i8=runtime_down_i8()).forward(TOKENS)
+    with Model(path) as m:
+        for threads in (1, 3, 4, 6):
+            with m.session(n_ctx=64, n_threads=threads) as s:
+                batch = s.eval(TOKENS, logits="all")
+            with m.session(n_ctx=64, n_threads=threads) as s:
+                single = np.concatenate([s.eval([t], logits="all") for t in TOKENS])
+            for ours in (batch, single):
+                rows = np.array([nmse(ours[i], rounded[i]) for i in range(len(TOKENS))])
+                if qtype == "f32":
+                    assert rows.max() < 1e-9, (threads, rows)
+                else:
+                    assert np.mean(rows < 1e-9) >= 0.6 and rows.max() < 1e-3, (threads, rows)
+
+
 def test_batches_over_a_growing_cache_match_one_pass(tmp_path):
     """Batches of 1..7 tokens over the latent cache give the logits of one causal pass."""
     _, path = build(tmp_path, mla_config(seed=5))

@@ -15,7 +15,8 @@
  * over the threads (then a unit is a whole expert: one stream); thread p takes a contiguous
  * share of the (task, slice) units and for each: gathers the task's activation rows (when not all T), computes
  * h = U_e[slice] x (kernel matmul), c = r * silu(h), then y += c @ D_e^T[slice] (kernel accum) into its own partial
- * output (thread 0: s->tmp). Partials are summed into tmp at the end. Threads meet at 4 barriers per layer.
+ * output (thread 0: s->tmp). Partials are summed into tmp at the end, each thread for its own tokens (sp_split(T)).
+ * Threads meet at 3 barriers per layer.
  * The down half is read in the tier's streaming layout (kernels.h accum_packed) when the model packed it at load,
  * in its int8 form (accum_packed_i8: c quantized per token, 16-row group and column block) where the tier has one.
  * Thread 0 adds each phase's time to the session's timings (ffn_router_s .. ffn_reduce_s).
@@ -223,7 +224,8 @@ void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth) {
         tm->ffn_down_s += t_down;
     }
 
-    /* 4. tmp += the other threads' partials, for this thread's tokens */
+    /* 4. tmp += the other threads' partials, for this thread's tokens (sp_split(T)); no barrier after it: the caller
+     * goes on with the same tokens (forward.c: the residual add and the next layer's norm) */
     if (nth > 1) {
         int64_t t0, t1;
         sp_split(T, ith, nth, &t0, &t1);
@@ -231,7 +233,6 @@ void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth) {
             const float *yp = s->ypart + (int64_t)(p - 1) * B * H;
             for (int64_t i = t0 * H; i < t1 * H; i++) s->tmp[i] += yp[i];
         }
-        sp_pool_barrier(ses->pool);
     }
     if (tm) lap_s(&clk, &tm->ffn_reduce_s);
 }

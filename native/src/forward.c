@@ -51,7 +51,8 @@ bool sp_fwd_quant_rows_for(const fwd_ctx *c, const sp_tensor *W, const float *x,
 void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor *W, const float *x_f, int64_t T,
                         int ith, int nth) {
     int64_t r0, r1;
-    sp_fwd_row_share(W->n, ith, nth, &r0, &r1);
+    if (W->packed) sp_fwd_row_share(W->n, ith, nth, &r0, &r1);
+    else sp_split(W->n, ith, nth, &r0, &r1); /* any row range (e.g. BlockFFN's 40-row router: 20 + 20, not 32 + 8) */
     if (r0 >= r1) return;
     const void *x = sp_type_traits_of(W->type).act_q8 ? c->ses->s.xq : (const void *)x_f;
     if (W->packed) c->k->matmul_packed[W->type](y, ldy, W->packed, x, W->k, r0, r1, T); /* packed at load */
@@ -317,11 +318,12 @@ static void forward_worker(void *ctx, int ith, int nth) {
         sp_pool_barrier(pool);
         if (tm) lap(&clk, &tm->attention_s);
 
-        /* 6. FFN block (input: xn, and its quantized copy in xq) -> tmp; residual add */
+        /* 6. FFN block (input: xn, and its quantized copy in xq) -> tmp, this thread's tokens complete; residual add.
+         * The next layer's norm reads only this thread's rows too: a barrier only after the last layer. */
         if (l->ffn == SP_FFN_KIND_EXPERTS) sp_ffn_blockffn(c, il, ith, nth);
         else ffn_dense(c, l, ith, nth);
         add_rows(s->x, hp->residual_scale, s->tmp, T, H, ith, nth);
-        sp_pool_barrier(pool);
+        if (il + 1 == hp->n_layer) sp_pool_barrier(pool);
         if (tm) lap(&clk, &tm->ffn_s);
     }
 

@@ -38,8 +38,9 @@ void sp_fwd_rope_rows(const fwd_ctx *c, float *x, int64_t ldx, int64_t T, int n_
  * attn [T, NH*DV] and the batch's latent rows in the cache; ends with all threads past a barrier. */
 void sp_attn_mla(const fwd_ctx *c, int il, int ith, int nth);
 
-/* The BlockFFN FFN block of layer il: reads scratch xn [T, H] (and xq), writes scratch tmp [T, H]; ends with all
- * threads past a barrier. See ffn_blockffn.c. */
+/* The BlockFFN FFN block of layer il: reads scratch xn [T, H] (and xq), writes scratch tmp [T, H]; ends with this
+ * thread's tokens of tmp (sp_split(T)) complete, not at a barrier: the caller's next step must read only those rows
+ * or meet a barrier first. See ffn_blockffn.c. */
 void sp_ffn_blockffn(const fwd_ctx *c, int il, int ith, int nth);
 /* Add layer il's batch of T tokens to the session's sparsity counters: router scores r [T, E] (active: != 0), and
  * the expert bytes the pass read (also the GPU pass's, vulkan/vk_forward.c). */

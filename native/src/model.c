@@ -41,6 +41,7 @@ static sp_status bind_tensor(const sp_gguf *g, const char *name, int64_t k, int6
     out->n = n * n2;
     out->row_size = sp_row_size(t->type, k);
     out->data = t->data;
+    out->head_rows = n2 > 1 ? n : 0;
     return SP_OK;
 }
 
@@ -263,6 +264,7 @@ static sp_status load_common_weights(sp_model *m) {
             MAT(wq_a, "attn_q_a", H, QL);
             VEC(q_a_norm, "attn_q_a_norm", QL);
             MAT(wq_b, "attn_q_b", QL, hp->n_head * (DN + DR));
+            l->wq_b.head_rows = DN + DR; /* each head's query rows, computed by the thread that owns the head */
             MAT(wkv_a, "attn_kv_a_mqa", H, KL + DR);
             VEC(kv_a_norm, "attn_kv_a_norm", KL);
             HEADS(wk_b, "attn_k_b", DN, KL);
@@ -374,18 +376,25 @@ static sp_status (*const ARCH_LOAD[SP_ARCH_COUNT])(sp_model *m) = {[SP_ARCH_LLAM
 
 const char *const *sp_supported_architectures(void) { return ARCH_NAMES; }
 
-/* Repack (kernels.h pack) every dense matmul weight whose type the kernel tier packs -- attention, dense FFN, LM head
- * (a copy when tied: the embedding lookup keeps reading the file's rows) -- into one buffer, 2 MB aligned when large
- * (transparent huge pages: fewer TLB misses on the weight stream). Then the file pages lying wholly inside tensors
- * that are only read packed are released (MADV_DONTNEED: a private read-only file mapping reloads them from the file
- * if ever touched again), one tensor at a time, so peak memory stays near the file size. The kernels table must be
- * the one sp_forward uses (sp_kernels_get). BlockFFN experts: the up half of every expert (FE rows, read by a matmul)
- * is packed as its own block, so the decode step streams it as fast as a dense weight; the down half follows it in
- * the tier's "down" streaming layout (kernels.h pack_down) where the tier has one, else stays a view of the file
- * (the accumulate kernel reads it row by row). */
+/* Bytes of t in the tier's packed layout (0: not packed); a per-head weight is packed head by head. */
+static size_t packed_bytes(const sp_kernels *k, const sp_tensor *t) {
+    if (!t->data || !k->packed_size[t->type]) return 0;
+    if (!t->head_rows) return k->packed_size[t->type](t->n, t->k);
+    return k->packed_size[t->type](t->head_rows, t->k) * (size_t)(t->n / t->head_rows);
+}
+
+/* Repack (kernels.h pack) every dense matmul weight whose type the kernel tier packs -- attention (MLA's per-head
+ * weights head by head), dense FFN, LM head (a copy when tied: the embedding lookup keeps reading the file's rows) --
+ * into one buffer, 2 MB aligned when large (transparent huge pages: fewer TLB misses on the weight stream). Then the
+ * file pages lying wholly inside tensors that are only read packed are released (MADV_DONTNEED: a private read-only
+ * file mapping reloads them from the file if ever touched again), one tensor at a time, so peak memory stays near the
+ * file size. The kernels table must be the one sp_forward uses (sp_kernels_get). BlockFFN experts: the up half of
+ * every expert (FE rows, read by a matmul) is packed as its own block, so the decode step streams it as fast as a
+ * dense weight; the down half follows it in the tier's "down" streaming layout (kernels.h pack_down) where the tier
+ * has one, else stays a view of the file (the accumulate kernel reads it row by row). */
 static sp_status pack_weights(sp_model *m) {
     const sp_kernels *k = sp_kernels_get();
-    enum { PER_LAYER = 10 };
+    enum { PER_LAYER = 12 };
     const int64_t n_max = (int64_t)m->hp.n_layer * PER_LAYER + 1;
     sp_tensor **list = malloc((size_t)n_max * sizeof *list);
     if (!list) return sp_fail(SP_ERR_NO_MEMORY, "out of memory");
@@ -394,15 +403,13 @@ static sp_status pack_weights(sp_model *m) {
     list[n++] = &m->output;
     for (int il = 0; il < m->hp.n_layer; il++) {
         sp_layer *l = &m->layers[il];
-        /* MLA's per-head wk_b and wv_b are read head by head (row ranges a packed layout need not keep): not packed */
-        sp_tensor *mats[PER_LAYER] = {&l->wq,     &l->wk,   &l->wv,    &l->wo,    &l->w_gate,
-                                      &l->w_up,   &l->w_down, &l->wq_a, &l->wq_b, &l->wkv_a};
+        sp_tensor *mats[PER_LAYER] = {&l->wq,    &l->wk,   &l->wv,    &l->wo,    &l->w_gate, &l->w_up,
+                                      &l->w_down, &l->wq_a, &l->wq_b, &l->wkv_a, &l->wk_b,   &l->wv_b};
         for (int i = 0; i < PER_LAYER; i++) list[n++] = mats[i];
     }
     int64_t kept = 0;
     for (int64_t i = 0; i < n; i++) {
-        const sp_tensor *t = list[i];
-        const size_t size = t->data && k->packed_size[t->type] ? k->packed_size[t->type](t->n, t->k) : 0;
+        const size_t size = packed_bytes(k, list[i]);
         if (size) list[kept++] = list[i], total += size; /* sizes are multiples of 64 */
     }
     const int64_t E = m->hp.n_expert, FE = m->hp.expert_width;
@@ -443,9 +450,17 @@ static sp_status pack_weights(sp_model *m) {
     size_t off = 0;
     for (int64_t i = 0; i < kept; i++) {
         sp_tensor *t = list[i];
-        const size_t size = k->packed_size[t->type](t->n, t->k);
-        k->pack[t->type]((uint8_t *)m->packed + off, t->data, t->n, t->k);
+        const size_t size = packed_bytes(k, t);
         t->packed = (uint8_t *)m->packed + off;
+        if (t->head_rows) { /* head by head: each its own block */
+            t->packed_head = k->packed_size[t->type](t->head_rows, t->k);
+            for (int64_t h = 0; h < t->n / t->head_rows; h++)
+                k->pack[t->type]((uint8_t *)m->packed + off + (size_t)h * t->packed_head,
+                                 (const uint8_t *)t->data + (size_t)(h * t->head_rows) * t->row_size, t->head_rows,
+                                 t->k);
+        } else {
+            k->pack[t->type]((uint8_t *)m->packed + off, t->data, t->n, t->k);
+        }
         off += size;
         if (m->gguf->mapped && t->data != m->tok_embd.data) { /* only the packed copy is read from now on */
             const uintptr_t a = ((uintptr_t)t->data + page - 1) & ~(page - 1);

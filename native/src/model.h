@@ -20,6 +20,10 @@ typedef struct sp_tensor {
     const void *data;    /* [n, k] in `type`, into the mapping */
     const void *packed;  /* the same weight in the kernel tier's packed layout (kernels.h), or NULL: matmuls read
                             this when set; `data` stays valid (the file pages may have been released) */
+    int64_t head_rows;   /* a per-head weight (MLA's wq_b, wk_b, wv_b: [heads * head_rows, k]), read head by head by
+                            the thread that owns the head: each head is packed as its own block of packed_head bytes
+                            (head h at packed + h * packed_head); 0: one block */
+    size_t packed_head;
 } sp_tensor;
 
 /* The architectures the loader implements (general.architecture); model.c's tables (names, loaders) hold one entry
@@ -135,6 +139,7 @@ typedef struct sp_scratch {
     float *qlat;     /* [B, NH, KL] absorbed query W_UK^T q_nope */
     float *qpe;      /* [B, NH, DR] rotated rope query */
     float *olat;     /* [NH, B, KL] each head's attention-weighted sum of latents */
+    void *xqh;       /* [NH, B] rows of max(DN, KL): a head's q_nope or o_lat quantized to sp_block_q8a (its owner's) */
     /* blockffn only (ffn_blockffn.c); E = experts, FE = expert width, NT = n_threads */
     float *router;           /* [B, E] router scores after ReLU and norm */
     const float *router_set; /* testing: [T, E] scores used instead of the router's (NULL: compute them) */

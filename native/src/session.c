@@ -46,6 +46,7 @@ void sp_session_free(sp_session *ses) {
     free(s->qlat);
     free(s->qpe);
     free(s->olat);
+    free(s->xqh);
     free(s->router);
     free(s->tasks);
     free(s->task_tok);
@@ -99,8 +100,8 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
     const uint64_t QL = mla ? (uint64_t)hp->q_lora : 0, KL = mla ? (uint64_t)hp->kv_lora : 0;
     const uint64_t DN = mla ? (uint64_t)hp->qk_nope : 0, DR = (uint64_t)hp->n_rot;
     const uint64_t QD = mla ? NH * (DN + DR) : NH * hp->head_dim, OD = mla ? NH * (uint64_t)hp->v_dim : QD;
-    /* q8a activation rows: the widest matmul input (MLA: also every head's nope query and latent sum at once) */
-    const uint64_t K_MAX = SP_MAX(SP_MAX(SP_MAX(H, F), SP_MAX(QD, OD)), SP_MAX(QL, SP_MAX(NH * DN, NH * KL)));
+    /* q8a activation rows: the widest matmul input (MLA's per-head inputs have their own rows, xqh) */
+    const uint64_t K_MAX = SP_MAX(SP_MAX(SP_MAX(H, F), SP_MAX(QD, OD)), QL);
     z->bytes += sizeof *ses; /* the session record itself */
     ses->past = take(z, NS); /* int32 */
     const uint64_t before_kv = z->bytes;
@@ -131,6 +132,7 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
         s->qlat = take(z, B * NH * KL);
         s->qpe = take(z, B * NH * DR);
         s->olat = take(z, NH * B * KL);
+        s->xqh = take(z, NH * B * (SP_MAX(DN, KL) / SP_QK) * (sizeof(sp_block_q8a) / sizeof(float)));
     }
     s->tmp = take(z, B * H);
     s->gate = take(z, B * F);

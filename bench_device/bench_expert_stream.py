@@ -17,9 +17,13 @@ Timings alternate (variant x mode, repeated), reported as medians with min/max o
 Bytes per token by phase are the weights each phase reads (the file's tensor sizes; packed copies are the same bytes
 plus padding): attention (norms, MLA projections; the latent KV cache read of the 32-token prefix is left out, it is
 < 1%), router (F32), experts (dense: all; token: the session's own expert-byte counter; chunk: the union's bytes of an
-8-token pass over 8), LM head (the last row's logits only). The bound is the native probe's read bandwidth with the
-same threads (pinned, 1 GiB per thread: DRAM), measured just before and just after each shape's timings (median of
-both: a shared machine's bandwidth drifts); fraction of bound = (bytes per token / bandwidth) / time per token.
+8-token pass over 8), LM head (the last row's logits only) (bench_device/phases.py). The bound is the native probe's
+read bandwidth with the same threads (pinned) over buffers as large as the model's weights, split over the threads
+(the working set decoding streams again and again), measured just before and just after each shape's timings (median
+of both: a shared machine's bandwidth drifts); fraction of bound = (bytes per token / bandwidth) / time per token.
+The large-buffer probe (1 GiB per thread) is recorded beside it: on a machine where streaming bandwidth falls with
+the buffer's size beyond the model's (seen on a 2-core Intel Xeon KVM guest: 25 GB/s at 300 MB per thread, 15 GB/s
+at 1 GiB) it is no bound of the model's decode.
 Also per copy: thread 0's time in the experts' up and down halves of one dense layer run alone (the testing hook),
 from the caches (layer 0 repeated) and from DRAM (all layers in turn): whether a half is bound by compute.
 Per phase, time comes from Session.timings() (thread 0's clock, each phase ending at a barrier; the experts' up and
@@ -40,39 +44,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from ..runtime import Model, _sparrow
-from . import profile, synthetic
+from . import phases, profile, synthetic
 
-SCHEMA = "sparrow.bench.expert_stream/1"
+SCHEMA = "sparrow.bench.expert_stream/2"  # /2: the working-set probe is the bound; the DRAM probe kept
 VARIANTS = ("file", "float", "int8")
 ENV = {"file": {"SPARROW_EXPERT_DOWN_PACK": "0"}, "float": {"SPARROW_EXPERT_DOWN_INT8": "0"}, "int8": {}}
 MODES = ("dense", "token", "chunk")
-PHASES = ("attention", "router", "experts", "head")
 
 
 def _stats(xs: Sequence[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def phase_bytes(path: Path) -> dict:
-    """Weight bytes per phase of the whole model (one pass reads each once): attention, router, experts, head."""
-    out = dict.fromkeys(PHASES, 0)
-    for t in gguf.GGUFReader(str(path)).tensors:
-        n = int(t.n_bytes)
-        if t.name == "output.weight" or t.name == "output_norm.weight":
-            out["head"] += n
-        elif t.name == "token_embd.weight":
-            continue  # one row per token
-        elif "ffn_router" in t.name:
-            out["router"] += n
-        elif "ffn_experts" in t.name:
-            out["experts"] += n
-        else:
-            out["attention"] += n
-    return out
 
 
 class Copy:
@@ -142,14 +126,14 @@ def expert_halves(c: Copy, layers: int, reps: int = 100) -> dict:
     return out
 
 
-def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: int, bandwidth: float,
-                cpus: list[int] | None, progress: bool = True,
-                probe: Callable[[], list[float]] | None = None) -> list[dict]:
-    """Records of one shape. probe (read bandwidth passes, GB/s): run just before and just after the timed steps, the
-    median of all its passes replaces `bandwidth` (a shared machine's bandwidth drifts within minutes)."""
+def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: int, cpus: list[int] | None,
+                probe: Callable[[int], list[float]], dram_mb: int, progress: bool = True) -> list[dict]:
+    """Records of one shape. probe(bytes per thread) -> read bandwidth passes (GB/s), run just before and just after
+    the timed steps with the working set (the model's weights split over the threads) and with dram_mb per thread."""
     sh = synthetic.SHAPES[shape].with_vocab("small")
     path = synthetic.ensure(sh, "Q4_0", 0, progress=progress)
-    pb = phase_bytes(path)
+    pb = phases.phase_bytes(path)
+    ws_per_thread = -(-sum(pb.values()) // threads)
     rng = np.random.default_rng(0)
     prefix = rng.integers(3, 4096, 32).tolist()
     tokens = rng.integers(3, 4096, 64).tolist()
@@ -193,34 +177,28 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
         configs = [("dense", 1, pb["experts"]), ("token", 1, token_expert), ("chunk", chunk, chunk_expert)]
         times = {(v, m): [] for v in VARIANTS for m, _, _ in configs}
         tims = {(v, m): [] for v in VARIANTS for m, _, _ in configs}
-        bw_runs = probe() if probe else []
+        bw_runs, dram_runs = probe(ws_per_thread), probe(dram_mb << 20)
         for _ in range(repeats):
             for m, T, _ in configs:
                 for v in VARIANTS:
                     ts, tm, _ = run_steps(copies[v].sessions[m], tokens, 32, T, steps if T == 1 else max(4, steps // 4))
                     times[(v, m)] += ts
                     tims[(v, m)].append(tm)
-        if probe:
-            bw_runs += probe()
-            bandwidth = statistics.median(bw_runs)
+        bw_runs += probe(ws_per_thread)
+        dram_runs += probe(dram_mb << 20)
+        bandwidth = statistics.median(bw_runs)
         records = []
         for m, T, expert_b in configs:
-            per_pass = {"attention": pb["attention"], "router": pb["router"], "experts": expert_b * T,
-                        "head": pb["head"]}
+            per_pass = phases.pass_bytes(pb, expert_b * T)
             total = sum(per_pass.values())
             for v in VARIANTS:
                 st = _stats(times[(v, m)])
                 keys = ("attention_s", "ffn_s", "head_s", "ffn_router_s", "ffn_plan_s", "ffn_experts_s",
                         "ffn_up_s", "ffn_down_s", "ffn_reduce_s", "embed_s")
                 n_ev = sum(t["n_evals"] for t in tims[(v, m)])
-                phase_s = {k: sum(t[k] for t in tims[(v, m)]) / n_ev for k in keys}
+                summed = {k: sum(t[k] for t in tims[(v, m)]) for k in (*keys, "n_evals")}
+                phase_s = {k: summed[k] / n_ev for k in keys}
                 bound_s = total / (bandwidth * 1e9)
-                per_phase = {}
-                for ph, sec in (("attention", phase_s["attention_s"]), ("router", phase_s["ffn_router_s"]),
-                                ("experts", phase_s["ffn_experts_s"]), ("head", phase_s["head_s"])):
-                    per_phase[ph] = {"bytes_per_pass": per_pass[ph], "bytes_per_token": per_pass[ph] / T,
-                                     "s_per_pass": sec,
-                                     "fraction_of_bound": (per_pass[ph] / (bandwidth * 1e9)) / sec if sec else None}
                 records.append({
                     "synthetic": True, "shape": shape, "qtype": "Q4_0", "variant": v, "mode": m, "T": T,
                     "threads": threads, "pinned": bool(cpus),
@@ -228,8 +206,12 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
                     "s_per_pass": st, "tok_s": T / st["median"],
                     "bytes_per_pass": total, "bytes_per_token": total / T,
                     "bandwidth_gb_s": bandwidth, "bandwidth_runs": bw_runs,
+                    "bandwidth_probe_bytes_per_thread": ws_per_thread,
+                    "dram_bandwidth_gb_s": statistics.median(dram_runs), "dram_runs": dram_runs,
+                    "dram_probe_bytes_per_thread": dram_mb << 20,
                     "bound_s_per_pass": bound_s, "fraction_of_bound": bound_s / st["median"],
-                    "phase_s_per_pass": phase_s, "phases": per_phase,
+                    "phase_s_per_pass": phase_s,
+                    "phases": phases.phase_table(per_pass, phases.phase_seconds(summed), T, bandwidth),
                     "vs_file_max_rel_err": rel_err[v], "vs_file_logits_nmse": nmse[v], "expert_halves": halves[v]})
         return records
     finally:
@@ -265,21 +247,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--no-pin", action="store_true")
-    ap.add_argument("--bw-mb", type=int, default=1024, help="probe buffer per thread (MB)")
+    ap.add_argument("--bw-mb", type=int, default=1024, help="the large-buffer probe's buffer per thread (MB)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     allowed = sorted(os.sched_getaffinity(0))
     cpus = None if a.no_pin or len(allowed) < a.threads else allowed[:a.threads]
-    def probe() -> list[float]:
-        return _sparrow.bench_read_bandwidth(a.threads, a.bw_mb << 20, 5, True)["gb_s"]
+    def probe(nbytes: int) -> list[float]:
+        return _sparrow.bench_read_bandwidth(a.threads, nbytes, 5, True)["gb_s"]
 
     records = []
     for shape in a.shapes:
         records += bench_shape(shape, threads=a.threads, steps=a.steps, repeats=a.repeats, chunk=a.chunk,
-                               bandwidth=0.0, cpus=cpus, probe=probe)
-        runs = records[-1]["bandwidth_runs"]
-        print(f"{shape}: read bandwidth (native probe, {a.threads} threads pinned, {a.bw_mb} MB each, before and after "
-              f"the timings): {statistics.median(runs):.1f} GB/s (min {min(runs):.1f}, max {max(runs):.1f})",
+                               cpus=cpus, probe=probe, dram_mb=a.bw_mb)
+        r = records[-1]
+        print(f"{shape}: read bandwidth (native probe, {a.threads} threads pinned, before and after the timings): "
+              f"{r['bandwidth_gb_s']:.1f} GB/s with the weights' {r['bandwidth_probe_bytes_per_thread'] / 1e6:.0f} MB "
+              f"per thread (the bound), {r['dram_bandwidth_gb_s']:.1f} GB/s with {a.bw_mb} MB per thread",
               file=sys.stderr)
     per_shape = {r["shape"]: r["bandwidth_runs"] for r in records}
     if cpus:
@@ -296,9 +279,11 @@ def main(argv: Sequence[str] | None = None) -> None:
            "threads": a.threads, "pinned": bool(cpus), "load_avg": [round(x, 2) for x in os.getloadavg()],
            "bandwidth": {"gb_s": statistics.median([x for runs in per_shape.values() for x in runs]),
                          "per_shape": {sh: statistics.median(runs) for sh, runs in per_shape.items()},
+                         "dram_gb_s": {r["shape"]: r["dram_bandwidth_gb_s"] for r in records},
                          "method": "native sp_bench_read_bandwidth, "
-                         f"{a.threads} threads pinned, {a.bw_mb} MB per thread, 5 passes just before and 5 just after "
-                         "each shape's timings, median (records: each shape's own)"},
+                         f"{a.threads} threads pinned, buffers of the model's weights split over the threads (the "
+                         f"bound; dram_gb_s: {a.bw_mb} MB per thread), 5 passes just before and 5 just after each "
+                         "shape's timings, median (records: each shape's own)"},
            "records": records}
     if a.out:
         Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")

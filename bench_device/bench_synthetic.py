@@ -209,28 +209,38 @@ class SyntheticBench:
         measured = {"tls": st.tls, f"cls_{self.routing.k}": st.cls.get(self.routing.k) if self.routing.k <= 16 else None,
                     "expert_bytes_per_token": st.expert_bytes_per_token,
                     "dense_bytes_per_token": st.dense_bytes_per_token}
-        times = {m: [] for m in modes}
+        times, tims = {m: [] for m in modes}, {m: [] for m in modes}
         for _ in range(repeats):
             for m in modes:
+                self.sessions[m].reset_timings()
                 times[m] += self.decode(m, steps)[0]
-        return {m: {**_stats(times[m]), "check_rel_err": errs.get(m, 0.0), "measured_sparsity": measured}
-                for m in modes}
+                tims[m].append(self.sessions[m].timings())
+        return {m: {**_stats(times[m]), "check_rel_err": errs.get(m, 0.0), "measured_sparsity": measured,
+                    "timings": _sum_timings(tims[m])} for m in modes}
 
     def measure_verify(self, T: int, repeats: int, parents: Sequence[int] | None = None,
                        modes: Sequence[str] = ("dense", "chunk")) -> dict[str, dict]:
         kind = "chain" if parents is None else "tree"
         errs = {m: self._check(lambda mode, ss: self.verify(mode, T, parents, ss)[1], m, f"{kind} T={T} ({m})")
                 for m in modes if m != "dense"}
-        times = {m: [] for m in modes}
+        times, tims = {m: [] for m in modes}, {m: [] for m in modes}
         for _ in range(repeats):
             for m in modes:
+                self.sessions[m].reset_timings()
                 times[m].append(self.verify(m, T, parents)[0])
+                tims[m].append(self.sessions[m].timings())
         s = self.sessions["chunk"]
         s.reset_sparsity()
         self.verify("chunk", T, parents)
         bytes_chunk = s.sparsity().expert_bytes_per_token * T
-        return {m: {**_stats(times[m]), "check_rel_err": errs.get(m, 0.0),
+        return {m: {**_stats(times[m]), "check_rel_err": errs.get(m, 0.0), "timings": _sum_timings(tims[m]),
                     **({"expert_bytes_per_pass": bytes_chunk} if m == "chunk" else {})} for m in modes}
+
+
+def _sum_timings(ts: Sequence) -> dict:
+    """Session.timings() of several measured runs, summed field by field (phases.phase_seconds divides by n_evals)."""
+    ds = [asdict(t) for t in ts]
+    return {k: sum(d[k] for d in ds) for k in ds[0]}
 
 
 def _record(b: SyntheticBench, kind: str, T: int, mode: str, r: dict, **extra) -> dict:

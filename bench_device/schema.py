@@ -21,7 +21,8 @@ experts sparsely, GB/s, probe bytes, the LLC size and why; "over_bound", why it 
 fraction_of_bound exceeds 1: validate() requires it), and "last_level_cache" and "cache_probes" (the probes with
 buffers of a cache-resident working set's size) in "bandwidth". Later /4 reports add, optionally, the Vulkan devices
 found ("gpu" in "device") and the "gpu" section of `sparrow bench --device vulkan` (decode on a GPU device beside the
-CPU).
+CPU), and "phases" (the model's decode phase by phase: bytes, time and fraction of the bound; bench_device/phases.py),
+also on synthetic records.
 """
 from __future__ import annotations
 
@@ -146,11 +147,16 @@ GPU_SECTION = {  # `sparrow bench --device vulkan[:N]` (bench_device/sections.py
     "engines": {"*": {"decode_tok_s": Summary()}}, "ratio_vs_cpu": NUM,
 }
 
+PHASE_TABLE = {"*": {"bytes_per_pass": NUM, "bytes_per_token": NUM, "s_per_pass": NUM,
+                     "fraction_of_bound": AnyOf((type(None),) + NUM)}}  # bench_device/phases.py phase_table
+PHASES_SECTION = {"model": str, "model_name": str, "tokens": int, "threads": int, "bandwidth_gb_s": NUM,
+                  "bound": BOUND_USED, "timings": {"*": NUM}, "phases": PHASE_TABLE}
+
 SYNTH_RECORD = {"synthetic": Literal(True), "label": Literal("SYNTHETIC"), "shape": str, "kind": str, "T": int,
                 "mode": AnyOf((Literal("dense"), Literal("token"), Literal("chunk"))),
                 "routing": {"stated": dict, "effective": dict}, "median_s": NUM, "min_s": NUM, "max_s": NUM, "n": int,
                 "read_bytes_per_token?": NUM, "bandwidth_bound_tok_s?": NUM, "fraction_of_bound?": NUM,
-                "bound?": BOUND_USED}  # decode records
+                "bound?": BOUND_USED, "phases?": PHASE_TABLE}  # decode records; phases: decode and T=8 chains
 SYNTHETIC = {
     "label": Prefix("SYNTHETIC"), "synthetic": Literal(True), "shapes": {"*": dict}, "qtype": str,
     "routing": {"tls": NUM, "cls": NUM, "k": int, "seed": int}, "settings": dict,
@@ -186,6 +192,7 @@ REPORT = {
     "sparse?": SPARSE,
     "synthetic?": SYNTHETIC,
     "gpu?": GPU_SECTION,
+    "phases?": PHASES_SECTION,
 }
 FULL_ONLY = ("sparse",)  # a full report must hold these; and "synthetic" unless a note says why it is left out
 SYNTHETIC_LEFT_OUT = "synthetic section left out"

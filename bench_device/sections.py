@@ -12,6 +12,10 @@ synthetic, each measured, checked before timing, and rendered as a Markdown tabl
   synthetic    SYNTHETIC: bench_synthetic on released BlockFFN shapes (random weights, synthetic routing at the
                paper's TLS 80% / CLS-8 70%): decode dense vs sparse, a T=8 chain/tree, the active-fraction sweep; and
                REPLAYED: bench_speculative's (b), (a)'s accepted lengths replayed on those shapes.
+  phases       decode phase by phase (bench_device/phases.py): per configuration the weight bytes per token each phase
+               reads, its time (Session.timings()) and its fraction of the bound -- the benchmarked model's decode
+               (phases_section), and the synthetic shapes' dense and sparse decode and T=8 chunk pass (their records'
+               "phases").
 
 Bandwidth bound of a configuration: bandwidth / bytes read per generated token, where the bytes are weights only
 (KV cache and activations left out): every non-expert tensor (the embedding as bench_decode counts it) plus the
@@ -32,6 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import bench_speculative as spec
+from . import phases
 from .profile import Roofline, against_bound, weight_bytes_per_token
 
 SHIPPED_TARGET = spec.SHIPPED / "blockffn-tiny.Q8_0.gguf"   # store name "blockffn-tiny"
@@ -338,6 +343,38 @@ def speculative_markdown(s: dict) -> list[str]:
     return lines + [f"Bound: {s['bound_method']}."]
 
 
+# ---- phases: the benchmarked model's decode phase by phase ----
+
+def phases_section(model_path: Path, *, threads: int, tokens: int, roofline: Roofline) -> dict:
+    """Greedy decode of `tokens` tokens after a short prompt, phase by phase (bench_device/phases.py) against the
+    bandwidth bound of the model's weights (the roofline's)."""
+    from ..runtime import Model
+
+    with Model(model_path) as model, model.session(n_ctx=512, n_threads=threads) as s:
+        logits = s.eval(model.tokenize(spec.DOC_PROMPTS[0]), logits="last")
+        s.reset_timings()
+        for _ in range(tokens):
+            logits = s.eval([int(logits.argmax())], logits="last")
+        tm = asdict(s.timings())
+        sp = s.sparsity()
+    pb = phases.phase_bytes(model_path)
+    w = weight_bytes_per_token(model_path)
+    expert = sp.expert_bytes_per_token if sp is not None else 0.0
+    bound = roofline.bound(read_bytes_per_token(w["per_token"], pb["experts"], expert) if sp else w["per_token"],
+                           w["per_token"], sparse=sp is not None)
+    return {"model": str(model_path), "model_name": model_path.name.split(".")[0], "tokens": tokens,
+            "threads": threads, "bandwidth_gb_s": bound["bandwidth_gb_s"], "bound": bound, "timings": tm,
+            "phases": phases.phase_table(phases.pass_bytes(pb, expert if sp else pb["experts"]),
+                                         phases.phase_seconds(tm), 1, bound["bandwidth_gb_s"])}
+
+
+def phases_markdown(s: dict) -> list[str]:
+    return [(f"{s['model_name']}, greedy decode of {s['tokens']} tokens, {s['threads']} threads; bound: "
+             f"{s['bandwidth_gb_s']:.1f} GB/s ({KIND_WORDS[s['bound']['kind']]} probe). Weight bytes each phase reads "
+             "per token, thread 0's time in it (Session.timings()), and the fraction of the bound:"), "",
+            *phases.MARKDOWN_HEADER, *phases.markdown_rows(s["model_name"], "decode", 1, s["phases"])]
+
+
 # ---- synthetic ----
 
 SYNTH_FULL = {"Ts": (8,), "fractions": (0.1, 0.3, 0.5, 1.0), "repeats": 3, "decode_steps": 8, "replay_repeats": 3}
@@ -361,9 +398,17 @@ def synthetic_section(shapes: list[str], *, threads: int, roofline: Roofline, re
             recs = bench_synthetic.bench_shape(shape, threads=threads, Ts=c["Ts"], fractions=c["fractions"],
                                                repeats=c["repeats"], decode_steps=c["decode_steps"],
                                                log=lambda m: b.update(1))
-        w = weight_bytes_per_token(synthetic.ensure(shape, "Q4_0", 0, vocab="small", progress=False))
+        path = synthetic.ensure(shape, "Q4_0", 0, vocab="small", progress=False)
+        w, pb = weight_bytes_per_token(path), phases.phase_bytes(path)
+        bw = roofline.bound(w["per_token"])["bandwidth_gb_s"]  # the whole model: every configuration's working set
         for r in recs:
             r["label"] = "SYNTHETIC"
+            expert_pass = {("decode", "dense"): pb["experts"], ("chain", "dense"): pb["experts"],
+                           ("decode", "token"): r.get("measured_sparsity", {}).get("expert_bytes_per_token"),
+                           ("chain", "chunk"): r.get("expert_bytes_per_pass")}.get((r["kind"], r["mode"]))
+            if expert_pass is not None and "timings" in r:
+                r["phases"] = phases.phase_table(phases.pass_bytes(pb, expert_pass),
+                                                 phases.phase_seconds(r["timings"]), r["T"], bw)
             if r["kind"] == "decode":
                 m = r["measured_sparsity"]
                 expert = m["dense_bytes_per_token"] if r["mode"] == "dense" else m["expert_bytes_per_token"]
@@ -414,6 +459,15 @@ def synthetic_markdown(s: dict) -> list[str]:
                          f"{bound} | {frac} |")
     if bounded:
         lines += [""] + bound_lines(bounded)
+    phase_rows = [row for shape in s["shapes"] for kind, mode in (("decode", "dense"), ("decode", "token"),
+                                                                   ("chain", "dense"), ("chain", "chunk"))
+                  for r in find(shape, kind, mode) if "phases" in r
+                  for row in phases.markdown_rows(shape, {"token": "sparse", "chunk": "sparse chunk"}.get(mode, mode),
+                                                  r["T"], r["phases"])]
+    if phase_rows:
+        lines += ["", ("Phase by phase (SYNTHETIC; bench_device/phases.py): weight bytes each phase reads per token, "
+                       "thread 0's time in it per pass (Session.timings()), and its fraction of the bound at the "
+                       "configuration's bandwidth:"), "", *phases.MARKDOWN_HEADER, *phase_rows]
     lines += ["", "Verification passes (SYNTHETIC), sparse = the union of the batch's experts read once:", "",
               "| shape | draft | T | dense ms | sparse ms | sparse / dense | sparse / one dense decode step |",
               "|---|---|---:|---:|---:|---:|---:|"]

@@ -47,6 +47,8 @@ from .sections import (
     gpu_markdown,
     gpu_section,
     no_bar,
+    phases_markdown,
+    phases_section,
     sparse_markdown,
     sparse_section,
     speculative_markdown,
@@ -194,6 +196,9 @@ def run_suite(model_path: Path, model_name: str, *, quick: bool = False, threads
         energy = f"unavailable: {energy_why}"
 
     extra = {"gpu": gpu} if gpu else {}
+    with bar(1, "decode phase by phase") as b:
+        extra["phases"] = phases_section(model_path, threads=threads, tokens=cfg["decode_tokens"], roofline=roofline)
+        b.update(1)
     if not quick:
         sp = cfg["sparse"]
         with bar(sp["n_prompts"] * (1 + sp["rounds"]) + 1, f"sparse: {SHIPPED_TARGET.name} dense vs sparse") as b:
@@ -279,7 +284,7 @@ def device_summary(r: dict) -> list[str]:
 
 
 def cache_probe_lines(bw: dict) -> list[str]:
-    """The report's bandwidth section on caches: the last-level cache and the probes with cache-sized buffers."""
+    """The report's bandwidth section on caches: the last-level cache and the probes with working-set-sized buffers."""
     llc, probes = bw["last_level_cache"], bw["cache_probes"]
     if llc is None:
         return ["The last-level cache size is unknown: every bound uses the DRAM figure above."]
@@ -288,8 +293,9 @@ def cache_probe_lines(bw: dict) -> list[str]:
         return [(f"Last-level cache: {cache}. No configuration's weights fit in it: every bound uses the DRAM figure "
                  "above (a model larger than the cache is read from DRAM every token).")]
     lines = [(f"Last-level cache: {cache}. Configurations whose weights fit in it are bound by the read bandwidth of "
-              "buffers of their size (they stay in the cache between tokens), probed with the run's threads, each "
-              "reading its share:"), "", "| buffers in all MiB | per thread MiB | threads | GB/s median (min-max) |",
+              "buffers of their size (they stay in the cache between tokens), and so are those read from DRAM whose "
+              "weights are fewer than the large probe's buffers, probed with the run's threads, each reading its "
+              "share:"), "", "| buffers in all MiB | per thread MiB | threads | GB/s median (min-max) |",
              "|---:|---:|---:|---:|"]
     for nbytes, p in probes.items():
         lines.append(f"| {int(nbytes) / 2**20:.2f} | {p['bytes_per_thread'] / 2**20:.2f} | {p['threads']} | "
@@ -317,6 +323,8 @@ def to_markdown(r: dict) -> str:
                           for n, c in o["checks"].items())
               + f"; greedy tokens identical for the first {o['agreement_tokens']} of {o['checked_tokens']}"
               + (f" (then a near tie, gap {o['first_fork']['gap']:.2f})." if o.get("first_fork") else "."), ""]
+    if "phases" in r:
+        lines += ["## Decode phase by phase", ""] + phases_markdown(r["phases"]) + [""]
     if "sparse" in r:
         lines += ["## Sparse experts: dense vs sparse decode", ""] + sparse_markdown(r["sparse"]) + [""]
     if "speculative" in r:

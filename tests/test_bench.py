@@ -284,9 +284,15 @@ def test_roofline_probes_buffers_of_the_weights_size_and_explains_a_fraction_abo
     assert b["llc_bytes"] == 480 << 20 and b["working_set_bytes"] == b["bytes_per_token"] == SMOLLM2
     sparse = xeon.bound(20e6, SMOLLM2, sparse=True)  # same working set: the same probe, not measured again
     assert sparse["probe_bytes"] == b["probe_bytes"] and len(asked) == 1 and list(xeon.probes) == asked
-    zen4 = Roofline(20.0, threads=2, llc=last_level_cache(ZEN4), dram_probe_bytes=1 << 30, probe=probe)
+    # DRAM-bound, the large probe's buffers (64 MiB in all here) no larger than the working set: its figure
+    zen4 = Roofline(20.0, threads=2, llc=last_level_cache(ZEN4), dram_probe_bytes=64 << 20, probe=probe)
     d = zen4.bound(SMOLLM2)
-    assert (d["kind"], d["bandwidth_gb_s"], d["probe_bytes"], zen4.probes) == ("dram", 20.0, 1 << 30, {})
+    assert (d["kind"], d["bandwidth_gb_s"], d["probe_bytes"], zen4.probes) == ("dram", 20.0, 64 << 20, {})
+    # DRAM-bound with a working set smaller than the large probe's buffers: probed with buffers of its own size
+    zen4_big = Roofline(20.0, threads=2, llc=last_level_cache(ZEN4), dram_probe_bytes=1 << 30, probe=probe)
+    ws = zen4_big.bound(SMOLLM2)
+    assert (ws["kind"], ws["bandwidth_gb_s"], ws["probe_bytes"]) == ("dram", 150.0, b["probe_bytes"])
+    assert "probed with buffers of its size" in ws["why"] and list(zen4_big.probes) == [b["probe_bytes"]]
     # the "119% of the bandwidth bound": a DRAM bound run above says why
     over = against_bound(d, 1.19 * 20e9 / SMOLLM2)
     assert over["fraction_of_bound"] == pytest.approx(1.19)
@@ -377,6 +383,12 @@ def test_full_report_sections(report, tmp_path, monkeypatch):
     assert all(r["synthetic"] is True and r["label"] == "SYNTHETIC" for r in syn["records"])
     dec = [r for r in syn["records"] if r["kind"] == "decode"]
     assert {r["mode"] for r in dec} == {"dense", "token"} and all(r["bandwidth_bound_tok_s"] > 0 for r in dec)
+    # phase by phase: decode and the chain's passes; a sparse token reads fewer expert bytes than a dense one
+    phased = {(r["kind"], r["mode"]): r["phases"] for r in syn["records"] if "phases" in r}
+    assert set(phased) == {("decode", "dense"), ("decode", "token"), ("chain", "dense"), ("chain", "chunk")}
+    assert 0 < phased["decode", "token"]["experts"]["bytes_per_token"] < phased["decode", "dense"]["experts"][
+        "bytes_per_token"]
+    assert all(p["s_per_pass"] > 0 for t in phased.values() for p in t.values() if p["bytes_per_pass"])
     assert len([r for r in syn["records"] if "active_fraction" in r]) == 2 * 2 * 2  # 2 fractions, T=1/T=8, 2 modes
     assert syn["replayed"]["label"].startswith("REPLAYED") and len(syn["replayed"]["runs"]) == 3  # 3 chain drafters
     r = json.loads(json.dumps({**report, "mode": "full", "sparse": sp, "speculative": spec, "synthetic": syn}))
@@ -392,6 +404,7 @@ def test_full_report_sections(report, tmp_path, monkeypatch):
     heads = ["## Headline", "## Sparse experts", "## Speculative decoding", "## SYNTHETIC large", "## Plots"]
     assert [md.index(h) for h in heads] == sorted(md.index(h) for h in heads)
     assert "**SYNTHETIC: " in md and "**REPLAYED: " in md and "| tiny | dense |" in md
+    assert "Phase by phase (SYNTHETIC" in md and "| tiny | sparse | 1 | experts |" in md
     assert "| sparse + draft-model (chain 4) |" in md and "CLS-8" in md and "(DRAM) |" in md
     del r["synthetic"]["records"][0]["synthetic"]
     assert validate(r) == ["report.synthetic.records[0]: missing key 'synthetic'"]
@@ -479,14 +492,20 @@ def test_report_on_a_small_cache_with_rapl_and_a_crashing_llama_cpp(tiny, tmp_pa
     assert r["llama_cpp"] == f"failed: {died}" and f"llama.cpp left out: {died}" in r["notes"]
     assert list(r["engines"]) == ["sparrow"] and r["oracle"]["engine"] == "sparrow-scalar"
     b = r["engines"]["sparrow"]["bound"]
-    assert b["kind"] == "dram" and b["bandwidth_gb_s"] == r["bandwidth"]["threads"]["1"]["median"]
+    # DRAM's, with buffers of the model's size: its weights are fewer than the large probe's buffers
+    probes = r["bandwidth"]["cache_probes"]
+    assert b["kind"] == "dram" and list(probes) == [str(b["probe_bytes"])]
+    assert b["bandwidth_gb_s"] == probes[str(b["probe_bytes"])]["median"]
+    assert b["probe_bytes"] < r["bandwidth"]["mb_per_thread"] << 20
     assert "exceed the L2 cache (0.1 MiB, the last level): every token streams them from DRAM" in b["why"]
-    assert r["bandwidth"]["cache_probes"] == {} and r["bandwidth"]["last_level_cache"]["bytes"] == 64 << 10
+    assert "probed with buffers of its size" in b["why"] and r["bandwidth"]["last_level_cache"]["bytes"] == 64 << 10
+    assert set(r["phases"]["phases"]) >= {"attention", "ffn", "head"}  # the decode phase by phase (a dense model)
     r = json.loads(json.dumps({**r, "plots": {}}))
     assert validate(r) == []
     md = to_markdown(r)
     assert f"- Bound: DRAM, {b['bandwidth_gb_s']:.1f} GB/s: {b['why']}." in md
-    assert "No configuration's weights fit" in md
+    assert "and so are those read from DRAM whose weights are fewer than the large probe's buffers" in md
+    assert "## Decode phase by phase" in md
     assert f"failed: {died}" in md
 
 

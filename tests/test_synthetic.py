@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from reference import synthetic_routing as oracle
+from sparrow.bench_device import phases
 from sparrow.bench_device import synthetic as sy
 from sparrow.runtime import Model, _sparrow
 
@@ -259,13 +260,22 @@ def test_expert_stream_bench_runs_its_three_down_forms(tmp_path, monkeypatch):
     from sparrow.bench_device import bench_expert_stream as be
 
     monkeypatch.setenv("SPARROW_SYNTH_CACHE", str(tmp_path))
-    probes = iter([[10.0, 11.0], [13.0, 12.0]])  # before and after the timings: the median of all four passes
-    recs = be.bench_shape("tiny", threads=2, steps=2, repeats=1, chunk=4, bandwidth=0.0, cpus=None, progress=False,
-                          probe=lambda: next(probes))
+    # probe(bytes per thread): the working set (the bound) and the large buffers, before and after the timings
+    asked, passes = [], iter([[10.0, 11.0], [3.0, 4.0], [13.0, 12.0], [5.0, 6.0]])
+    recs = be.bench_shape("tiny", threads=2, steps=2, repeats=1, chunk=4, cpus=None, progress=False, dram_mb=64,
+                          probe=lambda n: asked.append(n) or next(passes))
+    ws = -(-sum(phases.phase_bytes(sy.ensure("tiny", "Q4_0", 0, vocab="small", progress=False)).values()) // 2)
+    assert asked == [ws, 64 << 20] * 2
     assert sorted((r["variant"], r["mode"]) for r in recs) == sorted((v, m) for v in be.VARIANTS for m in be.MODES)
     for r in recs:
         assert r["bandwidth_gb_s"] == 11.5 and r["bound_s_per_pass"] == r["bytes_per_pass"] / 11.5e9
+        assert r["dram_bandwidth_gb_s"] == 4.5 and r["bandwidth_probe_bytes_per_thread"] == ws
         assert r["s_per_pass"]["n"] == (2 if r["T"] == 1 else 4) and r["fraction_of_bound"] > 0
+        # phase by phase: the bytes add up to the pass's, and every phase that reads weights took time
+        ph = r["phases"]
+        assert sum(p["bytes_per_pass"] for p in ph.values()) == r["bytes_per_pass"]
+        assert all(p["s_per_pass"] > 0 and p["fraction_of_bound"] > 0 for p in ph.values() if p["bytes_per_pass"]), ph
+        assert set(ph) >= {"attention", "router", "experts", "head"} and "ffn" not in ph
         assert r["vs_file_logits_nmse"] < (2e-4 if r["variant"] == "int8" else 1e-10)
     int8_differs = any(r["vs_file_logits_nmse"] > 0 for r in recs if r["variant"] == "int8")
     assert int8_differs == (_sparrow.kernel_tier() in ("avx2", "avx512", "amx"))  # the int8 form where the tier has it

@@ -127,9 +127,11 @@ def expert_halves(c: Copy, layers: int, reps: int = 100) -> dict:
 
 
 def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: int, cpus: list[int] | None,
-                probe: Callable[[int], list[float]], dram_mb: int, progress: bool = True) -> list[dict]:
+                probe: Callable[[int], list[float]], dram_mb: int, progress: bool = True,
+                variants: Sequence[str] = VARIANTS) -> list[dict]:
     """Records of one shape. probe(bytes per thread) -> read bandwidth passes (GB/s), run just before and just after
-    the timed steps with the working set (the model's weights split over the threads) and with dram_mb per thread."""
+    the timed steps with the working set (the model's weights split over the threads) and with dram_mb per thread.
+    variants: the down-half forms to load (the comparisons with the file view only when "file" is among them)."""
     sh = synthetic.SHAPES[shape].with_vocab("small")
     path = synthetic.ensure(sh, "Q4_0", 0, progress=progress)
     pb = phases.phase_bytes(path)
@@ -137,7 +139,7 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
     rng = np.random.default_rng(0)
     prefix = rng.integers(3, 4096, 32).tolist()
     tokens = rng.integers(3, 4096, 64).tolist()
-    copies = {v: Copy(path, v, threads, prefix, cpus) for v in VARIANTS}
+    copies = {v: Copy(path, v, threads, prefix, cpus) for v in variants}
     try:
         # checks, with one thread (several threads add partial sums in another order per path, and an 8-bit
         # activation rounding on a tie can flip: bench_synthetic's _check): each variant's sparse decode and chunk
@@ -161,26 +163,27 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
             finally:
                 for s1 in ones.values():
                     s1.close()
-        a = outs[("file", 1)]
-        rel_err = {v: float(np.max(np.abs(outs[(v, 1)] - a)) / np.max(np.abs(a))) for v in VARIANTS}
-        nmse = {v: float(np.mean((outs[(v, 1)] - a) ** 2) / np.var(a)) for v in VARIANTS}
+        a = outs.get(("file", 1))
+        rel_err = {v: None if a is None else float(np.max(np.abs(outs[(v, 1)] - a)) / np.max(np.abs(a)))
+                   for v in variants}
+        nmse = {v: None if a is None else float(np.mean((outs[(v, 1)] - a) ** 2) / np.var(a)) for v in variants}
         # expert bytes per token: token path (counter over 2k decode steps), chunk path (one chunk pass / chunk)
-        s = copies["int8"].sessions["token"]
+        s = copies[variants[-1]].sessions["token"]
         s.reset_sparsity()
         run_steps(s, tokens, 32, 1, 16)
         token_expert = s.sparsity().expert_bytes_per_token
-        s = copies["int8"].sessions["chunk"]
+        s = copies[variants[-1]].sessions["chunk"]
         s.reset_sparsity()
         run_steps(s, tokens, 32, chunk, 1)
         chunk_expert = s.sparsity().expert_bytes_per_token
         halves = {v: expert_halves(c, c.model.info.n_layer) for v, c in copies.items()}
         configs = [("dense", 1, pb["experts"]), ("token", 1, token_expert), ("chunk", chunk, chunk_expert)]
-        times = {(v, m): [] for v in VARIANTS for m, _, _ in configs}
-        tims = {(v, m): [] for v in VARIANTS for m, _, _ in configs}
+        times = {(v, m): [] for v in variants for m, _, _ in configs}
+        tims = {(v, m): [] for v in variants for m, _, _ in configs}
         bw_runs, dram_runs = probe(ws_per_thread), probe(dram_mb << 20)
         for _ in range(repeats):
             for m, T, _ in configs:
-                for v in VARIANTS:
+                for v in variants:
                     ts, tm, _ = run_steps(copies[v].sessions[m], tokens, 32, T, steps if T == 1 else max(4, steps // 4))
                     times[(v, m)] += ts
                     tims[(v, m)].append(tm)
@@ -191,7 +194,7 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
         for m, T, expert_b in configs:
             per_pass = phases.pass_bytes(pb, expert_b * T)
             total = sum(per_pass.values())
-            for v in VARIANTS:
+            for v in variants:
                 st = _stats(times[(v, m)])
                 keys = ("attention_s", "ffn_s", "head_s", "ffn_router_s", "ffn_plan_s", "ffn_experts_s",
                         "ffn_up_s", "ffn_down_s", "ffn_reduce_s", "embed_s")
@@ -203,14 +206,14 @@ def bench_shape(shape: str, *, threads: int, steps: int, repeats: int, chunk: in
                     "synthetic": True, "shape": shape, "qtype": "Q4_0", "variant": v, "mode": m, "T": T,
                     "threads": threads, "pinned": bool(cpus),
                     "routing": {"tls": 0.8, "cls": 0.7, "k": 8, "seed": 0},
-                    "s_per_pass": st, "tok_s": T / st["median"],
+                    "s_per_pass": st, "tok_s": T / st["median"], "s_per_pass_all": times[(v, m)],
                     "bytes_per_pass": total, "bytes_per_token": total / T,
                     "bandwidth_gb_s": bandwidth, "bandwidth_runs": bw_runs,
                     "bandwidth_probe_bytes_per_thread": ws_per_thread,
                     "dram_bandwidth_gb_s": statistics.median(dram_runs), "dram_runs": dram_runs,
                     "dram_probe_bytes_per_thread": dram_mb << 20,
                     "bound_s_per_pass": bound_s, "fraction_of_bound": bound_s / st["median"],
-                    "phase_s_per_pass": phase_s,
+                    "phase_s_per_pass": phase_s, "timings_summed": summed,
                     "phases": phases.phase_table(per_pass, phases.phase_seconds(summed), T, bandwidth),
                     "vs_file_max_rel_err": rel_err[v], "vs_file_logits_nmse": nmse[v], "expert_halves": halves[v]})
         return records
@@ -239,6 +242,53 @@ def print_table(records: Sequence[dict]) -> None:
               f"{r['phases']['experts']['fraction_of_bound']:.2f} ({fl['phases']['experts']['fraction_of_bound']:.2f})")
 
 
+AB_SCHEMA = "sparrow.bench.expert_stream_ab/1"
+
+
+def compare_builds(builds: Sequence[str], *, rounds: int, args: Sequence[str]) -> dict:
+    """Two developer builds (tools/dev_build.sh folders: before, after) in alternating rounds (A B, B A, ...), each
+    round this benchmark in a subprocess with SPARROW_BUILD_DIR set and the int8 form only; per build, shape and path
+    the steps of all rounds pooled (median, min/max), phases from the summed timings, the bound from all rounds'
+    probe passes. A machine whose speed drifts over minutes (a shared VM) moves both builds alike."""
+    import subprocess
+    import tempfile
+
+    names = ("before", "after")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(rounds):
+            for n in names if rnd % 2 == 0 else names[::-1]:
+                out = Path(tmp) / f"{n}{rnd}.json"
+                env = {**os.environ, "SPARROW_BUILD_DIR": str(Path(builds[names.index(n)]).resolve())}
+                subprocess.run([sys.executable, "-m", "sparrow.bench_device.bench_expert_stream", "--variants", "int8",
+                                "--repeats", "1", *args, "--out", str(out)], env=env, check=True)
+                runs[n].append(json.loads(out.read_text()))
+                print(f"round {rnd + 1}/{rounds}: {n} done", file=sys.stderr)
+    records = []
+    for n in names:
+        keys = [(r["shape"], r["mode"]) for r in runs[n][0]["records"]]
+        for shape, mode in keys:
+            recs = [r for d in runs[n] for r in d["records"] if (r["shape"], r["mode"]) == (shape, mode)]
+            ts = [t for r in recs for t in r["s_per_pass_all"]]
+            summed = {k: sum(r["timings_summed"][k] for r in recs) for k in recs[0]["timings_summed"]}
+            bw = statistics.median([x for r in recs for x in r["bandwidth_runs"]])
+            T, st = recs[0]["T"], _stats(ts)
+            per_pass = {ph: v["bytes_per_pass"] for ph, v in recs[0]["phases"].items()}
+            records.append({"build": n, "build_dir": builds[names.index(n)], "shape": shape, "mode": mode, "T": T,
+                            "variant": "int8", "rounds": len(recs), "s_per_pass": st, "tok_s": T / st["median"],
+                            "bytes_per_token": recs[0]["bytes_per_token"], "bandwidth_gb_s": bw,
+                            "fraction_of_bound": recs[0]["bytes_per_pass"] / (bw * 1e9) / st["median"],
+                            "phases": phases.phase_table(per_pass, phases.phase_seconds(summed), T, bw)})
+    by = {(r["build"], r["shape"], r["mode"]): r for r in records}
+    speedup = {f"{sh} {m}": by[("before", sh, m)]["s_per_pass"]["median"] / r["s_per_pass"]["median"]
+               for (b, sh, m), r in by.items() if b == "after"}
+    first = runs["after"][0]
+    return {"schema": AB_SCHEMA, "synthetic": True, "cpu": first["cpu"], "machine": first["machine"],
+            "tier": first["tier"], "threads": first["threads"], "pinned": first["pinned"], "rounds": rounds,
+            "builds": dict(zip(names, builds)), "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "speedup_after_over_before": speedup, "records": records}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.2b"])
@@ -248,17 +298,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--bw-mb", type=int, default=1024, help="the large-buffer probe's buffer per thread (MB)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--builds", nargs=2, metavar=("BEFORE", "AFTER"),
+                    help="compare two developer builds in alternating rounds (compare_builds), int8 form only")
+    ap.add_argument("--rounds", type=int, default=4, help="with --builds: rounds (each runs both builds)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
+    if a.builds:
+        doc = compare_builds(a.builds, rounds=a.rounds,
+                             args=["--shapes", *a.shapes, "--threads", str(a.threads), "--steps", str(a.steps),
+                                   "--chunk", str(a.chunk), "--bw-mb", str(a.bw_mb), *(["--no-pin"] if a.no_pin else [])])
+        for (sh_m, x) in doc["speedup_after_over_before"].items():
+            print(f"{sh_m}: after {x:.3f}x as fast as before", file=sys.stderr)
+        if a.out:
+            Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
+            print(f"wrote {a.out}", file=sys.stderr)
+        return
     allowed = sorted(os.sched_getaffinity(0))
     cpus = None if a.no_pin or len(allowed) < a.threads else allowed[:a.threads]
     def probe(nbytes: int) -> list[float]:
-        return _sparrow.bench_read_bandwidth(a.threads, nbytes, 5, True)["gb_s"]
+        # the probe pins its threads to the CPUs the calling thread may use: the whole set for the call (Copy pins
+        # the calling thread to one CPU, and both probe threads on it read half the bandwidth)
+        mine = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, set(allowed))
+        try:
+            return _sparrow.bench_read_bandwidth(a.threads, nbytes, 5, True)["gb_s"]
+        finally:
+            os.sched_setaffinity(0, mine)
 
     records = []
     for shape in a.shapes:
         records += bench_shape(shape, threads=a.threads, steps=a.steps, repeats=a.repeats, chunk=a.chunk,
-                               cpus=cpus, probe=probe, dram_mb=a.bw_mb)
+                               cpus=cpus, probe=probe, dram_mb=a.bw_mb, variants=a.variants)
         r = records[-1]
         print(f"{shape}: read bandwidth (native probe, {a.threads} threads pinned, before and after the timings): "
               f"{r['bandwidth_gb_s']:.1f} GB/s with the weights' {r['bandwidth_probe_bytes_per_thread'] / 1e6:.0f} MB "
@@ -267,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     per_shape = {r["shape"]: r["bandwidth_runs"] for r in records}
     if cpus:
         os.sched_setaffinity(0, set(allowed))
-    print_table(records)
+    if set(a.variants) == set(VARIANTS):
+        print_table(records)
     for r in records:
         if r["mode"] == "dense":
             h = r["expert_halves"]

@@ -4,6 +4,8 @@ sparse execution equal to dense under it, routing keyed by position (alone = in 
 numpy oracle tests/reference/synthetic_routing.py. Tiny shapes only: each test runs in well under a second."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from reference import synthetic_routing as oracle
@@ -279,3 +281,38 @@ def test_expert_stream_bench_runs_its_three_down_forms(tmp_path, monkeypatch):
         assert r["vs_file_logits_nmse"] < (2e-4 if r["variant"] == "int8" else 1e-10)
     int8_differs = any(r["vs_file_logits_nmse"] > 0 for r in recs if r["variant"] == "int8")
     assert int8_differs == (_sparrow.kernel_tier() in ("avx2", "avx512", "amx"))  # the int8 form where the tier has it
+
+
+def test_expert_stream_compares_two_builds_in_alternating_rounds(tmp_path, monkeypatch):
+    """--builds: rounds alternate the order (A B, B A), each run gets its build's SPARROW_BUILD_DIR, and a path's
+    steps are pooled over the rounds (their median, the phases from the summed timings, the probes' median)."""
+    import json
+    import subprocess
+
+    from sparrow.bench_device import bench_expert_stream as be
+
+    order = []
+
+    def fake_run(cmd, env, check):  # one run of the int8 form: before steps 2 ms, after 1 ms
+        build = Path(env["SPARROW_BUILD_DIR"]).name
+        order.append(build)
+        assert cmd[cmd.index("--variants") + 1] == "int8" and check
+        k = 2e-3 if build == "old" else 1e-3
+        tm = {"attention_s": 3 * k, "ffn_s": 0.0, "head_s": 0.0, "ffn_router_s": 0.0, "ffn_plan_s": 0.0,
+              "ffn_experts_s": 0.0, "ffn_up_s": 0.0, "ffn_down_s": 0.0, "ffn_reduce_s": 0.0, "embed_s": 0.0,
+              "n_evals": 3}
+        rec = {"shape": "tiny", "mode": "dense", "T": 1, "s_per_pass_all": [k, k, 1.5 * k], "timings_summed": tm,
+               "bandwidth_runs": [10.0, 12.0], "bytes_per_token": 1e6, "bytes_per_pass": 1e6,
+               "phases": {"attention": {"bytes_per_pass": 1e6}}}
+        doc = {"cpu": "test", "machine": "x", "tier": "t", "threads": 2, "pinned": False, "records": [rec]}
+        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps(doc))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    doc = be.compare_builds([str(tmp_path / "old"), str(tmp_path / "new")], rounds=3, args=[])
+    assert order == ["old", "new", "new", "old", "old", "new"]
+    by = {r["build"]: r for r in doc["records"]}
+    assert by["before"]["rounds"] == 3 and by["before"]["s_per_pass"]["n"] == 9
+    assert by["before"]["s_per_pass"]["median"] == 2e-3 and by["after"]["s_per_pass"]["median"] == 1e-3
+    assert doc["speedup_after_over_before"] == {"tiny dense": 2.0}
+    assert by["after"]["bandwidth_gb_s"] == 11.0 and by["after"]["fraction_of_bound"] == 1e6 / 11e9 / 1e-3
+    assert by["after"]["phases"]["attention"]["s_per_pass"] == 1e-3

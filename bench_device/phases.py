@@ -3,10 +3,10 @@ time the session spent in it (Session.timings(): thread 0's clock, each phase en
 each phase's fraction of the bound at a given read bandwidth.
 
 Phases: attention (the layers' norms, projections; MLA's latent and per-head matmuls: the norm before the FFN is
-timed with the attention block), router (BlockFFN's router, F32), experts
-(BlockFFN's expert units: their bytes are the pass's own, from the session's expert-byte counter), ffn (a dense
-model's SwiGLU), head (final norm and LM head). The token embedding is left out (one row per token), and so is the
-KV cache read (small at the benchmarks' contexts). Time outside these (the embedding lookup, BlockFFN's planning and
+timed with the attention block), router (BlockFFN's router, F32), experts (BlockFFN's expert units: their bytes are
+the pass's own, from the session's expert-byte counter), ffn (a dense model's SwiGLU), head (final norm and LM head:
+the embedding matrix when tied). The token embedding is otherwise left out (one row per token), and so is the KV
+cache read (small at the benchmarks' contexts). Time outside these (the embedding lookup, BlockFFN's planning and
 partial sums) is "other", with no bytes.
 """
 from __future__ import annotations
@@ -24,12 +24,14 @@ TIMING_S = {"attention": ("attention_s",), "router": ("ffn_router_s",), "experts
 def phase_bytes(path: str | Path) -> dict[str, int]:
     """Weight bytes per phase of one dense pass over the model's file (each tensor read once)."""
     out = dict.fromkeys(PHASES, 0)
-    for t in gguf.GGUFReader(str(path)).tensors:
+    tensors = gguf.GGUFReader(str(path)).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    for t in tensors:
         name, n = t.name, int(t.n_bytes)
         if name in ("output.weight", "output_norm.weight"):
             out["head"] += n
-        elif name == "token_embd.weight":
-            continue
+        elif name == "token_embd.weight":  # the LM head's matrix too when tied; else one row per token
+            out["head"] += n if tied else 0
         elif "ffn_router" in name:
             out["router"] += n
         elif "ffn_experts" in name:

@@ -478,6 +478,21 @@ def test_a_dead_worker_is_reported_with_its_signal(tiny):
                          engine_names=("sparrow", "llama.cpp"), worker_target=crash_llama_cpp_worker)
 
 
+def test_phase_bytes_count_every_weight_once(tiny, tmp_path):
+    """phases.phase_bytes: every tensor of the file in one phase, the embedding only where it is the LM head too."""
+    import gguf
+
+    from sparrow.bench_device import phases
+    untied = write_tiny_llama(tmp_path / "untied.gguf", TinyConfig(tied=False))
+    for path in (tiny, untied, SHIPPED_TARGET):
+        tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+        pb = phases.phase_bytes(path)
+        tied = "output.weight" not in tensors
+        assert sum(pb.values()) == sum(tensors.values()) - (0 if tied else tensors["token_embd.weight"])
+        assert pb["head"] >= (tensors["token_embd.weight"] if tied else tensors["output.weight"])
+        assert (pb["experts"] > 0) == any("ffn_experts" in n for n in tensors)
+
+
 def test_report_on_a_small_cache_with_rapl_and_a_crashing_llama_cpp(tiny, tmp_path, monkeypatch):
     """One quick run on a machine faked three ways: a last-level cache smaller than the model (the bound is DRAM's),
     RAPL counters (energy), and a llama.cpp worker killed by SIGSEGV (left out, its signal in the report)."""

@@ -72,14 +72,26 @@ def pass_bytes(model_bytes: Mapping[str, int], expert_bytes_per_pass: float) -> 
     return {**model_bytes, "experts": float(expert_bytes_per_pass)}
 
 
+OVER_BOUND = ("† above 100%: a phase is a slice of the pass, and the weights it reads may still be in a cache from the "
+              "pass before (the whole model's working set is what the bound's probe streams); and the probe ran at "
+              "another moment than the steps")
+
+
 def markdown_rows(label: str, mode: str, T: int, table: Mapping[str, dict]) -> list[str]:
-    """Rows of the report's phase table: | model | mode | T | phase | MB/token | ms/pass | fraction of bound |."""
+    """Rows of the report's phase table: | model | mode | T | phase | MB/token | ms/pass | fraction of bound |; a
+    fraction above 100% is marked † (OVER_BOUND says why it can be real)."""
     rows = []
     for ph, r in table.items():
-        frac = f"{100 * r['fraction_of_bound']:.0f}%" if r["fraction_of_bound"] is not None else "-"
+        f = r["fraction_of_bound"]
+        frac = "-" if f is None else f"{100 * f:.0f}%" + ("†" if f > 1 else "")
         rows.append(f"| {label} | {mode} | {T} | {ph} | {r['bytes_per_token'] / 1e6:.1f} | "
                     f"{1e3 * r['s_per_pass']:.3f} | {frac} |")
     return rows
+
+
+def over_bound_lines(rows: list[str]) -> list[str]:
+    """The note under a phase table when one of its rows is marked †."""
+    return ["", OVER_BOUND + "."] if any("†" in r for r in rows) else []
 
 
 MARKDOWN_HEADER = ["| model | mode | T | phase | MB read per token | ms per pass | fraction of bound |",

@@ -369,10 +369,11 @@ def phases_section(model_path: Path, *, threads: int, tokens: int, roofline: Roo
 
 
 def phases_markdown(s: dict) -> list[str]:
+    rows = phases.markdown_rows(s["model_name"], "decode", 1, s["phases"])
     return [(f"{s['model_name']}, greedy decode of {s['tokens']} tokens, {s['threads']} threads; bound: "
              f"{s['bandwidth_gb_s']:.1f} GB/s ({KIND_WORDS[s['bound']['kind']]} probe). Weight bytes each phase reads "
              "per token, thread 0's time in it (Session.timings()), and the fraction of the bound:"), "",
-            *phases.MARKDOWN_HEADER, *phases.markdown_rows(s["model_name"], "decode", 1, s["phases"])]
+            *phases.MARKDOWN_HEADER, *rows, *phases.over_bound_lines(rows)]
 
 
 # ---- synthetic ----
@@ -467,7 +468,8 @@ def synthetic_markdown(s: dict) -> list[str]:
     if phase_rows:
         lines += ["", ("Phase by phase (SYNTHETIC; bench_device/phases.py): weight bytes each phase reads per token, "
                        "thread 0's time in it per pass (Session.timings()), and its fraction of the bound at the "
-                       "configuration's bandwidth:"), "", *phases.MARKDOWN_HEADER, *phase_rows]
+                       "configuration's bandwidth:"), "", *phases.MARKDOWN_HEADER, *phase_rows,
+                  *phases.over_bound_lines(phase_rows)]
     lines += ["", "Verification passes (SYNTHETIC), sparse = the union of the batch's experts read once:", "",
               "| shape | draft | T | dense ms | sparse ms | sparse / dense | sparse / one dense decode step |",
               "|---|---|---:|---:|---:|---:|---:|"]

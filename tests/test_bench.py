@@ -493,6 +493,16 @@ def test_phase_bytes_count_every_weight_once(tiny, tmp_path):
         assert (pb["experts"] > 0) == any("ffn_experts" in n for n in tensors)
 
 
+def test_phase_fractions_above_one_are_marked_and_explained():
+    from sparrow.bench_device import phases
+    table = phases.phase_table({"attention": 2e6, "ffn": 4e6}, {"attention": 1e-4, "ffn": 1e-4, "other": 1e-6}, 1,
+                               25.0)  # 80% and 160% of the bound
+    rows = phases.markdown_rows("m", "decode", 1, table)
+    assert rows == ["| m | decode | 1 | attention | 2.0 | 0.100 | 80% |", "| m | decode | 1 | ffn | 4.0 | 0.100 | 160%† |",
+                    "| m | decode | 1 | other | 0.0 | 0.001 | - |"]
+    assert phases.over_bound_lines(rows) == ["", phases.OVER_BOUND + "."] and phases.over_bound_lines(rows[:1]) == []
+
+
 def test_report_on_a_small_cache_with_rapl_and_a_crashing_llama_cpp(tiny, tmp_path, monkeypatch):
     """One quick run on a machine faked three ways: a last-level cache smaller than the model (the bound is DRAM's),
     RAPL counters (energy), and a llama.cpp worker killed by SIGSEGV (left out, its signal in the report)."""

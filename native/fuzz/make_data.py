@@ -123,6 +123,10 @@ def models(data: Path, seeds: Path) -> None:
     for name, wtype, tied in (("f32", Q.F32, True), ("q4_0", Q.Q4_0, False), ("q8_0", Q.Q8_0, True),
                               ("f16", Q.F16, False)):
         write_tiny_llama(data / f"model-llama-{name}.gguf", TinyConfig(**small, wtype=wtype, tied=tied, seed=3))
+    # head dim 32 on a packed type: forward.c splits wq | wk | wv by heads and quantizes the attention output inside
+    # the attention (head dim 8 above takes its other path)
+    write_tiny_llama(data / "model-llama-q8_0-d32.gguf",
+                     TinyConfig(n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=160, wtype=Q.Q8_0, seed=3))
     # fuzz_load seeds: the smallest models (one layer) of each weight type
     for name, wtype in (("f32", Q.F32), ("q4_0", Q.Q4_0), ("q8_0", Q.Q8_0)):
         write_tiny_llama(seeds / "load" / f"llama-{name}.gguf",

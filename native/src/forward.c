@@ -46,17 +46,30 @@ bool sp_fwd_quant_rows_for(const fwd_ctx *c, const sp_tensor *W, const float *x,
     return true;
 }
 
+/* y[t, r] = W[r] . x[t] for rows [r0, r1) of W (r0 a multiple of the tier's pack_rows when W is packed); x_f: float
+ * input [T, K], xq: its sp_block_q8a rows, read instead when W's type takes quantized activations. */
+static void matmul_range(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor *W, const float *x_f, const void *xq,
+                         int64_t r0, int64_t r1, int64_t T) {
+    if (r0 >= r1) return;
+    const void *x = sp_type_traits_of(W->type).act_q8 ? xq : (const void *)x_f;
+    if (W->packed) c->k->matmul_packed[W->type](y, ldy, W->packed, x, W->k, r0, r1, T); /* packed at load */
+    else c->k->matmul[W->type](y, ldy, W->data, x, W->k, r0, r1, T);
+}
+
+/* This thread's share of W's rows: packed row groups of 16 rows, or any even split (e.g. BlockFFN's 40-row router:
+ * 20 + 20, not 32 + 8). */
+static void row_share(const sp_tensor *W, int ith, int nth, int64_t *r0, int64_t *r1) {
+    if (W->packed) sp_fwd_row_share(W->n, ith, nth, r0, r1);
+    else sp_split(W->n, ith, nth, r0, r1);
+}
+
 /* y[t, r] (row stride ldy) = W[r] . x[t] for this thread's rows of W. x_f: float input [T, K]; the quantized copy of
  * it sits in scratch xq when the weight type takes quantized activations. */
 void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor *W, const float *x_f, int64_t T,
                         int ith, int nth) {
     int64_t r0, r1;
-    if (W->packed) sp_fwd_row_share(W->n, ith, nth, &r0, &r1);
-    else sp_split(W->n, ith, nth, &r0, &r1); /* any row range (e.g. BlockFFN's 40-row router: 20 + 20, not 32 + 8) */
-    if (r0 >= r1) return;
-    const void *x = sp_type_traits_of(W->type).act_q8 ? c->ses->s.xq : (const void *)x_f;
-    if (W->packed) c->k->matmul_packed[W->type](y, ldy, W->packed, x, W->k, r0, r1, T); /* packed at load */
-    else c->k->matmul[W->type](y, ldy, W->data, x, W->k, r0, r1, T);
+    row_share(W, ith, nth, &r0, &r1);
+    matmul_range(c, y, ldy, W, x_f, c->ses->s.xq, r0, r1, T);
 }
 
 /* RoPE as GGUF's llama architecture defines it: adjacent pairs (x[2i], x[2i+1]) rotate by pos * base^(-2i/n_rot), for
@@ -120,7 +133,7 @@ static void softmax_row(const fwd_ctx *c, float *row, float *inv, const sp_run *
  * barrier between). Each element of a score or an output is computed alike whatever T, the chunk, the split or the
  * other sequences in the batch (kernels.h), so a token's attention is the same in a draft tree or a batch of
  * sequences as decoded alone. */
-static void attention(const fwd_ctx *c, int il, int ith, int nth) {
+static bool attention(const fwd_ctx *c, int il, bool quant, int ith, int nth) {
     const sp_session *ses = c->ses;
     const sp_hparams *hp = &ses->model->hp;
     const sp_scratch *s = &ses->s;
@@ -160,6 +173,7 @@ static void attention(const fwd_ctx *c, int il, int ith, int nth) {
         int64_t nsplit = 1;
         while (pairs * nsplit < 2 * nth && 16 * nsplit * 2 <= D) nsplit *= 2;
         const int64_t w = (D / nsplit + 15) / 16 * 16; /* D's slice per unit: whole vectors */
+        quant = quant && D % SP_QK == 0 && w % SP_QK == 0; /* each unit's slices are whole activation blocks */
         if (nsplit > 1) {
             int64_t r0, r1;
             sp_split(NKV * M, ith, nth, &r0, &r1);
@@ -185,50 +199,113 @@ static void attention(const fwd_ctx *c, int il, int ith, int nth) {
             c->k->attn_sum_f16(out, D, rows, S, G, vc + (int64_t)r->seq * C * KVD + g * D + d0, KVD, nv, d1 - d0);
             for (int64_t h = 0; h < G; h++)
                 for (int64_t i = 0; i < d1 - d0; i++) out[h * D + i] *= ri[h];
+            if (quant) /* the output projection's input blocks of these slices (sp_fwd_quant_rows_for's blocks) */
+                for (int64_t h = 0; h < G; h++)
+                    c->k->quantize_q8a((sp_block_q8a *)s->xq + (t * QD + g * G * D + h * D + d0) / SP_QK,
+                                       out + h * D, d1 - d0);
         }
         if (tc0 + TQ < T) sp_pool_barrier(ses->pool); /* the next chunk's scores overwrite these */
     }
+    return quant;
+}
+
+/* RoPE (sp_fwd_rope_rows' rotation) on every token of the columns [c0, c1) of x [T, ldx], heads of D columns from
+ * column 0; c0 is even, so no pair is cut. */
+static void rope_cols(const fwd_ctx *c, float *x, int64_t ldx, int64_t T, int64_t c0, int64_t c1) {
+    const int64_t D = c->ses->model->hp.head_dim, n_rot = c->ses->model->hp.n_rot;
+    for (int64_t t = 0; t < T; t++) {
+        const float *cs = c->ses->s.rope_cs + t * n_rot;
+        for (int64_t h = c0 / D; h * D < c1; h++) {
+            float *v = x + t * ldx + h * D;
+            const int64_t i1 = SP_MIN(SP_MIN(c1 - h * D, D), n_rot);
+            for (int64_t i = SP_MAX(c0 - h * D, 0); i < i1; i += 2) {
+                const float x0 = v[i], x1 = v[i + 1], co = cs[i], si = cs[i + 1];
+                v[i] = x0 * co - x1 * si;
+                v[i + 1] = x0 * si + x1 * co;
+            }
+        }
+    }
+}
+
+/* Token t's columns [c0, c1) of q (rotated) at F16 precision (scores are products of F16 values, as in llama.cpp),
+ * into qg, grouped by kv head. */
+static void store_q(const fwd_ctx *c, int64_t t, int64_t c0, int64_t c1) {
+    const sp_hparams *hp = &c->ses->model->hp;
+    const sp_scratch *s = &c->ses->s;
+    const int64_t T = c->b->n_tokens, D = hp->head_dim, G = hp->n_head / hp->n_head_kv;
+    for (int64_t h = c0 / D; h * D < c1; h++) {
+        const int64_t i0 = SP_MAX(c0 - h * D, 0), i1 = SP_MIN(c1 - h * D, D);
+        float *qg = s->qg + ((h / G) * T * G + t * G + h % G) * D + i0;
+        memcpy(qg, s->q + t * hp->n_head * D + h * D + i0, (size_t)(i1 - i0) * sizeof *qg);
+        c->k->round_f16(qg, i1 - i0);
+    }
+}
+
+/* Token t's columns [k0, k1) of k (rotated) and [v0, v1) of v as F16 in layer il's cache. */
+static void store_kv(const fwd_ctx *c, int il, int64_t t, int64_t k0, int64_t k1, int64_t v0, int64_t v1) {
+    sp_session *ses = c->ses;
+    const sp_scratch *s = &ses->s;
+    const int64_t D = ses->model->hp.head_dim, KVD = ses->model->hp.kv_k_dim;
+    const sp_run *r = &s->runs[s->trun[t]];
+    const int64_t slot = r->P + (t - r->t0); /* the token's cache slot in its sequence */
+    sp_f16 *kc = ses->k_cache, *vc = (sp_f16 *)ses->v_cache + sp_vcache_row(ses, il, r->seq, slot) * KVD;
+    sp_f16 h[64];
+    for (int64_t i0 = k0; i0 < k1; i0 += 64) {
+        const int64_t ni = SP_MIN(64, k1 - i0);
+        c->k->f32_to_f16(h, s->k + t * KVD + i0, ni);
+        for (int64_t i = 0; i < ni; i++) kc[sp_kcache_at(ses, il, (i0 + i) / D, r->seq, slot, (i0 + i) % D)] = h[i];
+    }
+    if (v1 > v0) c->k->f32_to_f16(vc + v0, s->v + t * KVD + v0, v1 - v0);
 }
 
 /* Grouped-query attention block of layer il: xn (and xq) -> attn [T, NH*D], the batch's keys and values in the
- * cache. Ends with all threads past a barrier. */
-static void attention_gqa(const fwd_ctx *c, const sp_layer *l, int il, int ith, int nth) {
+ * cache. Ends with all threads past a barrier; returns whether it also left attn quantized for the output projection
+ * in scratch xq (then the caller needs no quantization step of its own).
+ *
+ * q, k and v: the rows of wq | wk | wv, taken as one matrix of QD + 2 KVD rows, are split evenly over the threads in
+ * groups of 16 (a multiple of every tier's packed row group, and even: RoPE's pairs stay whole), and the thread that
+ * computes rows for every token also rotates them and stores them (qg, or the cache): no barrier between the
+ * projections and the cache. Where QD or KVD is no multiple of 16 the projections are split by rows, a barrier, and
+ * the rest by tokens. */
+static bool attention_gqa(const fwd_ctx *c, const sp_layer *l, int il, int ith, int nth) {
     sp_session *ses = c->ses;
     const sp_hparams *hp = &ses->model->hp;
     sp_scratch *s = &ses->s;
-    const int64_t T = c->b->n_tokens, KVD = hp->kv_k_dim;
-    const int64_t D = hp->head_dim, NKV = hp->n_head_kv, G = hp->n_head / NKV, QD = hp->n_head * D;
-    sp_f16 *kc = ses->k_cache, *vc = ses->v_cache;
-    int64_t t0, t1;
-    sp_split(T, ith, nth, &t0, &t1);
-    sp_fwd_matmul_rows(c, s->q, QD, &l->wq, s->xn, T, ith, nth);
-    sp_fwd_matmul_rows(c, s->k, KVD, &l->wk, s->xn, T, ith, nth);
-    sp_fwd_matmul_rows(c, s->v, KVD, &l->wv, s->xn, T, ith, nth);
-    sp_pool_barrier(ses->pool);
-    /* rotate q and k by position; store k (blocked, sp_kcache_at) and v in the F16 cache, and the queries at F16
-     * precision too (scores are products of F16 values, as in llama.cpp), grouped by kv head in qg */
-    sp_fwd_rope_rows(c, s->q, QD, T, hp->n_head, D, 0, ith, nth);
-    sp_fwd_rope_rows(c, s->k, KVD, T, hp->n_head_kv, D, 0, ith, nth);
-    for (int64_t t = t0; t < t1; t++) { /* the same tokens sp_fwd_rope_rows gave this thread */
-        const sp_run *r = &s->runs[s->trun[t]];
-        const int64_t slot = r->P + (t - r->t0); /* the token's cache slot in its sequence */
-        for (int64_t g = 0; g < NKV; g++) {
-            float *qg = s->qg + (g * T * G + t * G) * D;
-            memcpy(qg, s->q + t * QD + g * G * D, (size_t)(G * D) * sizeof *qg);
-            c->k->round_f16(qg, G * D);
+    const int64_t T = c->b->n_tokens, KVD = hp->kv_k_dim, D = hp->head_dim, QD = hp->n_head * D;
+    if (QD % 16 == 0 && KVD % 16 == 0 && D % 2 == 0) {
+        const int64_t N = QD + 2 * KVD, per = ((N + nth - 1) / nth + 15) / 16 * 16;
+        const int64_t u0 = SP_MIN(N, per * ith), u1 = SP_MIN(N, u0 + per); /* rows of wq | wk | wv */
+        const int64_t q0 = SP_MIN(u0, QD), q1 = SP_MIN(u1, QD);
+        const int64_t k0 = SP_MIN(SP_MAX(u0 - QD, 0), KVD), k1 = SP_MIN(SP_MAX(u1 - QD, 0), KVD);
+        const int64_t v0 = SP_MIN(SP_MAX(u0 - QD - KVD, 0), KVD), v1 = SP_MIN(SP_MAX(u1 - QD - KVD, 0), KVD);
+        matmul_range(c, s->q, QD, &l->wq, s->xn, s->xq, q0, q1, T);
+        matmul_range(c, s->k, KVD, &l->wk, s->xn, s->xq, k0, k1, T);
+        matmul_range(c, s->v, KVD, &l->wv, s->xn, s->xq, v0, v1, T);
+        rope_cols(c, s->q, QD, T, q0, q1);
+        rope_cols(c, s->k, KVD, T, k0, k1);
+        for (int64_t t = 0; t < T; t++) {
+            store_q(c, t, q0, q1);
+            store_kv(c, il, t, k0, k1, v0, v1);
         }
-        sp_f16 h[64];
-        for (int64_t i0 = 0; i0 < KVD; i0 += 64) {
-            const int64_t ni = SP_MIN(64, KVD - i0);
-            c->k->f32_to_f16(h, s->k + t * KVD + i0, ni);
-            for (int64_t i = 0; i < ni; i++)
-                kc[sp_kcache_at(ses, il, (i0 + i) / D, r->seq, slot, (i0 + i) % D)] = h[i];
+    } else {
+        int64_t t0, t1;
+        sp_split(T, ith, nth, &t0, &t1);
+        sp_fwd_matmul_rows(c, s->q, QD, &l->wq, s->xn, T, ith, nth);
+        sp_fwd_matmul_rows(c, s->k, KVD, &l->wk, s->xn, T, ith, nth);
+        sp_fwd_matmul_rows(c, s->v, KVD, &l->wv, s->xn, T, ith, nth);
+        sp_pool_barrier(ses->pool);
+        sp_fwd_rope_rows(c, s->q, QD, T, hp->n_head, D, 0, ith, nth);
+        sp_fwd_rope_rows(c, s->k, KVD, T, hp->n_head_kv, D, 0, ith, nth);
+        for (int64_t t = t0; t < t1; t++) { /* the same tokens sp_fwd_rope_rows gave this thread */
+            store_q(c, t, 0, QD);
+            store_kv(c, il, t, 0, KVD, 0, KVD);
         }
-        c->k->f32_to_f16(vc + sp_vcache_row(ses, il, r->seq, slot) * KVD, s->v + t * KVD, KVD);
     }
     sp_pool_barrier(ses->pool);
-    attention(c, il, ith, nth); /* softmax(q k^T / sqrt(D) + mask) v over cached and batch slots */
+    const bool quant = sp_type_traits_of(l->wo.type).act_q8 && l->wo.k == QD;
+    const bool quantized = attention(c, il, quant, ith, nth); /* softmax(q k^T / sqrt(D) + mask) v */
     sp_pool_barrier(ses->pool);
+    return quantized;
 }
 
 /* x[t] += a * y[t] for this thread's tokens. */
@@ -238,28 +315,27 @@ static void add_rows(float *x, float a, const float *y, int64_t T, int64_t H, in
     for (int64_t i = t0 * H; i < t1 * H; i++) x[i] += a * y[i];
 }
 
-/* gate[t] = silu(gate[t]) * up[t] for this thread's tokens, then quantize the row for the down projection. */
-static void swiglu_quant_rows(const fwd_ctx *c, int64_t T, int64_t F, bool quant, int ith, int nth) {
-    int64_t t0, t1;
-    sp_split(T, ith, nth, &t0, &t1);
-    for (int64_t t = t0; t < t1; t++) {
-        float *g = c->ses->s.gate + t * F;
-        const float *u = c->ses->s.up + t * F;
-        c->k->silu_mul(g, u, 1.0f, F);
-        if (quant) c->k->quantize_q8a((sp_block_q8a *)c->ses->s.xq + t * (F / SP_QK), g, F);
-    }
-}
-
-/* SwiGLU: tmp = down(silu(gate xn) * up xn). */
+/* SwiGLU: tmp = down(silu(gate xn) * up xn). The thread that computes rows [f0, f1) of gate and up (a share of whole
+ * activation blocks) also applies silu and the product to them and quantizes those blocks for the down projection,
+ * for every token: one barrier, before the down projection reads every row. */
 static void ffn_dense(const fwd_ctx *c, const sp_layer *l, int ith, int nth) {
     sp_scratch *s = &c->ses->s;
     const int64_t T = c->b->n_tokens, H = c->ses->model->hp.n_embd, F = c->ses->model->hp.n_ff;
-    sp_fwd_matmul_rows(c, s->gate, F, &l->w_gate, s->xn, T, ith, nth);
-    sp_fwd_matmul_rows(c, s->up, F, &l->w_up, s->xn, T, ith, nth);
+    const int64_t per = ((F + nth - 1) / nth + SP_QK - 1) / SP_QK * SP_QK; /* a multiple of every tier's pack_rows */
+    const int64_t f0 = SP_MIN(F, per * ith), f1 = SP_MIN(F, f0 + per);
+    matmul_range(c, s->gate, F, &l->w_gate, s->xn, s->xq, f0, f1, T);
+    matmul_range(c, s->up, F, &l->w_up, s->xn, s->xq, f0, f1, T);
+    /* into their own rows xqf: other threads may still read xq (xn's) */
+    const bool quant = sp_type_traits_of(l->w_down.type).act_q8; /* then F % SP_QK == 0 (model.c) */
+    for (int64_t t = 0; t < T && f1 > f0; t++) {
+        float *g = s->gate + t * F + f0;
+        c->k->silu_mul(g, s->up + t * F + f0, 1.0f, f1 - f0);
+        if (quant) c->k->quantize_q8a((sp_block_q8a *)s->xqf + (t * F + f0) / SP_QK, g, f1 - f0);
+    }
     sp_pool_barrier(c->ses->pool);
-    swiglu_quant_rows(c, T, F, c->q8, ith, nth);
-    sp_pool_barrier(c->ses->pool);
-    sp_fwd_matmul_rows(c, s->tmp, H, &l->w_down, s->gate, T, ith, nth);
+    int64_t r0, r1;
+    row_share(&l->w_down, ith, nth, &r0, &r1);
+    matmul_range(c, s->tmp, H, &l->w_down, s->gate, s->xqf, r0, r1, T);
     sp_pool_barrier(c->ses->pool);
 }
 
@@ -306,11 +382,12 @@ static void forward_worker(void *ctx, int ith, int nth) {
         /* 2-4. attention block: xn = rmsnorm(x) -> attn (the heads' outputs, concatenated) */
         sp_fwd_rmsnorm_quant_rows(c, s->xn, s->x, l->attn_norm, 1.0f, T, H, c->q8, ith, nth);
         sp_pool_barrier(pool);
+        bool attn_quantized = false;
         if (l->attn == SP_ATTN_MLA) sp_attn_mla(c, il, ith, nth);
-        else attention_gqa(c, l, il, ith, nth);
+        else attn_quantized = attention_gqa(c, l, il, ith, nth);
 
         /* 5. output projection; residual add; then the FFN block's rmsnorm */
-        if (sp_fwd_quant_rows_for(c, &l->wo, s->attn, T, l->wo.k, ith, nth)) sp_pool_barrier(pool);
+        if (!attn_quantized && sp_fwd_quant_rows_for(c, &l->wo, s->attn, T, l->wo.k, ith, nth)) sp_pool_barrier(pool);
         sp_fwd_matmul_rows(c, s->tmp, H, &l->wo, s->attn, T, ith, nth);
         sp_pool_barrier(pool);
         add_rows(s->x, hp->residual_scale, s->tmp, T, H, ith, nth);

@@ -130,6 +130,7 @@ typedef struct sp_scratch {
     float *gate;     /* [B, F] */
     float *up;       /* [B, F] */
     void *xq;        /* [B, max(H, F, NH*D)] activations quantized to sp_block_q8a rows */
+    void *xqf;       /* llama: [B, F] the SwiGLU product quantized to sp_block_q8a rows (the down projection's input) */
     float *scores;   /* GQA: [NKV, TQ*G, C + B] one chunk's scores, then [NKV, TQ*G] 1/sums (TQ = attn_tq); MLA: one
                       * token's [NH, C + B] scores and rope parts */
     float *rope_cs;  /* [B, n_rot] cos/sin pairs for the batch positions */

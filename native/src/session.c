@@ -39,6 +39,7 @@ void sp_session_free(sp_session *ses) {
     free(s->gate);
     free(s->up);
     free(s->xq);
+    free(s->xqf);
     free(s->scores);
     free(s->rope_cs);
     free(s->cq);
@@ -139,6 +140,7 @@ static void session_buffers(sp_sizer *z, sp_session *ses, const sp_model *m, con
     s->up = take(z, B * F);
     /* q8a rows: K/32 blocks of 40 bytes = 1.25 floats per element */
     s->xq = take(z, B * (K_MAX / SP_QK + 1) * (sizeof(sp_block_q8a) / sizeof(float)));
+    s->xqf = hp->n_expert > 0 ? NULL : take(z, B * (F / SP_QK + 1) * (sizeof(sp_block_q8a) / sizeof(float)));
     /* GQA: the scores of a chunk of TQ tokens, [NH * TQ] rows of C + B, and their 1/sums; TQ as many tokens as fit
      * in 4 MiB (at least 1, at most B). MLA: one token's [NH, C + B] scores and rope parts. */
     const uint64_t tq = SP_MIN(B, SP_MAX(1, ((uint64_t)4 << 20) / (sizeof(float) * NH * (C + B))));

@@ -15,6 +15,10 @@ and gives the NMSE, the forks, how many greedy tokens agree outright and the fir
 
 --onnx adds the "onnxruntime" engine (--onnx int8: "onnxruntime-int8"). --compare-repack adds a third engine, "sparrow-norepack" (Model(repack=False): weights read as file views by the
 unpacked kernels), asked in the same rounds, so the gain of load-time repacking is measured side by side.
+--before BUILD_DIR adds "sparrow-before": the native runtime of another developer build (tools/dev_build.sh folder,
+e.g. main before a change, built in a git worktree) in its own worker, asked in the same rounds, so a change to the
+library is measured before and after side by side; the report gains "ratio_sparrow_over_before" (decode, prefill and
+each batch size's time).
 
 Measures, per engine: decode tok/s (greedy, one token per call), prefill tok/s (one batch of the prompt), time to
 first token (the prompt text tokenized, prefilled from an empty cache and the first token picked; it must be the
@@ -269,7 +273,8 @@ def compare_logits(rows, ref_rows) -> dict:
 
 def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 64,
         engine_names: tuple[str, ...] = ("sparrow", "llama.cpp"), batch_sizes: tuple[int, ...] = BATCH_SIZES,
-        n_ctx: int = 2048, progress=None, energy=None, worker_target: Callable | None = None) -> dict:
+        n_ctx: int = 2048, progress=None, energy=None, worker_target: Callable | None = None,
+        engine_env: dict[str, dict[str, str]] | None = None) -> dict:
     """The benchmark as a library call: engines in worker processes, asked in turn each repeat. Raises RuntimeError
     when an engine's logits along the first engine's greedy continuation disagree with the oracle's (see the module
     doc). The oracle is llama.cpp when it is among the engines, otherwise a Sparrow worker on the scalar kernels.
@@ -278,7 +283,8 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
     `energy`: a bench_device.energy.Rapl meter read around every decode measurement, or None.
     `worker_target`: the function each worker process runs (default: worker; with the spawn context it must live in
     an importable module). A worker that dies raises RuntimeError saying how: "the llama.cpp worker died (killed by
-    signal 11 (SIGSEGV))"."""
+    signal 11 (SIGSEGV))". `engine_env`: environment variables set for an engine's worker, by engine name (e.g.
+    {"sparrow-before": {"SPARROW_BUILD_DIR": folder}})."""
     ctx = mp.get_context("spawn")
     engines = {}
     oracle = "llama.cpp" if "llama.cpp" in engine_names else SCALAR_ORACLE
@@ -301,7 +307,7 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
 
     try:
         for name in engine_names:
-            start(name)
+            start(name, (engine_env or {}).get(name))
         if oracle == SCALAR_ORACLE:
             start(SCALAR_ORACLE, {"SPARROW_FORCE_SCALAR": "1"})
 
@@ -407,6 +413,14 @@ def run(model: str, *, threads: int = 2, repeats: int = 5, decode_tokens: int = 
                 "decode": s["decode_tok_s"]["median"] / l["decode_tok_s"]["median"],
                 "prefill": s["prefill_tok_s"]["median"] / l["prefill_tok_s"]["median"],
             }
+        if "sparrow" in engines and "sparrow-before" in engines:
+            s, b = report["engines"]["sparrow"], report["engines"]["sparrow-before"]
+            report["ratio_sparrow_over_before"] = {
+                "decode": s["decode_tok_s"]["median"] / b["decode_tok_s"]["median"],
+                "prefill": s["prefill_tok_s"]["median"] / b["prefill_tok_s"]["median"],
+                "batch_time": {t: s["batch_ms"][t] / b["batch_ms"][t] for t in batch_sizes},
+                "long_time": {t: s["long_ms"][t] / b["long_ms"][t] for t in LONG_SIZES},
+            }
         return report
     finally:
         for proc, conn in engines.values():
@@ -430,18 +444,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compare-repack", action="store_true", help="also run sparrow with repack=False")
     ap.add_argument("--onnx", nargs="?", const="f32", choices=("f32", "int8", "int4"),
                     help="also run onnxruntime on an ONNX export of the model (weight type; default f32)")
+    ap.add_argument("--before", type=Path, metavar="BUILD_DIR",
+                    help="also run the native runtime of this developer build (tools/dev_build.sh) as sparrow-before")
     args = ap.parse_args(argv)
 
     from .energy import Rapl
 
     names = ("sparrow", "llama.cpp") + (("sparrow-norepack",) if args.compare_repack else ()) + \
-        ((f"onnxruntime{'' if args.onnx == 'f32' else '-' + args.onnx}",) if args.onnx else ())
+        ((f"onnxruntime{'' if args.onnx == 'f32' else '-' + args.onnx}",) if args.onnx else ()) + \
+        (("sparrow-before",) if args.before else ())
+    engine_env = {}
+    if args.before:
+        if not list(args.before.glob("_sparrow*.so")) and not list(args.before.glob("_sparrow*.pyd")):
+            raise SystemExit(f"--before {args.before}: no _sparrow module there (build one with tools/dev_build.sh)")
+        engine_env["sparrow-before"] = {"SPARROW_BUILD_DIR": str(args.before.resolve())}
     meter, why = Rapl.open()
     if meter is None:
         print(f"energy: unavailable: {why}")
     try:
         report = run(args.model, threads=args.threads, repeats=args.repeats, decode_tokens=args.decode_tokens,
-                     engine_names=names, energy=meter)
+                     engine_names=names, energy=meter, engine_env=engine_env)
     except RuntimeError as e:
         raise SystemExit(str(e)) from None
     print_report(report)
@@ -463,6 +485,10 @@ def print_report(r: dict) -> None:
               (f"  {e['decode_j_per_token']['median']:.3f} J/token" if "decode_j_per_token" in e else ""))
     print("ratio sparrow/llama.cpp: decode {decode:.2f}x, prefill {prefill:.2f}x".format(
         **r["ratio_sparrow_over_llama_cpp"]))
+    if "ratio_sparrow_over_before" in r:
+        rb = r["ratio_sparrow_over_before"]
+        print("sparrow over sparrow-before: decode {:.3f}x, prefill {:.3f}x; time of T tokens: {}".format(
+            rb["decode"], rb["prefill"], ", ".join(f"T={t} {v:.3f}x" for t, v in rb["batch_time"].items())))
     print("cost of T tokens in one call relative to T=1:")
     print(f"{'T':>4} " + " ".join(f"{name:>22}" for name in r["engines"]))
     for t in BATCH_SIZES:

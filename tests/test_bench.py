@@ -478,10 +478,49 @@ def test_a_dead_worker_is_reported_with_its_signal(tiny):
                          engine_names=("sparrow", "llama.cpp"), worker_target=crash_llama_cpp_worker)
 
 
+def before_env_worker(engine_name: str, path: str, threads: int, n_ctx: int, conn) -> None:
+    """bench_decode's worker, except that sparrow-before exits with status 3 unless its environment says "before"."""
+    if engine_name == "sparrow-before" and os.environ.get("SPARROW_TEST_BUILD") != "before":
+        os._exit(3)
+    decode_worker(engine_name, path, threads, n_ctx, conn)
+
+
+def test_an_engine_of_another_build_gets_its_environment_and_a_ratio(tiny):
+    """--before BUILD_DIR: the sparrow-before worker starts with its own environment (SPARROW_BUILD_DIR there; a
+    marker here), the parent's is left as it was, and the report gives sparrow's ratios over it."""
+    kw = {"threads": 1, "repeats": 1, "decode_tokens": 2, "batch_sizes": (1, 2),
+          "engine_names": ("sparrow", "sparrow-before"), "worker_target": before_env_worker}
+    with pytest.raises(RuntimeError, match=r"the sparrow-before worker died \(exit code 3\)"):
+        bench_decode.run(str(tiny), **kw)
+    r = bench_decode.run(str(tiny), engine_env={"sparrow-before": {"SPARROW_TEST_BUILD": "before"}}, **kw)
+    assert "SPARROW_TEST_BUILD" not in os.environ
+    ratio = r["ratio_sparrow_over_before"]
+    assert set(ratio) == {"decode", "prefill", "batch_time", "long_time"} and set(ratio["batch_time"]) == {1, 2}
+    s, b = r["engines"]["sparrow"], r["engines"]["sparrow-before"]
+    assert ratio["decode"] == pytest.approx(s["decode_tok_s"]["median"] / b["decode_tok_s"]["median"])
+    assert ratio["batch_time"][2] == pytest.approx(s["batch_ms"][2] / b["batch_ms"][2])
+
+
+def test_two_builds_alternate_pass_by_pass(tiny, tmp_path):
+    """bench_builds: each worker loads the runtime of the folder it was given (here this build for both), every T
+    gets passes from both builds in every round, and the ratio is the medians'; a folder without a build is refused."""
+    from sparrow.bench_device import bench_builds
+    from sparrow.runtime import _sparrow
+    build = Path(_sparrow.__file__).resolve().parent
+    r = bench_builds.run(str(tiny), str(build), str(build), sizes=(1, 3), rounds=2, threads=1, cached=4)
+    assert [x["T"] for x in r["results"]] == [1, 3]
+    for x in r["results"]:
+        assert x["before_ms"]["n"] == x["after_ms"]["n"] == 2 * r["passes_per_turn"][x["T"]]
+        assert x["after_over_before"] == pytest.approx(x["after_ms"]["median"] / x["before_ms"]["median"])
+    for w in r["workers"].values():
+        assert Path(w["library"]).resolve().parent == build and w["kernel_tier"]
+    with pytest.raises(SystemExit, match="no _sparrow module"):
+        bench_builds.main([str(tiny), "--before", str(tmp_path), "--after", str(build)])
+
+
 def test_phase_bytes_count_every_weight_once(tiny, tmp_path):
     """phases.phase_bytes: every tensor of the file in one phase, the embedding only where it is the LM head too."""
     import gguf
-
     from sparrow.bench_device import phases
     untied = write_tiny_llama(tmp_path / "untied.gguf", TinyConfig(tied=False))
     for path in (tiny, untied, SHIPPED_TARGET):

@@ -58,6 +58,8 @@ SOURCES = {
     "expert_stream": Source("bench_device/results/expert_stream_mla_0.5b_1.2b_q4_0_xeon_noamx_2t.json", "Intel Xeon"),
     "quick_smollm2": Source("bench_device/results/quick-report-smollm2-xeon-noamx/report.json", "Intel Xeon"),
     "expert_stream_ab": Source("bench_device/results/expert_stream_ab_mla_heads_xeon_noamx_2t.json", "Intel Xeon"),
+    "builds_gqa": Source("bench_device/results/builds_gqa_barriers_smollm2_xeon_noamx_2t.json", "Intel Xeon"),
+    "decode_ab_gqa": Source("bench_device/results/decode_ab_gqa_barriers_smollm2_xeon_noamx_2t.json", "Intel Xeon"),
     "onnx": Source("bench_device/results/onnx_routed_smollm2_zen5_2t.json", "Zen 5"),
     "batch": Source("bench_device/results/batch_smollm2_xeon_2t.json", "Intel Xeon"),
     "models": Source("models/results.json", None),
@@ -286,6 +288,10 @@ FIGURES: list[Figure] = [
            tuple(f"runs/{run}/speedup_after_over_before/{sh} {m}"
                  for run, shapes in (("both_shapes_4_rounds", ("0.5b", "1.2b")), ("0.5b_6_rounds_32_steps", ("0.5b",)))
                  for sh in shapes for m in ("dense", "token", "chunk"))),
+    Figure("after / before {:.3f} (T = 1), {:.3f}, {:.3f}, {:.3f}, {:.3f} (T = 2, 4, 8, 16) and {:.3f} (T = 64)",
+           "builds_gqa", tuple(f"results/{i}/after_over_before" for i in range(6))),
+    Figure("15 repeats): decode {:.3f}x, prefill {:.3f}x as fast as before", "decode_ab_gqa",
+           ("ratio_sparrow_over_before/decode", "ratio_sparrow_over_before/prefill")),
     Figure("so the bound is the probe with buffers of that size, {:.1f} GB/s", "quick_smollm2",
            ("phases/bandwidth_gb_s",)),
     *[Figure(f"| {ph} | {{:.1f}} | {{:.2f}} ms | {{:.0f}}% |", "quick_smollm2",

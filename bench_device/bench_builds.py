@@ -1,0 +1,161 @@
+"""Two developer builds of libsparrow, one pass at a time: does a change to the library make a pass of T tokens faster?
+
+Shape legend: T = tokens in one eval call, P = tokens already cached before it.
+
+On a shared machine whose speed drifts over seconds (a cloud VM), a benchmark that runs one build for a few seconds,
+then the other, measures the drift as much as the change. Here each build lives in a worker process of its own
+(SPARROW_BUILD_DIR set to its tools/dev_build.sh folder before the runtime is imported), both load the model and
+cache the same P tokens, and the parent asks them in turn for a few passes each (about 0.1 s), the order swapped every
+round, for every T. A pass: the cache cut back to P, then T tokens in one call (T = 1 is a decode step; larger T a
+verification pass or a prefill chunk). Per build and T: the median over all passes (min/max), and after / before.
+
+    python -m sparrow.bench_device.bench_builds MODEL.gguf --before /work/base/build/dev --after build/dev \\
+        --sizes 1,2,4,8,16,64 --rounds 40 --out bench_device/results/builds_X.json
+
+Threads pinned (the same CPUs for both workers: they never run at once); the CPU named.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .bench_adaptive import cpu_name, pin_threads
+
+SCHEMA = "sparrow.bench_builds/1"
+TEXT = "The quick brown fox jumps over the lazy dog while the lighthouse keeper counts the waves. " * 40
+PASS_BUDGET_S = 0.1  # about this long per build per turn
+
+
+def worker(build: str, model: str, threads: int, cached: int, n_ctx: int, conn) -> None:
+    """One build's runtime: caches `cached` tokens of TEXT, then answers (T, n) with n pass times in seconds."""
+    os.environ["SPARROW_BUILD_DIR"] = build  # read when sparrow.runtime is imported (runtime/__init__.py)
+    pinned = pin_threads(threads)
+    from ..runtime import Model, _sparrow
+
+    with Model(model) as m:
+        text = m.tokenize(TEXT)
+        s = m.session(n_ctx=n_ctx, n_threads=threads)
+        s.eval(text[:cached])
+        conn.send({"pinned": pinned, "kernel_tier": _sparrow.kernel_tier(), "library": _sparrow.__file__})
+        while (cmd := conn.recv()) is not None:
+            T, n = cmd
+            times = []
+            for _ in range(n):
+                s.truncate(cached)
+                t0 = time.perf_counter()
+                s.eval(text[cached:cached + T])
+                times.append(time.perf_counter() - t0)
+            conn.send(times)
+        s.close()
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def run(model: str, before: str, after: str, *, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 64), rounds: int = 40,
+        threads: int = 2, cached: int = 64, progress=None) -> dict:
+    """The benchmark as a library call (module doc). Raises RuntimeError when a worker dies."""
+    ctx = mp.get_context("spawn")
+    names = ("before", "after")
+    builds = dict(zip(names, (str(Path(before).resolve()), str(Path(after).resolve()))))
+    n_ctx = cached + max(sizes) + 16
+    workers, info = {}, {}
+    try:
+        for n in names:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker, args=(builds[n], model, threads, cached, n_ctx, child), daemon=True)
+            proc.start()
+            child.close()
+            workers[n] = (proc, parent)
+
+        def ask(n: str, msg):
+            proc, conn = workers[n]
+            try:
+                if msg is not None:
+                    conn.send(msg)
+                return conn.recv()
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                raise RuntimeError(f"the {n} worker ({builds[n]}) died (exit code {proc.exitcode})") from None
+
+        for n in names:
+            info[n] = ask(n, None)
+        # passes per turn: about PASS_BUDGET_S of the slower build, from one timed pass each
+        per_turn = {}
+        for T in sizes:
+            slow = max(statistics.median(ask(n, (T, 3))) for n in names)
+            per_turn[T] = max(1, min(50, int(PASS_BUDGET_S / max(slow, 1e-6))))
+        times = {n: {T: [] for T in sizes} for n in names}
+        for r in range(rounds):
+            for T in sizes:
+                for n in (names if r % 2 == 0 else names[::-1]):
+                    times[n][T] += ask(n, (T, per_turn[T]))
+            if progress:
+                progress(r + 1, rounds)
+        for n in names:
+            workers[n][1].send(None)
+    finally:
+        for proc, _ in workers.values():
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    results = []
+    for T in sizes:
+        b, a = _stats(times["before"][T]), _stats(times["after"][T])
+        results.append({"T": T, "before_ms": {k: v * 1e3 if k != "n" else v for k, v in b.items()},
+                        "after_ms": {k: v * 1e3 if k != "n" else v for k, v in a.items()},
+                        "after_over_before": a["median"] / b["median"]})
+    return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": cpu_name(), "model": os.path.basename(model), "threads": threads, "cached_tokens": cached,
+            "rounds": rounds, "builds": builds, "workers": info, "passes_per_turn": per_turn, "results": results}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="GGUF file")
+    ap.add_argument("--before", required=True, type=Path, help="developer build folder (tools/dev_build.sh) before")
+    ap.add_argument("--after", required=True, type=Path, help="developer build folder after")
+    ap.add_argument("--sizes", default="1,2,4,8,16,64", help="tokens per pass, comma-separated")
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cached", type=int, default=64, help="tokens in the cache before each pass")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    for d in (a.before, a.after):
+        if not list(d.glob("_sparrow*")):
+            raise SystemExit(f"{d}: no _sparrow module there (build one with tools/dev_build.sh)")
+    try:
+        sizes = tuple(int(x) for x in a.sizes.split(","))
+    except ValueError:
+        raise SystemExit(f"--sizes {a.sizes!r}: comma-separated token counts") from None
+    if not sizes or min(sizes) < 1 or a.rounds < 1 or a.cached < 1:
+        raise SystemExit("--sizes, --rounds and --cached must be positive")
+
+    def progress(r: int, n: int) -> None:
+        print(f"\rround {r}/{n}", end="", file=sys.stderr, flush=True)
+
+    try:
+        report = run(a.model, str(a.before), str(a.after), sizes=sizes, rounds=a.rounds, threads=a.threads,
+                     cached=a.cached, progress=progress)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
+    print(file=sys.stderr)
+    print(f"{report['cpu']}; {report['model']}; {a.threads} threads; {a.cached} cached tokens; {a.rounds} rounds")
+    for r in report["results"]:
+        b, f = r["before_ms"], r["after_ms"]
+        print(f"T={r['T']:3d}  before {b['median']:8.3f} ms ({b['min']:.3f}-{b['max']:.3f})  after "
+              f"{f['median']:8.3f} ms ({f['min']:.3f}-{f['max']:.3f})  after/before {r['after_over_before']:.3f}")
+    if a.out:
+        a.out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

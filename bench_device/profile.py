@@ -196,6 +196,14 @@ def read_bandwidth(threads: int, *, mb: int = 512, repeats: int = 5, nbytes: int
     return summary(gbs)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def native_read_bandwidth(threads: int, *, mb: int = 512, repeats: int = 5, pin: bool = True,
                           nbytes: int | None = None) -> dict | None:
     """GB/s of the native probe with `threads` threads reading `mb` MB (or `nbytes` bytes) each (summary, plus how
@@ -204,6 +212,9 @@ def native_read_bandwidth(threads: int, *, mb: int = 512, repeats: int = 5, pin:
         from ..runtime import _sparrow
     except ImportError:
         return None
+    # pinned threads need a CPU each (the probe refuses to put two on one): more threads than this process may use
+    # run unpinned, and their result says so (n_pinned 0)
+    pin = pin and threads <= usable_cpus()
     r = _sparrow.bench_read_bandwidth(threads, nbytes if nbytes is not None else mb * 2**20, repeats, pin)
     return {**summary(r["gb_s"]), "n_pinned": r["n_pinned"], "pin_errno": r["pin_errno"]}
 
@@ -214,7 +225,11 @@ def pinning_status(per_threads: dict[int, dict]) -> str:
     if not failed:
         return "pinned"
     err = next((s["pin_errno"] for s in failed if s["pin_errno"]), 0)
-    return "not pinned: " + (os.strerror(err) if err else "the OS gave no CPU list")
+    if err:
+        return "not pinned: " + os.strerror(err)
+    most, cpus = max(per_threads), usable_cpus()
+    return "not pinned: " + (f"{most} threads for the {cpus} CPUs this process may use" if most > cpus
+                             else "the OS gave no CPU list")
 
 
 def bandwidth_curve(max_threads: int | None = None, *, mb: int = 512, repeats: int = 5, progress=None,

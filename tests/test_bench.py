@@ -87,6 +87,28 @@ def test_native_bandwidth_probe_pins_threads_and_checks_its_reads():
     assert unpinned["n_pinned"] == 0 and unpinned["bytes_per_thread"] == 4096
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_pinned_probe_threads_never_share_a_cpu():
+    """More pinned threads than the CPUs the process may use is refused (they would take turns on one CPU and read
+    half as fast); profile's probe then runs them unpinned and says why."""
+    from sparrow.bench_device import profile
+    from sparrow.runtime import _sparrow
+
+    mine = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(mine)})
+        with pytest.raises(_sparrow.SparrowError, match="2 pinned threads, but this process may run on 1 CPU: they "
+                           "would share"):
+            _sparrow.bench_read_bandwidth(2, 1 << 20, 1, True)
+        assert _sparrow.bench_read_bandwidth(2, 1 << 20, 1, False)["n_pinned"] == 0
+        r = profile.native_read_bandwidth(2, nbytes=1 << 20, repeats=1)
+        assert r["n_pinned"] == 0 and r["n"] == 1
+        assert profile.pinning_status({1: {"n_pinned": 1, "pin_errno": 0}, 2: r}) == \
+            "not pinned: 2 threads for the 1 CPUs this process may use"
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
 @pytest.mark.parametrize("args, message", [
     ((0, 1 << 20, 3, True), "n_threads"), ((257, 1 << 20, 3, True), "n_threads"), ((1, 4095, 3, True), "at least 4096"),
     ((1, 1 << 20, 0, True), "repeats"), ((1, 1 << 20, 65, True), "repeats"),

@@ -442,7 +442,8 @@ typedef struct sp_bandwidth_params {
     int32_t n_threads;          /* threads reading at once, 1..256 (default 1) */
     size_t bytes_per_thread;    /* private buffer per thread, rounded down to a multiple of 256; >= 4096 (default 256 MiB) */
     int32_t repeats;            /* timed passes, 1..SP_BANDWIDTH_MAX_REPEATS (default 5) */
-    bool pin_threads;           /* pin thread i to the i-th CPU this process may run on (default true) */
+    bool pin_threads;           /* pin thread i to the i-th CPU this process may run on (default true); more threads
+                                   than those CPUs is an error (they would share CPUs) */
 } sp_bandwidth_params;
 
 typedef struct sp_bandwidth_result {

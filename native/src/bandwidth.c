@@ -2,10 +2,11 @@
  *
  * Shape legend: N = threads, W = 64-bit words per thread buffer, R = timed passes.
  *
- * Each of the N threads pins itself to a CPU (where the OS allows), allocates its own buffer and writes it (so the
- * pages exist and sit next to that thread), then waits. For every pass the main thread bumps a generation number;
- * the workers wake, meet at a spinning start line (so no thread starts its stream while another is still waking
- * up), read their whole buffer once and record their start and end times. A pass's bandwidth is
+ * Each of the N threads pins itself to a CPU of its own (where the OS allows; more threads than the CPUs this process
+ * may use is refused, as two threads on one CPU would take turns and read half as fast), allocates its own buffer and
+ * writes it (so the pages exist and sit next to that thread), then waits. For every pass the main thread bumps a
+ * generation number; the workers wake, meet at a spinning start line (so no thread starts its stream while another
+ * is still waking up), read their whole buffer once and record their start and end times. A pass's bandwidth is
  * N x buffer bytes / (latest end - earliest start). Pass 0 is the untimed warm-up.
  *
  * The read kernel sums the buffer as 16-byte vectors of uint64 with eight independent accumulators. The buffer holds
@@ -204,6 +205,10 @@ sp_status sp_bench_read_bandwidth(sp_bandwidth_params params, sp_bandwidth_resul
 
     int cpus[SP_BW_MAX_THREADS];
     int n_cpus = params.pin_threads ? allowed_cpus(cpus, SP_BW_MAX_THREADS) : 0;
+    if (n_cpus > 0 && n > n_cpus) /* two threads pinned to one CPU take turns: the probe would read half as fast */
+        return sp_fail(SP_ERR_INVALID_ARG, "%d pinned threads, but this process may run on %d CPU%s: they would "
+                       "share them; ask for at most %d threads, or pass pin_threads = false", n, n_cpus,
+                       n_cpus == 1 ? "" : "s", n_cpus);
 
     bw_thread *th = calloc((size_t)n, sizeof *th);
     if (!th) return sp_fail(SP_ERR_NO_MEMORY, "sp_bench_read_bandwidth: out of memory for %d threads", n);
@@ -220,7 +225,7 @@ sp_status sp_bench_read_bandwidth(sp_bandwidth_params params, sp_bandwidth_resul
         th[i].sh = &sh;
         th[i].ith = i;
         th[i].n_vec = bytes / sizeof(sp_u64x8);
-        th[i].cpu = !params.pin_threads ? -1 : n_cpus > 0 ? cpus[i % n_cpus] : -2;
+        th[i].cpu = !params.pin_threads ? -1 : n_cpus > 0 ? cpus[i] : -2;
         if (th[i].cpu == -2) { /* asked to pin, but the OS gives no CPU list (or has no affinity API) */
             th[i].cpu = -1;
             th[i].pin_errno = ENOSYS;

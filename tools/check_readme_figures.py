@@ -62,6 +62,7 @@ SOURCES = {
     "decode_ab_gqa": Source("bench_device/results/decode_ab_gqa_barriers_smollm2_xeon_noamx_2t.json", "Intel Xeon"),
     "onnx": Source("bench_device/results/onnx_routed_smollm2_zen5_2t.json", "Zen 5"),
     "batch": Source("bench_device/results/batch_smollm2_xeon_2t.json", "Intel Xeon"),
+    "batch_noamx": Source("bench_device/results/batch_smollm2_xeon_noamx_2t.json", "Intel Xeon"),
     "models": Source("models/results.json", None),
     "training": Source("models/results.json", "Zen 4"),  # the training times
 }
@@ -472,6 +473,13 @@ FIGURES: list[Figure] = [
            "in-process time", "batch",
            ("server/0/tok_s/median", "server/1/tok_s/median", "server/2/tok_s/median",
             *(lambda d, i=i: 100 * d["server"][i]["overhead_vs_engine"] for i in range(3)))),
+    Figure("`bench_device/results/batch_smollm2_xeon_noamx_2t.json`, {:.0f} rounds, the same requests) one sequence "
+           "runs at {:.0f} tok/s and 8, 16 and 32 at once at {:.0f}, {:.0f} and {:.0f} tok/s: {:.2f}x, {:.2f}x and "
+           "{:.2f}x", "batch_noamx",
+           ("rounds", "engine/0/tok_s/median", *(f"engine/{i}/tok_s/median" for i in (3, 4, 5)),
+            *(f"engine/{i}/speedup_vs_1" for i in (3, 4, 5)))),
+    Figure("the server added {:+.1f}% and {:+.1f}% with 1 and 8 at once", "batch_noamx",
+           tuple(lambda d, i=i: 100 * d["server"][i]["overhead_vs_engine"] for i in range(2))),
     Figure("grew by {:.0f} MiB serving the 32 sequences, of which {:.0f} MiB is the KV cache", "batch",
            (lambda d: d["server_memory"]["growth_bytes"] / 2**20, lambda d: d["server_memory"]["kv_filled_bytes"] / 2**20)),
     Figure("{:.1f}% of the dense expert bytes per pass for 1 sequence, {:.1f}% for 8, {:.1f}% for 16", "batch",

@@ -82,7 +82,9 @@ def python_run(session, drafter, prompts):
 
 
 @pytest.mark.parametrize("name", ["recycling-tree", "hybrid"])
-def test_c_drafters_propose_what_the_python_ones_do(smollm, smollm_plain, name):
+def test_c_drafters_propose_what_the_python_ones_do(smollm, smollm_plain, name, tmp_path):
+    """Same tokens, steps, drafts and acceptances as the Python drafters, and the same Token Recycling matrix after
+    (the C side takes each verified row's top 8 from the threads that computed the row, forward.c)."""
     model, session = smollm
     V = model.info.n_vocab
     prompts = [toks for toks, _ in smollm_plain[:16]]
@@ -98,8 +100,11 @@ def test_c_drafters_propose_what_the_python_ones_do(smollm, smollm_plain, name):
             session.truncate(0)
             got.append(gen.generate(toks))
         st = gen.stats()
+        gen.save_drafter(tmp_path / "c.npy")
     assert got == ref == [r for _, r in smollm_plain[:16]]
     assert (st.steps, st.drafted, st.accepted) == (pst.steps, pst.drafted, pst.accepted)
+    py_adj = (py.recycling if name == "hybrid" else py).adj
+    assert (np.load(tmp_path / "c.npy") == py_adj).all()
     print(f"{name}: {st.steps} steps, {st.drafted} drafted, {st.accepted} accepted (Python: the same)")
 
 

@@ -415,3 +415,22 @@ def test_a_generation_allocates_nothing(tmp_path, smollm_path):
         r = subprocess.run([str(exe), str(model)], capture_output=True, text=True, timeout=300, check=False)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "allocations: greedy 0 (48 tokens), sampled 0 (48 tokens)" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("drafter", ["none", "recycling"])
+def test_a_nan_logit_stops_generation_with_the_samplers_error(tmp_path, drafter):
+    """The generator takes greedy's argmax and Token Recycling's candidates from the threads that computed each row
+    (forward.c sp_fwd_rows_top_k); a row holding NaN leaves the choice to the sampler, which refuses it by name."""
+    import gguf
+    import numpy as np
+
+    path = write_tiny_llama(tmp_path / "m.gguf", TinyConfig(tied=False))
+    head = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "output.weight")
+    rows = np.memmap(path, dtype=np.float32, mode="r+", offset=head.data_offset, shape=(int(head.n_elements),))
+    rows[7 * 64:8 * 64] = np.nan  # token 7's row of the LM head: its logit is NaN at every position
+    rows.flush()
+    del rows
+    with Model(path) as m, m.session(n_ctx=64, n_threads=2) as s, \
+            Generator(s, max_tokens=4, drafter=drafter) as gen:
+        with pytest.raises(SparrowError, match=r"logits\[7\] is NaN"):
+            gen.generate([1, 5, 100])

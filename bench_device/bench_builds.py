@@ -12,6 +12,11 @@ verification pass or a prefill chunk). Per build and T: the median over all pass
     python -m sparrow.bench_device.bench_builds MODEL.gguf --before /work/base/build/dev --after build/dev \\
         --sizes 1,2,4,8,16,64 --rounds 40 --out bench_device/results/builds_X.json
 
+--generator measures the C generator instead (sp_generator, issue 15): per drafter, greedy and with chat's sampling
+defaults, 64 tokens on each of 12 chat prompts (bench_adaptive's), the builds alternating per drafter and round: the
+generator's own time per step outside the forward pass (sp_generator_stats loop_s / steps) and tokens/s, medians over
+rounds, after / before.
+
 Threads pinned (the same CPUs for both workers: they never run at once); the CPU named.
 """
 from __future__ import annotations
@@ -56,6 +61,117 @@ def worker(build: str, model: str, threads: int, cached: int, n_ctx: int, conn) 
         s.close()
 
 
+GENERATOR_CONFIGS = [("greedy", d) for d in ("none", "prompt-lookup", "recycling", "hybrid", "adaptive")] + \
+    [("sampling", d) for d in ("none", "recycling", "adaptive")]
+
+
+def generator_worker(build: str, model: str, threads: int, n_prompts: int, tokens: int, conn) -> None:
+    """One build's generator: answers (mode, drafter) with (loop us per step, tok/s) over the prompts (the first
+    request of each configuration runs them once untimed: Token Recycling's matrix and the planners warm)."""
+    os.environ["SPARROW_BUILD_DIR"] = build
+    pinned = pin_threads(threads)
+    from ..runtime import Model, _sparrow
+    from ..runtime.native import Generator, SamplerParams
+    from .bench_adaptive import PAYS, UNSEEN_CHAT
+    from .bench_speculative import chat
+
+    with Model(model) as m:
+        prompts = [m.tokenize(chat(t), parse_special=True) for t in (UNSEEN_CHAT + PAYS)[:n_prompts]]
+        s = m.session(n_ctx=1024, n_threads=threads)
+        conn.send({"pinned": pinned, "kernel_tier": _sparrow.kernel_tier(), "library": _sparrow.__file__})
+        gens = {}
+
+        def run_all(g) -> int:
+            n = 0
+            for p in prompts:
+                s.truncate(0)
+                g.start(p)
+                n += sum(1 for _ in iter(g.next, None))
+            return n
+
+        while (cmd := conn.recv()) is not None:
+            mode, drafter = cmd
+            if cmd not in gens:
+                params = SamplerParams.greedy() if mode == "greedy" else SamplerParams.chat(seed=7)
+                gens[cmd] = Generator(s, params=params, max_tokens=tokens, drafter=drafter, stop_at_eog=False)
+                run_all(gens[cmd])
+            g = gens[cmd]
+            g.reset_stats()
+            t0 = time.perf_counter()
+            n = run_all(g)
+            dt = time.perf_counter() - t0
+            st = g.stats()
+            conn.send((st.loop_s / max(st.steps, 1) * 1e6, n / dt))
+        for g in gens.values():
+            g.close()
+        s.close()
+
+
+def _start(ctx, target, args_of: dict) -> dict:
+    workers = {}
+    for n, args in args_of.items():
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=target, args=(*args, child), daemon=True)
+        proc.start()
+        child.close()
+        workers[n] = (proc, parent)
+    return workers
+
+
+def _ask(workers: dict, builds: dict, n: str, msg):
+    proc, conn = workers[n]
+    try:
+        if msg is not None:
+            conn.send(msg)
+        return conn.recv()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        raise RuntimeError(f"the {n} worker ({builds[n]}) died (exit code {proc.exitcode})") from None
+
+
+def _stop(workers: dict) -> None:
+    for proc, conn in workers.values():
+        if proc.is_alive():
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+def run_generator(model: str, before: str, after: str, *, rounds: int = 3, threads: int = 2, n_prompts: int = 12,
+                  tokens: int = 64, configs=GENERATOR_CONFIGS, progress=None) -> dict:
+    """--generator (module doc) as a library call. Raises RuntimeError when a worker dies."""
+    ctx = mp.get_context("spawn")
+    names = ("before", "after")
+    builds = dict(zip(names, (str(Path(before).resolve()), str(Path(after).resolve()))))
+    workers = _start(ctx, generator_worker, {n: (builds[n], model, threads, n_prompts, tokens) for n in names})
+    try:
+        info = {n: _ask(workers, builds, n, None) for n in names}
+        got = {(n, c): [] for n in names for c in configs}
+        for r in range(rounds):
+            for c in configs:
+                for n in (names if r % 2 == 0 else names[::-1]):
+                    got[(n, c)].append(_ask(workers, builds, n, c))
+            if progress:
+                progress(r + 1, rounds)
+    finally:
+        _stop(workers)
+    results = []
+    for c in configs:
+        rec = {"mode": c[0], "drafter": c[1]}
+        for n in names:
+            rec[n] = {"loop_us_per_step": statistics.median(x[0] for x in got[(n, c)]),
+                      "tok_s": _stats([x[1] for x in got[(n, c)]])}
+        rec["tok_s_after_over_before"] = rec["after"]["tok_s"]["median"] / rec["before"]["tok_s"]["median"]
+        results.append(rec)
+    return {"schema": SCHEMA, "mode": "generator",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
+            "model": os.path.basename(model), "threads": threads, "prompts": n_prompts, "tokens": tokens,
+            "rounds": rounds, "builds": builds, "workers": info, "results": results}
+
+
 def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
@@ -67,45 +183,23 @@ def run(model: str, before: str, after: str, *, sizes: tuple[int, ...] = (1, 2, 
     names = ("before", "after")
     builds = dict(zip(names, (str(Path(before).resolve()), str(Path(after).resolve()))))
     n_ctx = cached + max(sizes) + 16
-    workers, info = {}, {}
+    workers = _start(ctx, worker, {n: (builds[n], model, threads, cached, n_ctx) for n in names})
     try:
-        for n in names:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker, args=(builds[n], model, threads, cached, n_ctx, child), daemon=True)
-            proc.start()
-            child.close()
-            workers[n] = (proc, parent)
-
-        def ask(n: str, msg):
-            proc, conn = workers[n]
-            try:
-                if msg is not None:
-                    conn.send(msg)
-                return conn.recv()
-            except (EOFError, BrokenPipeError, ConnectionResetError):
-                raise RuntimeError(f"the {n} worker ({builds[n]}) died (exit code {proc.exitcode})") from None
-
-        for n in names:
-            info[n] = ask(n, None)
+        info = {n: _ask(workers, builds, n, None) for n in names}
         # passes per turn: about PASS_BUDGET_S of the slower build, from one timed pass each
         per_turn = {}
         for T in sizes:
-            slow = max(statistics.median(ask(n, (T, 3))) for n in names)
+            slow = max(statistics.median(_ask(workers, builds, n, (T, 3))) for n in names)
             per_turn[T] = max(1, min(50, int(PASS_BUDGET_S / max(slow, 1e-6))))
         times = {n: {T: [] for T in sizes} for n in names}
         for r in range(rounds):
             for T in sizes:
                 for n in (names if r % 2 == 0 else names[::-1]):
-                    times[n][T] += ask(n, (T, per_turn[T]))
+                    times[n][T] += _ask(workers, builds, n, (T, per_turn[T]))
             if progress:
                 progress(r + 1, rounds)
-        for n in names:
-            workers[n][1].send(None)
     finally:
-        for proc, _ in workers.values():
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
+        _stop(workers)
     results = []
     for T in sizes:
         b, a = _stats(times["before"][T]), _stats(times["after"][T])
@@ -126,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cached", type=int, default=64, help="tokens in the cache before each pass")
+    ap.add_argument("--generator", action="store_true",
+                    help="measure the C generator per drafter (loop time per step, tok/s) instead of passes")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     for d in (a.before, a.after):
@@ -142,11 +238,26 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\rround {r}/{n}", end="", file=sys.stderr, flush=True)
 
     try:
-        report = run(a.model, str(a.before), str(a.after), sizes=sizes, rounds=a.rounds, threads=a.threads,
-                     cached=a.cached, progress=progress)
+        if a.generator:
+            report = run_generator(a.model, str(a.before), str(a.after), rounds=a.rounds, threads=a.threads,
+                                   progress=progress)
+        else:
+            report = run(a.model, str(a.before), str(a.after), sizes=sizes, rounds=a.rounds, threads=a.threads,
+                         cached=a.cached, progress=progress)
     except RuntimeError as e:
         raise SystemExit(str(e)) from None
     print(file=sys.stderr)
+    if a.generator:
+        print(f"{report['cpu']}; {report['model']}; {a.threads} threads; {report['prompts']} prompts x "
+              f"{report['tokens']} tokens; {a.rounds} rounds")
+        for r in report["results"]:
+            b, f = r["before"], r["after"]
+            print(f"{r['mode']:8} {r['drafter']:14} loop {b['loop_us_per_step']:6.1f} -> {f['loop_us_per_step']:6.1f} "
+                  f"us/step  tok/s {b['tok_s']['median']:6.1f} -> {f['tok_s']['median']:6.1f} "
+                  f"({r['tok_s_after_over_before']:.3f}x)")
+        if a.out:
+            a.out.write_text(json.dumps(report, indent=2))
+        return report
     print(f"{report['cpu']}; {report['model']}; {a.threads} threads; {a.cached} cached tokens; {a.rounds} rounds")
     for r in report["results"]:
         b, f = r["before_ms"], r["after_ms"]

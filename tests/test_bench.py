@@ -538,6 +538,11 @@ def test_two_builds_alternate_pass_by_pass(tiny, tmp_path):
         assert Path(w["library"]).resolve().parent == build and w["kernel_tier"]
     with pytest.raises(SystemExit, match="no _sparrow module"):
         bench_builds.main([str(tiny), "--before", str(tmp_path), "--after", str(build)])
+    g = bench_builds.run_generator(str(tiny), str(build), str(build), rounds=2, threads=1, n_prompts=2, tokens=4,
+                                   configs=[("greedy", "recycling"), ("sampling", "none")])
+    assert [(r["mode"], r["drafter"]) for r in g["results"]] == [("greedy", "recycling"), ("sampling", "none")]
+    for r in g["results"]:
+        assert r["before"]["tok_s"]["n"] == r["after"]["tok_s"]["n"] == 2 and r["after"]["loop_us_per_step"] > 0
 
 
 def test_phase_bytes_count_every_weight_once(tiny, tmp_path):

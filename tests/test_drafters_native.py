@@ -83,8 +83,8 @@ def python_run(session, drafter, prompts):
 
 @pytest.mark.parametrize("name", ["recycling-tree", "hybrid"])
 def test_c_drafters_propose_what_the_python_ones_do(smollm, smollm_plain, name, tmp_path):
-    """Same tokens, steps, drafts and acceptances as the Python drafters, and the same Token Recycling matrix after
-    (the C side takes each verified row's top 8 from the threads that computed the row, forward.c)."""
+    """Same tokens, steps, drafts and acceptances as the Python drafters, and the same Token Recycling matrix
+    after."""
     model, session = smollm
     V = model.info.n_vocab
     prompts = [toks for toks, _ in smollm_plain[:16]]

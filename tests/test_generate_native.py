@@ -419,8 +419,8 @@ def test_a_generation_allocates_nothing(tmp_path, smollm_path):
 
 @pytest.mark.parametrize("drafter", ["none", "recycling"])
 def test_a_nan_logit_stops_generation_with_the_samplers_error(tmp_path, drafter):
-    """The generator takes greedy's argmax and Token Recycling's candidates from the threads that computed each row
-    (forward.c sp_fwd_rows_top_k); a row holding NaN leaves the choice to the sampler, which refuses it by name."""
+    """A NaN logit on the path stops greedy and Token Recycling generation with the sampler's error, by name (the
+    rollback of the cache after it once cleared the message: 'SP_ERR_INVALID_ARG: ' and nothing else)."""
     import gguf
     import numpy as np
 

@@ -210,12 +210,6 @@ void sp_drafter_observe(sp_drafter *d, const int32_t *batch, int32_t T, const fl
         sp_top_k(logits + (size_t)i * (size_t)d->V, d->V, d->R, d->adj + (size_t)batch[i] * (size_t)d->R);
 }
 
-void sp_drafter_observe_top(sp_drafter *d, const int32_t *batch, int32_t T, const int32_t *top) {
-    if (!uses_recycling(d->kind)) return;
-    for (int32_t i = 0; i < T; i++) /* a token twice in the batch: the later row wins, as above */
-        memcpy(d->adj + (size_t)batch[i] * (size_t)d->R, top + (size_t)i * (size_t)d->R, (size_t)d->R * sizeof *top);
-}
-
 /* ---- Token Recycling's state on disk ---- */
 
 bool sp_drafter_has_state(const sp_drafter *d) { return d->adj != NULL; }

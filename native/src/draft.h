@@ -37,8 +37,6 @@ sp_status sp_drafter_propose(sp_drafter *d, const int32_t *ctx, int32_t L, int32
 /* The verification's results: batch [T] (the root, then the nodes), logits [T, V] (every row). Token Recycling takes
  * each row's top-R tokens as the candidates after that row's token. */
 void sp_drafter_observe(sp_drafter *d, const int32_t *batch, int32_t T, const float *logits);
-/* The same from each row's top-R tokens already found (top [T, R], sorted as sp_top_k sorts them). */
-void sp_drafter_observe_top(sp_drafter *d, const int32_t *batch, int32_t T, const int32_t *top);
 
 bool sp_drafter_has_state(const sp_drafter *d);  /* Token Recycling's matrix (recycling, hybrid) */
 sp_status sp_drafter_save(const sp_drafter *d, const char *path);

@@ -13,10 +13,8 @@
  * that are 1 for llama: embeddings x embed_scale, each residual branch x residual_scale, the final normalised hidden
  * state x logit_scale. */
 #include "forward.h"
-#include "sampler.h"
 
 #include <math.h>
-#include <stdatomic.h>
 #include <string.h>
 
 /* ---- steps, each run by every thread on its share ---- */
@@ -430,61 +428,6 @@ static void forward_worker(void *ctx, int ith, int nth) {
         tm->n_evals++;
         tm->n_tokens += T;
     }
-}
-
-typedef struct topk_job {
-    const sp_session *ses;
-    const float *logits;
-    int64_t n_rows;
-    int32_t k;
-    sp_cand *part;   /* [nth, n_rows, k] each thread's sorted candidates of its share */
-    int32_t *n_part; /* [nth] how many per row (its share may hold fewer than k) */
-    _Atomic bool bad;
-} topk_job;
-
-static void topk_worker(void *ctx, int ith, int nth) {
-    topk_job *j = ctx;
-    const sp_model *m = j->ses->model;
-    const int64_t V = m->hp.n_vocab;
-    int64_t r0, r1;
-    row_share(&m->output, ith, nth, &r0, &r1); /* the LM head's split: these logits sit in this thread's caches */
-    const sp_kernels *k = sp_kernels_get();
-    int32_t n = 0;
-    for (int64_t r = 0; r < j->n_rows && r0 < r1; r++) {
-        const float *row = j->logits + r * V + r0;
-        bool bad = false;
-        k->max_f32(row, r1 - r0, &bad);
-        if (bad) atomic_store_explicit(&j->bad, true, memory_order_relaxed);
-        n = sp_top_k_range(row, (int32_t)(r1 - r0), j->k, (int32_t)r0, j->part + (ith * j->n_rows + r) * j->k);
-    }
-    j->n_part[ith] = r0 < r1 ? n : 0;
-}
-
-bool sp_fwd_rows_top_k(sp_session *ses, const float *logits, int64_t n_rows, int32_t k, int32_t *ids,
-                       sp_cand *part) {
-    const int nth = ses->params.n_threads;
-    int32_t n_part[512];
-    topk_job j = {.ses = ses, .logits = logits, .n_rows = n_rows, .k = k, .part = part, .n_part = n_part};
-    atomic_init(&j.bad, false);
-    sp_pool_run(ses->pool, topk_worker, &j);
-    if (atomic_load(&j.bad)) return false;
-    for (int64_t r = 0; r < n_rows; r++) { /* merge the threads' sorted lists: shares in id order, so ties hold */
-        int32_t at[512];
-        memset(at, 0, (size_t)nth * sizeof *at);
-        for (int32_t i = 0; i < k; i++) {
-            int best = -1;
-            for (int t = 0; t < nth; t++)
-                if (at[t] < n_part[t] &&
-                    (best < 0 || sp_cand_worse(part[(best * n_rows + r) * k + at[best]],
-                                               part[(t * n_rows + r) * k + at[t]])))
-                    best = t;
-            if (best < 0) return false; /* fewer than k logits in all: not a call the generator makes */
-            const sp_cand c = part[(best * n_rows + r) * k + at[best]++];
-            if (i == 0 && c.v == -INFINITY) return false;
-            ids[r * k + i] = c.id;
-        }
-    }
-    return true;
 }
 
 void sp_forward(sp_session *ses, const sp_batch *batch) {

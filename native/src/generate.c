@@ -47,9 +47,6 @@ struct sp_generator {
     uint8_t *mask;             /* [(K + 1)^2] a tree's ancestor-or-self mask */
     int32_t *kids, *path;      /* [K + 1] a node's children; the accepted path (batch indices, the root first) */
     int32_t *keep;             /* [C] cache slots to keep after a tree */
-    int32_t k_top;             /* candidates per row in top: Token Recycling's R, else 1 (greedy's argmax) */
-    int32_t *top;              /* [K + 1, k_top] each verified row's largest logits (sp_fwd_rows_top_k) */
-    struct sp_cand *top_part;  /* [n_threads, K + 1, k_top] its scratch */
     bool *accepted;            /* [K] the planner's view of the path: node i accepted */
     bool use_plan, use_gate;
     sp_planner pl;             /* prunes each tree (plan or adaptive) */
@@ -117,8 +114,6 @@ void sp_generator_free(sp_generator *g) {
     free(g->kids);
     free(g->path);
     free(g->keep);
-    free(g->top);
-    free(g->top_part);
     free(g->logits);
     free(g->ids);
     free(g->probs);
@@ -240,9 +235,6 @@ sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, s
     g->keep = malloc((size_t)g->n_ctx * sizeof *g->keep);
     g->accepted = malloc(T * sizeof *g->accepted);
     g->ctx = malloc(((size_t)g->n_ctx + 2) * sizeof *g->ctx);
-    g->k_top = g->d.R > 0 ? g->d.R : 1;
-    g->top = malloc(T * (size_t)g->k_top * sizeof *g->top);
-    g->top_part = malloc((size_t)ses->params.n_threads * T * (size_t)g->k_top * sizeof *g->top_part);
     if (params->n_stop > 0) {
         /* room for the longest token's text after the last SP_GEN_MAX_STOP_LEN - 1 bytes */
         size_t longest = 0;
@@ -256,8 +248,7 @@ sp_status sp_generator_new(sp_session *ses, const sp_generator_params *params, s
         g->tail = malloc(g->tail_cap);
     }
     if (!g->logits || !g->ids || !g->probs || !g->batch || !g->par || !g->pos || !g->depth || !g->mask || !g->kids ||
-        !g->path || !g->keep || !g->accepted || !g->ctx || !g->top || !g->top_part ||
-        (params->n_stop > 0 && !g->tail)) {
+        !g->path || !g->keep || !g->accepted || !g->ctx || (params->n_stop > 0 && !g->tail)) {
         sp_generator_free(g);
         return sp_fail(SP_ERR_NO_MEMORY, "generator: out of memory (n_vocab %d, n_ctx %d)", (int)V, g->n_ctx);
     }
@@ -430,14 +421,6 @@ static sp_status step(sp_generator *g) {
     const double t2 = sp_now_s();
     if (st != SP_OK) return st;  /* nothing changed */
     const size_t V = (size_t)g->V;
-    /* The largest logits of every row, by the threads that computed them in the LM head, while those rows are still
-     * in their caches: greedy's argmax (the first, ties -> lower id, as the sampler picks it) and Token Recycling's
-     * candidates, in one pass over each share instead of a pass per use from another core's cache. A row with NaN,
-     * +inf or nothing above -inf leaves it to the sampler, whose checks give the error. */
-    const bool learn = !plain || ++g->plain_learn >= g->p.learn_every ||
-                       (g->d.R > 0 && g->d.adj[(size_t)g->batch[0] * (size_t)g->d.R] < 0);
-    const bool want_top = sp_sampler_plain_greedy(g->sampler) || (learn && g->d.R > 0);
-    const bool have_top = want_top && sp_fwd_rows_top_k(ses, g->logits, T, g->k_top, g->top, g->top_part);
     int32_t n_path = 1, u = 0;
     g->path[0] = 0;
     for (;;) {
@@ -445,16 +428,8 @@ static sp_status step(sp_generator *g) {
         int32_t nk = 0, x, child = -1;
         for (int32_t v = u + 1; v < T; v++)
             if (g->par[v - 1] == u) g->kids[nk++] = v;
-        if (have_top && sp_sampler_plain_greedy(g->sampler)) { /* the argmax, as choose() and the sampler give it */
-            x = g->top[(size_t)u * (size_t)g->k_top];
-            for (int32_t j = 0; j < nk && child < 0; j++)
-                if (g->batch[g->kids[j]] == x) child = g->kids[j];
-            st = SP_OK;
-        } else if (nk > 0) {
-            st = choose(g, row, g->kids, nk, &x, &child);
-        } else {
-            st = sp_sampler_sample(g->sampler, row, &x);
-        }
+        if (nk > 0) st = choose(g, row, g->kids, nk, &x, &child);
+        else st = sp_sampler_sample(g->sampler, row, &x);
         if (st != SP_OK) { /* roll the cache back, keeping the sampler's message (truncate clears it) */
             char why[512];
             snprintf(why, sizeof why, "%s", sp_last_error());
@@ -483,11 +458,12 @@ static sp_status step(sp_generator *g) {
         }
     }
     /* Token Recycling learns from every verified row; on the gate's plain steps from every learn_every-th one, and
-     * from every one whose root it has no candidates for (learn, above) */
-    if (learn) {
-        if (plain) g->plain_learn = 0;
-        if (have_top) sp_drafter_observe_top(&g->d, g->batch, T, g->top);
-        else sp_drafter_observe(&g->d, g->batch, T, g->logits);
+     * from every one whose root it has no candidates for */
+    if (!plain) {
+        sp_drafter_observe(&g->d, g->batch, T, g->logits);
+    } else if (++g->plain_learn >= g->p.learn_every || g->d.adj[(size_t)g->batch[0] * (size_t)g->d.R] < 0) {
+        g->plain_learn = 0;
+        sp_drafter_observe(&g->d, g->batch, 1, g->logits);
     }
     const double t3 = sp_now_s();
     if (plan) {

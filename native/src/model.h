@@ -223,13 +223,5 @@ sp_status sp_session_plan_runs(sp_session *ses, const sp_batch *b);
 
 /* Forward pass over one batch (validated by the caller, runs and tpos filled). Never allocates. */
 void sp_forward(sp_session *ses, const sp_batch *batch);
-/* The k largest logits of each of n_rows rows of V logits (k <= SP_TOP_K_MAX), ids[r * k ..] sorted (largest first,
- * ties -> lower id), found by the session's threads, each over the share of the vocabulary it computed in the LM head
- * (rows the last sp_forward wrote are still in its caches). Returns false, ids unspecified, when a row holds NaN or
- * +inf, or its largest value is -inf (the sampler's checks then speak). part: scratch of n_threads * n_rows * k
- * sp_cand (sampler.h). forward.c. */
-struct sp_cand;
-bool sp_fwd_rows_top_k(sp_session *ses, const float *logits, int64_t n_rows, int32_t k, int32_t *ids,
-                       struct sp_cand *part);
 
 #endif

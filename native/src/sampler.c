@@ -30,6 +30,11 @@
 
 enum { SP_MAX_REPEAT_LAST_N = 1 << 24 };
 
+typedef struct sp_cand {
+    float v;     /* the logit, then (from step 4) the unnormalised probability */
+    int32_t id;  /* token id */
+} sp_cand;
+
 struct sp_sampler {
     sp_sampler_params params;
     int32_t n_vocab;       /* V */
@@ -73,7 +78,8 @@ static double rng_uniform(uint64_t s[4]) { return (double)(rng_next(s) >> 11) * 
 
 /* ---- candidate selection helpers ---- */
 
-static inline bool cand_worse(sp_cand a, sp_cand b) { return sp_cand_worse(a, b); }
+/* Strict total order on candidates: a ranks below b (smaller value; on equal values, the higher id). */
+static inline bool cand_worse(sp_cand a, sp_cand b) { return a.v < b.v || (a.v == b.v && a.id > b.id); }
 
 static int cand_cmp_desc(const void *pa, const void *pb) {
     const sp_cand a = *(const sp_cand *)pa, b = *(const sp_cand *)pb;
@@ -391,22 +397,10 @@ sp_status sp_top_k(const float *x, int32_t n, int32_t k, int32_t *idx_out) {
     if (k < 1 || k > SP_TOP_K_MAX || k > n)
         return sp_fail(SP_ERR_INVALID_ARG, "sp_top_k: k=%d must be in [1, min(n=%d, %d)]", k, n, SP_TOP_K_MAX);
     sp_cand c[SP_TOP_K_MAX];
-    sp_top_k_range(x, n, k, 0, c);
+    top_k_select(c, x, n, k);
+    qsort(c, (size_t)k, sizeof *c, cand_cmp_desc);
     for (int32_t i = 0; i < k; i++) idx_out[i] = c[i].id;
     return SP_OK;
-}
-
-int32_t sp_top_k_range(const float *x, int32_t n, int32_t k, int32_t id0, sp_cand *out) {
-    k = SP_MIN(k, n);
-    if (k <= 0) return 0;
-    top_k_select(out, x, n, k);
-    qsort(out, (size_t)k, sizeof *out, cand_cmp_desc);
-    for (int32_t i = 0; i < k; i++) out[i].id += id0;
-    return k;
-}
-
-bool sp_sampler_plain_greedy(const sp_sampler *s) {
-    return s->params.temperature <= 0.0f && !(s->params.repeat_penalty != 1.0f && s->n_history > 0);
 }
 
 double sp_sampler_uniform(sp_sampler *s) { return rng_uniform(s->rng); }

@@ -22,6 +22,7 @@ Threads pinned (the same CPUs for both workers: they never run at once); the CPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import multiprocessing as mp
@@ -38,17 +39,26 @@ TEXT = "The quick brown fox jumps over the lazy dog while the lighthouse keeper 
 PASS_BUDGET_S = 0.1  # about this long per build per turn
 
 
+def _load_build(build: str, threads: int) -> dict:
+    """In a worker, before anything imports sparrow.runtime: point it at build (runtime/__init__.py reads
+    SPARROW_BUILD_DIR on import), pin the threads; what the worker says about itself."""
+    os.environ["SPARROW_BUILD_DIR"] = build
+    pinned = pin_threads(threads)
+    from ..runtime import _sparrow
+
+    return {"pinned": pinned, "kernel_tier": _sparrow.kernel_tier(), "library": _sparrow.__file__}
+
+
 def worker(build: str, model: str, threads: int, cached: int, n_ctx: int, conn) -> None:
     """One build's runtime: caches `cached` tokens of TEXT, then answers (T, n) with n pass times in seconds."""
-    os.environ["SPARROW_BUILD_DIR"] = build  # read when sparrow.runtime is imported (runtime/__init__.py)
-    pinned = pin_threads(threads)
-    from ..runtime import Model, _sparrow
+    info = _load_build(build, threads)
+    from ..runtime import Model
 
     with Model(model) as m:
         text = m.tokenize(TEXT)
         s = m.session(n_ctx=n_ctx, n_threads=threads)
         s.eval(text[:cached])
-        conn.send({"pinned": pinned, "kernel_tier": _sparrow.kernel_tier(), "library": _sparrow.__file__})
+        conn.send(info)
         while (cmd := conn.recv()) is not None:
             T, n = cmd
             times = []
@@ -68,9 +78,8 @@ GENERATOR_CONFIGS = [("greedy", d) for d in ("none", "prompt-lookup", "recycling
 def generator_worker(build: str, model: str, threads: int, n_prompts: int, tokens: int, conn) -> None:
     """One build's generator: answers (mode, drafter) with (loop us per step, tok/s) over the prompts (the first
     request of each configuration runs them once untimed: Token Recycling's matrix and the planners warm)."""
-    os.environ["SPARROW_BUILD_DIR"] = build
-    pinned = pin_threads(threads)
-    from ..runtime import Model, _sparrow
+    info = _load_build(build, threads)
+    from ..runtime import Model
     from ..runtime.native import Generator, SamplerParams
     from .bench_adaptive import PAYS, UNSEEN_CHAT
     from .bench_speculative import chat
@@ -78,7 +87,7 @@ def generator_worker(build: str, model: str, threads: int, n_prompts: int, token
     with Model(model) as m:
         prompts = [m.tokenize(chat(t), parse_special=True) for t in (UNSEEN_CHAT + PAYS)[:n_prompts]]
         s = m.session(n_ctx=1024, n_threads=threads)
-        conn.send({"pinned": pinned, "kernel_tier": _sparrow.kernel_tier(), "library": _sparrow.__file__})
+        conn.send(info)
         gens = {}
 
         def run_all(g) -> int:
@@ -107,61 +116,71 @@ def generator_worker(build: str, model: str, threads: int, n_prompts: int, token
         s.close()
 
 
-def _start(ctx, target, args_of: dict) -> dict:
+NAMES = ("before", "after")
+
+
+def _turn(r: int) -> tuple[str, ...]:
+    """The builds' order in round r: swapped every round."""
+    return NAMES if r % 2 == 0 else NAMES[::-1]
+
+
+@contextlib.contextmanager
+def _pair(target, before: str, after: str, *args):
+    """Both builds' workers, target(build, *args, conn) in spawned processes, their greetings read; yields (builds,
+    info, ask) with ask(name, request) -> its answer (RuntimeError naming the build when a worker died); stops them
+    on the way out."""
+    builds = dict(zip(NAMES, (str(Path(before).resolve()), str(Path(after).resolve()))))
+    ctx = mp.get_context("spawn")
     workers = {}
-    for n, args in args_of.items():
+    for n, build in builds.items():
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=target, args=(*args, child), daemon=True)
+        proc = ctx.Process(target=target, args=(build, *args, child), daemon=True)
         proc.start()
         child.close()
         workers[n] = (proc, parent)
-    return workers
 
+    def ask(n: str, msg):
+        proc, conn = workers[n]
+        try:
+            if msg is not None:
+                conn.send(msg)
+            return conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            raise RuntimeError(f"the {n} worker ({builds[n]}) died (exit code {proc.exitcode})") from None
 
-def _ask(workers: dict, builds: dict, n: str, msg):
-    proc, conn = workers[n]
     try:
-        if msg is not None:
-            conn.send(msg)
-        return conn.recv()
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        raise RuntimeError(f"the {n} worker ({builds[n]}) died (exit code {proc.exitcode})") from None
+        yield builds, {n: ask(n, None) for n in NAMES}, ask
+    finally:
+        for proc, conn in workers.values():
+            if proc.is_alive():
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
 
 
-def _stop(workers: dict) -> None:
-    for proc, conn in workers.values():
-        if proc.is_alive():
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
+def _stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def run_generator(model: str, before: str, after: str, *, rounds: int = 3, threads: int = 2, n_prompts: int = 12,
                   tokens: int = 64, configs=GENERATOR_CONFIGS, progress=None) -> dict:
     """--generator (module doc) as a library call. Raises RuntimeError when a worker dies."""
-    ctx = mp.get_context("spawn")
-    names = ("before", "after")
-    builds = dict(zip(names, (str(Path(before).resolve()), str(Path(after).resolve()))))
-    workers = _start(ctx, generator_worker, {n: (builds[n], model, threads, n_prompts, tokens) for n in names})
-    try:
-        info = {n: _ask(workers, builds, n, None) for n in names}
-        got = {(n, c): [] for n in names for c in configs}
+    with _pair(generator_worker, before, after, model, threads, n_prompts, tokens) as (builds, info, ask):
+        got = {(n, c): [] for n in NAMES for c in configs}
         for r in range(rounds):
             for c in configs:
-                for n in (names if r % 2 == 0 else names[::-1]):
-                    got[(n, c)].append(_ask(workers, builds, n, c))
+                for n in _turn(r):
+                    got[(n, c)].append(ask(n, c))
             if progress:
                 progress(r + 1, rounds)
-    finally:
-        _stop(workers)
     results = []
     for c in configs:
         rec = {"mode": c[0], "drafter": c[1]}
-        for n in names:
+        for n in NAMES:
             rec[n] = {"loop_us_per_step": statistics.median(x[0] for x in got[(n, c)]),
                       "tok_s": _stats([x[1] for x in got[(n, c)]])}
         rec["tok_s_after_over_before"] = rec["after"]["tok_s"]["median"] / rec["before"]["tok_s"]["median"]
@@ -172,34 +191,23 @@ def run_generator(model: str, before: str, after: str, *, rounds: int = 3, threa
             "rounds": rounds, "builds": builds, "workers": info, "results": results}
 
 
-def _stats(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
 def run(model: str, before: str, after: str, *, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 64), rounds: int = 40,
         threads: int = 2, cached: int = 64, progress=None) -> dict:
     """The benchmark as a library call (module doc). Raises RuntimeError when a worker dies."""
-    ctx = mp.get_context("spawn")
-    names = ("before", "after")
-    builds = dict(zip(names, (str(Path(before).resolve()), str(Path(after).resolve()))))
     n_ctx = cached + max(sizes) + 16
-    workers = _start(ctx, worker, {n: (builds[n], model, threads, cached, n_ctx) for n in names})
-    try:
-        info = {n: _ask(workers, builds, n, None) for n in names}
-        # passes per turn: about PASS_BUDGET_S of the slower build, from one timed pass each
+    with _pair(worker, before, after, model, threads, cached, n_ctx) as (builds, info, ask):
+        # passes per turn: about PASS_BUDGET_S of the slower build, from three timed passes each
         per_turn = {}
         for T in sizes:
-            slow = max(statistics.median(_ask(workers, builds, n, (T, 3))) for n in names)
+            slow = max(statistics.median(ask(n, (T, 3))) for n in NAMES)
             per_turn[T] = max(1, min(50, int(PASS_BUDGET_S / max(slow, 1e-6))))
-        times = {n: {T: [] for T in sizes} for n in names}
+        times = {n: {T: [] for T in sizes} for n in NAMES}
         for r in range(rounds):
             for T in sizes:
-                for n in (names if r % 2 == 0 else names[::-1]):
-                    times[n][T] += _ask(workers, builds, n, (T, per_turn[T]))
+                for n in _turn(r):
+                    times[n][T] += ask(n, (T, per_turn[T]))
             if progress:
                 progress(r + 1, rounds)
-    finally:
-        _stop(workers)
     results = []
     for T in sizes:
         b, a = _stats(times["before"][T]), _stats(times["after"][T])

@@ -75,22 +75,24 @@ void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor
 /* RoPE as GGUF's llama architecture defines it: adjacent pairs (x[2i], x[2i+1]) rotate by pos * base^(-2i/n_rot), for
  * 2i < n_rot. cs[t] holds (cos, sin) per pair. Applied in place, for this thread's tokens, to the n_rot values at
  * x + t*ldx + h*head_stride + offset of each head h < n_heads (GQA: the head's first n_rot dims; MLA: its rope part). */
+/* The rotation itself: pairs (v[i], v[i+1]) for even i in [i0, i1) by (cs[i], cs[i+1]) = (cos, sin). */
+static inline void rope_pairs(float *v, const float *cs, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i += 2) {
+        const float x0 = v[i], x1 = v[i + 1], co = cs[i], si = cs[i + 1];
+        v[i] = x0 * co - x1 * si;
+        v[i + 1] = x0 * si + x1 * co;
+    }
+}
+
 void sp_fwd_rope_rows(const fwd_ctx *c, float *x, int64_t ldx, int64_t T, int n_heads, int64_t head_stride,
                       int64_t offset, int ith, int nth) {
     const sp_hparams *hp = &c->ses->model->hp;
     int64_t t0, t1;
     sp_split(T, ith, nth, &t0, &t1);
-    for (int64_t t = t0; t < t1; t++) {
-        const float *cs = c->ses->s.rope_cs + t * hp->n_rot;
-        for (int h = 0; h < n_heads; h++) {
-            float *v = x + t * ldx + (int64_t)h * head_stride + offset;
-            for (int i = 0; i < hp->n_rot; i += 2) {
-                const float x0 = v[i], x1 = v[i + 1], co = cs[i], si = cs[i + 1];
-                v[i] = x0 * co - x1 * si;
-                v[i + 1] = x0 * si + x1 * co;
-            }
-        }
-    }
+    for (int64_t t = t0; t < t1; t++)
+        for (int h = 0; h < n_heads; h++)
+            rope_pairs(x + t * ldx + (int64_t)h * head_stride + offset, c->ses->s.rope_cs + t * hp->n_rot, 0,
+                       hp->n_rot);
 }
 
 /* The slots token t's scores cover in the chunk of tokens ending before te: its sequence's cached slots and the batch
@@ -215,15 +217,8 @@ static void rope_cols(const fwd_ctx *c, float *x, int64_t ldx, int64_t T, int64_
     const int64_t D = c->ses->model->hp.head_dim, n_rot = c->ses->model->hp.n_rot;
     for (int64_t t = 0; t < T; t++) {
         const float *cs = c->ses->s.rope_cs + t * n_rot;
-        for (int64_t h = c0 / D; h * D < c1; h++) {
-            float *v = x + t * ldx + h * D;
-            const int64_t i1 = SP_MIN(SP_MIN(c1 - h * D, D), n_rot);
-            for (int64_t i = SP_MAX(c0 - h * D, 0); i < i1; i += 2) {
-                const float x0 = v[i], x1 = v[i + 1], co = cs[i], si = cs[i + 1];
-                v[i] = x0 * co - x1 * si;
-                v[i + 1] = x0 * si + x1 * co;
-            }
-        }
+        for (int64_t h = c0 / D; h * D < c1; h++)
+            rope_pairs(x + t * ldx + h * D, cs, SP_MAX(c0 - h * D, 0), SP_MIN(SP_MIN(c1 - h * D, D), n_rot));
     }
 }
 
@@ -273,8 +268,8 @@ static bool attention_gqa(const fwd_ctx *c, const sp_layer *l, int il, int ith, 
     sp_scratch *s = &ses->s;
     const int64_t T = c->b->n_tokens, KVD = hp->kv_k_dim, D = hp->head_dim, QD = hp->n_head * D;
     if (QD % 16 == 0 && KVD % 16 == 0 && D % 2 == 0) {
-        const int64_t N = QD + 2 * KVD, per = ((N + nth - 1) / nth + 15) / 16 * 16;
-        const int64_t u0 = SP_MIN(N, per * ith), u1 = SP_MIN(N, u0 + per); /* rows of wq | wk | wv */
+        int64_t u0, u1; /* rows of wq | wk | wv */
+        sp_fwd_row_share(QD + 2 * KVD, ith, nth, &u0, &u1);
         const int64_t q0 = SP_MIN(u0, QD), q1 = SP_MIN(u1, QD);
         const int64_t k0 = SP_MIN(SP_MAX(u0 - QD, 0), KVD), k1 = SP_MIN(SP_MAX(u1 - QD, 0), KVD);
         const int64_t v0 = SP_MIN(SP_MAX(u0 - QD - KVD, 0), KVD), v1 = SP_MIN(SP_MAX(u1 - QD - KVD, 0), KVD);
@@ -321,8 +316,8 @@ static void add_rows(float *x, float a, const float *y, int64_t T, int64_t H, in
 static void ffn_dense(const fwd_ctx *c, const sp_layer *l, int ith, int nth) {
     sp_scratch *s = &c->ses->s;
     const int64_t T = c->b->n_tokens, H = c->ses->model->hp.n_embd, F = c->ses->model->hp.n_ff;
-    const int64_t per = ((F + nth - 1) / nth + SP_QK - 1) / SP_QK * SP_QK; /* a multiple of every tier's pack_rows */
-    const int64_t f0 = SP_MIN(F, per * ith), f1 = SP_MIN(F, f0 + per);
+    int64_t f0, f1; /* whole activation blocks: a multiple of every tier's pack_rows too */
+    sp_fwd_share(F, SP_QK, ith, nth, &f0, &f1);
     matmul_range(c, s->gate, F, &l->w_gate, s->xn, s->xq, f0, f1, T);
     matmul_range(c, s->up, F, &l->w_up, s->xn, s->xq, f0, f1, T);
     /* into their own rows xqf: other threads may still read xq (xn's) */

@@ -15,11 +15,15 @@ typedef struct fwd_ctx {
 /* out[t] = x[t] / rms(x[t]) * w * post for this thread's tokens; quantize each row into scratch xq when `quant`. */
 void sp_fwd_rmsnorm_quant_rows(const fwd_ctx *c, float *out, const float *x, const float *w, float post, int64_t T,
                                int64_t H, bool quant, int ith, int nth);
-/* This thread's share [r0, r1) of a matmul's N weight rows: multiples of 16 rows (the packed layouts' row groups). */
-static inline void sp_fwd_row_share(int64_t N, int ith, int nth, int64_t *r0, int64_t *r1) {
-    const int64_t per = ((N + nth - 1) / nth + 15) & ~(int64_t)15;
+/* This thread's share [r0, r1) of N rows in whole groups of g (the last share may end with a partial group). */
+static inline void sp_fwd_share(int64_t N, int64_t g, int ith, int nth, int64_t *r0, int64_t *r1) {
+    const int64_t per = ((N + nth - 1) / nth + g - 1) / g * g;
     *r0 = SP_MIN(N, per * ith);
     *r1 = SP_MIN(N, *r0 + per);
+}
+/* This thread's share [r0, r1) of a matmul's N weight rows: multiples of 16 rows (the packed layouts' row groups). */
+static inline void sp_fwd_row_share(int64_t N, int ith, int nth, int64_t *r0, int64_t *r1) {
+    sp_fwd_share(N, 16, ith, nth, r0, r1);
 }
 /* y[t, r] (row stride ldy) = W[r] . x[t] for this thread's share of W's rows; reads scratch xq for q8 weight types. */
 void sp_fwd_matmul_rows(const fwd_ctx *c, float *y, int64_t ldy, const sp_tensor *W, const float *x_f, int64_t T,
